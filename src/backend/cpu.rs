@@ -1,0 +1,410 @@
+//! The CPU backends: the plain-loop reference, and the fast path that replaces its three matmuls
+//! with a blocked, multi-threaded GEMM (`matrixmultiply`).
+//!
+//! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec);
+//! `CpuBackend::fast()` differs only in the summation order of the matmuls, and is tested against
+//! the reference. Ops run immediately; `read` and `read_stats` never wait.
+
+use super::reference as r;
+use super::{Backend, Counters, DatasetId, StepStats, TensorId};
+use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
+use crate::error::{Error, Result};
+
+/// Which implementation of the matmuls to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuKind {
+    /// The plain loops of `reference`: slow, obviously right.
+    Reference,
+    /// `matrixmultiply`'s sgemm on all cores.
+    Fast,
+}
+
+struct CpuDataset {
+    data: Dataset,
+    order: Vec<u32>,
+}
+
+pub struct CpuBackend {
+    kind: CpuKind,
+    tensors: Vec<Vec<f32>>,
+    datasets: Vec<CpuDataset>,
+    stats: Vec<StepStats>,
+    counters: Counters,
+    /// Scratch for the loss op: probabilities, per-row losses, labels, predictions.
+    probs: Vec<f32>,
+    losses: Vec<f32>,
+    labels: Vec<u8>,
+    preds: Vec<u8>,
+}
+
+impl CpuBackend {
+    pub fn new(kind: CpuKind) -> Self {
+        CpuBackend {
+            kind,
+            tensors: Vec::new(),
+            datasets: Vec::new(),
+            stats: Vec::new(),
+            counters: Counters::default(),
+            probs: Vec::new(),
+            losses: Vec::new(),
+            labels: Vec::new(),
+            preds: Vec::new(),
+        }
+    }
+
+    pub fn reference() -> Self {
+        Self::new(CpuKind::Reference)
+    }
+
+    pub fn fast() -> Self {
+        Self::new(CpuKind::Fast)
+    }
+
+    fn tensor(&self, op: &'static str, t: TensorId, need: usize) -> Result<&[f32]> {
+        let v = self
+            .tensors
+            .get(t.0)
+            .ok_or_else(|| Error::shape(op, format!("no tensor {}", t.0)))?;
+        if v.len() < need {
+            return Err(Error::shape(
+                op,
+                format!("tensor {} holds {} values, the op needs {need}", t.0, v.len()),
+            ));
+        }
+        Ok(&v[..need])
+    }
+
+    fn dataset(&self, op: &'static str, ds: DatasetId, start: usize, rows: usize) -> Result<&CpuDataset> {
+        let d = self
+            .datasets
+            .get(ds.0)
+            .ok_or_else(|| Error::shape(op, format!("no dataset {}", ds.0)))?;
+        if start + rows > d.data.len() {
+            return Err(Error::shape(
+                op,
+                format!("rows {start}..{} past the dataset's {}", start + rows, d.data.len()),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// Run `f(out, inputs)` with `out` taken out of the arena (so it can not alias an input).
+    fn with_out(
+        &mut self,
+        op: &'static str,
+        out: (TensorId, usize),
+        inputs: &[(TensorId, usize)],
+        f: impl FnOnce(&mut [f32], &[&[f32]]),
+    ) -> Result<()> {
+        if inputs.iter().any(|(t, _)| *t == out.0) {
+            return Err(Error::shape(op, "an input is also the output".to_string()));
+        }
+        self.tensor(op, out.0, out.1)?;
+        let mut out_vec = std::mem::take(&mut self.tensors[out.0 .0]);
+        let result = (|| {
+            let ins = inputs
+                .iter()
+                .map(|&(t, n)| self.tensor(op, t, n))
+                .collect::<Result<Vec<_>>>()?;
+            f(&mut out_vec[..out.1], &ins);
+            Ok(())
+        })();
+        self.tensors[out.0 .0] = out_vec;
+        self.counters.dispatches += 1;
+        result
+    }
+}
+
+/// C (m, n) = A @ B with A given by (row stride, col stride) and B likewise: the three matmuls of
+/// the step are this one call with different strides.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    rsa: usize,
+    csa: usize,
+    b: &[f32],
+    rsb: usize,
+    csb: usize,
+    c: &mut [f32],
+) {
+    // SAFETY: the callers pass slices whose lengths the shape checks of `with_out` have verified
+    // against (m, k, n): every index the strides reach is inside `a`, `b` and `c`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        match self.kind {
+            CpuKind::Reference => "cpu reference (plain loops, 1 thread)".to_string(),
+            CpuKind::Fast => {
+                let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                format!("cpu (matrixmultiply sgemm, {threads} threads)")
+            }
+        }
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<TensorId> {
+        self.tensors.push(vec![0.0; len]);
+        Ok(TensorId(self.tensors.len() - 1))
+    }
+
+    fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()> {
+        self.tensor("write", t, data.len())?;
+        self.tensors[t.0][..data.len()].copy_from_slice(data);
+        self.counters.uploads += 1;
+        Ok(())
+    }
+
+    fn read(&mut self, t: TensorId) -> Result<Vec<f32>> {
+        let v = self.tensor("read", t, 0).map(|_| self.tensors[t.0].to_vec())?;
+        self.counters.readbacks += 1;
+        Ok(v)
+    }
+
+    fn upload_dataset(&mut self, data: &Dataset) -> Result<DatasetId> {
+        let order = (0..data.len() as u32).collect();
+        self.datasets.push(CpuDataset {
+            data: data.clone(),
+            order,
+        });
+        Ok(DatasetId(self.datasets.len() - 1))
+    }
+
+    fn set_order(&mut self, ds: DatasetId, order: &[u32]) -> Result<()> {
+        let d = self
+            .datasets
+            .get_mut(ds.0)
+            .ok_or_else(|| Error::shape("set_order", format!("no dataset {}", ds.0)))?;
+        if order.len() != d.data.len() || order.iter().any(|&i| i as usize >= d.data.len()) {
+            return Err(Error::shape(
+                "set_order",
+                "the order is not a permutation of the dataset".to_string(),
+            ));
+        }
+        d.order.clear();
+        d.order.extend_from_slice(order);
+        Ok(())
+    }
+
+    fn reserve_stats(&mut self, slots: usize) -> Result<()> {
+        if self.stats.len() < slots {
+            self.stats.resize(slots, StepStats::default());
+        }
+        Ok(())
+    }
+
+    fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
+        let op = "gather_batch";
+        self.dataset(op, ds, start, rows)?;
+        self.tensor(op, x, rows * IMAGE_PIXELS)?;
+        let d = &self.datasets[ds.0];
+        let out = &mut self.tensors[x.0];
+        r::gather_batch(out, &d.data.images, &d.order, start, rows, IMAGE_PIXELS);
+        self.counters.dispatches += 1;
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &mut self,
+        out: TensorId,
+        inp: TensorId,
+        weight: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let kind = self.kind;
+        self.with_out(
+            "matmul_forward",
+            (out, b * oc),
+            &[(inp, b * c), (weight, c * oc)],
+            |o, i| match kind {
+                CpuKind::Reference => r::matmul_forward(o, i[0], i[1], b, c, oc),
+                CpuKind::Fast => sgemm(b, c, oc, i[0], c, 1, i[1], oc, 1, o),
+            },
+        )
+    }
+
+    fn matmul_backward_input(
+        &mut self,
+        dinp: TensorId,
+        dout: TensorId,
+        weight: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let kind = self.kind;
+        self.with_out(
+            "matmul_backward_input",
+            (dinp, b * c),
+            &[(dout, b * oc), (weight, c * oc)],
+            |o, i| match kind {
+                CpuKind::Reference => r::matmul_backward_input(o, i[0], i[1], b, c, oc),
+                // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
+                CpuKind::Fast => sgemm(b, oc, c, i[0], oc, 1, i[1], 1, oc, o),
+            },
+        )
+    }
+
+    fn matmul_backward_weight(
+        &mut self,
+        dweight: TensorId,
+        inp: TensorId,
+        dout: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let kind = self.kind;
+        self.with_out(
+            "matmul_backward_weight",
+            (dweight, c * oc),
+            &[(inp, b * c), (dout, b * oc)],
+            |o, i| match kind {
+                CpuKind::Reference => r::matmul_backward_weight(o, i[0], i[1], b, c, oc),
+                // (C, B) @ (B, OC) where inp^T is inp read with swapped strides.
+                CpuKind::Fast => sgemm(c, b, oc, i[0], 1, c, i[1], oc, 1, o),
+            },
+        )
+    }
+
+    fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()> {
+        self.with_out("bias_add_forward", (out, b * oc), &[(bias, oc)], |o, i| {
+            r::bias_add_forward(o, i[0], b, oc)
+        })
+    }
+
+    fn bias_backward(&mut self, dbias: TensorId, dout: TensorId, b: usize, oc: usize) -> Result<()> {
+        self.with_out("bias_backward", (dbias, oc), &[(dout, b * oc)], |o, i| {
+            r::bias_backward(o, i[0], b, oc)
+        })
+    }
+
+    fn relu_forward(&mut self, out: TensorId, inp: TensorId, n: usize) -> Result<()> {
+        self.with_out("relu_forward", (out, n), &[(inp, n)], |o, i| r::relu_forward(o, i[0]))
+    }
+
+    fn relu_backward(&mut self, dinp: TensorId, dout: TensorId, out: TensorId, n: usize) -> Result<()> {
+        self.with_out("relu_backward", (dinp, n), &[(dout, n), (out, n)], |o, i| {
+            r::relu_backward(o, i[0], i[1])
+        })
+    }
+
+    fn softmax_xent_forward_backward(
+        &mut self,
+        dlogits: Option<TensorId>,
+        logits: TensorId,
+        ds: DatasetId,
+        start: usize,
+        rows: usize,
+        classes: usize,
+        slot: usize,
+    ) -> Result<()> {
+        let op = "softmax_xent_forward_backward";
+        if classes != CLASSES {
+            return Err(Error::shape(
+                op,
+                format!("{classes} classes, the labels are digits 0-9"),
+            ));
+        }
+        if slot >= self.stats.len() {
+            return Err(Error::shape(
+                op,
+                format!("stats slot {slot} not reserved ({} are)", self.stats.len()),
+            ));
+        }
+        self.dataset(op, ds, start, rows)?;
+        let n = rows * classes;
+        self.probs.resize(n, 0.0);
+        self.losses.resize(rows, 0.0);
+        self.labels.resize(rows, 0);
+        self.preds.resize(rows, 0);
+        let d = &self.datasets[ds.0];
+        r::gather_labels(&mut self.labels, &d.data.labels, &d.order, start, rows);
+        self.tensor(op, logits, n)?;
+        let l = &self.tensors[logits.0][..n];
+        r::softmax_xent_forward(&mut self.probs, &mut self.losses, l, &self.labels, rows, classes);
+        r::argmax_rows(&mut self.preds, l, rows, classes);
+        let loss_sum: f64 = self.losses.iter().map(|&x| x as f64).sum();
+        let correct = self.preds.iter().zip(&self.labels).filter(|(p, l)| p == l).count() as u32;
+        self.stats[slot] = StepStats {
+            loss_sum: loss_sum as f32,
+            correct,
+        };
+        if let Some(dl) = dlogits {
+            if dl == logits {
+                return Err(Error::shape(op, "dlogits is the logits tensor".to_string()));
+            }
+            self.tensor(op, dl, n)?;
+            let out = &mut self.tensors[dl.0][..n];
+            r::softmax_xent_backward(out, &self.probs, &self.labels, rows, classes);
+        }
+        self.counters.dispatches += 1;
+        Ok(())
+    }
+
+    fn rmsprop_update(
+        &mut self,
+        param: TensorId,
+        velocity: TensorId,
+        grad: TensorId,
+        n: usize,
+        lr: f32,
+        rho: f32,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "rmsprop_update";
+        if velocity == param {
+            return Err(Error::shape(op, "velocity is the parameter tensor".to_string()));
+        }
+        self.tensor(op, velocity, n)?;
+        let mut v = std::mem::take(&mut self.tensors[velocity.0]);
+        let result = self.with_out(op, (param, n), &[(grad, n)], |p, g| {
+            r::rmsprop_update(p, &mut v[..n], g[0], lr, rho, eps)
+        });
+        self.tensors[velocity.0] = v;
+        result
+    }
+
+    fn sgd_update(&mut self, param: TensorId, grad: TensorId, n: usize, lr: f32) -> Result<()> {
+        self.with_out("sgd_update", (param, n), &[(grad, n)], |p, g| {
+            r::sgd_update(p, g[0], lr)
+        })
+    }
+
+    fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
+        if slots > self.stats.len() {
+            return Err(Error::shape(
+                "read_stats",
+                format!("{slots} slots asked, {} reserved", self.stats.len()),
+            ));
+        }
+        self.counters.readbacks += 1;
+        Ok(self.stats[..slots].to_vec())
+    }
+
+    fn counters(&self) -> Counters {
+        self.counters
+    }
+}

@@ -1,0 +1,139 @@
+//! The backend interface: the ops of a training step over device-resident tensors.
+//!
+//! Contract: the layer graph (`model`) and the training loop (`train`) are written once against
+//! `Backend`; the CPU reference, the fast CPU path and the wgpu device implement it. Tensors are
+//! flat f32 buffers named by `TensorId`; shapes are passed explicitly to every op, outputs first
+//! (llm.c style), and each implementation checks them before it runs. An op may run at once (CPU)
+//! or be recorded for later submission (GPU): results are only guaranteed visible through `read`
+//! and `read_stats`, which are the synchronisation points.
+
+pub mod cpu;
+pub mod reference;
+pub mod wgpu;
+
+use crate::data::Dataset;
+use crate::error::Result;
+
+/// A flat f32 tensor owned by a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TensorId(pub usize);
+
+/// A dataset (u8 images, labels and a visiting order) resident on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DatasetId(pub usize);
+
+/// Loss and accuracy of one batch, summed over its rows (written by the fused loss op).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepStats {
+    /// Sum over the batch of the per-example cross-entropy.
+    pub loss_sum: f32,
+    /// Number of rows whose arg-max equals the label.
+    pub correct: u32,
+}
+
+/// What a backend did, for `--verbose` and `bench`: the GPU's costly round trips are visible.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Kernels launched (or ops run, on the CPU).
+    pub dispatches: u64,
+    /// Command buffers submitted to the device queue.
+    pub submits: u64,
+    /// Device-to-host read-backs.
+    pub readbacks: u64,
+    /// Host-to-device copies (uploads).
+    pub uploads: u64,
+}
+
+/// The ops of the training step. See the module contract.
+pub trait Backend {
+    /// A human-readable name of the device, e.g. "cpu (fast, 2 threads)".
+    fn name(&self) -> String;
+
+    /// A zero-filled tensor of `len` f32 values.
+    fn alloc(&mut self, len: usize) -> Result<TensorId>;
+    /// Copy `data` into the start of `t`.
+    fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()>;
+    /// Wait for pending work and return the whole of `t`.
+    fn read(&mut self, t: TensorId) -> Result<Vec<f32>>;
+
+    /// Make a dataset resident (once); its visiting order starts as the identity.
+    fn upload_dataset(&mut self, data: &Dataset) -> Result<DatasetId>;
+    /// Set the visiting order of `ds` (a permutation of 0..len), once per epoch.
+    fn set_order(&mut self, ds: DatasetId, order: &[u32]) -> Result<()>;
+    /// Make room for `slots` step statistics (the most steps between two `read_stats`).
+    fn reserve_stats(&mut self, slots: usize) -> Result<()>;
+
+    /// x (rows, 784) = images[order[start..start + rows]] / 255.
+    fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()>;
+    /// out (B, OC) = inp (B, C) @ weight (C, OC).
+    fn matmul_forward(
+        &mut self,
+        out: TensorId,
+        inp: TensorId,
+        weight: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// dinp (B, C) = dout (B, OC) @ weight (C, OC)^T.
+    fn matmul_backward_input(
+        &mut self,
+        dinp: TensorId,
+        dout: TensorId,
+        weight: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC).
+    fn matmul_backward_weight(
+        &mut self,
+        dweight: TensorId,
+        inp: TensorId,
+        dout: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// out (B, OC) += bias (OC).
+    fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()>;
+    /// dbias (OC) = column sums of dout (B, OC).
+    fn bias_backward(&mut self, dbias: TensorId, dout: TensorId, b: usize, oc: usize) -> Result<()>;
+    /// out (N) = max(inp, 0).
+    fn relu_forward(&mut self, out: TensorId, inp: TensorId, n: usize) -> Result<()>;
+    /// dinp (N) = dout * (out > 0).
+    fn relu_backward(&mut self, dinp: TensorId, dout: TensorId, out: TensorId, n: usize) -> Result<()>;
+    /// Fused softmax + sparse categorical cross-entropy over logits (rows, classes) whose labels
+    /// are those of `ds` at order[start..start + rows]. Writes the batch's loss sum and correct
+    /// count to stats slot `slot` and, when `dlogits` is given, (probs - onehot) / rows into it.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_xent_forward_backward(
+        &mut self,
+        dlogits: Option<TensorId>,
+        logits: TensorId,
+        ds: DatasetId,
+        start: usize,
+        rows: usize,
+        classes: usize,
+        slot: usize,
+    ) -> Result<()>;
+    /// Keras RMSprop on n values: v = rho v + (1-rho) g^2; param -= lr g / sqrt(v + eps).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsprop_update(
+        &mut self,
+        param: TensorId,
+        velocity: TensorId,
+        grad: TensorId,
+        n: usize,
+        lr: f32,
+        rho: f32,
+        eps: f32,
+    ) -> Result<()>;
+    /// param -= lr grad, on n values.
+    fn sgd_update(&mut self, param: TensorId, grad: TensorId, n: usize, lr: f32) -> Result<()>;
+
+    /// Wait for pending work and return the first `slots` step statistics.
+    fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>>;
+    /// What the backend has done so far.
+    fn counters(&self) -> Counters;
+}

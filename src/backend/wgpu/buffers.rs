@@ -1,0 +1,104 @@
+//! The buffer manager: device buffers with ids (for the bind-group cache), allocated once and
+//! reused; uploads through the queue; one reusable staging buffer for read-backs.
+//!
+//! Contract: `create` checks the size against the device's limits and fails with the limit named
+//! instead of letting wgpu raise a validation error. `Staging::read` copies a buffer's first
+//! `bytes` into the staging buffer at the end of the given encoder; after the caller submits,
+//! `Staging::finish_read` maps it, waits and returns the bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::context::GpuContext;
+use crate::error::{Error, Result};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A device buffer and its process-unique id.
+pub struct GpuBuffer {
+    pub id: u64,
+    pub buffer: wgpu::Buffer,
+}
+
+/// Usage of every storage buffer: bound by kernels, written by the queue, copied for read-back.
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// Create a zero-filled storage buffer of at least `bytes` (rounded up to 4, at least 4).
+pub fn create(ctx: &GpuContext, bytes: u64, what: &str) -> Result<GpuBuffer> {
+    let bytes = bytes.max(4).div_ceil(4) * 4;
+    let limit = ctx
+        .limits
+        .max_storage_buffer_binding_size
+        .min(ctx.limits.max_buffer_size);
+    if bytes > limit {
+        return Err(Error::Gpu(format!(
+            "{what} needs a buffer of {bytes} bytes, but adapter '{}' allows at most {limit} \
+             (max_storage_buffer_binding_size); use a smaller model or --device cpu",
+            ctx.summary.name
+        )));
+    }
+    let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(what),
+        size: bytes,
+        usage: STORAGE,
+        mapped_at_creation: false,
+    });
+    ctx.errors.check(&format!("allocating {bytes} bytes for {what}"))?;
+    Ok(GpuBuffer {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        buffer,
+    })
+}
+
+/// The one buffer that read-backs go through; grown when a larger read is asked for.
+#[derive(Default)]
+pub struct Staging {
+    buffer: Option<wgpu::Buffer>,
+    size: u64,
+}
+
+impl Staging {
+    /// Record a copy of `src`'s first `bytes` into the staging buffer.
+    pub fn read(&mut self, ctx: &GpuContext, encoder: &mut wgpu::CommandEncoder, src: &GpuBuffer, bytes: u64) {
+        let bytes = bytes.max(4).div_ceil(4) * 4;
+        if self.buffer.is_none() || self.size < bytes {
+            self.size = bytes.next_power_of_two().max(256);
+            self.buffer = Some(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("staging"),
+                size: self.size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        if let Some(staging) = &self.buffer {
+            encoder.copy_buffer_to_buffer(&src.buffer, 0, staging, 0, bytes);
+        }
+    }
+
+    /// After the copy was submitted: map, wait, and return the first `bytes`.
+    pub fn finish_read(&mut self, ctx: &GpuContext, bytes: u64) -> Result<Vec<u8>> {
+        let bytes = bytes.max(4).div_ceil(4) * 4;
+        let staging = self
+            .buffer
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("read-back without a staging buffer".to_string()))?;
+        let slice = staging.slice(0..bytes);
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            let _ = sender.send(result);
+        });
+        ctx.wait("reading back results")?;
+        match pollster::block_on(receiver.receive()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Gpu(format!("mapping the read-back buffer failed: {e}"))),
+            None => return Err(Error::Gpu("the read-back was dropped (device lost?)".to_string())),
+        }
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("reading the mapped buffer failed: {e}")))?
+            .to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+}

@@ -1,0 +1,629 @@
+//! The wgpu backend: every op of the training step as a WGSL compute kernel.
+//!
+//! Contract: implements `Backend` on one wgpu device. Ops are recorded into one command encoder
+//! and one compute pass and submitted only at a synchronisation point (`read`, `read_stats`) or
+//! before an upload, so a chunk of training steps is one submit with one read-back. Datasets are
+//! uploaded once as u8 (4 pixels a word) with labels as u32; per epoch only the shuffled order is
+//! uploaded. All wgpu calls of the crate live in this module and its children.
+
+mod buffers;
+mod context;
+mod kernels;
+
+pub use context::{list_adapters, AdapterSummary};
+
+use buffers::{GpuBuffer, Staging};
+use context::GpuContext;
+use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
+
+use super::{Backend, Counters, DatasetId, StepStats, TensorId};
+use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
+use crate::error::{Error, Result};
+
+struct GpuTensor {
+    buf: GpuBuffer,
+    len: usize,
+}
+
+struct GpuDataset {
+    images: GpuBuffer,
+    labels: GpuBuffer,
+    order: GpuBuffer,
+    len: usize,
+}
+
+/// The encoder being recorded and its open compute pass.
+struct Recording {
+    encoder: wgpu::CommandEncoder,
+    pass: Option<wgpu::ComputePass<'static>>,
+}
+
+pub struct WgpuBackend {
+    ctx: GpuContext,
+    kernels: Kernels,
+    tensors: Vec<GpuTensor>,
+    datasets: Vec<GpuDataset>,
+    stats: Option<GpuBuffer>,
+    stats_slots: usize,
+    /// Bound as `dlogits` when the loss op is asked not to write it.
+    dummy: GpuBuffer,
+    staging: Staging,
+    recording: Option<Recording>,
+    counters: Counters,
+}
+
+impl WgpuBackend {
+    /// Open the best adapter matching `filter` (see `GpuContext::open`).
+    pub fn open(filter: Option<&str>, hardware_only: bool) -> Result<Self> {
+        let ctx = GpuContext::open(filter, hardware_only)?;
+        let dummy = buffers::create(&ctx, 4, "unused dlogits")?;
+        Ok(WgpuBackend {
+            ctx,
+            kernels: Kernels::default(),
+            tensors: Vec::new(),
+            datasets: Vec::new(),
+            stats: None,
+            stats_slots: 0,
+            dummy,
+            staging: Staging::default(),
+            recording: None,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The adapter this backend runs on.
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.ctx.summary
+    }
+
+    fn tensor(&self, op: &'static str, t: TensorId, need: usize) -> Result<&GpuBuffer> {
+        let g = self
+            .tensors
+            .get(t.0)
+            .ok_or_else(|| Error::shape(op, format!("no tensor {}", t.0)))?;
+        if g.len < need {
+            return Err(Error::shape(
+                op,
+                format!("tensor {} holds {} values, the op needs {need}", t.0, g.len),
+            ));
+        }
+        Ok(&g.buf)
+    }
+
+    fn dataset(&self, op: &'static str, ds: DatasetId, start: usize, rows: usize) -> Result<&GpuDataset> {
+        let d = self
+            .datasets
+            .get(ds.0)
+            .ok_or_else(|| Error::shape(op, format!("no dataset {}", ds.0)))?;
+        if start + rows > d.len {
+            return Err(Error::shape(
+                op,
+                format!("rows {start}..{} past the dataset's {}", start + rows, d.len),
+            ));
+        }
+        Ok(d)
+    }
+
+    fn distinct(op: &'static str, ids: &[TensorId]) -> Result<()> {
+        for (i, a) in ids.iter().enumerate() {
+            if ids[i + 1..].contains(a) {
+                return Err(Error::shape(op, format!("tensor {} is bound twice", a.0)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Record one dispatch, opening an encoder and pass if none is open.
+    fn record(
+        &mut self,
+        kernel: Kernel,
+        params: ParamWords,
+        bind: &[(u32, Bound)],
+        grid: (u32, u32, u32),
+    ) -> Result<()> {
+        let recording = self.recording.get_or_insert_with(|| {
+            let mut encoder = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("steps") });
+            let pass = encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("steps"),
+                    timestamp_writes: None,
+                })
+                .forget_lifetime();
+            Recording {
+                encoder,
+                pass: Some(pass),
+            }
+        });
+        let buffers: Vec<(u32, &GpuBuffer)> = bind
+            .iter()
+            .map(|&(binding, b)| {
+                let buf = match b {
+                    Bound::Tensor(t) => &self.tensors[t.0].buf,
+                    Bound::Images(d) => &self.datasets[d.0].images,
+                    Bound::Labels(d) => &self.datasets[d.0].labels,
+                    Bound::Order(d) => &self.datasets[d.0].order,
+                    // Callers check the slot against stats_slots, so stats exists here.
+                    Bound::Stats => self.stats.as_ref().unwrap_or(&self.dummy),
+                    Bound::Dummy => &self.dummy,
+                };
+                (binding, buf)
+            })
+            .collect();
+        let pass = recording
+            .pass
+            .as_mut()
+            .ok_or_else(|| Error::Gpu("no open compute pass".to_string()))?;
+        self.kernels.dispatch(&self.ctx, pass, kernel, params, &buffers, grid)?;
+        self.counters.dispatches += 1;
+        Ok(())
+    }
+
+    /// Close the pass, let `copy` add copies, and submit everything recorded.
+    fn submit(&mut self, copy: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder)) -> Result<()> {
+        let mut encoder = match self.recording.take() {
+            Some(mut r) => {
+                drop(r.pass.take());
+                r.encoder
+            }
+            None => self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("copy") }),
+        };
+        copy(self, &mut encoder);
+        self.ctx.queue.submit([encoder.finish()]);
+        self.counters.submits += 1;
+        self.ctx.errors.check("running the recorded GPU work")
+    }
+
+    /// Submit pending work (if any) so that a queue write lands after it.
+    fn flush(&mut self) -> Result<()> {
+        if self.recording.is_some() {
+            self.submit(|_, _| {})?;
+        }
+        Ok(())
+    }
+
+    /// Submit pending work with a copy of `buf`'s first `bytes` and return them.
+    fn read_bytes(&mut self, buf: Bound, bytes: u64) -> Result<Vec<u8>> {
+        self.submit(|me, encoder| {
+            let src = match buf {
+                Bound::Tensor(t) => &me.tensors[t.0].buf,
+                _ => match &me.stats {
+                    Some(s) => s,
+                    None => &me.dummy,
+                },
+            };
+            me.staging.read(&me.ctx, encoder, src, bytes);
+        })?;
+        let data = self.staging.finish_read(&self.ctx, bytes)?;
+        self.counters.readbacks += 1;
+        Ok(data)
+    }
+
+    fn max_groups(&self) -> u32 {
+        self.ctx.limits.max_compute_workgroups_per_dimension
+    }
+
+    fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
+        u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} = {v} does not fit the GPU's 32-bit indices")))
+    }
+}
+
+/// What a binding of a dispatch refers to.
+#[derive(Clone, Copy)]
+enum Bound {
+    Tensor(TensorId),
+    Images(DatasetId),
+    Labels(DatasetId),
+    Order(DatasetId),
+    Stats,
+    Dummy,
+}
+
+impl Backend for WgpuBackend {
+    fn name(&self) -> String {
+        let s = &self.ctx.summary;
+        format!("gpu '{}' ({}, {})", s.name, s.backend, s.device_type)
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<TensorId> {
+        let bytes = (len as u64)
+            .checked_mul(4)
+            .ok_or_else(|| Error::shape("alloc", format!("{len} values")))?;
+        let buf = buffers::create(&self.ctx, bytes, "tensor")?;
+        self.tensors.push(GpuTensor { buf, len });
+        Ok(TensorId(self.tensors.len() - 1))
+    }
+
+    fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()> {
+        self.tensor("write", t, data.len())?;
+        self.flush()?;
+        self.ctx
+            .queue
+            .write_buffer(&self.tensors[t.0].buf.buffer, 0, bytemuck::cast_slice(data));
+        self.counters.uploads += 1;
+        Ok(())
+    }
+
+    fn read(&mut self, t: TensorId) -> Result<Vec<f32>> {
+        let len = self.tensor("read", t, 0).map(|_| self.tensors[t.0].len)?;
+        let bytes = self.read_bytes(Bound::Tensor(t), len as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[..len * 4]))
+    }
+
+    fn upload_dataset(&mut self, data: &Dataset) -> Result<DatasetId> {
+        let n = data.len();
+        Self::u32_of("upload_dataset", "dataset length", data.images.len())?;
+        self.flush()?;
+        let images = buffers::create(&self.ctx, data.images.len() as u64, "dataset images")?;
+        let labels = buffers::create(&self.ctx, n as u64 * 4, "dataset labels")?;
+        let order = buffers::create(&self.ctx, n as u64 * 4, "dataset order")?;
+        // 784 pixels per image: the bytes are already whole little-endian u32 words.
+        self.ctx.queue.write_buffer(&images.buffer, 0, &data.images);
+        let labels32: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+        self.ctx
+            .queue
+            .write_buffer(&labels.buffer, 0, bytemuck::cast_slice(&labels32));
+        let identity: Vec<u32> = (0..n as u32).collect();
+        self.ctx
+            .queue
+            .write_buffer(&order.buffer, 0, bytemuck::cast_slice(&identity));
+        self.counters.uploads += 3;
+        self.ctx.errors.check("uploading the dataset")?;
+        self.datasets.push(GpuDataset {
+            images,
+            labels,
+            order,
+            len: n,
+        });
+        Ok(DatasetId(self.datasets.len() - 1))
+    }
+
+    fn set_order(&mut self, ds: DatasetId, order: &[u32]) -> Result<()> {
+        let d = self.dataset("set_order", ds, 0, 0)?;
+        if order.len() != d.len || order.iter().any(|&i| i as usize >= d.len) {
+            return Err(Error::shape(
+                "set_order",
+                "the order is not a permutation of the dataset".to_string(),
+            ));
+        }
+        self.flush()?;
+        self.ctx
+            .queue
+            .write_buffer(&self.datasets[ds.0].order.buffer, 0, bytemuck::cast_slice(order));
+        self.counters.uploads += 1;
+        Ok(())
+    }
+
+    fn reserve_stats(&mut self, slots: usize) -> Result<()> {
+        if slots > self.stats_slots {
+            self.flush()?;
+            self.stats = Some(buffers::create(&self.ctx, slots as u64 * 8, "step statistics")?);
+            self.stats_slots = slots;
+        }
+        Ok(())
+    }
+
+    fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
+        let op = "gather_batch";
+        self.dataset(op, ds, start, rows)?;
+        self.tensor(op, x, rows * IMAGE_PIXELS)?;
+        let words = IMAGE_PIXELS / 4;
+        let params = [
+            Self::u32_of(op, "start", start)?,
+            rows as u32,
+            words as u32,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let grid = grid_1d(rows * words, self.max_groups());
+        self.record(
+            Kernel::Gather,
+            params,
+            &[(1, Bound::Images(ds)), (2, Bound::Order(ds)), (3, Bound::Tensor(x))],
+            grid,
+        )
+    }
+
+    fn matmul_forward(
+        &mut self,
+        out: TensorId,
+        inp: TensorId,
+        weight: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        // out (B, OC) = inp (B, C) @ weight (C, OC)
+        self.matmul(
+            "matmul_forward",
+            out,
+            inp,
+            weight,
+            [b, oc, c, c, 1, oc, 1],
+            [b * oc, b * c, c * oc],
+        )
+    }
+
+    fn matmul_backward_input(
+        &mut self,
+        dinp: TensorId,
+        dout: TensorId,
+        weight: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        // dinp (B, C) = dout (B, OC) @ weight^T; weight^T (OC, C) read with strides (1, OC)
+        self.matmul(
+            "matmul_backward_input",
+            dinp,
+            dout,
+            weight,
+            [b, c, oc, oc, 1, 1, oc],
+            [b * c, b * oc, c * oc],
+        )
+    }
+
+    fn matmul_backward_weight(
+        &mut self,
+        dweight: TensorId,
+        inp: TensorId,
+        dout: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        // dweight (C, OC) = inp^T @ dout; inp^T (C, B) read with strides (1, C)
+        self.matmul(
+            "matmul_backward_weight",
+            dweight,
+            inp,
+            dout,
+            [c, oc, b, 1, c, oc, 1],
+            [c * oc, b * c, b * oc],
+        )
+    }
+
+    fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()> {
+        let op = "bias_add_forward";
+        self.tensor(op, out, b * oc)?;
+        self.tensor(op, bias, oc)?;
+        Self::distinct(op, &[out, bias])?;
+        let params = [
+            Self::u32_of(op, "rows", b)?,
+            Self::u32_of(op, "cols", oc)?,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        Self::u32_of(op, "rows * cols", b * oc)?;
+        let grid = grid_1d(b * oc, self.max_groups());
+        self.record(
+            Kernel::BiasAdd,
+            params,
+            &[(1, Bound::Tensor(bias)), (2, Bound::Tensor(out))],
+            grid,
+        )
+    }
+
+    fn bias_backward(&mut self, dbias: TensorId, dout: TensorId, b: usize, oc: usize) -> Result<()> {
+        let op = "bias_backward";
+        self.tensor(op, dbias, oc)?;
+        self.tensor(op, dout, b * oc)?;
+        Self::distinct(op, &[dbias, dout])?;
+        let params = [
+            Self::u32_of(op, "rows", b)?,
+            Self::u32_of(op, "cols", oc)?,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let grid = grid_1d(oc, self.max_groups());
+        self.record(
+            Kernel::BiasBackward,
+            params,
+            &[(1, Bound::Tensor(dout)), (2, Bound::Tensor(dbias))],
+            grid,
+        )
+    }
+
+    fn relu_forward(&mut self, out: TensorId, inp: TensorId, n: usize) -> Result<()> {
+        let op = "relu_forward";
+        self.tensor(op, out, n)?;
+        self.tensor(op, inp, n)?;
+        Self::distinct(op, &[out, inp])?;
+        let params = [Self::u32_of(op, "n", n)?, 0, 0, 0, 0, 0, 0, 0];
+        let grid = grid_1d(n, self.max_groups());
+        self.record(
+            Kernel::ReluForward,
+            params,
+            &[(1, Bound::Tensor(inp)), (2, Bound::Tensor(out))],
+            grid,
+        )
+    }
+
+    fn relu_backward(&mut self, dinp: TensorId, dout: TensorId, out: TensorId, n: usize) -> Result<()> {
+        let op = "relu_backward";
+        self.tensor(op, dinp, n)?;
+        self.tensor(op, dout, n)?;
+        self.tensor(op, out, n)?;
+        Self::distinct(op, &[dinp, dout, out])?;
+        let params = [Self::u32_of(op, "n", n)?, 0, 0, 0, 0, 0, 0, 0];
+        let grid = grid_1d(n, self.max_groups());
+        let bind = [
+            (3, Bound::Tensor(dout)),
+            (4, Bound::Tensor(out)),
+            (5, Bound::Tensor(dinp)),
+        ];
+        self.record(Kernel::ReluBackward, params, &bind, grid)
+    }
+
+    fn softmax_xent_forward_backward(
+        &mut self,
+        dlogits: Option<TensorId>,
+        logits: TensorId,
+        ds: DatasetId,
+        start: usize,
+        rows: usize,
+        classes: usize,
+        slot: usize,
+    ) -> Result<()> {
+        let op = "softmax_xent_forward_backward";
+        if classes != CLASSES {
+            return Err(Error::shape(
+                op,
+                format!("{classes} classes, the labels are digits 0-9"),
+            ));
+        }
+        if slot >= self.stats_slots {
+            return Err(Error::shape(
+                op,
+                format!("stats slot {slot} not reserved ({} are)", self.stats_slots),
+            ));
+        }
+        self.dataset(op, ds, start, rows)?;
+        self.tensor(op, logits, rows * classes)?;
+        let dl = match dlogits {
+            Some(d) => {
+                self.tensor(op, d, rows * classes)?;
+                Self::distinct(op, &[d, logits])?;
+                Bound::Tensor(d)
+            }
+            None => Bound::Dummy,
+        };
+        let params = [
+            Self::u32_of(op, "rows", rows)?,
+            classes as u32,
+            Self::u32_of(op, "start", start)?,
+            slot as u32,
+            dlogits.is_some() as u32,
+            0,
+            0,
+            0,
+        ];
+        let bind = [
+            (1, Bound::Tensor(logits)),
+            (2, Bound::Labels(ds)),
+            (3, Bound::Order(ds)),
+            (4, dl),
+            (5, Bound::Stats),
+        ];
+        self.record(Kernel::SoftmaxXent, params, &bind, (1, 1, 1))
+    }
+
+    fn rmsprop_update(
+        &mut self,
+        param: TensorId,
+        velocity: TensorId,
+        grad: TensorId,
+        n: usize,
+        lr: f32,
+        rho: f32,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "rmsprop_update";
+        self.tensor(op, param, n)?;
+        self.tensor(op, velocity, n)?;
+        self.tensor(op, grad, n)?;
+        Self::distinct(op, &[param, velocity, grad])?;
+        let params = [Self::u32_of(op, "n", n)?, bits(lr), bits(rho), bits(eps), 0, 0, 0, 0];
+        let grid = grid_1d(n, self.max_groups());
+        let bind = [
+            (1, Bound::Tensor(grad)),
+            (2, Bound::Tensor(param)),
+            (3, Bound::Tensor(velocity)),
+        ];
+        self.record(Kernel::RmsProp, params, &bind, grid)
+    }
+
+    fn sgd_update(&mut self, param: TensorId, grad: TensorId, n: usize, lr: f32) -> Result<()> {
+        let op = "sgd_update";
+        self.tensor(op, param, n)?;
+        self.tensor(op, grad, n)?;
+        Self::distinct(op, &[param, grad])?;
+        let params = [Self::u32_of(op, "n", n)?, bits(lr), 0, 0, 0, 0, 0, 0];
+        let grid = grid_1d(n, self.max_groups());
+        self.record(
+            Kernel::Sgd,
+            params,
+            &[(1, Bound::Tensor(grad)), (2, Bound::Tensor(param))],
+            grid,
+        )
+    }
+
+    fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
+        if slots > self.stats_slots {
+            return Err(Error::shape(
+                "read_stats",
+                format!("{slots} slots asked, {} reserved", self.stats_slots),
+            ));
+        }
+        let bytes = self.read_bytes(Bound::Stats, slots as u64 * 8)?;
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[..slots * 8]);
+        Ok(words
+            .chunks_exact(2)
+            .map(|w| StepStats {
+                loss_sum: f32::from_bits(w[0]),
+                correct: w[1],
+            })
+            .collect())
+    }
+
+    fn counters(&self) -> Counters {
+        self.counters
+    }
+}
+
+impl WgpuBackend {
+    /// c (M, N) = a @ b through strides: dims = [m, n, k, a_row, a_col, b_row, b_col];
+    /// lens = values needed in [c, a, b].
+    fn matmul(
+        &mut self,
+        op: &'static str,
+        c: TensorId,
+        a: TensorId,
+        b: TensorId,
+        dims: [usize; 7],
+        lens: [usize; 3],
+    ) -> Result<()> {
+        self.tensor(op, c, lens[0])?;
+        self.tensor(op, a, lens[1])?;
+        self.tensor(op, b, lens[2])?;
+        Self::distinct(op, &[c, a, b])?;
+        let mut params = [0u32; 8];
+        for (p, &d) in params.iter_mut().zip(&dims) {
+            *p = Self::u32_of(op, "a dimension", d)?;
+        }
+        for &len in &lens {
+            Self::u32_of(op, "a tensor length", len)?;
+        }
+        let (m, n) = (dims[0], dims[1]);
+        let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
+        if grid.0 > self.max_groups() || grid.1 > self.max_groups() {
+            return Err(Error::shape(
+                op,
+                format!("{m}x{n} output needs more workgroups than the adapter allows"),
+            ));
+        }
+        self.record(
+            Kernel::Matmul,
+            params,
+            &[(1, Bound::Tensor(a)), (2, Bound::Tensor(b)), (3, Bound::Tensor(c))],
+            grid,
+        )
+    }
+}

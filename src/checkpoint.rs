@@ -1,0 +1,231 @@
+//! Model files in the safetensors format, written atomically.
+//!
+//! Contract: `save` writes every parameter as an F32 tensor named like `dense_0.kernel` (shape
+//! (in, out), the Keras layout) and `dense_0.bias`, with metadata `format = gpu-mnist`,
+//! `layers = "784,512,10"` (the widths) and `activation = relu`; through a temporary file in the
+//! same folder, fsync, then rename, so an interrupted save never leaves a half-written model.
+//! `load` validates the header (length, JSON, dtypes, shapes, offsets) before it trusts any of it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+use crate::model::{HostTensor, ModelSpec};
+
+/// The largest header we accept (a real one is under 1 KB).
+const MAX_HEADER: u64 = 1 << 20;
+
+/// Write `data` to `path` atomically: temporary file beside it, fsync, rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if path.is_dir() {
+        return Err(Error::bad_file(path, "is a directory"));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Serialise a model to safetensors bytes.
+pub fn to_bytes(spec: &ModelSpec, params: &[HostTensor]) -> Vec<u8> {
+    let mut header = Map::new();
+    let widths: Vec<String> = std::iter::once(spec.inputs)
+        .chain(spec.hidden.iter().copied())
+        .chain(std::iter::once(spec.classes))
+        .map(|w| w.to_string())
+        .collect();
+    header.insert(
+        "__metadata__".to_string(),
+        json!({"format": "gpu-mnist", "layers": widths.join(","), "activation": "relu"}),
+    );
+    let mut offset = 0usize;
+    for p in params {
+        let bytes = p.data.len() * 4;
+        header.insert(
+            p.name.clone(),
+            json!({"dtype": "F32", "shape": p.shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut head = Value::Object(header).to_string().into_bytes();
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for p in params {
+        for v in &p.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Save a model (atomically).
+pub fn save(path: &Path, spec: &ModelSpec, params: &[HostTensor]) -> Result<()> {
+    write_atomic(path, &to_bytes(spec, params))
+}
+
+/// Load and validate a model file written by `save` (or any safetensors file of the same layout).
+pub fn load(path: &Path) -> Result<(ModelSpec, Vec<HostTensor>)> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::bad_file(
+            path,
+            "is a directory, expected a .safetensors model file",
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    from_bytes(&bytes).map_err(|reason| Error::bad_file(path, reason))
+}
+
+fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
+    Err(reason.into())
+}
+
+/// Parse safetensors bytes into a model. Errors are plain reasons (the caller names the file).
+pub fn from_bytes(bytes: &[u8]) -> std::result::Result<(ModelSpec, Vec<HostTensor>), String> {
+    if bytes.len() < 8 {
+        return bad(format!("too short for a safetensors file ({} bytes)", bytes.len()));
+    }
+    let head_len = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "bad header length")?);
+    if head_len > MAX_HEADER || head_len > (bytes.len() - 8) as u64 {
+        return bad(format!(
+            "not a safetensors model: header length {head_len} does not fit the {}-byte file",
+            bytes.len()
+        ));
+    }
+    let head = &bytes[8..8 + head_len as usize];
+    let data = &bytes[8 + head_len as usize..];
+    let header: Map<String, Value> = match serde_json::from_slice(head) {
+        Ok(Value::Object(m)) => m,
+        _ => return bad("not a safetensors model: the header is not a JSON object"),
+    };
+    let layers = header
+        .get("__metadata__")
+        .and_then(|m| m.get("layers"))
+        .and_then(|l| l.as_str())
+        .ok_or("no `layers` in the metadata: not a gpu-mnist model")?;
+    let widths: Vec<usize> = layers
+        .split(',')
+        .map(|w| w.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("metadata layers {layers:?} is not a list of widths"))?;
+    if widths.len() < 2 || widths.iter().any(|&w| w == 0 || w > 1 << 24) {
+        return bad(format!("metadata layers {layers:?} does not describe a network"));
+    }
+    let spec = ModelSpec {
+        inputs: widths[0],
+        hidden: widths[1..widths.len() - 1].to_vec(),
+        classes: widths[widths.len() - 1],
+    };
+    if spec.inputs != crate::data::IMAGE_PIXELS || spec.classes != crate::data::CLASSES {
+        return bad(format!(
+            "the model is {}, an MNIST model is 784-...-10",
+            spec.describe()
+        ));
+    }
+    let tensors: BTreeMap<&String, &Value> = header.iter().filter(|(k, _)| k.as_str() != "__metadata__").collect();
+    let mut params = Vec::new();
+    for (i, (c, oc)) in spec.dense_dims().into_iter().enumerate() {
+        for (suffix, shape) in [("kernel", vec![c, oc]), ("bias", vec![oc])] {
+            let name = format!("dense_{i}.{suffix}");
+            let info = tensors.get(&name).ok_or_else(|| format!("tensor {name} is missing"))?;
+            let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+            if dtype != "F32" {
+                return bad(format!("tensor {name} has dtype {dtype}, expected F32"));
+            }
+            let got_shape: Option<Vec<usize>> = info
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect());
+            if got_shape.as_ref() != Some(&shape) {
+                return bad(format!(
+                    "tensor {name} has shape {got_shape:?}, the layers need {shape:?}"
+                ));
+            }
+            let offsets: Option<Vec<u64>> = info
+                .get("data_offsets")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|v| v.as_u64()).collect());
+            let (begin, end) = match offsets.as_deref() {
+                Some(&[b, e]) if b <= e && e <= data.len() as u64 => (b as usize, e as usize),
+                _ => {
+                    return bad(format!(
+                        "tensor {name} has data offsets {offsets:?} outside the {}-byte data",
+                        data.len()
+                    ))
+                }
+            };
+            let len: usize = shape.iter().product();
+            if end - begin != len * 4 {
+                return bad(format!(
+                    "tensor {name} holds {} bytes, its shape needs {}",
+                    end - begin,
+                    len * 4
+                ));
+            }
+            let values: Vec<f32> = data[begin..end]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if values.iter().any(|v| !v.is_finite()) {
+                return bad(format!("tensor {name} holds NaN or infinite values"));
+            }
+            params.push(HostTensor {
+                name,
+                shape,
+                data: values,
+            });
+        }
+    }
+    if tensors.len() != params.len() {
+        return bad(format!(
+            "holds {} tensors, a {} model has {}",
+            tensors.len(),
+            spec.describe(),
+            params.len()
+        ));
+    }
+    Ok((spec, params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::glorot_init;
+
+    #[test]
+    fn round_trip_and_rejections() {
+        let spec = ModelSpec::mnist(&[5]);
+        let params = glorot_init(&spec, 3);
+        let bytes = to_bytes(&spec, &params);
+        let (spec2, params2) = from_bytes(&bytes).unwrap();
+        assert_eq!(spec2, spec);
+        assert_eq!(params2, params);
+        assert!(from_bytes(&bytes[..bytes.len() - 4]).unwrap_err().contains("outside"));
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(from_bytes(&huge).unwrap_err().contains("header length"));
+    }
+}

@@ -1,0 +1,126 @@
+//! Command-line types (clap derive) and the dispatch to one module per subcommand.
+//!
+//! Contract: every flag value is validated here, by clap value parsers, so that a bad value is a
+//! usage error (exit 2) naming the flag before anything runs.
+
+mod devices;
+mod evaluate;
+mod train;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gpu_mnist::device::DeviceChoice;
+use gpu_mnist::Result;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gpu-mnist",
+    version,
+    about = "Train MNIST classifiers with WGSL compute shaders on wgpu, or on the CPU",
+    after_help = "Examples:\n  gpu-mnist train --device auto\n  gpu-mnist evaluate --model model.safetensors\n  gpu-mnist devices"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model (default: the Keras book's 784-512-10 MLP, RMSprop, 5 epochs)
+    #[command(after_help = "Example:\n  gpu-mnist train --device auto --epochs 5 --save model.safetensors")]
+    Train(train::TrainArgs),
+    /// Report test loss and accuracy of a saved model
+    #[command(after_help = "Example:\n  gpu-mnist evaluate --model model.safetensors")]
+    Evaluate(evaluate::EvaluateArgs),
+    /// List the GPU adapters wgpu can see, with their type and key limits
+    #[command(after_help = "Example:\n  WGPU_BACKEND=vulkan gpu-mnist devices")]
+    Devices,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
+        Command::Devices => devices::run(),
+    }
+}
+
+/// Where the data comes from (shared by train and evaluate).
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Folder holding the four MNIST IDX files (.gz or raw) [default: $GPU_MNIST_DATA, then the cache]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Never download; fail with a message saying which files to put where
+    #[arg(long)]
+    pub offline: bool,
+    /// Evaluate on the first N test images only
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub test_limit: Option<usize>,
+}
+
+/// Which device runs the math (shared by train and evaluate).
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// auto: a hardware GPU if there is one, else the CPU; gpu: the best wgpu adapter (software
+    /// ones count); cpu: the fast CPU path; reference: the plain-loop CPU reference
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceFlag,
+    /// Pick the wgpu adapter whose name contains TEXT (see `gpu-mnist devices`)
+    #[arg(long, value_name = "TEXT")]
+    pub adapter: Option<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFlag {
+    Auto,
+    Gpu,
+    Cpu,
+    Reference,
+}
+
+impl From<DeviceFlag> for DeviceChoice {
+    fn from(f: DeviceFlag) -> Self {
+        match f {
+            DeviceFlag::Auto => DeviceChoice::Auto,
+            DeviceFlag::Gpu => DeviceChoice::Gpu,
+            DeviceFlag::Cpu => DeviceChoice::Cpu,
+            DeviceFlag::Reference => DeviceChoice::Reference,
+        }
+    }
+}
+
+/// A whole number of at least 1.
+pub fn parse_positive(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(v) => Ok(v),
+        Err(_) => Err("must be a whole number of at least 1".to_string()),
+    }
+}
+
+/// A learning rate: finite and greater than 0.
+pub fn parse_lr(text: &str) -> std::result::Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("must be a finite number greater than 0".to_string()),
+        Err(_) => Err("must be a number such as 0.001".to_string()),
+    }
+}
+
+/// Hidden layer widths, parsed from one flag value.
+#[derive(Debug, Clone)]
+pub struct Hidden(pub Vec<usize>);
+
+/// Hidden layer widths: a comma-separated list of whole numbers >= 1, e.g. "512" or "512,256".
+pub fn parse_hidden(text: &str) -> std::result::Result<Hidden, String> {
+    let widths: Vec<usize> = text
+        .split(',')
+        .map(|w| parse_positive(w).map_err(|_| format!("'{}' is not a layer width of at least 1", w.trim())))
+        .collect::<std::result::Result<_, _>>()?;
+    if let Some(w) = widths.iter().find(|&&w| w > 1 << 20) {
+        return Err(format!("layer width {w} is larger than 1048576"));
+    }
+    Ok(Hidden(widths))
+}

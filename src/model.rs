@@ -1,0 +1,359 @@
+//! The layer graph: Dense and ReLU layers ending in a fused softmax + cross-entropy, run through
+//! any `Backend`.
+//!
+//! Contract: `ModelSpec` describes an MLP 784 -> hidden... -> 10 (ReLU after every hidden Dense);
+//! `Graph::new` allocates its parameters, gradients, optimizer state and activations on the
+//! backend once, for batches of up to `max_batch` rows; `train_step` and `eval_step` then only
+//! dispatch ops. Parameters are initialised as Keras does: Glorot-uniform weights, zero biases.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::{Backend, DatasetId, TensorId};
+use crate::data::{CLASSES, IMAGE_PIXELS};
+use crate::error::{Error, Result};
+use crate::optim::{Optimizer, OptimizerKind};
+
+/// The shape of the network: input width, hidden widths, class count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub inputs: usize,
+    pub hidden: Vec<usize>,
+    pub classes: usize,
+}
+
+impl ModelSpec {
+    /// 784 -> hidden... -> 10.
+    pub fn mnist(hidden: &[usize]) -> Self {
+        ModelSpec {
+            inputs: IMAGE_PIXELS,
+            hidden: hidden.to_vec(),
+            classes: CLASSES,
+        }
+    }
+
+    /// (in, out) of each Dense layer, in order.
+    pub fn dense_dims(&self) -> Vec<(usize, usize)> {
+        let mut widths = vec![self.inputs];
+        widths.extend(&self.hidden);
+        widths.push(self.classes);
+        widths.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    /// Total number of trainable values.
+    pub fn param_count(&self) -> usize {
+        self.dense_dims().iter().map(|(c, oc)| c * oc + oc).sum()
+    }
+
+    /// One text line, e.g. "784-512-10".
+    pub fn describe(&self) -> String {
+        let mut w = vec![self.inputs];
+        w.extend(&self.hidden);
+        w.push(self.classes);
+        w.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("-")
+    }
+}
+
+/// A named parameter tensor on the host (initial values, checkpoints).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// e.g. "dense_0.kernel", "dense_0.bias".
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Glorot-uniform kernels (limit sqrt(6 / (in + out))) and zero biases, seeded.
+pub fn glorot_init(spec: &ModelSpec, seed: u64) -> Vec<HostTensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for (i, (c, oc)) in spec.dense_dims().into_iter().enumerate() {
+        let limit = (6.0 / (c + oc) as f64).sqrt() as f32;
+        let kernel = (0..c * oc).map(|_| rng.random_range(-limit..limit)).collect();
+        out.push(HostTensor {
+            name: format!("dense_{i}.kernel"),
+            shape: vec![c, oc],
+            data: kernel,
+        });
+        out.push(HostTensor {
+            name: format!("dense_{i}.bias"),
+            shape: vec![oc],
+            data: vec![0.0; oc],
+        });
+    }
+    out
+}
+
+/// A parameter on the backend: value, gradient and optimizer state (RMSprop's velocity).
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: TensorId,
+    pub grad: TensorId,
+    pub velocity: TensorId,
+}
+
+impl Param {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A layer of the graph. Indices point into `Graph::params`.
+#[derive(Debug, Clone)]
+enum Layer {
+    /// out (B, oc) = inp (B, c) @ kernel (c, oc) + bias (oc).
+    Dense {
+        kernel: usize,
+        bias: usize,
+        c: usize,
+        oc: usize,
+    },
+    /// out (B, dim) = max(inp, 0).
+    Relu { dim: usize },
+}
+
+/// The network on a backend, with buffers for batches of up to `max_batch` rows.
+pub struct Graph {
+    pub spec: ModelSpec,
+    pub params: Vec<Param>,
+    layers: Vec<Layer>,
+    /// acts[0] is the input batch (B, 784); acts[i + 1] is the output of layer i.
+    acts: Vec<TensorId>,
+    /// dacts[i] is the gradient of the loss with respect to acts[i] (dacts[0] is never written).
+    dacts: Vec<TensorId>,
+    /// Width of each activation.
+    widths: Vec<usize>,
+    max_batch: usize,
+}
+
+impl Graph {
+    /// Allocate everything the graph needs on `be`. Parameters start at zero: call `set_params`.
+    pub fn new(be: &mut dyn Backend, spec: &ModelSpec, max_batch: usize) -> Result<Graph> {
+        if max_batch == 0 {
+            return Err(Error::usage("--batch-size", "must be at least 1"));
+        }
+        if let Some(bad) = spec.hidden.iter().find(|&&h| h == 0) {
+            return Err(Error::usage(
+                "--hidden",
+                format!("layer width {bad} must be at least 1"),
+            ));
+        }
+        let mut params = Vec::new();
+        let mut layers = Vec::new();
+        let mut widths = vec![spec.inputs];
+        let dims = spec.dense_dims();
+        for (i, &(c, oc)) in dims.iter().enumerate() {
+            for (suffix, shape) in [("kernel", vec![c, oc]), ("bias", vec![oc])] {
+                let len = shape.iter().product();
+                params.push(Param {
+                    name: format!("dense_{i}.{suffix}"),
+                    shape,
+                    value: be.alloc(len)?,
+                    grad: be.alloc(len)?,
+                    velocity: be.alloc(len)?,
+                });
+            }
+            layers.push(Layer::Dense {
+                kernel: params.len() - 2,
+                bias: params.len() - 1,
+                c,
+                oc,
+            });
+            widths.push(oc);
+            if i + 1 < dims.len() {
+                layers.push(Layer::Relu { dim: oc });
+                widths.push(oc);
+            }
+        }
+        let mut acts = Vec::new();
+        let mut dacts = Vec::new();
+        for &w in &widths {
+            acts.push(be.alloc(max_batch * w)?);
+            dacts.push(be.alloc(max_batch * w)?);
+        }
+        Ok(Graph {
+            spec: spec.clone(),
+            params,
+            layers,
+            acts,
+            dacts,
+            widths,
+            max_batch,
+        })
+    }
+
+    /// The input batch tensor (max_batch, 784).
+    pub fn input(&self) -> TensorId {
+        self.acts[0]
+    }
+
+    /// The logits tensor (max_batch, classes).
+    pub fn logits(&self) -> TensorId {
+        self.acts[self.acts.len() - 1]
+    }
+
+    /// Copy parameter values to the backend; names and shapes must match the graph's.
+    pub fn set_params(&self, be: &mut dyn Backend, values: &[HostTensor]) -> Result<()> {
+        if values.len() != self.params.len() {
+            return Err(Error::shape(
+                "set_params",
+                format!("{} tensors for {} parameters", values.len(), self.params.len()),
+            ));
+        }
+        for (p, v) in self.params.iter().zip(values) {
+            if p.name != v.name || p.shape != v.shape || v.data.len() != p.len() {
+                return Err(Error::shape(
+                    "set_params",
+                    format!("{} {:?} given for {} {:?}", v.name, v.shape, p.name, p.shape),
+                ));
+            }
+            be.write(p.value, &v.data)?;
+        }
+        Ok(())
+    }
+
+    /// Read the parameter values back from the backend.
+    pub fn params_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
+        self.params
+            .iter()
+            .map(|p| {
+                let mut data = be.read(p.value)?;
+                data.truncate(p.len());
+                Ok(HostTensor {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    data,
+                })
+            })
+            .collect()
+    }
+
+    /// Read the gradients of the last backward pass.
+    pub fn grads_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
+        self.params
+            .iter()
+            .map(|p| {
+                let mut data = be.read(p.grad)?;
+                data.truncate(p.len());
+                Ok(HostTensor {
+                    name: format!("d{}", p.name),
+                    shape: p.shape.clone(),
+                    data,
+                })
+            })
+            .collect()
+    }
+
+    fn check_rows(&self, rows: usize) -> Result<()> {
+        if rows == 0 || rows > self.max_batch {
+            return Err(Error::shape(
+                "graph",
+                format!("batch of {rows} rows, buffers hold 1 to {}", self.max_batch),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forward pass over the `rows` examples already in `input()`; logits land in `logits()`.
+    pub fn forward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
+        self.check_rows(rows)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (inp, out) = (self.acts[i], self.acts[i + 1]);
+            match *layer {
+                Layer::Dense { kernel, bias, c, oc } => {
+                    // inp (rows, c) -> out (rows, oc)
+                    be.matmul_forward(out, inp, self.params[kernel].value, rows, c, oc)?;
+                    be.bias_add_forward(out, self.params[bias].value, rows, oc)?;
+                }
+                Layer::Relu { dim } => be.relu_forward(out, inp, rows * dim)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Backward pass from the logits' gradient in dacts[last]; fills every parameter's grad.
+    pub fn backward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
+        self.check_rows(rows)?;
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let (inp, out, dinp, dout) = (self.acts[i], self.acts[i + 1], self.dacts[i], self.dacts[i + 1]);
+            match *layer {
+                Layer::Dense { kernel, bias, c, oc } => {
+                    // dout (rows, oc) -> dkernel (c, oc), dbias (oc), dinp (rows, c)
+                    be.matmul_backward_weight(self.params[kernel].grad, inp, dout, rows, c, oc)?;
+                    be.bias_backward(self.params[bias].grad, dout, rows, oc)?;
+                    if i > 0 {
+                        be.matmul_backward_input(dinp, dout, self.params[kernel].value, rows, c, oc)?;
+                    }
+                }
+                Layer::Relu { dim } => be.relu_backward(dinp, dout, out, rows * dim)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply the optimizer to every parameter.
+    pub fn update(&self, be: &mut dyn Backend, opt: &Optimizer) -> Result<()> {
+        for p in &self.params {
+            match opt.kind {
+                OptimizerKind::RmsProp => {
+                    be.rmsprop_update(p.value, p.velocity, p.grad, p.len(), opt.lr, opt.rho, opt.eps)?
+                }
+                OptimizerKind::Sgd => be.sgd_update(p.value, p.grad, p.len(), opt.lr)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// One training step on rows start..start+rows of `ds` (in its current order): gather,
+    /// forward, fused loss (stats into `slot`), backward, update.
+    pub fn train_step(
+        &self,
+        be: &mut dyn Backend,
+        ds: DatasetId,
+        start: usize,
+        rows: usize,
+        slot: usize,
+        opt: &Optimizer,
+    ) -> Result<()> {
+        self.check_rows(rows)?;
+        be.gather_batch(self.input(), ds, start, rows)?;
+        self.forward(be, rows)?;
+        let last = self.acts.len() - 1;
+        be.softmax_xent_forward_backward(
+            Some(self.dacts[last]),
+            self.acts[last],
+            ds,
+            start,
+            rows,
+            self.spec.classes,
+            slot,
+        )?;
+        self.backward(be, rows)?;
+        self.update(be, opt)
+    }
+
+    /// Forward and loss only (stats into `slot`), for evaluation.
+    pub fn eval_step(&self, be: &mut dyn Backend, ds: DatasetId, start: usize, rows: usize, slot: usize) -> Result<()> {
+        self.check_rows(rows)?;
+        be.gather_batch(self.input(), ds, start, rows)?;
+        self.forward(be, rows)?;
+        let last = self.acts.len() - 1;
+        be.softmax_xent_forward_backward(None, self.acts[last], ds, start, rows, self.spec.classes, slot)
+    }
+
+    /// Widths of the activations (input, then each layer's output).
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
+    }
+
+    /// The most rows a batch may have.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+}

@@ -1,0 +1,216 @@
+//! The training loop over any `Backend`: epochs of shuffled minibatches, metrics, evaluation.
+//!
+//! Contract: `Trainer::new` uploads the data and the initial parameters once; `run_epoch` records
+//! the epoch's steps in chunks of `chunk_steps` and reads the step statistics back once per chunk
+//! (never per step); the only other upload per epoch is the shuffled order. Loss is the mean of the
+//! per-example cross-entropy over the epoch (what Keras prints); a non-finite loss stops the run
+//! with the epoch and step named.
+
+use std::time::Instant;
+
+use crate::backend::{Backend, DatasetId, StepStats};
+use crate::data::{batches, epoch_order, Dataset};
+use crate::error::{Error, Result};
+use crate::model::{glorot_init, Graph, HostTensor, ModelSpec};
+use crate::optim::Optimizer;
+
+/// Everything that defines a training run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub spec: ModelSpec,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: Optimizer,
+    pub seed: u64,
+    /// Steps recorded between two read-backs of the statistics.
+    pub chunk_steps: usize,
+}
+
+/// Metrics of one epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochReport {
+    /// 1-based.
+    pub epoch: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub seconds: f64,
+}
+
+/// Loss and accuracy over a dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub examples: usize,
+}
+
+/// Progress inside an epoch, reported after every chunk.
+#[derive(Debug, Clone)]
+pub struct ChunkProgress {
+    pub epoch: usize,
+    pub steps_done: usize,
+    pub steps_total: usize,
+    pub examples_done: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// Sums of step statistics, turned into means.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    loss_sum: f64,
+    correct: u64,
+    examples: usize,
+}
+
+impl Totals {
+    fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.examples.max(1) as f64
+    }
+    fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.examples.max(1) as f64
+    }
+}
+
+/// A model and its data resident on a backend.
+pub struct Trainer<'b> {
+    pub be: &'b mut dyn Backend,
+    pub graph: Graph,
+    pub cfg: TrainConfig,
+    train: DatasetId,
+    train_len: usize,
+}
+
+impl<'b> Trainer<'b> {
+    /// Upload the training set and Glorot-initialised parameters (seeded by `cfg.seed`).
+    pub fn new(be: &'b mut dyn Backend, train: &Dataset, cfg: TrainConfig) -> Result<Self> {
+        let init = glorot_init(&cfg.spec, cfg.seed);
+        Self::with_params(be, train, cfg, &init)
+    }
+
+    /// Same, from given parameter values.
+    pub fn with_params(
+        be: &'b mut dyn Backend,
+        train: &Dataset,
+        cfg: TrainConfig,
+        params: &[HostTensor],
+    ) -> Result<Self> {
+        if cfg.batch_size == 0 {
+            return Err(Error::usage("--batch-size", "must be at least 1"));
+        }
+        let graph = Graph::new(be, &cfg.spec, cfg.batch_size)?;
+        graph.set_params(be, params)?;
+        let train_id = be.upload_dataset(train)?;
+        be.reserve_stats(cfg.chunk_steps.max(1))?;
+        Ok(Trainer {
+            be,
+            graph,
+            cfg,
+            train: train_id,
+            train_len: train.len(),
+        })
+    }
+
+    /// Train one epoch (0-based `epoch`), calling `progress` after each chunk.
+    pub fn run_epoch(&mut self, epoch: usize, progress: &mut dyn FnMut(&ChunkProgress)) -> Result<EpochReport> {
+        let t0 = Instant::now();
+        let order = epoch_order(self.train_len, self.cfg.seed, epoch);
+        self.be.set_order(self.train, &order)?;
+        let steps: Vec<(usize, usize)> = batches(self.train_len, self.cfg.batch_size).collect();
+        let chunk = self.cfg.chunk_steps.max(1);
+        let mut totals = Totals::default();
+        for (chunk_index, chunk_steps) in steps.chunks(chunk).enumerate() {
+            for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
+                self.graph
+                    .train_step(self.be, self.train, start, rows, slot, &self.cfg.optimizer)?;
+            }
+            let stats = self.be.read_stats(chunk_steps.len())?;
+            let first_step = chunk_index * chunk;
+            accumulate(&mut totals, &stats, chunk_steps, |i| {
+                format!(
+                    "training diverged: the loss became {} at epoch {}, step {} of {}; try a smaller --lr",
+                    stats[i].loss_sum,
+                    epoch + 1,
+                    first_step + i + 1,
+                    steps.len()
+                )
+            })?;
+            progress(&ChunkProgress {
+                epoch: epoch + 1,
+                steps_done: first_step + chunk_steps.len(),
+                steps_total: steps.len(),
+                examples_done: totals.examples,
+                loss: totals.mean_loss(),
+                accuracy: totals.accuracy(),
+            });
+        }
+        Ok(EpochReport {
+            epoch: epoch + 1,
+            loss: totals.mean_loss(),
+            accuracy: totals.accuracy(),
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Make an evaluation set resident (once); pass the id to `evaluate`.
+    pub fn upload_eval_set(&mut self, data: &Dataset) -> Result<(DatasetId, usize)> {
+        Ok((self.be.upload_dataset(data)?, data.len()))
+    }
+
+    /// Loss and accuracy of the current parameters on a resident evaluation set.
+    pub fn evaluate(&mut self, set: (DatasetId, usize)) -> Result<EvalReport> {
+        evaluate(self.be, &self.graph, set.0, set.1, self.cfg.chunk_steps)
+    }
+
+    /// The current parameters, read back from the backend.
+    pub fn params(&mut self) -> Result<Vec<HostTensor>> {
+        self.graph.params_to_host(self.be)
+    }
+}
+
+/// Add a chunk's statistics to `totals`, failing on the first non-finite loss.
+fn accumulate(
+    totals: &mut Totals,
+    stats: &[StepStats],
+    steps: &[(usize, usize)],
+    diverged: impl Fn(usize) -> String,
+) -> Result<()> {
+    for (i, (s, &(_, rows))) in stats.iter().zip(steps).enumerate() {
+        if !s.loss_sum.is_finite() {
+            return Err(Error::Numerical(diverged(i)));
+        }
+        totals.loss_sum += s.loss_sum as f64;
+        totals.correct += s.correct as u64;
+        totals.examples += rows;
+    }
+    Ok(())
+}
+
+/// Evaluate `graph` on the `len` examples of resident dataset `ds` (in its current order) in
+/// batches of the graph's size, reading statistics back once per `chunk_steps` batches.
+pub fn evaluate(
+    be: &mut dyn Backend,
+    graph: &Graph,
+    ds: DatasetId,
+    len: usize,
+    chunk_steps: usize,
+) -> Result<EvalReport> {
+    let steps: Vec<(usize, usize)> = batches(len, graph.max_batch()).collect();
+    let chunk = chunk_steps.max(1);
+    be.reserve_stats(chunk)?;
+    let mut totals = Totals::default();
+    for chunk_steps in steps.chunks(chunk) {
+        for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
+            graph.eval_step(be, ds, start, rows, slot)?;
+        }
+        let stats = be.read_stats(chunk_steps.len())?;
+        accumulate(&mut totals, &stats, chunk_steps, |_| {
+            "evaluation produced a non-finite loss".to_string()
+        })?;
+    }
+    Ok(EvalReport {
+        loss: totals.mean_loss(),
+        accuracy: totals.accuracy(),
+        examples: totals.examples,
+    })
+}
