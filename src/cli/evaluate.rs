@@ -23,7 +23,7 @@ pub struct EvaluateArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Examples per evaluation batch
-    #[arg(long, value_name = "N", default_value = "128", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_positive)]
     pub batch_size: usize,
 }
 

@@ -56,7 +56,7 @@ pub struct DataArgs {
     #[arg(long)]
     pub offline: bool,
     /// Evaluate on the first N test images only
-    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive)]
     pub test_limit: Option<usize>,
 }
 

@@ -27,25 +27,25 @@ pub struct TrainArgs {
     #[arg(long, value_name = "W[,W...]", default_value = "512", value_parser = parse_hidden)]
     pub hidden: Hidden,
     /// Passes over the training set
-    #[arg(long, value_name = "N", default_value = "5", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_positive)]
     pub epochs: usize,
     /// Examples per step (the last batch of an epoch keeps the remainder)
-    #[arg(long, value_name = "N", default_value = "128", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_positive)]
     pub batch_size: usize,
     /// Learning rate [default: 0.001 for rmsprop, 0.01 for sgd]
-    #[arg(long, value_name = "LR", value_parser = parse_lr)]
+    #[arg(long, allow_negative_numbers = true, value_name = "LR", value_parser = parse_lr)]
     pub lr: Option<f32>,
     /// rmsprop (Keras's: rho 0.9, eps 1e-7) or plain sgd
     #[arg(long, value_enum, default_value = "rmsprop")]
     pub optimizer: OptimizerFlag,
     /// Seed of the initial weights and of every epoch's shuffle
-    #[arg(long, default_value = "0")]
+    #[arg(long, allow_negative_numbers = true, default_value = "0")]
     pub seed: u64,
     /// Train on the first N training images only
-    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive)]
     pub train_limit: Option<usize>,
     /// Steps recorded between two read-backs of loss and accuracy
-    #[arg(long, value_name = "N", default_value = "64", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "64", value_parser = parse_positive)]
     pub chunk_steps: usize,
     /// Save the trained model to PATH (safetensors)
     #[arg(long, value_name = "PATH")]

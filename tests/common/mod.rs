@@ -1,0 +1,146 @@
+//! Helpers shared by the integration tests: devices, random data, tolerant comparison.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::wgpu::WgpuBackend;
+use gpu_mnist::backend::{Backend, TensorId};
+use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The wgpu device. A GPU test must fail, not skip, when there is none: CI installs Mesa's
+/// software Vulkan driver so that there always is one.
+pub fn gpu() -> WgpuBackend {
+    match WgpuBackend::open(None, false) {
+        Ok(be) => be,
+        Err(e) => panic!(
+            "no wgpu adapter for the GPU tests ({e}). Install one: apt-get install mesa-vulkan-drivers libvulkan1"
+        ),
+    }
+}
+
+/// Every backend the op tests run on: the fast CPU path and the GPU, each against the reference.
+pub fn devices_under_test() -> Vec<Box<dyn Backend>> {
+    vec![Box::new(CpuBackend::fast()), Box::new(gpu())]
+}
+
+/// Real MNIST: $GPU_MNIST_DATA or ../shared/data/mnist beside the project.
+pub fn data_dir() -> PathBuf {
+    match std::env::var_os("GPU_MNIST_DATA") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnist"),
+    }
+}
+
+pub fn mnist() -> Mnist {
+    let dir = data_dir();
+    Mnist::load(&dir).unwrap_or_else(|e| panic!("real MNIST is needed at {} ({e})", dir.display()))
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// n values uniform in [-scale, scale].
+pub fn random_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// A synthetic dataset of n random images and labels.
+pub fn random_dataset(rng: &mut ChaCha8Rng, n: usize) -> Dataset {
+    let images = (0..n * IMAGE_PIXELS).map(|_| rng.random_range(0..=255u8)).collect();
+    let labels = (0..n).map(|_| rng.random_range(0..10u8)).collect();
+    Dataset::new(images, labels).expect("consistent sizes")
+}
+
+/// Allocate a tensor on `be` holding `data`.
+pub fn upload(be: &mut dyn Backend, data: &[f32]) -> TensorId {
+    let t = be.alloc(data.len()).expect("alloc");
+    be.write(t, data).expect("write");
+    t
+}
+
+/// Read `n` values of `t`.
+pub fn download(be: &mut dyn Backend, t: TensorId, n: usize) -> Vec<f32> {
+    let mut v = be.read(t).expect("read");
+    v.truncate(n);
+    v
+}
+
+/// Assert |got - want| <= atol + rtol * |want| elementwise; print the max difference either way.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    let magnitude: Vec<f32> = want.iter().map(|w| w.abs()).collect();
+    assert_close_scaled(what, got, want, &magnitude, atol, rtol);
+}
+
+/// Assert |got - want| <= atol + rtol * scale elementwise, where scale bounds the size of the
+/// terms summed into each value (for a dot product: sum |a_k b_k|, so that results that cancel
+/// to near zero are judged against the size of what was summed, as float error is).
+pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], scale: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let mut max_abs = 0.0f32;
+    let mut bad = Vec::new();
+    for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+        let diff = (g - w).abs();
+        max_abs = max_abs.max(diff);
+        if !(diff <= atol + rtol * s) {
+            bad.push((i, g, w));
+        }
+    }
+    println!(
+        "{what}: {} values, max |diff| {max_abs:.3e} (atol {atol:e}, rtol {rtol:e})",
+        got.len()
+    );
+    if !bad.is_empty() {
+        let first: Vec<String> = bad
+            .iter()
+            .take(5)
+            .map(|(i, g, w)| format!("[{i}] got {g} want {w}"))
+            .collect();
+        panic!(
+            "{what}: {} of {} values out of tolerance; first: {}",
+            bad.len(),
+            got.len(),
+            first.join(", ")
+        );
+    }
+}
+
+/// The gpu-mnist binary built for these tests.
+pub fn bin() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-mnist"));
+    cmd.env_remove("GPU_MNIST_DATA");
+    cmd
+}
+
+/// An IDX file's bytes: magic, dimensions (big-endian u32), payload.
+pub fn idx_bytes(magic: u32, dims: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut v = magic.to_be_bytes().to_vec();
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).expect("gzip");
+    enc.finish().expect("gzip")
+}
+
+/// Write a small valid MNIST set (the first `n_train` / `n_test` real examples) as .gz files.
+pub fn write_small_mnist(dir: &std::path::Path, n_train: usize, n_test: usize) {
+    let m = mnist();
+    let sets = [("train", m.train.first(n_train)), ("t10k", m.test.first(n_test))];
+    for (prefix, set) in sets {
+        let n = set.len() as u32;
+        let images = idx_bytes(0x803, &[n, 28, 28], &set.images);
+        let labels = idx_bytes(0x801, &[n], &set.labels);
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte.gz")), gzip(&images)).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), gzip(&labels)).unwrap();
+    }
+}

@@ -1,0 +1,270 @@
+//! Every op of the training step, on the GPU and on the fast CPU path, against the CPU reference
+//! on random inputs at awkward shapes. Tolerances (f32, different summation orders): exact for
+//! gather, relu and bias-add; atol 1e-5 + rtol 1e-4 for matmul and column sums, where rtol is
+//! relative to the sum of the magnitudes of the terms (sum |a_k b_k|), the scale of f32 rounding
+//! error; rtol 1e-4 for the softmax cross-entropy; rtol 1e-5 for the optimizer updates.
+
+mod common;
+
+use common::*;
+use gpu_mnist::backend::reference as r;
+use gpu_mnist::backend::Backend;
+use gpu_mnist::data::IMAGE_PIXELS;
+
+/// (B, C, OC): the awkward shapes and the real layer-1 shape.
+const SHAPES: [(usize, usize, usize); 5] = [(1, 1, 1), (3, 5, 7), (61, 100, 36), (127, 784, 65), (128, 784, 512)];
+
+fn matmul_ops(be: &mut dyn Backend, (b, c, oc): (usize, usize, usize), seed: u64) {
+    let name = be.name();
+    let mut g = rng(seed);
+    let inp = random_vec(&mut g, b * c, 1.0);
+    let weight = random_vec(&mut g, c * oc, 1.0);
+    let dout = random_vec(&mut g, b * oc, 1.0);
+    let (t_inp, t_w, t_dout) = (upload(be, &inp), upload(be, &weight), upload(be, &dout));
+    let t_out = be.alloc(b * oc).unwrap();
+    let t_dinp = be.alloc(b * c).unwrap();
+    let t_dw = be.alloc(c * oc).unwrap();
+    be.matmul_forward(t_out, t_inp, t_w, b, c, oc).unwrap();
+    be.matmul_backward_input(t_dinp, t_dout, t_w, b, c, oc).unwrap();
+    be.matmul_backward_weight(t_dw, t_inp, t_dout, b, c, oc).unwrap();
+
+    // The same products over absolute values: the scale of each sum's rounding error.
+    let (abs_inp, abs_w, abs_dout): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        inp.iter().map(|v| v.abs()).collect(),
+        weight.iter().map(|v| v.abs()).collect(),
+        dout.iter().map(|v| v.abs()).collect(),
+    );
+    let shape = format!("{b}x{c}x{oc}");
+    let (mut want, mut scale) = (vec![0.0; b * oc], vec![0.0; b * oc]);
+    r::matmul_forward(&mut want, &inp, &weight, b, c, oc);
+    r::matmul_forward(&mut scale, &abs_inp, &abs_w, b, c, oc);
+    let got = download(be, t_out, b * oc);
+    assert_close_scaled(
+        &format!("{name} matmul_forward {shape}"),
+        &got,
+        &want,
+        &scale,
+        1e-5,
+        1e-4,
+    );
+    let (mut want, mut scale) = (vec![0.0; b * c], vec![0.0; b * c]);
+    r::matmul_backward_input(&mut want, &dout, &weight, b, c, oc);
+    r::matmul_backward_input(&mut scale, &abs_dout, &abs_w, b, c, oc);
+    let got = download(be, t_dinp, b * c);
+    assert_close_scaled(
+        &format!("{name} matmul_backward_input {shape}"),
+        &got,
+        &want,
+        &scale,
+        1e-5,
+        1e-4,
+    );
+    let (mut want, mut scale) = (vec![0.0; c * oc], vec![0.0; c * oc]);
+    r::matmul_backward_weight(&mut want, &inp, &dout, b, c, oc);
+    r::matmul_backward_weight(&mut scale, &abs_inp, &abs_dout, b, c, oc);
+    let got = download(be, t_dw, c * oc);
+    assert_close_scaled(
+        &format!("{name} matmul_backward_weight {shape}"),
+        &got,
+        &want,
+        &scale,
+        1e-5,
+        1e-4,
+    );
+}
+
+#[test]
+fn matmuls_match_the_reference_at_awkward_shapes() {
+    for mut be in devices_under_test() {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            matmul_ops(be.as_mut(), shape, 10 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn bias_and_relu_match_the_reference() {
+    for mut be in devices_under_test() {
+        let be = be.as_mut();
+        let name = be.name();
+        for (i, &(b, _, oc)) in SHAPES.iter().enumerate() {
+            let mut g = rng(100 + i as u64);
+            let x = random_vec(&mut g, b * oc, 2.0);
+            let bias = random_vec(&mut g, oc, 1.0);
+            let dout = random_vec(&mut g, b * oc, 1.0);
+            let (t_x, t_bias, t_dout) = (upload(be, &x), upload(be, &bias), upload(be, &dout));
+            let t_relu = be.alloc(b * oc).unwrap();
+            let t_drelu = be.alloc(b * oc).unwrap();
+            let t_dbias = be.alloc(oc).unwrap();
+            be.relu_forward(t_relu, t_x, b * oc).unwrap();
+            be.relu_backward(t_drelu, t_dout, t_relu, b * oc).unwrap();
+            be.bias_backward(t_dbias, t_dout, b, oc).unwrap();
+            be.bias_add_forward(t_x, t_bias, b, oc).unwrap();
+
+            let shape = format!("{b}x{oc}");
+            let mut relu = vec![0.0; b * oc];
+            r::relu_forward(&mut relu, &x);
+            assert_close(
+                &format!("{name} relu_forward {shape}"),
+                &download(be, t_relu, b * oc),
+                &relu,
+                0.0,
+                0.0,
+            );
+            let mut drelu = vec![0.0; b * oc];
+            r::relu_backward(&mut drelu, &dout, &relu);
+            assert_close(
+                &format!("{name} relu_backward {shape}"),
+                &download(be, t_drelu, b * oc),
+                &drelu,
+                0.0,
+                0.0,
+            );
+            let (mut dbias, mut scale) = (vec![0.0; oc], vec![0.0; oc]);
+            r::bias_backward(&mut dbias, &dout, b, oc);
+            r::bias_backward(&mut scale, &dout.iter().map(|v| v.abs()).collect::<Vec<_>>(), b, oc);
+            let got = download(be, t_dbias, oc);
+            assert_close_scaled(
+                &format!("{name} bias_backward {shape}"),
+                &got,
+                &dbias,
+                &scale,
+                1e-5,
+                1e-4,
+            );
+            let mut biased = x.clone();
+            r::bias_add_forward(&mut biased, &bias, b, oc);
+            assert_close(
+                &format!("{name} bias_add_forward {shape}"),
+                &download(be, t_x, b * oc),
+                &biased,
+                0.0,
+                0.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn gather_and_softmax_cross_entropy_match_the_reference() {
+    for mut be in devices_under_test() {
+        let be = be.as_mut();
+        let name = be.name();
+        let mut g = rng(7);
+        let n = 300;
+        let data = random_dataset(&mut g, n);
+        let order = gpu_mnist::data::epoch_order(n, 3, 0);
+        let ds = be.upload_dataset(&data).unwrap();
+        be.set_order(ds, &order).unwrap();
+        be.reserve_stats(4).unwrap();
+        // Row counts around the loss kernel's 256 invocations, and a batch at the end of the set.
+        for (slot, &(start, rows)) in [(0usize, 1usize), (5, 97), (20, 256), (1, 299)].iter().enumerate() {
+            let t_x = be.alloc(rows * IMAGE_PIXELS).unwrap();
+            be.gather_batch(t_x, ds, start, rows).unwrap();
+            let mut want_x = vec![0.0; rows * IMAGE_PIXELS];
+            r::gather_batch(&mut want_x, &data.images, &order, start, rows, IMAGE_PIXELS);
+            assert_close(
+                &format!("{name} gather_batch rows {start}+{rows}"),
+                &download(be, t_x, rows * IMAGE_PIXELS),
+                &want_x,
+                0.0,
+                0.0,
+            );
+
+            // Large logits check the max-subtraction; ties check the first-arg-max rule.
+            let mut logits = random_vec(&mut g, rows * 10, 30.0);
+            logits[3] = logits[2];
+            let t_logits = upload(be, &logits);
+            let t_dlogits = be.alloc(rows * 10).unwrap();
+            be.softmax_xent_forward_backward(Some(t_dlogits), t_logits, ds, start, rows, 10, slot)
+                .unwrap();
+            let mut labels = vec![0u8; rows];
+            r::gather_labels(&mut labels, &data.labels, &order, start, rows);
+            let (mut probs, mut losses, mut dlogits) = (vec![0.0; rows * 10], vec![0.0; rows], vec![0.0; rows * 10]);
+            r::softmax_xent_forward(&mut probs, &mut losses, &logits, &labels, rows, 10);
+            r::softmax_xent_backward(&mut dlogits, &probs, &labels, rows, 10);
+            let mut preds = vec![0u8; rows];
+            r::argmax_rows(&mut preds, &logits, rows, 10);
+            let want_correct = preds.iter().zip(&labels).filter(|(p, l)| p == l).count() as u32;
+            let want_loss: f32 = losses.iter().sum();
+            assert_close(
+                &format!("{name} softmax_xent dlogits rows {rows}"),
+                &download(be, t_dlogits, rows * 10),
+                &dlogits,
+                1e-7,
+                1e-4,
+            );
+            let stats = be.read_stats(slot + 1).unwrap()[slot];
+            assert_close(
+                &format!("{name} softmax_xent loss sum rows {rows}"),
+                &[stats.loss_sum],
+                &[want_loss],
+                0.0,
+                1e-4,
+            );
+            assert_eq!(stats.correct, want_correct, "{name} correct count, rows {rows}");
+        }
+    }
+}
+
+#[test]
+fn optimizer_updates_match_the_reference() {
+    for mut be in devices_under_test() {
+        let be = be.as_mut();
+        let name = be.name();
+        for n in [1usize, 7, 1000, 401_408] {
+            let mut g = rng(n as u64);
+            let param = random_vec(&mut g, n, 1.0);
+            let grad = random_vec(&mut g, n, 1e-2);
+            let velocity: Vec<f32> = random_vec(&mut g, n, 1e-4).iter().map(|v| v.abs()).collect();
+            let (t_p, t_g, t_v, t_sgd) = (
+                upload(be, &param),
+                upload(be, &grad),
+                upload(be, &velocity),
+                upload(be, &param),
+            );
+            be.rmsprop_update(t_p, t_v, t_g, n, 1e-3, 0.9, 1e-7).unwrap();
+            be.sgd_update(t_sgd, t_g, n, 0.05).unwrap();
+            let (mut want_p, mut want_v, mut want_sgd) = (param.clone(), velocity.clone(), param.clone());
+            r::rmsprop_update(&mut want_p, &mut want_v, &grad, 1e-3, 0.9, 1e-7);
+            r::sgd_update(&mut want_sgd, &grad, 0.05);
+            assert_close(
+                &format!("{name} rmsprop param n={n}"),
+                &download(be, t_p, n),
+                &want_p,
+                1e-7,
+                1e-5,
+            );
+            assert_close(
+                &format!("{name} rmsprop velocity n={n}"),
+                &download(be, t_v, n),
+                &want_v,
+                1e-12,
+                1e-5,
+            );
+            assert_close(
+                &format!("{name} sgd param n={n}"),
+                &download(be, t_sgd, n),
+                &want_sgd,
+                1e-7,
+                1e-6,
+            );
+        }
+    }
+}
+
+#[test]
+fn ops_reject_inconsistent_shapes_instead_of_panicking() {
+    for mut be in devices_under_test() {
+        let be = be.as_mut();
+        let small = be.alloc(10).unwrap();
+        let big = be.alloc(1000).unwrap();
+        let err = be.matmul_forward(small, big, big, 10, 10, 10).unwrap_err();
+        assert!(err.to_string().contains("matmul_forward"), "{err}");
+        assert!(
+            be.relu_forward(big, big, 100).is_err(),
+            "output aliasing the input must be refused"
+        );
+        assert!(be.read_stats(1_000_000).is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! Whole training steps through the layer graph: the GPU against the CPU reference for one step,
+//! 50 steps against the CPU path, and repeatability of seeded runs.
+
+mod common;
+
+use common::*;
+use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::{Backend, StepStats};
+use gpu_mnist::data::{batches, epoch_order, Dataset};
+use gpu_mnist::model::{glorot_init, Graph, HostTensor, ModelSpec};
+use gpu_mnist::optim::{Optimizer, OptimizerKind};
+
+const BATCH: usize = 128;
+
+/// Run `steps` training steps of the reference model on `data` (epoch 0's order of seed 1) and
+/// return each step's statistics, the final gradients and the final parameters.
+fn run_steps(be: &mut dyn Backend, data: &Dataset, steps: usize) -> (Vec<StepStats>, Vec<HostTensor>, Vec<HostTensor>) {
+    let spec = ModelSpec::mnist(&[512]);
+    let graph = Graph::new(be, &spec, BATCH).unwrap();
+    graph.set_params(be, &glorot_init(&spec, 1)).unwrap();
+    let ds = be.upload_dataset(data).unwrap();
+    be.set_order(ds, &epoch_order(data.len(), 1, 0)).unwrap();
+    be.reserve_stats(steps).unwrap();
+    let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
+    for (slot, (start, rows)) in batches(data.len(), BATCH).take(steps).enumerate() {
+        graph.train_step(be, ds, start, rows, slot, &opt).unwrap();
+    }
+    let stats = be.read_stats(steps).unwrap();
+    (
+        stats,
+        graph.grads_to_host(be).unwrap(),
+        graph.params_to_host(be).unwrap(),
+    )
+}
+
+fn flatten_compare(what: &str, got: &[HostTensor], want: &[HostTensor], atol: f32, rtol: f32) {
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.name, w.name);
+        assert_close(&format!("{what} {}", g.name), &g.data, &w.data, atol, rtol);
+    }
+}
+
+#[test]
+fn one_gpu_step_matches_the_cpu_reference() {
+    let data = mnist().train.first(BATCH);
+    let (gpu_stats, gpu_grads, gpu_params) = run_steps(&mut gpu(), &data, 1);
+    let (ref_stats, ref_grads, ref_params) = run_steps(&mut CpuBackend::reference(), &data, 1);
+    assert_close(
+        "one step: loss sum",
+        &[gpu_stats[0].loss_sum],
+        &[ref_stats[0].loss_sum],
+        0.0,
+        1e-4,
+    );
+    assert_eq!(gpu_stats[0].correct, ref_stats[0].correct);
+    flatten_compare("one step: gradient", &gpu_grads, &ref_grads, 1e-7, 1e-3);
+    flatten_compare("one step: updated", &gpu_params, &ref_params, 1e-6, 1e-3);
+    // The step must have done something: every tensor moved away from its initial value.
+    let init = glorot_init(&ModelSpec::mnist(&[512]), 1);
+    for (p, i) in gpu_params.iter().zip(&init) {
+        assert!(
+            p.data.iter().zip(&i.data).any(|(a, b)| a != b),
+            "{} did not change",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn fifty_gpu_steps_lower_the_loss_and_track_the_cpu_path() {
+    let data = mnist().train.first(50 * BATCH);
+    let (gpu_stats, _, _) = run_steps(&mut gpu(), &data, 50);
+    let (cpu_stats, _, _) = run_steps(&mut CpuBackend::fast(), &data, 50);
+    let mean = |s: &[StepStats]| s.iter().map(|x| x.loss_sum as f64 / BATCH as f64).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&gpu_stats[..5]), mean(&gpu_stats[45..]));
+    println!("gpu mean loss, steps 1-5: {first:.4}, steps 46-50: {last:.4}");
+    assert!(last < 0.6 * first, "the loss did not fall: {first} -> {last}");
+    let gpu_losses: Vec<f32> = gpu_stats.iter().map(|s| s.loss_sum / BATCH as f32).collect();
+    let cpu_losses: Vec<f32> = cpu_stats.iter().map(|s| s.loss_sum / BATCH as f32).collect();
+    assert_close(
+        "50 steps: per-step loss, gpu vs cpu path",
+        &gpu_losses,
+        &cpu_losses,
+        1e-4,
+        1e-3,
+    );
+}
+
+#[test]
+fn seeded_runs_repeat_bit_for_bit_on_each_device() {
+    let data = mnist().train.first(20 * BATCH);
+    let bits = |s: &[StepStats]| s.iter().map(|x| (x.loss_sum.to_bits(), x.correct)).collect::<Vec<_>>();
+    let (a, _, pa) = run_steps(&mut gpu(), &data, 20);
+    let (b, _, pb) = run_steps(&mut gpu(), &data, 20);
+    assert_eq!(bits(&a), bits(&b), "gpu losses differ between identical runs");
+    assert_eq!(pa, pb, "gpu parameters differ between identical runs");
+    let (c, _, pc) = run_steps(&mut CpuBackend::fast(), &data, 20);
+    let (d, _, pd) = run_steps(&mut CpuBackend::fast(), &data, 20);
+    assert_eq!(bits(&c), bits(&d), "cpu losses differ between identical runs");
+    assert_eq!(pc, pd, "cpu parameters differ between identical runs");
+}
