@@ -67,7 +67,7 @@ pub fn to_bytes(spec: &ModelSpec, params: &[HostTensor]) -> Vec<u8> {
         offset += bytes;
     }
     let mut head = Value::Object(header).to_string().into_bytes();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + offset);

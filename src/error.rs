@@ -73,9 +73,13 @@ impl Error {
     }
 
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
+        match source.kind() {
+            std::io::ErrorKind::NotFound => Error::bad_file(path, "not found"),
+            std::io::ErrorKind::PermissionDenied => Error::bad_file(path, "permission denied"),
+            _ => Error::Io {
+                path: path.to_path_buf(),
+                source,
+            },
         }
     }
 

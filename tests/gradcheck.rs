@@ -73,7 +73,7 @@ fn analytic_gradients_match_central_differences_in_f64() {
     let h = 1e-6;
     let mut worst = 0.0f64;
     for (p, name) in names.iter().enumerate() {
-        for i in 0..analytic[p].len() {
+        for (i, &a) in analytic[p].iter().enumerate() {
             let saved = param_mut(&mut net, p)[i];
             param_mut(&mut net, p)[i] = saved + h;
             let (up, _) = loss_and_grads(&net, &x, &labels);
@@ -81,7 +81,6 @@ fn analytic_gradients_match_central_differences_in_f64() {
             let (down, _) = loss_and_grads(&net, &x, &labels);
             param_mut(&mut net, p)[i] = saved;
             let numeric = (up - down) / (2.0 * h);
-            let a = analytic[p][i];
             // Relative error, guarded for gradients that are (near) zero, such as dead ReLUs.
             let rel = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-8);
             worst = worst.max(rel);

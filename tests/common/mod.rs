@@ -85,7 +85,8 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], scale: &[f32],
     for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
         let diff = (g - w).abs();
         max_abs = max_abs.max(diff);
-        if !(diff <= atol + rtol * s) {
+        // NaN differences fail too.
+        if diff.is_nan() || diff > atol + rtol * s {
             bad.push((i, g, w));
         }
     }

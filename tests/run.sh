@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command of the README: sets up what the tests need on a fresh Debian/Ubuntu machine,
+# then runs the whole suite. GPU tests run the real WGSL kernels on Mesa's software Vulkan driver
+# (llvmpipe) when there is no GPU; they fail, never skip, when no adapter is found.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# 1. A Vulkan adapter: Mesa's software driver (about 15 s to install), unless one is already there.
+if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 || ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "tests/run.sh: installing Mesa's software Vulkan driver (mesa-vulkan-drivers, libvulkan1)"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1
+fi
+export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
+# Headless machines: keep the Vulkan loader's display probing quiet.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+# 2. Real MNIST for the end-to-end tests: the shared copy beside the project unless told otherwise.
+if [ -z "${GPU_MNIST_DATA:-}" ] && [ -d ../shared/data/mnist ]; then
+    export GPU_MNIST_DATA="$(cd ../shared/data/mnist && pwd)"
+fi
+
+# 3. Style, lints, then every test (unit, kernel, training, CLI, downloader).
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --all-targets
