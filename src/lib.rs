@@ -6,6 +6,7 @@
 //! (safetensors), `device` (choosing a backend).
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

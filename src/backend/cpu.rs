@@ -5,6 +5,7 @@
 //! `CpuBackend::fast()` differs only in the summation order of the matmuls, and is tested against
 //! the reference. Ops run immediately; `read` and `read_stats` never wait.
 
+use super::cpu_fast;
 use super::reference as r;
 use super::{Backend, Counters, DatasetId, StepStats, TensorId};
 use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
@@ -296,8 +297,10 @@ impl Backend for CpuBackend {
     }
 
     fn bias_backward(&mut self, dbias: TensorId, dout: TensorId, b: usize, oc: usize) -> Result<()> {
-        self.with_out("bias_backward", (dbias, oc), &[(dout, b * oc)], |o, i| {
-            r::bias_backward(o, i[0], b, oc)
+        let kind = self.kind;
+        self.with_out("bias_backward", (dbias, oc), &[(dout, b * oc)], |o, i| match kind {
+            CpuKind::Reference => r::bias_backward(o, i[0], b, oc),
+            CpuKind::Fast => cpu_fast::bias_backward(o, i[0], b, oc),
         })
     }
 
@@ -380,8 +383,10 @@ impl Backend for CpuBackend {
         }
         self.tensor(op, velocity, n)?;
         let mut v = std::mem::take(&mut self.tensors[velocity.0]);
-        let result = self.with_out(op, (param, n), &[(grad, n)], |p, g| {
-            r::rmsprop_update(p, &mut v[..n], g[0], lr, rho, eps)
+        let kind = self.kind;
+        let result = self.with_out(op, (param, n), &[(grad, n)], |p, g| match kind {
+            CpuKind::Reference => r::rmsprop_update(p, &mut v[..n], g[0], lr, rho, eps),
+            CpuKind::Fast => cpu_fast::rmsprop_update(p, &mut v[..n], g[0], lr, rho, eps),
         });
         self.tensors[velocity.0] = v;
         result
@@ -404,7 +409,13 @@ impl Backend for CpuBackend {
         Ok(self.stats[..slots].to_vec())
     }
 
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     fn counters(&self) -> Counters {
-        self.counters
+        let tensors: usize = self.tensors.iter().map(|t| t.len() * 4).sum();
+        let datasets: usize = self.datasets.iter().map(|d| d.order.len() * 4).sum();
+        Counters { allocated_bytes: (tensors + datasets) as u64, ..self.counters }
     }
 }

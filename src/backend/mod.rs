@@ -8,6 +8,7 @@
 //! and `read_stats`, which are the synchronisation points.
 
 pub mod cpu;
+mod cpu_fast;
 pub mod reference;
 pub mod wgpu;
 
@@ -42,6 +43,8 @@ pub struct Counters {
     pub readbacks: u64,
     /// Host-to-device copies (uploads).
     pub uploads: u64,
+    /// Bytes held in tensors, datasets and statistics on the device.
+    pub allocated_bytes: u64,
 }
 
 /// The ops of the training step. See the module contract.
@@ -134,6 +137,8 @@ pub trait Backend {
 
     /// Wait for pending work and return the first `slots` step statistics.
     fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>>;
+    /// Wait until every op issued so far has finished (for timing).
+    fn sync(&mut self) -> Result<()>;
     /// What the backend has done so far.
     fn counters(&self) -> Counters;
 }

@@ -3,6 +3,7 @@
 //! Contract: every flag value is validated here, by clap value parsers, so that a bad value is a
 //! usage error (exit 2) naming the flag before anything runs.
 
+mod bench;
 mod devices;
 mod evaluate;
 mod train;
@@ -33,6 +34,9 @@ pub enum Command {
     /// Report test loss and accuracy of a saved model
     #[command(after_help = "Example:\n  gpu-mnist evaluate --model model.safetensors")]
     Evaluate(evaluate::EvaluateArgs),
+    /// Measure speed and memory on each device (matmul GFLOP/s, step time, samples/s, round trips)
+    #[command(after_help = "Examples:\n  gpu-mnist bench\n  gpu-mnist bench --device cpu --baseline \"python3 ../shared/bench/torch_mnist.py --device cpu\"")]
+    Bench(bench::BenchArgs),
     /// List the GPU adapters wgpu can see, with their type and key limits
     #[command(after_help = "Example:\n  WGPU_BACKEND=vulkan gpu-mnist devices")]
     Devices,
@@ -42,6 +46,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Devices => devices::run(),
     }
 }

@@ -583,8 +583,20 @@ impl Backend for WgpuBackend {
             .collect())
     }
 
+    fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.ctx.wait("waiting for the GPU")
+    }
+
     fn counters(&self) -> Counters {
-        self.counters
+        let tensors: u64 = self.tensors.iter().map(|t| t.buf.buffer.size()).sum();
+        let datasets: u64 = self
+            .datasets
+            .iter()
+            .map(|d| d.images.buffer.size() + d.labels.buffer.size() + d.order.buffer.size())
+            .sum();
+        let stats = self.stats.as_ref().map_or(0, |s| s.buffer.size());
+        Counters { allocated_bytes: tensors + datasets + stats, ..self.counters }
     }
 }
 

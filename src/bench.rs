@@ -1,0 +1,181 @@
+//! Measurements behind `gpu-mnist bench`: matmul GFLOP/s at the model's shapes, the time of one
+//! training step, throughput over a run of steps, start-up time, memory, and the backend's
+//! dispatches, submits and read-backs per step.
+//!
+//! Contract: every timed region ends with `Backend::sync`, so GPU work is finished before the
+//! clock stops; each figure is the median of `repeats` timed runs after `warmup` untimed ones.
+
+use std::time::Instant;
+
+use crate::backend::{Backend, Counters};
+use crate::data::{batches, epoch_order, Dataset};
+use crate::device::OpenedDevice;
+use crate::error::Result;
+use crate::model::{glorot_init, Graph, ModelSpec};
+use crate::optim::{Optimizer, OptimizerKind};
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub hidden: Vec<usize>,
+    pub batch: usize,
+    /// Steps per timed throughput run.
+    pub steps: usize,
+    pub repeats: usize,
+    pub warmup: usize,
+}
+
+/// One matmul of the model at its real shape.
+#[derive(Debug, Clone)]
+pub struct MatmulFigure {
+    /// "forward", "backward input" or "backward weight".
+    pub op: &'static str,
+    /// (M, K, N) of the product.
+    pub mkn: (usize, usize, usize),
+    pub millis: f64,
+    pub gflops: f64,
+}
+
+/// Everything measured on one device.
+#[derive(Debug, Clone)]
+pub struct DeviceBench {
+    pub device: String,
+    /// Opening the device, allocating and uploading, and the first training step (synced).
+    pub startup_s: f64,
+    pub matmuls: Vec<MatmulFigure>,
+    /// Median time of one training step, synced after each.
+    pub step_ms: f64,
+    /// Training samples per second over `steps` steps with one sync at the end.
+    pub samples_per_s: f64,
+    /// 60,000 / samples_per_s.
+    pub epoch_s: f64,
+    pub steps: usize,
+    /// Backend counters per training step (dispatches, submits, read-backs, uploads).
+    pub per_step: [f64; 4],
+    /// Peak resident memory of the process while this device ran (Linux: since a reset).
+    pub peak_rss_mib: f64,
+    /// Memory the backend holds for tensors and data.
+    pub device_mib: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds of `run` over `repeats` runs after `warmup` untimed ones; each run is synced.
+fn time_median(be: &mut dyn Backend, warmup: usize, repeats: usize, run: &mut dyn FnMut(&mut dyn Backend) -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        run(be)?;
+        be.sync()?;
+    }
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t0 = Instant::now();
+        run(be)?;
+        be.sync()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// The three products of the first dense layer, `reps` times each per timed run.
+fn bench_matmuls(be: &mut dyn Backend, cfg: &BenchConfig, c: usize, oc: usize, reps: usize) -> Result<Vec<MatmulFigure>> {
+    let b = cfg.batch;
+    let (inp, w, out) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(b * oc)?);
+    let (dinp, dw) = (be.alloc(b * c)?, be.alloc(c * oc)?);
+    be.write(inp, &vec![0.5; b * c])?;
+    be.write(w, &vec![0.01; c * oc])?;
+    be.write(out, &vec![0.1; b * oc])?;
+    let flops = 2.0 * (b * c * oc) as f64 * reps as f64;
+    let mut figures = Vec::new();
+    for op in ["forward", "backward input", "backward weight"] {
+        let secs = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
+            for _ in 0..reps {
+                match op {
+                    "forward" => be.matmul_forward(out, inp, w, b, c, oc)?,
+                    "backward input" => be.matmul_backward_input(dinp, out, w, b, c, oc)?,
+                    _ => be.matmul_backward_weight(dw, inp, out, b, c, oc)?,
+                }
+            }
+            Ok(())
+        })?;
+        let mkn = match op {
+            "forward" => (b, c, oc),
+            "backward input" => (b, oc, c),
+            _ => (c, b, oc),
+        };
+        figures.push(MatmulFigure { op, mkn, millis: 1e3 * secs / reps as f64, gflops: flops / secs / 1e9 });
+    }
+    Ok(figures)
+}
+
+/// Benchmark one device on `data` (real or synthetic training images). `reference` scales the
+/// work down for the plain-loop backend.
+pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_open: Instant) -> Result<DeviceBench> {
+    let mut backend = opened.backend;
+    let be = backend.as_mut();
+    let device = be.name();
+    let spec = ModelSpec::mnist(&cfg.hidden);
+    let opt = Optimizer::new(OptimizerKind::RmsProp, None)?;
+    let graph = Graph::new(be, &spec, cfg.batch)?;
+    graph.set_params(be, &glorot_init(&spec, 0))?;
+    let ds = be.upload_dataset(data)?;
+    be.set_order(ds, &epoch_order(data.len(), 0, 0))?;
+    let steps: Vec<(usize, usize)> = batches(data.len(), cfg.batch).filter(|&(_, rows)| rows == cfg.batch).collect();
+    let n_steps = cfg.steps.min(steps.len()).max(1);
+    be.reserve_stats(n_steps)?;
+    graph.train_step(be, ds, steps[0].0, steps[0].1, 0, &opt)?;
+    be.sync()?;
+    let startup_s = t_open.elapsed().as_secs_f64();
+
+    let step_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| graph.train_step(be, ds, steps[1 % steps.len()].0, cfg.batch, 0, &opt))?;
+    let before = be.counters();
+    let run_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
+        for (slot, &(start, rows)) in steps[..n_steps].iter().enumerate() {
+            graph.train_step(be, ds, start, rows, slot, &opt)?;
+        }
+        be.read_stats(n_steps).map(|_| ())
+    })?;
+    let after = be.counters();
+    let runs = (cfg.warmup + cfg.repeats.max(1)) as f64 * n_steps as f64;
+    let per = |f: fn(&Counters) -> u64| (f(&after) - f(&before)) as f64 / runs;
+    let per_step = [per(|c| c.dispatches), per(|c| c.submits), per(|c| c.readbacks), per(|c| c.uploads)];
+    let samples_per_s = (n_steps * cfg.batch) as f64 / run_s;
+
+    let (c, oc) = spec.dense_dims()[0];
+    let reps = if device.contains("reference") { 1 } else { 10 };
+    let matmuls = bench_matmuls(be, cfg, c, oc, reps)?;
+    let device_mib = be.counters().allocated_bytes as f64 / (1 << 20) as f64;
+    Ok(DeviceBench {
+        device,
+        startup_s,
+        matmuls,
+        step_ms: 1e3 * step_s,
+        samples_per_s,
+        epoch_s: 60_000.0 / samples_per_s,
+        steps: n_steps,
+        per_step,
+        peak_rss_mib: memory::peak_rss_mib(),
+        device_mib,
+    })
+}
+
+/// Peak resident memory of this process.
+pub mod memory {
+    /// Reset the kernel's peak-RSS mark (Linux), so the next reading covers only what follows.
+    pub fn reset_peak() {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+
+    /// Peak resident memory in MiB (VmHWM on Linux; 0 where unknown).
+    pub fn peak_rss_mib() -> f64 {
+        let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}

@@ -1,0 +1,188 @@
+//! `gpu-mnist bench`: per device, matmul GFLOP/s at the model's shapes, one step's time, throughput,
+//! start-up time, memory and GPU round trips per step; optionally against a baseline command run in
+//! the same invocation (e.g. the PyTorch script), reported as a ratio.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use gpu_mnist::backend::wgpu::list_adapters;
+use gpu_mnist::bench::{bench_device, memory, BenchConfig, DeviceBench};
+use gpu_mnist::data::locate::cache_dir;
+use gpu_mnist::data::{dir_has_all_files, Dataset, Mnist, IMAGE_PIXELS};
+use gpu_mnist::device::{open_device, DeviceChoice};
+use gpu_mnist::{Error, Result};
+use serde_json::{json, Value};
+
+use super::{parse_hidden, parse_positive, Hidden};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Devices to measure (repeatable): all = reference, cpu and every GPU adapter
+    #[arg(long, value_enum, default_value = "all")]
+    pub device: Vec<BenchDevice>,
+    /// MNIST folder [default: $GPU_MNIST_DATA, then the cache; synthetic data when none has it]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Hidden layer widths
+    #[arg(long, value_name = "W[,W...]", default_value = "512", value_parser = parse_hidden)]
+    pub hidden: Hidden,
+    /// Examples per step
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_positive)]
+    pub batch_size: usize,
+    /// Steps per timed throughput run (the reference backend runs 2, software adapters a fifth)
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "100", value_parser = parse_positive)]
+    pub steps: usize,
+    /// Timed runs per figure (the median is reported)
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_positive)]
+    pub repeats: usize,
+    /// A command that runs a baseline and prints `RESULT {json}` with `median_epoch_s`, e.g.
+    /// "python3 ../shared/bench/torch_mnist.py --device cpu"; run once, compared by ratio
+    #[arg(long, value_name = "CMD")]
+    pub baseline: Option<String>,
+    /// Print one JSON object instead of the table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchDevice {
+    All,
+    Reference,
+    Cpu,
+    Gpu,
+}
+
+/// Real MNIST when it is found without downloading, else synthetic images of the same shape.
+fn bench_data(flag: Option<&Path>) -> Result<(Dataset, String)> {
+    let env = std::env::var_os("GPU_MNIST_DATA").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let dir = flag.map(Path::to_path_buf).or(env).or_else(|| cache_dir().filter(|d| dir_has_all_files(d)));
+    if let Some(dir) = dir {
+        let m = Mnist::load(&dir)?;
+        return Ok((m.train, format!("real MNIST from {}", dir.display())));
+    }
+    let n = 60_000;
+    let images = (0..n * IMAGE_PIXELS).map(|i| ((i * 2_654_435_761) >> 13) as u8).collect();
+    let labels = (0..n).map(|i| (i % 10) as u8).collect();
+    Ok((Dataset::new(images, labels)?, "synthetic data (no MNIST found; pass --data DIR for real images)".to_string()))
+}
+
+/// What to open, with its display label and the step count scale.
+fn plan(devices: &[BenchDevice]) -> Vec<(DeviceChoice, Option<String>, &'static str)> {
+    let mut out = Vec::new();
+    let all = devices.contains(&BenchDevice::All);
+    if all || devices.contains(&BenchDevice::Reference) {
+        out.push((DeviceChoice::Reference, None, "reference"));
+    }
+    if all || devices.contains(&BenchDevice::Cpu) {
+        out.push((DeviceChoice::Cpu, None, "cpu"));
+    }
+    if all {
+        for a in list_adapters() {
+            out.push((DeviceChoice::Gpu, Some(a.name.clone()), if a.is_hardware() { "gpu" } else { "software gpu" }));
+        }
+    } else if devices.contains(&BenchDevice::Gpu) {
+        out.push((DeviceChoice::Gpu, None, "gpu"));
+    }
+    out
+}
+
+fn run_baseline(cmd: &str) -> Result<Value> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map_err(|e| Error::usage("--baseline", format!("could not run '{cmd}': {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).ok_or_else(|| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("no output");
+        Error::usage("--baseline", format!("'{cmd}' printed no RESULT line ({last})"))
+    })?;
+    serde_json::from_str(line).map_err(|e| Error::usage("--baseline", format!("its RESULT line is not JSON: {e}")))
+}
+
+fn to_json(b: &DeviceBench) -> Value {
+    json!({
+        "device": b.device,
+        "startup_s": b.startup_s,
+        "matmuls": b.matmuls.iter().map(|m| json!({"op": m.op, "mkn": [m.mkn.0, m.mkn.1, m.mkn.2], "ms": m.millis, "gflops": m.gflops})).collect::<Vec<_>>(),
+        "step_ms": b.step_ms,
+        "samples_per_s": b.samples_per_s,
+        "epoch_s": b.epoch_s,
+        "steps": b.steps,
+        "per_step": {"dispatches": b.per_step[0], "submits": b.per_step[1], "readbacks": b.per_step[2], "uploads": b.per_step[3]},
+        "peak_rss_mib": b.peak_rss_mib,
+        "device_mib": b.device_mib,
+    })
+}
+
+fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>16}",
+        "device", "fwd GF/s", "dX GF/s", "dW GF/s", "step ms", "samples/s", "epoch s", "start s", "RSS MiB", "disp/sub/rb step"
+    );
+    for b in results {
+        let name: String = b.device.chars().take(44).collect();
+        println!(
+            "{:<44} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>10.0} {:>9.3} {:>8.2} {:>8.0} {:>16}",
+            name,
+            b.matmuls[0].gflops,
+            b.matmuls[1].gflops,
+            b.matmuls[2].gflops,
+            b.step_ms,
+            b.samples_per_s,
+            b.epoch_s,
+            b.startup_s,
+            b.peak_rss_mib,
+            format!("{:.0}/{:.3}/{:.3}", b.per_step[0], b.per_step[1], b.per_step[2])
+        );
+    }
+    if let Some(base) = baseline {
+        let base_epoch = base["median_epoch_s"].as_f64().unwrap_or(f64::NAN);
+        let label = format!("{} on {}", base["framework"].as_str().unwrap_or("baseline"), base["device"].as_str().unwrap_or("?"));
+        println!("baseline {label}: median epoch {base_epoch:.3} s, peak RSS {} MiB", base["peak_rss_mib"]);
+        for b in results {
+            println!("  {:<44} epoch time {:.2}x the baseline's", b.device.chars().take(44).collect::<String>(), b.epoch_s / base_epoch);
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let (data, source) = bench_data(args.data.as_deref())?;
+    if !args.json {
+        println!("data: {source}; batch {}, model 784-{}-10", args.batch_size, args.hidden.0.iter().map(|h| h.to_string()).collect::<Vec<_>>().join("-"));
+    }
+    let mut results = Vec::new();
+    for (choice, adapter, kind) in plan(&args.device) {
+        let steps = match kind {
+            "reference" => 2,
+            "software gpu" => (args.steps / 5).max(2),
+            _ => args.steps,
+        };
+        let repeats = if kind == "reference" { 1 } else { args.repeats };
+        let cfg = BenchConfig { hidden: args.hidden.0.clone(), batch: args.batch_size, steps, repeats, warmup: 1 };
+        memory::reset_peak();
+        let t_open = Instant::now();
+        let opened = open_device(choice, adapter.as_deref())?;
+        let result = bench_device(opened, &data, &cfg, t_open)?;
+        if !args.json {
+            eprintln!("measured {}", result.device);
+        }
+        results.push(result);
+    }
+    let baseline = args.baseline.as_deref().map(run_baseline).transpose()?;
+    if args.json {
+        let out = json!({
+            "data": source,
+            "batch": args.batch_size,
+            "devices": results.iter().map(to_json).collect::<Vec<_>>(),
+            "baseline": baseline,
+        });
+        println!("{out}");
+    } else {
+        print_table(&results, baseline.as_ref());
+    }
+    Ok(())
+}
