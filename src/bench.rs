@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use crate::backend::{Backend, Counters};
+use crate::backend::{Backend, Counters, Epilogue};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::device::OpenedDevice;
 use crate::error::Result;
@@ -64,7 +64,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median seconds of `run` over `repeats` runs after `warmup` untimed ones; each run is synced.
-fn time_median(be: &mut dyn Backend, warmup: usize, repeats: usize, run: &mut dyn FnMut(&mut dyn Backend) -> Result<()>) -> Result<f64> {
+fn time_median(
+    be: &mut dyn Backend,
+    warmup: usize,
+    repeats: usize,
+    run: &mut dyn FnMut(&mut dyn Backend) -> Result<()>,
+) -> Result<f64> {
     for _ in 0..warmup {
         run(be)?;
         be.sync()?;
@@ -80,7 +85,13 @@ fn time_median(be: &mut dyn Backend, warmup: usize, repeats: usize, run: &mut dy
 }
 
 /// The three products of the first dense layer, `reps` times each per timed run.
-fn bench_matmuls(be: &mut dyn Backend, cfg: &BenchConfig, c: usize, oc: usize, reps: usize) -> Result<Vec<MatmulFigure>> {
+fn bench_matmuls(
+    be: &mut dyn Backend,
+    cfg: &BenchConfig,
+    c: usize,
+    oc: usize,
+    reps: usize,
+) -> Result<Vec<MatmulFigure>> {
     let b = cfg.batch;
     let (inp, w, out) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(b * oc)?);
     let (dinp, dw) = (be.alloc(b * c)?, be.alloc(c * oc)?);
@@ -93,8 +104,8 @@ fn bench_matmuls(be: &mut dyn Backend, cfg: &BenchConfig, c: usize, oc: usize, r
         let secs = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
             for _ in 0..reps {
                 match op {
-                    "forward" => be.matmul_forward(out, inp, w, b, c, oc)?,
-                    "backward input" => be.matmul_backward_input(dinp, out, w, b, c, oc)?,
+                    "forward" => be.matmul_forward(out, inp, w, Epilogue::default(), b, c, oc)?,
+                    "backward input" => be.matmul_backward_input(dinp, out, w, Epilogue::default(), b, c, oc)?,
                     _ => be.matmul_backward_weight(dw, inp, out, b, c, oc)?,
                 }
             }
@@ -105,7 +116,12 @@ fn bench_matmuls(be: &mut dyn Backend, cfg: &BenchConfig, c: usize, oc: usize, r
             "backward input" => (b, oc, c),
             _ => (c, b, oc),
         };
-        figures.push(MatmulFigure { op, mkn, millis: 1e3 * secs / reps as f64, gflops: flops / secs / 1e9 });
+        figures.push(MatmulFigure {
+            op,
+            mkn,
+            millis: 1e3 * secs / reps as f64,
+            gflops: flops / secs / 1e9,
+        });
     }
     Ok(figures)
 }
@@ -122,14 +138,18 @@ pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_o
     graph.set_params(be, &glorot_init(&spec, 0))?;
     let ds = be.upload_dataset(data)?;
     be.set_order(ds, &epoch_order(data.len(), 0, 0))?;
-    let steps: Vec<(usize, usize)> = batches(data.len(), cfg.batch).filter(|&(_, rows)| rows == cfg.batch).collect();
+    let steps: Vec<(usize, usize)> = batches(data.len(), cfg.batch)
+        .filter(|&(_, rows)| rows == cfg.batch)
+        .collect();
     let n_steps = cfg.steps.min(steps.len()).max(1);
     be.reserve_stats(n_steps)?;
     graph.train_step(be, ds, steps[0].0, steps[0].1, 0, &opt)?;
     be.sync()?;
     let startup_s = t_open.elapsed().as_secs_f64();
 
-    let step_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| graph.train_step(be, ds, steps[1 % steps.len()].0, cfg.batch, 0, &opt))?;
+    let step_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
+        graph.train_step(be, ds, steps[1 % steps.len()].0, cfg.batch, 0, &opt)
+    })?;
     let before = be.counters();
     let run_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
         for (slot, &(start, rows)) in steps[..n_steps].iter().enumerate() {
@@ -140,7 +160,12 @@ pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_o
     let after = be.counters();
     let runs = (cfg.warmup + cfg.repeats.max(1)) as f64 * n_steps as f64;
     let per = |f: fn(&Counters) -> u64| (f(&after) - f(&before)) as f64 / runs;
-    let per_step = [per(|c| c.dispatches), per(|c| c.submits), per(|c| c.readbacks), per(|c| c.uploads)];
+    let per_step = [
+        per(|c| c.dispatches),
+        per(|c| c.submits),
+        per(|c| c.readbacks),
+        per(|c| c.uploads),
+    ];
     let samples_per_s = (n_steps * cfg.batch) as f64 / run_s;
 
     let (c, oc) = spec.dense_dims()[0];
@@ -170,7 +195,9 @@ pub mod memory {
 
     /// Peak resident memory in MiB (VmHWM on Linux; 0 where unknown).
     pub fn peak_rss_mib() -> f64 {
-        let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
+        let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+            return 0.0;
+        };
         status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))

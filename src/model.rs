@@ -1,5 +1,5 @@
-//! The layer graph: Dense and ReLU layers ending in a fused softmax + cross-entropy, run through
-//! any `Backend`.
+//! The layer graph: Dense layers (ReLU-activated, the last linear) ending in a fused softmax +
+//! cross-entropy, run through any `Backend`.
 //!
 //! Contract: `ModelSpec` describes an MLP 784 -> hidden... -> 10 (ReLU after every hidden Dense);
 //! `Graph::new` allocates its parameters, gradients, optimizer state and activations on the
@@ -9,7 +9,7 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, DatasetId, TensorId};
+use crate::backend::{Backend, DatasetId, Epilogue, TensorId};
 use crate::data::{CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::{Optimizer, OptimizerKind};
@@ -104,31 +104,36 @@ impl Param {
     }
 }
 
-/// A layer of the graph. Indices point into `Graph::params`.
+/// The activation that follows a dense layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    /// None: the layer's output goes to the loss as logits.
+    Linear,
+}
+
+/// A layer of the graph: `Dense(oc, activation)` as in Keras. The activation runs in the matmul's
+/// epilogue, and its gradient in the next layer's backward product, so it costs no pass of its own.
+/// Indices point into `Graph::params`.
 #[derive(Debug, Clone)]
-enum Layer {
-    /// out (B, oc) = inp (B, c) @ kernel (c, oc) + bias (oc).
-    Dense {
-        kernel: usize,
-        bias: usize,
-        c: usize,
-        oc: usize,
-    },
-    /// out (B, dim) = max(inp, 0).
-    Relu { dim: usize },
+struct Dense {
+    kernel: usize,
+    bias: usize,
+    c: usize,
+    oc: usize,
+    activation: Activation,
 }
 
 /// The network on a backend, with buffers for batches of up to `max_batch` rows.
 pub struct Graph {
     pub spec: ModelSpec,
     pub params: Vec<Param>,
-    layers: Vec<Layer>,
-    /// acts[0] is the input batch (B, 784); acts[i + 1] is the output of layer i.
+    layers: Vec<Dense>,
+    /// acts[0] is the input batch (B, 784); acts[i + 1] is the activated output of layer i.
     acts: Vec<TensorId>,
-    /// dacts[i] is the gradient of the loss with respect to acts[i] (dacts[0] is never written).
+    /// dacts[i + 1] is the gradient of the loss with respect to layer i's output before its
+    /// activation (for the last layer: the logits); dacts[0] is never written.
     dacts: Vec<TensorId>,
-    /// Width of each activation.
-    widths: Vec<usize>,
     max_batch: usize,
 }
 
@@ -146,7 +151,6 @@ impl Graph {
         }
         let mut params = Vec::new();
         let mut layers = Vec::new();
-        let mut widths = vec![spec.inputs];
         let dims = spec.dense_dims();
         for (i, &(c, oc)) in dims.iter().enumerate() {
             for (suffix, shape) in [("kernel", vec![c, oc]), ("bias", vec![oc])] {
@@ -159,23 +163,24 @@ impl Graph {
                     velocity: be.alloc(len)?,
                 });
             }
-            layers.push(Layer::Dense {
+            let activation = if i + 1 < dims.len() {
+                Activation::Relu
+            } else {
+                Activation::Linear
+            };
+            layers.push(Dense {
                 kernel: params.len() - 2,
                 bias: params.len() - 1,
                 c,
                 oc,
+                activation,
             });
-            widths.push(oc);
-            if i + 1 < dims.len() {
-                layers.push(Layer::Relu { dim: oc });
-                widths.push(oc);
-            }
         }
-        let mut acts = Vec::new();
-        let mut dacts = Vec::new();
-        for &w in &widths {
-            acts.push(be.alloc(max_batch * w)?);
-            dacts.push(be.alloc(max_batch * w)?);
+        let mut acts = vec![be.alloc(max_batch * spec.inputs)?];
+        let mut dacts = vec![acts[0]];
+        for layer in &layers {
+            acts.push(be.alloc(max_batch * layer.oc)?);
+            dacts.push(be.alloc(max_batch * layer.oc)?);
         }
         Ok(Graph {
             spec: spec.clone(),
@@ -183,7 +188,6 @@ impl Graph {
             layers,
             acts,
             dacts,
-            widths,
             max_batch,
         })
     }
@@ -264,15 +268,21 @@ impl Graph {
     pub fn forward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
         self.check_rows(rows)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (inp, out) = (self.acts[i], self.acts[i + 1]);
-            match *layer {
-                Layer::Dense { kernel, bias, c, oc } => {
-                    // inp (rows, c) -> out (rows, oc)
-                    be.matmul_forward(out, inp, self.params[kernel].value, rows, c, oc)?;
-                    be.bias_add_forward(out, self.params[bias].value, rows, oc)?;
-                }
-                Layer::Relu { dim } => be.relu_forward(out, inp, rows * dim)?,
-            }
+            // acts[i] (rows, c) -> acts[i + 1] (rows, oc) = activation(acts[i] @ kernel + bias)
+            let epilogue = Epilogue {
+                bias: Some(self.params[layer.bias].value),
+                relu: layer.activation == Activation::Relu,
+                relu_mask: None,
+            };
+            be.matmul_forward(
+                self.acts[i + 1],
+                self.acts[i],
+                self.params[layer.kernel].value,
+                epilogue,
+                rows,
+                layer.c,
+                layer.oc,
+            )?;
         }
         Ok(())
     }
@@ -281,17 +291,27 @@ impl Graph {
     pub fn backward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
         self.check_rows(rows)?;
         for (i, layer) in self.layers.iter().enumerate().rev() {
-            let (inp, out, dinp, dout) = (self.acts[i], self.acts[i + 1], self.dacts[i], self.dacts[i + 1]);
-            match *layer {
-                Layer::Dense { kernel, bias, c, oc } => {
-                    // dout (rows, oc) -> dkernel (c, oc), dbias (oc), dinp (rows, c)
-                    be.matmul_backward_weight(self.params[kernel].grad, inp, dout, rows, c, oc)?;
-                    be.bias_backward(self.params[bias].grad, dout, rows, oc)?;
-                    if i > 0 {
-                        be.matmul_backward_input(dinp, dout, self.params[kernel].value, rows, c, oc)?;
-                    }
-                }
-                Layer::Relu { dim } => be.relu_backward(dinp, dout, out, rows * dim)?,
+            // dout (rows, oc) -> dkernel (c, oc), dbias (oc), and for i > 0 dacts[i] (rows, c)
+            let (inp, dout) = (self.acts[i], self.dacts[i + 1]);
+            be.matmul_backward_weight(self.params[layer.kernel].grad, inp, dout, rows, layer.c, layer.oc)?;
+            be.bias_backward(self.params[layer.bias].grad, dout, rows, layer.oc)?;
+            if i > 0 {
+                // The previous layer's ReLU gradient, from its output: zero where it was clipped.
+                let relu_mask = (self.layers[i - 1].activation == Activation::Relu).then_some(inp);
+                let epilogue = Epilogue {
+                    bias: None,
+                    relu: false,
+                    relu_mask,
+                };
+                be.matmul_backward_input(
+                    self.dacts[i],
+                    dout,
+                    self.params[layer.kernel].value,
+                    epilogue,
+                    rows,
+                    layer.c,
+                    layer.oc,
+                )?;
             }
         }
         Ok(())
@@ -345,11 +365,6 @@ impl Graph {
         self.forward(be, rows)?;
         let last = self.acts.len() - 1;
         be.softmax_xent_forward_backward(None, self.acts[last], ds, start, rows, self.spec.classes, slot)
-    }
-
-    /// Widths of the activations (input, then each layer's output).
-    pub fn widths(&self) -> &[usize] {
-        &self.widths
     }
 
     /// The most rows a batch may have.

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use gpu_mnist::backend::reference as r;
-use gpu_mnist::backend::Backend;
+use gpu_mnist::backend::{Backend, Epilogue};
 use gpu_mnist::data::IMAGE_PIXELS;
 
 /// (B, C, OC): the awkward shapes and the real layer-1 shape.
@@ -24,8 +24,10 @@ fn matmul_ops(be: &mut dyn Backend, (b, c, oc): (usize, usize, usize), seed: u64
     let t_out = be.alloc(b * oc).unwrap();
     let t_dinp = be.alloc(b * c).unwrap();
     let t_dw = be.alloc(c * oc).unwrap();
-    be.matmul_forward(t_out, t_inp, t_w, b, c, oc).unwrap();
-    be.matmul_backward_input(t_dinp, t_dout, t_w, b, c, oc).unwrap();
+    be.matmul_forward(t_out, t_inp, t_w, Epilogue::default(), b, c, oc)
+        .unwrap();
+    be.matmul_backward_input(t_dinp, t_dout, t_w, Epilogue::default(), b, c, oc)
+        .unwrap();
     be.matmul_backward_weight(t_dw, t_inp, t_dout, b, c, oc).unwrap();
 
     // The same products over absolute values: the scale of each sum's rounding error.
@@ -78,6 +80,81 @@ fn matmuls_match_the_reference_at_awkward_shapes() {
     for mut be in devices_under_test() {
         for (i, &shape) in SHAPES.iter().enumerate() {
             matmul_ops(be.as_mut(), shape, 10 + i as u64);
+        }
+    }
+}
+
+/// The fused epilogues the layer graph uses: forward + bias + ReLU, and the backward-input product
+/// masked by the previous layer's ReLU output. Compared with the reference ops run one by one.
+#[test]
+fn fused_epilogues_match_the_reference_ops_in_sequence() {
+    for mut be in devices_under_test() {
+        let be = be.as_mut();
+        let name = be.name();
+        for (i, &(b, c, oc)) in SHAPES.iter().enumerate() {
+            let mut g = rng(200 + i as u64);
+            let inp = random_vec(&mut g, b * c, 1.0);
+            let weight = random_vec(&mut g, c * oc, 1.0);
+            let bias = random_vec(&mut g, oc, 1.0);
+            let dout = random_vec(&mut g, b * oc, 1.0);
+            let (t_inp, t_w, t_bias, t_dout) = (
+                upload(be, &inp),
+                upload(be, &weight),
+                upload(be, &bias),
+                upload(be, &dout),
+            );
+            let (t_out, t_dinp) = (be.alloc(b * oc).unwrap(), be.alloc(b * c).unwrap());
+            let fwd = Epilogue {
+                bias: Some(t_bias),
+                relu: true,
+                relu_mask: None,
+            };
+            be.matmul_forward(t_out, t_inp, t_w, fwd, b, c, oc).unwrap();
+            // The mask is the (random-signed) input itself, as if it were a ReLU's output.
+            let bwd = Epilogue {
+                bias: None,
+                relu: false,
+                relu_mask: Some(t_inp),
+            };
+            be.matmul_backward_input(t_dinp, t_dout, t_w, bwd, b, c, oc).unwrap();
+
+            let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+            let (mut pre, mut scale) = (vec![0.0; b * oc], vec![0.0; b * oc]);
+            r::matmul_forward(&mut pre, &inp, &weight, b, c, oc);
+            r::bias_add_forward(&mut pre, &bias, b, oc);
+            r::matmul_forward(&mut scale, &abs(&inp), &abs(&weight), b, c, oc);
+            r::bias_add_forward(&mut scale, &abs(&bias), b, oc);
+            let mut want = vec![0.0; b * oc];
+            r::relu_forward(&mut want, &pre);
+            let shape = format!("{b}x{c}x{oc}");
+            let got = download(be, t_out, b * oc);
+            assert_close_scaled(
+                &format!("{name} matmul+bias+relu {shape}"),
+                &got,
+                &want,
+                &scale,
+                1e-5,
+                1e-4,
+            );
+
+            let (mut prod, mut scale) = (vec![0.0; b * c], vec![0.0; b * c]);
+            r::matmul_backward_input(&mut prod, &dout, &weight, b, c, oc);
+            r::matmul_backward_input(&mut scale, &abs(&dout), &abs(&weight), b, c, oc);
+            let mut want = vec![0.0; b * c];
+            r::relu_backward(&mut want, &prod, &inp);
+            let got = download(be, t_dinp, b * c);
+            assert_close_scaled(
+                &format!("{name} matmul_backward_input*mask {shape}"),
+                &got,
+                &want,
+                &scale,
+                1e-5,
+                1e-4,
+            );
+            assert!(
+                got.iter().zip(&inp).all(|(g, x)| *x > 0.0 || *g == 0.0),
+                "{name}: mask not applied"
+            );
         }
     }
 }
@@ -259,7 +336,9 @@ fn ops_reject_inconsistent_shapes_instead_of_panicking() {
         let be = be.as_mut();
         let small = be.alloc(10).unwrap();
         let big = be.alloc(1000).unwrap();
-        let err = be.matmul_forward(small, big, big, 10, 10, 10).unwrap_err();
+        let err = be
+            .matmul_forward(small, big, big, Epilogue::default(), 10, 10, 10)
+            .unwrap_err();
         assert!(err.to_string().contains("matmul_forward"), "{err}");
         assert!(
             be.relu_forward(big, big, 100).is_err(),

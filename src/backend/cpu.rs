@@ -7,7 +7,7 @@
 
 use super::cpu_fast;
 use super::reference as r;
-use super::{Backend, Counters, DatasetId, StepStats, TensorId};
+use super::{Backend, Counters, DatasetId, Epilogue, StepStats, TensorId};
 use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 
@@ -114,6 +114,27 @@ impl CpuBackend {
         self.counters.dispatches += 1;
         result
     }
+}
+
+/// The matmul's inputs followed by the epilogue's tensors (bias, then mask) that are present.
+fn with_epilogue_inputs(
+    base: &[(TensorId, usize)],
+    epilogue: Epilogue,
+    out_len: usize,
+    n: usize,
+) -> Vec<(TensorId, usize)> {
+    let mut inputs = base.to_vec();
+    inputs.extend(epilogue.bias.map(|t| (t, n)));
+    inputs.extend(epilogue.relu_mask.map(|t| (t, out_len)));
+    inputs
+}
+
+/// Run the epilogue on out (b, n); `extra` holds the bias and mask slices present, in that order.
+fn apply_epilogue(out: &mut [f32], extra: &[&[f32]], epilogue: Epilogue, b: usize, n: usize) {
+    let mut extra = extra.iter();
+    let bias = epilogue.bias.and_then(|_| extra.next().copied());
+    let mask = epilogue.relu_mask.and_then(|_| extra.next().copied());
+    r::matmul_epilogue(out, bias, epilogue.relu, mask, b, n);
 }
 
 /// C (m, n) = A @ B with A given by (row stride, col stride) and B likewise: the three matmuls of
@@ -230,20 +251,20 @@ impl Backend for CpuBackend {
         out: TensorId,
         inp: TensorId,
         weight: TensorId,
+        epilogue: Epilogue,
         b: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
         let kind = self.kind;
-        self.with_out(
-            "matmul_forward",
-            (out, b * oc),
-            &[(inp, b * c), (weight, c * oc)],
-            |o, i| match kind {
+        let inputs = with_epilogue_inputs(&[(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
+        self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
+            match kind {
                 CpuKind::Reference => r::matmul_forward(o, i[0], i[1], b, c, oc),
                 CpuKind::Fast => sgemm(b, c, oc, i[0], c, 1, i[1], oc, 1, o),
-            },
-        )
+            }
+            apply_epilogue(o, &i[2..], epilogue, b, oc);
+        })
     }
 
     fn matmul_backward_input(
@@ -251,21 +272,21 @@ impl Backend for CpuBackend {
         dinp: TensorId,
         dout: TensorId,
         weight: TensorId,
+        epilogue: Epilogue,
         b: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
         let kind = self.kind;
-        self.with_out(
-            "matmul_backward_input",
-            (dinp, b * c),
-            &[(dout, b * oc), (weight, c * oc)],
-            |o, i| match kind {
+        let inputs = with_epilogue_inputs(&[(dout, b * oc), (weight, c * oc)], epilogue, b * c, c);
+        self.with_out("matmul_backward_input", (dinp, b * c), &inputs, |o, i| {
+            match kind {
                 CpuKind::Reference => r::matmul_backward_input(o, i[0], i[1], b, c, oc),
                 // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
                 CpuKind::Fast => sgemm(b, oc, c, i[0], oc, 1, i[1], 1, oc, o),
-            },
-        )
+            }
+            apply_epilogue(o, &i[2..], epilogue, b, c);
+        })
     }
 
     fn matmul_backward_weight(
@@ -416,6 +437,9 @@ impl Backend for CpuBackend {
     fn counters(&self) -> Counters {
         let tensors: usize = self.tensors.iter().map(|t| t.len() * 4).sum();
         let datasets: usize = self.datasets.iter().map(|d| d.order.len() * 4).sum();
-        Counters { allocated_bytes: (tensors + datasets) as u64, ..self.counters }
+        Counters {
+            allocated_bytes: (tensors + datasets) as u64,
+            ..self.counters
+        }
     }
 }

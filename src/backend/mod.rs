@@ -32,6 +32,18 @@ pub struct StepStats {
     pub correct: u32,
 }
 
+/// What a matmul applies to its product before storing it, fused so it costs no extra pass:
+/// `+ bias` (broadcast over rows), then `max(., 0)`, then zeroing where `relu_mask <= 0`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Epilogue {
+    /// (N,) added to every row.
+    pub bias: Option<TensorId>,
+    /// Apply ReLU.
+    pub relu: bool,
+    /// (M, N): keep the product only where this is > 0 (the ReLU gradient, given the ReLU output).
+    pub relu_mask: Option<TensorId>,
+}
+
 /// What a backend did, for `--verbose` and `bench`: the GPU's costly round trips are visible.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -68,22 +80,26 @@ pub trait Backend {
 
     /// x (rows, 784) = images[order[start..start + rows]] / 255.
     fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()>;
-    /// out (B, OC) = inp (B, C) @ weight (C, OC).
+    /// out (B, OC) = epilogue(inp (B, C) @ weight (C, OC)); forward uses `bias` and `relu`.
+    #[allow(clippy::too_many_arguments)]
     fn matmul_forward(
         &mut self,
         out: TensorId,
         inp: TensorId,
         weight: TensorId,
+        epilogue: Epilogue,
         b: usize,
         c: usize,
         oc: usize,
     ) -> Result<()>;
-    /// dinp (B, C) = dout (B, OC) @ weight (C, OC)^T.
+    /// dinp (B, C) = epilogue(dout (B, OC) @ weight (C, OC)^T); backward uses `relu_mask`.
+    #[allow(clippy::too_many_arguments)]
     fn matmul_backward_input(
         &mut self,
         dinp: TensorId,
         dout: TensorId,
         weight: TensorId,
+        epilogue: Epilogue,
         b: usize,
         c: usize,
         oc: usize,

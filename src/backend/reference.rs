@@ -122,6 +122,34 @@ pub fn bias_add_forward<T: Real>(out: &mut [T], bias: &[T], b: usize, oc: usize)
     }
 }
 
+/// The fused epilogue of a matmul, on out (B, N): += bias (N) when given, then max(., 0) when
+/// `relu`, then 0 where relu_mask (B, N) <= 0 when given.
+pub fn matmul_epilogue<T: Real>(
+    out: &mut [T],
+    bias: Option<&[T]>,
+    relu: bool,
+    relu_mask: Option<&[T]>,
+    b: usize,
+    n: usize,
+) {
+    if let Some(bias) = bias {
+        bias_add_forward(out, bias, b, n);
+    }
+    if relu {
+        for x in out[..b * n].iter_mut() {
+            *x = if *x > T::ZERO { *x } else { T::ZERO };
+        }
+    }
+    if let Some(mask) = relu_mask {
+        for (x, &m) in out[..b * n].iter_mut().zip(mask) {
+            // Zero unless m > 0 (so a NaN mask zeroes too, as in relu_backward).
+            if m.partial_cmp(&T::ZERO) != Some(std::cmp::Ordering::Greater) {
+                *x = T::ZERO;
+            }
+        }
+    }
+}
+
 /// dbias (OC) = column sums of dout (B, OC).
 pub fn bias_backward<T: Real>(dbias: &mut [T], dout: &[T], b: usize, oc: usize) {
     for o in 0..oc {

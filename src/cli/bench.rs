@@ -56,16 +56,26 @@ pub enum BenchDevice {
 
 /// Real MNIST when it is found without downloading, else synthetic images of the same shape.
 fn bench_data(flag: Option<&Path>) -> Result<(Dataset, String)> {
-    let env = std::env::var_os("GPU_MNIST_DATA").filter(|v| !v.is_empty()).map(PathBuf::from);
-    let dir = flag.map(Path::to_path_buf).or(env).or_else(|| cache_dir().filter(|d| dir_has_all_files(d)));
+    let env = std::env::var_os("GPU_MNIST_DATA")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let dir = flag
+        .map(Path::to_path_buf)
+        .or(env)
+        .or_else(|| cache_dir().filter(|d| dir_has_all_files(d)));
     if let Some(dir) = dir {
         let m = Mnist::load(&dir)?;
         return Ok((m.train, format!("real MNIST from {}", dir.display())));
     }
     let n = 60_000;
-    let images = (0..n * IMAGE_PIXELS).map(|i| ((i * 2_654_435_761) >> 13) as u8).collect();
+    let images = (0..n * IMAGE_PIXELS)
+        .map(|i| ((i * 2_654_435_761) >> 13) as u8)
+        .collect();
     let labels = (0..n).map(|i| (i % 10) as u8).collect();
-    Ok((Dataset::new(images, labels)?, "synthetic data (no MNIST found; pass --data DIR for real images)".to_string()))
+    Ok((
+        Dataset::new(images, labels)?,
+        "synthetic data (no MNIST found; pass --data DIR for real images)".to_string(),
+    ))
 }
 
 /// What to open, with its display label and the step count scale.
@@ -80,7 +90,11 @@ fn plan(devices: &[BenchDevice]) -> Vec<(DeviceChoice, Option<String>, &'static 
     }
     if all {
         for a in list_adapters() {
-            out.push((DeviceChoice::Gpu, Some(a.name.clone()), if a.is_hardware() { "gpu" } else { "software gpu" }));
+            out.push((
+                DeviceChoice::Gpu,
+                Some(a.name.clone()),
+                if a.is_hardware() { "gpu" } else { "software gpu" },
+            ));
         }
     } else if devices.contains(&BenchDevice::Gpu) {
         out.push((DeviceChoice::Gpu, None, "gpu"));
@@ -121,7 +135,16 @@ fn to_json(b: &DeviceBench) -> Value {
 fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>16}",
-        "device", "fwd GF/s", "dX GF/s", "dW GF/s", "step ms", "samples/s", "epoch s", "start s", "RSS MiB", "disp/sub/rb step"
+        "device",
+        "fwd GF/s",
+        "dX GF/s",
+        "dW GF/s",
+        "step ms",
+        "samples/s",
+        "epoch s",
+        "start s",
+        "RSS MiB",
+        "disp/sub/rb step"
     );
     for b in results {
         let name: String = b.device.chars().take(44).collect();
@@ -141,10 +164,21 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
     }
     if let Some(base) = baseline {
         let base_epoch = base["median_epoch_s"].as_f64().unwrap_or(f64::NAN);
-        let label = format!("{} on {}", base["framework"].as_str().unwrap_or("baseline"), base["device"].as_str().unwrap_or("?"));
-        println!("baseline {label}: median epoch {base_epoch:.3} s, peak RSS {} MiB", base["peak_rss_mib"]);
+        let label = format!(
+            "{} on {}",
+            base["framework"].as_str().unwrap_or("baseline"),
+            base["device"].as_str().unwrap_or("?")
+        );
+        println!(
+            "baseline {label}: median epoch {base_epoch:.3} s, peak RSS {} MiB",
+            base["peak_rss_mib"]
+        );
         for b in results {
-            println!("  {:<44} epoch time {:.2}x the baseline's", b.device.chars().take(44).collect::<String>(), b.epoch_s / base_epoch);
+            println!(
+                "  {:<44} epoch time {:.2}x the baseline's",
+                b.device.chars().take(44).collect::<String>(),
+                b.epoch_s / base_epoch
+            );
         }
     }
 }
@@ -152,7 +186,16 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
 pub fn run(args: BenchArgs) -> Result<()> {
     let (data, source) = bench_data(args.data.as_deref())?;
     if !args.json {
-        println!("data: {source}; batch {}, model 784-{}-10", args.batch_size, args.hidden.0.iter().map(|h| h.to_string()).collect::<Vec<_>>().join("-"));
+        println!(
+            "data: {source}; batch {}, model 784-{}-10",
+            args.batch_size,
+            args.hidden
+                .0
+                .iter()
+                .map(|h| h.to_string())
+                .collect::<Vec<_>>()
+                .join("-")
+        );
     }
     let mut results = Vec::new();
     for (choice, adapter, kind) in plan(&args.device) {
@@ -162,7 +205,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             _ => args.steps,
         };
         let repeats = if kind == "reference" { 1 } else { args.repeats };
-        let cfg = BenchConfig { hidden: args.hidden.0.clone(), batch: args.batch_size, steps, repeats, warmup: 1 };
+        let cfg = BenchConfig {
+            hidden: args.hidden.0.clone(),
+            batch: args.batch_size,
+            steps,
+            repeats,
+            warmup: 1,
+        };
         memory::reset_peak();
         let t_open = Instant::now();
         let opened = open_device(choice, adapter.as_deref())?;

@@ -35,7 +35,9 @@ pub enum Command {
     #[command(after_help = "Example:\n  gpu-mnist evaluate --model model.safetensors")]
     Evaluate(evaluate::EvaluateArgs),
     /// Measure speed and memory on each device (matmul GFLOP/s, step time, samples/s, round trips)
-    #[command(after_help = "Examples:\n  gpu-mnist bench\n  gpu-mnist bench --device cpu --baseline \"python3 ../shared/bench/torch_mnist.py --device cpu\"")]
+    #[command(
+        after_help = "Examples:\n  gpu-mnist bench\n  gpu-mnist bench --device cpu --baseline \"python3 ../shared/bench/torch_mnist.py --device cpu\""
+    )]
     Bench(bench::BenchArgs),
     /// List the GPU adapters wgpu can see, with their type and key limits
     #[command(after_help = "Example:\n  WGPU_BACKEND=vulkan gpu-mnist devices")]

@@ -16,7 +16,7 @@ use buffers::{GpuBuffer, Staging};
 use context::GpuContext;
 use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
 
-use super::{Backend, Counters, DatasetId, StepStats, TensorId};
+use super::{Backend, Counters, DatasetId, Epilogue, StepStats, TensorId};
 use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 
@@ -337,17 +337,20 @@ impl Backend for WgpuBackend {
         out: TensorId,
         inp: TensorId,
         weight: TensorId,
+        epilogue: Epilogue,
         b: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        // out (B, OC) = inp (B, C) @ weight (C, OC)
+        // out (B, OC) = epilogue(inp (B, C) @ weight (C, OC))
+        let dims = [b, oc, c, c, 1, oc, 1];
         self.matmul(
             "matmul_forward",
             out,
             inp,
             weight,
-            [b, oc, c, c, 1, oc, 1],
+            epilogue,
+            dims,
             [b * oc, b * c, c * oc],
         )
     }
@@ -357,17 +360,20 @@ impl Backend for WgpuBackend {
         dinp: TensorId,
         dout: TensorId,
         weight: TensorId,
+        epilogue: Epilogue,
         b: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        // dinp (B, C) = dout (B, OC) @ weight^T; weight^T (OC, C) read with strides (1, OC)
+        // dinp (B, C) = epilogue(dout (B, OC) @ weight^T); weight^T (OC, C) read with strides (1, OC)
+        let dims = [b, c, oc, oc, 1, 1, oc];
         self.matmul(
             "matmul_backward_input",
             dinp,
             dout,
             weight,
-            [b, c, oc, oc, 1, 1, oc],
+            epilogue,
+            dims,
             [b * c, b * oc, c * oc],
         )
     }
@@ -382,12 +388,14 @@ impl Backend for WgpuBackend {
         oc: usize,
     ) -> Result<()> {
         // dweight (C, OC) = inp^T @ dout; inp^T (C, B) read with strides (1, C)
+        let dims = [c, oc, b, 1, c, oc, 1];
         self.matmul(
             "matmul_backward_weight",
             dweight,
             inp,
             dout,
-            [c, oc, b, 1, c, oc, 1],
+            Epilogue::default(),
+            dims,
             [c * oc, b * c, b * oc],
         )
     }
@@ -596,34 +604,55 @@ impl Backend for WgpuBackend {
             .map(|d| d.images.buffer.size() + d.labels.buffer.size() + d.order.buffer.size())
             .sum();
         let stats = self.stats.as_ref().map_or(0, |s| s.buffer.size());
-        Counters { allocated_bytes: tensors + datasets + stats, ..self.counters }
+        Counters {
+            allocated_bytes: tensors + datasets + stats,
+            ..self.counters
+        }
     }
 }
 
 impl WgpuBackend {
-    /// c (M, N) = a @ b through strides: dims = [m, n, k, a_row, a_col, b_row, b_col];
+    /// c (M, N) = epilogue(a @ b) through strides: dims = [m, n, k, a_row, a_col, b_row, b_col];
     /// lens = values needed in [c, a, b].
+    #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
         op: &'static str,
         c: TensorId,
         a: TensorId,
         b: TensorId,
+        epilogue: Epilogue,
         dims: [usize; 7],
         lens: [usize; 3],
     ) -> Result<()> {
+        let (m, n) = (dims[0], dims[1]);
         self.tensor(op, c, lens[0])?;
         self.tensor(op, a, lens[1])?;
         self.tensor(op, b, lens[2])?;
-        Self::distinct(op, &[c, a, b])?;
+        let mut ids = vec![c, a, b];
+        if let Some(bias) = epilogue.bias {
+            self.tensor(op, bias, n)?;
+            ids.push(bias);
+        }
+        if let Some(mask) = epilogue.relu_mask {
+            self.tensor(op, mask, m * n)?;
+            ids.push(mask);
+        }
+        // The bias and the mask are read-only, like a and b; only c must differ from all of them.
+        Self::distinct(op, &[c, a])?;
+        Self::distinct(op, &[c, b])?;
+        for &t in &ids[3..] {
+            Self::distinct(op, &[c, t])?;
+        }
         let mut params = [0u32; 8];
         for (p, &d) in params.iter_mut().zip(&dims) {
             *p = Self::u32_of(op, "a dimension", d)?;
         }
+        params[7] =
+            epilogue.bias.is_some() as u32 | (epilogue.relu as u32) << 1 | (epilogue.relu_mask.is_some() as u32) << 2;
         for &len in &lens {
             Self::u32_of(op, "a tensor length", len)?;
         }
-        let (m, n) = (dims[0], dims[1]);
         let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
         if grid.0 > self.max_groups() || grid.1 > self.max_groups() {
             return Err(Error::shape(
@@ -631,11 +660,15 @@ impl WgpuBackend {
                 format!("{m}x{n} output needs more workgroups than the adapter allows"),
             ));
         }
-        self.record(
-            Kernel::Matmul,
-            params,
-            &[(1, Bound::Tensor(a)), (2, Bound::Tensor(b)), (3, Bound::Tensor(c))],
-            grid,
-        )
+        let bias = epilogue.bias.map_or(Bound::Dummy, Bound::Tensor);
+        let mask = epilogue.relu_mask.map_or(Bound::Dummy, Bound::Tensor);
+        let bind = [
+            (1, Bound::Tensor(a)),
+            (2, Bound::Tensor(b)),
+            (3, Bound::Tensor(c)),
+            (4, bias),
+            (5, mask),
+        ];
+        self.record(Kernel::Matmul, params, &bind, grid)
     }
 }
