@@ -1,12 +1,13 @@
-//! Model files in the safetensors format, written atomically.
+//! Model files and training checkpoints in the safetensors format, written atomically.
 //!
 //! Contract: `save` writes every parameter as an F32 tensor named like `dense_0.kernel` (shape
 //! (in, out), the Keras layout) and `dense_0.bias`, with metadata `format = gpu-mnist`,
 //! `layers = "784,512,10"` (the widths) and `activation = relu`; through a temporary file in the
 //! same folder, fsync, then rename, so an interrupted save never leaves a half-written model.
-//! `load` validates the header (length, JSON, dtypes, shapes, offsets) before it trusts any of it.
+//! A training checkpoint adds RMSprop's velocities as `optimizer.dense_0.kernel.velocity` ... and
+//! its training state as JSON in metadata key `training_state`. `load` validates the header
+//! (length, JSON, dtypes, shapes, offsets, finiteness) before it trusts any of it.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -45,20 +46,59 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Serialise a model to safetensors bytes.
-pub fn to_bytes(spec: &ModelSpec, params: &[HostTensor]) -> Vec<u8> {
+/// A model, and for a training checkpoint also its optimizer state and training state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub spec: ModelSpec,
+    /// `dense_{i}.kernel` (in, out) and `dense_{i}.bias` (out), in layer order.
+    pub params: Vec<HostTensor>,
+    /// RMSprop's velocities, one per parameter, stored as `optimizer.{name}.velocity`; empty for a
+    /// plain model file.
+    pub velocities: Vec<HostTensor>,
+    /// The training state of a `--checkpoint-dir` checkpoint (JSON in metadata key `training_state`).
+    pub state: Option<Value>,
+}
+
+impl Checkpoint {
+    /// A plain model file: parameters only.
+    pub fn model(spec: &ModelSpec, params: Vec<HostTensor>) -> Self {
+        Checkpoint {
+            spec: spec.clone(),
+            params,
+            velocities: Vec::new(),
+            state: None,
+        }
+    }
+}
+
+const VELOCITY_PREFIX: &str = "optimizer.";
+const VELOCITY_SUFFIX: &str = ".velocity";
+
+/// Serialise to safetensors bytes.
+pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
+    let spec = &ck.spec;
     let mut header = Map::new();
     let widths: Vec<String> = std::iter::once(spec.inputs)
         .chain(spec.hidden.iter().copied())
         .chain(std::iter::once(spec.classes))
         .map(|w| w.to_string())
         .collect();
-    header.insert(
-        "__metadata__".to_string(),
-        json!({"format": "gpu-mnist", "layers": widths.join(","), "activation": "relu"}),
-    );
+    let mut meta = json!({"format": "gpu-mnist", "layers": widths.join(","), "activation": "relu"});
+    if let Some(state) = &ck.state {
+        meta["training_state"] = Value::String(state.to_string());
+    }
+    header.insert("__metadata__".to_string(), meta);
+    let velocities: Vec<HostTensor> = ck
+        .velocities
+        .iter()
+        .map(|v| HostTensor {
+            name: format!("{VELOCITY_PREFIX}{}{VELOCITY_SUFFIX}", v.name),
+            ..v.clone()
+        })
+        .collect();
+    let tensors: Vec<&HostTensor> = ck.params.iter().chain(&velocities).collect();
     let mut offset = 0usize;
-    for p in params {
+    for p in &tensors {
         let bytes = p.data.len() * 4;
         header.insert(
             p.name.clone(),
@@ -73,7 +113,7 @@ pub fn to_bytes(spec: &ModelSpec, params: &[HostTensor]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + head.len() + offset);
     out.extend_from_slice(&(head.len() as u64).to_le_bytes());
     out.extend_from_slice(&head);
-    for p in params {
+    for p in &tensors {
         for v in &p.data {
             out.extend_from_slice(&v.to_le_bytes());
         }
@@ -81,13 +121,13 @@ pub fn to_bytes(spec: &ModelSpec, params: &[HostTensor]) -> Vec<u8> {
     out
 }
 
-/// Save a model (atomically).
-pub fn save(path: &Path, spec: &ModelSpec, params: &[HostTensor]) -> Result<()> {
-    write_atomic(path, &to_bytes(spec, params))
+/// Save atomically.
+pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
+    write_atomic(path, &to_bytes(ck))
 }
 
-/// Load and validate a model file written by `save` (or any safetensors file of the same layout).
-pub fn load(path: &Path) -> Result<(ModelSpec, Vec<HostTensor>)> {
+/// Load and validate a file written by `save` (or any safetensors file of the same layout).
+pub fn load(path: &Path) -> Result<Checkpoint> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Err(Error::bad_file(
@@ -103,8 +143,64 @@ fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
     Err(reason.into())
 }
 
-/// Parse safetensors bytes into a model. Errors are plain reasons (the caller names the file).
-pub fn from_bytes(bytes: &[u8]) -> std::result::Result<(ModelSpec, Vec<HostTensor>), String> {
+/// One F32 tensor of the given name and shape, validated against the data section.
+fn tensor(
+    tensors: &Map<String, Value>,
+    data: &[u8],
+    name: &str,
+    shape: &[usize],
+) -> std::result::Result<HostTensor, String> {
+    let info = tensors.get(name).ok_or_else(|| format!("tensor {name} is missing"))?;
+    let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+    if dtype != "F32" {
+        return bad(format!("tensor {name} has dtype {dtype}, expected F32"));
+    }
+    let got_shape: Option<Vec<usize>> = info
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect());
+    if got_shape.as_deref() != Some(shape) {
+        return bad(format!(
+            "tensor {name} has shape {got_shape:?}, the layers need {shape:?}"
+        ));
+    }
+    let offsets: Option<Vec<u64>> = info
+        .get("data_offsets")
+        .and_then(|s| s.as_array())
+        .and_then(|a| a.iter().map(|v| v.as_u64()).collect());
+    let (begin, end) = match offsets.as_deref() {
+        Some(&[b, e]) if b <= e && e <= data.len() as u64 => (b as usize, e as usize),
+        _ => {
+            return bad(format!(
+                "tensor {name} has data offsets {offsets:?} outside the {}-byte data",
+                data.len()
+            ))
+        }
+    };
+    let len: usize = shape.iter().product();
+    if end - begin != len * 4 {
+        return bad(format!(
+            "tensor {name} holds {} bytes, its shape needs {}",
+            end - begin,
+            len * 4
+        ));
+    }
+    let values: Vec<f32> = data[begin..end]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return bad(format!("tensor {name} holds NaN or infinite values"));
+    }
+    Ok(HostTensor {
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        data: values,
+    })
+}
+
+/// Parse safetensors bytes. Errors are plain reasons (the caller names the file).
+pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     if bytes.len() < 8 {
         return bad(format!("too short for a safetensors file ({} bytes)", bytes.len()));
     }
@@ -117,13 +213,13 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<(ModelSpec, Vec<HostTenso
     }
     let head = &bytes[8..8 + head_len as usize];
     let data = &bytes[8 + head_len as usize..];
-    let header: Map<String, Value> = match serde_json::from_slice(head) {
+    let mut header: Map<String, Value> = match serde_json::from_slice(head) {
         Ok(Value::Object(m)) => m,
         _ => return bad("not a safetensors model: the header is not a JSON object"),
     };
-    let layers = header
-        .get("__metadata__")
-        .and_then(|m| m.get("layers"))
+    let meta = header.remove("__metadata__").unwrap_or(Value::Null);
+    let layers = meta
+        .get("layers")
         .and_then(|l| l.as_str())
         .ok_or("no `layers` in the metadata: not a gpu-mnist model")?;
     let widths: Vec<usize> = layers
@@ -145,69 +241,43 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<(ModelSpec, Vec<HostTenso
             spec.describe()
         ));
     }
-    let tensors: BTreeMap<&String, &Value> = header.iter().filter(|(k, _)| k.as_str() != "__metadata__").collect();
     let mut params = Vec::new();
+    let mut velocities = Vec::new();
+    let has_velocities = header.keys().any(|k| k.starts_with(VELOCITY_PREFIX));
     for (i, (c, oc)) in spec.dense_dims().into_iter().enumerate() {
         for (suffix, shape) in [("kernel", vec![c, oc]), ("bias", vec![oc])] {
             let name = format!("dense_{i}.{suffix}");
-            let info = tensors.get(&name).ok_or_else(|| format!("tensor {name} is missing"))?;
-            let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-            if dtype != "F32" {
-                return bad(format!("tensor {name} has dtype {dtype}, expected F32"));
+            params.push(tensor(&header, data, &name, &shape)?);
+            if has_velocities {
+                let mut v = tensor(
+                    &header,
+                    data,
+                    &format!("{VELOCITY_PREFIX}{name}{VELOCITY_SUFFIX}"),
+                    &shape,
+                )?;
+                v.name = name;
+                velocities.push(v);
             }
-            let got_shape: Option<Vec<usize>> = info
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect());
-            if got_shape.as_ref() != Some(&shape) {
-                return bad(format!(
-                    "tensor {name} has shape {got_shape:?}, the layers need {shape:?}"
-                ));
-            }
-            let offsets: Option<Vec<u64>> = info
-                .get("data_offsets")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|v| v.as_u64()).collect());
-            let (begin, end) = match offsets.as_deref() {
-                Some(&[b, e]) if b <= e && e <= data.len() as u64 => (b as usize, e as usize),
-                _ => {
-                    return bad(format!(
-                        "tensor {name} has data offsets {offsets:?} outside the {}-byte data",
-                        data.len()
-                    ))
-                }
-            };
-            let len: usize = shape.iter().product();
-            if end - begin != len * 4 {
-                return bad(format!(
-                    "tensor {name} holds {} bytes, its shape needs {}",
-                    end - begin,
-                    len * 4
-                ));
-            }
-            let values: Vec<f32> = data[begin..end]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            if values.iter().any(|v| !v.is_finite()) {
-                return bad(format!("tensor {name} holds NaN or infinite values"));
-            }
-            params.push(HostTensor {
-                name,
-                shape,
-                data: values,
-            });
         }
     }
-    if tensors.len() != params.len() {
+    let expected = params.len() + velocities.len();
+    if header.len() != expected {
         return bad(format!(
-            "holds {} tensors, a {} model has {}",
-            tensors.len(),
-            spec.describe(),
-            params.len()
+            "holds {} tensors, a {} model has {expected}",
+            header.len(),
+            spec.describe()
         ));
     }
-    Ok((spec, params))
+    let state = match meta.get("training_state").and_then(|s| s.as_str()) {
+        Some(text) => Some(serde_json::from_str(text).map_err(|e| format!("its training state is not JSON ({e})"))?),
+        None => None,
+    };
+    Ok(Checkpoint {
+        spec,
+        params,
+        velocities,
+        state,
+    })
 }
 
 #[cfg(test)]
@@ -219,10 +289,15 @@ mod tests {
     fn round_trip_and_rejections() {
         let spec = ModelSpec::mnist(&[5]);
         let params = glorot_init(&spec, 3);
-        let bytes = to_bytes(&spec, &params);
-        let (spec2, params2) = from_bytes(&bytes).unwrap();
-        assert_eq!(spec2, spec);
-        assert_eq!(params2, params);
+        let ck = Checkpoint::model(&spec, params.clone());
+        let bytes = to_bytes(&ck);
+        assert_eq!(from_bytes(&bytes).unwrap(), ck);
+        let full = Checkpoint {
+            velocities: glorot_init(&spec, 4),
+            state: Some(json!({"epochs_done": 2})),
+            ..ck
+        };
+        assert_eq!(from_bytes(&to_bytes(&full)).unwrap(), full);
         assert!(from_bytes(&bytes[..bytes.len() - 4]).unwrap_err().contains("outside"));
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());

@@ -11,9 +11,11 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod image;
 pub mod model;
 pub mod optim;
 pub mod progress;
+pub mod records;
 pub mod train;
 
 pub use error::{Error, Result};

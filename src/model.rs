@@ -112,6 +112,24 @@ pub enum Activation {
     Linear,
 }
 
+/// Which tensor of a parameter: its value, its gradient, or RMSprop's velocity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamPart {
+    Value,
+    Grad,
+    Velocity,
+}
+
+impl ParamPart {
+    fn of(self, p: &Param) -> TensorId {
+        match self {
+            ParamPart::Value => p.value,
+            ParamPart::Grad => p.grad,
+            ParamPart::Velocity => p.velocity,
+        }
+    }
+}
+
 /// A layer of the graph: `Dense(oc, activation)` as in Keras. The activation runs in the matmul's
 /// epilogue, and its gradient in the next layer's backward product, so it costs no pass of its own.
 /// Indices point into `Graph::params`.
@@ -204,49 +222,44 @@ impl Graph {
 
     /// Copy parameter values to the backend; names and shapes must match the graph's.
     pub fn set_params(&self, be: &mut dyn Backend, values: &[HostTensor]) -> Result<()> {
-        if values.len() != self.params.len() {
-            return Err(Error::shape(
-                "set_params",
-                format!("{} tensors for {} parameters", values.len(), self.params.len()),
-            ));
-        }
-        for (p, v) in self.params.iter().zip(values) {
-            if p.name != v.name || p.shape != v.shape || v.data.len() != p.len() {
-                return Err(Error::shape(
-                    "set_params",
-                    format!("{} {:?} given for {} {:?}", v.name, v.shape, p.name, p.shape),
-                ));
-            }
-            be.write(p.value, &v.data)?;
-        }
-        Ok(())
+        self.write_part(be, ParamPart::Value, values)
     }
 
     /// Read the parameter values back from the backend.
     pub fn params_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
+        self.read_part(be, ParamPart::Value)
+    }
+
+    /// Read the gradients of the last backward pass (named like their parameters).
+    pub fn grads_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
+        self.read_part(be, ParamPart::Grad)
+    }
+
+    /// Copy one part (values, gradients or velocities) of every parameter to the backend.
+    pub fn write_part(&self, be: &mut dyn Backend, part: ParamPart, values: &[HostTensor]) -> Result<()> {
+        if values.len() != self.params.len() {
+            let reason = format!("{} tensors for {} parameters", values.len(), self.params.len());
+            return Err(Error::shape("set_params", reason));
+        }
+        for (p, v) in self.params.iter().zip(values) {
+            if p.name != v.name || p.shape != v.shape || v.data.len() != p.len() {
+                let reason = format!("{} {:?} given for {} {:?}", v.name, v.shape, p.name, p.shape);
+                return Err(Error::shape("set_params", reason));
+            }
+            be.write(part.of(p), &v.data)?;
+        }
+        Ok(())
+    }
+
+    /// Read one part (values, gradients or velocities) of every parameter back from the backend.
+    pub fn read_part(&self, be: &mut dyn Backend, part: ParamPart) -> Result<Vec<HostTensor>> {
         self.params
             .iter()
             .map(|p| {
-                let mut data = be.read(p.value)?;
+                let mut data = be.read(part.of(p))?;
                 data.truncate(p.len());
                 Ok(HostTensor {
                     name: p.name.clone(),
-                    shape: p.shape.clone(),
-                    data,
-                })
-            })
-            .collect()
-    }
-
-    /// Read the gradients of the last backward pass.
-    pub fn grads_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
-        self.params
-            .iter()
-            .map(|p| {
-                let mut data = be.read(p.grad)?;
-                data.truncate(p.len());
-                Ok(HostTensor {
-                    name: format!("d{}", p.name),
                     shape: p.shape.clone(),
                     data,
                 })

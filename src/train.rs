@@ -8,10 +8,11 @@
 
 use std::time::Instant;
 
+use crate::backend::reference as r;
 use crate::backend::{Backend, DatasetId, StepStats};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::error::{Error, Result};
-use crate::model::{glorot_init, Graph, HostTensor, ModelSpec};
+use crate::model::{glorot_init, Graph, HostTensor, ModelSpec, ParamPart};
 use crate::optim::Optimizer;
 
 /// Everything that defines a training run.
@@ -85,21 +86,25 @@ impl<'b> Trainer<'b> {
     /// Upload the training set and Glorot-initialised parameters (seeded by `cfg.seed`).
     pub fn new(be: &'b mut dyn Backend, train: &Dataset, cfg: TrainConfig) -> Result<Self> {
         let init = glorot_init(&cfg.spec, cfg.seed);
-        Self::with_params(be, train, cfg, &init)
+        Self::with_params(be, train, cfg, &init, None)
     }
 
-    /// Same, from given parameter values.
+    /// Same, from given parameter values and (when resuming) optimizer velocities.
     pub fn with_params(
         be: &'b mut dyn Backend,
         train: &Dataset,
         cfg: TrainConfig,
         params: &[HostTensor],
+        velocities: Option<&[HostTensor]>,
     ) -> Result<Self> {
         if cfg.batch_size == 0 {
             return Err(Error::usage("--batch-size", "must be at least 1"));
         }
         let graph = Graph::new(be, &cfg.spec, cfg.batch_size)?;
         graph.set_params(be, params)?;
+        if let Some(v) = velocities {
+            graph.write_part(be, ParamPart::Velocity, v)?;
+        }
         let train_id = be.upload_dataset(train)?;
         be.reserve_stats(cfg.chunk_steps.max(1))?;
         Ok(Trainer {
@@ -166,6 +171,11 @@ impl<'b> Trainer<'b> {
     pub fn params(&mut self) -> Result<Vec<HostTensor>> {
         self.graph.params_to_host(self.be)
     }
+
+    /// The optimizer's velocities, read back from the backend (for a checkpoint).
+    pub fn velocities(&mut self) -> Result<Vec<HostTensor>> {
+        self.graph.read_part(self.be, ParamPart::Velocity)
+    }
 }
 
 /// Add a chunk's statistics to `totals`, failing on the first non-finite loss.
@@ -213,4 +223,35 @@ pub fn evaluate(
         accuracy: totals.accuracy(),
         examples: totals.examples,
     })
+}
+
+/// One example's prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// The class with the largest logit (the first one on a tie, as in the loss kernel).
+    pub class: u8,
+    /// Softmax probabilities of the classes.
+    pub probs: Vec<f32>,
+}
+
+/// Predict every example of `data`, in order, in batches of the graph's size (one read-back each).
+pub fn predict(be: &mut dyn Backend, graph: &Graph, data: &Dataset) -> Result<Vec<Prediction>> {
+    let ds = be.upload_dataset(data)?;
+    let v = graph.spec.classes;
+    let mut out = Vec::with_capacity(data.len());
+    for (start, rows) in batches(data.len(), graph.max_batch()) {
+        be.gather_batch(graph.input(), ds, start, rows)?;
+        graph.forward(be, rows)?;
+        let logits = be.read(graph.logits())?;
+        let logits = &logits[..rows * v];
+        let (mut probs, mut losses, mut classes) = (vec![0.0; rows * v], vec![0.0; rows], vec![0u8; rows]);
+        // The loss is unused here: the labels passed are placeholders.
+        r::softmax_xent_forward(&mut probs, &mut losses, logits, &vec![0; rows], rows, v);
+        r::argmax_rows(&mut classes, logits, rows, v);
+        out.extend(classes.iter().zip(probs.chunks(v)).map(|(&class, p)| Prediction {
+            class,
+            probs: p.to_vec(),
+        }));
+    }
+    Ok(out)
 }

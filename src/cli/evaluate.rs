@@ -1,21 +1,24 @@
-//! `gpu-mnist evaluate --model PATH`: test loss and accuracy of a saved model.
+//! `gpu-mnist evaluate --model PATH`: test loss, accuracy and confusion matrix of a saved model,
+//! and optionally a picture of the misclassified test digits.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
+use gpu_mnist::checkpoint::{self, write_atomic, Checkpoint};
 use gpu_mnist::data::locate::resolve_data_dir;
-use gpu_mnist::data::Mnist;
+use gpu_mnist::data::{Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::open_device;
+use gpu_mnist::image::digit_grid_png;
 use gpu_mnist::model::Graph;
-use gpu_mnist::train::evaluate;
-use gpu_mnist::{checkpoint, Result};
+use gpu_mnist::train::{evaluate, predict};
+use gpu_mnist::Result;
 
 use super::{parse_positive, DataArgs, DeviceArgs};
 
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
-    /// The model file written by `train --save`
+    /// The model file written by `train --save` (or a --checkpoint-dir checkpoint)
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     #[command(flatten)]
@@ -23,12 +26,18 @@ pub struct EvaluateArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Examples per evaluation batch
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "1000", value_parser = parse_positive)]
     pub batch_size: usize,
+    /// Write a PNG grid of the misclassified test digits (predicted in red, true label in green)
+    #[arg(long, value_name = "PNG")]
+    pub misclassified: Option<PathBuf>,
+    /// At most this many digits in the --misclassified picture
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "100", value_parser = parse_positive)]
+    pub max_images: usize,
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
-    let (spec, params) = checkpoint::load(&args.model)?;
+    let Checkpoint { spec, params, .. } = checkpoint::load(&args.model)?;
     let (dir, _) = resolve_data_dir(
         args.data.data.as_deref(),
         args.data.offline,
@@ -41,7 +50,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     println!("model: {} ({})", spec.describe(), args.model.display());
     let mut backend = opened.backend;
     let be = backend.as_mut();
-    let graph = Graph::new(be, &spec, args.batch_size)?;
+    let graph = Graph::new(be, &spec, args.batch_size.min(test_set.len()))?;
     graph.set_params(be, &params)?;
     let ds = be.upload_dataset(&test_set)?;
     let report = evaluate(be, &graph, ds, test_set.len(), 64)?;
@@ -51,5 +60,46 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         100.0 * report.accuracy,
         report.examples
     );
+
+    let predictions = predict(be, &graph, &test_set)?;
+    let mut confusion = [[0usize; 10]; 10];
+    for (p, &label) in predictions.iter().zip(test_set.labels.iter()) {
+        confusion[label as usize][p.class as usize] += 1;
+    }
+    println!("confusion matrix (rows: true label, columns: predicted):");
+    println!("       {}", (0..10).map(|c| format!("{c:>5}")).collect::<String>());
+    for (label, row) in confusion.iter().enumerate() {
+        let total: usize = row.iter().sum();
+        let recall = if total > 0 {
+            100.0 * row[label] as f64 / total as f64
+        } else {
+            0.0
+        };
+        println!(
+            "  {label:>3}  {}   {recall:5.1}% right",
+            row.iter().map(|n| format!("{n:>5}")).collect::<String>()
+        );
+    }
+    if let Some(path) = &args.misclassified {
+        let wrong: Vec<(&[u8], u8, u8)> = predictions
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| p.class != test_set.labels[*i])
+            .take(args.max_images)
+            .map(|(i, p)| {
+                (
+                    &test_set.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS],
+                    p.class,
+                    test_set.labels[i],
+                )
+            })
+            .collect();
+        write_atomic(path, &digit_grid_png(&wrong, 10)?)?;
+        println!(
+            "wrote {} misclassified digits to {} (red: predicted, green: true label)",
+            wrong.len(),
+            path.display()
+        );
+    }
     Ok(())
 }

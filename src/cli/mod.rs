@@ -6,6 +6,7 @@
 mod bench;
 mod devices;
 mod evaluate;
+mod predict;
 mod train;
 
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use gpu_mnist::Result;
     name = "gpu-mnist",
     version,
     about = "Train MNIST classifiers with WGSL compute shaders on wgpu, or on the CPU",
-    after_help = "Examples:\n  gpu-mnist train --device auto\n  gpu-mnist evaluate --model model.safetensors\n  gpu-mnist devices"
+    after_help = "Examples:\n  gpu-mnist train --device auto --save model.safetensors\n  gpu-mnist evaluate --model model.safetensors\n  gpu-mnist predict --model model.safetensors --index 0\n  gpu-mnist bench\n  gpu-mnist devices"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -32,8 +33,13 @@ pub enum Command {
     #[command(after_help = "Example:\n  gpu-mnist train --device auto --epochs 5 --save model.safetensors")]
     Train(train::TrainArgs),
     /// Report test loss and accuracy of a saved model
-    #[command(after_help = "Example:\n  gpu-mnist evaluate --model model.safetensors")]
+    #[command(after_help = "Example:\n  gpu-mnist evaluate --model model.safetensors --misclassified wrong.png")]
     Evaluate(evaluate::EvaluateArgs),
+    /// Class probabilities of test images (--index) or of PNG/PGM files, as in the book
+    #[command(
+        after_help = "Examples:\n  gpu-mnist predict --model model.safetensors --index 0\n  gpu-mnist predict --model model.safetensors digit.png photo.pgm"
+    )]
+    Predict(predict::PredictArgs),
     /// Measure speed and memory on each device (matmul GFLOP/s, step time, samples/s, round trips)
     #[command(
         after_help = "Examples:\n  gpu-mnist bench\n  gpu-mnist bench --device cpu --baseline \"python3 ../shared/bench/torch_mnist.py --device cpu\""
@@ -48,6 +54,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Predict(args) => predict::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Devices => devices::run(),
     }

@@ -1,21 +1,29 @@
-//! `gpu-mnist train`: the reference job by default; prints each epoch as it ends, then the test
-//! loss and accuracy; optionally saves the model.
+//! `gpu-mnist train`: the reference job by default. Prints each epoch as it ends (a live progress
+//! bar on a terminal, JSON lines with --json), records the run in a folder, checkpoints every epoch
+//! with --checkpoint-dir and continues one with --resume, then prints the test loss and accuracy.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use gpu_mnist::backend::Counters;
+use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::locate::resolve_data_dir;
-use gpu_mnist::data::Mnist;
+use gpu_mnist::data::{Dataset, Mnist};
 use gpu_mnist::device::open_device;
-use gpu_mnist::model::ModelSpec;
+use gpu_mnist::model::{glorot_init, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
-use gpu_mnist::train::{TrainConfig, Trainer};
-use gpu_mnist::{checkpoint, Error, Result};
+use gpu_mnist::records::{EpochRecord, RunFolder};
+use gpu_mnist::train::{EvalReport, TrainConfig, Trainer};
+use gpu_mnist::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
 
 use super::{parse_hidden, parse_lr, parse_positive, DataArgs, DeviceArgs, Hidden};
+
+/// The checkpoint file inside a --checkpoint-dir.
+const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -44,12 +52,27 @@ pub struct TrainArgs {
     /// Train on the first N training images only
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive)]
     pub train_limit: Option<usize>,
+    /// Hold out the last fraction F of the training images for validation (as Keras does)
+    #[arg(long, allow_negative_numbers = true, value_name = "F", value_parser = parse_split)]
+    pub validation_split: Option<f64>,
     /// Steps recorded between two read-backs of loss and accuracy
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "64", value_parser = parse_positive)]
     pub chunk_steps: usize,
     /// Save the trained model to PATH (safetensors)
     #[arg(long, value_name = "PATH")]
     pub save: Option<PathBuf>,
+    /// Save model and optimizer state to DIR/checkpoint.safetensors after every epoch
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run checkpointed in DIR (its settings are used; it keeps checkpointing there)
+    #[arg(long, value_name = "DIR", conflicts_with = "checkpoint_dir")]
+    pub resume: Option<PathBuf>,
+    /// Folder for config.json, metrics.csv and learning_curve.svg [default: runs/run-<UTC time>]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print one JSON object per epoch and one at the end, nothing else on stdout
+    #[arg(long)]
+    pub json: bool,
     /// Also print what the backend did each epoch (dispatches, submits, read-backs, uploads)
     #[arg(long, short)]
     pub verbose: bool,
@@ -62,6 +85,155 @@ pub struct TrainArgs {
 pub enum OptimizerFlag {
     Rmsprop,
     Sgd,
+}
+
+/// A fraction in [0, 1).
+fn parse_split(text: &str) -> std::result::Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("must be a fraction from 0 up to (not including) 1, such as 0.1".to_string()),
+    }
+}
+
+/// What defines a run, saved in config.json and in checkpoints so that --resume can continue it.
+#[derive(Debug, Clone)]
+struct Settings {
+    hidden: Vec<usize>,
+    epochs: usize,
+    batch_size: usize,
+    optimizer: Optimizer,
+    seed: u64,
+    train_limit: Option<usize>,
+    validation_split: Option<f64>,
+    chunk_steps: usize,
+}
+
+impl Settings {
+    fn from_args(args: &TrainArgs) -> Result<Self> {
+        let kind = match args.optimizer {
+            OptimizerFlag::Rmsprop => OptimizerKind::RmsProp,
+            OptimizerFlag::Sgd => OptimizerKind::Sgd,
+        };
+        Ok(Settings {
+            hidden: args.hidden.0.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            optimizer: Optimizer::new(kind, args.lr)?,
+            seed: args.seed,
+            train_limit: args.train_limit,
+            validation_split: args.validation_split,
+            chunk_steps: args.chunk_steps,
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "model": ModelSpec::mnist(&self.hidden).describe(),
+            "hidden": self.hidden,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "optimizer": match self.optimizer.kind { OptimizerKind::RmsProp => "rmsprop", OptimizerKind::Sgd => "sgd" },
+            "lr": f32_json(self.optimizer.lr),
+            "rho": f32_json(self.optimizer.rho),
+            "eps": f32_json(self.optimizer.eps),
+            "seed": self.seed,
+            "train_limit": self.train_limit,
+            "validation_split": self.validation_split,
+            "chunk_steps": self.chunk_steps,
+        })
+    }
+
+    fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let bad = |what: &str| Error::bad_file(path, format!("its training state lacks a valid {what}"));
+        let usize_of = |k: &str| v[k].as_u64().map(|x| x as usize).ok_or_else(|| bad(k));
+        let hidden: Vec<usize> = v["hidden"]
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|w| w as usize)).collect())
+            .ok_or_else(|| bad("hidden"))?;
+        let kind = match v["optimizer"].as_str() {
+            Some("rmsprop") => OptimizerKind::RmsProp,
+            Some("sgd") => OptimizerKind::Sgd,
+            _ => return Err(bad("optimizer")),
+        };
+        let lr = v["lr"].as_f64().ok_or_else(|| bad("lr"))? as f32;
+        Ok(Settings {
+            hidden,
+            epochs: usize_of("epochs")?,
+            batch_size: usize_of("batch_size")?,
+            optimizer: Optimizer::new(kind, Some(lr)).map_err(|_| bad("lr"))?,
+            seed: v["seed"].as_u64().ok_or_else(|| bad("seed"))?,
+            train_limit: v["train_limit"].as_u64().map(|x| x as usize),
+            validation_split: v["validation_split"].as_f64(),
+            chunk_steps: usize_of("chunk_steps")?,
+        })
+    }
+}
+
+/// An f32 as the shortest decimal that reads back as the same f32 (0.001, not 0.0010000000474974513).
+fn f32_json(x: f32) -> Value {
+    x.to_string().parse::<f64>().map_or(Value::Null, |v| json!(v))
+}
+
+/// Where a resumed run stands.
+struct Resumed {
+    checkpoint: Checkpoint,
+    epochs_done: usize,
+    history: Vec<EpochRecord>,
+    run_dir: Option<PathBuf>,
+    settings: Settings,
+}
+
+fn load_resume(dir: &Path) -> Result<Resumed> {
+    let path = dir.join(CHECKPOINT_FILE);
+    if !dir.is_dir() {
+        return Err(Error::usage("--resume", format!("{} is not a folder", dir.display())));
+    }
+    let checkpoint = checkpoint::load(&path)?;
+    let state = checkpoint
+        .state
+        .clone()
+        .ok_or_else(|| Error::bad_file(&path, "is a model file, not a training checkpoint (no training state)"))?;
+    if checkpoint.velocities.is_empty() {
+        return Err(Error::bad_file(&path, "holds no optimizer state"));
+    }
+    let settings = Settings::from_json(&state["settings"], &path)?;
+    if ModelSpec::mnist(&settings.hidden) != checkpoint.spec {
+        return Err(Error::bad_file(
+            &path,
+            "its training state and its tensors describe different models",
+        ));
+    }
+    let epochs_done = state["epochs_done"].as_u64().map(|e| e as usize).unwrap_or(0);
+    let history = state["history"]
+        .as_array()
+        .map(|a| a.iter().filter_map(record_from_json).collect())
+        .unwrap_or_default();
+    let run_dir = state["run_dir"].as_str().map(PathBuf::from);
+    Ok(Resumed {
+        checkpoint,
+        epochs_done,
+        history,
+        run_dir,
+        settings,
+    })
+}
+
+fn record_to_json(r: &EpochRecord) -> Value {
+    json!({
+        "epoch": r.epoch, "loss": r.train_loss, "accuracy": r.train_accuracy,
+        "val_loss": r.val_loss, "val_accuracy": r.val_accuracy, "seconds": r.seconds,
+    })
+}
+
+fn record_from_json(v: &Value) -> Option<EpochRecord> {
+    Some(EpochRecord {
+        epoch: v["epoch"].as_u64()? as usize,
+        train_loss: v["loss"].as_f64()?,
+        train_accuracy: v["accuracy"].as_f64()?,
+        val_loss: v["val_loss"].as_f64(),
+        val_accuracy: v["val_accuracy"].as_f64(),
+        seconds: v["seconds"].as_f64()?,
+    })
 }
 
 /// Fail before training if the model could not be saved where asked.
@@ -80,6 +252,27 @@ fn check_save_path(path: &Path) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Split off the last `fraction` of `data` for validation.
+fn split(data: &Dataset, fraction: Option<f64>) -> Result<(Dataset, Option<Dataset>)> {
+    let Some(f) = fraction.filter(|&f| f > 0.0) else {
+        return Ok((data.clone(), None));
+    };
+    let n_val = (data.len() as f64 * f).round() as usize;
+    if n_val == 0 || n_val >= data.len() {
+        let reason = format!(
+            "{f} of {} images leaves no training or no validation images",
+            data.len()
+        );
+        return Err(Error::usage("--validation-split", reason));
+    }
+    let n_train = data.len() - n_val;
+    let val = Dataset::new(
+        data.images[n_train * gpu_mnist::data::IMAGE_PIXELS..].to_vec(),
+        data.labels[n_train..].to_vec(),
+    )?;
+    Ok((data.first(n_train), Some(val)))
 }
 
 fn epoch_bar(steps: usize, show: bool) -> ProgressBar {
@@ -105,33 +298,76 @@ fn counters_delta(now: Counters, before: Counters) -> String {
     )
 }
 
+fn epoch_line(r: &EpochRecord, epochs: usize) -> String {
+    let mut line = format!(
+        "epoch {}/{}: loss {:.4}, accuracy {:.2}%",
+        r.epoch,
+        epochs,
+        r.train_loss,
+        100.0 * r.train_accuracy
+    );
+    if let (Some(l), Some(a)) = (r.val_loss, r.val_accuracy) {
+        line.push_str(&format!(", val_loss {l:.4}, val_accuracy {:.2}%", 100.0 * a));
+    }
+    line.push_str(&format!(", {:.2} s", r.seconds));
+    line
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
-    let kind = match args.optimizer {
-        OptimizerFlag::Rmsprop => OptimizerKind::RmsProp,
-        OptimizerFlag::Sgd => OptimizerKind::Sgd,
+    let t_start = Instant::now();
+    let resumed = args.resume.as_deref().map(load_resume).transpose()?;
+    let settings = match &resumed {
+        Some(r) => r.settings.clone(),
+        None => Settings::from_args(&args)?,
     };
-    let optimizer = Optimizer::new(kind, args.lr)?;
     if let Some(path) = &args.save {
         check_save_path(path)?;
     }
-    let interactive = std::io::stderr().is_terminal() && !args.quiet;
+    let checkpoint_dir = args.resume.clone().or_else(|| args.checkpoint_dir.clone());
+    if let Some(dir) = &checkpoint_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let human = !args.json && !args.quiet;
+    // --verbose diagnostics go with the human output, or to stderr when stdout carries JSON.
+    let json_mode = args.json;
+    let diag = move |line: String| {
+        if json_mode {
+            eprintln!("{line}")
+        } else {
+            println!("{line}")
+        }
+    };
+    let interactive = std::io::stderr().is_terminal() && !args.quiet && !args.json;
+
     let (dir, _) = resolve_data_dir(args.data.data.as_deref(), args.data.offline, interactive)?;
     let mnist = Mnist::load(&dir)?;
-    let train_set = mnist.train.first(args.train_limit.unwrap_or(usize::MAX));
+    let (train_set, val_set) = split(
+        &mnist.train.first(settings.train_limit.unwrap_or(usize::MAX)),
+        settings.validation_split,
+    )?;
     let test_set = mnist.test.first(args.data.test_limit.unwrap_or(usize::MAX));
-    let spec = ModelSpec::mnist(&args.hidden.0);
+    let spec = ModelSpec::mnist(&settings.hidden);
+    let run_dir = args
+        .out
+        .clone()
+        .or_else(|| resumed.as_ref().and_then(|r| r.run_dir.clone()))
+        .unwrap_or_else(RunFolder::default_path);
+    let folder = RunFolder::create(&run_dir)?;
     let opened = open_device(args.device.device.into(), args.device.adapter.as_deref())?;
-    let cfg = TrainConfig {
-        spec: spec.clone(),
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        optimizer,
-        seed: args.seed,
-        chunk_steps: args.chunk_steps,
-    };
-    if !args.quiet {
+    let device_name = opened.backend.name();
+    let mut config = settings.to_json();
+    config["data"] = json!(dir.display().to_string());
+    config["device"] = json!(device_name);
+    config["test_limit"] = json!(args.data.test_limit);
+    folder.write_config(&config)?;
+
+    if human {
+        let val = val_set
+            .as_ref()
+            .map(|v| format!(", {} validation", v.len()))
+            .unwrap_or_default();
         println!(
-            "data: {} ({} training, {} test images)",
+            "data: {} ({} training{val}, {} test images)",
             dir.display(),
             train_set.len(),
             test_set.len()
@@ -141,50 +377,122 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "model: {} ({} parameters), {}, batch {}, {} epochs, seed {}",
             spec.describe(),
             spec.param_count(),
-            optimizer.describe(),
-            args.batch_size,
-            args.epochs,
-            args.seed
+            settings.optimizer.describe(),
+            settings.batch_size,
+            settings.epochs,
+            settings.seed
         );
+        println!("run folder: {}", run_dir.display());
     }
+    let cfg = TrainConfig {
+        spec: spec.clone(),
+        epochs: settings.epochs,
+        batch_size: settings.batch_size,
+        optimizer: settings.optimizer,
+        seed: settings.seed,
+        chunk_steps: settings.chunk_steps,
+    };
     let mut backend = opened.backend;
-    let mut trainer = Trainer::new(backend.as_mut(), &train_set, cfg)?;
+    let (mut trainer, first_epoch, mut history) = match resumed {
+        Some(r) => {
+            if human {
+                println!(
+                    "resuming after epoch {} of {} from {}",
+                    r.epochs_done,
+                    settings.epochs,
+                    args.resume.as_deref().unwrap_or(Path::new(".")).display()
+                );
+            }
+            let ck = r.checkpoint;
+            let t = Trainer::with_params(backend.as_mut(), &train_set, cfg, &ck.params, Some(&ck.velocities))?;
+            (t, r.epochs_done, r.history)
+        }
+        None => {
+            let init = glorot_init(&spec, settings.seed);
+            (
+                Trainer::with_params(backend.as_mut(), &train_set, cfg, &init, None)?,
+                0,
+                Vec::new(),
+            )
+        }
+    };
+    let val_id = val_set.as_ref().map(|v| trainer.upload_eval_set(v)).transpose()?;
     let test_id = trainer.upload_eval_set(&test_set)?;
-    for epoch in 0..args.epochs {
-        let steps = train_set.len().div_ceil(args.batch_size);
+    let steps = train_set.len().div_ceil(settings.batch_size);
+    for epoch in first_epoch..settings.epochs {
         let bar = epoch_bar(steps, interactive);
-        bar.set_prefix(format!("epoch {}/{}", epoch + 1, args.epochs));
+        bar.set_prefix(format!("epoch {}/{}", epoch + 1, settings.epochs));
         let before = trainer.be.counters();
+        let t_epoch = Instant::now();
         let report = trainer.run_epoch(epoch, &mut |p| {
+            if args.verbose && epoch == first_epoch && p.steps_done <= settings.chunk_steps {
+                diag(format!(
+                    "first chunk of steps done {:.2} s after start",
+                    t_start.elapsed().as_secs_f64()
+                ));
+            }
+            let rate = p.examples_done as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
             bar.set_position(p.steps_done as u64);
-            bar.set_message(format!("loss {:.4} accuracy {:.2}%", p.loss, 100.0 * p.accuracy));
+            bar.set_message(format!(
+                "loss {:.4} accuracy {:.2}% {:.0} samples/s",
+                p.loss,
+                100.0 * p.accuracy,
+                rate
+            ));
         })?;
         bar.finish_and_clear();
-        if !args.quiet {
-            println!(
-                "epoch {}/{}: loss {:.4}, accuracy {:.2}%, {:.2} s",
-                report.epoch,
-                args.epochs,
-                report.loss,
-                100.0 * report.accuracy,
-                report.seconds
-            );
+        let val: Option<EvalReport> = val_id.map(|id| trainer.evaluate(id)).transpose()?;
+        let record = EpochRecord {
+            epoch: report.epoch,
+            train_loss: report.loss,
+            train_accuracy: report.accuracy,
+            val_loss: val.as_ref().map(|v| v.loss),
+            val_accuracy: val.as_ref().map(|v| v.accuracy),
+            seconds: report.seconds,
+        };
+        if args.json {
+            println!("{}", record_to_json(&record));
+        } else if !args.quiet {
+            println!("{}", epoch_line(&record, settings.epochs));
         }
         if args.verbose {
-            println!("  backend: {}", counters_delta(trainer.be.counters(), before));
+            diag(format!("  backend: {}", counters_delta(trainer.be.counters(), before)));
+        }
+        history.push(record);
+        folder.write_epochs(&history, &device_name)?;
+        if let Some(dir) = &checkpoint_dir {
+            let state = json!({
+                "epochs_done": epoch + 1,
+                "settings": settings.to_json(),
+                "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
+                "run_dir": run_dir.display().to_string(),
+            });
+            let ck = Checkpoint {
+                spec: spec.clone(),
+                params: trainer.params()?,
+                velocities: trainer.velocities()?,
+                state: Some(state),
+            };
+            checkpoint::save(&dir.join(CHECKPOINT_FILE), &ck)?;
         }
     }
     let test = trainer.evaluate(test_id)?;
-    println!(
-        "test: loss {:.4}, accuracy {:.2}% ({} images)",
-        test.loss,
-        100.0 * test.accuracy,
-        test.examples
-    );
+    if args.json {
+        println!(
+            "{}",
+            json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "run_dir": run_dir.display().to_string()})
+        );
+    } else {
+        println!(
+            "test: loss {:.4}, accuracy {:.2}% ({} images)",
+            test.loss,
+            100.0 * test.accuracy,
+            test.examples
+        );
+    }
     if let Some(path) = &args.save {
-        let params = trainer.params()?;
-        checkpoint::save(path, &spec, &params)?;
-        if !args.quiet {
+        checkpoint::save(path, &Checkpoint::model(&spec, trainer.params()?))?;
+        if human {
             println!("saved {}", path.display());
         }
     }

@@ -113,6 +113,8 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], scale: &[f32],
 pub fn bin() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-mnist"));
     cmd.env_remove("GPU_MNIST_DATA");
+    // Run folders (runs/...) of runs without --out land in the temporary folder, not the project.
+    cmd.current_dir(std::env::temp_dir());
     cmd
 }
 

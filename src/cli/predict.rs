@@ -1,0 +1,126 @@
+//! `gpu-mnist predict --model PATH (--index SPEC | IMAGE...)`: the ten class probabilities, the
+//! predicted digit and (for test images) the true label, as in the book.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+use gpu_mnist::checkpoint::{self, Checkpoint};
+use gpu_mnist::data::locate::resolve_data_dir;
+use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
+use gpu_mnist::device::open_device;
+use gpu_mnist::image::load_digit;
+use gpu_mnist::model::Graph;
+use gpu_mnist::train::{predict, Prediction};
+use gpu_mnist::{Error, Result};
+
+use super::{DataArgs, DeviceArgs};
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// The model file written by `train --save`
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Test images by index: 0, 0..10 (end excluded) or 3,5,8
+    #[arg(long, value_name = "SPEC", value_parser = parse_indices)]
+    pub index: Option<Indices>,
+    /// PNG or PGM files of any size, white-on-black or dark-on-light
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone)]
+pub struct Indices(Vec<usize>);
+
+fn parse_indices(text: &str) -> std::result::Result<Indices, String> {
+    let bad = || format!("'{text}' is not an index, a range like 0..10, or a list like 3,5,8");
+    let list: Vec<usize> = if let Some((a, b)) = text.split_once("..") {
+        let (a, b): (usize, usize) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a >= b || b - a > 10_000 {
+            return Err(format!("range {a}..{b} must be non-empty and at most 10000 long"));
+        }
+        (a..b).collect()
+    } else {
+        text.split(',')
+            .map(|t| t.trim().parse::<usize>().map_err(|_| bad()))
+            .collect::<std::result::Result<_, _>>()?
+    };
+    Ok(Indices(list))
+}
+
+fn print_prediction(what: &str, p: &Prediction, label: Option<u8>) {
+    let truth = label
+        .map(|l| format!(", true label {l}{}", if l == p.class { "" } else { " (wrong)" }))
+        .unwrap_or_default();
+    println!(
+        "{what}: predicted {} with probability {:.6}{truth}",
+        p.class, p.probs[p.class as usize]
+    );
+    let probs: Vec<String> = p
+        .probs
+        .iter()
+        .enumerate()
+        .map(|(d, q)| format!("{d}: {q:.6}"))
+        .collect();
+    println!("  {}", probs.join("  "));
+}
+
+pub fn run(args: PredictArgs) -> Result<()> {
+    if args.index.is_none() && args.images.is_empty() {
+        return Err(Error::usage("--index", "give --index SPEC, or one or more image files"));
+    }
+    let Checkpoint { spec, params, .. } = checkpoint::load(&args.model)?;
+    // Load the inputs before opening a device, so that a bad file fails fast.
+    let test = match &args.index {
+        Some(Indices(list)) => {
+            let (dir, _) = resolve_data_dir(
+                args.data.data.as_deref(),
+                args.data.offline,
+                std::io::stderr().is_terminal(),
+            )?;
+            let test = Mnist::load(&dir)?.test;
+            if let Some(&bad) = list.iter().find(|&&i| i >= test.len()) {
+                return Err(Error::usage(
+                    "--index",
+                    format!("{bad} is past the {} test images", test.len()),
+                ));
+            }
+            let images = list
+                .iter()
+                .flat_map(|&i| test.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS].to_vec())
+                .collect();
+            let labels = list.iter().map(|&i| test.labels[i]).collect();
+            Some((list.clone(), Dataset::new(images, labels)?))
+        }
+        None => None,
+    };
+    let mut files = Vec::new();
+    for path in &args.images {
+        files.extend(load_digit(path)?);
+    }
+    let opened = open_device(args.device.device.into(), args.device.adapter.as_deref())?;
+    let mut backend = opened.backend;
+    let be = backend.as_mut();
+    let graph = Graph::new(be, &spec, 256)?;
+    graph.set_params(be, &params)?;
+    if let Some((list, set)) = test {
+        for ((i, p), &label) in list.iter().zip(predict(be, &graph, &set)?).zip(set.labels.iter()) {
+            print_prediction(&format!("test image {i}"), &p, Some(label));
+        }
+    }
+    if !args.images.is_empty() {
+        let n = args.images.len();
+        let set = Dataset::new(files, vec![0; n])?;
+        for (path, p) in args.images.iter().zip(predict(be, &graph, &set)?) {
+            print_prediction(&path.display().to_string(), &p, None);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! Images in and out: decoding a PNG or PGM digit and converting it the MNIST way, and writing
+//! PNG pictures (the grid of misclassified test digits).
+//!
+//! Contract: `load_digit(path)` returns 784 u8 pixels, white digit on black, as MNIST has them:
+//! any size and colour type; a dark digit on a light background is detected (by the border) and
+//! inverted; an image that is not 28x28 is cropped to its ink, scaled so its longer side is 20
+//! pixels, and centred by its centre of mass in a 28x28 frame. Sizes are checked before any
+//! allocation; every failure names the file.
+
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use crate::data::IMAGE_SIDE;
+use crate::error::{Error, Result};
+
+/// Largest accepted image side and pixel count (a phone photo is about 4000 x 3000).
+const MAX_SIDE: u32 = 16_384;
+const MAX_PIXELS: u64 = 50_000_000;
+
+/// A grayscale image, 0 = black.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gray {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+fn check_size(path: &Path, w: u64, h: u64) -> Result<()> {
+    if w == 0 || h == 0 {
+        return Err(Error::bad_file(path, format!("image has zero size ({w}x{h})")));
+    }
+    if w > MAX_SIDE as u64 || h > MAX_SIDE as u64 || w * h > MAX_PIXELS {
+        return Err(Error::bad_file(
+            path,
+            format!("image is {w}x{h}, larger than gpu-mnist accepts ({MAX_SIDE} a side, {MAX_PIXELS} pixels)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Decode a PNG (any colour type or depth; transparency composited over white) or a PGM (P2, P5).
+pub fn load_gray(path: &Path) -> Result<Gray> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::bad_file(path, "is a directory, expected a PNG or PGM image"));
+    }
+    let mut head = [0u8; 8];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| Error::io(path, e))?;
+    if n >= 8 && head == [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a] {
+        decode_png(path)
+    } else if n >= 2 && head[0] == b'P' && (head[1] == b'2' || head[1] == b'5') {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        decode_pgm(&bytes).map_err(|reason| Error::bad_file(path, reason))
+    } else {
+        Err(Error::bad_file(path, "is not a PNG or PGM image"))
+    }
+}
+
+fn decode_png(path: &Path) -> Result<Gray> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut decoder = png::Decoder::new_with_limits(BufReader::new(file), png::Limits { bytes: 1 << 28 });
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let bad = |e: png::DecodingError| Error::bad_file(path, format!("is not a readable PNG ({e})"));
+    let mut reader = decoder.read_info().map_err(bad)?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    check_size(path, w as u64, h as u64)?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| Error::bad_file(path, "PNG too large"))?;
+    let mut buf = vec![0u8; size];
+    let info = reader.next_frame(&mut buf).map_err(bad)?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = match info.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Indexed => return Err(Error::bad_file(path, "indexed PNG was not expanded")),
+    };
+    let mut pixels = Vec::with_capacity(w * h);
+    for row in buf.chunks(info.line_size).take(h) {
+        for px in row.chunks_exact(channels).take(w) {
+            let (lum, alpha) = match channels {
+                1 => (px[0] as f32, 255.0),
+                2 => (px[0] as f32, px[1] as f32),
+                3 => (
+                    0.299 * px[0] as f32 + 0.587 * px[1] as f32 + 0.114 * px[2] as f32,
+                    255.0,
+                ),
+                _ => (
+                    0.299 * px[0] as f32 + 0.587 * px[1] as f32 + 0.114 * px[2] as f32,
+                    px[3] as f32,
+                ),
+            };
+            // Composite over white: a transparent background reads as paper.
+            let a = alpha / 255.0;
+            pixels.push((lum * a + 255.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8);
+        }
+    }
+    Ok(Gray {
+        width: w,
+        height: h,
+        pixels,
+    })
+}
+
+/// Parse a binary (P5) or ASCII (P2) PGM, 8 or 16 bits.
+pub fn decode_pgm(bytes: &[u8]) -> std::result::Result<Gray, String> {
+    let mut pos = 2;
+    let mut fields = [0u64; 3];
+    for f in &mut fields {
+        loop {
+            while pos < bytes.len() && bytes[pos].is_ascii_whitespace() {
+                pos += 1;
+            }
+            if pos < bytes.len() && bytes[pos] == b'#' {
+                while pos < bytes.len() && bytes[pos] != b'\n' {
+                    pos += 1;
+                }
+            } else {
+                break;
+            }
+        }
+        let start = pos;
+        while pos < bytes.len() && bytes[pos].is_ascii_digit() && pos - start < 10 {
+            pos += 1;
+        }
+        *f = std::str::from_utf8(&bytes[start..pos])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("PGM header is malformed")?;
+    }
+    let [w, h, maxval] = fields;
+    if w == 0 || h == 0 {
+        return Err(format!("image has zero size ({w}x{h})"));
+    }
+    if w > MAX_SIDE as u64 || h > MAX_SIDE as u64 || w * h > MAX_PIXELS {
+        return Err(format!("image is {w}x{h}, larger than gpu-mnist accepts"));
+    }
+    if maxval == 0 || maxval > 65_535 {
+        return Err(format!("PGM maxval {maxval} is not 1 to 65535"));
+    }
+    let n = (w * h) as usize;
+    let scale = |v: u64| ((v.min(maxval) * 255 + maxval / 2) / maxval) as u8;
+    let pixels: Vec<u8> = if bytes[1] == b'5' {
+        let data = &bytes[(pos + 1).min(bytes.len())..];
+        let bpp = if maxval > 255 { 2 } else { 1 };
+        if data.len() < n * bpp {
+            return Err(format!(
+                "PGM data is truncated: {} bytes for {w}x{h} pixels",
+                data.len()
+            ));
+        }
+        if bpp == 1 {
+            data[..n].iter().map(|&v| scale(v as u64)).collect()
+        } else {
+            data[..2 * n]
+                .chunks_exact(2)
+                .map(|c| scale(u16::from_be_bytes([c[0], c[1]]) as u64))
+                .collect()
+        }
+    } else {
+        let text = std::str::from_utf8(&bytes[pos..]).map_err(|_| "PGM data is not ASCII")?;
+        let values: Vec<u64> = text
+            .split_ascii_whitespace()
+            .take(n)
+            .map(|t| t.parse().unwrap_or(u64::MAX))
+            .collect();
+        if values.len() < n || values.contains(&u64::MAX) {
+            return Err("PGM pixel values are truncated or malformed".to_string());
+        }
+        values.into_iter().map(scale).collect()
+    };
+    Ok(Gray {
+        width: w as usize,
+        height: h as usize,
+        pixels,
+    })
+}
+
+/// Invert when the border is light (a dark digit on paper): MNIST digits are white on black.
+fn white_on_black(img: &Gray) -> Vec<u8> {
+    let (w, h) = (img.width, img.height);
+    let border: Vec<u32> = (0..w)
+        .flat_map(|x| [img.pixels[x], img.pixels[(h - 1) * w + x]])
+        .chain((0..h).flat_map(|y| [img.pixels[y * w], img.pixels[y * w + w - 1]]))
+        .map(u32::from)
+        .collect();
+    let mean = border.iter().sum::<u32>() as f32 / border.len() as f32;
+    if mean > 127.0 {
+        img.pixels.iter().map(|&p| 255 - p).collect()
+    } else {
+        img.pixels.clone()
+    }
+}
+
+/// Resample a (w, h) image to (ow, oh) by area averaging (each output pixel is the mean of the
+/// source area it covers, with fractional edges).
+fn resample(src: &[f32], w: usize, h: usize, ow: usize, oh: usize) -> Vec<f32> {
+    let (sx, sy) = (w as f64 / ow as f64, h as f64 / oh as f64);
+    let mut out = vec![0.0f32; ow * oh];
+    for oy in 0..oh {
+        let (y0, y1) = (oy as f64 * sy, (oy + 1) as f64 * sy);
+        for ox in 0..ow {
+            let (x0, x1) = (ox as f64 * sx, (ox + 1) as f64 * sx);
+            let (mut acc, mut area) = (0.0f64, 0.0f64);
+            for y in y0.floor() as usize..(y1.ceil() as usize).min(h) {
+                let wy = (y1.min(y as f64 + 1.0) - y0.max(y as f64)).max(0.0);
+                for x in x0.floor() as usize..(x1.ceil() as usize).min(w) {
+                    let wx = (x1.min(x as f64 + 1.0) - x0.max(x as f64)).max(0.0);
+                    acc += src[y * w + x] as f64 * wx * wy;
+                    area += wx * wy;
+                }
+            }
+            out[oy * ow + ox] = if area > 0.0 { (acc / area) as f32 } else { 0.0 };
+        }
+    }
+    out
+}
+
+/// Convert a grayscale image the MNIST way (see the module contract). Fails on a blank image.
+pub fn to_mnist(img: &Gray) -> std::result::Result<Vec<u8>, String> {
+    let ink = white_on_black(img);
+    let (w, h) = (img.width, img.height);
+    if w == IMAGE_SIDE && h == IMAGE_SIDE {
+        return Ok(ink);
+    }
+    let max = *ink.iter().max().unwrap_or(&0);
+    if max < 32 {
+        return Err("the image is blank (no digit found)".to_string());
+    }
+    // Faint anti-aliased edges belong to the digit; only near-black noise is left out of its box.
+    let threshold = max / 10;
+    let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+    for y in 0..h {
+        for x in 0..w {
+            if ink[y * w + x] > threshold {
+                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+            }
+        }
+    }
+    let (bw, bh) = (x1 - x0 + 1, y1 - y0 + 1);
+    let crop: Vec<f32> = (y0..=y1)
+        .flat_map(|y| (x0..=x1).map(move |x| (y, x)))
+        .map(|(y, x)| ink[y * w + x] as f32)
+        .collect();
+    let scale = 20.0 / bw.max(bh) as f64;
+    let (ow, oh) = (
+        ((bw as f64 * scale).round() as usize).clamp(1, 20),
+        ((bh as f64 * scale).round() as usize).clamp(1, 20),
+    );
+    let small = resample(&crop, bw, bh, ow, oh);
+    // Centre of mass of the scaled digit, placed at the centre of the 28x28 frame.
+    let total: f64 = small.iter().map(|&v| v as f64).sum::<f64>().max(1e-9);
+    let cx = small
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i % ow) as f64 * v as f64)
+        .sum::<f64>()
+        / total;
+    let cy = small
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i / ow) as f64 * v as f64)
+        .sum::<f64>()
+        / total;
+    let off_x = ((13.5 - cx).round() as i64).clamp(0, (IMAGE_SIDE - ow) as i64) as usize;
+    let off_y = ((13.5 - cy).round() as i64).clamp(0, (IMAGE_SIDE - oh) as i64) as usize;
+    let mut out = vec![0u8; IMAGE_SIDE * IMAGE_SIDE];
+    for y in 0..oh {
+        for x in 0..ow {
+            out[(y + off_y) * IMAGE_SIDE + x + off_x] = small[y * ow + x].round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    Ok(out)
+}
+
+/// Load an image file and convert it to MNIST's 784 pixels.
+pub fn load_digit(path: &Path) -> Result<Vec<u8>> {
+    let img = load_gray(path)?;
+    to_mnist(&img).map_err(|reason| Error::bad_file(path, reason))
+}
+
+/// Encode an RGB image (row-major, 3 bytes a pixel) as PNG bytes.
+pub fn encode_png_rgb(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let err = |e: png::EncodingError| Error::Numerical(format!("PNG encoding failed: {e}"));
+    {
+        let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().map_err(err)?;
+        writer.write_image_data(rgb).map_err(err)?;
+    }
+    Ok(out)
+}
+
+/// 5x7 bitmaps of the digits 0-9, one row per byte (the low 5 bits, most significant = left).
+const DIGIT_FONT: [[u8; 7]; 10] = [
+    [0x0e, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0e],
+    [0x04, 0x0c, 0x04, 0x04, 0x04, 0x04, 0x0e],
+    [0x0e, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1f],
+    [0x1f, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0e],
+    [0x02, 0x06, 0x0a, 0x12, 0x1f, 0x02, 0x02],
+    [0x1f, 0x10, 0x1e, 0x01, 0x01, 0x11, 0x0e],
+    [0x06, 0x08, 0x10, 0x1e, 0x11, 0x11, 0x0e],
+    [0x1f, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+    [0x0e, 0x11, 0x11, 0x0e, 0x11, 0x11, 0x0e],
+    [0x0e, 0x11, 0x11, 0x0f, 0x01, 0x02, 0x0c],
+];
+
+/// A grid picture of digits with two labels under each (predicted in red, true in green):
+/// each cell is the 28x28 image scaled by 2 above a 20-pixel label strip.
+pub fn digit_grid_png(digits: &[(&[u8], u8, u8)], columns: usize) -> Result<Vec<u8>> {
+    let (cell_w, cell_h, pad) = (56usize, 76usize, 4usize);
+    let columns = columns.clamp(1, digits.len().max(1));
+    let rows = digits.len().div_ceil(columns).max(1);
+    let (w, h) = (columns * (cell_w + pad) + pad, rows * (cell_h + pad) + pad);
+    let mut rgb = vec![255u8; w * h * 3];
+    let mut put = |x: usize, y: usize, c: [u8; 3]| {
+        let i = (y * w + x) * 3;
+        rgb[i..i + 3].copy_from_slice(&c);
+    };
+    for (k, &(pixels, predicted, truth)) in digits.iter().enumerate() {
+        let (cx, cy) = (
+            pad + (k % columns) * (cell_w + pad),
+            pad + (k / columns) * (cell_h + pad),
+        );
+        for y in 0..56 {
+            for x in 0..56 {
+                let v = 255 - pixels[(y / 2) * IMAGE_SIDE + x / 2];
+                put(cx + x, cy + y, [v, v, v]);
+            }
+        }
+        for (slot, (digit, colour)) in [(predicted, [200, 0, 0]), (truth, [0, 140, 0])].into_iter().enumerate() {
+            let glyph = DIGIT_FONT[digit.min(9) as usize];
+            let gx = cx + 10 + slot * 24;
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..5 {
+                    if bits >> (4 - col) & 1 == 1 {
+                        for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                            put(gx + col * 2 + dx, cy + 59 + row * 2 + dy, colour);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    encode_png_rgb(w, h, &rgb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgm_both_flavours_and_bad_headers() {
+        let p5 = [b"P5\n# c\n2 1\n255\n".as_slice(), &[0, 255]].concat();
+        assert_eq!(decode_pgm(&p5).unwrap().pixels, vec![0, 255]);
+        let p2 = b"P2 2 1 15 0 15";
+        assert_eq!(decode_pgm(p2).unwrap().pixels, vec![0, 255]);
+        assert!(decode_pgm(b"P5\n0 0\n255\n").unwrap_err().contains("zero size"));
+        assert!(decode_pgm(b"P5\n100000 100000\n255\n").unwrap_err().contains("larger"));
+        assert!(decode_pgm(b"P5\n4 4\n255\nab").unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn a_dark_digit_on_paper_is_inverted_cropped_and_centred() {
+        // A 100x100 white page with a black bar: becomes a white bar on black, 20 tall, centred.
+        let mut pixels = vec![255u8; 100 * 100];
+        for y in 10..90 {
+            for x in 60..70 {
+                pixels[y * 100 + x] = 0;
+            }
+        }
+        let out = to_mnist(&Gray {
+            width: 100,
+            height: 100,
+            pixels,
+        })
+        .unwrap();
+        let rows: Vec<usize> = (0..28)
+            .filter(|y| out[y * 28..y * 28 + 28].iter().any(|&v| v > 128))
+            .collect();
+        assert_eq!(rows.len(), 20);
+        let cols: Vec<usize> = (0..28).filter(|x| (0..28).any(|y| out[y * 28 + x] > 128)).collect();
+        let mid = (cols[0] + cols[cols.len() - 1]) as f64 / 2.0;
+        assert!((mid - 13.5).abs() <= 1.0, "centred at {mid}");
+        assert!(to_mnist(&Gray {
+            width: 5,
+            height: 5,
+            pixels: vec![255; 25]
+        })
+        .is_err());
+    }
+}

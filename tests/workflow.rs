@@ -1,0 +1,341 @@
+//! What a user does after `fit`: save, evaluate, predict (test images and picture files), run
+//! records, JSON output, and checkpoints that survive SIGKILL and resume to the same weights.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use gpu_mnist::checkpoint;
+use gpu_mnist::data::IMAGE_PIXELS;
+
+fn run_ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().expect("run gpu-mnist");
+    assert!(
+        out.status.success(),
+        "gpu-mnist {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn data() -> String {
+    data_dir().to_string_lossy().to_string()
+}
+
+/// A quickly trained model (3 epochs on 30,000 images, about 97 % accurate).
+fn trained_model(dir: &Path) -> String {
+    let model = dir.join("m.safetensors").to_string_lossy().to_string();
+    let out = dir.join("run").to_string_lossy().to_string();
+    let d = data();
+    run_ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--epochs",
+        "3",
+        "--train-limit",
+        "30000",
+        "--save",
+        &model,
+        "--out",
+        &out,
+        "--quiet",
+    ]);
+    model
+}
+
+fn write_png_gray(path: &Path, w: usize, h: usize, pixels: &[u8]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header().unwrap().write_image_data(pixels).unwrap();
+}
+
+/// The digit scaled to 100x100 (nearest neighbour) and drawn dark on light.
+fn scaled_dark_on_light(digit: &[u8]) -> Vec<u8> {
+    (0..100 * 100)
+        .map(|i| 255 - digit[(i / 100 * 28 / 100) * 28 + (i % 100) * 28 / 100])
+        .collect()
+}
+
+fn predicted_digit(line: &str) -> u8 {
+    let rest = line
+        .split("predicted ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no prediction in {line}"));
+    rest[..1].parse().unwrap()
+}
+
+#[test]
+fn predict_reads_test_images_and_picture_files_the_mnist_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_model(dir.path());
+    let d = data();
+    let out = run_ok(&[
+        "predict", "--device", "cpu", "--data", &d, "--model", &model, "--index", "0",
+    ]);
+    println!("{out}");
+    assert!(out.starts_with("test image 0: predicted 7 with probability"), "{out}");
+    assert!(out.contains("true label 7"));
+    let probs: Vec<f64> = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .step_by(2)
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(probs.len(), 10);
+    assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-3, "{probs:?}");
+
+    // Test digits written as PNG files, as they are and scaled to 100x100 dark on light.
+    let test = mnist().test;
+    let mut paths = Vec::new();
+    let n = 20;
+    for i in 0..n {
+        let digit = &test.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS];
+        let plain = dir.path().join(format!("digit{i}.png"));
+        write_png_gray(&plain, 28, 28, digit);
+        let big = dir.path().join(format!("big{i}.png"));
+        write_png_gray(&big, 100, 100, &scaled_dark_on_light(digit));
+        paths.push((plain, big));
+    }
+    let index_out = run_ok(&[
+        "predict",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--model",
+        &model,
+        "--index",
+        &format!("0..{n}"),
+    ]);
+    let by_index: Vec<u8> = index_out
+        .lines()
+        .filter(|l| l.starts_with("test image"))
+        .map(predicted_digit)
+        .collect();
+    let mut args = vec![
+        "predict".to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--model".into(),
+        model.clone(),
+    ];
+    args.extend(
+        paths
+            .iter()
+            .flat_map(|(a, b)| [a.to_string_lossy().to_string(), b.to_string_lossy().to_string()]),
+    );
+    let files_out = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let by_file: Vec<u8> = files_out
+        .lines()
+        .filter(|l| l.contains(".png: predicted"))
+        .map(predicted_digit)
+        .collect();
+    assert_eq!(by_file.len(), 2 * n);
+    let labels = &test.labels[..n];
+    let plain: Vec<u8> = by_file.iter().step_by(2).copied().collect();
+    let big: Vec<u8> = by_file.iter().skip(1).step_by(2).copied().collect();
+    assert_eq!(
+        plain, by_index,
+        "a 28x28 PNG must predict exactly as the test image itself"
+    );
+    let right = |v: &[u8]| v.iter().zip(labels).filter(|(a, b)| a == b).count();
+    println!(
+        "labels {labels:?}\n28x28  {plain:?} ({} right)\n100x100 {big:?} ({} right)",
+        right(&plain),
+        right(&big)
+    );
+    assert!(
+        right(&big) >= n - 1,
+        "scaled dark-on-light digits: only {} of {n} right",
+        right(&big)
+    );
+}
+
+#[test]
+fn evaluate_reports_accuracy_confusion_and_misclassified_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_model(dir.path());
+    let picture = dir.path().join("wrong.png");
+    let d = data();
+    let out = run_ok(&[
+        "evaluate",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--model",
+        &model,
+        "--misclassified",
+        picture.to_str().unwrap(),
+    ]);
+    println!("{out}");
+    assert!(out.contains("confusion matrix"));
+    let rows: Vec<&str> = out.lines().filter(|l| l.ends_with("% right")).collect();
+    assert_eq!(rows.len(), 10);
+    let png = std::fs::read(&picture).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // The run folder of the training: config, one CSV row per epoch, and a learning curve.
+    let run = dir.path().join("run");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    let svg = std::fs::read_to_string(run.join("learning_curve.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("epoch") && svg.contains("accuracy (%)"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["epochs"], 3);
+    assert_eq!(config["lr"], 0.001);
+}
+
+#[test]
+fn json_output_and_pipes_carry_no_control_characters() {
+    let d = data();
+    let out = run_ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--epochs",
+        "2",
+        "--train-limit",
+        "2000",
+        "--test-limit",
+        "500",
+        "--validation-split",
+        "0.2",
+        "--json",
+        "--out",
+        tempfile::tempdir().unwrap().path().to_str().unwrap(),
+    ]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0]["epoch"], 1);
+    assert!(lines[1]["val_accuracy"].as_f64().unwrap() > 0.5);
+    assert!(lines[2]["test_accuracy"].as_f64().unwrap() > 0.5);
+    let plain = run_ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--epochs",
+        "1",
+        "--train-limit",
+        "2000",
+        "--test-limit",
+        "500",
+        "--out",
+        tempfile::tempdir().unwrap().path().to_str().unwrap(),
+    ]);
+    assert!(
+        !plain.contains('\x1b') && !plain.contains('\r'),
+        "control characters in piped output: {plain:?}"
+    );
+}
+
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    let common = [
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--epochs",
+        "4",
+        "--train-limit",
+        "30000",
+        "--seed",
+        "3",
+    ];
+    // The uninterrupted run.
+    run_ok(
+        &[
+            &common[..],
+            &[
+                "--checkpoint-dir",
+                &p("a"),
+                "--out",
+                &p("run-a"),
+                "--save",
+                &p("a.safetensors"),
+                "--quiet",
+            ],
+        ]
+        .concat(),
+    );
+    // The same run, killed with SIGKILL once its first checkpoint exists.
+    let mut child = bin()
+        .args(
+            [
+                &common[..],
+                &["--checkpoint-dir", &p("b"), "--out", &p("run-b"), "--quiet"],
+            ]
+            .concat(),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ck = dir.path().join("b/checkpoint.safetensors");
+    let t0 = Instant::now();
+    while !ck.exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let state = checkpoint::load(&ck)
+        .expect("the last checkpoint is complete and loadable")
+        .state
+        .unwrap();
+    let done = state["epochs_done"].as_u64().unwrap();
+    println!("killed after {done} epoch(s)");
+    let resumed = run_ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--resume",
+        &p("b"),
+        "--save",
+        &p("b.safetensors"),
+    ]);
+    println!("{resumed}");
+    if done < 4 {
+        assert!(
+            resumed.contains(&format!("resuming after epoch {done} of 4")),
+            "{resumed}"
+        );
+    }
+    let (a, b) = (
+        checkpoint::load(Path::new(&p("a.safetensors"))).unwrap(),
+        checkpoint::load(Path::new(&p("b.safetensors"))).unwrap(),
+    );
+    assert_eq!(
+        a.params, b.params,
+        "the resumed run must end with the uninterrupted run's weights"
+    );
+    let csv = std::fs::read_to_string(dir.path().join("run-b/metrics.csv")).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        5,
+        "every epoch is in the resumed run's metrics: {csv}"
+    );
+}
