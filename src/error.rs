@@ -3,7 +3,8 @@
 //! Contract: every failure a user can meet (bad files, bad flags, a missing or failing GPU, a failed
 //! download) is one `Error` variant whose `Display` is a single line naming the file, flag or
 //! device and what is wrong. `Error::exit_code` maps it to the CLI's exit status: 2 for usage
-//! mistakes, 1 for everything that went wrong at run time.
+//! mistakes, 130 for an interruption (Ctrl-C, as shells report SIGINT), 1 for everything that went
+//! wrong at run time.
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +48,10 @@ pub enum Error {
     /// Training diverged (NaN or infinite loss).
     #[error("{0}")]
     Numerical(String),
+
+    /// The user interrupted the run (Ctrl-C); the message says what was saved.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Error {
@@ -54,6 +59,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage { .. } => 2,
+            Error::Interrupted(_) => 130,
             _ => 1,
         }
     }

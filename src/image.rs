@@ -7,7 +7,6 @@
 //! pixels, and centred by its centre of mass in a 28x28 frame. Sizes are checked before any
 //! allocation; every failure names the file.
 
-use std::io::{BufReader, Read};
 use std::path::Path;
 
 use crate::data::IMAGE_SIDE;
@@ -25,50 +24,67 @@ pub struct Gray {
     pub pixels: Vec<u8>,
 }
 
-fn check_size(path: &Path, w: u64, h: u64) -> Result<()> {
+fn check_size(w: u64, h: u64) -> std::result::Result<(), String> {
     if w == 0 || h == 0 {
-        return Err(Error::bad_file(path, format!("image has zero size ({w}x{h})")));
+        return Err(format!("image has zero size ({w}x{h})"));
     }
     if w > MAX_SIDE as u64 || h > MAX_SIDE as u64 || w * h > MAX_PIXELS {
-        return Err(Error::bad_file(
-            path,
-            format!("image is {w}x{h}, larger than gpu-mnist accepts ({MAX_SIDE} a side, {MAX_PIXELS} pixels)"),
+        return Err(format!(
+            "image is {w}x{h}, larger than gpu-mnist accepts ({MAX_SIDE} a side, {MAX_PIXELS} pixels)"
         ));
     }
     Ok(())
 }
 
-/// Decode a PNG (any colour type or depth; transparency composited over white) or a PGM (P2, P5).
+/// The largest image file read (a 4000x3000 16-bit RGBA PNG is under 100 MB).
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// Decode a PNG or PGM file (see `decode_image`).
 pub fn load_gray(path: &Path) -> Result<Gray> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Err(Error::bad_file(path, "is a directory, expected a PNG or PGM image"));
     }
-    let mut head = [0u8; 8];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .map_err(|e| Error::io(path, e))?;
-    if n >= 8 && head == [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a] {
-        decode_png(path)
-    } else if n >= 2 && head[0] == b'P' && (head[1] == b'2' || head[1] == b'5') {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        decode_pgm(&bytes).map_err(|reason| Error::bad_file(path, reason))
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::bad_file(
+            path,
+            format!("is {} bytes, larger than any digit picture needs", meta.len()),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes).map_err(|reason| Error::bad_file(path, reason))
+}
+
+/// Decode a PNG (any colour type or depth; transparency composited over white) or a PGM (P2,
+/// P5) from bytes. Errors are plain reasons (the caller names the file).
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<Gray, String> {
+    if bytes.starts_with(&[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a]) {
+        decode_png(bytes)
+    } else if bytes.len() >= 2 && bytes[0] == b'P' && (bytes[1] == b'2' || bytes[1] == b'5') {
+        decode_pgm(bytes)
+    } else if bytes.is_empty() {
+        Err("is empty (0 bytes)".to_string())
     } else {
-        Err(Error::bad_file(path, "is not a PNG or PGM image"))
+        Err("is not a PNG or PGM image".to_string())
     }
 }
 
-fn decode_png(path: &Path) -> Result<Gray> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut decoder = png::Decoder::new_with_limits(BufReader::new(file), png::Limits { bytes: 1 << 28 });
+fn decode_png(bytes: &[u8]) -> std::result::Result<Gray, String> {
+    let mut decoder = png::Decoder::new_with_limits(std::io::Cursor::new(bytes), png::Limits { bytes: 1 << 28 });
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let bad = |e: png::DecodingError| Error::bad_file(path, format!("is not a readable PNG ({e})"));
+    let bad = |e: png::DecodingError| format!("is not a readable PNG ({e})");
     let mut reader = decoder.read_info().map_err(bad)?;
-    let (w, h) = (reader.info().width, reader.info().height);
-    check_size(path, w as u64, h as u64)?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| Error::bad_file(path, "PNG too large"))?;
+    let (w, h) = (reader.info().width as u64, reader.info().height as u64);
+    check_size(w, h)?;
+    // Deflate expands at most about 1032:1, so a file can not hold more pixels than this; a header
+    // claiming more is rejected before the buffer is allocated.
+    if w * h > 1100 * bytes.len() as u64 + (1 << 20) {
+        return Err(format!(
+            "PNG header claims {w}x{h} pixels, more than its {} bytes can hold",
+            bytes.len()
+        ));
+    }
+    let size = reader.output_buffer_size().ok_or("PNG too large")?;
     let mut buf = vec![0u8; size];
     let info = reader.next_frame(&mut buf).map_err(bad)?;
     let (w, h) = (info.width as usize, info.height as usize);
@@ -77,10 +93,10 @@ fn decode_png(path: &Path) -> Result<Gray> {
         png::ColorType::GrayscaleAlpha => 2,
         png::ColorType::Rgb => 3,
         png::ColorType::Rgba => 4,
-        png::ColorType::Indexed => return Err(Error::bad_file(path, "indexed PNG was not expanded")),
+        png::ColorType::Indexed => return Err("indexed PNG was not expanded".to_string()),
     };
     let mut pixels = Vec::with_capacity(w * h);
-    for row in buf.chunks(info.line_size).take(h) {
+    for row in buf.chunks(info.line_size.max(1)).take(h) {
         for px in row.chunks_exact(channels).take(w) {
             let (lum, alpha) = match channels {
                 1 => (px[0] as f32, 255.0),
@@ -98,6 +114,9 @@ fn decode_png(path: &Path) -> Result<Gray> {
             let a = alpha / 255.0;
             pixels.push((lum * a + 255.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8);
         }
+    }
+    if pixels.len() != w * h {
+        return Err("PNG image data is incomplete".to_string());
     }
     Ok(Gray {
         width: w,
@@ -133,12 +152,7 @@ pub fn decode_pgm(bytes: &[u8]) -> std::result::Result<Gray, String> {
             .ok_or("PGM header is malformed")?;
     }
     let [w, h, maxval] = fields;
-    if w == 0 || h == 0 {
-        return Err(format!("image has zero size ({w}x{h})"));
-    }
-    if w > MAX_SIDE as u64 || h > MAX_SIDE as u64 || w * h > MAX_PIXELS {
-        return Err(format!("image is {w}x{h}, larger than gpu-mnist accepts"));
-    }
+    check_size(w, h)?;
     if maxval == 0 || maxval > 65_535 {
         return Err(format!("PGM maxval {maxval} is not 1 to 65535"));
     }

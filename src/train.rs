@@ -56,21 +56,32 @@ pub struct ChunkProgress {
     pub accuracy: f64,
 }
 
-/// Sums of step statistics, turned into means.
-#[derive(Debug, Default, Clone, Copy)]
-struct Totals {
-    loss_sum: f64,
-    correct: u64,
-    examples: usize,
+/// How far an epoch got: steps done, sums of their statistics, and seconds spent. The start of
+/// an epoch is `EpochProgress::default()`; an interrupted epoch is resumed from its value.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct EpochProgress {
+    pub steps_done: usize,
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub examples: usize,
+    pub seconds: f64,
 }
 
-impl Totals {
-    fn mean_loss(&self) -> f64 {
+impl EpochProgress {
+    pub fn mean_loss(&self) -> f64 {
         self.loss_sum / self.examples.max(1) as f64
     }
-    fn accuracy(&self) -> f64 {
+    pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.examples.max(1) as f64
     }
+}
+
+/// How `run_epoch` ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EpochEnd {
+    Finished(EpochReport),
+    /// `should_stop` asked to stop between chunks; this is where the epoch stands.
+    Interrupted(EpochProgress),
 }
 
 /// A model and its data resident on a backend.
@@ -116,25 +127,36 @@ impl<'b> Trainer<'b> {
         })
     }
 
-    /// Train one epoch (0-based `epoch`), calling `progress` after each chunk.
-    pub fn run_epoch(&mut self, epoch: usize, progress: &mut dyn FnMut(&ChunkProgress)) -> Result<EpochReport> {
+    /// Train epoch `epoch` (0-based) from `from` (the start, or where an interrupted run stopped),
+    /// calling `progress` after each chunk and `should_stop` between chunks. The epoch's order
+    /// depends only on (seed, epoch), so a resumed epoch visits exactly the remaining batches.
+    pub fn run_epoch(
+        &mut self,
+        epoch: usize,
+        from: EpochProgress,
+        should_stop: &dyn Fn() -> bool,
+        progress: &mut dyn FnMut(&ChunkProgress),
+    ) -> Result<EpochEnd> {
         let t0 = Instant::now();
         let order = epoch_order(self.train_len, self.cfg.seed, epoch);
         self.be.set_order(self.train, &order)?;
         let steps: Vec<(usize, usize)> = batches(self.train_len, self.cfg.batch_size).collect();
         let chunk = self.cfg.chunk_steps.max(1);
-        let mut totals = Totals::default();
-        for (chunk_index, chunk_steps) in steps.chunks(chunk).enumerate() {
+        let mut done = from;
+        for chunk_steps in steps[from.steps_done.min(steps.len())..].chunks(chunk) {
+            if should_stop() {
+                done.seconds = from.seconds + t0.elapsed().as_secs_f64();
+                return Ok(EpochEnd::Interrupted(done));
+            }
             for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
                 self.graph
                     .train_step(self.be, self.train, start, rows, slot, &self.cfg.optimizer)?;
             }
             let stats = self.be.read_stats(chunk_steps.len())?;
-            let first_step = chunk_index * chunk;
-            accumulate(&mut totals, &stats, chunk_steps, |i| {
+            let first_step = done.steps_done;
+            accumulate(&mut done, &stats, chunk_steps, MAX_FINITE_LOSS, |i, why| {
                 format!(
-                    "training diverged: the loss became {} at epoch {}, step {} of {}; try a smaller --lr",
-                    stats[i].loss_sum,
+                    "training diverged: {why} at epoch {}, step {} of {}; try a smaller --lr",
                     epoch + 1,
                     first_step + i + 1,
                     steps.len()
@@ -142,19 +164,19 @@ impl<'b> Trainer<'b> {
             })?;
             progress(&ChunkProgress {
                 epoch: epoch + 1,
-                steps_done: first_step + chunk_steps.len(),
+                steps_done: done.steps_done,
                 steps_total: steps.len(),
-                examples_done: totals.examples,
-                loss: totals.mean_loss(),
-                accuracy: totals.accuracy(),
+                examples_done: done.examples,
+                loss: done.mean_loss(),
+                accuracy: done.accuracy(),
             });
         }
-        Ok(EpochReport {
+        Ok(EpochEnd::Finished(EpochReport {
             epoch: epoch + 1,
-            loss: totals.mean_loss(),
-            accuracy: totals.accuracy(),
-            seconds: t0.elapsed().as_secs_f64(),
-        })
+            loss: done.mean_loss(),
+            accuracy: done.accuracy(),
+            seconds: from.seconds + t0.elapsed().as_secs_f64(),
+        }))
     }
 
     /// Make an evaluation set resident (once); pass the id to `evaluate`.
@@ -178,20 +200,36 @@ impl<'b> Trainer<'b> {
     }
 }
 
-/// Add a chunk's statistics to `totals`, failing on the first non-finite loss.
+/// The mean cross-entropy above which a batch's loss counts as infinite: past it the probability
+/// of the right class is below the smallest positive f32, so -log(p) computed from f32
+/// probabilities (the textbook formula, and Keras's without clipping) is +inf. Our log-sum-exp
+/// form stays finite far beyond it, which would hide a diverged run.
+pub const MAX_FINITE_LOSS: f64 = 103.28;
+
+/// Add a chunk's statistics to `done`, failing on the first non-finite loss or mean loss above
+/// `max_loss`.
 fn accumulate(
-    totals: &mut Totals,
+    done: &mut EpochProgress,
     stats: &[StepStats],
     steps: &[(usize, usize)],
-    diverged: impl Fn(usize) -> String,
+    max_loss: f64,
+    diverged: impl Fn(usize, String) -> String,
 ) -> Result<()> {
     for (i, (s, &(_, rows))) in stats.iter().zip(steps).enumerate() {
-        if !s.loss_sum.is_finite() {
-            return Err(Error::Numerical(diverged(i)));
+        let mean = s.loss_sum as f64 / rows as f64;
+        if !mean.is_finite() {
+            return Err(Error::Numerical(diverged(i, format!("the loss became {}", s.loss_sum))));
         }
-        totals.loss_sum += s.loss_sum as f64;
-        totals.correct += s.correct as u64;
-        totals.examples += rows;
+        if mean > max_loss {
+            let why = format!(
+                "the loss became infinite (mean cross-entropy {mean:.3e}: the right class has probability 0 in f32)"
+            );
+            return Err(Error::Numerical(diverged(i, why)));
+        }
+        done.loss_sum += s.loss_sum as f64;
+        done.correct += s.correct as u64;
+        done.examples += rows;
+        done.steps_done += 1;
     }
     Ok(())
 }
@@ -208,14 +246,15 @@ pub fn evaluate(
     let steps: Vec<(usize, usize)> = batches(len, graph.max_batch()).collect();
     let chunk = chunk_steps.max(1);
     be.reserve_stats(chunk)?;
-    let mut totals = Totals::default();
+    let mut totals = EpochProgress::default();
     for chunk_steps in steps.chunks(chunk) {
         for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
             graph.eval_step(be, ds, start, rows, slot)?;
         }
         let stats = be.read_stats(chunk_steps.len())?;
-        accumulate(&mut totals, &stats, chunk_steps, |_| {
-            "evaluation produced a non-finite loss".to_string()
+        // A bad model may have a huge loss; only a non-finite one is an error here.
+        accumulate(&mut totals, &stats, chunk_steps, f64::INFINITY, |_, why| {
+            format!("evaluation failed: {why}")
         })?;
     }
     Ok(EvalReport {

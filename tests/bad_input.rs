@@ -1,5 +1,6 @@
-//! The binary against bad data files and bad flags: each case must give one clear line naming the
-//! file or flag, a non-zero exit (2 for usage, 1 for runtime), and no panic or backtrace.
+//! The bad-input matrix: the binary against bad data files, checkpoints, images, flags and device
+//! limits. Each case must give one clear line naming the file or flag, a non-zero exit (2 for
+//! usage, 1 for runtime), no panic or backtrace, and leave every file on disk as it was.
 
 mod common;
 
@@ -12,12 +13,38 @@ struct Outcome {
     stderr: String,
 }
 
+/// Run in a fresh empty folder, which must still be empty afterwards (no run folder, no output).
 fn run(args: &[&str]) -> Outcome {
-    let out = bin().args(args).output().expect("run gpu-mnist");
+    let cwd = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(args)
+        .current_dir(cwd.path())
+        .output()
+        .expect("run gpu-mnist");
+    assert_eq!(
+        snapshot(cwd.path()),
+        vec![],
+        "gpu-mnist {} wrote files although it failed",
+        args.join(" ")
+    );
     Outcome {
         code: out.status.code().unwrap_or(-1),
         stderr: String::from_utf8_lossy(&out.stderr).to_string(),
     }
+}
+
+/// Run `args` against the files in `dir`, which must be unchanged afterwards.
+fn run_on(dir: &Path, args: &[&str]) -> Outcome {
+    let before = snapshot(dir);
+    let o = run(args);
+    assert_eq!(
+        snapshot(dir),
+        before,
+        "gpu-mnist {} changed files in {}",
+        args.join(" "),
+        dir.display()
+    );
+    o
 }
 
 fn assert_clean_failure(case: &str, o: &Outcome, code: i32, needles: &[&str]) {
@@ -44,7 +71,10 @@ fn bad_file_case(case: &str, file: &str, corrupt: impl FnOnce(&Path), needles: &
     write_small_mnist(dir.path(), 60, 20);
     corrupt(&dir.path().join(file));
     let d = dir.path().to_str().unwrap();
-    let o = run(&["train", "--device", "cpu", "--data", d, "--epochs", "1", "--offline"]);
+    let o = run_on(
+        dir.path(),
+        &["train", "--device", "cpu", "--data", d, "--epochs", "1", "--offline"],
+    );
     let mut all = vec![file.trim_end_matches(".gz")];
     all.extend_from_slice(needles);
     assert_clean_failure(case, &o, 1, &all);
@@ -229,4 +259,254 @@ impl From<std::process::Output> for Outcome {
             stderr: String::from_utf8_lossy(&out.stderr).to_string(),
         }
     }
+}
+
+/// A small trained model file and the folder it lives in.
+fn model_dir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors").to_string_lossy().to_string();
+    let d = data_dir().to_string_lossy().to_string();
+    let out = bin()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--epochs",
+            "1",
+            "--train-limit",
+            "1000",
+            "--hidden",
+            "16",
+            "--quiet",
+            "--save",
+            &model,
+        ])
+        .args(["--out", dir.path().join("run").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (dir, model)
+}
+
+/// A safetensors file with the given header JSON and data bytes.
+fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.as_bytes().to_vec();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    [(h.len() as u64).to_le_bytes().as_slice(), &h, data].concat()
+}
+
+#[test]
+fn bad_checkpoints() {
+    let (dir, model) = model_dir();
+    let d = data_dir().to_string_lossy().to_string();
+    let good = std::fs::read(&model).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_string_lossy().to_string()
+    };
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "truncated model",
+            write("truncated.safetensors", &good[..good.len() - 100]),
+            vec!["outside"],
+        ),
+        (
+            "absurd header length",
+            write("absurd.safetensors", &[&u64::MAX.to_le_bytes()[..], b"{}"].concat()),
+            vec!["header length"],
+        ),
+        (
+            "header not JSON",
+            write("notjson.safetensors", &safetensors("{not json", b"")),
+            vec!["not a JSON object"],
+        ),
+        (
+            "another model's file (no gpu-mnist metadata)",
+            write(
+                "other.safetensors",
+                &safetensors(
+                    r#"{"weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                    &[0; 8],
+                ),
+            ),
+            vec!["not a gpu-mnist model"],
+        ),
+        (
+            "wrong dtype",
+            write(
+                "f16.safetensors",
+                &safetensors(
+                    r#"{"__metadata__":{"layers":"784,1,10"},"dense_0.kernel":{"dtype":"F16","shape":[784,1],"data_offsets":[0,1568]}}"#,
+                    &[0; 1568],
+                ),
+            ),
+            vec!["dtype F16"],
+        ),
+        (
+            "wrong shapes",
+            write(
+                "shape.safetensors",
+                &safetensors(
+                    r#"{"__metadata__":{"layers":"784,2,10"},"dense_0.kernel":{"dtype":"F32","shape":[2,784],"data_offsets":[0,6272]}}"#,
+                    &[0; 6272],
+                ),
+            ),
+            vec!["shape", "[784, 2]"],
+        ),
+        (
+            "not an MNIST model",
+            write(
+                "cifar.safetensors",
+                &safetensors(r#"{"__metadata__":{"layers":"3072,10"}}"#, b""),
+            ),
+            vec!["784-...-10"],
+        ),
+        ("empty model file", write("empty.safetensors", b""), vec!["too short"]),
+    ];
+    for (case, path, needles) in &cases {
+        let o = run_on(
+            dir.path(),
+            &["evaluate", "--device", "cpu", "--data", &d, "--model", path],
+        );
+        let mut all = vec![path.as_str()];
+        all.extend(needles);
+        assert_clean_failure(case, &o, 1, &all);
+    }
+    let o = run_on(
+        dir.path(),
+        &[
+            "evaluate",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--model",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure("a folder as --model", &o, 1, &["is a directory"]);
+    // A plain model is not a training checkpoint.
+    let ck = dir.path().join("ck");
+    std::fs::create_dir(&ck).unwrap();
+    std::fs::copy(&model, ck.join("checkpoint.safetensors")).unwrap();
+    let o = run_on(
+        dir.path(),
+        &[
+            "train",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--resume",
+            ck.to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure("--resume a plain model", &o, 1, &["not a training checkpoint"]);
+    let o = run_on(
+        dir.path(),
+        &["train", "--device", "cpu", "--data", &d, "--resume", "/no/such/dir"],
+    );
+    assert_clean_failure("--resume a missing folder", &o, 2, &["--resume", "/no/such/dir"]);
+}
+
+#[test]
+fn bad_images() {
+    let (dir, model) = model_dir();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_string_lossy().to_string()
+    };
+    let mut png = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png, 28, 28);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.write_header().unwrap().write_image_data(&[0u8; 784]).unwrap();
+    }
+    // A PNG header claiming 16384 x 16384 pixels in a file of a few dozen bytes.
+    let mut huge_png = [&png[..16], &16384u32.to_be_bytes(), &16384u32.to_be_bytes(), &png[24..]].concat();
+    let mut crc = flate2::Crc::new();
+    crc.update(&huge_png[12..29]);
+    huge_png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "not an image",
+            write("notes.png", b"hello, this is text"),
+            "not a PNG or PGM",
+        ),
+        ("empty image file", write("empty.png", b""), "empty"),
+        ("zero-size PGM", write("zero.pgm", b"P5\n0 0\n255\n"), "zero size"),
+        (
+            "huge PGM dimensions",
+            write("huge.pgm", b"P5\n99999 99999\n255\n"),
+            "larger than",
+        ),
+        ("huge PNG dimensions", write("huge.png", &huge_png), "16384"),
+        ("truncated PNG", write("cut.png", &png[..png.len() - 20]), "PNG"),
+        (
+            "blank image",
+            write("blank.pgm", &[b"P5\n40 40\n255\n".as_slice(), &[255u8; 1600]].concat()),
+            "blank",
+        ),
+    ];
+    for (case, path, needle) in &cases {
+        let o = run_on(dir.path(), &["predict", "--device", "cpu", "--model", &model, path]);
+        assert_clean_failure(case, &o, 1, &[path.as_str(), needle]);
+    }
+}
+
+#[test]
+fn more_bad_flags_and_device_limits() {
+    let (dir, model) = model_dir();
+    let d = data_dir().to_string_lossy().to_string();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let f = file.to_str().unwrap();
+    let usage: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--validation-split", "1"], "--validation-split"),
+        (vec!["train", "--validation-split", "-0.1"], "--validation-split"),
+        (vec!["train", "--chunk-steps", "0"], "--chunk-steps"),
+        (vec!["predict", "--model", &model], "--index"),
+        (vec!["predict", "--model", &model, "--index", "5..2"], "--index"),
+        (
+            vec!["predict", "--model", &model, "--data", &d, "--index", "10000"],
+            "--index",
+        ),
+        (
+            vec!["train", "--data", &d, "--save", "/no/such/folder/m.safetensors"],
+            "--save",
+        ),
+        (vec!["train", "--data", &d, "--device", "cpu", "--out", f], "--out"),
+        (vec!["bench", "--steps", "0"], "--steps"),
+    ];
+    for (args, flag) in &usage {
+        let o = run_on(dir.path(), args);
+        assert_clean_failure(&args.join(" "), &o, 2, &[flag]);
+    }
+    // Device limits: refused before any dispatch, naming the limit.
+    let o = run_on(
+        dir.path(),
+        &["train", "--device", "gpu", "--data", &d, "--hidden", "200000"],
+    );
+    assert_clean_failure(
+        "a model larger than the adapter allows",
+        &o,
+        1,
+        &["max_storage_buffer_binding_size"],
+    );
+    let o = run_on(
+        dir.path(),
+        &["train", "--device", "gpu", "--adapter", "no-such-gpu", "--data", &d],
+    );
+    assert_clean_failure(
+        "--adapter that matches nothing",
+        &o,
+        1,
+        &["no-such-gpu", "--device cpu"],
+    );
 }

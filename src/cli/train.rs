@@ -4,6 +4,8 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
@@ -15,7 +17,7 @@ use gpu_mnist::device::open_device;
 use gpu_mnist::model::{glorot_init, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::records::{EpochRecord, RunFolder};
-use gpu_mnist::train::{EvalReport, TrainConfig, Trainer};
+use gpu_mnist::train::{EpochEnd, EpochProgress, EvalReport, TrainConfig, Trainer};
 use gpu_mnist::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
@@ -178,6 +180,8 @@ fn f32_json(x: f32) -> Value {
 struct Resumed {
     checkpoint: Checkpoint,
     epochs_done: usize,
+    /// How far the next epoch had got when the run was interrupted (zero after a whole epoch).
+    partial: EpochProgress,
     history: Vec<EpochRecord>,
     run_dir: Option<PathBuf>,
     settings: Settings,
@@ -209,9 +213,18 @@ fn load_resume(dir: &Path) -> Result<Resumed> {
         .map(|a| a.iter().filter_map(record_from_json).collect())
         .unwrap_or_default();
     let run_dir = state["run_dir"].as_str().map(PathBuf::from);
+    let p = &state["partial_epoch"];
+    let partial = EpochProgress {
+        steps_done: p["steps_done"].as_u64().unwrap_or(0) as usize,
+        loss_sum: p["loss_sum"].as_f64().unwrap_or(0.0),
+        correct: p["correct"].as_u64().unwrap_or(0),
+        examples: p["examples"].as_u64().unwrap_or(0) as usize,
+        seconds: p["seconds"].as_f64().unwrap_or(0.0),
+    };
     Ok(Resumed {
         checkpoint,
         epochs_done,
+        partial,
         history,
         run_dir,
         settings,
@@ -313,6 +326,21 @@ fn epoch_line(r: &EpochRecord, epochs: usize) -> String {
     line
 }
 
+/// Set by Ctrl-C: the training loop stops between chunks, checkpoints and exits with 130.
+/// A second Ctrl-C exits at once (checkpoint writes are atomic, so nothing is left half-written).
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::Relaxed) {
+            eprintln!("error: interrupted twice; exiting now");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: finishing the current chunk of steps (Ctrl-C again to quit at once)");
+    });
+    flag
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let t_start = Instant::now();
     let resumed = args.resume.as_deref().map(load_resume).transpose()?;
@@ -324,8 +352,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         check_save_path(path)?;
     }
     let checkpoint_dir = args.resume.clone().or_else(|| args.checkpoint_dir.clone());
-    if let Some(dir) = &checkpoint_dir {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(dir) = checkpoint_dir.as_deref().filter(|d| d.exists() && !d.is_dir()) {
+        return Err(Error::usage(
+            "--checkpoint-dir",
+            format!("{} exists and is not a folder", dir.display()),
+        ));
     }
     let human = !args.json && !args.quiet;
     // --verbose diagnostics go with the human output, or to stderr when stdout carries JSON.
@@ -352,14 +383,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .clone()
         .or_else(|| resumed.as_ref().and_then(|r| r.run_dir.clone()))
         .unwrap_or_else(RunFolder::default_path);
-    let folder = RunFolder::create(&run_dir)?;
     let opened = open_device(args.device.device.into(), args.device.adapter.as_deref())?;
     let device_name = opened.backend.name();
     let mut config = settings.to_json();
     config["data"] = json!(dir.display().to_string());
     config["device"] = json!(device_name);
     config["test_limit"] = json!(args.data.test_limit);
-    folder.write_config(&config)?;
 
     if human {
         let val = val_set
@@ -393,45 +422,75 @@ pub fn run(args: TrainArgs) -> Result<()> {
         chunk_steps: settings.chunk_steps,
     };
     let mut backend = opened.backend;
-    let (mut trainer, first_epoch, mut history) = match resumed {
+    let (mut trainer, first_epoch, mut partial, mut history) = match resumed {
         Some(r) => {
             if human {
+                let within = match r.partial.steps_done {
+                    0 => String::new(),
+                    k => format!(" and step {k} of epoch {}", r.epochs_done + 1),
+                };
+                let from = args.resume.as_deref().unwrap_or(Path::new(".")).display();
                 println!(
-                    "resuming after epoch {} of {} from {}",
-                    r.epochs_done,
-                    settings.epochs,
-                    args.resume.as_deref().unwrap_or(Path::new(".")).display()
+                    "resuming after epoch {} of {}{within} from {from}",
+                    r.epochs_done, settings.epochs
                 );
             }
             let ck = r.checkpoint;
             let t = Trainer::with_params(backend.as_mut(), &train_set, cfg, &ck.params, Some(&ck.velocities))?;
-            (t, r.epochs_done, r.history)
+            (t, r.epochs_done, r.partial, r.history)
         }
         None => {
             let init = glorot_init(&spec, settings.seed);
-            (
-                Trainer::with_params(backend.as_mut(), &train_set, cfg, &init, None)?,
-                0,
-                Vec::new(),
-            )
+            let t = Trainer::with_params(backend.as_mut(), &train_set, cfg, &init, None)?;
+            (t, 0, EpochProgress::default(), Vec::new())
         }
     };
     let val_id = val_set.as_ref().map(|v| trainer.upload_eval_set(v)).transpose()?;
     let test_id = trainer.upload_eval_set(&test_set)?;
+    // Only now, with the model and data on the device, does the run write anything.
+    let folder = RunFolder::create(&run_dir)?;
+    folder.write_config(&config)?;
+    if let Some(dir) = &checkpoint_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let steps = train_set.len().div_ceil(settings.batch_size);
+    let stop = interrupt_flag();
+    let should_stop = || stop.load(Ordering::Relaxed);
+    // Saves model, optimizer and progress (whole epochs, and how far into the next one).
+    let save_checkpoint =
+        |trainer: &mut Trainer, epochs_done: usize, partial: EpochProgress, history: &[EpochRecord]| -> Result<()> {
+            let Some(dir) = &checkpoint_dir else { return Ok(()) };
+            let state = json!({
+                "epochs_done": epochs_done,
+                "partial_epoch": {
+                    "steps_done": partial.steps_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
+                    "examples": partial.examples, "seconds": partial.seconds,
+                },
+                "settings": settings.to_json(),
+                "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
+                "run_dir": run_dir.display().to_string(),
+            });
+            let ck = Checkpoint {
+                spec: spec.clone(),
+                params: trainer.params()?,
+                velocities: trainer.velocities()?,
+                state: Some(state),
+            };
+            checkpoint::save(&dir.join(CHECKPOINT_FILE), &ck)
+        };
     for epoch in first_epoch..settings.epochs {
         let bar = epoch_bar(steps, interactive);
         bar.set_prefix(format!("epoch {}/{}", epoch + 1, settings.epochs));
         let before = trainer.be.counters();
         let t_epoch = Instant::now();
-        let report = trainer.run_epoch(epoch, &mut |p| {
-            if args.verbose && epoch == first_epoch && p.steps_done <= settings.chunk_steps {
+        let end = trainer.run_epoch(epoch, partial, &should_stop, &mut |p| {
+            if args.verbose && epoch == first_epoch && p.steps_done <= partial.steps_done + settings.chunk_steps {
                 diag(format!(
                     "first chunk of steps done {:.2} s after start",
                     t_start.elapsed().as_secs_f64()
                 ));
             }
-            let rate = p.examples_done as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
+            let rate = (p.examples_done - partial.examples) as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
             bar.set_position(p.steps_done as u64);
             bar.set_message(format!(
                 "loss {:.4} accuracy {:.2}% {:.0} samples/s",
@@ -439,8 +498,31 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 100.0 * p.accuracy,
                 rate
             ));
-        })?;
+        });
         bar.finish_and_clear();
+        let end = end.map_err(|e| match (e, &checkpoint_dir) {
+            (Error::Numerical(msg), Some(dir)) if epoch > 0 => Error::Numerical(format!(
+                "{msg}; the last good checkpoint (after epoch {epoch}) is kept in {}",
+                dir.display()
+            )),
+            (e, _) => e,
+        });
+        let report = match end? {
+            EpochEnd::Finished(report) => report,
+            EpochEnd::Interrupted(at) => {
+                save_checkpoint(&mut trainer, epoch, at, &history)?;
+                let place = format!("epoch {}, step {} of {steps}", epoch + 1, at.steps_done);
+                let message = match &checkpoint_dir {
+                    Some(dir) => format!(
+                        "interrupted at {place}; checkpoint saved in {dir}; continue with: gpu-mnist train --resume {dir}",
+                        dir = dir.display()
+                    ),
+                    None => format!("interrupted at {place}; nothing saved (use --checkpoint-dir DIR to be able to resume)"),
+                };
+                return Err(Error::Interrupted(message));
+            }
+        };
+        partial = EpochProgress::default();
         let val: Option<EvalReport> = val_id.map(|id| trainer.evaluate(id)).transpose()?;
         let record = EpochRecord {
             epoch: report.epoch,
@@ -460,21 +542,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         history.push(record);
         folder.write_epochs(&history, &device_name)?;
-        if let Some(dir) = &checkpoint_dir {
-            let state = json!({
-                "epochs_done": epoch + 1,
-                "settings": settings.to_json(),
-                "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
-                "run_dir": run_dir.display().to_string(),
-            });
-            let ck = Checkpoint {
-                spec: spec.clone(),
-                params: trainer.params()?,
-                velocities: trainer.velocities()?,
-                state: Some(state),
-            };
-            checkpoint::save(&dir.join(CHECKPOINT_FILE), &ck)?;
-        }
+        save_checkpoint(&mut trainer, epoch + 1, partial, &history)?;
     }
     let test = trainer.evaluate(test_id)?;
     if args.json {

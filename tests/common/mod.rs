@@ -147,3 +147,29 @@ pub fn write_small_mnist(dir: &std::path::Path, n_train: usize, n_test: usize) {
         std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), gzip(&labels)).unwrap();
     }
 }
+
+/// Every file under `dir` (relative path, size, FNV hash of its bytes), sorted: two snapshots are
+/// equal when nothing was created, deleted or changed.
+pub fn snapshot(dir: &std::path::Path) -> Vec<(String, u64, u64)> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<(String, u64, u64)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
+            if path.is_dir() {
+                out.push((rel + "/", 0, 0));
+                walk(root, &path, out);
+            } else {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                });
+                out.push((rel, bytes.len() as u64, hash));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}

@@ -1,0 +1,168 @@
+//! Numerical faults and interruption: a diverging run stops at the first infinite loss naming the
+//! epoch and step; Ctrl-C checkpoints mid-epoch, exits with 130, and --resume completes the run
+//! with exactly the weights of an uninterrupted one.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use gpu_mnist::checkpoint;
+
+fn data() -> String {
+    data_dir().to_string_lossy().to_string()
+}
+
+#[test]
+fn a_diverging_run_stops_at_the_first_infinite_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data();
+    let out = bin()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--lr",
+            "100",
+            "--epochs",
+            "2",
+            "--checkpoint-dir",
+        ])
+        .arg(dir.path().join("ck"))
+        .args(["--out"])
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("training diverged") && stderr.contains("epoch 1, step"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("smaller --lr"));
+    assert!(
+        !dir.path().join("ck/checkpoint.safetensors").exists(),
+        "a diverged epoch must not be checkpointed"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("test:"),
+        "no test result after a divergence"
+    );
+}
+
+#[test]
+fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    let common = [
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--epochs",
+        "3",
+        "--train-limit",
+        "40000",
+        "--seed",
+        "9",
+        "--chunk-steps",
+        "16",
+    ];
+    run_quiet(
+        &[
+            &common[..],
+            &["--out", &p("run-a"), "--save", &p("a.safetensors"), "--quiet"],
+        ]
+        .concat(),
+    );
+
+    let mut child = bin()
+        .args(
+            [
+                &common[..],
+                &["--checkpoint-dir", &p("b"), "--out", &p("run-b"), "--quiet"],
+            ]
+            .concat(),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt during the second epoch: after the first checkpoint appears.
+    let t0 = Instant::now();
+    while !dir.path().join("b/checkpoint.safetensors").exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    if out.status.code() == Some(0) {
+        println!("the run finished before the interrupt arrived; nothing to resume");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("continue with: gpu-mnist train --resume"), "{stderr}");
+    let state = checkpoint::load(&dir.path().join("b/checkpoint.safetensors"))
+        .unwrap()
+        .state
+        .unwrap();
+    println!(
+        "checkpoint state: epochs_done {}, partial {}",
+        state["epochs_done"], state["partial_epoch"]
+    );
+
+    let resumed = run_quiet(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--resume",
+        &p("b"),
+        "--save",
+        &p("b.safetensors"),
+    ]);
+    assert!(resumed.contains("resuming after epoch"), "{resumed}");
+    let a = checkpoint::load(std::path::Path::new(&p("a.safetensors"))).unwrap();
+    let b = checkpoint::load(std::path::Path::new(&p("b.safetensors"))).unwrap();
+    assert_eq!(
+        a.params, b.params,
+        "interrupted and resumed weights differ from the uninterrupted run's"
+    );
+    let run_a = std::fs::read_to_string(dir.path().join("run-a/metrics.csv")).unwrap();
+    let run_b = std::fs::read_to_string(dir.path().join("run-b/metrics.csv")).unwrap();
+    let losses = |csv: &str| {
+        csv.lines()
+            .skip(1)
+            .map(|l| l.split(',').take(3).collect::<Vec<_>>().join(","))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        losses(&run_a),
+        losses(&run_b),
+        "per-epoch loss and accuracy must match too"
+    );
+}
+
+fn run_quiet(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "gpu-mnist {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
