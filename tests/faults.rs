@@ -82,7 +82,7 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
         .concat(),
     );
 
-    let mut child = bin()
+    let child = bin()
         .args(
             [
                 &common[..],
