@@ -22,7 +22,9 @@ if [ -z "${GPU_MNIST_DATA:-}" ] && [ -d ../shared/data/mnist ]; then
     export GPU_MNIST_DATA="$(cd ../shared/data/mnist && pwd)"
 fi
 
-# 3. Style, lints, then every test (unit, kernel, training, CLI, downloader).
+# 3. Style, lints, a smoke run of every criterion benchmark (each runs once), then every test
+#    (unit, kernels, gradient check, training, CLI, bad inputs, faults, fuzz, downloader).
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets
+cargo test --benches
+cargo test --lib --bins --tests
