@@ -21,45 +21,43 @@ pub enum DeviceChoice {
 pub struct OpenedDevice {
     pub backend: Box<dyn Backend>,
     pub note: String,
+    /// The backend is a wgpu device (not a CPU path).
+    pub is_gpu: bool,
+}
+
+/// Testing aid: `GPU_MNIST_AUTO_ACCEPTS_SOFTWARE=1` lets `--device auto` take a software adapter
+/// as if it were a hardware GPU, so that the GPU-to-CPU hand-over can be tested without a GPU.
+fn auto_accepts_software() -> bool {
+    std::env::var_os("GPU_MNIST_AUTO_ACCEPTS_SOFTWARE").is_some_and(|v| v == "1")
 }
 
 pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result<OpenedDevice> {
+    let cpu = |be: CpuBackend, why: &str| OpenedDevice {
+        note: format!("device: {} ({why})", be.name()),
+        backend: Box::new(be),
+        is_gpu: false,
+    };
+    let gpu = |be: WgpuBackend, why: &str| OpenedDevice {
+        note: format!("device: {} ({why})", be.name()),
+        backend: Box::new(be),
+        is_gpu: true,
+    };
     match choice {
-        DeviceChoice::Cpu => {
-            let be = CpuBackend::fast();
-            Ok(OpenedDevice {
-                note: format!("device: {} (--device cpu)", be.name()),
-                backend: Box::new(be),
-            })
-        }
-        DeviceChoice::Reference => {
-            let be = CpuBackend::reference();
-            Ok(OpenedDevice {
-                note: format!("device: {} (--device reference)", be.name()),
-                backend: Box::new(be),
-            })
-        }
-        DeviceChoice::Gpu => {
-            let be = WgpuBackend::open(adapter_filter, false)?;
-            Ok(OpenedDevice {
-                note: format!("device: {} (--device gpu)", be.name()),
-                backend: Box::new(be),
-            })
-        }
+        DeviceChoice::Cpu => Ok(cpu(CpuBackend::fast(), "--device cpu")),
+        DeviceChoice::Reference => Ok(cpu(CpuBackend::reference(), "--device reference")),
+        DeviceChoice::Gpu => Ok(gpu(WgpuBackend::open(adapter_filter, false)?, "--device gpu")),
         DeviceChoice::Auto => {
             let adapters = gpu::list_adapters();
-            let hardware = adapters.iter().find(|a| a.is_hardware() && a.matches(adapter_filter));
-            match hardware {
+            let software_ok = auto_accepts_software();
+            let usable = adapters
+                .iter()
+                .find(|a| (a.is_hardware() || software_ok) && a.matches(adapter_filter));
+            match usable {
                 Some(a) => {
-                    let be = WgpuBackend::open(adapter_filter, true)?;
-                    let note = format!("device: {} (--device auto: {} GPU found)", be.name(), a.device_type);
-                    Ok(OpenedDevice {
-                        note,
-                        backend: Box::new(be),
-                    })
+                    let why = format!("--device auto: {} GPU found", a.device_type);
+                    Ok(gpu(WgpuBackend::open(adapter_filter, !software_ok)?, &why))
                 }
                 None => {
-                    let be = CpuBackend::fast();
                     let why = match adapters.iter().find(|a| a.matches(adapter_filter)) {
                         Some(a) => format!(
                             "only the software adapter '{}' was found, which runs 60 to 100 times slower than the CPU path",
@@ -67,11 +65,7 @@ pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result
                         ),
                         None => "no GPU adapter was found".to_string(),
                     };
-                    let note = format!("device: {} (--device auto: {why})", be.name());
-                    Ok(OpenedDevice {
-                        note,
-                        backend: Box::new(be),
-                    })
+                    Ok(cpu(CpuBackend::fast(), &format!("--device auto: {why}")))
                 }
             }
         }

@@ -21,6 +21,8 @@ pub struct EpochRecord {
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
     pub seconds: f64,
+    /// The device that ran the epoch (it changes when --device auto falls back to the CPU).
+    pub device: String,
 }
 
 /// The folder a run writes to.
@@ -53,8 +55,8 @@ impl RunFolder {
     }
 
     /// Rewrite metrics.csv and learning_curve.svg from all epochs so far.
-    pub fn write_epochs(&self, epochs: &[EpochRecord], device: &str) -> Result<()> {
-        write_atomic(&self.dir.join("metrics.csv"), metrics_csv(epochs, device).as_bytes())?;
+    pub fn write_epochs(&self, epochs: &[EpochRecord]) -> Result<()> {
+        write_atomic(&self.dir.join("metrics.csv"), metrics_csv(epochs).as_bytes())?;
         write_atomic(
             &self.dir.join("learning_curve.svg"),
             learning_curve_svg(epochs).as_bytes(),
@@ -67,10 +69,10 @@ fn opt(v: Option<f64>) -> String {
 }
 
 /// epoch,train_loss,train_accuracy,val_loss,val_accuracy,seconds,device
-pub fn metrics_csv(epochs: &[EpochRecord], device: &str) -> String {
+pub fn metrics_csv(epochs: &[EpochRecord]) -> String {
     let mut out = String::from("epoch,train_loss,train_accuracy,val_loss,val_accuracy,seconds,device\n");
-    let device = device.replace('"', "'");
     for e in epochs {
+        let device = e.device.replace('"', "'");
         let _ = writeln!(
             out,
             "{},{:.6},{:.6},{},{},{:.3},\"{}\"",
@@ -311,9 +313,10 @@ mod tests {
                 val_loss: Some(1.1 / e as f64),
                 val_accuracy: Some(0.89),
                 seconds: 1.5,
+                device: "cpu".to_string(),
             })
             .collect();
-        let csv = metrics_csv(&epochs, "cpu");
+        let csv = metrics_csv(&epochs);
         assert_eq!(csv.lines().count(), 4);
         assert!(csv
             .lines()

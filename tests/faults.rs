@@ -166,3 +166,85 @@ fn run_quiet(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+#[test]
+fn a_lost_gpu_ends_cleanly_and_auto_continues_on_the_cpu() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "train",
+        "--data",
+        &d,
+        "--train-limit",
+        "2000",
+        "--test-limit",
+        "500",
+        "--epochs",
+        "3",
+        "--chunk-steps",
+        "16",
+    ];
+    // --device gpu: one clear error, exit 1.
+    let out = bin()
+        .args(args)
+        .args(["--device", "gpu", "--out"])
+        .arg(dir.path().join("gpu"))
+        .env("GPU_MNIST_INJECT_DEVICE_LOSS", "3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: GPU: the GPU device was lost"), "{stderr}");
+    // --device auto (here allowed to take the software adapter): the CPU takes over after the
+    // last completed epoch, says so, and the run ends as an all-CPU run does.
+    let out = bin()
+        .args(args)
+        .args(["--device", "auto", "--out"])
+        .arg(dir.path().join("auto"))
+        .env("GPU_MNIST_AUTO_ACCEPTS_SOFTWARE", "1")
+        .env("GPU_MNIST_INJECT_DEVICE_LOSS", "4")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    println!("{stdout}{stderr}");
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("--device auto: software (cpu) GPU found"), "{stdout}");
+    assert!(
+        stderr.contains("continues on the CPU from the end of epoch 1"),
+        "{stderr}"
+    );
+    let csv = std::fs::read_to_string(dir.path().join("auto/metrics.csv")).unwrap();
+    let devices: Vec<&str> = csv.lines().skip(1).map(|l| l.rsplit(",\"").next().unwrap()).collect();
+    assert!(
+        devices[0].starts_with("gpu") && devices[1].starts_with("cpu") && devices[2].starts_with("cpu"),
+        "{csv}"
+    );
+    let cpu = run_quiet(
+        &[
+            &args[..],
+            &["--device", "cpu", "--out", dir.path().join("cpu").to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let tail = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with("test:"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    // The GPU's first epoch matches the CPU's to rounding; the test figures agree to 0.5 points.
+    let acc = |s: &str| {
+        tail(s)[0]
+            .split("accuracy ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(|c| c != '%')
+            .trim_end_matches('%')
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert!((acc(&stdout) - acc(&cpu)).abs() <= 0.5, "{stdout}\n{cpu}");
+}

@@ -26,5 +26,5 @@ fi
 #    (unit, kernels, gradient check, training, CLI, bad inputs, faults, fuzz, downloader).
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --benches
+cargo test --bench kernels
 cargo test --lib --bins --tests

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use gpu_mnist::backend::Counters;
+use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::{Backend, Counters};
 use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::locate::resolve_data_dir;
 use gpu_mnist::data::{Dataset, Mnist};
 use gpu_mnist::device::open_device;
-use gpu_mnist::model::{glorot_init, ModelSpec};
+use gpu_mnist::model::{glorot_init, HostTensor, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::records::{EpochRecord, RunFolder};
 use gpu_mnist::train::{EpochEnd, EpochProgress, EvalReport, TrainConfig, Trainer};
@@ -22,7 +23,7 @@ use gpu_mnist::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
-use super::{parse_hidden, parse_lr, parse_positive, DataArgs, DeviceArgs, Hidden};
+use super::{parse_hidden, parse_lr, parse_positive, DataArgs, DeviceArgs, DeviceFlag, Hidden};
 
 /// The checkpoint file inside a --checkpoint-dir.
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -234,7 +235,7 @@ fn load_resume(dir: &Path) -> Result<Resumed> {
 fn record_to_json(r: &EpochRecord) -> Value {
     json!({
         "epoch": r.epoch, "loss": r.train_loss, "accuracy": r.train_accuracy,
-        "val_loss": r.val_loss, "val_accuracy": r.val_accuracy, "seconds": r.seconds,
+        "val_loss": r.val_loss, "val_accuracy": r.val_accuracy, "seconds": r.seconds, "device": r.device,
     })
 }
 
@@ -246,6 +247,7 @@ fn record_from_json(v: &Value) -> Option<EpochRecord> {
         val_loss: v["val_loss"].as_f64(),
         val_accuracy: v["val_accuracy"].as_f64(),
         seconds: v["seconds"].as_f64()?,
+        device: v["device"].as_str().unwrap_or("").to_string(),
     })
 }
 
@@ -359,15 +361,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ));
     }
     let human = !args.json && !args.quiet;
-    // --verbose diagnostics go with the human output, or to stderr when stdout carries JSON.
-    let json_mode = args.json;
-    let diag = move |line: String| {
-        if json_mode {
-            eprintln!("{line}")
-        } else {
-            println!("{line}")
-        }
-    };
     let interactive = std::io::stderr().is_terminal() && !args.quiet && !args.json;
 
     let (dir, _) = resolve_data_dir(args.data.data.as_deref(), args.data.offline, interactive)?;
@@ -421,8 +414,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         seed: settings.seed,
         chunk_steps: settings.chunk_steps,
     };
-    let mut backend = opened.backend;
-    let (mut trainer, first_epoch, mut partial, mut history) = match resumed {
+    let mut at = match resumed {
         Some(r) => {
             if human {
                 let within = match r.partial.steps_done {
@@ -436,133 +428,260 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 );
             }
             let ck = r.checkpoint;
-            let t = Trainer::with_params(backend.as_mut(), &train_set, cfg, &ck.params, Some(&ck.velocities))?;
-            (t, r.epochs_done, r.partial, r.history)
+            Position {
+                epoch: r.epochs_done,
+                partial: r.partial,
+                history: r.history,
+                params: ck.params,
+                velocities: Some(ck.velocities),
+            }
         }
-        None => {
-            let init = glorot_init(&spec, settings.seed);
-            let t = Trainer::with_params(backend.as_mut(), &train_set, cfg, &init, None)?;
-            (t, 0, EpochProgress::default(), Vec::new())
-        }
+        None => Position {
+            epoch: 0,
+            partial: EpochProgress::default(),
+            history: Vec::new(),
+            params: glorot_init(&spec, settings.seed),
+            velocities: None,
+        },
     };
-    let val_id = val_set.as_ref().map(|v| trainer.upload_eval_set(v)).transpose()?;
-    let test_id = trainer.upload_eval_set(&test_set)?;
-    // Only now, with the model and data on the device, does the run write anything.
-    let folder = RunFolder::create(&run_dir)?;
-    folder.write_config(&config)?;
-    if let Some(dir) = &checkpoint_dir {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let run = Run {
+        args: &args,
+        settings: &settings,
+        spec: &spec,
+        cfg,
+        run_dir: &run_dir,
+        checkpoint_dir: checkpoint_dir.as_deref(),
+        config: &config,
+        human,
+        interactive,
+        t_start,
+        stop: interrupt_flag(),
+        data: RunData {
+            train: &train_set,
+            val: val_set.as_ref(),
+            test: &test_set,
+        },
+    };
+    let mut backend = opened.backend;
+    // Under --device auto, a GPU that fails (lost, out of memory) hands over to the CPU path,
+    // which continues from the end of the last completed epoch.
+    let mut fall_back = args.device.device == DeviceFlag::Auto && opened.is_gpu;
+    let mut folder = None;
+    loop {
+        match run.train_on(backend.as_mut(), &mut at, &mut folder, fall_back) {
+            Err(Error::Gpu(msg)) if fall_back => {
+                eprintln!(
+                    "warning: GPU: {msg}; --device auto continues on the CPU from the end of epoch {}",
+                    at.epoch
+                );
+                backend = Box::new(CpuBackend::fast());
+                at.partial = EpochProgress::default();
+                fall_back = false;
+            }
+            other => return other,
+        }
     }
-    let steps = train_set.len().div_ceil(settings.batch_size);
-    let stop = interrupt_flag();
-    let should_stop = || stop.load(Ordering::Relaxed);
-    // Saves model, optimizer and progress (whole epochs, and how far into the next one).
-    let save_checkpoint =
-        |trainer: &mut Trainer, epochs_done: usize, partial: EpochProgress, history: &[EpochRecord]| -> Result<()> {
-            let Some(dir) = &checkpoint_dir else { return Ok(()) };
-            let state = json!({
-                "epochs_done": epochs_done,
-                "partial_epoch": {
-                    "steps_done": partial.steps_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
-                    "examples": partial.examples, "seconds": partial.seconds,
-                },
-                "settings": settings.to_json(),
-                "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
-                "run_dir": run_dir.display().to_string(),
-            });
-            let ck = Checkpoint {
-                spec: spec.clone(),
-                params: trainer.params()?,
-                velocities: trainer.velocities()?,
-                state: Some(state),
-            };
-            checkpoint::save(&dir.join(CHECKPOINT_FILE), &ck)
+}
+
+/// Where a run stands: whole epochs done, progress into the next, and the state to continue from.
+struct Position {
+    /// Epochs completed.
+    epoch: usize,
+    partial: EpochProgress,
+    history: Vec<EpochRecord>,
+    /// Parameters and optimizer velocities as of `epoch` (None: fresh velocities).
+    params: Vec<HostTensor>,
+    velocities: Option<Vec<HostTensor>>,
+}
+
+struct RunData<'a> {
+    train: &'a Dataset,
+    val: Option<&'a Dataset>,
+    test: &'a Dataset,
+}
+
+/// Everything fixed about a training run.
+struct Run<'a> {
+    args: &'a TrainArgs,
+    settings: &'a Settings,
+    spec: &'a ModelSpec,
+    cfg: TrainConfig,
+    run_dir: &'a Path,
+    checkpoint_dir: Option<&'a Path>,
+    config: &'a Value,
+    human: bool,
+    interactive: bool,
+    t_start: Instant,
+    stop: Arc<AtomicBool>,
+    data: RunData<'a>,
+}
+
+impl Run<'_> {
+    /// --verbose diagnostics go with the human output, or to stderr when stdout carries JSON.
+    fn diag(&self, line: String) {
+        if self.args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    /// Save model, optimizer and progress (whole epochs, and how far into the next one).
+    fn save_checkpoint(
+        &self,
+        trainer: &mut Trainer,
+        epochs_done: usize,
+        partial: EpochProgress,
+        history: &[EpochRecord],
+    ) -> Result<()> {
+        let Some(dir) = self.checkpoint_dir else { return Ok(()) };
+        let state = json!({
+            "epochs_done": epochs_done,
+            "partial_epoch": {
+                "steps_done": partial.steps_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
+                "examples": partial.examples, "seconds": partial.seconds,
+            },
+            "settings": self.settings.to_json(),
+            "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
+            "run_dir": self.run_dir.display().to_string(),
+        });
+        let ck = Checkpoint {
+            spec: self.spec.clone(),
+            params: trainer.params()?,
+            velocities: trainer.velocities()?,
+            state: Some(state),
         };
-    for epoch in first_epoch..settings.epochs {
-        let bar = epoch_bar(steps, interactive);
-        bar.set_prefix(format!("epoch {}/{}", epoch + 1, settings.epochs));
-        let before = trainer.be.counters();
-        let t_epoch = Instant::now();
-        let end = trainer.run_epoch(epoch, partial, &should_stop, &mut |p| {
-            if args.verbose && epoch == first_epoch && p.steps_done <= partial.steps_done + settings.chunk_steps {
-                diag(format!(
-                    "first chunk of steps done {:.2} s after start",
-                    t_start.elapsed().as_secs_f64()
+        checkpoint::save(&dir.join(CHECKPOINT_FILE), &ck)
+    }
+
+    /// Train on `be` from `at` to the end, then test and save. With `keep_host`, `at` follows every
+    /// completed epoch (one read-back of the weights an epoch) so that another backend can take over.
+    fn train_on(
+        &self,
+        be: &mut dyn Backend,
+        at: &mut Position,
+        folder: &mut Option<RunFolder>,
+        keep_host: bool,
+    ) -> Result<()> {
+        let (args, settings) = (self.args, self.settings);
+        let device_name = be.name();
+        let mut trainer = Trainer::with_params(
+            be,
+            self.data.train,
+            self.cfg.clone(),
+            &at.params,
+            at.velocities.as_deref(),
+        )?;
+        let val_id = self.data.val.map(|v| trainer.upload_eval_set(v)).transpose()?;
+        let test_id = trainer.upload_eval_set(self.data.test)?;
+        if folder.is_none() {
+            // Only now, with the model and data on the device, does the run write anything.
+            let f = RunFolder::create(self.run_dir)?;
+            f.write_config(self.config)?;
+            if let Some(dir) = self.checkpoint_dir {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            *folder = Some(f);
+        }
+        let steps = self.data.train.len().div_ceil(settings.batch_size);
+        let should_stop = || self.stop.load(Ordering::Relaxed);
+        let first_epoch = at.epoch;
+        for epoch in first_epoch..settings.epochs {
+            let partial = at.partial;
+            let bar = epoch_bar(steps, self.interactive);
+            bar.set_prefix(format!("epoch {}/{}", epoch + 1, settings.epochs));
+            let before = trainer.be.counters();
+            let t_epoch = Instant::now();
+            let end = trainer.run_epoch(epoch, partial, &should_stop, &mut |p| {
+                if args.verbose && epoch == first_epoch && p.steps_done <= partial.steps_done + settings.chunk_steps {
+                    self.diag(format!(
+                        "first chunk of steps done {:.2} s after start",
+                        self.t_start.elapsed().as_secs_f64()
+                    ));
+                }
+                let rate = (p.examples_done - partial.examples) as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
+                bar.set_position(p.steps_done as u64);
+                bar.set_message(format!(
+                    "loss {:.4} accuracy {:.2}% {:.0} samples/s",
+                    p.loss,
+                    100.0 * p.accuracy,
+                    rate
                 ));
+            });
+            bar.finish_and_clear();
+            let end = end.map_err(|e| match (e, self.checkpoint_dir) {
+                (Error::Numerical(msg), Some(dir)) if epoch > 0 => Error::Numerical(format!(
+                    "{msg}; the last good checkpoint (after epoch {epoch}) is kept in {}",
+                    dir.display()
+                )),
+                (e, _) => e,
+            });
+            let report = match end? {
+                EpochEnd::Finished(report) => report,
+                EpochEnd::Interrupted(stopped) => {
+                    self.save_checkpoint(&mut trainer, epoch, stopped, &at.history)?;
+                    let place = format!("epoch {}, step {} of {steps}", epoch + 1, stopped.steps_done);
+                    let message = match self.checkpoint_dir {
+                        Some(dir) => format!(
+                            "interrupted at {place}; checkpoint saved in {dir}; continue with: gpu-mnist train --resume {dir}",
+                            dir = dir.display()
+                        ),
+                        None => format!("interrupted at {place}; nothing saved (use --checkpoint-dir DIR to be able to resume)"),
+                    };
+                    return Err(Error::Interrupted(message));
+                }
+            };
+            let val: Option<EvalReport> = val_id.map(|id| trainer.evaluate(id)).transpose()?;
+            let record = EpochRecord {
+                epoch: report.epoch,
+                train_loss: report.loss,
+                train_accuracy: report.accuracy,
+                val_loss: val.as_ref().map(|v| v.loss),
+                val_accuracy: val.as_ref().map(|v| v.accuracy),
+                seconds: report.seconds,
+                device: device_name.clone(),
+            };
+            if args.json {
+                println!("{}", record_to_json(&record));
+            } else if !args.quiet {
+                println!("{}", epoch_line(&record, settings.epochs));
             }
-            let rate = (p.examples_done - partial.examples) as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
-            bar.set_position(p.steps_done as u64);
-            bar.set_message(format!(
-                "loss {:.4} accuracy {:.2}% {:.0} samples/s",
-                p.loss,
-                100.0 * p.accuracy,
-                rate
-            ));
-        });
-        bar.finish_and_clear();
-        let end = end.map_err(|e| match (e, &checkpoint_dir) {
-            (Error::Numerical(msg), Some(dir)) if epoch > 0 => Error::Numerical(format!(
-                "{msg}; the last good checkpoint (after epoch {epoch}) is kept in {}",
-                dir.display()
-            )),
-            (e, _) => e,
-        });
-        let report = match end? {
-            EpochEnd::Finished(report) => report,
-            EpochEnd::Interrupted(at) => {
-                save_checkpoint(&mut trainer, epoch, at, &history)?;
-                let place = format!("epoch {}, step {} of {steps}", epoch + 1, at.steps_done);
-                let message = match &checkpoint_dir {
-                    Some(dir) => format!(
-                        "interrupted at {place}; checkpoint saved in {dir}; continue with: gpu-mnist train --resume {dir}",
-                        dir = dir.display()
-                    ),
-                    None => format!("interrupted at {place}; nothing saved (use --checkpoint-dir DIR to be able to resume)"),
-                };
-                return Err(Error::Interrupted(message));
+            if args.verbose {
+                self.diag(format!("  backend: {}", counters_delta(trainer.be.counters(), before)));
             }
-        };
-        partial = EpochProgress::default();
-        let val: Option<EvalReport> = val_id.map(|id| trainer.evaluate(id)).transpose()?;
-        let record = EpochRecord {
-            epoch: report.epoch,
-            train_loss: report.loss,
-            train_accuracy: report.accuracy,
-            val_loss: val.as_ref().map(|v| v.loss),
-            val_accuracy: val.as_ref().map(|v| v.accuracy),
-            seconds: report.seconds,
-        };
+            at.history.push(record);
+            at.partial = EpochProgress::default();
+            if let Some(f) = folder.as_ref() {
+                f.write_epochs(&at.history)?;
+            }
+            self.save_checkpoint(&mut trainer, epoch + 1, at.partial, &at.history)?;
+            if keep_host {
+                at.params = trainer.params()?;
+                at.velocities = Some(trainer.velocities()?);
+            }
+            at.epoch = epoch + 1;
+        }
+        let test = trainer.evaluate(test_id)?;
         if args.json {
-            println!("{}", record_to_json(&record));
-        } else if !args.quiet {
-            println!("{}", epoch_line(&record, settings.epochs));
+            let run_dir = self.run_dir.display().to_string();
+            println!(
+                "{}",
+                json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "run_dir": run_dir})
+            );
+        } else {
+            println!(
+                "test: loss {:.4}, accuracy {:.2}% ({} images)",
+                test.loss,
+                100.0 * test.accuracy,
+                test.examples
+            );
         }
-        if args.verbose {
-            diag(format!("  backend: {}", counters_delta(trainer.be.counters(), before)));
+        if let Some(path) = &args.save {
+            checkpoint::save(path, &Checkpoint::model(self.spec, trainer.params()?))?;
+            if self.human {
+                println!("saved {}", path.display());
+            }
         }
-        history.push(record);
-        folder.write_epochs(&history, &device_name)?;
-        save_checkpoint(&mut trainer, epoch + 1, partial, &history)?;
+        Ok(())
     }
-    let test = trainer.evaluate(test_id)?;
-    if args.json {
-        println!(
-            "{}",
-            json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "run_dir": run_dir.display().to_string()})
-        );
-    } else {
-        println!(
-            "test: loss {:.4}, accuracy {:.2}% ({} images)",
-            test.loss,
-            100.0 * test.accuracy,
-            test.examples
-        );
-    }
-    if let Some(path) = &args.save {
-        checkpoint::save(path, &Checkpoint::model(&spec, trainer.params()?))?;
-        if human {
-            println!("saved {}", path.display());
-        }
-    }
-    Ok(())
 }

@@ -50,6 +50,9 @@ pub struct WgpuBackend {
     staging: Staging,
     recording: Option<Recording>,
     counters: Counters,
+    /// Testing aid: `GPU_MNIST_INJECT_DEVICE_LOSS=N` makes every `read_stats` from the N-th
+    /// read-back on report a lost device, to exercise the recovery paths without a failing GPU.
+    inject_loss_at: Option<u64>,
 }
 
 impl WgpuBackend {
@@ -68,6 +71,9 @@ impl WgpuBackend {
             staging: Staging::default(),
             recording: None,
             counters: Counters::default(),
+            inject_loss_at: std::env::var("GPU_MNIST_INJECT_DEVICE_LOSS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         })
     }
 
@@ -578,6 +584,11 @@ impl Backend for WgpuBackend {
             return Err(Error::shape(
                 "read_stats",
                 format!("{slots} slots asked, {} reserved", self.stats_slots),
+            ));
+        }
+        if self.inject_loss_at.is_some_and(|n| self.counters.readbacks + 1 >= n) {
+            return Err(Error::Gpu(
+                "the GPU device was lost (injected by GPU_MNIST_INJECT_DEVICE_LOSS)".to_string(),
             ));
         }
         let bytes = self.read_bytes(Bound::Stats, slots as u64 * 8)?;
