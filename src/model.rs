@@ -9,7 +9,7 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, DatasetId, Epilogue, TensorId};
+use crate::backend::{Backend, DatasetId, Epilogue, Packed, TensorId};
 use crate::data::{CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::{Optimizer, OptimizerKind};
@@ -146,6 +146,8 @@ struct Dense {
 pub struct Graph {
     pub spec: ModelSpec,
     pub params: Vec<Param>,
+    /// The packed values, gradients and velocities of all parameters.
+    packed: [Packed; 3],
     layers: Vec<Dense>,
     /// acts[0] is the input batch (B, 784); acts[i + 1] is the activated output of layer i.
     acts: Vec<TensorId>,
@@ -167,33 +169,51 @@ impl Graph {
                 format!("layer width {bad} must be at least 1"),
             ));
         }
-        let mut params = Vec::new();
-        let mut layers = Vec::new();
+        // Values, gradients and velocities each live in one packed allocation, in this order:
+        // dense_0.kernel, dense_0.bias, dense_1.kernel, ... so one update covers them all.
         let dims = spec.dense_dims();
-        for (i, &(c, oc)) in dims.iter().enumerate() {
-            for (suffix, shape) in [("kernel", vec![c, oc]), ("bias", vec![oc])] {
-                let len = shape.iter().product();
-                params.push(Param {
-                    name: format!("dense_{i}.{suffix}"),
-                    shape,
-                    value: be.alloc(len)?,
-                    grad: be.alloc(len)?,
-                    velocity: be.alloc(len)?,
-                });
-            }
-            let activation = if i + 1 < dims.len() {
-                Activation::Relu
-            } else {
-                Activation::Linear
-            };
-            layers.push(Dense {
-                kernel: params.len() - 2,
-                bias: params.len() - 1,
+        let shapes: Vec<(String, Vec<usize>)> = dims
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(c, oc))| {
+                [
+                    (format!("dense_{i}.kernel"), vec![c, oc]),
+                    (format!("dense_{i}.bias"), vec![oc]),
+                ]
+            })
+            .collect();
+        let lens: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
+        let (values, grads, velocities) = (
+            be.alloc_packed(&lens)?,
+            be.alloc_packed(&lens)?,
+            be.alloc_packed(&lens)?,
+        );
+        let params: Vec<Param> = shapes
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, shape))| Param {
+                name,
+                shape,
+                value: values.parts[k],
+                grad: grads.parts[k],
+                velocity: velocities.parts[k],
+            })
+            .collect();
+        let layers: Vec<Dense> = dims
+            .iter()
+            .enumerate()
+            .map(|(i, &(c, oc))| Dense {
+                kernel: 2 * i,
+                bias: 2 * i + 1,
                 c,
                 oc,
-                activation,
-            });
-        }
+                activation: if i + 1 < dims.len() {
+                    Activation::Relu
+                } else {
+                    Activation::Linear
+                },
+            })
+            .collect();
         let mut acts = vec![be.alloc(max_batch * spec.inputs)?];
         let mut dacts = vec![acts[0]];
         for layer in &layers {
@@ -203,6 +223,7 @@ impl Graph {
         Ok(Graph {
             spec: spec.clone(),
             params,
+            packed: [values, grads, velocities],
             layers,
             acts,
             dacts,
@@ -330,17 +351,21 @@ impl Graph {
         Ok(())
     }
 
-    /// Apply the optimizer to every parameter.
+    /// Apply the optimizer to every parameter: one op over the packed tensors.
     pub fn update(&self, be: &mut dyn Backend, opt: &Optimizer) -> Result<()> {
-        for p in &self.params {
-            match opt.kind {
-                OptimizerKind::RmsProp => {
-                    be.rmsprop_update(p.value, p.velocity, p.grad, p.len(), opt.lr, opt.rho, opt.eps)?
-                }
-                OptimizerKind::Sgd => be.sgd_update(p.value, p.grad, p.len(), opt.lr)?,
-            }
+        let [values, grads, velocities] = &self.packed;
+        match opt.kind {
+            OptimizerKind::RmsProp => be.rmsprop_update(
+                values.whole,
+                velocities.whole,
+                grads.whole,
+                values.len,
+                opt.lr,
+                opt.rho,
+                opt.eps,
+            ),
+            OptimizerKind::Sgd => be.sgd_update(values.whole, grads.whole, values.len, opt.lr),
         }
-        Ok(())
     }
 
     /// One training step on rows start..start+rows of `ds` (in its current order): gather,

@@ -347,3 +347,72 @@ fn ops_reject_inconsistent_shapes_instead_of_panicking() {
         assert!(be.read_stats(1_000_000).is_err());
     }
 }
+
+/// Packed tensors (how the graph keeps its parameters): parts read and write at their offsets, one
+/// update over the whole equals the updates of the parts, and an op that would write one part while
+/// reading another of the same allocation is refused (wgpu forbids it within a dispatch).
+#[test]
+fn packed_tensors_update_in_one_op_and_refuse_aliasing() {
+    for mut be in devices_under_test() {
+        let be = be.as_mut();
+        let name = be.name();
+        let lens = [7usize, 1, 300, 10];
+        let (params, grads, vels) = (
+            be.alloc_packed(&lens).unwrap(),
+            be.alloc_packed(&lens).unwrap(),
+            be.alloc_packed(&lens).unwrap(),
+        );
+        let mut g = rng(77);
+        let mut want = Vec::new();
+        for (k, &len) in lens.iter().enumerate() {
+            let (p, gr) = (random_vec(&mut g, len, 1.0), random_vec(&mut g, len, 0.1));
+            be.write(params.parts[k], &p).unwrap();
+            be.write(grads.parts[k], &gr).unwrap();
+            let (mut wp, mut wv) = (p.clone(), vec![0.0; len]);
+            r::rmsprop_update(&mut wp, &mut wv, &gr, 1e-3, 0.9, 1e-7);
+            want.push((wp, wv));
+        }
+        be.rmsprop_update(params.whole, vels.whole, grads.whole, params.len, 1e-3, 0.9, 1e-7)
+            .unwrap();
+        for (k, &len) in lens.iter().enumerate() {
+            assert_close(
+                &format!("{name} packed part {k} param"),
+                &download(be, params.parts[k], len),
+                &want[k].0,
+                1e-7,
+                1e-5,
+            );
+            assert_close(
+                &format!("{name} packed part {k} velocity"),
+                &download(be, vels.parts[k], len),
+                &want[k].1,
+                1e-12,
+                1e-5,
+            );
+        }
+        // A matmul reading packed parts (weight: the first 70 values of part 2; bias: part 3)
+        // works like one on plain tensors.
+        let (b, c, oc) = (3, 7, 10);
+        let x = random_vec(&mut g, b * c, 1.0);
+        let (inp, out) = (upload(be, &x), be.alloc(b * oc).unwrap());
+        let epi = Epilogue {
+            bias: Some(params.parts[3]),
+            relu: false,
+            relu_mask: None,
+        };
+        be.matmul_forward(out, inp, params.parts[2], epi, b, c, oc).unwrap();
+        let (w, bias) = (download(be, params.parts[2], c * oc), download(be, params.parts[3], oc));
+        let mut expect = vec![0.0; b * oc];
+        r::matmul_forward(&mut expect, &x, &w, b, c, oc);
+        r::bias_add_forward(&mut expect, &bias, b, oc);
+        assert_close(
+            &format!("{name} matmul over packed parts"),
+            &download(be, out, b * oc),
+            &expect,
+            1e-6,
+            1e-5,
+        );
+        let err = be.bias_backward(grads.parts[0], grads.parts[2], 1, 7).unwrap_err();
+        assert!(err.to_string().contains("share"), "{name}: {err}");
+    }
+}

@@ -7,7 +7,7 @@
 
 use super::cpu_fast;
 use super::reference as r;
-use super::{Backend, Counters, DatasetId, Epilogue, StepStats, TensorId};
+use super::{Backend, Counters, DatasetId, Epilogue, Packed, StepStats, TensorId};
 use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 
@@ -20,6 +20,14 @@ pub enum CpuKind {
     Fast,
 }
 
+/// `len` values at `offset` of backing array `storage`.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    storage: usize,
+    offset: usize,
+    len: usize,
+}
+
 struct CpuDataset {
     data: Dataset,
     order: Vec<u32>,
@@ -27,7 +35,9 @@ struct CpuDataset {
 
 pub struct CpuBackend {
     kind: CpuKind,
-    tensors: Vec<Vec<f32>>,
+    /// Backing arrays; a tensor is a view of one (several for a packed group).
+    storage: Vec<Vec<f32>>,
+    tensors: Vec<View>,
     datasets: Vec<CpuDataset>,
     stats: Vec<StepStats>,
     counters: Counters,
@@ -42,6 +52,7 @@ impl CpuBackend {
     pub fn new(kind: CpuKind) -> Self {
         CpuBackend {
             kind,
+            storage: Vec::new(),
             tensors: Vec::new(),
             datasets: Vec::new(),
             stats: Vec::new(),
@@ -61,18 +72,26 @@ impl CpuBackend {
         Self::new(CpuKind::Fast)
     }
 
-    fn tensor(&self, op: &'static str, t: TensorId, need: usize) -> Result<&[f32]> {
-        let v = self
+    fn view(&self, op: &'static str, t: TensorId, need: usize) -> Result<View> {
+        let v = *self
             .tensors
             .get(t.0)
             .ok_or_else(|| Error::shape(op, format!("no tensor {}", t.0)))?;
-        if v.len() < need {
-            return Err(Error::shape(
-                op,
-                format!("tensor {} holds {} values, the op needs {need}", t.0, v.len()),
-            ));
+        if v.len < need {
+            let reason = format!("tensor {} holds {} values, the op needs {need}", t.0, v.len);
+            return Err(Error::shape(op, reason));
         }
-        Ok(&v[..need])
+        Ok(View { len: need, ..v })
+    }
+
+    fn tensor(&self, op: &'static str, t: TensorId, need: usize) -> Result<&[f32]> {
+        let v = self.view(op, t, need)?;
+        Ok(&self.storage[v.storage][v.offset..v.offset + v.len])
+    }
+
+    fn tensor_mut(&mut self, op: &'static str, t: TensorId, need: usize) -> Result<&mut [f32]> {
+        let v = self.view(op, t, need)?;
+        Ok(&mut self.storage[v.storage][v.offset..v.offset + v.len])
     }
 
     fn dataset(&self, op: &'static str, ds: DatasetId, start: usize, rows: usize) -> Result<&CpuDataset> {
@@ -89,7 +108,8 @@ impl CpuBackend {
         Ok(d)
     }
 
-    /// Run `f(out, inputs)` with `out` taken out of the arena (so it can not alias an input).
+    /// Run `f(out, inputs)` with `out`'s backing array taken out of the arena, so that no input
+    /// can alias it (an input that shares the output's array is refused).
     fn with_out(
         &mut self,
         op: &'static str,
@@ -97,22 +117,24 @@ impl CpuBackend {
         inputs: &[(TensorId, usize)],
         f: impl FnOnce(&mut [f32], &[&[f32]]),
     ) -> Result<()> {
-        if inputs.iter().any(|(t, _)| *t == out.0) {
-            return Err(Error::shape(op, "an input is also the output".to_string()));
+        let o = self.view(op, out.0, out.1)?;
+        for &(t, n) in inputs {
+            if self.view(op, t, n)?.storage == o.storage {
+                return Err(Error::shape(
+                    op,
+                    format!("input tensor {} shares its array with the output", t.0),
+                ));
+            }
         }
-        self.tensor(op, out.0, out.1)?;
-        let mut out_vec = std::mem::take(&mut self.tensors[out.0 .0]);
-        let result = (|| {
-            let ins = inputs
-                .iter()
-                .map(|&(t, n)| self.tensor(op, t, n))
-                .collect::<Result<Vec<_>>>()?;
-            f(&mut out_vec[..out.1], &ins);
-            Ok(())
-        })();
-        self.tensors[out.0 .0] = out_vec;
+        let mut array = std::mem::take(&mut self.storage[o.storage]);
+        let ins: Vec<&[f32]> = inputs
+            .iter()
+            .map(|&(t, n)| self.tensor(op, t, n))
+            .collect::<Result<_>>()?;
+        f(&mut array[o.offset..o.offset + o.len], &ins);
+        self.storage[o.storage] = array;
         self.counters.dispatches += 1;
-        result
+        Ok(())
     }
 }
 
@@ -186,19 +208,41 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&mut self, len: usize) -> Result<TensorId> {
-        self.tensors.push(vec![0.0; len]);
+        self.storage.push(vec![0.0; len]);
+        self.tensors.push(View {
+            storage: self.storage.len() - 1,
+            offset: 0,
+            len,
+        });
         Ok(TensorId(self.tensors.len() - 1))
+    }
+
+    fn alloc_packed(&mut self, lens: &[usize]) -> Result<Packed> {
+        let len = lens.iter().sum();
+        let whole = self.alloc(len)?;
+        let storage = self.tensors[whole.0].storage;
+        let mut offset = 0;
+        let parts = lens
+            .iter()
+            .map(|&len| {
+                self.tensors.push(View { storage, offset, len });
+                offset += len;
+                TensorId(self.tensors.len() - 1)
+            })
+            .collect();
+        Ok(Packed { whole, len, parts })
     }
 
     fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()> {
         self.tensor("write", t, data.len())?;
-        self.tensors[t.0][..data.len()].copy_from_slice(data);
+        self.tensor_mut("write", t, data.len())?.copy_from_slice(data);
         self.counters.uploads += 1;
         Ok(())
     }
 
     fn read(&mut self, t: TensorId) -> Result<Vec<f32>> {
-        let v = self.tensor("read", t, 0).map(|_| self.tensors[t.0].to_vec())?;
+        let len = self.view("read", t, 0).map(|_| self.tensors[t.0].len)?;
+        let v = self.tensor("read", t, len)?.to_vec();
         self.counters.readbacks += 1;
         Ok(v)
     }
@@ -238,9 +282,9 @@ impl Backend for CpuBackend {
     fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
         let op = "gather_batch";
         self.dataset(op, ds, start, rows)?;
-        self.tensor(op, x, rows * IMAGE_PIXELS)?;
+        let v = self.view(op, x, rows * IMAGE_PIXELS)?;
         let d = &self.datasets[ds.0];
-        let out = &mut self.tensors[x.0];
+        let out = &mut self.storage[v.storage][v.offset..v.offset + v.len];
         r::gather_batch(out, &d.data.images, &d.order, start, rows, IMAGE_PIXELS);
         self.counters.dispatches += 1;
         Ok(())
@@ -366,8 +410,8 @@ impl Backend for CpuBackend {
         self.preds.resize(rows, 0);
         let d = &self.datasets[ds.0];
         r::gather_labels(&mut self.labels, &d.data.labels, &d.order, start, rows);
-        self.tensor(op, logits, n)?;
-        let l = &self.tensors[logits.0][..n];
+        let lv = self.view(op, logits, n)?;
+        let l = &self.storage[lv.storage][lv.offset..lv.offset + n];
         r::softmax_xent_forward(&mut self.probs, &mut self.losses, l, &self.labels, rows, classes);
         r::argmax_rows(&mut self.preds, l, rows, classes);
         let loss_sum: f64 = self.losses.iter().map(|&x| x as f64).sum();
@@ -377,11 +421,11 @@ impl Backend for CpuBackend {
             correct,
         };
         if let Some(dl) = dlogits {
-            if dl == logits {
-                return Err(Error::shape(op, "dlogits is the logits tensor".to_string()));
+            let dv = self.view(op, dl, n)?;
+            if dv.storage == lv.storage {
+                return Err(Error::shape(op, "dlogits shares its array with the logits".to_string()));
             }
-            self.tensor(op, dl, n)?;
-            let out = &mut self.tensors[dl.0][..n];
+            let out = &mut self.storage[dv.storage][dv.offset..dv.offset + n];
             r::softmax_xent_backward(out, &self.probs, &self.labels, rows, classes);
         }
         self.counters.dispatches += 1;
@@ -399,17 +443,22 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         let op = "rmsprop_update";
-        if velocity == param {
-            return Err(Error::shape(op, "velocity is the parameter tensor".to_string()));
+        // The velocity's array is taken out too: it is written, and must alias nothing.
+        let vv = self.view(op, velocity, n)?;
+        if vv.storage == self.view(op, param, n)?.storage || vv.storage == self.view(op, grad, n)?.storage {
+            return Err(Error::shape(
+                op,
+                "velocity shares its array with the parameter or gradient".to_string(),
+            ));
         }
-        self.tensor(op, velocity, n)?;
-        let mut v = std::mem::take(&mut self.tensors[velocity.0]);
+        let mut varray = std::mem::take(&mut self.storage[vv.storage]);
+        let v = &mut varray[vv.offset..vv.offset + n];
         let kind = self.kind;
         let result = self.with_out(op, (param, n), &[(grad, n)], |p, g| match kind {
-            CpuKind::Reference => r::rmsprop_update(p, &mut v[..n], g[0], lr, rho, eps),
-            CpuKind::Fast => cpu_fast::rmsprop_update(p, &mut v[..n], g[0], lr, rho, eps),
+            CpuKind::Reference => r::rmsprop_update(p, v, g[0], lr, rho, eps),
+            CpuKind::Fast => cpu_fast::rmsprop_update(p, v, g[0], lr, rho, eps),
         });
-        self.tensors[velocity.0] = v;
+        self.storage[vv.storage] = varray;
         result
     }
 
@@ -435,7 +484,7 @@ impl Backend for CpuBackend {
     }
 
     fn counters(&self) -> Counters {
-        let tensors: usize = self.tensors.iter().map(|t| t.len() * 4).sum();
+        let tensors: usize = self.storage.iter().map(|t| t.len() * 4).sum();
         let datasets: usize = self.datasets.iter().map(|d| d.order.len() * 4).sum();
         Counters {
             allocated_bytes: (tensors + datasets) as u64,

@@ -23,6 +23,16 @@ pub struct TensorId(pub usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DatasetId(pub usize);
 
+/// Tensors packed into one allocation (see `Backend::alloc_packed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packed {
+    /// All the parts and the padding between them.
+    pub whole: TensorId,
+    /// Values in `whole`.
+    pub len: usize,
+    pub parts: Vec<TensorId>,
+}
+
 /// Loss and accuracy of one batch, summed over its rows (written by the fused loss op).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepStats {
@@ -66,6 +76,11 @@ pub trait Backend {
 
     /// A zero-filled tensor of `len` f32 values.
     fn alloc(&mut self, len: usize) -> Result<TensorId>;
+    /// Zero-filled tensors of the given lengths packed into one allocation, and `whole`, a tensor
+    /// covering all of them (and any zero padding between them), so that one elementwise op over
+    /// `whole` updates every part: the layer graph keeps its parameters, gradients and velocities
+    /// this way so that a step's optimizer update is one dispatch.
+    fn alloc_packed(&mut self, lens: &[usize]) -> Result<Packed>;
     /// Copy `data` into the start of `t`.
     fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()>;
     /// Wait for pending work and return the whole of `t`.

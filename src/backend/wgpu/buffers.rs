@@ -19,6 +19,25 @@ pub struct GpuBuffer {
     pub buffer: wgpu::Buffer,
 }
 
+impl GpuBuffer {
+    /// The whole buffer as a slice.
+    pub fn whole(&self) -> Slice<'_> {
+        Slice {
+            buf: self,
+            offset: 0,
+            size: self.buffer.size(),
+        }
+    }
+}
+
+/// A byte range of a device buffer: what a kernel binding or a read-back refers to.
+#[derive(Clone, Copy)]
+pub struct Slice<'a> {
+    pub buf: &'a GpuBuffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
 /// Usage of every storage buffer: bound by kernels, written by the queue, copied for read-back.
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
@@ -59,8 +78,8 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Record a copy of `src`'s first `bytes` into the staging buffer.
-    pub fn read(&mut self, ctx: &GpuContext, encoder: &mut wgpu::CommandEncoder, src: &GpuBuffer, bytes: u64) {
+    /// Record a copy of the first `bytes` of `src` into the staging buffer.
+    pub fn read(&mut self, ctx: &GpuContext, encoder: &mut wgpu::CommandEncoder, src: Slice, bytes: u64) {
         let bytes = bytes.max(4).div_ceil(4) * 4;
         if self.buffer.is_none() || self.size < bytes {
             self.size = bytes.next_power_of_two().max(256);
@@ -72,7 +91,7 @@ impl Staging {
             }));
         }
         if let Some(staging) = &self.buffer {
-            encoder.copy_buffer_to_buffer(&src.buffer, 0, staging, 0, bytes);
+            encoder.copy_buffer_to_buffer(&src.buf.buffer, src.offset, staging, 0, bytes.min(src.size));
         }
     }
 

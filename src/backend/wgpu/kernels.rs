@@ -2,13 +2,13 @@
 //! bind groups and parameter blocks of their dispatches, created once and reused.
 //!
 //! Contract: `Kernels::dispatch` records one dispatch into a compute pass. A dispatch is named by
-//! its kernel, its parameter block (8 u32 words, the shader's `Params` uniform) and its buffers
-//! (binding number and buffer); bind groups and uniform buffers are cached by that name, so after
-//! the first epoch a training step creates no wgpu object at all.
+//! its kernel, its parameter block (8 u32 words, the shader's `Params` uniform) and its bindings
+//! (binding number and buffer range); bind groups and uniform buffers are cached by that name, so
+//! after the first epoch a training step creates no wgpu object at all.
 
 use std::collections::HashMap;
 
-use super::buffers::GpuBuffer;
+use super::buffers::Slice;
 use super::context::GpuContext;
 use crate::error::Result;
 
@@ -61,7 +61,8 @@ pub type ParamWords = [u32; 8];
 struct BindKey {
     kernel: Kernel,
     params: ParamWords,
-    buffers: Vec<(u32, u64)>,
+    /// (binding, buffer id, byte offset, byte size) of each bound slice.
+    buffers: Vec<(u32, u64, u64, u64)>,
 }
 
 /// Pipelines, uniform blocks and bind groups, each created once.
@@ -105,13 +106,13 @@ impl Kernels {
         pass: &mut wgpu::ComputePass<'static>,
         kernel: Kernel,
         params: ParamWords,
-        buffers: &[(u32, &GpuBuffer)],
+        buffers: &[(u32, Slice)],
         grid: (u32, u32, u32),
     ) -> Result<()> {
         let key = BindKey {
             kernel,
             params,
-            buffers: buffers.iter().map(|(b, buf)| (*b, buf.id)).collect(),
+            buffers: buffers.iter().map(|(b, s)| (*b, s.buf.id, s.offset, s.size)).collect(),
         };
         if !self.bind_groups.contains_key(&key) {
             self.pipeline(ctx, kernel)?;
@@ -127,9 +128,13 @@ impl Kernels {
                 binding: 0,
                 resource: uniform.as_entire_binding(),
             }];
-            entries.extend(buffers.iter().map(|(binding, buf)| wgpu::BindGroupEntry {
+            entries.extend(buffers.iter().map(|(binding, s)| wgpu::BindGroupEntry {
                 binding: *binding,
-                resource: buf.buffer.as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &s.buf.buffer,
+                    offset: s.offset,
+                    size: wgpu::BufferSize::new(s.size),
+                }),
             }));
             let layout = self.pipelines[&kernel].get_bind_group_layout(0);
             let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -12,17 +12,32 @@ mod kernels;
 
 pub use context::{list_adapters, AdapterSummary};
 
-use buffers::{GpuBuffer, Staging};
+use std::rc::Rc;
+
+use buffers::{GpuBuffer, Slice, Staging};
 use context::GpuContext;
 use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
 
-use super::{Backend, Counters, DatasetId, Epilogue, StepStats, TensorId};
+use super::{Backend, Counters, DatasetId, Epilogue, Packed, StepStats, TensorId};
 use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 
+/// A tensor: `len` f32 values at byte `offset` of a buffer that other tensors may share (a packed
+/// group, see `alloc_packed`).
 struct GpuTensor {
-    buf: GpuBuffer,
+    buf: Rc<GpuBuffer>,
+    offset: u64,
     len: usize,
+}
+
+impl GpuTensor {
+    fn slice(&self) -> Slice<'_> {
+        Slice {
+            buf: &self.buf,
+            offset: self.offset,
+            size: (self.len as u64 * 4).max(4),
+        }
+    }
 }
 
 struct GpuDataset {
@@ -82,7 +97,7 @@ impl WgpuBackend {
         &self.ctx.summary
     }
 
-    fn tensor(&self, op: &'static str, t: TensorId, need: usize) -> Result<&GpuBuffer> {
+    fn tensor(&self, op: &'static str, t: TensorId, need: usize) -> Result<Slice<'_>> {
         let g = self
             .tensors
             .get(t.0)
@@ -93,7 +108,7 @@ impl WgpuBackend {
                 format!("tensor {} holds {} values, the op needs {need}", t.0, g.len),
             ));
         }
-        Ok(&g.buf)
+        Ok(g.slice())
     }
 
     fn dataset(&self, op: &'static str, ds: DatasetId, start: usize, rows: usize) -> Result<&GpuDataset> {
@@ -110,11 +125,15 @@ impl WgpuBackend {
         Ok(d)
     }
 
-    fn distinct(op: &'static str, ids: &[TensorId]) -> Result<()> {
-        for (i, a) in ids.iter().enumerate() {
-            if ids[i + 1..].contains(a) {
-                return Err(Error::shape(op, format!("tensor {} is bound twice", a.0)));
-            }
+    /// `ids[0]` is written by the op: it must not share a buffer with any other binding (wgpu
+    /// forbids a buffer bound both writable and read in one dispatch, whatever the ranges).
+    fn distinct(&self, op: &'static str, ids: &[TensorId]) -> Result<()> {
+        let written = self.tensors[ids[0].0].buf.id;
+        if let Some(other) = ids[1..].iter().find(|t| self.tensors[t.0].buf.id == written) {
+            return Err(Error::shape(
+                op,
+                format!("tensor {} shares its buffer with the output {}", other.0, ids[0].0),
+            ));
         }
         Ok(())
     }
@@ -143,19 +162,19 @@ impl WgpuBackend {
                 pass: Some(pass),
             }
         });
-        let buffers: Vec<(u32, &GpuBuffer)> = bind
+        let buffers: Vec<(u32, Slice)> = bind
             .iter()
             .map(|&(binding, b)| {
-                let buf = match b {
-                    Bound::Tensor(t) => &self.tensors[t.0].buf,
-                    Bound::Images(d) => &self.datasets[d.0].images,
-                    Bound::Labels(d) => &self.datasets[d.0].labels,
-                    Bound::Order(d) => &self.datasets[d.0].order,
+                let slice = match b {
+                    Bound::Tensor(t) => self.tensors[t.0].slice(),
+                    Bound::Images(d) => self.datasets[d.0].images.whole(),
+                    Bound::Labels(d) => self.datasets[d.0].labels.whole(),
+                    Bound::Order(d) => self.datasets[d.0].order.whole(),
                     // Callers check the slot against stats_slots, so stats exists here.
-                    Bound::Stats => self.stats.as_ref().unwrap_or(&self.dummy),
-                    Bound::Dummy => &self.dummy,
+                    Bound::Stats => self.stats.as_ref().unwrap_or(&self.dummy).whole(),
+                    Bound::Dummy => self.dummy.whole(),
                 };
-                (binding, buf)
+                (binding, slice)
             })
             .collect();
         let pass = recording
@@ -197,11 +216,8 @@ impl WgpuBackend {
     fn read_bytes(&mut self, buf: Bound, bytes: u64) -> Result<Vec<u8>> {
         self.submit(|me, encoder| {
             let src = match buf {
-                Bound::Tensor(t) => &me.tensors[t.0].buf,
-                _ => match &me.stats {
-                    Some(s) => s,
-                    None => &me.dummy,
-                },
+                Bound::Tensor(t) => me.tensors[t.0].slice(),
+                _ => me.stats.as_ref().unwrap_or(&me.dummy).whole(),
             };
             me.staging.read(&me.ctx, encoder, src, bytes);
         })?;
@@ -240,17 +256,48 @@ impl Backend for WgpuBackend {
         let bytes = (len as u64)
             .checked_mul(4)
             .ok_or_else(|| Error::shape("alloc", format!("{len} values")))?;
-        let buf = buffers::create(&self.ctx, bytes, "tensor")?;
-        self.tensors.push(GpuTensor { buf, len });
+        let buf = Rc::new(buffers::create(&self.ctx, bytes, "tensor")?);
+        self.tensors.push(GpuTensor { buf, offset: 0, len });
         Ok(TensorId(self.tensors.len() - 1))
+    }
+
+    fn alloc_packed(&mut self, lens: &[usize]) -> Result<Packed> {
+        // Each part starts at a multiple of the device's binding-offset alignment.
+        let align = (self.ctx.limits.min_storage_buffer_offset_alignment.max(4) / 4) as usize;
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut total = 0usize;
+        for &len in lens {
+            offsets.push(total);
+            total = (total + len).div_ceil(align) * align;
+        }
+        let whole = self.alloc(total)?;
+        let buf = self.tensors[whole.0].buf.clone();
+        let parts = offsets
+            .iter()
+            .zip(lens)
+            .map(|(&off, &len)| {
+                self.tensors.push(GpuTensor {
+                    buf: buf.clone(),
+                    offset: off as u64 * 4,
+                    len,
+                });
+                TensorId(self.tensors.len() - 1)
+            })
+            .collect();
+        Ok(Packed {
+            whole,
+            len: total,
+            parts,
+        })
     }
 
     fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()> {
         self.tensor("write", t, data.len())?;
         self.flush()?;
+        let g = &self.tensors[t.0];
         self.ctx
             .queue
-            .write_buffer(&self.tensors[t.0].buf.buffer, 0, bytemuck::cast_slice(data));
+            .write_buffer(&g.buf.buffer, g.offset, bytemuck::cast_slice(data));
         self.counters.uploads += 1;
         Ok(())
     }
@@ -410,7 +457,7 @@ impl Backend for WgpuBackend {
         let op = "bias_add_forward";
         self.tensor(op, out, b * oc)?;
         self.tensor(op, bias, oc)?;
-        Self::distinct(op, &[out, bias])?;
+        self.distinct(op, &[out, bias])?;
         let params = [
             Self::u32_of(op, "rows", b)?,
             Self::u32_of(op, "cols", oc)?,
@@ -435,7 +482,7 @@ impl Backend for WgpuBackend {
         let op = "bias_backward";
         self.tensor(op, dbias, oc)?;
         self.tensor(op, dout, b * oc)?;
-        Self::distinct(op, &[dbias, dout])?;
+        self.distinct(op, &[dbias, dout])?;
         let params = [
             Self::u32_of(op, "rows", b)?,
             Self::u32_of(op, "cols", oc)?,
@@ -459,7 +506,7 @@ impl Backend for WgpuBackend {
         let op = "relu_forward";
         self.tensor(op, out, n)?;
         self.tensor(op, inp, n)?;
-        Self::distinct(op, &[out, inp])?;
+        self.distinct(op, &[out, inp])?;
         let params = [Self::u32_of(op, "n", n)?, 0, 0, 0, 0, 0, 0, 0];
         let grid = grid_1d(n, self.max_groups());
         self.record(
@@ -475,7 +522,7 @@ impl Backend for WgpuBackend {
         self.tensor(op, dinp, n)?;
         self.tensor(op, dout, n)?;
         self.tensor(op, out, n)?;
-        Self::distinct(op, &[dinp, dout, out])?;
+        self.distinct(op, &[dinp, dout, out])?;
         let params = [Self::u32_of(op, "n", n)?, 0, 0, 0, 0, 0, 0, 0];
         let grid = grid_1d(n, self.max_groups());
         let bind = [
@@ -514,7 +561,7 @@ impl Backend for WgpuBackend {
         let dl = match dlogits {
             Some(d) => {
                 self.tensor(op, d, rows * classes)?;
-                Self::distinct(op, &[d, logits])?;
+                self.distinct(op, &[d, logits])?;
                 Bound::Tensor(d)
             }
             None => Bound::Dummy,
@@ -553,7 +600,8 @@ impl Backend for WgpuBackend {
         self.tensor(op, param, n)?;
         self.tensor(op, velocity, n)?;
         self.tensor(op, grad, n)?;
-        Self::distinct(op, &[param, velocity, grad])?;
+        self.distinct(op, &[param, velocity, grad])?;
+        self.distinct(op, &[velocity, grad])?;
         let params = [Self::u32_of(op, "n", n)?, bits(lr), bits(rho), bits(eps), 0, 0, 0, 0];
         let grid = grid_1d(n, self.max_groups());
         let bind = [
@@ -568,7 +616,7 @@ impl Backend for WgpuBackend {
         let op = "sgd_update";
         self.tensor(op, param, n)?;
         self.tensor(op, grad, n)?;
-        Self::distinct(op, &[param, grad])?;
+        self.distinct(op, &[param, grad])?;
         let params = [Self::u32_of(op, "n", n)?, bits(lr), 0, 0, 0, 0, 0, 0];
         let grid = grid_1d(n, self.max_groups());
         self.record(
@@ -608,7 +656,10 @@ impl Backend for WgpuBackend {
     }
 
     fn counters(&self) -> Counters {
-        let tensors: u64 = self.tensors.iter().map(|t| t.buf.buffer.size()).sum();
+        let mut ids: Vec<(u64, u64)> = self.tensors.iter().map(|t| (t.buf.id, t.buf.buffer.size())).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let tensors: u64 = ids.iter().map(|&(_, size)| size).sum();
         let datasets: u64 = self
             .datasets
             .iter()
@@ -650,10 +701,10 @@ impl WgpuBackend {
             ids.push(mask);
         }
         // The bias and the mask are read-only, like a and b; only c must differ from all of them.
-        Self::distinct(op, &[c, a])?;
-        Self::distinct(op, &[c, b])?;
+        self.distinct(op, &[c, a])?;
+        self.distinct(op, &[c, b])?;
         for &t in &ids[3..] {
-            Self::distinct(op, &[c, t])?;
+            self.distinct(op, &[c, t])?;
         }
         let mut params = [0u32; 8];
         for (p, &d) in params.iter_mut().zip(&dims) {
