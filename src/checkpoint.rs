@@ -18,6 +18,8 @@ use crate::model::{HostTensor, ModelSpec};
 
 /// The largest header we accept (a real one is under 1 KB).
 const MAX_HEADER: u64 = 1 << 20;
+/// The largest file we read: the parameters, velocities and header of the largest model allowed.
+const MAX_FILE: u64 = 2 * 4 * crate::model::MAX_PARAMS as u64 + MAX_HEADER + 8;
 
 /// Write `data` to `path` atomically: temporary file beside it, fsync, rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
@@ -133,6 +135,15 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         return Err(Error::bad_file(
             path,
             "is a directory, expected a .safetensors model file",
+        ));
+    }
+    if !meta.is_file() {
+        return Err(Error::bad_file(path, "is not a regular file"));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(Error::bad_file(
+            path,
+            format!("is {} bytes, larger than any gpu-mnist model", meta.len()),
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -53,10 +53,14 @@ pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result
                 .iter()
                 .find(|a| (a.is_hardware() || software_ok) && a.matches(adapter_filter));
             match usable {
-                Some(a) => {
-                    let why = format!("--device auto: {} GPU found", a.device_type);
-                    Ok(gpu(WgpuBackend::open(adapter_filter, !software_ok)?, &why))
-                }
+                Some(a) => match WgpuBackend::open(adapter_filter, !software_ok) {
+                    Ok(be) => Ok(gpu(be, &format!("--device auto: {} GPU found", a.device_type))),
+                    // A GPU that is there but can not be used: the CPU path runs instead.
+                    Err(e) => Ok(cpu(
+                        CpuBackend::fast(),
+                        &format!("--device auto: '{}' could not be used ({e})", a.name),
+                    )),
+                },
                 None => {
                     let why = match adapters.iter().find(|a| a.matches(adapter_filter)) {
                         Some(a) => format!(

@@ -49,6 +49,10 @@ pub enum Error {
     #[error("{0}")]
     Numerical(String),
 
+    /// An external command (a --baseline) failed.
+    #[error("{0}")]
+    Command(String),
+
     /// The user interrupted the run (Ctrl-C); the message says what was saved.
     #[error("{0}")]
     Interrupted(String),

@@ -45,6 +45,9 @@ pub fn load_gray(path: &Path) -> Result<Gray> {
     if meta.is_dir() {
         return Err(Error::bad_file(path, "is a directory, expected a PNG or PGM image"));
     }
+    if !meta.is_file() {
+        return Err(Error::bad_file(path, "is not a regular file"));
+    }
     if meta.len() > MAX_FILE_BYTES {
         return Err(Error::bad_file(
             path,

@@ -45,6 +45,40 @@ impl ModelSpec {
         self.dense_dims().iter().map(|(c, oc)| c * oc + oc).sum()
     }
 
+    /// Refuse a model or batch too large to allocate, before anything is allocated: at most
+    /// 2^28 parameters (each also has a gradient and a velocity) and 2^30 activation values.
+    pub fn check_size(&self, max_batch: usize) -> Result<()> {
+        if let Some(bad) = self.hidden.iter().find(|&&h| h == 0) {
+            return Err(Error::usage(
+                "--hidden",
+                format!("layer width {bad} must be at least 1"),
+            ));
+        }
+        let params = self.dense_dims().iter().try_fold(0usize, |acc, &(c, oc)| {
+            c.checked_mul(oc)
+                .and_then(|w| w.checked_add(oc))
+                .and_then(|n| acc.checked_add(n))
+        });
+        match params {
+            Some(n) if n <= MAX_PARAMS => {}
+            _ => {
+                let reason = format!("{} has more than {MAX_PARAMS} parameters", self.describe());
+                return Err(Error::usage("--hidden", reason));
+            }
+        }
+        let width: usize = self.inputs + self.hidden.iter().sum::<usize>() + self.classes;
+        match width.checked_mul(max_batch).and_then(|v| v.checked_mul(2)) {
+            Some(v) if v <= MAX_ACTIVATIONS => Ok(()),
+            _ => Err(Error::usage(
+                "--batch-size",
+                format!(
+                    "batches of {max_batch} through {} need more than {MAX_ACTIVATIONS} activation values",
+                    self.describe()
+                ),
+            )),
+        }
+    }
+
     /// One text line, e.g. "784-512-10".
     pub fn describe(&self) -> String {
         let mut w = vec![self.inputs];
@@ -53,6 +87,11 @@ impl ModelSpec {
         w.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("-")
     }
 }
+
+/// The most parameters a model may have (values, gradients and velocities: 3 GiB in f32).
+pub const MAX_PARAMS: usize = 1 << 28;
+/// The most activation values (and as many gradients) a graph may hold for one batch.
+pub const MAX_ACTIVATIONS: usize = 1 << 30;
 
 /// A named parameter tensor on the host (initial values, checkpoints).
 #[derive(Debug, Clone, PartialEq)]

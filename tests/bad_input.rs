@@ -483,6 +483,37 @@ fn more_bad_flags_and_device_limits() {
         ),
         (vec!["train", "--data", &d, "--device", "cpu", "--out", f], "--out"),
         (vec!["bench", "--steps", "0"], "--steps"),
+        // Values that would ask for more memory than exists are refused before allocating.
+        (
+            vec!["train", "--data", &d, "--batch-size", "1000000000"],
+            "--batch-size",
+        ),
+        (
+            vec!["train", "--data", &d, "--chunk-steps", "1000000000000"],
+            "--chunk-steps",
+        ),
+        (
+            vec!["train", "--data", &d, "--device", "cpu", "--hidden", "1048576,1048576"],
+            "--hidden",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                &d,
+                "--device",
+                "cpu",
+                "--hidden",
+                "100000",
+                "--batch-size",
+                "65536",
+            ],
+            "--batch-size",
+        ),
+        (
+            vec!["bench", "--data", &d, "--device", "cpu", "--batch-size", "60001"],
+            "--batch-size",
+        ),
     ];
     for (args, flag) in &usage {
         let o = run_on(dir.path(), args);
@@ -509,4 +540,55 @@ fn more_bad_flags_and_device_limits() {
         1,
         &["no-such-gpu", "--device cpu"],
     );
+}
+
+#[test]
+fn a_new_run_never_overwrites_another_runs_checkpoint_or_records() {
+    let d = data_dir().to_string_lossy().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (ck, out) = (dir.path().join("ck"), dir.path().join("run"));
+    let args = [
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--epochs",
+        "1",
+        "--train-limit",
+        "500",
+        "--test-limit",
+        "100",
+        "--quiet",
+    ];
+    let first = bin()
+        .args(args)
+        .arg("--checkpoint-dir")
+        .arg(&ck)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let o = run_on(
+        dir.path(),
+        &[
+            &args[..],
+            &[
+                "--checkpoint-dir",
+                ck.to_str().unwrap(),
+                "--out",
+                dir.path().join("other").to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert_clean_failure(
+        "--checkpoint-dir holding a checkpoint",
+        &o,
+        2,
+        &["--checkpoint-dir", "--resume"],
+    );
+    let o = run_on(dir.path(), &[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert_clean_failure("--out holding a run", &o, 2, &["--out", "already holds"]);
 }

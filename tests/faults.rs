@@ -248,3 +248,151 @@ fn a_lost_gpu_ends_cleanly_and_auto_continues_on_the_cpu() {
     };
     assert!((acc(&stdout) - acc(&cpu)).abs() <= 0.5, "{stdout}\n{cpu}");
 }
+
+#[test]
+fn no_adapter_at_all_is_a_clear_error_for_gpu_and_the_cpu_for_auto() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    // The Vulkan loader finds no driver when pointed at a file that does not exist.
+    let no_driver = |cmd: &mut std::process::Command| {
+        cmd.env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+            .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+            .env("WGPU_BACKEND", "vulkan");
+    };
+    let mut cmd = bin();
+    cmd.args(["train", "--device", "gpu", "--data", &d]);
+    no_driver(&mut cmd);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no GPU adapter found") && stderr.contains("--device cpu"),
+        "{stderr}"
+    );
+    let mut cmd = bin();
+    cmd.args([
+        "train",
+        "--data",
+        &d,
+        "--epochs",
+        "1",
+        "--train-limit",
+        "500",
+        "--test-limit",
+        "100",
+        "--out",
+    ]);
+    cmd.arg(dir.path().join("run"));
+    no_driver(&mut cmd);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("--device auto: no GPU adapter was found"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_gpu_lost_after_a_mid_epoch_resume_hands_over_from_that_step() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    // A checkpoint from the middle of epoch 1: a run stopped by Ctrl-C on the CPU.
+    let args = [
+        "train",
+        "--data",
+        &d,
+        "--train-limit",
+        "16000",
+        "--test-limit",
+        "500",
+        "--epochs",
+        "2",
+        "--chunk-steps",
+        "8",
+    ];
+    let child = bin()
+        .args(
+            [
+                &args[..],
+                &["--device", "cpu", "--checkpoint-dir", &p("ck"), "--out", &p("run")],
+            ]
+            .concat(),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.code() != Some(130) {
+        println!(
+            "the run ended before the interrupt ({:?}); nothing to check",
+            out.status.code()
+        );
+        return;
+    }
+    let state = checkpoint::load(&dir.path().join("ck/checkpoint.safetensors"))
+        .unwrap()
+        .state
+        .unwrap();
+    println!("interrupted at {}", state["partial_epoch"]);
+    // Resume the same checkpoint twice: on the CPU, and with --device auto on a GPU that is lost at
+    // its first read-back. Both must end with the same figures.
+    std::fs::create_dir(dir.path().join("ck2")).unwrap();
+    std::fs::copy(
+        dir.path().join("ck/checkpoint.safetensors"),
+        dir.path().join("ck2/checkpoint.safetensors"),
+    )
+    .unwrap();
+    let cpu = run_quiet(&[
+        "train",
+        "--data",
+        &d,
+        "--test-limit",
+        "500",
+        "--device",
+        "cpu",
+        "--resume",
+        &p("ck"),
+    ]);
+    let auto = bin()
+        .args([
+            "train",
+            "--data",
+            &d,
+            "--test-limit",
+            "500",
+            "--device",
+            "auto",
+            "--resume",
+            &p("ck2"),
+        ])
+        .env("GPU_MNIST_AUTO_ACCEPTS_SOFTWARE", "1")
+        .env("GPU_MNIST_INJECT_DEVICE_LOSS", "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&auto.stdout),
+        String::from_utf8_lossy(&auto.stderr),
+    );
+    assert!(
+        auto.status.success() && stderr.contains("continues on the CPU"),
+        "{stderr}"
+    );
+    let figures = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with("epoch") || l.starts_with("test"))
+            .map(|l| l.rsplit_once(", ").map_or(l, |x| x.0).to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        figures(&stdout),
+        figures(&cpu),
+        "auto after a lost GPU must continue exactly like the CPU resume"
+    );
+}

@@ -208,7 +208,15 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&mut self, len: usize) -> Result<TensorId> {
-        self.storage.push(vec![0.0; len]);
+        let mut array = Vec::new();
+        array.try_reserve_exact(len).map_err(|_| {
+            Error::Numerical(format!(
+                "out of memory: could not allocate {len} values ({} MiB)",
+                len / (1 << 18)
+            ))
+        })?;
+        array.resize(len, 0.0);
+        self.storage.push(array);
         self.tensors.push(View {
             storage: self.storage.len() - 1,
             offset: 0,

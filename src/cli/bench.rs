@@ -12,10 +12,11 @@ use gpu_mnist::bench::{bench_device, memory, BenchConfig, DeviceBench};
 use gpu_mnist::data::locate::cache_dir;
 use gpu_mnist::data::{dir_has_all_files, Dataset, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::{open_device, DeviceChoice};
+use gpu_mnist::model::ModelSpec;
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
 
-use super::{parse_hidden, parse_positive, Hidden};
+use super::{parse_batch, parse_hidden, parse_positive, Hidden};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -29,7 +30,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "W[,W...]", default_value = "512", value_parser = parse_hidden)]
     pub hidden: Hidden,
     /// Examples per step
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_batch)]
     pub batch_size: usize,
     /// Steps per timed throughput run (the reference backend runs 2, software adapters a fifth)
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "100", value_parser = parse_positive)]
@@ -112,9 +113,10 @@ fn run_baseline(cmd: &str) -> Result<Value> {
     let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).ok_or_else(|| {
         let err = String::from_utf8_lossy(&out.stderr);
         let last = err.lines().last().unwrap_or("no output");
-        Error::usage("--baseline", format!("'{cmd}' printed no RESULT line ({last})"))
+        Error::Command(format!("--baseline '{cmd}' printed no RESULT line ({last})"))
     })?;
-    serde_json::from_str(line).map_err(|e| Error::usage("--baseline", format!("its RESULT line is not JSON: {e}")))
+    serde_json::from_str(line)
+        .map_err(|e| Error::Command(format!("--baseline '{cmd}': its RESULT line is not JSON ({e})")))
 }
 
 fn to_json(b: &DeviceBench) -> Value {
@@ -185,6 +187,11 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let (data, source) = bench_data(args.data.as_deref())?;
+    if args.batch_size > data.len() {
+        let reason = format!("{} is larger than the {} training images", args.batch_size, data.len());
+        return Err(Error::usage("--batch-size", reason));
+    }
+    ModelSpec::mnist(&args.hidden.0).check_size(args.batch_size)?;
     if !args.json {
         println!(
             "data: {source}; batch {}, model 784-{}-10",

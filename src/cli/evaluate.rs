@@ -14,7 +14,7 @@ use gpu_mnist::model::Graph;
 use gpu_mnist::train::{evaluate, predict};
 use gpu_mnist::Result;
 
-use super::{parse_positive, DataArgs, DeviceArgs};
+use super::{check_output_path, parse_batch, parse_positive, DataArgs, DeviceArgs};
 
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
@@ -26,7 +26,7 @@ pub struct EvaluateArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Examples per evaluation batch
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "1000", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "1000", value_parser = parse_batch)]
     pub batch_size: usize,
     /// Write a PNG grid of the misclassified test digits (predicted in red, true label in green)
     #[arg(long, value_name = "PNG")]
@@ -37,6 +37,9 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
+    if let Some(path) = &args.misclassified {
+        check_output_path("--misclassified", path)?;
+    }
     let Checkpoint { spec, params, .. } = checkpoint::load(&args.model)?;
     let (dir, _) = resolve_data_dir(
         args.data.data.as_deref(),

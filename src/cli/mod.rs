@@ -114,6 +114,24 @@ pub fn parse_positive(text: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// A batch size: 1 to 65536.
+pub fn parse_batch(text: &str) -> std::result::Result<usize, String> {
+    parse_up_to(text, 65_536)
+}
+
+/// A whole number from 1 to `max`.
+pub fn parse_up_to(text: &str, max: usize) -> std::result::Result<usize, String> {
+    match parse_positive(text)? {
+        v if v > max => Err(format!("must be at most {max}")),
+        v => Ok(v),
+    }
+}
+
+/// Steps per chunk: 1 to 4096.
+pub fn parse_chunk(text: &str) -> std::result::Result<usize, String> {
+    parse_up_to(text, 4096)
+}
+
 /// A learning rate: finite and greater than 0.
 pub fn parse_lr(text: &str) -> std::result::Result<f32, String> {
     match text.trim().parse::<f32>() {
@@ -137,4 +155,23 @@ pub fn parse_hidden(text: &str) -> std::result::Result<Hidden, String> {
         return Err(format!("layer width {w} is larger than 1048576"));
     }
     Ok(Hidden(widths))
+}
+
+/// Fail before any work if an output file could not be written where asked.
+pub fn check_output_path(flag: &str, path: &std::path::Path) -> gpu_mnist::Result<()> {
+    use gpu_mnist::Error;
+    if path.is_dir() {
+        return Err(Error::usage(flag, format!("{} is a directory", path.display())));
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::usage(
+            flag,
+            format!("folder {} does not exist", parent.display()),
+        ));
+    }
+    Ok(())
 }

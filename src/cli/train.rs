@@ -23,7 +23,10 @@ use gpu_mnist::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
-use super::{parse_hidden, parse_lr, parse_positive, DataArgs, DeviceArgs, DeviceFlag, Hidden};
+use super::{
+    check_output_path, parse_batch, parse_chunk, parse_hidden, parse_lr, parse_positive, DataArgs, DeviceArgs,
+    DeviceFlag, Hidden,
+};
 
 /// The checkpoint file inside a --checkpoint-dir.
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -41,7 +44,7 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_positive)]
     pub epochs: usize,
     /// Examples per step (the last batch of an epoch keeps the remainder)
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_batch)]
     pub batch_size: usize,
     /// Learning rate [default: 0.001 for rmsprop, 0.01 for sgd]
     #[arg(long, allow_negative_numbers = true, value_name = "LR", value_parser = parse_lr)]
@@ -59,7 +62,7 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true, value_name = "F", value_parser = parse_split)]
     pub validation_split: Option<f64>,
     /// Steps recorded between two read-backs of loss and accuracy
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "64", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "64", value_parser = parse_chunk)]
     pub chunk_steps: usize,
     /// Save the trained model to PATH (safetensors)
     #[arg(long, value_name = "PATH")]
@@ -148,7 +151,13 @@ impl Settings {
 
     fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let bad = |what: &str| Error::bad_file(path, format!("its training state lacks a valid {what}"));
-        let usize_of = |k: &str| v[k].as_u64().map(|x| x as usize).ok_or_else(|| bad(k));
+        // Checked like the flags they stand for: a count from 1 to `max`.
+        let usize_of = |k: &str, max: u64| {
+            v[k].as_u64()
+                .filter(|&x| (1..=max).contains(&x))
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(k))
+        };
         let hidden: Vec<usize> = v["hidden"]
             .as_array()
             .and_then(|a| a.iter().map(|x| x.as_u64().map(|w| w as usize)).collect())
@@ -159,16 +168,24 @@ impl Settings {
             _ => return Err(bad("optimizer")),
         };
         let lr = v["lr"].as_f64().ok_or_else(|| bad("lr"))? as f32;
-        Ok(Settings {
+        let validation_split = v["validation_split"].as_f64();
+        if validation_split.is_some_and(|f| !(0.0..1.0).contains(&f)) {
+            return Err(bad("validation_split"));
+        }
+        let settings = Settings {
             hidden,
-            epochs: usize_of("epochs")?,
-            batch_size: usize_of("batch_size")?,
+            epochs: usize_of("epochs", u32::MAX as u64)?,
+            batch_size: usize_of("batch_size", 65_536)?,
             optimizer: Optimizer::new(kind, Some(lr)).map_err(|_| bad("lr"))?,
             seed: v["seed"].as_u64().ok_or_else(|| bad("seed"))?,
             train_limit: v["train_limit"].as_u64().map(|x| x as usize),
-            validation_split: v["validation_split"].as_f64(),
-            chunk_steps: usize_of("chunk_steps")?,
-        })
+            validation_split,
+            chunk_steps: usize_of("chunk_steps", 4096)?,
+        };
+        ModelSpec::mnist(&settings.hidden)
+            .check_size(settings.batch_size)
+            .map_err(|_| bad("model size (hidden widths and batch size)"))?;
+        Ok(settings)
     }
 }
 
@@ -249,24 +266,6 @@ fn record_from_json(v: &Value) -> Option<EpochRecord> {
         seconds: v["seconds"].as_f64()?,
         device: v["device"].as_str().unwrap_or("").to_string(),
     })
-}
-
-/// Fail before training if the model could not be saved where asked.
-fn check_save_path(path: &Path) -> Result<()> {
-    if path.is_dir() {
-        return Err(Error::usage("--save", format!("{} is a directory", path.display())));
-    }
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(Error::usage(
-            "--save",
-            format!("folder {} does not exist", parent.display()),
-        ));
-    }
-    Ok(())
 }
 
 /// Split off the last `fraction` of `data` for validation.
@@ -350,8 +349,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(r) => r.settings.clone(),
         None => Settings::from_args(&args)?,
     };
+    ModelSpec::mnist(&settings.hidden).check_size(settings.batch_size)?;
+    if args.resume.is_none() {
+        // A new run never overwrites another run's checkpoint or records.
+        if let Some(dir) = args
+            .checkpoint_dir
+            .as_deref()
+            .filter(|d| d.join(CHECKPOINT_FILE).exists())
+        {
+            let reason = format!(
+                "{} already holds a checkpoint; continue that run with --resume {}, or choose an empty folder",
+                dir.display(),
+                dir.display()
+            );
+            return Err(Error::usage("--checkpoint-dir", reason));
+        }
+        if let Some(out) = args.out.as_deref().filter(|d| d.join("metrics.csv").exists()) {
+            let reason = format!("{} already holds a run's records; choose another folder", out.display());
+            return Err(Error::usage("--out", reason));
+        }
+    }
     if let Some(path) = &args.save {
-        check_save_path(path)?;
+        check_output_path("--save", path)?;
     }
     let checkpoint_dir = args.resume.clone().or_else(|| args.checkpoint_dir.clone());
     if let Some(dir) = checkpoint_dir.as_deref().filter(|d| d.exists() && !d.is_dir()) {
@@ -471,11 +490,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         match run.train_on(backend.as_mut(), &mut at, &mut folder, fall_back) {
             Err(Error::Gpu(msg)) if fall_back => {
                 eprintln!(
-                    "warning: GPU: {msg}; --device auto continues on the CPU from the end of epoch {}",
-                    at.epoch
+                    "warning: GPU: {msg}; --device auto continues on the CPU from the end of epoch {}{}",
+                    at.epoch,
+                    match at.partial.steps_done {
+                        0 => String::new(),
+                        k => format!(" and step {k} of epoch {}", at.epoch + 1),
+                    }
                 );
+                // `at` holds the weights, velocities and position (whole epochs and any resumed
+                // part of the next) of the same moment, so the CPU continues exactly from there.
                 backend = Box::new(CpuBackend::fast());
-                at.partial = EpochProgress::default();
                 fall_back = false;
             }
             other => return other,
@@ -529,7 +553,8 @@ impl Run<'_> {
     /// Save model, optimizer and progress (whole epochs, and how far into the next one).
     fn save_checkpoint(
         &self,
-        trainer: &mut Trainer,
+        params: Vec<HostTensor>,
+        velocities: Vec<HostTensor>,
         epochs_done: usize,
         partial: EpochProgress,
         history: &[EpochRecord],
@@ -543,12 +568,13 @@ impl Run<'_> {
             },
             "settings": self.settings.to_json(),
             "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
-            "run_dir": self.run_dir.display().to_string(),
+            // Absolute, so that a resume from another working folder writes to the same place.
+            "run_dir": std::path::absolute(self.run_dir).unwrap_or_else(|_| self.run_dir.to_path_buf()).display().to_string(),
         });
         let ck = Checkpoint {
             spec: self.spec.clone(),
-            params: trainer.params()?,
-            velocities: trainer.velocities()?,
+            params,
+            velocities,
             state: Some(state),
         };
         checkpoint::save(&dir.join(CHECKPOINT_FILE), &ck)
@@ -619,7 +645,10 @@ impl Run<'_> {
             let report = match end? {
                 EpochEnd::Finished(report) => report,
                 EpochEnd::Interrupted(stopped) => {
-                    self.save_checkpoint(&mut trainer, epoch, stopped, &at.history)?;
+                    if self.checkpoint_dir.is_some() {
+                        let (p, v) = (trainer.params()?, trainer.velocities()?);
+                        self.save_checkpoint(p, v, epoch, stopped, &at.history)?;
+                    }
                     let place = format!("epoch {}, step {} of {steps}", epoch + 1, stopped.steps_done);
                     let message = match self.checkpoint_dir {
                         Some(dir) => format!(
@@ -632,6 +661,13 @@ impl Run<'_> {
                 }
             };
             let val: Option<EvalReport> = val_id.map(|id| trainer.evaluate(id)).transpose()?;
+            // Everything that can fail on the device happens before the epoch is recorded, so that
+            // a GPU that fails here leaves `at` at the previous epoch, whole and consistent.
+            let host_state = if keep_host || self.checkpoint_dir.is_some() {
+                Some((trainer.params()?, trainer.velocities()?))
+            } else {
+                None
+            };
             let record = EpochRecord {
                 epoch: report.epoch,
                 train_loss: report.loss,
@@ -651,15 +687,19 @@ impl Run<'_> {
             }
             at.history.push(record);
             at.partial = EpochProgress::default();
+            at.epoch = epoch + 1;
             if let Some(f) = folder.as_ref() {
                 f.write_epochs(&at.history)?;
             }
-            self.save_checkpoint(&mut trainer, epoch + 1, at.partial, &at.history)?;
-            if keep_host {
-                at.params = trainer.params()?;
-                at.velocities = Some(trainer.velocities()?);
+            if let Some((params, velocities)) = host_state {
+                if self.checkpoint_dir.is_some() {
+                    self.save_checkpoint(params.clone(), velocities.clone(), at.epoch, at.partial, &at.history)?;
+                }
+                if keep_host {
+                    at.params = params;
+                    at.velocities = Some(velocities);
+                }
             }
-            at.epoch = epoch + 1;
         }
         let test = trainer.evaluate(test_id)?;
         if args.json {

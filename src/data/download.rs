@@ -38,6 +38,14 @@ pub fn mirrors_from_env() -> Vec<String> {
 /// Download every file missing from `dir`. `show_progress` draws a bar on stderr.
 pub fn download_missing(dir: &Path, mirrors: &[String], show_progress: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // Partial downloads of an earlier run that was killed (never mistaken for data: hidden names).
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().contains(".part-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_per_read(Some(Duration::from_secs(30)))

@@ -31,6 +31,9 @@ fn open_payload(path: &Path) -> Result<(Box<dyn Read>, bool)> {
     if meta.is_dir() {
         return Err(Error::bad_file(path, "is a directory, expected an IDX file"));
     }
+    if !meta.is_file() {
+        return Err(Error::bad_file(path, "is not a regular file"));
+    }
     if meta.len() == 0 {
         return Err(Error::bad_file(path, "is empty (0 bytes)"));
     }

@@ -194,8 +194,9 @@ impl GpuContext {
             Some(a) => a,
             None if found.is_empty() => {
                 return Err(Error::Gpu(
-                    "no GPU adapter found (no Vulkan, Metal, DX12 or GL driver answered); install a driver \
-                     (on Debian: apt-get install mesa-vulkan-drivers libvulkan1) or use --device cpu"
+                    "no GPU adapter found (no Vulkan, Metal or DX12 driver answered; WGPU_BACKEND=gl tries \
+                     OpenGL); install a driver (on Debian: apt-get install mesa-vulkan-drivers libvulkan1) or \
+                     use --device cpu"
                         .to_string(),
                 ))
             }
