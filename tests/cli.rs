@@ -5,13 +5,6 @@ mod common;
 use common::*;
 use gpu_mnist::backend::wgpu::list_adapters;
 
-fn run_ok(args: &[&str]) -> String {
-    let out = bin().args(args).output().expect("run gpu-mnist");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "gpu-mnist {} failed: {stderr}", args.join(" "));
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 /// The number after `key` on the line that starts with `prefix`, e.g. ("test:", "accuracy").
 fn figure(stdout: &str, prefix: &str, key: &str) -> f64 {
     let line = stdout

@@ -74,7 +74,7 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
         "--chunk-steps",
         "16",
     ];
-    run_quiet(
+    run_ok(
         &[
             &common[..],
             &["--out", &p("run-a"), "--save", &p("a.safetensors"), "--quiet"],
@@ -123,7 +123,7 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
         state["epochs_done"], state["partial_epoch"]
     );
 
-    let resumed = run_quiet(&[
+    let resumed = run_ok(&[
         "train",
         "--device",
         "cpu",
@@ -154,17 +154,6 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
         losses(&run_b),
         "per-epoch loss and accuracy must match too"
     );
-}
-
-fn run_quiet(args: &[&str]) -> String {
-    let out = bin().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "gpu-mnist {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 #[test]
@@ -222,7 +211,7 @@ fn a_lost_gpu_ends_cleanly_and_auto_continues_on_the_cpu() {
         devices[0].starts_with("gpu") && devices[1].starts_with("cpu") && devices[2].starts_with("cpu"),
         "{csv}"
     );
-    let cpu = run_quiet(
+    let cpu = run_ok(
         &[
             &args[..],
             &["--device", "cpu", "--out", dir.path().join("cpu").to_str().unwrap()],
@@ -349,7 +338,7 @@ fn a_gpu_lost_after_a_mid_epoch_resume_hands_over_from_that_step() {
         dir.path().join("ck2/checkpoint.safetensors"),
     )
     .unwrap();
-    let cpu = run_quiet(&[
+    let cpu = run_ok(&[
         "train",
         "--data",
         &d,

@@ -10,17 +10,6 @@ use common::*;
 use gpu_mnist::checkpoint;
 use gpu_mnist::data::IMAGE_PIXELS;
 
-fn run_ok(args: &[&str]) -> String {
-    let out = bin().args(args).output().expect("run gpu-mnist");
-    assert!(
-        out.status.success(),
-        "gpu-mnist {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn data() -> String {
     data_dir().to_string_lossy().to_string()
 }

@@ -5,10 +5,11 @@
 //! `CpuBackend::fast()` differs only in the summation order of the matmuls, and is tested against
 //! the reference. Ops run immediately; `read` and `read_stats` never wait.
 
+use super::checks;
 use super::cpu_fast;
 use super::reference as r;
 use super::{Backend, Counters, DatasetId, Epilogue, Packed, StepStats, TensorId};
-use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
+use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 
 /// Which implementation of the matmuls to use.
@@ -99,12 +100,7 @@ impl CpuBackend {
             .datasets
             .get(ds.0)
             .ok_or_else(|| Error::shape(op, format!("no dataset {}", ds.0)))?;
-        if start + rows > d.data.len() {
-            return Err(Error::shape(
-                op,
-                format!("rows {start}..{} past the dataset's {}", start + rows, d.data.len()),
-            ));
-        }
+        checks::rows(op, start, rows, d.data.len())?;
         Ok(d)
     }
 
@@ -269,12 +265,7 @@ impl Backend for CpuBackend {
             .datasets
             .get_mut(ds.0)
             .ok_or_else(|| Error::shape("set_order", format!("no dataset {}", ds.0)))?;
-        if order.len() != d.data.len() || order.iter().any(|&i| i as usize >= d.data.len()) {
-            return Err(Error::shape(
-                "set_order",
-                "the order is not a permutation of the dataset".to_string(),
-            ));
-        }
+        checks::order(order, d.data.len())?;
         d.order.clear();
         d.order.extend_from_slice(order);
         Ok(())
@@ -398,27 +389,21 @@ impl Backend for CpuBackend {
         slot: usize,
     ) -> Result<()> {
         let op = "softmax_xent_forward_backward";
-        if classes != CLASSES {
-            return Err(Error::shape(
-                op,
-                format!("{classes} classes, the labels are digits 0-9"),
-            ));
-        }
-        if slot >= self.stats.len() {
-            return Err(Error::shape(
-                op,
-                format!("stats slot {slot} not reserved ({} are)", self.stats.len()),
-            ));
-        }
+        checks::loss(op, classes, slot, self.stats.len())?;
         self.dataset(op, ds, start, rows)?;
         let n = rows * classes;
+        // Every argument is checked before anything is written.
+        let lv = self.view(op, logits, n)?;
+        let dv = dlogits.map(|dl| self.view(op, dl, n)).transpose()?;
+        if dv.is_some_and(|dv| dv.storage == lv.storage) {
+            return Err(Error::shape(op, "dlogits shares its array with the logits".to_string()));
+        }
         self.probs.resize(n, 0.0);
         self.losses.resize(rows, 0.0);
         self.labels.resize(rows, 0);
         self.preds.resize(rows, 0);
         let d = &self.datasets[ds.0];
         r::gather_labels(&mut self.labels, &d.data.labels, &d.order, start, rows);
-        let lv = self.view(op, logits, n)?;
         let l = &self.storage[lv.storage][lv.offset..lv.offset + n];
         r::softmax_xent_forward(&mut self.probs, &mut self.losses, l, &self.labels, rows, classes);
         r::argmax_rows(&mut self.preds, l, rows, classes);
@@ -428,11 +413,7 @@ impl Backend for CpuBackend {
             loss_sum: loss_sum as f32,
             correct,
         };
-        if let Some(dl) = dlogits {
-            let dv = self.view(op, dl, n)?;
-            if dv.storage == lv.storage {
-                return Err(Error::shape(op, "dlogits shares its array with the logits".to_string()));
-            }
+        if let Some(dv) = dv {
             let out = &mut self.storage[dv.storage][dv.offset..dv.offset + n];
             r::softmax_xent_backward(out, &self.probs, &self.labels, rows, classes);
         }
@@ -477,12 +458,7 @@ impl Backend for CpuBackend {
     }
 
     fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
-        if slots > self.stats.len() {
-            return Err(Error::shape(
-                "read_stats",
-                format!("{slots} slots asked, {} reserved", self.stats.len()),
-            ));
-        }
+        checks::stats_read(slots, self.stats.len())?;
         self.counters.readbacks += 1;
         Ok(self.stats[..slots].to_vec())
     }

@@ -7,6 +7,7 @@
 //! or be recorded for later submission (GPU): results are only guaranteed visible through `read`
 //! and `read_stats`, which are the synchronisation points.
 
+mod checks;
 pub mod cpu;
 mod cpu_fast;
 pub mod reference;

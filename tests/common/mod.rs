@@ -118,6 +118,18 @@ pub fn bin() -> std::process::Command {
     cmd
 }
 
+/// Run the binary; fail the test unless it succeeds; return its stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().expect("run gpu-mnist");
+    assert!(
+        out.status.success(),
+        "gpu-mnist {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// An IDX file's bytes: magic, dimensions (big-endian u32), payload.
 pub fn idx_bytes(magic: u32, dims: &[u32], payload: &[u8]) -> Vec<u8> {
     let mut v = magic.to_be_bytes().to_vec();

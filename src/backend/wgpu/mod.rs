@@ -18,8 +18,9 @@ use buffers::{GpuBuffer, Slice, Staging};
 use context::GpuContext;
 use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
 
+use super::checks;
 use super::{Backend, Counters, DatasetId, Epilogue, Packed, StepStats, TensorId};
-use crate::data::{Dataset, CLASSES, IMAGE_PIXELS};
+use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 
 /// A tensor: `len` f32 values at byte `offset` of a buffer that other tensors may share (a packed
@@ -116,12 +117,7 @@ impl WgpuBackend {
             .datasets
             .get(ds.0)
             .ok_or_else(|| Error::shape(op, format!("no dataset {}", ds.0)))?;
-        if start + rows > d.len {
-            return Err(Error::shape(
-                op,
-                format!("rows {start}..{} past the dataset's {}", start + rows, d.len),
-            ));
-        }
+        checks::rows(op, start, rows, d.len)?;
         Ok(d)
     }
 
@@ -338,12 +334,7 @@ impl Backend for WgpuBackend {
 
     fn set_order(&mut self, ds: DatasetId, order: &[u32]) -> Result<()> {
         let d = self.dataset("set_order", ds, 0, 0)?;
-        if order.len() != d.len || order.iter().any(|&i| i as usize >= d.len) {
-            return Err(Error::shape(
-                "set_order",
-                "the order is not a permutation of the dataset".to_string(),
-            ));
-        }
+        checks::order(order, d.len)?;
         self.flush()?;
         self.ctx
             .queue
@@ -544,18 +535,7 @@ impl Backend for WgpuBackend {
         slot: usize,
     ) -> Result<()> {
         let op = "softmax_xent_forward_backward";
-        if classes != CLASSES {
-            return Err(Error::shape(
-                op,
-                format!("{classes} classes, the labels are digits 0-9"),
-            ));
-        }
-        if slot >= self.stats_slots {
-            return Err(Error::shape(
-                op,
-                format!("stats slot {slot} not reserved ({} are)", self.stats_slots),
-            ));
-        }
+        checks::loss(op, classes, slot, self.stats_slots)?;
         self.dataset(op, ds, start, rows)?;
         self.tensor(op, logits, rows * classes)?;
         let dl = match dlogits {
@@ -628,12 +608,7 @@ impl Backend for WgpuBackend {
     }
 
     fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
-        if slots > self.stats_slots {
-            return Err(Error::shape(
-                "read_stats",
-                format!("{slots} slots asked, {} reserved", self.stats_slots),
-            ));
-        }
+        checks::stats_read(slots, self.stats_slots)?;
         if self.inject_loss_at.is_some_and(|n| self.counters.readbacks + 1 >= n) {
             return Err(Error::Gpu(
                 "the GPU device was lost (injected by GPU_MNIST_INJECT_DEVICE_LOSS)".to_string(),
