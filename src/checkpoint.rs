@@ -241,6 +241,10 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     if widths.len() < 2 || widths.iter().any(|&w| w == 0 || w > 1 << 24) {
         return bad(format!("metadata layers {layers:?} does not describe a network"));
     }
+    match meta.get("activation").and_then(|a| a.as_str()) {
+        None | Some("relu") => {}
+        Some(other) => return bad(format!("its activation is {other:?}; gpu-mnist models use relu")),
+    }
     let spec = ModelSpec {
         inputs: widths[0],
         hidden: widths[1..widths.len() - 1].to_vec(),

@@ -3,8 +3,6 @@
 
 mod cli;
 
-use clap::Parser;
-
 fn main() {
     std::panic::set_hook(Box::new(|info| {
         let msg = info
@@ -17,8 +15,12 @@ fn main() {
         eprintln!("error: internal failure: {msg} (please report this as a bug)");
     }));
     quiet_display_probing();
-    let args = cli::Cli::parse();
-    match std::panic::catch_unwind(|| cli::run(args)) {
+    restore_sigpipe();
+    let (args, matches) = match cli::parse() {
+        Ok(parsed) => parsed,
+        Err(e) => cli::exit_with_usage_error(e),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cli::run(args, &matches))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             eprintln!("error: {e}");
@@ -34,5 +36,15 @@ fn main() {
 fn quiet_display_probing() {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+}
+
+/// Rust ignores SIGPIPE, so writing to a closed pipe (`gpu-mnist ... | head -1`) would fail with an
+/// error; restore the default, as command-line tools expect: the process ends quietly.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -40,7 +40,8 @@ impl RunFolder {
                 format!("{} exists and is not a folder", dir.display()),
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::bad_file(dir, format!("could not create the run folder ({e})")))?;
         Ok(RunFolder { dir: dir.to_path_buf() })
     }
 

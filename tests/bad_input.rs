@@ -53,6 +53,14 @@ fn assert_clean_failure(case: &str, o: &Outcome, code: i32, needles: &[&str]) {
     for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace", "internal failure"] {
         assert!(!o.stderr.contains(bad), "{case}: stderr shows a panic: {}", o.stderr);
     }
+    if code == 2 {
+        assert_eq!(
+            o.stderr.trim().lines().count(),
+            1,
+            "{case}: a usage error is one line: {}",
+            o.stderr
+        );
+    }
     let error_lines: Vec<&str> = o.stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(
         error_lines.len(),

@@ -385,3 +385,128 @@ fn a_gpu_lost_after_a_mid_epoch_resume_hands_over_from_that_step() {
         "auto after a lost GPU must continue exactly like the CPU resume"
     );
 }
+
+#[test]
+fn a_high_but_workable_learning_rate_survives_its_first_spikes() {
+    // RMSprop at lr 0.05 puts the loss above the f32-infinite mark for 3 steps, then learns.
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--lr",
+        "0.05",
+        "--epochs",
+        "1",
+        "--test-limit",
+        "2000",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    let acc: f64 = out
+        .lines()
+        .find(|l| l.starts_with("test:"))
+        .and_then(|l| l.split("accuracy ").nth(1))
+        .and_then(|a| a.split('%').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(acc > 80.0, "{out}");
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--epochs",
+            "2",
+            "--train-limit",
+            "2000",
+            "--test-limit",
+            "100",
+            "--out",
+            dir.path().to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("internal failure") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn resume_keeps_its_settings_but_epochs_can_extend_it() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    let args = [
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--train-limit",
+        "1000",
+        "--test-limit",
+        "200",
+        "--seed",
+        "4",
+    ];
+    run_ok(
+        &[
+            &args[..],
+            &["--epochs", "1", "--checkpoint-dir", &p("ck"), "--out", &p("run")],
+        ]
+        .concat(),
+    );
+    let out = bin()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--test-limit",
+            "200",
+            "--resume",
+            &p("ck"),
+            "--epochs",
+            "3",
+            "--lr",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ignoring --lr"), "{stderr}");
+    assert!(stdout.contains("epoch 3/3") && stdout.contains("lr 0.001"), "{stdout}");
+    // The same as an uninterrupted 3-epoch run.
+    let whole = run_ok(&[&args[..], &["--epochs", "3", "--out", &p("run2")]].concat());
+    let lines = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with("epoch 3/3") || l.starts_with("test"))
+            .map(|l| l.rsplit_once(", ").map_or(l, |x| x.0).to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lines(&stdout), lines(&whole));
+}

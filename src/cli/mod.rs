@@ -50,9 +50,39 @@ pub enum Command {
     Devices,
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// Parse the command line, keeping clap's matches so that a subcommand can tell which flags the
+/// user gave (e.g. --resume warns about the ones it can not honour).
+pub fn parse() -> std::result::Result<(Cli, clap::ArgMatches), clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().try_get_matches()?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    Ok((cli, matches))
+}
+
+/// Print a usage error as one line (clap's message, its possible values, without the tips and
+/// usage block) and exit with 2; help and version go to stdout with 0.
+pub fn exit_with_usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let line: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    eprintln!("{} (see --help)", line.join(" "));
+    std::process::exit(2);
+}
+
+pub fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     match cli.command {
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(args, matches.subcommand_matches("train").unwrap_or(matches)),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Bench(args) => bench::run(args),

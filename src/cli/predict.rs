@@ -22,7 +22,7 @@ pub struct PredictArgs {
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// Test images by index: 0, 0..10 (end excluded) or 3,5,8
-    #[arg(long, value_name = "SPEC", value_parser = parse_indices)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SPEC", value_parser = parse_indices)]
     pub index: Option<Indices>,
     /// PNG or PGM files of any size, white-on-black or dark-on-light
     #[arg(value_name = "IMAGE")]

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::{Backend, Counters};
 use gpu_mnist::checkpoint::{self, Checkpoint};
@@ -41,7 +42,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "W[,W...]", default_value = "512", value_parser = parse_hidden)]
     pub hidden: Hidden,
     /// Passes over the training set
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_positive)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_epochs)]
     pub epochs: usize,
     /// Examples per step (the last batch of an epoch keeps the remainder)
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_batch)]
@@ -70,7 +71,8 @@ pub struct TrainArgs {
     /// Save model and optimizer state to DIR/checkpoint.safetensors after every epoch
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Continue the run checkpointed in DIR (its settings are used; it keeps checkpointing there)
+    /// Continue the run checkpointed in DIR with its settings (--epochs may extend it); it keeps
+    /// checkpointing there
     #[arg(long, value_name = "DIR", conflicts_with = "checkpoint_dir")]
     pub resume: Option<PathBuf>,
     /// Folder for config.json, metrics.csv and learning_curve.svg [default: runs/run-<UTC time>]
@@ -91,6 +93,11 @@ pub struct TrainArgs {
 pub enum OptimizerFlag {
     Rmsprop,
     Sgd,
+}
+
+/// Epochs: 1 to 1,000,000.
+fn parse_epochs(text: &str) -> std::result::Result<usize, String> {
+    super::parse_up_to(text, 1_000_000)
 }
 
 /// A fraction in [0, 1).
@@ -238,6 +245,7 @@ fn load_resume(dir: &Path) -> Result<Resumed> {
         correct: p["correct"].as_u64().unwrap_or(0),
         examples: p["examples"].as_u64().unwrap_or(0) as usize,
         seconds: p["seconds"].as_f64().unwrap_or(0.0),
+        ..EpochProgress::default()
     };
     Ok(Resumed {
         checkpoint,
@@ -342,11 +350,40 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let t_start = Instant::now();
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     let resumed = args.resume.as_deref().map(load_resume).transpose()?;
     let settings = match &resumed {
-        Some(r) => r.settings.clone(),
+        Some(r) => {
+            // A resumed run keeps its settings, except --epochs, which may extend or shorten it.
+            let mut settings = r.settings.clone();
+            if given("epochs") {
+                settings.epochs = args.epochs;
+            }
+            let fixed = [
+                ("hidden", "--hidden"),
+                ("batch_size", "--batch-size"),
+                ("lr", "--lr"),
+                ("optimizer", "--optimizer"),
+                ("seed", "--seed"),
+                ("train_limit", "--train-limit"),
+                ("validation_split", "--validation-split"),
+                ("chunk_steps", "--chunk-steps"),
+            ];
+            let ignored: Vec<&str> = fixed
+                .iter()
+                .filter(|(id, _)| given(id))
+                .map(|(_, flag)| *flag)
+                .collect();
+            if !ignored.is_empty() {
+                eprintln!(
+                    "warning: --resume continues with the checkpoint's settings; ignoring {}",
+                    ignored.join(", ")
+                );
+            }
+            settings
+        }
         None => Settings::from_args(&args)?,
     };
     ModelSpec::mnist(&settings.hidden).check_size(settings.batch_size)?;
@@ -602,11 +639,12 @@ impl Run<'_> {
         let test_id = trainer.upload_eval_set(self.data.test)?;
         if folder.is_none() {
             // Only now, with the model and data on the device, does the run write anything.
+            if let Some(dir) = self.checkpoint_dir {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::bad_file(dir, format!("could not create the checkpoint folder ({e})")))?;
+            }
             let f = RunFolder::create(self.run_dir)?;
             f.write_config(self.config)?;
-            if let Some(dir) = self.checkpoint_dir {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            }
             *folder = Some(f);
         }
         let steps = self.data.train.len().div_ceil(settings.batch_size);
