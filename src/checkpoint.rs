@@ -301,21 +301,22 @@ mod tests {
     use crate::model::glorot_init;
 
     #[test]
-    fn round_trip_and_rejections() {
+    fn round_trip_and_rejections() -> std::result::Result<(), String> {
         let spec = ModelSpec::mnist(&[5]);
         let params = glorot_init(&spec, 3);
         let ck = Checkpoint::model(&spec, params.clone());
         let bytes = to_bytes(&ck);
-        assert_eq!(from_bytes(&bytes).unwrap(), ck);
+        assert_eq!(from_bytes(&bytes)?, ck);
         let full = Checkpoint {
             velocities: glorot_init(&spec, 4),
             state: Some(json!({"epochs_done": 2})),
             ..ck
         };
-        assert_eq!(from_bytes(&to_bytes(&full)).unwrap(), full);
+        assert_eq!(from_bytes(&to_bytes(&full))?, full);
         assert!(from_bytes(&bytes[..bytes.len() - 4]).unwrap_err().contains("outside"));
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(from_bytes(&huge).unwrap_err().contains("header length"));
+        Ok(())
     }
 }

@@ -373,18 +373,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pgm_both_flavours_and_bad_headers() {
+    fn pgm_both_flavours_and_bad_headers() -> std::result::Result<(), String> {
         let p5 = [b"P5\n# c\n2 1\n255\n".as_slice(), &[0, 255]].concat();
-        assert_eq!(decode_pgm(&p5).unwrap().pixels, vec![0, 255]);
+        assert_eq!(decode_pgm(&p5)?.pixels, vec![0, 255]);
         let p2 = b"P2 2 1 15 0 15";
-        assert_eq!(decode_pgm(p2).unwrap().pixels, vec![0, 255]);
+        assert_eq!(decode_pgm(p2)?.pixels, vec![0, 255]);
         assert!(decode_pgm(b"P5\n0 0\n255\n").unwrap_err().contains("zero size"));
         assert!(decode_pgm(b"P5\n100000 100000\n255\n").unwrap_err().contains("larger"));
         assert!(decode_pgm(b"P5\n4 4\n255\nab").unwrap_err().contains("truncated"));
+        Ok(())
     }
 
     #[test]
-    fn a_dark_digit_on_paper_is_inverted_cropped_and_centred() {
+    fn a_dark_digit_on_paper_is_inverted_cropped_and_centred() -> std::result::Result<(), String> {
         // A 100x100 white page with a black bar: becomes a white bar on black, 20 tall, centred.
         let mut pixels = vec![255u8; 100 * 100];
         for y in 10..90 {
@@ -396,8 +397,7 @@ mod tests {
             width: 100,
             height: 100,
             pixels,
-        })
-        .unwrap();
+        })?;
         let rows: Vec<usize> = (0..28)
             .filter(|y| out[y * 28..y * 28 + 28].iter().any(|&v| v > 128))
             .collect();
@@ -411,5 +411,6 @@ mod tests {
             pixels: vec![255; 25]
         })
         .is_err());
+        Ok(())
     }
 }

@@ -322,8 +322,7 @@ mod tests {
         assert!(csv
             .lines()
             .nth(2)
-            .unwrap()
-            .starts_with("2,0.500000,0.920000,0.550000,0.890000,1.500,"));
+            .is_some_and(|l| l.starts_with("2,0.500000,0.920000,0.550000,0.890000,1.500,")));
         let svg = learning_curve_svg(&epochs);
         assert_eq!(svg.matches("<polyline").count(), 4);
         for label in ["epoch", "accuracy (%)", "cross-entropy", "validation", "training"] {

@@ -211,11 +211,12 @@ mod tests {
     }
 
     #[test]
-    fn reads_a_valid_images_stream() {
+    fn reads_a_valid_images_stream() -> Result<()> {
         let bytes = idx(IMAGES_MAGIC, &[2, 28, 28], &[7u8; 2 * 784]);
-        let (n, px) = read_images_from(&mut bytes.as_slice(), Path::new("x"), false).unwrap();
+        let (n, px) = read_images_from(&mut bytes.as_slice(), Path::new("x"), false)?;
         assert_eq!(n, 2);
         assert_eq!(px.len(), 2 * 784);
+        Ok(())
     }
 
     #[test]
