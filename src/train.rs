@@ -298,12 +298,12 @@ pub struct Prediction {
     pub probs: Vec<f32>,
 }
 
-/// Predict every example of `data`, in order, in batches of the graph's size (one read-back each).
-pub fn predict(be: &mut dyn Backend, graph: &Graph, data: &Dataset) -> Result<Vec<Prediction>> {
-    let ds = be.upload_dataset(data)?;
+/// Predict the `len` examples of resident dataset `ds`, in its current order, in batches of the
+/// graph's size (one read-back each).
+pub fn predict(be: &mut dyn Backend, graph: &Graph, ds: DatasetId, len: usize) -> Result<Vec<Prediction>> {
     let v = graph.spec.classes;
-    let mut out = Vec::with_capacity(data.len());
-    for (start, rows) in batches(data.len(), graph.max_batch()) {
+    let mut out = Vec::with_capacity(len);
+    for (start, rows) in batches(len, graph.max_batch()) {
         be.gather_batch(graph.input(), ds, start, rows)?;
         graph.forward(be, rows)?;
         let logits = be.read(graph.logits())?;

@@ -64,7 +64,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         report.examples
     );
 
-    let predictions = predict(be, &graph, &test_set)?;
+    let predictions = predict(be, &graph, ds, test_set.len())?;
     let mut confusion = [[0usize; 10]; 10];
     for (p, &label) in predictions.iter().zip(test_set.labels.iter()) {
         confusion[label as usize][p.class as usize] += 1;

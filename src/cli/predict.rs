@@ -111,14 +111,20 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let graph = Graph::new(be, &spec, 256)?;
     graph.set_params(be, &params)?;
     if let Some((list, set)) = test {
-        for ((i, p), &label) in list.iter().zip(predict(be, &graph, &set)?).zip(set.labels.iter()) {
+        let ds = be.upload_dataset(&set)?;
+        for ((i, p), &label) in list
+            .iter()
+            .zip(predict(be, &graph, ds, set.len())?)
+            .zip(set.labels.iter())
+        {
             print_prediction(&format!("test image {i}"), &p, Some(label));
         }
     }
     if !args.images.is_empty() {
         let n = args.images.len();
         let set = Dataset::new(files, vec![0; n])?;
-        for (path, p) in args.images.iter().zip(predict(be, &graph, &set)?) {
+        let ds = be.upload_dataset(&set)?;
+        for (path, p) in args.images.iter().zip(predict(be, &graph, ds, set.len())?) {
             print_prediction(&path.display().to_string(), &p, None);
         }
     }

@@ -674,10 +674,9 @@ impl Run<'_> {
             });
             bar.finish_and_clear();
             let end = end.map_err(|e| match (e, self.checkpoint_dir) {
-                (Error::Numerical(msg), Some(dir)) if epoch > 0 => Error::Numerical(format!(
-                    "{msg}; the last good checkpoint (after epoch {epoch}) is kept in {}",
-                    dir.display()
-                )),
+                (Error::Numerical(msg), Some(dir)) if dir.join(CHECKPOINT_FILE).exists() => {
+                    Error::Numerical(format!("{msg}; the last good checkpoint is kept in {}", dir.display()))
+                }
                 (e, _) => e,
             });
             let report = match end? {
