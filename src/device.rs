@@ -7,7 +7,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{self as gpu, WgpuBackend};
 use crate::backend::Backend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -73,19 +73,5 @@ pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result
                 }
             }
         }
-    }
-}
-
-/// Parse a `--device` value.
-pub fn parse_device(text: &str) -> Result<DeviceChoice> {
-    match text {
-        "auto" => Ok(DeviceChoice::Auto),
-        "gpu" => Ok(DeviceChoice::Gpu),
-        "cpu" => Ok(DeviceChoice::Cpu),
-        "reference" => Ok(DeviceChoice::Reference),
-        other => Err(Error::usage(
-            "--device",
-            format!("'{other}' is not one of auto, gpu, cpu, reference"),
-        )),
     }
 }

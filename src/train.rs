@@ -1,6 +1,6 @@
 //! The training loop over any `Backend`: epochs of shuffled minibatches, metrics, evaluation.
 //!
-//! Contract: `Trainer::new` uploads the data and the initial parameters once; `run_epoch` records
+//! Contract: `Trainer::with_params` uploads the data and the initial parameters once; `run_epoch` records
 //! the epoch's steps in chunks of `chunk_steps` and reads the step statistics back once per chunk
 //! (never per step); the only other upload per epoch is the shuffled order. Loss is the mean of the
 //! per-example cross-entropy over the epoch (what Keras prints); a non-finite loss stops the run
@@ -12,7 +12,7 @@ use crate::backend::reference as r;
 use crate::backend::{Backend, DatasetId, StepStats};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::error::{Error, Result};
-use crate::model::{glorot_init, Graph, HostTensor, ModelSpec, ParamPart};
+use crate::model::{Graph, HostTensor, ModelSpec, ParamPart};
 use crate::optim::Optimizer;
 
 /// Everything that defines a training run.
@@ -97,13 +97,8 @@ pub struct Trainer<'b> {
 }
 
 impl<'b> Trainer<'b> {
-    /// Upload the training set and Glorot-initialised parameters (seeded by `cfg.seed`).
-    pub fn new(be: &'b mut dyn Backend, train: &Dataset, cfg: TrainConfig) -> Result<Self> {
-        let init = glorot_init(&cfg.spec, cfg.seed);
-        Self::with_params(be, train, cfg, &init, None)
-    }
-
-    /// Same, from given parameter values and (when resuming) optimizer velocities.
+    /// Upload the training set and the given parameters (Glorot-initialised by `glorot_init` for a
+    /// new run) and, when resuming, the optimizer's velocities.
     pub fn with_params(
         be: &'b mut dyn Backend,
         train: &Dataset,

@@ -36,10 +36,6 @@ fn without_times(stdout: &str) -> Vec<String> {
         .collect()
 }
 
-fn data_arg() -> String {
-    data_dir().to_string_lossy().to_string()
-}
-
 #[test]
 fn the_reference_job_on_the_cpu_reaches_book_accuracy() {
     let data = data_arg();

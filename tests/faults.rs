@@ -5,19 +5,15 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use gpu_mnist::checkpoint;
 
-fn data() -> String {
-    data_dir().to_string_lossy().to_string()
-}
-
 #[test]
 fn a_diverging_run_stops_at_the_first_infinite_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let d = data();
+    let d = data_arg();
     let out = bin()
         .args([
             "train",
@@ -56,7 +52,7 @@ fn a_diverging_run_stops_at_the_first_infinite_loss() {
 
 #[test]
 fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
     let common = [
@@ -95,10 +91,7 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
         .spawn()
         .unwrap();
     // Interrupt during the second epoch: after the first checkpoint appears.
-    let t0 = Instant::now();
-    while !dir.path().join("b/checkpoint.safetensors").exists() && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_file(&dir.path().join("b/checkpoint.safetensors"));
     std::thread::sleep(Duration::from_millis(150));
     let status = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -158,7 +151,7 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
 
 #[test]
 fn a_lost_gpu_ends_cleanly_and_auto_continues_on_the_cpu() {
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let args = [
         "train",
@@ -240,7 +233,7 @@ fn a_lost_gpu_ends_cleanly_and_auto_continues_on_the_cpu() {
 
 #[test]
 fn no_adapter_at_all_is_a_clear_error_for_gpu_and_the_cpu_for_auto() {
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     // The Vulkan loader finds no driver when pointed at a file that does not exist.
     let no_driver = |cmd: &mut std::process::Command| {
@@ -283,7 +276,7 @@ fn no_adapter_at_all_is_a_clear_error_for_gpu_and_the_cpu_for_auto() {
 
 #[test]
 fn a_gpu_lost_after_a_mid_epoch_resume_hands_over_from_that_step() {
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
     // A checkpoint from the middle of epoch 1: a run stopped by Ctrl-C on the CPU.
@@ -389,7 +382,7 @@ fn a_gpu_lost_after_a_mid_epoch_resume_hands_over_from_that_step() {
 #[test]
 fn a_high_but_workable_learning_rate_survives_its_first_spikes() {
     // RMSprop at lr 0.05 puts the loss above the f32-infinite mark for 3 steps, then learns.
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let out = run_ok(&[
         "train",
@@ -419,7 +412,7 @@ fn a_high_but_workable_learning_rate_survives_its_first_spikes() {
 
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let mut child = bin()
         .args([
@@ -452,7 +445,7 @@ fn output_into_a_closed_pipe_ends_quietly() {
 
 #[test]
 fn resume_keeps_its_settings_but_epochs_can_extend_it() {
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
     let args = [

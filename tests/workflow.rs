@@ -4,21 +4,16 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 use gpu_mnist::checkpoint;
 use gpu_mnist::data::IMAGE_PIXELS;
 
-fn data() -> String {
-    data_dir().to_string_lossy().to_string()
-}
-
 /// A quickly trained model (3 epochs on 30,000 images, about 97 % accurate).
 fn trained_model(dir: &Path) -> String {
     let model = dir.join("m.safetensors").to_string_lossy().to_string();
     let out = dir.join("run").to_string_lossy().to_string();
-    let d = data();
+    let d = data_arg();
     run_ok(&[
         "train",
         "--device",
@@ -65,7 +60,7 @@ fn predicted_digit(line: &str) -> u8 {
 fn predict_reads_test_images_and_picture_files_the_mnist_way() {
     let dir = tempfile::tempdir().unwrap();
     let model = trained_model(dir.path());
-    let d = data();
+    let d = data_arg();
     let out = run_ok(&[
         "predict", "--device", "cpu", "--data", &d, "--model", &model, "--index", "0",
     ]);
@@ -156,7 +151,7 @@ fn evaluate_reports_accuracy_confusion_and_misclassified_picture() {
     let dir = tempfile::tempdir().unwrap();
     let model = trained_model(dir.path());
     let picture = dir.path().join("wrong.png");
-    let d = data();
+    let d = data_arg();
     let out = run_ok(&[
         "evaluate",
         "--device",
@@ -188,7 +183,7 @@ fn evaluate_reports_accuracy_confusion_and_misclassified_picture() {
 
 #[test]
 fn json_output_and_pipes_carry_no_control_characters() {
-    let d = data();
+    let d = data_arg();
     let out = run_ok(&[
         "train",
         "--device",
@@ -238,7 +233,7 @@ fn json_output_and_pipes_carry_no_control_characters() {
 
 #[test]
 fn a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights() {
-    let d = data();
+    let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
     let common = [
@@ -283,10 +278,7 @@ fn a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights() {
         .spawn()
         .unwrap();
     let ck = dir.path().join("b/checkpoint.safetensors");
-    let t0 = Instant::now();
-    while !ck.exists() && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_file(&ck);
     child.kill().unwrap();
     child.wait().unwrap();
     let state = checkpoint::load(&ck)

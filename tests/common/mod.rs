@@ -34,6 +34,20 @@ pub fn data_dir() -> PathBuf {
     }
 }
 
+/// `data_dir()` as a command-line argument.
+pub fn data_arg() -> String {
+    data_dir().to_string_lossy().to_string()
+}
+
+/// Wait (up to two minutes) until `path` exists; true if it does.
+pub fn wait_for_file(path: &std::path::Path) -> bool {
+    let t0 = std::time::Instant::now();
+    while !path.exists() && t0.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    path.exists()
+}
+
 pub fn mnist() -> Mnist {
     let dir = data_dir();
     Mnist::load(&dir).unwrap_or_else(|e| panic!("real MNIST is needed at {} ({e})", dir.display()))
