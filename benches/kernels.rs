@@ -93,7 +93,7 @@ fn ops(c: &mut Criterion) {
                 .expect("op")
         });
         bench("matmul_backward_weight 784x128x512", &mut |be| {
-            be.matmul_backward_weight(dw, inp, out, B, C, OC).expect("op")
+            be.matmul_backward_weight(dw, None, inp, out, B, C, OC).expect("op")
         });
         bench("bias_backward 128x512", &mut |be| {
             be.bias_backward(bias, out, B, OC).expect("op")

@@ -30,6 +30,8 @@ pub struct BenchConfig {
 pub struct MatmulFigure {
     /// "forward", "backward input" or "backward weight".
     pub op: &'static str,
+    /// 1-based dense layer.
+    pub layer: usize,
     /// (M, K, N) of the product.
     pub mkn: (usize, usize, usize),
     pub millis: f64,
@@ -43,10 +45,15 @@ pub struct DeviceBench {
     /// Opening the device, allocating and uploading, and the first training step (synced).
     pub startup_s: f64,
     pub matmuls: Vec<MatmulFigure>,
+    /// (kernel, device microseconds) of each dispatch of one training step (GPUs with timestamps).
+    pub profile: Vec<(String, f64)>,
     /// Median time of one training step, synced after each.
     pub step_ms: f64,
     /// Training samples per second over `steps` steps with one sync at the end.
     pub samples_per_s: f64,
+    /// Host time to issue (record) one step, without waiting for the device; on a GPU the rest of
+    /// a step's time is the device's.
+    pub record_ms: f64,
     /// 60,000 / samples_per_s.
     pub epoch_s: f64,
     pub steps: usize,
@@ -84,44 +91,75 @@ fn time_median(
     Ok(median(times))
 }
 
-/// The three products of the first dense layer, `reps` times each per timed run.
-fn bench_matmuls(
-    be: &mut dyn Backend,
-    cfg: &BenchConfig,
-    c: usize,
-    oc: usize,
-    reps: usize,
-) -> Result<Vec<MatmulFigure>> {
+/// Every product of a training step at its real shape, `reps` times each per timed run (more
+/// when one run would be too short to time): per layer the forward product (with bias and ReLU
+/// where the layer has them), the weight gradient (with the bias gradient) and, past the first
+/// layer, the input gradient (masked by the previous ReLU).
+fn bench_matmuls(be: &mut dyn Backend, cfg: &BenchConfig, spec: &ModelSpec, reps: usize) -> Result<Vec<MatmulFigure>> {
     let b = cfg.batch;
-    let (inp, w, out) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(b * oc)?);
-    let (dinp, dw) = (be.alloc(b * c)?, be.alloc(c * oc)?);
-    be.write(inp, &vec![0.5; b * c])?;
-    be.write(w, &vec![0.01; c * oc])?;
-    be.write(out, &vec![0.1; b * oc])?;
-    let flops = 2.0 * (b * c * oc) as f64 * reps as f64;
     let mut figures = Vec::new();
-    for op in ["forward", "backward input", "backward weight"] {
-        let secs = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
-            for _ in 0..reps {
-                match op {
-                    "forward" => be.matmul_forward(out, inp, w, Epilogue::default(), b, c, oc)?,
-                    "backward input" => be.matmul_backward_input(dinp, out, w, Epilogue::default(), b, c, oc)?,
-                    _ => be.matmul_backward_weight(dw, inp, out, b, c, oc)?,
+    let layers = spec.dense_dims();
+    for (layer, &(c, oc)) in layers.iter().enumerate() {
+        let (inp, w, bias, out) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(oc)?, be.alloc(b * oc)?);
+        let (dinp, dw, dbias) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(oc)?);
+        be.write(inp, &vec![0.5; b * c])?;
+        be.write(w, &vec![0.01; c * oc])?;
+        be.write(out, &vec![0.1; b * oc])?;
+        let hidden = layer + 1 < layers.len();
+        let mut ops = vec!["forward", "backward weight"];
+        if layer > 0 {
+            ops.push("backward input");
+        }
+        for op in ops {
+            let run = |be: &mut dyn Backend| match op {
+                "forward" => {
+                    let epilogue = Epilogue {
+                        bias: Some(bias),
+                        relu: hidden,
+                        relu_mask: None,
+                    };
+                    be.matmul_forward(out, inp, w, epilogue, b, c, oc)
                 }
+                "backward input" => {
+                    let epilogue = Epilogue {
+                        relu_mask: Some(inp),
+                        ..Epilogue::default()
+                    };
+                    be.matmul_backward_input(dinp, out, w, epilogue, b, c, oc)
+                }
+                _ => be.matmul_backward_weight(dw, Some(dbias), inp, out, b, c, oc),
+            };
+            // Enough products per timed run to outweigh a submit and a wait (GPUs): about 20 ms.
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                run(be)?;
             }
-            Ok(())
-        })?;
-        let mkn = match op {
-            "forward" => (b, c, oc),
-            "backward input" => (b, oc, c),
-            _ => (c, b, oc),
-        };
-        figures.push(MatmulFigure {
-            op,
-            mkn,
-            millis: 1e3 * secs / reps as f64,
-            gflops: flops / secs / 1e9,
-        });
+            be.sync()?;
+            let once = t0.elapsed().as_secs_f64() / reps as f64;
+            let reps = if reps > 1 {
+                ((0.02 / once.max(1e-9)) as usize).clamp(reps, 2000)
+            } else {
+                reps
+            };
+            let secs = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
+                for _ in 0..reps {
+                    run(be)?;
+                }
+                Ok(())
+            })?;
+            let mkn = match op {
+                "forward" => (b, c, oc),
+                "backward input" => (b, oc, c),
+                _ => (c, b, oc),
+            };
+            figures.push(MatmulFigure {
+                op,
+                layer: layer + 1,
+                mkn,
+                millis: 1e3 * secs / reps as f64,
+                gflops: 2.0 * (b * c * oc) as f64 * reps as f64 / secs / 1e9,
+            });
+        }
     }
     Ok(figures)
 }
@@ -151,12 +189,16 @@ pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_o
         graph.train_step(be, ds, steps[1 % steps.len()].0, cfg.batch, 0, &opt)
     })?;
     let before = be.counters();
+    let mut record_s = Vec::new();
     let run_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
+        let t0 = Instant::now();
         for (slot, &(start, rows)) in steps[..n_steps].iter().enumerate() {
             graph.train_step(be, ds, start, rows, slot, &opt)?;
         }
+        record_s.push(t0.elapsed().as_secs_f64());
         be.read_stats(n_steps).map(|_| ())
     })?;
+    let record_ms = 1e3 * median(record_s) / n_steps as f64;
     let after = be.counters();
     let runs = (cfg.warmup + cfg.repeats.max(1)) as f64 * n_steps as f64;
     let per = |f: fn(&Counters) -> u64| (f(&after) - f(&before)) as f64 / runs;
@@ -168,16 +210,24 @@ pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_o
     ];
     let samples_per_s = (n_steps * cfg.batch) as f64 / run_s;
 
-    let (c, oc) = spec.dense_dims()[0];
+    // GPU time of each dispatch of one step, where the device can tell.
+    let profile = if be.start_profile(64)? {
+        graph.train_step(be, ds, steps[0].0, steps[0].1, 0, &opt)?;
+        be.finish_profile()?
+    } else {
+        Vec::new()
+    };
     let reps = if device.contains("reference") { 1 } else { 10 };
-    let matmuls = bench_matmuls(be, cfg, c, oc, reps)?;
+    let matmuls = bench_matmuls(be, cfg, &spec, reps)?;
     let device_mib = be.counters().allocated_bytes as f64 / (1 << 20) as f64;
     Ok(DeviceBench {
         device,
         startup_s,
         matmuls,
+        profile,
         step_ms: 1e3 * step_s,
         samples_per_s,
+        record_ms,
         epoch_s: 60_000.0 / samples_per_s,
         steps: n_steps,
         per_step,

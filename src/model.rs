@@ -366,8 +366,8 @@ impl Graph {
         for (i, layer) in self.layers.iter().enumerate().rev() {
             // dout (rows, oc) -> dkernel (c, oc), dbias (oc), and for i > 0 dacts[i] (rows, c)
             let (inp, dout) = (self.acts[i], self.dacts[i + 1]);
-            be.matmul_backward_weight(self.params[layer.kernel].grad, inp, dout, rows, layer.c, layer.oc)?;
-            be.bias_backward(self.params[layer.bias].grad, dout, rows, layer.oc)?;
+            let (dkernel, dbias) = (self.params[layer.kernel].grad, self.params[layer.bias].grad);
+            be.matmul_backward_weight(dkernel, Some(dbias), inp, dout, rows, layer.c, layer.oc)?;
             if i > 0 {
                 // The previous layer's ReLU gradient, from its output: zero where it was clipped.
                 let relu_mask = (self.layers[i - 1].activation == Activation::Relu).then_some(inp);

@@ -115,7 +115,8 @@ impl<'b> Trainer<'b> {
             graph.write_part(be, ParamPart::Velocity, v)?;
         }
         let train_id = be.upload_dataset(train)?;
-        be.reserve_stats(cfg.chunk_steps.max(1))?;
+        // Two chunks' statistics: one being read back while the next is recorded.
+        be.reserve_stats(2 * cfg.chunk_steps.max(1))?;
         Ok(Trainer {
             be,
             graph,
@@ -141,32 +142,30 @@ impl<'b> Trainer<'b> {
         let steps: Vec<(usize, usize)> = batches(self.train_len, self.cfg.batch_size).collect();
         let chunk = self.cfg.chunk_steps.max(1);
         let mut done = from;
-        for chunk_steps in steps[from.steps_done.min(steps.len())..].chunks(chunk) {
+        // Chunk i writes its statistics to slots (i % 2) * chunk..; its read-back is collected
+        // after chunk i + 1 is recorded, so the device works on one chunk while the host records
+        // the next.
+        let mut in_flight: Option<&[(usize, usize)]> = None;
+        for (i, chunk_steps) in steps[from.steps_done.min(steps.len())..].chunks(chunk).enumerate() {
             if should_stop() {
+                if let Some(prev) = in_flight.take() {
+                    self.absorb(&mut done, prev, epoch, steps.len(), progress)?;
+                }
                 done.seconds = from.seconds + t0.elapsed().as_secs_f64();
                 return Ok(EpochEnd::Interrupted(done));
             }
+            let first_slot = (i % 2) * chunk;
             for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
                 self.graph
-                    .train_step(self.be, self.train, start, rows, slot, &self.cfg.optimizer)?;
+                    .train_step(self.be, self.train, start, rows, first_slot + slot, &self.cfg.optimizer)?;
             }
-            let stats = self.be.read_stats(chunk_steps.len())?;
-            accumulate(&mut done, &stats, chunk_steps, MAX_FINITE_LOSS, |step, what, detail| {
-                format!(
-                    "training diverged: the loss became {what} at epoch {}, step {} of {}{detail}; try a smaller --lr",
-                    epoch + 1,
-                    step + 1,
-                    steps.len()
-                )
-            })?;
-            progress(&ChunkProgress {
-                epoch: epoch + 1,
-                steps_done: done.steps_done,
-                steps_total: steps.len(),
-                examples_done: done.examples,
-                loss: done.mean_loss(),
-                accuracy: done.accuracy(),
-            });
+            self.be.request_stats(first_slot, chunk_steps.len())?;
+            if let Some(prev) = in_flight.replace(chunk_steps) {
+                self.absorb(&mut done, prev, epoch, steps.len(), progress)?;
+            }
+        }
+        if let Some(prev) = in_flight {
+            self.absorb(&mut done, prev, epoch, steps.len(), progress)?;
         }
         Ok(EpochEnd::Finished(EpochReport {
             epoch: epoch + 1,
@@ -174,6 +173,35 @@ impl<'b> Trainer<'b> {
             accuracy: done.accuracy(),
             seconds: from.seconds + t0.elapsed().as_secs_f64(),
         }))
+    }
+
+    /// Collect the statistics of the oldest requested chunk (`chunk_steps`) into `done`, stop on
+    /// divergence, and report progress.
+    fn absorb(
+        &mut self,
+        done: &mut EpochProgress,
+        chunk_steps: &[(usize, usize)],
+        epoch: usize,
+        total_steps: usize,
+        progress: &mut dyn FnMut(&ChunkProgress),
+    ) -> Result<()> {
+        let stats = self.be.collect_stats()?;
+        accumulate(done, &stats, chunk_steps, MAX_FINITE_LOSS, |step, what, detail| {
+            format!(
+                "training diverged: the loss became {what} at epoch {}, step {} of {total_steps}{detail}; try a smaller --lr",
+                epoch + 1,
+                step + 1,
+            )
+        })?;
+        progress(&ChunkProgress {
+            epoch: epoch + 1,
+            steps_done: done.steps_done,
+            steps_total: total_steps,
+            examples_done: done.examples,
+            loss: done.mean_loss(),
+            accuracy: done.accuracy(),
+        });
+        Ok(())
     }
 
     /// Make an evaluation set resident (once); pass the id to `evaluate`.

@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use gpu_mnist::backend::reference as r;
+use gpu_mnist::backend::wgpu::TileConfig;
 use gpu_mnist::backend::{Backend, Epilogue};
 use gpu_mnist::data::IMAGE_PIXELS;
 
@@ -24,11 +25,13 @@ fn matmul_ops(be: &mut dyn Backend, (b, c, oc): (usize, usize, usize), seed: u64
     let t_out = be.alloc(b * oc).unwrap();
     let t_dinp = be.alloc(b * c).unwrap();
     let t_dw = be.alloc(c * oc).unwrap();
+    let t_db = be.alloc(oc).unwrap();
     be.matmul_forward(t_out, t_inp, t_w, Epilogue::default(), b, c, oc)
         .unwrap();
     be.matmul_backward_input(t_dinp, t_dout, t_w, Epilogue::default(), b, c, oc)
         .unwrap();
-    be.matmul_backward_weight(t_dw, t_inp, t_dout, b, c, oc).unwrap();
+    be.matmul_backward_weight(t_dw, Some(t_db), t_inp, t_dout, b, c, oc)
+        .unwrap();
 
     // The same products over absolute values: the scale of each sum's rounding error.
     let (abs_inp, abs_w, abs_dout): (Vec<f32>, Vec<f32>, Vec<f32>) = (
@@ -73,6 +76,46 @@ fn matmul_ops(be: &mut dyn Backend, (b, c, oc): (usize, usize, usize), seed: u64
         1e-5,
         1e-4,
     );
+    let (mut want, mut scale) = (vec![0.0; oc], vec![0.0; oc]);
+    r::bias_backward(&mut want, &dout, b, oc);
+    r::bias_backward(&mut scale, &abs_dout, b, oc);
+    let got = download(be, t_db, oc);
+    assert_close_scaled(
+        &format!("{name} matmul_backward_weight's bias gradient {shape}"),
+        &got,
+        &want,
+        &scale,
+        1e-5,
+        1e-4,
+    );
+}
+
+/// Every tiling the matmul shader is built with (tile sizes, chunk lengths, K slices), at shapes
+/// that leave partial tiles, partial chunks and slices with no chunk at all.
+#[test]
+fn every_matmul_tiling_matches_the_reference() {
+    let mut be = gpu();
+    let tilings = [
+        (32, 32, 16, 4),
+        (32, 16, 8, 8),
+        (16, 32, 8, 8),
+        (64, 64, 16, 1),
+        (64, 32, 8, 2),
+        (16, 16, 32, 4),
+        (8, 8, 4, 16),
+    ];
+    for (i, &(tm, tn, kc, s)) in tilings.iter().enumerate() {
+        let tiles = TileConfig::new(tm, tn, kc, s).unwrap();
+        be.set_matmul_tiles(Some(tiles));
+        for (j, &shape) in SHAPES[..4].iter().enumerate() {
+            matmul_ops(&mut be, shape, 700 + (10 * i + j) as u64);
+        }
+    }
+    // The tiling chosen per shape at the model's real layer-1 shape is covered above.
+    be.set_matmul_tiles(None);
+    for (j, &shape) in [(130, 33, 10), (128, 512, 10), (5, 1000, 3)].iter().enumerate() {
+        matmul_ops(&mut be, shape, 800 + j as u64);
+    }
 }
 
 #[test]

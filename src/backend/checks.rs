@@ -44,11 +44,11 @@ pub fn loss(op: &'static str, classes: usize, slot: usize, reserved: usize) -> R
 }
 
 /// A read of `slots` statistics when `reserved` exist.
-pub fn stats_read(slots: usize, reserved: usize) -> Result<()> {
-    if slots > reserved {
+pub fn stats_read(first: usize, count: usize, reserved: usize) -> Result<()> {
+    if first.checked_add(count).is_none_or(|end| end > reserved) {
         return Err(Error::shape(
             "read_stats",
-            format!("{slots} slots asked, {reserved} reserved"),
+            format!("slots {first}..{first}+{count} asked, {reserved} reserved"),
         ));
     }
     Ok(())

@@ -3,7 +3,9 @@
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec);
 //! `CpuBackend::fast()` differs only in the summation order of the matmuls, and is tested against
-//! the reference. Ops run immediately; `read` and `read_stats` never wait.
+//! the reference. Ops run immediately; `read` and `collect_stats` never wait.
+
+use std::collections::VecDeque;
 
 use super::checks;
 use super::cpu_fast;
@@ -41,6 +43,8 @@ pub struct CpuBackend {
     tensors: Vec<View>,
     datasets: Vec<CpuDataset>,
     stats: Vec<StepStats>,
+    /// Statistics copied by `request_stats`, oldest first, until `collect_stats` takes them.
+    requested: VecDeque<Vec<StepStats>>,
     counters: Counters,
     /// Scratch for the loss op: probabilities, per-row losses, labels, predictions.
     probs: Vec<f32>,
@@ -57,6 +61,7 @@ impl CpuBackend {
             tensors: Vec::new(),
             datasets: Vec::new(),
             stats: Vec::new(),
+            requested: VecDeque::new(),
             counters: Counters::default(),
             probs: Vec::new(),
             losses: Vec::new(),
@@ -335,12 +340,16 @@ impl Backend for CpuBackend {
     fn matmul_backward_weight(
         &mut self,
         dweight: TensorId,
+        dbias: Option<TensorId>,
         inp: TensorId,
         dout: TensorId,
         b: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        if let Some(dbias) = dbias {
+            self.bias_backward(dbias, dout, b, oc)?;
+        }
         let kind = self.kind;
         self.with_out(
             "matmul_backward_weight",
@@ -457,10 +466,17 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
-        checks::stats_read(slots, self.stats.len())?;
+    fn request_stats(&mut self, first: usize, count: usize) -> Result<()> {
+        checks::stats_read(first, count, self.stats.len())?;
         self.counters.readbacks += 1;
-        Ok(self.stats[..slots].to_vec())
+        self.requested.push_back(self.stats[first..first + count].to_vec());
+        Ok(())
+    }
+
+    fn collect_stats(&mut self) -> Result<Vec<StepStats>> {
+        self.requested
+            .pop_front()
+            .ok_or_else(|| Error::shape("collect_stats", "no statistics were requested".to_string()))
     }
 
     fn sync(&mut self) -> Result<()> {

@@ -5,7 +5,7 @@
 //! flat f32 buffers named by `TensorId`; shapes are passed explicitly to every op, outputs first
 //! (llm.c style), and each implementation checks them before it runs. An op may run at once (CPU)
 //! or be recorded for later submission (GPU): results are only guaranteed visible through `read`
-//! and `read_stats`, which are the synchronisation points.
+//! and `collect_stats` (or `read_stats`), which are the synchronisation points.
 
 mod checks;
 pub mod cpu;
@@ -120,10 +120,13 @@ pub trait Backend {
         c: usize,
         oc: usize,
     ) -> Result<()>;
-    /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC).
+    /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC), and when `dbias` is given, dbias (OC) = the
+    /// column sums of dout (`bias_backward`), fused because both read every value of dout.
+    #[allow(clippy::too_many_arguments)]
     fn matmul_backward_weight(
         &mut self,
         dweight: TensorId,
+        dbias: Option<TensorId>,
         inp: TensorId,
         dout: TensorId,
         b: usize,
@@ -167,10 +170,29 @@ pub trait Backend {
     /// param -= lr grad, on n values.
     fn sgd_update(&mut self, param: TensorId, grad: TensorId, n: usize, lr: f32) -> Result<()>;
 
+    /// Submit the work issued so far and start copying step statistics `first..first + count`
+    /// back, without waiting: `collect_stats` returns them. The training loop records the next
+    /// chunk of steps meanwhile, so the device never waits for the host between chunks.
+    fn request_stats(&mut self, first: usize, count: usize) -> Result<()>;
+    /// Wait for the oldest `request_stats` not yet collected and return its statistics.
+    fn collect_stats(&mut self) -> Result<Vec<StepStats>>;
     /// Wait for pending work and return the first `slots` step statistics.
-    fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>>;
+    fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
+        self.request_stats(0, slots)?;
+        self.collect_stats()
+    }
     /// Wait until every op issued so far has finished (for timing).
     fn sync(&mut self) -> Result<()>;
     /// What the backend has done so far.
     fn counters(&self) -> Counters;
+
+    /// Start timing each op on the device (for `bench`); false where the backend cannot.
+    fn start_profile(&mut self, ops: u32) -> Result<bool> {
+        let _ = ops;
+        Ok(false)
+    }
+    /// Wait for the profiled ops: (op, device microseconds) of each since `start_profile`.
+    fn finish_profile(&mut self) -> Result<Vec<(String, f64)>> {
+        Ok(Vec::new())
+    }
 }

@@ -123,9 +123,11 @@ fn to_json(b: &DeviceBench) -> Value {
     json!({
         "device": b.device,
         "startup_s": b.startup_s,
-        "matmuls": b.matmuls.iter().map(|m| json!({"op": m.op, "mkn": [m.mkn.0, m.mkn.1, m.mkn.2], "ms": m.millis, "gflops": m.gflops})).collect::<Vec<_>>(),
+        "matmuls": b.matmuls.iter().map(|m| json!({"op": m.op, "layer": m.layer, "mkn": [m.mkn.0, m.mkn.1, m.mkn.2], "ms": m.millis, "gflops": m.gflops})).collect::<Vec<_>>(),
+        "profile_us": b.profile.iter().map(|(k, us)| json!({"kernel": k, "us": us})).collect::<Vec<_>>(),
         "step_ms": b.step_ms,
         "samples_per_s": b.samples_per_s,
+        "record_ms_per_step": b.record_ms,
         "epoch_s": b.epoch_s,
         "steps": b.steps,
         "per_step": {"dispatches": b.per_step[0], "submits": b.per_step[1], "readbacks": b.per_step[2], "uploads": b.per_step[3]},
@@ -136,12 +138,13 @@ fn to_json(b: &DeviceBench) -> Value {
 
 fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
     println!(
-        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>16}",
+        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>16}",
         "device",
         "fwd GF/s",
-        "dX GF/s",
         "dW GF/s",
+        "mm ms",
         "step ms",
+        "issue ms",
         "samples/s",
         "epoch s",
         "start s",
@@ -151,17 +154,27 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
     for b in results {
         let name: String = b.device.chars().take(44).collect();
         println!(
-            "{:<44} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>10.0} {:>9.3} {:>8.2} {:>8.0} {:>16}",
+            "{:<44} {:>9.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>10.0} {:>9.3} {:>8.2} {:>8.0} {:>16}",
             name,
             b.matmuls[0].gflops,
             b.matmuls[1].gflops,
-            b.matmuls[2].gflops,
+            b.matmuls.iter().map(|m| m.millis).sum::<f64>(),
             b.step_ms,
+            b.record_ms,
             b.samples_per_s,
             b.epoch_s,
             b.startup_s,
             b.peak_rss_mib,
             format!("{:.0}/{:.3}/{:.3}", b.per_step[0], b.per_step[1], b.per_step[2])
+        );
+    }
+    for b in results.iter().filter(|b| !b.profile.is_empty()) {
+        let total: f64 = b.profile.iter().map(|(_, us)| us).sum();
+        let parts: Vec<String> = b.profile.iter().map(|(k, us)| format!("{k} {us:.1}")).collect();
+        println!(
+            "{}: device time per dispatch of one step, us: {}; sum {total:.1} us",
+            b.device,
+            parts.join(", ")
         );
     }
     if let Some(base) = baseline {

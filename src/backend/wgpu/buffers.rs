@@ -70,7 +70,65 @@ pub fn create(ctx: &GpuContext, bytes: u64, what: &str) -> Result<GpuBuffer> {
     })
 }
 
-/// The one buffer that read-backs go through; grown when a larger read is asked for.
+/// A mappable buffer that read-backs are copied into.
+pub fn create_staging(ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("statistics read-back"),
+        size: bytes.max(8).div_ceil(8) * 8,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// A read-back whose copy was submitted in submission `index`: mapping starts at once, and
+/// `finish` waits for that submission only (later ones may still run).
+pub struct PendingRead {
+    staging: wgpu::Buffer,
+    bytes: u64,
+    index: wgpu::SubmissionIndex,
+    mapped: futures_intrusive::channel::shared::OneshotReceiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+impl PendingRead {
+    pub fn start(staging: wgpu::Buffer, bytes: u64, index: wgpu::SubmissionIndex) -> PendingRead {
+        let (sender, mapped) = futures_intrusive::channel::shared::oneshot_channel();
+        staging.slice(0..bytes).map_async(wgpu::MapMode::Read, move |result| {
+            let _ = sender.send(result);
+        });
+        PendingRead {
+            staging,
+            bytes,
+            index,
+            mapped,
+        }
+    }
+
+    /// Wait for the copy, return its bytes and the (unmapped) buffer for reuse.
+    pub fn finish(self, ctx: &GpuContext) -> Result<(Vec<u8>, wgpu::Buffer)> {
+        ctx.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(self.index),
+                timeout: None,
+            })
+            .map_err(|e| Error::Gpu(format!("reading back step statistics: waiting for the GPU failed: {e}")))?;
+        ctx.errors.check("reading back step statistics")?;
+        match pollster::block_on(self.mapped.receive()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Gpu(format!("mapping the read-back buffer failed: {e}"))),
+            None => return Err(Error::Gpu("the read-back was dropped (device lost?)".to_string())),
+        }
+        let data = self
+            .staging
+            .slice(0..self.bytes)
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("reading the mapped buffer failed: {e}")))?
+            .to_vec();
+        self.staging.unmap();
+        Ok((data, self.staging))
+    }
+}
+
+/// The one buffer that tensor read-backs go through; grown when a larger read is asked for.
 #[derive(Default)]
 pub struct Staging {
     buffer: Option<wgpu::Buffer>,

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::kernels::WORKGROUP_BYTES;
 use crate::error::{Error, Result};
 
 /// A summary of one adapter, for `devices` and for choosing.
@@ -106,11 +107,11 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 fn required_limits(adapter: &wgpu::Adapter, name: &str) -> Result<wgpu::Limits> {
     let have = adapter.limits();
     let mut need = wgpu::Limits::downlevel_defaults();
-    // softmax_xent binds 5 storage buffers; the matmul uses 16x16 workgroups; the loss 256.
+    // The matmul binds 6 storage buffers and uses up to 256 threads and 16 KiB of workgroup memory.
     let checks: [(&str, u64, u64); 4] = [
         (
             "max_storage_buffers_per_shader_stage",
-            5,
+            6,
             have.max_storage_buffers_per_shader_stage as u64,
         ),
         (
@@ -125,7 +126,7 @@ fn required_limits(adapter: &wgpu::Adapter, name: &str) -> Result<wgpu::Limits> 
         ),
         (
             "max_compute_workgroup_storage_size",
-            2048,
+            WORKGROUP_BYTES as u64,
             have.max_compute_workgroup_storage_size as u64,
         ),
     ];
@@ -136,7 +137,8 @@ fn required_limits(adapter: &wgpu::Adapter, name: &str) -> Result<wgpu::Limits> 
             )));
         }
     }
-    need.max_storage_buffers_per_shader_stage = 5;
+    need.max_storage_buffers_per_shader_stage = 6;
+    need.max_compute_workgroup_storage_size = WORKGROUP_BYTES;
     need.max_compute_invocations_per_workgroup = 256;
     need.max_compute_workgroup_size_x = 256;
     need.max_storage_buffer_binding_size = have.max_storage_buffer_binding_size;
@@ -173,6 +175,8 @@ pub struct GpuContext {
     pub summary: AdapterSummary,
     pub limits: wgpu::Limits,
     pub errors: ErrorSlot,
+    /// The device can write timestamps at compute-pass boundaries (for `bench`'s profile).
+    pub timestamps: bool,
 }
 
 impl GpuContext {
@@ -210,9 +214,10 @@ impl GpuContext {
         };
         let summary = AdapterSummary::from_adapter(&adapter);
         let limits = required_limits(&adapter, &summary.name)?;
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let desc = wgpu::DeviceDescriptor {
             label: Some("gpu-mnist"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -233,6 +238,7 @@ impl GpuContext {
             summary,
             limits,
             errors,
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         })
     }
 

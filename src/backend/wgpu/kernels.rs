@@ -6,17 +6,132 @@
 //! (binding number and buffer range); bind groups and uniform buffers are cached by that name, so
 //! after the first epoch a training step creates no wgpu object at all.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::buffers::Slice;
 use super::context::GpuContext;
 use crate::error::Result;
 
+/// The tiling of one matmul pipeline (see the contract of `shaders/matmul.wgsl`): a workgroup
+/// computes a `tm` x `tn` tile of c with `s` slices of (tm/4) x (tn/4) threads splitting K in
+/// chunks of `kc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TileConfig {
+    pub tm: u32,
+    pub tn: u32,
+    pub kc: u32,
+    pub s: u32,
+}
+
+/// Workgroup memory the shader may use (WebGPU's guaranteed minimum, requested from the device).
+pub const WORKGROUP_BYTES: u32 = 16384;
+/// Threads per workgroup the shaders may use (WebGPU's guaranteed minimum).
+pub const WORKGROUP_THREADS: u32 = 256;
+
+impl TileConfig {
+    /// Parse "TM,TN,KC,S" (the `GPU_MNIST_MATMUL_TILES` tuning aid), checked like `new`.
+    pub fn parse(text: &str) -> std::result::Result<TileConfig, String> {
+        let v: Vec<u32> = text
+            .split(',')
+            .map(|p| p.trim().parse::<u32>().map_err(|_| format!("'{p}' is not a number")))
+            .collect::<std::result::Result<_, _>>()?;
+        match v[..] {
+            [tm, tn, kc, s] => TileConfig::new(tm, tn, kc, s),
+            _ => Err(format!("'{text}' is not TM,TN,KC,S")),
+        }
+    }
+
+    /// A tiling the shader supports: tm, tn in {8, 16, 32, 64}, kc in {4, 8, 16, 32}, s in 1..=16,
+    /// at most 256 threads, whole copies per thread and at most 16 KiB of workgroup memory.
+    pub fn new(tm: u32, tn: u32, kc: u32, s: u32) -> std::result::Result<TileConfig, String> {
+        let cfg = TileConfig { tm, tn, kc, s };
+        let pow2 = |v: u32, lo: u32, hi: u32| v.is_power_of_two() && (lo..=hi).contains(&v);
+        if !(pow2(tm, 8, 64) && pow2(tn, 8, 64) && pow2(kc, 4, 32) && (1..=16).contains(&s)) {
+            return Err(format!(
+                "tiles {tm},{tn},{kc},{s}: need TM, TN in 8..64, KC in 4..32 (powers of 2), S in 1..16"
+            ));
+        }
+        let threads = cfg.threads_per_slice() * s;
+        if threads > WORKGROUP_THREADS
+            || !(tm * kc).is_multiple_of(cfg.threads_per_slice())
+            || !(kc * tn).is_multiple_of(cfg.threads_per_slice())
+        {
+            return Err(format!(
+                "tiles {tm},{tn},{kc},{s}: {threads} threads, or copies that do not divide evenly"
+            ));
+        }
+        if cfg.smem_vec4s() * 16 > WORKGROUP_BYTES {
+            return Err(format!(
+                "tiles {tm},{tn},{kc},{s}: needs {} bytes of workgroup memory",
+                cfg.smem_vec4s() * 16
+            ));
+        }
+        Ok(cfg)
+    }
+
+    fn threads_per_slice(self) -> u32 {
+        (self.tm / 4) * (self.tn / 4)
+    }
+
+    /// The shader's SMEM: the chunks of a and b of every slice, or the hand-over of sums.
+    fn smem_vec4s(self) -> u32 {
+        let chunks = self.s * self.kc * (self.tm + self.tn);
+        let handover = (self.s - 1) * (self.tm * self.tn + self.tn);
+        chunks.max(handover).max(4) / 4
+    }
+
+    /// The tiling for an (m, n, k) product: 32x32 tiles (32x16 with shorter chunks when n is that
+    /// small), and as many K slices as keep each slice at least two chunks, so that small outputs
+    /// with a long K still fill a GPU.
+    pub fn for_shape(m: usize, n: usize, k: usize) -> TileConfig {
+        let _ = m;
+        let (tm, tn, kc) = if n <= 16 { (32, 16, 8) } else { (32, 32, 16) };
+        let chunks = k.div_ceil(kc as usize);
+        let mut tiles = TileConfig { tm, tn, kc, s: 1 };
+        while chunks >= tiles.s as usize * 4 {
+            match TileConfig::new(tm, tn, kc, tiles.s * 2) {
+                Ok(more) => tiles = more,
+                Err(_) => break,
+            }
+        }
+        tiles
+    }
+
+    /// matmul.wgsl with this tiling's constants.
+    fn source(self) -> String {
+        let mut out = String::new();
+        for line in MATMUL_WGSL.lines() {
+            let value = match line.split_whitespace().nth(1) {
+                Some("TM:") if line.starts_with("const ") => Some(self.tm),
+                Some("TN:") if line.starts_with("const ") => Some(self.tn),
+                Some("KC:") if line.starts_with("const ") => Some(self.kc),
+                Some("S:") if line.starts_with("const ") => Some(self.s),
+                Some("SMEM:") if line.starts_with("const ") => Some(self.smem_vec4s()),
+                _ => None,
+            };
+            match value {
+                Some(v) => {
+                    let name = line.split_whitespace().nth(1).unwrap_or_default();
+                    out.push_str(&format!("const {name} u32 = {v}u;\n"));
+                }
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+const MATMUL_WGSL: &str = include_str!("../../../shaders/matmul.wgsl");
+
 /// Every kernel entry point of `shaders/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Gather,
-    Matmul,
+    Matmul(TileConfig),
     BiasAdd,
     BiasBackward,
     ReluForward,
@@ -28,21 +143,30 @@ pub enum Kernel {
 
 impl Kernel {
     /// (file name, WGSL source) of the shader that holds this kernel.
-    fn shader(self) -> (&'static str, &'static str) {
-        match self {
+    fn shader(self) -> (&'static str, Cow<'static, str>) {
+        let (file, source) = match self {
+            Kernel::Matmul(tiles) => return ("matmul.wgsl", Cow::Owned(tiles.source())),
             Kernel::Gather => ("gather.wgsl", include_str!("../../../shaders/gather.wgsl")),
-            Kernel::Matmul => ("matmul.wgsl", include_str!("../../../shaders/matmul.wgsl")),
             Kernel::BiasAdd | Kernel::BiasBackward => ("bias.wgsl", include_str!("../../../shaders/bias.wgsl")),
             Kernel::ReluForward | Kernel::ReluBackward => ("relu.wgsl", include_str!("../../../shaders/relu.wgsl")),
             Kernel::SoftmaxXent => ("softmax_xent.wgsl", include_str!("../../../shaders/softmax_xent.wgsl")),
             Kernel::RmsProp | Kernel::Sgd => ("optim.wgsl", include_str!("../../../shaders/optim.wgsl")),
+        };
+        (file, Cow::Borrowed(source))
+    }
+
+    /// The entry point, with the tiling of a matmul: a profile's label.
+    pub fn label(self) -> String {
+        match self {
+            Kernel::Matmul(t) => format!("matmul {}x{} kc {} s {}", t.tm, t.tn, t.kc, t.s),
+            _ => self.entry_point().to_string(),
         }
     }
 
     fn entry_point(self) -> &'static str {
         match self {
             Kernel::Gather => "gather_batch",
-            Kernel::Matmul => "matmul",
+            Kernel::Matmul(_) => "matmul",
             Kernel::BiasAdd => "bias_add_forward",
             Kernel::BiasBackward => "bias_backward",
             Kernel::ReluForward => "relu_forward",
@@ -58,6 +182,12 @@ impl Kernel {
 pub type ParamWords = [u32; 8];
 
 #[derive(PartialEq, Eq, Hash)]
+enum ModuleKey {
+    File(&'static str),
+    Matmul(TileConfig),
+}
+
+#[derive(PartialEq, Eq, Hash)]
 struct BindKey {
     kernel: Kernel,
     params: ParamWords,
@@ -68,7 +198,8 @@ struct BindKey {
 /// Pipelines, uniform blocks and bind groups, each created once.
 #[derive(Default)]
 pub struct Kernels {
-    modules: HashMap<&'static str, wgpu::ShaderModule>,
+    /// By the kernel that first needed them (each matmul tiling is its own module).
+    modules: HashMap<ModuleKey, wgpu::ShaderModule>,
     pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
     uniforms: HashMap<ParamWords, wgpu::Buffer>,
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
@@ -78,10 +209,14 @@ impl Kernels {
     fn pipeline(&mut self, ctx: &GpuContext, kernel: Kernel) -> Result<&wgpu::ComputePipeline> {
         if !self.pipelines.contains_key(&kernel) {
             let (file, source) = kernel.shader();
-            let module = self.modules.entry(file).or_insert_with(|| {
+            let key = match kernel {
+                Kernel::Matmul(tiles) => ModuleKey::Matmul(tiles),
+                _ => ModuleKey::File(file),
+            };
+            let module = self.modules.entry(key).or_insert_with(|| {
                 ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(file),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                    source: wgpu::ShaderSource::Wgsl(source),
                 })
             });
             let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -9,14 +9,18 @@
 mod buffers;
 mod context;
 mod kernels;
+mod profile;
 
 pub use context::{list_adapters, AdapterSummary};
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use buffers::{GpuBuffer, Slice, Staging};
 use context::GpuContext;
+pub use kernels::TileConfig;
 use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
+use profile::Profile;
 
 use super::checks;
 use super::{Backend, Counters, DatasetId, Epilogue, Packed, StepStats, TensorId};
@@ -61,21 +65,40 @@ pub struct WgpuBackend {
     datasets: Vec<GpuDataset>,
     stats: Option<GpuBuffer>,
     stats_slots: usize,
-    /// Bound as `dlogits` when the loss op is asked not to write it.
+    /// Bound as an unused read-only input (a matmul without bias or mask).
     dummy: GpuBuffer,
+    /// Bound as an unused output (`dlogits` when the loss op is asked not to write it, a matmul's
+    /// `colsum`): separate from `dummy`, since wgpu refuses a buffer bound both read and written.
+    dummy_out: GpuBuffer,
     staging: Staging,
     recording: Option<Recording>,
     counters: Counters,
     /// Testing aid: `GPU_MNIST_INJECT_DEVICE_LOSS=N` makes every `read_stats` from the N-th
     /// read-back on report a lost device, to exercise the recovery paths without a failing GPU.
     inject_loss_at: Option<u64>,
+    /// Tuning aid: every matmul uses this tiling instead of `TileConfig::for_shape`'s
+    /// (`GPU_MNIST_MATMUL_TILES=TM,TN,KC,S`, or `set_matmul_tiles`).
+    tiles_override: Option<TileConfig>,
+    /// While set, each dispatch runs in a pass of its own that writes timestamps.
+    profile: Option<Profile>,
+    /// Statistics read-backs on their way (oldest first) and how many slots each holds.
+    pending_stats: VecDeque<(buffers::PendingRead, usize)>,
+    /// Read-back buffers of collected statistics, reused by the next request.
+    free_staging: Vec<wgpu::Buffer>,
 }
 
 impl WgpuBackend {
     /// Open the best adapter matching `filter` (see `GpuContext::open`).
     pub fn open(filter: Option<&str>, hardware_only: bool) -> Result<Self> {
         let ctx = GpuContext::open(filter, hardware_only)?;
-        let dummy = buffers::create(&ctx, 4, "unused dlogits")?;
+        let tiles_override = match std::env::var("GPU_MNIST_MATMUL_TILES") {
+            Ok(v) if !v.is_empty() => {
+                Some(TileConfig::parse(&v).map_err(|e| Error::Gpu(format!("GPU_MNIST_MATMUL_TILES: {e}")))?)
+            }
+            _ => None,
+        };
+        let dummy = buffers::create(&ctx, 4, "unused input")?;
+        let dummy_out = buffers::create(&ctx, 4, "unused output")?;
         Ok(WgpuBackend {
             ctx,
             kernels: Kernels::default(),
@@ -84,13 +107,23 @@ impl WgpuBackend {
             stats: None,
             stats_slots: 0,
             dummy,
+            dummy_out,
             staging: Staging::default(),
             recording: None,
             counters: Counters::default(),
             inject_loss_at: std::env::var("GPU_MNIST_INJECT_DEVICE_LOSS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            tiles_override,
+            profile: None,
+            pending_stats: VecDeque::new(),
+            free_staging: Vec::new(),
         })
+    }
+
+    /// Make every matmul use `tiles` (None: choose per shape), for tests and tuning.
+    pub fn set_matmul_tiles(&mut self, tiles: Option<TileConfig>) {
+        self.tiles_override = tiles;
     }
 
     /// The adapter this backend runs on.
@@ -142,22 +175,26 @@ impl WgpuBackend {
         bind: &[(u32, Bound)],
         grid: (u32, u32, u32),
     ) -> Result<()> {
-        let recording = self.recording.get_or_insert_with(|| {
-            let mut encoder = self
+        let recording = self.recording.get_or_insert_with(|| Recording {
+            encoder: self
                 .ctx
                 .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("steps") });
-            let pass = encoder
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("steps") }),
+            pass: None,
+        });
+        if recording.pass.is_none() || self.profile.is_some() {
+            // One pass for everything, or, while profiling, one pass per dispatch.
+            drop(recording.pass.take());
+            let timestamp_writes = self.profile.as_mut().and_then(|p| p.next(kernel.label()));
+            let pass = recording
+                .encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("steps"),
-                    timestamp_writes: None,
+                    timestamp_writes,
                 })
                 .forget_lifetime();
-            Recording {
-                encoder,
-                pass: Some(pass),
-            }
-        });
+            recording.pass = Some(pass);
+        }
         let buffers: Vec<(u32, Slice)> = bind
             .iter()
             .map(|&(binding, b)| {
@@ -169,6 +206,7 @@ impl WgpuBackend {
                     // Callers check the slot against stats_slots, so stats exists here.
                     Bound::Stats => self.stats.as_ref().unwrap_or(&self.dummy).whole(),
                     Bound::Dummy => self.dummy.whole(),
+                    Bound::DummyOut => self.dummy_out.whole(),
                 };
                 (binding, slice)
             })
@@ -183,7 +221,7 @@ impl WgpuBackend {
     }
 
     /// Close the pass, let `copy` add copies, and submit everything recorded.
-    fn submit(&mut self, copy: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder)) -> Result<()> {
+    fn submit(&mut self, copy: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder)) -> Result<wgpu::SubmissionIndex> {
         let mut encoder = match self.recording.take() {
             Some(mut r) => {
                 drop(r.pass.take());
@@ -195,9 +233,10 @@ impl WgpuBackend {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("copy") }),
         };
         copy(self, &mut encoder);
-        self.ctx.queue.submit([encoder.finish()]);
+        let index = self.ctx.queue.submit([encoder.finish()]);
         self.counters.submits += 1;
-        self.ctx.errors.check("running the recorded GPU work")
+        self.ctx.errors.check("running the recorded GPU work")?;
+        Ok(index)
     }
 
     /// Submit pending work (if any) so that a queue write lands after it.
@@ -240,6 +279,7 @@ enum Bound {
     Order(DatasetId),
     Stats,
     Dummy,
+    DummyOut,
 }
 
 impl Backend for WgpuBackend {
@@ -394,6 +434,7 @@ impl Backend for WgpuBackend {
             inp,
             weight,
             epilogue,
+            None,
             dims,
             [b * oc, b * c, c * oc],
         )
@@ -417,6 +458,7 @@ impl Backend for WgpuBackend {
             dout,
             weight,
             epilogue,
+            None,
             dims,
             [b * c, b * oc, c * oc],
         )
@@ -425,13 +467,15 @@ impl Backend for WgpuBackend {
     fn matmul_backward_weight(
         &mut self,
         dweight: TensorId,
+        dbias: Option<TensorId>,
         inp: TensorId,
         dout: TensorId,
         b: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        // dweight (C, OC) = inp^T @ dout; inp^T (C, B) read with strides (1, C)
+        // dweight (C, OC) = inp^T @ dout; inp^T (C, B) read with strides (1, C);
+        // dbias (OC) = column sums of dout, from the same tiles of dout
         let dims = [c, oc, b, 1, c, oc, 1];
         self.matmul(
             "matmul_backward_weight",
@@ -439,6 +483,7 @@ impl Backend for WgpuBackend {
             inp,
             dout,
             Epilogue::default(),
+            dbias,
             dims,
             [c * oc, b * c, b * oc],
         )
@@ -544,7 +589,7 @@ impl Backend for WgpuBackend {
                 self.distinct(op, &[d, logits])?;
                 Bound::Tensor(d)
             }
-            None => Bound::Dummy,
+            None => Bound::DummyOut,
         };
         let params = [
             Self::u32_of(op, "rows", rows)?,
@@ -607,15 +652,38 @@ impl Backend for WgpuBackend {
         )
     }
 
-    fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
-        checks::stats_read(slots, self.stats_slots)?;
+    fn request_stats(&mut self, first: usize, count: usize) -> Result<()> {
+        checks::stats_read(first, count, self.stats_slots)?;
         if self.inject_loss_at.is_some_and(|n| self.counters.readbacks + 1 >= n) {
             return Err(Error::Gpu(
                 "the GPU device was lost (injected by GPU_MNIST_INJECT_DEVICE_LOSS)".to_string(),
             ));
         }
-        let bytes = self.read_bytes(Bound::Stats, slots as u64 * 8)?;
-        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[..slots * 8]);
+        let bytes = (count as u64 * 8).max(8);
+        let capacity = (self.stats_slots as u64 * 8).max(bytes);
+        let staging = match self.free_staging.pop() {
+            Some(b) if b.size() >= bytes => b,
+            _ => buffers::create_staging(&self.ctx, capacity),
+        };
+        let index = self.submit(|me, encoder| {
+            if let Some(stats) = &me.stats {
+                encoder.copy_buffer_to_buffer(&stats.buffer, first as u64 * 8, &staging, 0, count as u64 * 8);
+            }
+        })?;
+        let read = buffers::PendingRead::start(staging, bytes, index);
+        self.pending_stats.push_back((read, count));
+        self.counters.readbacks += 1;
+        Ok(())
+    }
+
+    fn collect_stats(&mut self) -> Result<Vec<StepStats>> {
+        let (read, count) = self
+            .pending_stats
+            .pop_front()
+            .ok_or_else(|| Error::shape("collect_stats", "no statistics were requested".to_string()))?;
+        let (bytes, staging) = read.finish(&self.ctx)?;
+        self.free_staging.push(staging);
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[..count * 8]);
         Ok(words
             .chunks_exact(2)
             .map(|w| StepStats {
@@ -628,6 +696,24 @@ impl Backend for WgpuBackend {
     fn sync(&mut self) -> Result<()> {
         self.flush()?;
         self.ctx.wait("waiting for the GPU")
+    }
+
+    /// Time each of the next `dispatches` dispatches on the device (see `profile.rs`).
+    fn start_profile(&mut self, dispatches: u32) -> Result<bool> {
+        if !self.ctx.timestamps {
+            return Ok(false);
+        }
+        self.flush()?;
+        self.profile = Some(Profile::new(&self.ctx, dispatches)?);
+        Ok(true)
+    }
+
+    fn finish_profile(&mut self) -> Result<Vec<(String, f64)>> {
+        let Some(profile) = self.profile.take() else {
+            return Ok(Vec::new());
+        };
+        self.submit(|_, encoder| profile.resolve(encoder))?;
+        profile.read(&self.ctx)
     }
 
     fn counters(&self) -> Counters {
@@ -650,7 +736,7 @@ impl Backend for WgpuBackend {
 
 impl WgpuBackend {
     /// c (M, N) = epilogue(a @ b) through strides: dims = [m, n, k, a_row, a_col, b_row, b_col];
-    /// lens = values needed in [c, a, b].
+    /// lens = values needed in [c, a, b]; `colsum` (N) = the column sums of b, when given.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -659,6 +745,7 @@ impl WgpuBackend {
         a: TensorId,
         b: TensorId,
         epilogue: Epilogue,
+        colsum: Option<TensorId>,
         dims: [usize; 7],
         lens: [usize; 3],
     ) -> Result<()> {
@@ -675,6 +762,13 @@ impl WgpuBackend {
             self.tensor(op, mask, m * n)?;
             ids.push(mask);
         }
+        if let Some(colsum) = colsum {
+            // Written, like c: it must not share a buffer with anything read.
+            self.tensor(op, colsum, n)?;
+            for &t in &ids[1..] {
+                self.distinct(op, &[colsum, t])?;
+            }
+        }
         // The bias and the mask are read-only, like a and b; only c must differ from all of them.
         self.distinct(op, &[c, a])?;
         self.distinct(op, &[c, b])?;
@@ -685,12 +779,21 @@ impl WgpuBackend {
         for (p, &d) in params.iter_mut().zip(&dims) {
             *p = Self::u32_of(op, "a dimension", d)?;
         }
-        params[7] =
-            epilogue.bias.is_some() as u32 | (epilogue.relu as u32) << 1 | (epilogue.relu_mask.is_some() as u32) << 2;
+        params[7] = epilogue.bias.is_some() as u32
+            | (epilogue.relu as u32) << 1
+            | (epilogue.relu_mask.is_some() as u32) << 2
+            | (colsum.is_some() as u32) << 3;
         for &len in &lens {
             Self::u32_of(op, "a tensor length", len)?;
         }
-        let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
+        let tiles = self
+            .tiles_override
+            .unwrap_or_else(|| TileConfig::for_shape(m, n, dims[2]));
+        let grid = (
+            n.div_ceil(tiles.tn as usize) as u32,
+            m.div_ceil(tiles.tm as usize) as u32,
+            1,
+        );
         if grid.0 > self.max_groups() || grid.1 > self.max_groups() {
             return Err(Error::shape(
                 op,
@@ -699,13 +802,15 @@ impl WgpuBackend {
         }
         let bias = epilogue.bias.map_or(Bound::Dummy, Bound::Tensor);
         let mask = epilogue.relu_mask.map_or(Bound::Dummy, Bound::Tensor);
+        let colsum = colsum.map_or(Bound::DummyOut, Bound::Tensor);
         let bind = [
             (1, Bound::Tensor(a)),
             (2, Bound::Tensor(b)),
             (3, Bound::Tensor(c)),
             (4, bias),
             (5, mask),
+            (6, colsum),
         ];
-        self.record(Kernel::Matmul, params, &bind, grid)
+        self.record(Kernel::Matmul(tiles), params, &bind, grid)
     }
 }
