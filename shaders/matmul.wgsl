@@ -1,9 +1,11 @@
 // matmul.wgsl: c (M, N) = epilogue(a (M, K) @ b (K, N)), with a and b read through strides, so
 // that the forward product and both transposed backward products of a dense layer are this one
-// kernel, and the bias-add, ReLU, ReLU-gradient mask and bias gradient cost no dispatch of their own.
+// kernel, and the bias-add, ReLU, ReLU-gradient mask, bias gradient and optimizer step cost no
+// dispatch of their own.
 //
 // Bindings (group 0):
-//   0 params  uniform  { m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride, flags }
+//   0 params  uniform  { m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride, flags,
+//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity, _ }
 //   1 a       storage read   array<f32>  element (i, kk) at i * a_row_stride + kk * a_col_stride
 //   2 b       storage read   array<f32>  element (kk, j) at kk * b_row_stride + j * b_col_stride
 //   3 c       storage rw     array<f32>  (M, N) row-major, assigned (not accumulated)
@@ -11,23 +13,36 @@
 //   5 mask    storage read   array<f32>  (M, N): c is zeroed where mask <= 0 when flags & 4
 //   6 colsum  storage rw     array<f32>  (N,): when flags & 8, the column sums of b over its K
 //                                        rows (a dense layer's bias gradient); else any buffer
-// Epilogue, in this order: + bias[j] (flags & 1), max(., 0) (flags & 2), mask (flags & 4).
+//   7 param     storage rw   array<f32>  with flags & (16 | 32): the packed parameter values; the
+//                                        weight's value (i, j) is at w_value + i * N + j, the
+//                                        bias's value j at b_value + j
+//   8 velocity  storage rw   array<f32>  with flags & 16: RMSprop's velocities, at w_velocity + ...
+//                                        and b_velocity + j
+// Epilogue, in this order: + bias[j] (flags & 1), max(., 0) (flags & 2), mask (flags & 4); then
+// the optimizer step with the stored value (and the column sum) as the gradient: RMSprop as Keras
+// (flags & 16: v = rho v + (1 - rho) g^2; p -= lr g / sqrt(v + eps)) or SGD (flags & 32: p -= lr g).
 // Uses of it (dense layer with inp (B, C), weight (C, OC), dout (B, OC)):
 //   forward          out  = relu(inp @ weight + bias)  M=B, N=OC, K=C,  a=(C,1),  b=(OC,1), flags 1|2
 //   backward input   dinp = (dout @ weight^T) * (inp > 0)
 //                                                      M=B, N=C,  K=OC, a=(OC,1), b=(1,OC), flags 4
-//   backward weight  dw   = inp^T @ dout, dbias = colsum(dout)
-//                                                      M=C, N=OC, K=B,  a=(1,C),  b=(OC,1), flags 8
+//   backward weight  dw   = inp^T @ dout, dbias = colsum(dout), then the optimizer step of both
+//                                                      M=C, N=OC, K=B,  a=(1,C),  b=(OC,1), flags 8|16
 //
-// Tiling (the host writes the four constants below per pipeline; see kernels.rs TileConfig):
+// Tiling (the host writes the constants below per pipeline; see kernels.rs TileConfig):
 // a workgroup computes a TM x TN tile of c. Its threads form S slices of (TM/4) x (TN/4); each
 // thread of a slice holds a 4x4 block of the tile in registers. K is cut into chunks of KC; chunk q
 // belongs to slice q % S (split-K inside the workgroup, so that small outputs still fill a GPU).
-// Each round, every slice copies its chunk of a (TM x KC) and of b (KC x TN) from storage into
-// workgroup memory (coalesced along whichever stride is 1, zero outside the matrices), then
-// multiplies it from there with vec4 reads. At the end slices 1..S-1 hand their sums to slice 0,
-// which adds them in slice order and stores the tile through the epilogue. Every sum is taken in
-// a fixed order, so results are deterministic. Grid: (ceil(N / TN), ceil(M / TM), 1).
+// Each round, every slice stores its chunk of a (TM x KC) and of b (KC x TN) into workgroup
+// memory from registers, issues the loads of its next chunk (coalesced along whichever stride is
+// 1, zero outside the matrices), and multiplies the stored chunk with vec4 reads while those loads
+// are in flight. At the end slices 1..S-1 hand their sums to slice 0, which adds them in slice
+// order and stores the tile through the epilogue. Every sum is taken in a fixed order, so results
+// are deterministic. Grid: (ceil(N / TN), ceil(M / TM), 1).
+//
+// Template: naga emits loops that drivers do not unroll, and a load loop that is not unrolled
+// waits for each load before issuing the next. So the host expands each line
+// `//!unroll V COUNT: statement` into COUNT copies of the statement with {V} = 0, 1, ...
+// (COUNT is LA, LB, KC or a number), and replaces the values of the constants TM, TN, KC, S, SMEM.
 
 const TM: u32 = 32u;
 const TN: u32 = 32u;
@@ -50,6 +65,14 @@ struct Params {
     b_row_stride: u32,
     b_col_stride: u32,
     flags: u32,
+    lr: f32,
+    rho: f32,
+    eps: f32,
+    w_value: u32,
+    w_velocity: u32,
+    b_value: u32,
+    b_velocity: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -59,18 +82,55 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read> mask: array<f32>;
 @group(0) @binding(6) var<storage, read_write> colsum: array<f32>;
+@group(0) @binding(7) var<storage, read_write> param: array<f32>;
+@group(0) @binding(8) var<storage, read_write> velocity: array<f32>;
 
 const ADD_BIAS: u32 = 1u;
 const RELU: u32 = 2u;
 const MASK: u32 = 4u;
 const COLSUM: u32 = 8u;
+const RMSPROP: u32 = 16u;
+const SGD: u32 = 32u;
 
-// Slice s's chunk of a at vec4 [s * KC * TM / 4, ...) laid out [kk][i]; its chunk of b after all
-// of a's, laid out [kk][j]. After the last round, the hand-over of sums reuses the same memory.
+// Slice s's chunk of a at scalar [s * KC * TM, ...) laid out [kk][i]; its chunk of b after all of
+// a's, laid out [kk][j]. After the last round, the hand-over of sums reuses the same memory.
 var<workgroup> smem: array<vec4<f32>, SMEM>;
 
 fn smem_store(index: u32, v: f32) {
     smem[index / 4u][index % 4u] = v;
+}
+
+// (i, kk) of the idx-th value of a chunk of a that a slice copies: kk fastest when a's rows are
+// contiguous (a_col_stride == 1), else i fastest, so that neighbouring threads read neighbouring words.
+fn a_pos(idx: u32) -> vec2<u32> {
+    if (params.a_col_stride == 1u) {
+        return vec2<u32>(idx / KC, idx % KC);
+    }
+    return vec2<u32>(idx % TM, idx / TM);
+}
+
+// (kk, j) of the idx-th value of a chunk of b, j fastest when b's rows are contiguous.
+fn b_pos(idx: u32) -> vec2<u32> {
+    if (params.b_col_stride == 1u) {
+        return vec2<u32>(idx / TN, idx % TN);
+    }
+    return vec2<u32>(idx % KC, idx / KC);
+}
+
+fn load_a(idx: u32, row0: u32, k0: u32) -> f32 {
+    let p = a_pos(idx);
+    if (row0 + p.x < params.m && k0 + p.y < params.k) {
+        return a[(row0 + p.x) * params.a_row_stride + (k0 + p.y) * params.a_col_stride];
+    }
+    return 0.0;
+}
+
+fn load_b(idx: u32, col0: u32, k0: u32) -> f32 {
+    let p = b_pos(idx);
+    if (k0 + p.x < params.k && col0 + p.y < params.n) {
+        return b[(k0 + p.x) * params.b_row_stride + (col0 + p.y) * params.b_col_stride];
+    }
+    return 0.0;
 }
 
 @compute @workgroup_size(WG)
@@ -81,61 +141,32 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     let ty = t / (TN / 4u); // this thread's rows:    ty * 4 .. ty * 4 + 3 of the tile
     let row0 = wid.y * TM;
     let col0 = wid.x * TN;
-    let a_at = slice * KC * TM; // scalar index of this slice's a chunk in smem
+    let a_at = slice * KC * TM; // scalar index of this slice's chunk of a in smem
     let b_at = S * KC * TM + slice * KC * TN;
-    let a_k_fast = params.a_col_stride == 1u;
-    let b_j_fast = params.b_col_stride == 1u;
     let want_colsum = (params.flags & COLSUM) != 0u && wid.y == 0u;
+    let colsum_on = vec4<f32>(select(0.0, 1.0, want_colsum));
 
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     var csum = vec4<f32>(0.0);
+    var av = vec4<f32>(0.0);
+    var bv = vec4<f32>(0.0);
+    // This slice's first chunk, into registers.
+    //!unroll q LA: var ra{q} = load_a(t + {q}u * T, row0, slice * KC);
+    //!unroll q LB: var rb{q} = load_b(t + {q}u * T, col0, slice * KC);
     let chunks = (params.k + KC - 1u) / KC;
     let rounds = (chunks + S - 1u) / S;
     for (var round = 0u; round < rounds; round = round + 1u) {
-        let k0 = (round * S + slice) * KC;
-        for (var q = 0u; q < LA; q = q + 1u) {
-            let idx = t + q * T;
-            var i = idx / KC;
-            var kk = idx % KC;
-            if (!a_k_fast) {
-                i = idx % TM;
-                kk = idx / TM;
-            }
-            var v = 0.0;
-            if (row0 + i < params.m && k0 + kk < params.k) {
-                v = a[(row0 + i) * params.a_row_stride + (k0 + kk) * params.a_col_stride];
-            }
-            smem_store(a_at + kk * TM + i, v);
-        }
-        for (var q = 0u; q < LB; q = q + 1u) {
-            let idx = t + q * T;
-            var kk = idx / TN;
-            var j = idx % TN;
-            if (!b_j_fast) {
-                kk = idx % KC;
-                j = idx / KC;
-            }
-            var v = 0.0;
-            if (col0 + j < params.n && k0 + kk < params.k) {
-                v = b[(k0 + kk) * params.b_row_stride + (col0 + j) * params.b_col_stride];
-            }
-            smem_store(b_at + kk * TN + j, v);
-        }
+        //!unroll q LA: smem_store(a_at + a_pos(t + {q}u * T).y * TM + a_pos(t + {q}u * T).x, ra{q});
+        //!unroll q LB: smem_store(b_at + b_pos(t + {q}u * T).x * TN + b_pos(t + {q}u * T).y, rb{q});
         workgroupBarrier();
-        for (var kk = 0u; kk < KC; kk = kk + 1u) {
-            let av = smem[(a_at + kk * TM) / 4u + ty];
-            let bv = smem[(b_at + kk * TN) / 4u + tx];
-            acc0 = fma(vec4<f32>(av.x), bv, acc0);
-            acc1 = fma(vec4<f32>(av.y), bv, acc1);
-            acc2 = fma(vec4<f32>(av.z), bv, acc2);
-            acc3 = fma(vec4<f32>(av.w), bv, acc3);
-            if (want_colsum) {
-                csum = csum + bv;
-            }
-        }
+        // The next chunk's loads (zeros past K) fly while this chunk is multiplied.
+        let k_next = ((round + 1u) * S + slice) * KC;
+        //!unroll q LA: ra{q} = load_a(t + {q}u * T, row0, k_next);
+        //!unroll q LB: rb{q} = load_b(t + {q}u * T, col0, k_next);
+        //!unroll kk KC: av = smem[(a_at + {kk}u * TM) / 4u + ty]; bv = smem[(b_at + {kk}u * TN) / 4u + tx]; acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1); acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3); csum = fma(bv, colsum_on, csum);
         workgroupBarrier();
     }
 
@@ -175,11 +206,25 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     store_row(row + 2u, col, acc2);
     store_row(row + 3u, col, acc3);
     if (want_colsum && ty == 0u) {
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            if (col + j < params.n) {
-                colsum[col + j] = csum[j];
-            }
-        }
+        //!unroll j 4: store_colsum(col + {j}u, csum[{j}]);
+    }
+}
+
+fn store_colsum(col: u32, g: f32) {
+    if (col < params.n) {
+        colsum[col] = g;
+        optimizer_step(params.b_value + col, params.b_velocity + col, g);
+    }
+}
+
+// The optimizer step of the parameter at param[p] (velocity[v]) whose gradient is g.
+fn optimizer_step(p: u32, v: u32, g: f32) {
+    if ((params.flags & RMSPROP) != 0u) {
+        let vel = params.rho * velocity[v] + (1.0 - params.rho) * g * g;
+        velocity[v] = vel;
+        param[p] = param[p] - params.lr * g / sqrt(vel + params.eps);
+    } else if ((params.flags & SGD) != 0u) {
+        param[p] = param[p] - params.lr * g;
     }
 }
 
@@ -188,20 +233,23 @@ fn store_row(row: u32, col0: u32, v: vec4<f32>) {
         return;
     }
     let base = row * params.n + col0;
-    for (var j = 0u; j < 4u; j = j + 1u) {
-        let col = col0 + j;
-        if (col < params.n) {
-            var x = v[j];
-            if ((params.flags & ADD_BIAS) != 0u) {
-                x = x + bias[col];
-            }
-            if ((params.flags & RELU) != 0u) {
-                x = max(x, 0.0);
-            }
-            if ((params.flags & MASK) != 0u && !(mask[base + j] > 0.0)) {
-                x = 0.0;
-            }
-            c[base + j] = x;
-        }
+    //!unroll j 4: store_one(base + {j}u, col0 + {j}u, v[{j}]);
+}
+
+fn store_one(at: u32, col: u32, value: f32) {
+    if (col >= params.n) {
+        return;
     }
+    var x = value;
+    if ((params.flags & ADD_BIAS) != 0u) {
+        x = x + bias[col];
+    }
+    if ((params.flags & RELU) != 0u) {
+        x = max(x, 0.0);
+    }
+    if ((params.flags & MASK) != 0u && !(mask[at] > 0.0)) {
+        x = 0.0;
+    }
+    c[at] = x;
+    optimizer_step(params.w_value + at, params.w_velocity + at, x);
 }

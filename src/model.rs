@@ -9,10 +9,10 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, DatasetId, Epilogue, Packed, TensorId};
+use crate::backend::{Backend, DatasetId, Epilogue, ParamTensors, TensorId};
 use crate::data::{CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
-use crate::optim::{Optimizer, OptimizerKind};
+use crate::optim::Optimizer;
 
 /// The shape of the network: input width, hidden widths, class count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +134,15 @@ pub struct Param {
 }
 
 impl Param {
+    /// Its value, gradient and velocity tensors.
+    pub fn tensors(&self) -> ParamTensors {
+        ParamTensors {
+            value: self.value,
+            grad: self.grad,
+            velocity: self.velocity,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
@@ -185,8 +194,6 @@ struct Dense {
 pub struct Graph {
     pub spec: ModelSpec,
     pub params: Vec<Param>,
-    /// The packed values, gradients and velocities of all parameters.
-    packed: [Packed; 3],
     layers: Vec<Dense>,
     /// acts[0] is the input batch (B, 784); acts[i + 1] is the activated output of layer i.
     acts: Vec<TensorId>,
@@ -209,7 +216,8 @@ impl Graph {
             ));
         }
         // Values, gradients and velocities each live in one packed allocation, in this order:
-        // dense_0.kernel, dense_0.bias, dense_1.kernel, ... so one update covers them all.
+        // dense_0.kernel, dense_0.bias, dense_1.kernel, ..., so that a GPU kernel updating a
+        // layer's weight and bias binds one buffer of each.
         let dims = spec.dense_dims();
         let shapes: Vec<(String, Vec<usize>)> = dims
             .iter()
@@ -262,7 +270,6 @@ impl Graph {
         Ok(Graph {
             spec: spec.clone(),
             params,
-            packed: [values, grads, velocities],
             layers,
             acts,
             dacts,
@@ -360,14 +367,15 @@ impl Graph {
         Ok(())
     }
 
-    /// Backward pass from the logits' gradient in dacts[last]; fills every parameter's grad.
-    pub fn backward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
+    /// Backward pass from the logits' gradient in dacts[last] and the optimizer step: fills every
+    /// parameter's grad and updates its value (and velocity). Layer by layer from the last, the
+    /// input gradient is taken before the weight gradient and update, which change the weights it
+    /// reads.
+    pub fn backward_update(&self, be: &mut dyn Backend, rows: usize, opt: &Optimizer) -> Result<()> {
         self.check_rows(rows)?;
         for (i, layer) in self.layers.iter().enumerate().rev() {
-            // dout (rows, oc) -> dkernel (c, oc), dbias (oc), and for i > 0 dacts[i] (rows, c)
+            // dout (rows, oc) -> dacts[i] (rows, c) for i > 0; dkernel (c, oc), dbias (oc), update
             let (inp, dout) = (self.acts[i], self.dacts[i + 1]);
-            let (dkernel, dbias) = (self.params[layer.kernel].grad, self.params[layer.bias].grad);
-            be.matmul_backward_weight(dkernel, Some(dbias), inp, dout, rows, layer.c, layer.oc)?;
             if i > 0 {
                 // The previous layer's ReLU gradient, from its output: zero where it was clipped.
                 let relu_mask = (self.layers[i - 1].activation == Activation::Relu).then_some(inp);
@@ -386,29 +394,14 @@ impl Graph {
                     layer.oc,
                 )?;
             }
+            let (kernel, bias) = (self.params[layer.kernel].tensors(), self.params[layer.bias].tensors());
+            be.matmul_backward_weight_update(kernel, bias, inp, dout, rows, layer.c, layer.oc, opt)?;
         }
         Ok(())
     }
 
-    /// Apply the optimizer to every parameter: one op over the packed tensors.
-    pub fn update(&self, be: &mut dyn Backend, opt: &Optimizer) -> Result<()> {
-        let [values, grads, velocities] = &self.packed;
-        match opt.kind {
-            OptimizerKind::RmsProp => be.rmsprop_update(
-                values.whole,
-                velocities.whole,
-                grads.whole,
-                values.len,
-                opt.lr,
-                opt.rho,
-                opt.eps,
-            ),
-            OptimizerKind::Sgd => be.sgd_update(values.whole, grads.whole, values.len, opt.lr),
-        }
-    }
-
     /// One training step on rows start..start+rows of `ds` (in its current order): gather,
-    /// forward, fused loss (stats into `slot`), backward, update.
+    /// forward, fused loss (stats into `slot`), backward with the update.
     pub fn train_step(
         &self,
         be: &mut dyn Backend,
@@ -431,8 +424,7 @@ impl Graph {
             self.spec.classes,
             slot,
         )?;
-        self.backward(be, rows)?;
-        self.update(be, opt)
+        self.backward_update(be, rows, opt)
     }
 
     /// Forward and loss only (stats into `slot`), for evaluation.

@@ -15,6 +15,7 @@ pub mod wgpu;
 
 use crate::data::Dataset;
 use crate::error::Result;
+use crate::optim::{Optimizer, OptimizerKind};
 
 /// A flat f32 tensor owned by a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +33,14 @@ pub struct Packed {
     /// Values in `whole`.
     pub len: usize,
     pub parts: Vec<TensorId>,
+}
+
+/// The tensors of one parameter: its value, its gradient and RMSprop's velocity of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamTensors {
+    pub value: TensorId,
+    pub grad: TensorId,
+    pub velocity: TensorId,
 }
 
 /// Loss and accuracy of one batch, summed over its rows (written by the fused loss op).
@@ -133,6 +142,33 @@ pub trait Backend {
         c: usize,
         oc: usize,
     ) -> Result<()>;
+    /// A dense layer's weight gradient and the optimizer step of its two parameters: dweight =
+    /// inp^T @ dout and dbias = colsum(dout) (`matmul_backward_weight`), then `opt` applied to the
+    /// weight and to the bias with those gradients (`rmsprop_update` / `sgd_update`). The GPU fuses
+    /// the step into the product's epilogue; by default it is the ops in sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_weight_update(
+        &mut self,
+        weight: ParamTensors,
+        bias: ParamTensors,
+        inp: TensorId,
+        dout: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+        opt: &Optimizer,
+    ) -> Result<()> {
+        self.matmul_backward_weight(weight.grad, Some(bias.grad), inp, dout, b, c, oc)?;
+        for (p, n) in [(weight, c * oc), (bias, oc)] {
+            match opt.kind {
+                OptimizerKind::RmsProp => {
+                    self.rmsprop_update(p.value, p.velocity, p.grad, n, opt.lr, opt.rho, opt.eps)?
+                }
+                OptimizerKind::Sgd => self.sgd_update(p.value, p.grad, n, opt.lr)?,
+            }
+        }
+        Ok(())
+    }
     /// out (B, OC) += bias (OC).
     fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()>;
     /// dbias (OC) = column sums of dout (B, OC).

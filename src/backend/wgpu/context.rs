@@ -107,11 +107,11 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 fn required_limits(adapter: &wgpu::Adapter, name: &str) -> Result<wgpu::Limits> {
     let have = adapter.limits();
     let mut need = wgpu::Limits::downlevel_defaults();
-    // The matmul binds 6 storage buffers and uses up to 256 threads and 16 KiB of workgroup memory.
+    // The matmul binds 8 storage buffers and uses up to 256 threads and 16 KiB of workgroup memory.
     let checks: [(&str, u64, u64); 4] = [
         (
             "max_storage_buffers_per_shader_stage",
-            6,
+            8,
             have.max_storage_buffers_per_shader_stage as u64,
         ),
         (
@@ -137,7 +137,7 @@ fn required_limits(adapter: &wgpu::Adapter, name: &str) -> Result<wgpu::Limits> 
             )));
         }
     }
-    need.max_storage_buffers_per_shader_stage = 6;
+    need.max_storage_buffers_per_shader_stage = 8;
     need.max_compute_workgroup_storage_size = WORKGROUP_BYTES;
     need.max_compute_invocations_per_workgroup = 256;
     need.max_compute_workgroup_size_x = 256;

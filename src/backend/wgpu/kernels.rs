@@ -81,41 +81,72 @@ impl TileConfig {
         chunks.max(handover).max(4) / 4
     }
 
-    /// The tiling for an (m, n, k) product: 32x32 tiles (32x16 with shorter chunks when n is that
-    /// small), and as many K slices as keep each slice at least two chunks, so that small outputs
-    /// with a long K still fill a GPU.
+    /// The tiling for an (m, n, k) product, from a sweep of every tiling on an H200 (README):
+    /// - n <= 16 (the output layer): 16x16 tiles, K in chunks of 8 spread over up to 16 slices;
+    /// - outputs of 256 or more 32x32 tiles (a weight gradient): 32x64 tiles, 2 slices;
+    /// - smaller outputs (the forward product of a hidden layer): 16x32 tiles and up to 8 slices,
+    ///   each with at least 4 chunks of 8: the long K is spread over the workgroup.
     pub fn for_shape(m: usize, n: usize, k: usize) -> TileConfig {
-        let _ = m;
-        let (tm, tn, kc) = if n <= 16 { (32, 16, 8) } else { (32, 32, 16) };
-        let chunks = k.div_ceil(kc as usize);
-        let mut tiles = TileConfig { tm, tn, kc, s: 1 };
-        while chunks >= tiles.s as usize * 4 {
-            match TileConfig::new(tm, tn, kc, tiles.s * 2) {
-                Ok(more) => tiles = more,
-                Err(_) => break,
-            }
-        }
-        tiles
+        let chunks = |kc: usize| k.div_ceil(kc).max(1);
+        let floor_pow2 = |v: usize, cap: usize| {
+            let v = v.clamp(1, cap) as u32;
+            1 << (31 - v.leading_zeros())
+        };
+        let (tm, tn, kc, s) = if n <= 16 {
+            (16, 16, 8, floor_pow2(chunks(8), 16))
+        } else if m.div_ceil(32) * n.div_ceil(32) >= 256 {
+            (32, 64, 16, if chunks(16) >= 4 { 2 } else { 1 })
+        } else {
+            (16, 32, 8, floor_pow2(chunks(8) / 4, 8))
+        };
+        // Every tiling above passes `new`; fall back to the plainest one if a change breaks that.
+        TileConfig::new(tm, tn, kc, s).unwrap_or(TileConfig {
+            tm: 32,
+            tn: 32,
+            kc: 16,
+            s: 1,
+        })
     }
 
-    /// matmul.wgsl with this tiling's constants.
+    /// matmul.wgsl with this tiling's constants, its `//!unroll` lines expanded.
     fn source(self) -> String {
+        let t = self.threads_per_slice();
+        let count_of = |name: &str| match name {
+            "LA" => Some(self.tm * self.kc / t),
+            "LB" => Some(self.kc * self.tn / t),
+            "KC" => Some(self.kc),
+            number => number.parse().ok(),
+        };
         let mut out = String::new();
         for line in MATMUL_WGSL.lines() {
-            let value = match line.split_whitespace().nth(1) {
-                Some("TM:") if line.starts_with("const ") => Some(self.tm),
-                Some("TN:") if line.starts_with("const ") => Some(self.tn),
-                Some("KC:") if line.starts_with("const ") => Some(self.kc),
-                Some("S:") if line.starts_with("const ") => Some(self.s),
-                Some("SMEM:") if line.starts_with("const ") => Some(self.smem_vec4s()),
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let constant = match words.get(1) {
+                Some(&"TM:") => Some(self.tm),
+                Some(&"TN:") => Some(self.tn),
+                Some(&"KC:") => Some(self.kc),
+                Some(&"S:") => Some(self.s),
+                Some(&"SMEM:") => Some(self.smem_vec4s()),
                 _ => None,
             };
-            match value {
-                Some(v) => {
-                    let name = line.split_whitespace().nth(1).unwrap_or_default();
-                    out.push_str(&format!("const {name} u32 = {v}u;\n"));
+            let unroll = line.trim_start().strip_prefix("//!unroll ").and_then(|rest| {
+                let (head, statement) = rest.split_once(':')?;
+                let mut head = head.split_whitespace();
+                let var = head.next()?;
+                let count = count_of(head.next()?)?;
+                Some((var, count, statement.trim()))
+            });
+            match (constant, unroll) {
+                (Some(v), _) if words[0] == "const" => out.push_str(&format!("const {} u32 = {v}u;\n", words[1])),
+                (_, Some((var, count, statement))) => {
+                    let indent = &line[..line.len() - line.trim_start().len()];
+                    let pattern = format!("{{{var}}}");
+                    for i in 0..count {
+                        out.push_str(indent);
+                        out.push_str(&statement.replace(&pattern, &i.to_string()));
+                        out.push('\n');
+                    }
                 }
-                None => {
+                _ => {
                     out.push_str(line);
                     out.push('\n');
                 }
@@ -178,8 +209,9 @@ impl Kernel {
     }
 }
 
-/// The `Params` uniform of a dispatch: 8 words (f32 values stored as their bits).
-pub type ParamWords = [u32; 8];
+/// The `Params` uniform of a dispatch: 16 words (f32 values stored as their bits); most kernels
+/// read only the first 8.
+pub type ParamWords = [u32; 16];
 
 #[derive(PartialEq, Eq, Hash)]
 enum ModuleKey {
@@ -311,4 +343,30 @@ pub fn grid_1d(n: usize, max_per_dim: u32) -> (u32, u32, u32) {
 /// f32 as a parameter word.
 pub fn bits(v: f32) -> u32 {
     v.to_bits()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TileConfig;
+
+    #[test]
+    fn tilings_follow_the_sweep() {
+        let t = |m, n, k| {
+            let c = TileConfig::for_shape(m, n, k);
+            (c.tm, c.tn, c.kc, c.s)
+        };
+        assert_eq!(t(128, 512, 784), (16, 32, 8, 8)); // layer 1 forward
+        assert_eq!(t(784, 512, 128), (32, 64, 16, 2)); // layer 1 weight gradient
+        assert_eq!(t(128, 10, 512), (16, 16, 8, 16)); // layer 2 forward
+        assert_eq!(t(512, 10, 128), (16, 16, 8, 16)); // layer 2 weight gradient
+        assert_eq!(t(128, 512, 10), (16, 32, 8, 1)); // layer 2 input gradient
+        for m in [1, 7, 100, 5000] {
+            for n in [1, 10, 17, 600] {
+                for k in [1, 9, 300, 70000] {
+                    let c = TileConfig::for_shape(m, n, k);
+                    assert!(TileConfig::new(c.tm, c.tn, c.kc, c.s).is_ok(), "{m}x{n}x{k}: {c:?}");
+                }
+            }
+        }
+    }
 }

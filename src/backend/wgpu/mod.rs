@@ -23,9 +23,10 @@ use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
 use profile::Profile;
 
 use super::checks;
-use super::{Backend, Counters, DatasetId, Epilogue, Packed, StepStats, TensorId};
+use super::{Backend, Counters, DatasetId, Epilogue, Packed, ParamTensors, StepStats, TensorId};
 use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
+use crate::optim::{Optimizer, OptimizerKind};
 
 /// A tensor: `len` f32 values at byte `offset` of a buffer that other tensors may share (a packed
 /// group, see `alloc_packed`).
@@ -168,13 +169,9 @@ impl WgpuBackend {
     }
 
     /// Record one dispatch, opening an encoder and pass if none is open.
-    fn record(
-        &mut self,
-        kernel: Kernel,
-        params: ParamWords,
-        bind: &[(u32, Bound)],
-        grid: (u32, u32, u32),
-    ) -> Result<()> {
+    fn record(&mut self, kernel: Kernel, words: &[u32], bind: &[(u32, Bound)], grid: (u32, u32, u32)) -> Result<()> {
+        let mut params: ParamWords = [0; 16];
+        params[..words.len()].copy_from_slice(words);
         let recording = self.recording.get_or_insert_with(|| Recording {
             encoder: self
                 .ctx
@@ -207,6 +204,7 @@ impl WgpuBackend {
                     Bound::Stats => self.stats.as_ref().unwrap_or(&self.dummy).whole(),
                     Bound::Dummy => self.dummy.whole(),
                     Bound::DummyOut => self.dummy_out.whole(),
+                    Bound::BufferOf(t) => self.tensors[t.0].buf.whole(),
                 };
                 (binding, slice)
             })
@@ -270,6 +268,13 @@ impl WgpuBackend {
     }
 }
 
+/// The optimizer step a weight-gradient product applies in its epilogue.
+struct FusedUpdate {
+    weight: ParamTensors,
+    bias: ParamTensors,
+    opt: Optimizer,
+}
+
 /// What a binding of a dispatch refers to.
 #[derive(Clone, Copy)]
 enum Bound {
@@ -280,6 +285,8 @@ enum Bound {
     Stats,
     Dummy,
     DummyOut,
+    /// The whole buffer that holds this tensor (a packed group).
+    BufferOf(TensorId),
 }
 
 impl Backend for WgpuBackend {
@@ -410,7 +417,7 @@ impl Backend for WgpuBackend {
         let grid = grid_1d(rows * words, self.max_groups());
         self.record(
             Kernel::Gather,
-            params,
+            &params,
             &[(1, Bound::Images(ds)), (2, Bound::Order(ds)), (3, Bound::Tensor(x))],
             grid,
         )
@@ -435,6 +442,7 @@ impl Backend for WgpuBackend {
             weight,
             epilogue,
             None,
+            None,
             dims,
             [b * oc, b * c, c * oc],
         )
@@ -458,6 +466,7 @@ impl Backend for WgpuBackend {
             dout,
             weight,
             epilogue,
+            None,
             None,
             dims,
             [b * c, b * oc, c * oc],
@@ -484,6 +493,38 @@ impl Backend for WgpuBackend {
             dout,
             Epilogue::default(),
             dbias,
+            None,
+            dims,
+            [c * oc, b * c, b * oc],
+        )
+    }
+
+    fn matmul_backward_weight_update(
+        &mut self,
+        weight: ParamTensors,
+        bias: ParamTensors,
+        inp: TensorId,
+        dout: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+        opt: &Optimizer,
+    ) -> Result<()> {
+        // One dispatch: dweight, dbias, and the optimizer step in the epilogue.
+        let dims = [c, oc, b, 1, c, oc, 1];
+        let update = FusedUpdate {
+            weight,
+            bias,
+            opt: *opt,
+        };
+        self.matmul(
+            "matmul_backward_weight_update",
+            weight.grad,
+            inp,
+            dout,
+            Epilogue::default(),
+            Some(bias.grad),
+            Some(&update),
             dims,
             [c * oc, b * c, b * oc],
         )
@@ -508,7 +549,7 @@ impl Backend for WgpuBackend {
         let grid = grid_1d(b * oc, self.max_groups());
         self.record(
             Kernel::BiasAdd,
-            params,
+            &params,
             &[(1, Bound::Tensor(bias)), (2, Bound::Tensor(out))],
             grid,
         )
@@ -532,7 +573,7 @@ impl Backend for WgpuBackend {
         let grid = grid_1d(oc, self.max_groups());
         self.record(
             Kernel::BiasBackward,
-            params,
+            &params,
             &[(1, Bound::Tensor(dout)), (2, Bound::Tensor(dbias))],
             grid,
         )
@@ -547,7 +588,7 @@ impl Backend for WgpuBackend {
         let grid = grid_1d(n, self.max_groups());
         self.record(
             Kernel::ReluForward,
-            params,
+            &params,
             &[(1, Bound::Tensor(inp)), (2, Bound::Tensor(out))],
             grid,
         )
@@ -566,7 +607,7 @@ impl Backend for WgpuBackend {
             (4, Bound::Tensor(out)),
             (5, Bound::Tensor(dinp)),
         ];
-        self.record(Kernel::ReluBackward, params, &bind, grid)
+        self.record(Kernel::ReluBackward, &params, &bind, grid)
     }
 
     fn softmax_xent_forward_backward(
@@ -608,7 +649,7 @@ impl Backend for WgpuBackend {
             (4, dl),
             (5, Bound::Stats),
         ];
-        self.record(Kernel::SoftmaxXent, params, &bind, (1, 1, 1))
+        self.record(Kernel::SoftmaxXent, &params, &bind, (1, 1, 1))
     }
 
     fn rmsprop_update(
@@ -628,13 +669,13 @@ impl Backend for WgpuBackend {
         self.distinct(op, &[param, velocity, grad])?;
         self.distinct(op, &[velocity, grad])?;
         let params = [Self::u32_of(op, "n", n)?, bits(lr), bits(rho), bits(eps), 0, 0, 0, 0];
-        let grid = grid_1d(n, self.max_groups());
+        let grid = grid_1d(n.div_ceil(4), self.max_groups());
         let bind = [
             (1, Bound::Tensor(grad)),
             (2, Bound::Tensor(param)),
             (3, Bound::Tensor(velocity)),
         ];
-        self.record(Kernel::RmsProp, params, &bind, grid)
+        self.record(Kernel::RmsProp, &params, &bind, grid)
     }
 
     fn sgd_update(&mut self, param: TensorId, grad: TensorId, n: usize, lr: f32) -> Result<()> {
@@ -646,7 +687,7 @@ impl Backend for WgpuBackend {
         let grid = grid_1d(n, self.max_groups());
         self.record(
             Kernel::Sgd,
-            params,
+            &params,
             &[(1, Bound::Tensor(grad)), (2, Bound::Tensor(param))],
             grid,
         )
@@ -736,7 +777,8 @@ impl Backend for WgpuBackend {
 
 impl WgpuBackend {
     /// c (M, N) = epilogue(a @ b) through strides: dims = [m, n, k, a_row, a_col, b_row, b_col];
-    /// lens = values needed in [c, a, b]; `colsum` (N) = the column sums of b, when given.
+    /// lens = values needed in [c, a, b]; `colsum` (N) = the column sums of b, when given; with
+    /// `update`, c and colsum are the gradients of its weight (M, N) and bias (N), stepped.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -746,6 +788,7 @@ impl WgpuBackend {
         b: TensorId,
         epilogue: Epilogue,
         colsum: Option<TensorId>,
+        update: Option<&FusedUpdate>,
         dims: [usize; 7],
         lens: [usize; 3],
     ) -> Result<()> {
@@ -775,7 +818,7 @@ impl WgpuBackend {
         for &t in &ids[3..] {
             self.distinct(op, &[c, t])?;
         }
-        let mut params = [0u32; 8];
+        let mut params = [0u32; 16];
         for (p, &d) in params.iter_mut().zip(&dims) {
             *p = Self::u32_of(op, "a dimension", d)?;
         }
@@ -783,6 +826,44 @@ impl WgpuBackend {
             | (epilogue.relu as u32) << 1
             | (epilogue.relu_mask.is_some() as u32) << 2
             | (colsum.is_some() as u32) << 3;
+        let (mut param_buf, mut velocity_buf) = (Bound::DummyOut, Bound::DummyOut);
+        if let Some(u) = update {
+            if colsum.is_none() {
+                return Err(Error::shape(op, "a fused update needs the bias gradient".to_string()));
+            }
+            let (w, bias) = (u.weight, u.bias);
+            self.tensor(op, w.value, m * n)?;
+            self.tensor(op, bias.value, n)?;
+            let same_buffer = |x: TensorId, y: TensorId| self.tensors[x.0].buf.id == self.tensors[y.0].buf.id;
+            if !same_buffer(w.value, bias.value) || !same_buffer(w.velocity, bias.velocity) {
+                return Err(Error::shape(
+                    op,
+                    "the weight and the bias must share a packed buffer (alloc_packed)".to_string(),
+                ));
+            }
+            let word = |t: TensorId| Self::u32_of(op, "a parameter offset", (self.tensors[t.0].offset / 4) as usize);
+            params[8] = bits(u.opt.lr);
+            params[9] = bits(u.opt.rho);
+            params[10] = bits(u.opt.eps);
+            params[11] = word(w.value)?;
+            params[13] = word(bias.value)?;
+            match u.opt.kind {
+                OptimizerKind::RmsProp => {
+                    self.tensor(op, w.velocity, m * n)?;
+                    self.tensor(op, bias.velocity, n)?;
+                    self.distinct(op, &[w.velocity, a])?;
+                    self.distinct(op, &[w.velocity, b])?;
+                    params[12] = word(w.velocity)?;
+                    params[14] = word(bias.velocity)?;
+                    params[7] |= 16;
+                    velocity_buf = Bound::BufferOf(w.velocity);
+                }
+                OptimizerKind::Sgd => params[7] |= 32,
+            }
+            self.distinct(op, &[w.value, a])?;
+            self.distinct(op, &[w.value, b])?;
+            param_buf = Bound::BufferOf(w.value);
+        }
         for &len in &lens {
             Self::u32_of(op, "a tensor length", len)?;
         }
@@ -810,7 +891,9 @@ impl WgpuBackend {
             (4, bias),
             (5, mask),
             (6, colsum),
+            (7, param_buf),
+            (8, velocity_buf),
         ];
-        self.record(Kernel::Matmul(tiles), params, &bind, grid)
+        self.record(Kernel::Matmul(tiles), &params, &bind, grid)
     }
 }
