@@ -5,14 +5,19 @@
 //
 // Bindings (group 0):
 //   0 params  uniform  { m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride, flags,
-//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity, _ }
-//   1 a       storage read   array<f32>  element (i, kk) at i * a_row_stride + kk * a_col_stride
+//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity, gather_start }
+//   1 a       storage read   array<u32>  f32 bits; element (i, kk) at i * a_row_stride + kk * a_col_stride;
+//                                        with flags & 64 (gather) the dataset's u8 images instead,
+//                                        4 pixels a word: a (i, kk) = pixel kk of image
+//                                        order[gather_start + i] / 255, K pixels an image
 //   2 b       storage read   array<f32>  element (kk, j) at kk * b_row_stride + j * b_col_stride
 //   3 c       storage rw     array<f32>  (M, N) row-major, assigned (not accumulated)
 //   4 bias    storage read   array<f32>  (N,): added when flags & 1 (else any buffer)
-//   5 mask    storage read   array<f32>  (M, N): c is zeroed where mask <= 0 when flags & 4
-//   6 colsum  storage rw     array<f32>  (N,): when flags & 8, the column sums of b over its K
-//                                        rows (a dense layer's bias gradient); else any buffer
+//   5 mask    storage read   array<u32>  f32 bits (M, N): c is zeroed where mask <= 0 when flags & 4;
+//                                        with flags & 64 the dataset's order (N_images,) instead
+//   6 side    storage rw     array<f32>  when flags & 8: (N,) the column sums of b over its K rows
+//                                        (a dense layer's bias gradient); when flags & 64: (M, K)
+//                                        the gathered a, written by the workgroups of column 0
 //   7 param     storage rw   array<f32>  with flags & (16 | 32): the packed parameter values; the
 //                                        weight's value (i, j) is at w_value + i * N + j, the
 //                                        bias's value j at b_value + j
@@ -23,6 +28,7 @@
 // (flags & 16: v = rho v + (1 - rho) g^2; p -= lr g / sqrt(v + eps)) or SGD (flags & 32: p -= lr g).
 // Uses of it (dense layer with inp (B, C), weight (C, OC), dout (B, OC)):
 //   forward          out  = relu(inp @ weight + bias)  M=B, N=OC, K=C,  a=(C,1),  b=(OC,1), flags 1|2
+//   first layer      the same with inp gathered from the dataset (and written out)     flags 1|2|64
 //   backward input   dinp = (dout @ weight^T) * (inp > 0)
 //                                                      M=B, N=C,  K=OC, a=(OC,1), b=(1,OC), flags 4
 //   backward weight  dw   = inp^T @ dout, dbias = colsum(dout), then the optimizer step of both
@@ -72,16 +78,16 @@ struct Params {
     w_velocity: u32,
     b_value: u32,
     b_velocity: u32,
-    _pad: u32,
+    gather_start: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<u32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
-@group(0) @binding(5) var<storage, read> mask: array<f32>;
-@group(0) @binding(6) var<storage, read_write> colsum: array<f32>;
+@group(0) @binding(5) var<storage, read> mask: array<u32>;
+@group(0) @binding(6) var<storage, read_write> side: array<f32>;
 @group(0) @binding(7) var<storage, read_write> param: array<f32>;
 @group(0) @binding(8) var<storage, read_write> velocity: array<f32>;
 
@@ -91,6 +97,7 @@ const MASK: u32 = 4u;
 const COLSUM: u32 = 8u;
 const RMSPROP: u32 = 16u;
 const SGD: u32 = 32u;
+const GATHER: u32 = 64u;
 
 // Slice s's chunk of a at scalar [s * KC * TM, ...) laid out [kk][i]; its chunk of b after all of
 // a's, laid out [kk][j]. After the last round, the hand-over of sums reuses the same memory.
@@ -117,12 +124,40 @@ fn b_pos(idx: u32) -> vec2<u32> {
     return vec2<u32>(idx % KC, idx / KC);
 }
 
-fn load_a(idx: u32, row0: u32, k0: u32) -> f32 {
-    let p = a_pos(idx);
-    if (row0 + p.x < params.m && k0 + p.y < params.k) {
-        return a[(row0 + p.x) * params.a_row_stride + (k0 + p.y) * params.a_col_stride];
+// Where the row of a holding the idx-th value of every chunk starts: a word index, or with
+// gather the index of the image's first pixel. Constant over the rounds, so loaded once.
+fn a_row(idx: u32, row0: u32) -> u32 {
+    let i = row0 + a_pos(idx).x;
+    if (i >= params.m) {
+        return 0u;
     }
-    return 0.0;
+    if ((params.flags & GATHER) != 0u) {
+        return mask[params.gather_start + i] * params.k;
+    }
+    return i * params.a_row_stride;
+}
+
+fn load_a(idx: u32, row0: u32, row: u32, k0: u32) -> f32 {
+    let p = a_pos(idx);
+    if (row0 + p.x >= params.m || k0 + p.y >= params.k) {
+        return 0.0;
+    }
+    if ((params.flags & GATHER) != 0u) {
+        let pixel = row + k0 + p.y;
+        let byte = (a[pixel / 4u] >> (8u * (pixel % 4u))) & 0xffu;
+        return f32(byte) * (1.0 / 255.0);
+    }
+    return bitcast<f32>(a[row + (k0 + p.y) * params.a_col_stride]);
+}
+
+// The idx-th value of a's chunk at k0 into workgroup memory, and with gather (column-0
+// workgroups) into the gathered copy of a as well.
+fn store_a(idx: u32, at: u32, row0: u32, k0: u32, v: f32, write_side: bool) {
+    let p = a_pos(idx);
+    smem_store(at + p.y * TM + p.x, v);
+    if (write_side && row0 + p.x < params.m && k0 + p.y < params.k) {
+        side[(row0 + p.x) * params.k + k0 + p.y] = v;
+    }
 }
 
 fn load_b(idx: u32, col0: u32, k0: u32) -> f32 {
@@ -144,6 +179,7 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     let a_at = slice * KC * TM; // scalar index of this slice's chunk of a in smem
     let b_at = S * KC * TM + slice * KC * TN;
     let want_colsum = (params.flags & COLSUM) != 0u && wid.y == 0u;
+    let write_side = (params.flags & GATHER) != 0u && wid.x == 0u;
     let colsum_on = vec4<f32>(select(0.0, 1.0, want_colsum));
 
     var acc0 = vec4<f32>(0.0);
@@ -154,17 +190,19 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     var av = vec4<f32>(0.0);
     var bv = vec4<f32>(0.0);
     // This slice's first chunk, into registers.
-    //!unroll q LA: var ra{q} = load_a(t + {q}u * T, row0, slice * KC);
+    //!unroll q LA: let arow{q} = a_row(t + {q}u * T, row0);
+    //!unroll q LA: var ra{q} = load_a(t + {q}u * T, row0, arow{q}, slice * KC);
     //!unroll q LB: var rb{q} = load_b(t + {q}u * T, col0, slice * KC);
     let chunks = (params.k + KC - 1u) / KC;
     let rounds = (chunks + S - 1u) / S;
     for (var round = 0u; round < rounds; round = round + 1u) {
-        //!unroll q LA: smem_store(a_at + a_pos(t + {q}u * T).y * TM + a_pos(t + {q}u * T).x, ra{q});
+        let k_now = (round * S + slice) * KC;
+        //!unroll q LA: store_a(t + {q}u * T, a_at, row0, k_now, ra{q}, write_side);
         //!unroll q LB: smem_store(b_at + b_pos(t + {q}u * T).x * TN + b_pos(t + {q}u * T).y, rb{q});
         workgroupBarrier();
         // The next chunk's loads (zeros past K) fly while this chunk is multiplied.
         let k_next = ((round + 1u) * S + slice) * KC;
-        //!unroll q LA: ra{q} = load_a(t + {q}u * T, row0, k_next);
+        //!unroll q LA: ra{q} = load_a(t + {q}u * T, row0, arow{q}, k_next);
         //!unroll q LB: rb{q} = load_b(t + {q}u * T, col0, k_next);
         //!unroll kk KC: av = smem[(a_at + {kk}u * TM) / 4u + ty]; bv = smem[(b_at + {kk}u * TN) / 4u + tx]; acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1); acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3); csum = fma(bv, colsum_on, csum);
         workgroupBarrier();
@@ -212,7 +250,7 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
 
 fn store_colsum(col: u32, g: f32) {
     if (col < params.n) {
-        colsum[col] = g;
+        side[col] = g;
         optimizer_step(params.b_value + col, params.b_velocity + col, g);
     }
 }
@@ -247,7 +285,7 @@ fn store_one(at: u32, col: u32, value: f32) {
     if ((params.flags & RELU) != 0u) {
         x = max(x, 0.0);
     }
-    if ((params.flags & MASK) != 0u && !(mask[at] > 0.0)) {
+    if ((params.flags & MASK) != 0u && !(bitcast<f32>(mask[at]) > 0.0)) {
         x = 0.0;
     }
     c[at] = x;

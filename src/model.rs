@@ -346,6 +346,16 @@ impl Graph {
 
     /// Forward pass over the `rows` examples already in `input()`; logits land in `logits()`.
     pub fn forward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
+        self.forward_from(be, rows, None)
+    }
+
+    /// Forward pass over rows start..start+rows of `ds` (in its current order): the first layer
+    /// gathers them into `input()` as it multiplies (`gather_matmul_forward`).
+    pub fn forward_batch(&self, be: &mut dyn Backend, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
+        self.forward_from(be, rows, Some((ds, start)))
+    }
+
+    fn forward_from(&self, be: &mut dyn Backend, rows: usize, gather: Option<(DatasetId, usize)>) -> Result<()> {
         self.check_rows(rows)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // acts[i] (rows, c) -> acts[i + 1] (rows, oc) = activation(acts[i] @ kernel + bias)
@@ -354,15 +364,13 @@ impl Graph {
                 relu: layer.activation == Activation::Relu,
                 relu_mask: None,
             };
-            be.matmul_forward(
-                self.acts[i + 1],
-                self.acts[i],
-                self.params[layer.kernel].value,
-                epilogue,
-                rows,
-                layer.c,
-                layer.oc,
-            )?;
+            let (out, inp, weight) = (self.acts[i + 1], self.acts[i], self.params[layer.kernel].value);
+            match gather {
+                Some((ds, start)) if i == 0 => {
+                    be.gather_matmul_forward(out, inp, ds, start, weight, epilogue, rows, layer.oc)?
+                }
+                _ => be.matmul_forward(out, inp, weight, epilogue, rows, layer.c, layer.oc)?,
+            }
         }
         Ok(())
     }
@@ -400,8 +408,8 @@ impl Graph {
         Ok(())
     }
 
-    /// One training step on rows start..start+rows of `ds` (in its current order): gather,
-    /// forward, fused loss (stats into `slot`), backward with the update.
+    /// One training step on rows start..start+rows of `ds` (in its current order): forward (the
+    /// first layer gathering the batch), fused loss (stats into `slot`), backward with the update.
     pub fn train_step(
         &self,
         be: &mut dyn Backend,
@@ -411,9 +419,7 @@ impl Graph {
         slot: usize,
         opt: &Optimizer,
     ) -> Result<()> {
-        self.check_rows(rows)?;
-        be.gather_batch(self.input(), ds, start, rows)?;
-        self.forward(be, rows)?;
+        self.forward_batch(be, ds, start, rows)?;
         let last = self.acts.len() - 1;
         be.softmax_xent_forward_backward(
             Some(self.dacts[last]),
@@ -429,9 +435,7 @@ impl Graph {
 
     /// Forward and loss only (stats into `slot`), for evaluation.
     pub fn eval_step(&self, be: &mut dyn Backend, ds: DatasetId, start: usize, rows: usize, slot: usize) -> Result<()> {
-        self.check_rows(rows)?;
-        be.gather_batch(self.input(), ds, start, rows)?;
-        self.forward(be, rows)?;
+        self.forward_batch(be, ds, start, rows)?;
         let last = self.acts.len() - 1;
         be.softmax_xent_forward_backward(None, self.acts[last], ds, start, rows, self.spec.classes, slot)
     }

@@ -537,3 +537,63 @@ fn fused_optimizer_step_matches_the_reference_ops() {
         }
     }
 }
+
+/// The first layer's forward product reading its batch straight from the dataset (what a GPU
+/// step runs) against the reference: gather_batch, then matmul_forward with bias and ReLU. The
+/// gathered input it writes on the way must equal the reference's exactly; the product is judged
+/// as a matmul (atol 1e-5 + rtol 1e-4 of sum |x w|).
+#[test]
+fn gathered_first_layer_matches_the_reference_ops() {
+    for mut be in devices_under_test() {
+        let be = be.as_mut();
+        let name = be.name();
+        let mut g = rng(31);
+        let n = 300;
+        let data = random_dataset(&mut g, n);
+        let order = gpu_mnist::data::epoch_order(n, 5, 1);
+        let ds = be.upload_dataset(&data).unwrap();
+        be.set_order(ds, &order).unwrap();
+        for &(start, rows, oc) in &[(0usize, 1usize, 1usize), (7, 61, 36), (172, 128, 512), (3, 297, 10)] {
+            let weight = random_vec(&mut g, IMAGE_PIXELS * oc, 0.1);
+            let bias = random_vec(&mut g, oc, 0.1);
+            let (t_w, t_b) = (upload(be, &weight), upload(be, &bias));
+            let (t_x, t_out) = (be.alloc(rows * IMAGE_PIXELS).unwrap(), be.alloc(rows * oc).unwrap());
+            let epilogue = Epilogue {
+                bias: Some(t_b),
+                relu: true,
+                relu_mask: None,
+            };
+            be.gather_matmul_forward(t_out, t_x, ds, start, t_w, epilogue, rows, oc)
+                .unwrap();
+            let mut x = vec![0.0; rows * IMAGE_PIXELS];
+            r::gather_batch(&mut x, &data.images, &order, start, rows, IMAGE_PIXELS);
+            let shape = format!("rows {start}+{rows}, {oc} outputs");
+            assert_close(
+                &format!("{name} gathered x {shape}"),
+                &download(be, t_x, x.len()),
+                &x,
+                0.0,
+                0.0,
+            );
+            let (mut want, mut scale) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
+            r::matmul_forward(&mut want, &x, &weight, rows, IMAGE_PIXELS, oc);
+            let abs_w: Vec<f32> = weight.iter().map(|v| v.abs()).collect();
+            r::matmul_forward(&mut scale, &x, &abs_w, rows, IMAGE_PIXELS, oc);
+            r::bias_add_forward(&mut want, &bias, rows, oc);
+            let want: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
+            let scale: Vec<f32> = scale
+                .iter()
+                .zip(bias.iter().cycle())
+                .map(|(s, b)| s + b.abs())
+                .collect();
+            assert_close_scaled(
+                &format!("{name} gathered forward {shape}"),
+                &download(be, t_out, rows * oc),
+                &want,
+                &scale,
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}

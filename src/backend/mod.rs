@@ -105,6 +105,25 @@ pub trait Backend {
 
     /// x (rows, 784) = images[order[start..start + rows]] / 255.
     fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()>;
+    /// The first layer's forward product on a batch from a dataset: x (rows, 784) =
+    /// images[order[start..start + rows]] / 255 (`gather_batch`), then out (rows, OC) =
+    /// epilogue(x @ weight (784, OC)) (`matmul_forward`). The GPU fuses the two: the pixels go
+    /// straight into the product's tiles, and x is written on the way for the weight gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_matmul_forward(
+        &mut self,
+        out: TensorId,
+        x: TensorId,
+        ds: DatasetId,
+        start: usize,
+        weight: TensorId,
+        epilogue: Epilogue,
+        rows: usize,
+        oc: usize,
+    ) -> Result<()> {
+        self.gather_batch(x, ds, start, rows)?;
+        self.matmul_forward(out, x, weight, epilogue, rows, crate::data::IMAGE_PIXELS, oc)
+    }
     /// out (B, OC) = epilogue(inp (B, C) @ weight (C, OC)); forward uses `bias` and `relu`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_forward(

@@ -268,6 +268,18 @@ impl WgpuBackend {
     }
 }
 
+/// What a matmul dispatch does besides its product and epilogue.
+#[derive(Default)]
+struct Fusions<'a> {
+    /// (N): the column sums of b.
+    colsum: Option<TensorId>,
+    /// Treat c and colsum as the gradients of this weight (M, N) and bias (N) and step them.
+    update: Option<&'a FusedUpdate>,
+    /// Read a as images[order[start..start + M]] / 255 of this dataset, writing it to the `a`
+    /// tensor as it goes (the first layer's input, which its weight gradient reads later).
+    gather: Option<(DatasetId, usize)>,
+}
+
 /// The optimizer step a weight-gradient product applies in its epilogue.
 struct FusedUpdate {
     weight: ParamTensors,
@@ -441,10 +453,39 @@ impl Backend for WgpuBackend {
             inp,
             weight,
             epilogue,
-            None,
-            None,
+            Fusions::default(),
             dims,
             [b * oc, b * c, c * oc],
+        )
+    }
+
+    fn gather_matmul_forward(
+        &mut self,
+        out: TensorId,
+        x: TensorId,
+        ds: DatasetId,
+        start: usize,
+        weight: TensorId,
+        epilogue: Epilogue,
+        rows: usize,
+        oc: usize,
+    ) -> Result<()> {
+        // One dispatch: the pixels go from the dataset straight into the product's tiles, and
+        // the workgroups of the first column of tiles write x (rows, 784) on the way.
+        let c = IMAGE_PIXELS;
+        let dims = [rows, oc, c, c, 1, oc, 1];
+        self.matmul(
+            "gather_matmul_forward",
+            out,
+            x,
+            weight,
+            epilogue,
+            Fusions {
+                gather: Some((ds, start)),
+                ..Fusions::default()
+            },
+            dims,
+            [rows * oc, rows * c, c * oc],
         )
     }
 
@@ -466,8 +507,7 @@ impl Backend for WgpuBackend {
             dout,
             weight,
             epilogue,
-            None,
-            None,
+            Fusions::default(),
             dims,
             [b * c, b * oc, c * oc],
         )
@@ -492,8 +532,10 @@ impl Backend for WgpuBackend {
             inp,
             dout,
             Epilogue::default(),
-            dbias,
-            None,
+            Fusions {
+                colsum: dbias,
+                ..Fusions::default()
+            },
             dims,
             [c * oc, b * c, b * oc],
         )
@@ -523,8 +565,11 @@ impl Backend for WgpuBackend {
             inp,
             dout,
             Epilogue::default(),
-            Some(bias.grad),
-            Some(&update),
+            Fusions {
+                colsum: Some(bias.grad),
+                update: Some(&update),
+                gather: None,
+            },
             dims,
             [c * oc, b * c, b * oc],
         )
@@ -777,8 +822,7 @@ impl Backend for WgpuBackend {
 
 impl WgpuBackend {
     /// c (M, N) = epilogue(a @ b) through strides: dims = [m, n, k, a_row, a_col, b_row, b_col];
-    /// lens = values needed in [c, a, b]; `colsum` (N) = the column sums of b, when given; with
-    /// `update`, c and colsum are the gradients of its weight (M, N) and bias (N), stepped.
+    /// lens = values needed in [c, a, b]; see `Fusions` for what else the dispatch does.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -787,11 +831,11 @@ impl WgpuBackend {
         a: TensorId,
         b: TensorId,
         epilogue: Epilogue,
-        colsum: Option<TensorId>,
-        update: Option<&FusedUpdate>,
+        fusions: Fusions,
         dims: [usize; 7],
         lens: [usize; 3],
     ) -> Result<()> {
+        let Fusions { colsum, update, gather } = fusions;
         let (m, n) = (dims[0], dims[1]);
         self.tensor(op, c, lens[0])?;
         self.tensor(op, a, lens[1])?;
@@ -826,6 +870,31 @@ impl WgpuBackend {
             | (epilogue.relu as u32) << 1
             | (epilogue.relu_mask.is_some() as u32) << 2
             | (colsum.is_some() as u32) << 3;
+        let (mut a_buf, mut mask_buf, mut side_buf) = (
+            Bound::Tensor(a),
+            epilogue.relu_mask.map_or(Bound::Dummy, Bound::Tensor),
+            colsum.map_or(Bound::DummyOut, Bound::Tensor),
+        );
+        if let Some((ds, start)) = gather {
+            if colsum.is_some() || epilogue.relu_mask.is_some() || dims[4] != 1 {
+                return Err(Error::shape(
+                    op,
+                    "gather reads a row-major a without mask or colsum".to_string(),
+                ));
+            }
+            self.dataset(op, ds, start, m)?;
+            if dims[2] != IMAGE_PIXELS {
+                return Err(Error::shape(
+                    op,
+                    format!("gather needs K = {IMAGE_PIXELS} pixels, got {}", dims[2]),
+                ));
+            }
+            params[15] = Self::u32_of(op, "start", start)?;
+            params[7] |= 64;
+            a_buf = Bound::Images(ds);
+            mask_buf = Bound::Order(ds);
+            side_buf = Bound::Tensor(a);
+        }
         let (mut param_buf, mut velocity_buf) = (Bound::DummyOut, Bound::DummyOut);
         if let Some(u) = update {
             if colsum.is_none() {
@@ -882,15 +951,13 @@ impl WgpuBackend {
             ));
         }
         let bias = epilogue.bias.map_or(Bound::Dummy, Bound::Tensor);
-        let mask = epilogue.relu_mask.map_or(Bound::Dummy, Bound::Tensor);
-        let colsum = colsum.map_or(Bound::DummyOut, Bound::Tensor);
         let bind = [
-            (1, Bound::Tensor(a)),
+            (1, a_buf),
             (2, Bound::Tensor(b)),
             (3, Bound::Tensor(c)),
             (4, bias),
-            (5, mask),
-            (6, colsum),
+            (5, mask_buf),
+            (6, side_buf),
             (7, param_buf),
             (8, velocity_buf),
         ];
