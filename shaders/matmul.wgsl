@@ -41,26 +41,29 @@
 // Each round, every slice stores its chunk of a (TM x KC) and of b (KC x TN) into workgroup
 // memory from registers, issues the loads of its next chunk (coalesced along whichever stride is
 // 1, zero outside the matrices), and multiplies the stored chunk with vec4 reads while those loads
-// are in flight. At the end slices 1..S-1 hand their sums to slice 0, which adds them in slice
-// order and stores the tile through the epilogue. Every sum is taken in a fixed order, so results
-// are deterministic. Grid: (ceil(N / TN), ceil(M / TM), 1).
+// are in flight. At the end all slices put their sums in workgroup memory, and each thread of the
+// workgroup adds up (in slice order) and stores through the epilogue TM * TN / WG outputs of the
+// tile. Every sum is taken in a fixed order, so results are deterministic.
+// Grid: (ceil(N / TN), ceil(M / TM), 1).
 //
 // Template: naga emits loops that drivers do not unroll, and a load loop that is not unrolled
 // waits for each load before issuing the next. So the host expands each line
 // `//!unroll V COUNT: statement` into COUNT copies of the statement with {V} = 0, 1, ...
-// (COUNT is LA, LB, KC or a number), and replaces the values of the constants TM, TN, KC, S, SMEM.
+// (COUNT is LA, LB, KC, S, E or a number), and replaces the values of the constants TM, TN, KC,
+// S and SMEM.
 
 const TM: u32 = 32u;
 const TN: u32 = 32u;
 const KC: u32 = 16u;
 const S: u32 = 4u;
-// Workgroup memory in vec4s: max(S * KC * (TM + TN), (S - 1) * (TM * TN + TN)) / 4.
+// Workgroup memory in vec4s: max(S * KC * (TM + TN), S * TM * TN) / 4.
 const SMEM: u32 = 1024u;
 
 const T: u32 = (TM / 4u) * (TN / 4u); // threads per slice
 const WG: u32 = T * S; // threads per workgroup
 const LA: u32 = TM * KC / T; // values of a each thread copies per round
 const LB: u32 = KC * TN / T; // values of b each thread copies per round
+const E: u32 = TM * TN / WG; // outputs each thread finishes
 
 struct Params {
     m: u32,
@@ -100,7 +103,7 @@ const SGD: u32 = 32u;
 const GATHER: u32 = 64u;
 
 // Slice s's chunk of a at scalar [s * KC * TM, ...) laid out [kk][i]; its chunk of b after all of
-// a's, laid out [kk][j]. After the last round, the hand-over of sums reuses the same memory.
+// a's, laid out [kk][j]. After the last round, the slices' sums reuse the same memory.
 var<workgroup> smem: array<vec4<f32>, SMEM>;
 
 fn smem_store(index: u32, v: f32) {
@@ -208,43 +211,40 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
         workgroupBarrier();
     }
 
-    // Hand the sums of slices 1..S-1 to slice 0 (4 vec4 per thread, then the column sums).
-    if (S > 1u) {
-        if (slice > 0u) {
-            let at = (slice - 1u) * T * 4u + t * 4u;
-            smem[at] = acc0;
-            smem[at + 1u] = acc1;
-            smem[at + 2u] = acc2;
-            smem[at + 3u] = acc3;
-            if (want_colsum && ty == 0u) {
-                smem[(S - 1u) * T * 4u + (slice - 1u) * (TN / 4u) + tx] = csum;
-            }
+    // Every slice's partial sums into workgroup memory (the round loop ended with a barrier),
+    // then every thread finishes E = TM * TN / WG outputs of the tile: neighbouring threads take
+    // neighbouring columns, add the S partials in slice order and store through the epilogue.
+    let at = (slice * T + t) * 4u;
+    smem[at] = acc0;
+    smem[at + 1u] = acc1;
+    smem[at + 2u] = acc2;
+    smem[at + 3u] = acc3;
+    workgroupBarrier();
+    //!unroll q E: finish(lid + {q}u * WG, row0, col0);
+    if (want_colsum) {
+        // The column sums likewise: one vec4 per slice and column block, then one thread a column.
+        workgroupBarrier();
+        if (ty == 0u) {
+            smem[slice * (TN / 4u) + tx] = csum;
         }
         workgroupBarrier();
-        if (slice == 0u) {
-            for (var s = 1u; s < S; s = s + 1u) {
-                let at = (s - 1u) * T * 4u + t * 4u;
-                acc0 = acc0 + smem[at];
-                acc1 = acc1 + smem[at + 1u];
-                acc2 = acc2 + smem[at + 2u];
-                acc3 = acc3 + smem[at + 3u];
-                if (want_colsum && ty == 0u) {
-                    csum = csum + smem[(S - 1u) * T * 4u + (s - 1u) * (TN / 4u) + tx];
-                }
-            }
+        if (lid < TN) {
+            var g = 0.0;
+            //!unroll s S: g = g + smem[{s}u * (TN / 4u) + lid / 4u][lid % 4u];
+            store_colsum(col0 + lid, g);
         }
     }
-    if (slice != 0u) {
-        return;
-    }
-    let row = row0 + ty * 4u;
-    let col = col0 + tx * 4u;
-    store_row(row, col, acc0);
-    store_row(row + 1u, col, acc1);
-    store_row(row + 2u, col, acc2);
-    store_row(row + 3u, col, acc3);
-    if (want_colsum && ty == 0u) {
-        //!unroll j 4: store_colsum(col + {j}u, csum[{j}]);
+}
+
+// Output e (row e / TN, column e % TN) of the tile: the slices' partial sums, then the epilogue.
+fn finish(e: u32, row0: u32, col0: u32) {
+    let r = e / TN;
+    let j = e % TN;
+    let t = (r / 4u) * (TN / 4u) + j / 4u;
+    var sum = 0.0;
+    //!unroll s S: sum = sum + smem[({s}u * T + t) * 4u + r % 4u][j % 4u];
+    if (row0 + r < params.m && col0 + j < params.n) {
+        store_one((row0 + r) * params.n + col0 + j, col0 + j, sum);
     }
 }
 
@@ -264,14 +264,6 @@ fn optimizer_step(p: u32, v: u32, g: f32) {
     } else if ((params.flags & SGD) != 0u) {
         param[p] = param[p] - params.lr * g;
     }
-}
-
-fn store_row(row: u32, col0: u32, v: vec4<f32>) {
-    if (row >= params.m) {
-        return;
-    }
-    let base = row * params.n + col0;
-    //!unroll j 4: store_one(base + {j}u, col0 + {j}u, v[{j}]);
 }
 
 fn store_one(at: u32, col: u32, value: f32) {

@@ -13,6 +13,8 @@
 // Row loss = log(sum exp(logit - max)) - (logit[label] - max).
 // Dispatch: exactly one workgroup of 256 invocations; invocation t handles rows t, t + 256, ...,
 // then a fixed-order tree reduction in workgroup memory sums the per-invocation partials.
+// Rows hold at most 16 classes (the host asks for MNIST's 10): the host unrolls the per-class
+// lines (`//!unroll`, see kernels.rs), so all of a row's logits are requested at once.
 
 struct Params {
     rows: u32,
@@ -38,35 +40,13 @@ var<workgroup> part_correct: array<u32, 256>;
 
 @compute @workgroup_size(256)
 fn softmax_xent_forward_backward(@builtin(local_invocation_index) t: u32) {
-    let v = params.classes;
     let inv_rows = 1.0 / f32(params.rows);
     var loss = 0.0;
     var correct = 0u;
     for (var r = t; r < params.rows; r = r + THREADS) {
-        let base = r * v;
-        let label = labels[order[params.start + r]];
-        var max_v = logits[base];
-        var arg = 0u;
-        for (var j = 1u; j < v; j = j + 1u) {
-            let x = logits[base + j];
-            if (x > max_v) {
-                max_v = x;
-                arg = j;
-            }
-        }
-        var sum = 0.0;
-        for (var j = 0u; j < v; j = j + 1u) {
-            sum = sum + exp(logits[base + j] - max_v);
-        }
-        loss = loss + (log(sum) - (logits[base + label] - max_v));
-        correct = correct + select(0u, 1u, arg == label);
-        if (params.write_dlogits != 0u) {
-            for (var j = 0u; j < v; j = j + 1u) {
-                let p = exp(logits[base + j] - max_v) / sum;
-                let onehot = select(0.0, 1.0, j == label);
-                dlogits[base + j] = (p - onehot) * inv_rows;
-            }
-        }
+        let row = row_loss(r, inv_rows);
+        loss = loss + row.x;
+        correct = correct + u32(row.y);
     }
     part_loss[t] = loss;
     part_correct[t] = correct;
@@ -83,3 +63,32 @@ fn softmax_xent_forward_backward(@builtin(local_invocation_index) t: u32) {
         stats[2u * params.slot + 1u] = part_correct[0];
     }
 }
+
+// A logit of row `base`, or a value below any logit past the row's end.
+fn logit_or_low(base: u32, j: u32) -> f32 {
+    if (j < params.classes) {
+        return logits[base + j];
+    }
+    return -3.0e38;
+}
+
+// (loss, 1 if the first arg-max is the label) of row r (at most 16 classes); writes its dlogits
+// when asked.
+fn row_loss(r: u32, inv_rows: f32) -> vec2<f32> {
+    let v = params.classes;
+    let base = r * v;
+    let label = labels[order[params.start + r]];
+    //!unroll j 16: let x{j} = logit_or_low(base, {j}u);
+    var max_v = x0;
+    var arg = 0u;
+    //!unroll j 16: if (x{j} > max_v) { max_v = x{j}; arg = {j}u; }
+    var sum = 0.0;
+    //!unroll j 16: if ({j}u < v) { sum = sum + exp(x{j} - max_v); }
+    var at_label = 0.0;
+    //!unroll j 16: if ({j}u == label) { at_label = x{j}; }
+    if (params.write_dlogits != 0u) {
+        //!unroll j 16: if ({j}u < v) { dlogits[base + {j}u] = (exp(x{j} - max_v) / sum - select(0.0, 1.0, {j}u == label)) * inv_rows; }
+    }
+    return vec2<f32>(log(sum) - (at_label - max_v), select(0.0, 1.0, arg == label));
+}
+

@@ -278,7 +278,9 @@ fn gather_and_softmax_cross_entropy_match_the_reference() {
         be.set_order(ds, &order).unwrap();
         be.reserve_stats(4).unwrap();
         // Row counts around the loss kernel's 256 invocations, and a batch at the end of the set.
-        for (slot, &(start, rows)) in [(0usize, 1usize), (5, 97), (20, 256), (1, 299)].iter().enumerate() {
+        let classes = 10;
+        let cases = [(0usize, 1usize), (5, 97), (20, 256), (1, 299)];
+        for (slot, &(start, rows)) in cases.iter().enumerate() {
             let t_x = be.alloc(rows * IMAGE_PIXELS).unwrap();
             be.gather_batch(t_x, ds, start, rows).unwrap();
             let mut want_x = vec![0.0; rows * IMAGE_PIXELS];
@@ -292,24 +294,25 @@ fn gather_and_softmax_cross_entropy_match_the_reference() {
             );
 
             // Large logits check the max-subtraction; ties check the first-arg-max rule.
-            let mut logits = random_vec(&mut g, rows * 10, 30.0);
+            let mut logits = random_vec(&mut g, rows * classes, 30.0);
             logits[3] = logits[2];
             let t_logits = upload(be, &logits);
-            let t_dlogits = be.alloc(rows * 10).unwrap();
-            be.softmax_xent_forward_backward(Some(t_dlogits), t_logits, ds, start, rows, 10, slot)
+            let t_dlogits = be.alloc(rows * classes).unwrap();
+            be.softmax_xent_forward_backward(Some(t_dlogits), t_logits, ds, start, rows, classes, slot)
                 .unwrap();
             let mut labels = vec![0u8; rows];
             r::gather_labels(&mut labels, &data.labels, &order, start, rows);
-            let (mut probs, mut losses, mut dlogits) = (vec![0.0; rows * 10], vec![0.0; rows], vec![0.0; rows * 10]);
-            r::softmax_xent_forward(&mut probs, &mut losses, &logits, &labels, rows, 10);
-            r::softmax_xent_backward(&mut dlogits, &probs, &labels, rows, 10);
+            let (mut probs, mut losses, mut dlogits) =
+                (vec![0.0; rows * classes], vec![0.0; rows], vec![0.0; rows * classes]);
+            r::softmax_xent_forward(&mut probs, &mut losses, &logits, &labels, rows, classes);
+            r::softmax_xent_backward(&mut dlogits, &probs, &labels, rows, classes);
             let mut preds = vec![0u8; rows];
-            r::argmax_rows(&mut preds, &logits, rows, 10);
+            r::argmax_rows(&mut preds, &logits, rows, classes);
             let want_correct = preds.iter().zip(&labels).filter(|(p, l)| p == l).count() as u32;
             let want_loss: f32 = losses.iter().sum();
             assert_close(
                 &format!("{name} softmax_xent dlogits rows {rows}"),
-                &download(be, t_dlogits, rows * 10),
+                &download(be, t_dlogits, rows * classes),
                 &dlogits,
                 1e-7,
                 1e-4,

@@ -331,7 +331,9 @@ fn epoch_line(r: &EpochRecord, epochs: usize) -> String {
     if let (Some(l), Some(a)) = (r.val_loss, r.val_accuracy) {
         line.push_str(&format!(", val_loss {l:.4}, val_accuracy {:.2}%", 100.0 * a));
     }
-    line.push_str(&format!(", {:.2} s", r.seconds));
+    // Three significant digits: a GPU epoch takes a few hundredths of a second.
+    let decimals = if r.seconds < 1.0 { 3 } else { 2 };
+    line.push_str(&format!(", {:.*} s", decimals, r.seconds));
     line
 }
 

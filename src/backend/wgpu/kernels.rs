@@ -42,14 +42,14 @@ impl TileConfig {
         }
     }
 
-    /// A tiling the shader supports: tm, tn in {8, 16, 32, 64}, kc in {4, 8, 16, 32}, s in 1..=16,
-    /// at most 256 threads, whole copies per thread and at most 16 KiB of workgroup memory.
+    /// A tiling the shader supports: tm, tn in {8, 16, 32, 64}, kc in {4, 8, 16, 32}, s in {1, 2,
+    /// 4, 8, 16}, at most 256 threads, whole copies per thread and at most 16 KiB of workgroup memory.
     pub fn new(tm: u32, tn: u32, kc: u32, s: u32) -> std::result::Result<TileConfig, String> {
         let cfg = TileConfig { tm, tn, kc, s };
         let pow2 = |v: u32, lo: u32, hi: u32| v.is_power_of_two() && (lo..=hi).contains(&v);
-        if !(pow2(tm, 8, 64) && pow2(tn, 8, 64) && pow2(kc, 4, 32) && (1..=16).contains(&s)) {
+        if !(pow2(tm, 8, 64) && pow2(tn, 8, 64) && pow2(kc, 4, 32) && pow2(s, 1, 16)) {
             return Err(format!(
-                "tiles {tm},{tn},{kc},{s}: need TM, TN in 8..64, KC in 4..32 (powers of 2), S in 1..16"
+                "tiles {tm},{tn},{kc},{s}: need TM, TN in 8..64, KC in 4..32 (powers of 2), S in 1..16 (all powers of 2)"
             ));
         }
         let threads = cfg.threads_per_slice() * s;
@@ -74,11 +74,11 @@ impl TileConfig {
         (self.tm / 4) * (self.tn / 4)
     }
 
-    /// The shader's SMEM: the chunks of a and b of every slice, or the hand-over of sums.
+    /// The shader's SMEM: the chunks of a and b of every slice, or the sums of every slice.
     fn smem_vec4s(self) -> u32 {
         let chunks = self.s * self.kc * (self.tm + self.tn);
-        let handover = (self.s - 1) * (self.tm * self.tn + self.tn);
-        chunks.max(handover).max(4) / 4
+        let sums = self.s * self.tm * self.tn;
+        chunks.max(sums) / 4
     }
 
     /// The tiling for an (m, n, k) product, from a sweep of every tiling on an H200 (README):
@@ -111,49 +111,67 @@ impl TileConfig {
     /// matmul.wgsl with this tiling's constants, its `//!unroll` lines expanded.
     fn source(self) -> String {
         let t = self.threads_per_slice();
-        let count_of = |name: &str| match name {
+        let with_constants: String = MATMUL_WGSL
+            .lines()
+            .map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let constant = match words.get(1) {
+                    Some(&"TM:") => Some(self.tm),
+                    Some(&"TN:") => Some(self.tn),
+                    Some(&"KC:") => Some(self.kc),
+                    Some(&"S:") => Some(self.s),
+                    Some(&"SMEM:") => Some(self.smem_vec4s()),
+                    _ => None,
+                };
+                match constant {
+                    Some(v) if words[0] == "const" => format!("const {} u32 = {v}u;\n", words[1]),
+                    _ => format!("{line}\n"),
+                }
+            })
+            .collect();
+        expand_unrolls(&with_constants, |name| match name {
             "LA" => Some(self.tm * self.kc / t),
             "LB" => Some(self.kc * self.tn / t),
             "KC" => Some(self.kc),
-            number => number.parse().ok(),
-        };
-        let mut out = String::new();
-        for line in MATMUL_WGSL.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let constant = match words.get(1) {
-                Some(&"TM:") => Some(self.tm),
-                Some(&"TN:") => Some(self.tn),
-                Some(&"KC:") => Some(self.kc),
-                Some(&"S:") => Some(self.s),
-                Some(&"SMEM:") => Some(self.smem_vec4s()),
-                _ => None,
-            };
-            let unroll = line.trim_start().strip_prefix("//!unroll ").and_then(|rest| {
-                let (head, statement) = rest.split_once(':')?;
-                let mut head = head.split_whitespace();
-                let var = head.next()?;
-                let count = count_of(head.next()?)?;
-                Some((var, count, statement.trim()))
-            });
-            match (constant, unroll) {
-                (Some(v), _) if words[0] == "const" => out.push_str(&format!("const {} u32 = {v}u;\n", words[1])),
-                (_, Some((var, count, statement))) => {
-                    let indent = &line[..line.len() - line.trim_start().len()];
-                    let pattern = format!("{{{var}}}");
-                    for i in 0..count {
-                        out.push_str(indent);
-                        out.push_str(&statement.replace(&pattern, &i.to_string()));
-                        out.push('\n');
-                    }
-                }
-                _ => {
-                    out.push_str(line);
+            "S" => Some(self.s),
+            "E" => Some(self.tm * self.tn / (t * self.s)),
+            _ => None,
+        })
+    }
+}
+
+/// Expand each `//!unroll V COUNT: statement` line of a shader into COUNT copies of the statement
+/// with `{V}` replaced by 0, 1, ...; COUNT is a number or a name `count_of` knows. naga emits
+/// loops that drivers do not unroll, and a loop of loads that is not unrolled waits for each load
+/// before issuing the next: unrolled, the loads are in flight together.
+pub fn expand_unrolls(source: &str, count_of: impl Fn(&str) -> Option<u32>) -> String {
+    let mut out = String::new();
+    for line in source.lines() {
+        let unroll = line.trim_start().strip_prefix("//!unroll ").and_then(|rest| {
+            let (head, statement) = rest.split_once(':')?;
+            let mut head = head.split_whitespace();
+            let var = head.next()?;
+            let count = head.next()?;
+            let count = count.parse().ok().or_else(|| count_of(count))?;
+            Some((var, count, statement.trim()))
+        });
+        match unroll {
+            Some((var, count, statement)) => {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                let pattern = format!("{{{var}}}");
+                for i in 0..count {
+                    out.push_str(indent);
+                    out.push_str(&statement.replace(&pattern, &i.to_string()));
                     out.push('\n');
                 }
             }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
         }
-        out
     }
+    out
 }
 
 const MATMUL_WGSL: &str = include_str!("../../../shaders/matmul.wgsl");
@@ -180,7 +198,10 @@ impl Kernel {
             Kernel::Gather => ("gather.wgsl", include_str!("../../../shaders/gather.wgsl")),
             Kernel::BiasAdd | Kernel::BiasBackward => ("bias.wgsl", include_str!("../../../shaders/bias.wgsl")),
             Kernel::ReluForward | Kernel::ReluBackward => ("relu.wgsl", include_str!("../../../shaders/relu.wgsl")),
-            Kernel::SoftmaxXent => ("softmax_xent.wgsl", include_str!("../../../shaders/softmax_xent.wgsl")),
+            Kernel::SoftmaxXent => {
+                let source = include_str!("../../../shaders/softmax_xent.wgsl");
+                return ("softmax_xent.wgsl", Cow::Owned(expand_unrolls(source, |_| None)));
+            }
             Kernel::RmsProp | Kernel::Sgd => ("optim.wgsl", include_str!("../../../shaders/optim.wgsl")),
         };
         (file, Cow::Borrowed(source))
