@@ -261,6 +261,20 @@ impl Graph {
                 },
             })
             .collect();
+        // The products of a step: per layer forward (B, OC, C) and weight gradient (C, OC, B), past
+        // the first the input gradient (B, C, OC).
+        let products: Vec<(usize, usize, usize)> = layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                let mut p = vec![(max_batch, l.oc, l.c), (l.c, l.oc, max_batch)];
+                if i > 0 {
+                    p.push((max_batch, l.c, l.oc));
+                }
+                p
+            })
+            .collect();
+        be.prepare(&products)?;
         let mut acts = vec![be.alloc(max_batch * spec.inputs)?];
         let mut dacts = vec![acts[0]];
         for layer in &layers {

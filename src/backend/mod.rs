@@ -241,6 +241,13 @@ pub trait Backend {
     /// What the backend has done so far.
     fn counters(&self) -> Counters;
 
+    /// Get ready to run the matmuls of these (M, N, K) shapes and the loss (the GPU compiles their
+    /// pipelines in parallel, so that the first step does not wait for them one by one).
+    fn prepare(&mut self, matmuls: &[(usize, usize, usize)]) -> Result<()> {
+        let _ = matmuls;
+        Ok(())
+    }
+
     /// Start timing each op on the device (for `bench`); false where the backend cannot.
     fn start_profile(&mut self, ops: u32) -> Result<bool> {
         let _ = ops;

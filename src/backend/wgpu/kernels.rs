@@ -235,12 +235,6 @@ impl Kernel {
 pub type ParamWords = [u32; 16];
 
 #[derive(PartialEq, Eq, Hash)]
-enum ModuleKey {
-    File(&'static str),
-    Matmul(TileConfig),
-}
-
-#[derive(PartialEq, Eq, Hash)]
 struct BindKey {
     kernel: Kernel,
     params: ParamWords,
@@ -251,38 +245,60 @@ struct BindKey {
 /// Pipelines, uniform blocks and bind groups, each created once.
 #[derive(Default)]
 pub struct Kernels {
-    /// By the kernel that first needed them (each matmul tiling is its own module).
-    modules: HashMap<ModuleKey, wgpu::ShaderModule>,
     pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
     uniforms: HashMap<ParamWords, wgpu::Buffer>,
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
 }
 
+/// Compile `kernel`'s shader module and pipeline (what a driver may take a few hundred
+/// milliseconds over, the first time on a machine).
+fn compile(device: &wgpu::Device, kernel: Kernel) -> wgpu::ComputePipeline {
+    let (file, source) = kernel.shader();
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(file),
+        source: wgpu::ShaderSource::Wgsl(source),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(kernel.entry_point()),
+        layout: None,
+        module: &module,
+        entry_point: Some(kernel.entry_point()),
+        compilation_options: wgpu::PipelineCompilationOptions::default(),
+        cache: None,
+    })
+}
+
 impl Kernels {
-    fn pipeline(&mut self, ctx: &GpuContext, kernel: Kernel) -> Result<&wgpu::ComputePipeline> {
-        if !self.pipelines.contains_key(&kernel) {
-            let (file, source) = kernel.shader();
-            let key = match kernel {
-                Kernel::Matmul(tiles) => ModuleKey::Matmul(tiles),
-                _ => ModuleKey::File(file),
-            };
-            let module = self.modules.entry(key).or_insert_with(|| {
-                ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(file),
-                    source: wgpu::ShaderSource::Wgsl(source),
-                })
-            });
-            let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(kernel.entry_point()),
-                layout: None,
-                module,
-                entry_point: Some(kernel.entry_point()),
-                compilation_options: wgpu::PipelineCompilationOptions::default(),
-                cache: None,
-            });
-            ctx.errors
-                .check(&format!("compiling shaders/{file} ({})", kernel.entry_point()))?;
+    /// Compile the pipelines of `kernels` not compiled yet, each on a thread of its own, so that
+    /// a step's first dispatch does not wait for them one after another.
+    pub fn prepare(&mut self, ctx: &GpuContext, kernels: &[Kernel]) -> Result<()> {
+        let mut todo: Vec<Kernel> = kernels
+            .iter()
+            .copied()
+            .filter(|k| !self.pipelines.contains_key(k))
+            .collect();
+        todo.dedup();
+        let device = &ctx.device;
+        let compiled: Vec<(Kernel, wgpu::ComputePipeline)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = todo
+                .iter()
+                .map(|&k| scope.spawn(move || (k, compile(device, k))))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        ctx.errors.check("compiling the shaders")?;
+        for (kernel, pipeline) in compiled {
             self.pipelines.insert(kernel, pipeline);
+        }
+        Ok(())
+    }
+
+    fn pipeline(&mut self, ctx: &GpuContext, kernel: Kernel) -> Result<&wgpu::ComputePipeline> {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.pipelines.entry(kernel) {
+            let pipeline = compile(&ctx.device, kernel);
+            ctx.errors
+                .check(&format!("compiling shaders/{} ({})", kernel.shader().0, kernel.label()))?;
+            slot.insert(pipeline);
         }
         Ok(&self.pipelines[&kernel])
     }

@@ -82,6 +82,9 @@ pub struct WgpuBackend {
     tiles_override: Option<TileConfig>,
     /// While set, each dispatch runs in a pass of its own that writes timestamps.
     profile: Option<Profile>,
+    /// Tuning aid: `GPU_MNIST_GATHER_FUSION=0` gathers the first layer's batch in a dispatch of
+    /// its own instead of inside the product.
+    fuse_gather: bool,
     /// Statistics read-backs on their way (oldest first) and how many slots each holds.
     pending_stats: VecDeque<(buffers::PendingRead, usize)>,
     /// Read-back buffers of collected statistics, reused by the next request.
@@ -117,6 +120,7 @@ impl WgpuBackend {
                 .and_then(|v| v.parse().ok()),
             tiles_override,
             profile: None,
+            fuse_gather: std::env::var("GPU_MNIST_GATHER_FUSION").as_deref() != Ok("0"),
             pending_stats: VecDeque::new(),
             free_staging: Vec::new(),
         })
@@ -473,6 +477,10 @@ impl Backend for WgpuBackend {
         // One dispatch: the pixels go from the dataset straight into the product's tiles, and
         // the workgroups of the first column of tiles write x (rows, 784) on the way.
         let c = IMAGE_PIXELS;
+        if !self.fuse_gather {
+            self.gather_batch(x, ds, start, rows)?;
+            return self.matmul_forward(out, x, weight, epilogue, rows, c, oc);
+        }
         let dims = [rows, oc, c, c, 1, oc, 1];
         self.matmul(
             "gather_matmul_forward",
@@ -782,6 +790,19 @@ impl Backend for WgpuBackend {
     fn sync(&mut self) -> Result<()> {
         self.flush()?;
         self.ctx.wait("waiting for the GPU")
+    }
+
+    fn prepare(&mut self, matmuls: &[(usize, usize, usize)]) -> Result<()> {
+        let mut kernels: Vec<Kernel> = matmuls
+            .iter()
+            .map(|&(m, n, k)| Kernel::Matmul(self.tiles_override.unwrap_or_else(|| TileConfig::for_shape(m, n, k))))
+            .collect();
+        kernels.push(Kernel::SoftmaxXent);
+        if !self.fuse_gather {
+            kernels.push(Kernel::Gather);
+        }
+        kernels.sort_by_key(|k| k.label());
+        self.kernels.prepare(&self.ctx, &kernels)
     }
 
     /// Time each of the next `dispatches` dispatches on the device (see `profile.rs`).
