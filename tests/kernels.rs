@@ -541,15 +541,20 @@ fn fused_optimizer_step_matches_the_reference_ops() {
     }
 }
 
-/// The first layer's forward product reading its batch straight from the dataset (what a GPU
-/// step runs) against the reference: gather_batch, then matmul_forward with bias and ReLU. The
-/// gathered input it writes on the way must equal the reference's exactly; the product is judged
-/// as a matmul (atol 1e-5 + rtol 1e-4 of sum |x w|).
+/// The first layer's forward product on a batch from the dataset against the reference ops
+/// (gather_batch, then matmul_forward with bias and ReLU), on the fast CPU path, the GPU, and the
+/// GPU reading the pixels straight into the product (GPU_MNIST_GATHER_FUSION=1, variant 2). The
+/// gathered input must equal the reference's exactly; the product is judged as a matmul (atol
+/// 1e-5 + rtol 1e-4 of sum |x w|).
 #[test]
 fn gathered_first_layer_matches_the_reference_ops() {
-    for mut be in devices_under_test() {
+    let mut fused = gpu();
+    fused.set_gather_fusion(true);
+    let mut devices = devices_under_test();
+    devices.push(Box::new(fused));
+    for (d, be) in devices.iter_mut().enumerate() {
         let be = be.as_mut();
-        let name = be.name();
+        let name = format!("{} (variant {d})", be.name());
         let mut g = rng(31);
         let n = 300;
         let data = random_dataset(&mut g, n);

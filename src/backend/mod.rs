@@ -107,8 +107,8 @@ pub trait Backend {
     fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()>;
     /// The first layer's forward product on a batch from a dataset: x (rows, 784) =
     /// images[order[start..start + rows]] / 255 (`gather_batch`), then out (rows, OC) =
-    /// epilogue(x @ weight (784, OC)) (`matmul_forward`). The GPU fuses the two: the pixels go
-    /// straight into the product's tiles, and x is written on the way for the weight gradient.
+    /// epilogue(x @ weight (784, OC)) (`matmul_forward`). The GPU can fuse the two (the pixels go
+    /// straight into the product's tiles, and x is written on the way for the weight gradient).
     #[allow(clippy::too_many_arguments)]
     fn gather_matmul_forward(
         &mut self,
