@@ -2,7 +2,8 @@
 //!
 //! Contract: `Trainer::with_params` uploads the data and the initial parameters once; `run_epoch` records
 //! the epoch's steps in chunks of `chunk_steps` and reads the step statistics back once per chunk
-//! (never per step); the only other upload per epoch is the shuffled order. Loss is the mean of the
+//! (never per step), collecting chunk i's after chunk i + 1 is recorded so that a GPU never waits
+//! for the host between chunks; the only other upload per epoch is the shuffled order. Loss is the mean of the
 //! per-example cross-entropy over the epoch (what Keras prints); a non-finite loss stops the run
 //! with the epoch and step named.
 

@@ -1,10 +1,12 @@
 //! The buffer manager: device buffers with ids (for the bind-group cache), allocated once and
-//! reused; uploads through the queue; one reusable staging buffer for read-backs.
+//! reused; uploads through the queue; read-backs through mappable staging buffers.
 //!
 //! Contract: `create` checks the size against the device's limits and fails with the limit named
 //! instead of letting wgpu raise a validation error. `Staging::read` copies a buffer's first
-//! `bytes` into the staging buffer at the end of the given encoder; after the caller submits,
-//! `Staging::finish_read` maps it, waits and returns the bytes.
+//! `bytes` into the one tensor staging buffer at the end of the given encoder; after the caller
+//! submits, `Staging::finish_read` maps it, waits for all work and returns the bytes. A
+//! `PendingRead` (statistics) starts mapping as soon as its copy is submitted and `finish` waits for
+//! that submission only, so later submissions keep the device busy meanwhile.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

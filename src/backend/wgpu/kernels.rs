@@ -2,9 +2,11 @@
 //! bind groups and parameter blocks of their dispatches, created once and reused.
 //!
 //! Contract: `Kernels::dispatch` records one dispatch into a compute pass. A dispatch is named by
-//! its kernel, its parameter block (8 u32 words, the shader's `Params` uniform) and its bindings
-//! (binding number and buffer range); bind groups and uniform buffers are cached by that name, so
-//! after the first epoch a training step creates no wgpu object at all.
+//! its kernel (for the matmul: with its `TileConfig`), its parameter block (16 u32 words, the
+//! shader's `Params` uniform) and its bindings (binding number and buffer range); bind groups and
+//! uniform buffers are cached by that name, so after the first epoch a training step creates no
+//! wgpu object at all. Shader sources with `//!unroll` lines are expanded before compiling
+//! (`expand_unrolls`); `Kernels::prepare` compiles a list of pipelines on parallel threads.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
