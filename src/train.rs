@@ -143,9 +143,9 @@ impl<'b> Trainer<'b> {
         let steps: Vec<(usize, usize)> = batches(self.train_len, self.cfg.batch_size).collect();
         let chunk = self.cfg.chunk_steps.max(1);
         let mut done = from;
-        // Chunk i writes its statistics to slots (i % 2) * chunk..; its read-back is collected
-        // after chunk i + 1 is recorded, so the device works on one chunk while the host records
-        // the next.
+        // Chunk i writes its statistics to slots (i % 2) * chunk..; on a device that runs behind
+        // the host its read-back is collected after chunk i + 1 is recorded, so the device works on
+        // one chunk while the host records the next.
         let mut in_flight: Option<&[(usize, usize)]> = None;
         for (i, chunk_steps) in steps[from.steps_done.min(steps.len())..].chunks(chunk).enumerate() {
             if should_stop() {
@@ -162,7 +162,17 @@ impl<'b> Trainer<'b> {
             }
             self.be.request_stats(first_slot, chunk_steps.len())?;
             if let Some(prev) = in_flight.replace(chunk_steps) {
-                self.absorb(&mut done, prev, epoch, steps.len(), progress)?;
+                if let Err(e) = self.absorb(&mut done, prev, epoch, steps.len(), progress) {
+                    // Leave no read-back pending on the backend (a later read_stats would get it).
+                    let _ = self.be.collect_stats();
+                    return Err(e);
+                }
+            }
+            // A backend that ran the chunk already (the CPU) gains nothing by waiting a chunk.
+            if !self.be.runs_behind_host() {
+                if let Some(now) = in_flight.take() {
+                    self.absorb(&mut done, now, epoch, steps.len(), progress)?;
+                }
             }
         }
         if let Some(prev) = in_flight {

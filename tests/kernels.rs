@@ -103,6 +103,7 @@ fn every_matmul_tiling_matches_the_reference() {
         (64, 32, 8, 2),
         (16, 16, 32, 4),
         (8, 8, 4, 16),
+        (8, 32, 8, 2),
     ];
     // What hardware GPUs and software adapters get for the model's products.
     let software = TileConfig::SOFTWARE;
@@ -619,4 +620,33 @@ fn gathered_first_layer_matches_the_reference_ops() {
             );
         }
     }
+}
+
+/// A fused dispatch that would write a buffer it also reads is refused with the op named (wgpu
+/// forbids a buffer bound both ways in one dispatch): the gathered input sharing a packed buffer
+/// with the weight.
+#[test]
+fn fused_ops_refuse_writing_what_they_read() {
+    let mut be = gpu();
+    be.set_gather_fusion(true);
+    let mut g = rng(5);
+    let data = random_dataset(&mut g, 20);
+    let ds = be.upload_dataset(&data).unwrap();
+    let (rows, oc) = (4, 3);
+    let packed = be.alloc_packed(&[rows * IMAGE_PIXELS, IMAGE_PIXELS * oc]).unwrap();
+    let out = be.alloc(rows * oc).unwrap();
+    let err = be
+        .gather_matmul_forward(
+            out,
+            packed.parts[0],
+            ds,
+            0,
+            packed.parts[1],
+            Epilogue::default(),
+            rows,
+            oc,
+        )
+        .unwrap_err();
+    println!("{err}");
+    assert!(err.to_string().contains("gather_matmul_forward"), "{err}");
 }

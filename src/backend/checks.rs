@@ -46,9 +46,10 @@ pub fn loss(op: &'static str, classes: usize, slot: usize, reserved: usize) -> R
 /// A read of `slots` statistics when `reserved` exist.
 pub fn stats_read(first: usize, count: usize, reserved: usize) -> Result<()> {
     if first.checked_add(count).is_none_or(|end| end > reserved) {
+        let end = first.saturating_add(count);
         return Err(Error::shape(
-            "read_stats",
-            format!("slots {first}..{first}+{count} asked, {reserved} reserved"),
+            "request_stats",
+            format!("statistics slots {first}..{end} asked, {reserved} reserved"),
         ));
     }
     Ok(())

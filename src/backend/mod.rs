@@ -231,7 +231,13 @@ pub trait Backend {
     fn request_stats(&mut self, first: usize, count: usize) -> Result<()>;
     /// Wait for the oldest `request_stats` not yet collected and return its statistics.
     fn collect_stats(&mut self) -> Result<Vec<StepStats>>;
-    /// Wait for pending work and return the first `slots` step statistics.
+    /// Whether ops run after they are issued (a GPU), so that the host gains by issuing the next
+    /// chunk of steps before it collects the last one's statistics.
+    fn runs_behind_host(&self) -> bool {
+        false
+    }
+    /// Wait for pending work and return the first `slots` step statistics (with no other
+    /// `request_stats` pending: `collect_stats` returns the oldest).
     fn read_stats(&mut self, slots: usize) -> Result<Vec<StepStats>> {
         self.request_stats(0, slots)?;
         self.collect_stats()

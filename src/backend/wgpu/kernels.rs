@@ -53,7 +53,8 @@ impl TileConfig {
     }
 
     /// A tiling the shader supports: tm, tn in {8, 16, 32, 64}, kc in {4, 8, 16, 32}, s in {1, 2,
-    /// 4, 8, 16}, at most 256 threads, whole copies per thread and at most 16 KiB of workgroup memory.
+    /// 4, 8, 16}, at most 256 threads and at least tn, whole copies per thread and at most 16 KiB of
+    /// workgroup memory.
     pub fn new(tm: u32, tn: u32, kc: u32, s: u32) -> std::result::Result<TileConfig, String> {
         let cfg = TileConfig { tm, tn, kc, s };
         let pow2 = |v: u32, lo: u32, hi: u32| v.is_power_of_two() && (lo..=hi).contains(&v);
@@ -61,6 +62,10 @@ impl TileConfig {
             return Err(format!(
                 "tiles {tm},{tn},{kc},{s}: need TM, TN in 8..64, KC in 4..32 (powers of 2), S in 1..16 (all powers of 2)"
             ));
+        }
+        // The column sums are finished by one thread a column: a workgroup needs TN threads or more.
+        if tm * s < 16 {
+            return Err(format!("tiles {tm},{tn},{kc},{s}: TM x S must be at least 16"));
         }
         let threads = cfg.threads_per_slice() * s;
         if threads > WORKGROUP_THREADS
@@ -92,19 +97,16 @@ impl TileConfig {
     }
 
     /// The tiling for an (m, n, k) product, from sweeps of every tiling on an H200 (README):
-    /// - n <= 16 (the output layer): 16x16 tiles, K in chunks of 8 spread over up to 16 slices;
+    /// - n <= 16 (the output layer): 16x16 tiles, K in chunks of 8 spread over 16 slices (also when
+    ///   K is short, so that an epoch's last, partial batch needs no pipeline of its own);
     /// - outputs of 256 or more 32x32 tiles (a weight gradient): 32x64 tiles, 2 slices;
     /// - smaller outputs: 16x32 tiles and 8 slices, which spread a long K over the workgroup and,
     ///   when K is short, share the epilogue among more threads (the first layer's forward
     ///   product 26 us, the input gradient with K = 10 8.6 us against 12.8 us with 1 slice).
     pub fn for_shape(m: usize, n: usize, k: usize) -> TileConfig {
         let chunks = |kc: usize| k.div_ceil(kc).max(1);
-        let floor_pow2 = |v: usize, cap: usize| {
-            let v = v.clamp(1, cap) as u32;
-            1 << (31 - v.leading_zeros())
-        };
         let (tm, tn, kc, s) = if n <= 16 {
-            (16, 16, 8, floor_pow2(chunks(8), 16))
+            (16, 16, 8, 16)
         } else if m.div_ceil(32) * n.div_ceil(32) >= 256 {
             (32, 64, 16, if chunks(16) >= 4 { 2 } else { 1 })
         } else {
@@ -163,11 +165,12 @@ pub fn expand_unrolls(source: &str, count_of: impl Fn(&str) -> Option<u32>) -> S
             let mut head = head.split_whitespace();
             let var = head.next()?;
             let count = head.next()?;
-            let count = count.parse().ok().or_else(|| count_of(count))?;
-            Some((var, count, statement.trim()))
+            Some((var, count.parse().ok().or_else(|| count_of(count)), statement.trim()))
         });
         match unroll {
-            Some((var, count, statement)) => {
+            // An unknown COUNT must not silently drop the statement: make the shader fail to compile.
+            Some((var, None, _)) => out.push_str(&format!("unknown_unroll_count_for_{var};\n")),
+            Some((var, Some(count), statement)) => {
                 let indent = &line[..line.len() - line.trim_start().len()];
                 let pattern = format!("{{{var}}}");
                 for i in 0..count {
@@ -410,6 +413,13 @@ mod tests {
         assert_eq!(t(128, 512, 10), (16, 32, 8, 8)); // layer 2 input gradient
         let s = TileConfig::SOFTWARE;
         assert!(TileConfig::new(s.tm, s.tn, s.kc, s.s).is_ok());
+        // Too few threads to finish every column's sum.
+        assert!(TileConfig::new(8, 8, 4, 1).is_err());
+        assert!(TileConfig::new(8, 64, 8, 1).is_err());
+        // The last partial batch of an epoch (96 rows) gets the tilings of a full one.
+        assert_eq!(t(512, 10, 96), t(512, 10, 128));
+        assert_eq!(t(784, 512, 96), t(784, 512, 128));
+        assert_eq!(t(96, 512, 784), t(128, 512, 784));
         for m in [1, 7, 100, 5000] {
             for n in [1, 10, 17, 600] {
                 for k in [1, 9, 300, 70000] {

@@ -764,6 +764,10 @@ impl Backend for WgpuBackend {
         )
     }
 
+    fn runs_behind_host(&self) -> bool {
+        true
+    }
+
     fn request_stats(&mut self, first: usize, count: usize) -> Result<()> {
         checks::stats_read(first, count, self.stats_slots)?;
         if self.inject_loss_at.is_some_and(|n| self.counters.readbacks + 1 >= n) {
@@ -986,6 +990,24 @@ impl WgpuBackend {
                 op,
                 format!("{m}x{n} output needs more workgroups than the adapter allows"),
             ));
+        }
+        // Every written buffer must differ from every buffer read (wgpu refuses a buffer bound both
+        // ways in one dispatch): say so here, naming the op, rather than as a validation error.
+        let read: Vec<TensorId> = [Some(b), epilogue.bias]
+            .into_iter()
+            .chain([gather.is_none().then_some(a), epilogue.relu_mask])
+            .flatten()
+            .collect();
+        let written: Vec<TensorId> = [gather.map(|_| a)]
+            .into_iter()
+            .chain(update.map(|u| Some(u.weight.value)))
+            .chain(update.map(|u| (u.opt.kind == OptimizerKind::RmsProp).then_some(u.weight.velocity)))
+            .flatten()
+            .collect();
+        for &w in &written {
+            for &r in &read {
+                self.distinct(op, &[w, r])?;
+            }
         }
         let bias = epilogue.bias.map_or(Bound::Dummy, Bound::Tensor);
         let bind = [
