@@ -2,11 +2,9 @@
 //! reused; uploads through the queue; read-backs through mappable staging buffers.
 //!
 //! Contract: `create` checks the size against the device's limits and fails with the limit named
-//! instead of letting wgpu raise a validation error. `Staging::read` copies a buffer's first
-//! `bytes` into the one tensor staging buffer at the end of the given encoder; after the caller
-//! submits, `Staging::finish_read` maps it, waits for all work and returns the bytes. A
-//! `PendingRead` (statistics) starts mapping as soon as its copy is submitted and `finish` waits for
-//! that submission only, so later submissions keep the device busy meanwhile.
+//! instead of letting wgpu raise a validation error. Every read-back copies into a staging buffer
+//! (`create_staging`) in some submission; a `PendingRead` starts mapping it at once, and `finish`
+//! waits for that submission only, so later submissions keep the device busy meanwhile.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -75,7 +73,7 @@ pub fn create(ctx: &GpuContext, bytes: u64, what: &str) -> Result<GpuBuffer> {
 /// A mappable buffer that read-backs are copied into.
 pub fn create_staging(ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
     ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("statistics read-back"),
+        label: Some("read-back"),
         size: bytes.max(8).div_ceil(8) * 8,
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
@@ -112,8 +110,8 @@ impl PendingRead {
                 submission_index: Some(self.index),
                 timeout: None,
             })
-            .map_err(|e| Error::Gpu(format!("reading back step statistics: waiting for the GPU failed: {e}")))?;
-        ctx.errors.check("reading back step statistics")?;
+            .map_err(|e| Error::Gpu(format!("reading back results: waiting for the GPU failed: {e}")))?;
+        ctx.errors.check("reading back results")?;
         match pollster::block_on(self.mapped.receive()) {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(Error::Gpu(format!("mapping the read-back buffer failed: {e}"))),
@@ -127,57 +125,5 @@ impl PendingRead {
             .to_vec();
         self.staging.unmap();
         Ok((data, self.staging))
-    }
-}
-
-/// The one buffer that tensor read-backs go through; grown when a larger read is asked for.
-#[derive(Default)]
-pub struct Staging {
-    buffer: Option<wgpu::Buffer>,
-    size: u64,
-}
-
-impl Staging {
-    /// Record a copy of the first `bytes` of `src` into the staging buffer.
-    pub fn read(&mut self, ctx: &GpuContext, encoder: &mut wgpu::CommandEncoder, src: Slice, bytes: u64) {
-        let bytes = bytes.max(4).div_ceil(4) * 4;
-        if self.buffer.is_none() || self.size < bytes {
-            self.size = bytes.next_power_of_two().max(256);
-            self.buffer = Some(ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("staging"),
-                size: self.size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
-        }
-        if let Some(staging) = &self.buffer {
-            encoder.copy_buffer_to_buffer(&src.buf.buffer, src.offset, staging, 0, bytes.min(src.size));
-        }
-    }
-
-    /// After the copy was submitted: map, wait, and return the first `bytes`.
-    pub fn finish_read(&mut self, ctx: &GpuContext, bytes: u64) -> Result<Vec<u8>> {
-        let bytes = bytes.max(4).div_ceil(4) * 4;
-        let staging = self
-            .buffer
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("read-back without a staging buffer".to_string()))?;
-        let slice = staging.slice(0..bytes);
-        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-        slice.map_async(wgpu::MapMode::Read, move |result| {
-            let _ = sender.send(result);
-        });
-        ctx.wait("reading back results")?;
-        match pollster::block_on(receiver.receive()) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Error::Gpu(format!("mapping the read-back buffer failed: {e}"))),
-            None => return Err(Error::Gpu("the read-back was dropped (device lost?)".to_string())),
-        }
-        let data = slice
-            .get_mapped_range()
-            .map_err(|e| Error::Gpu(format!("reading the mapped buffer failed: {e}")))?
-            .to_vec();
-        staging.unmap();
-        Ok(data)
     }
 }

@@ -8,7 +8,6 @@
 //! wgpu object at all. Shader sources with `//!unroll` lines are expanded before compiling
 //! (`expand_unrolls`); `Kernels::prepare` compiles a list of pipelines on parallel threads.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::buffers::Slice;
@@ -205,20 +204,25 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// (file name, WGSL source) of the shader that holds this kernel.
-    fn shader(self) -> (&'static str, Cow<'static, str>) {
-        let (file, source) = match self {
-            Kernel::Matmul(tiles) => return ("matmul.wgsl", Cow::Owned(tiles.source())),
+    /// (file name, WGSL text as written) of the shader that holds this kernel.
+    fn file(self) -> (&'static str, &'static str) {
+        match self {
+            Kernel::Matmul(_) => ("matmul.wgsl", MATMUL_WGSL),
             Kernel::Gather => ("gather.wgsl", include_str!("../../../shaders/gather.wgsl")),
             Kernel::BiasAdd | Kernel::BiasBackward => ("bias.wgsl", include_str!("../../../shaders/bias.wgsl")),
             Kernel::ReluForward | Kernel::ReluBackward => ("relu.wgsl", include_str!("../../../shaders/relu.wgsl")),
-            Kernel::SoftmaxXent => {
-                let source = include_str!("../../../shaders/softmax_xent.wgsl");
-                return ("softmax_xent.wgsl", Cow::Owned(expand_unrolls(source, |_| None)));
-            }
+            Kernel::SoftmaxXent => ("softmax_xent.wgsl", include_str!("../../../shaders/softmax_xent.wgsl")),
             Kernel::RmsProp | Kernel::Sgd => ("optim.wgsl", include_str!("../../../shaders/optim.wgsl")),
-        };
-        (file, Cow::Borrowed(source))
+        }
+    }
+
+    /// The WGSL that is compiled: the matmul with its tiling's constants, and every shader with
+    /// its `//!unroll` lines expanded.
+    fn source(self) -> String {
+        match self {
+            Kernel::Matmul(tiles) => tiles.source(),
+            _ => expand_unrolls(self.file().1, |_| None),
+        }
     }
 
     /// The entry point, with the tiling of a matmul: a profile's label.
@@ -267,10 +271,9 @@ pub struct Kernels {
 /// Compile `kernel`'s shader module and pipeline (what a driver may take a few hundred
 /// milliseconds over, the first time on a machine).
 fn compile(device: &wgpu::Device, kernel: Kernel) -> wgpu::ComputePipeline {
-    let (file, source) = kernel.shader();
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(file),
-        source: wgpu::ShaderSource::Wgsl(source),
+        label: Some(kernel.file().0),
+        source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
     });
     device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(kernel.entry_point()),
@@ -311,7 +314,7 @@ impl Kernels {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.pipelines.entry(kernel) {
             let pipeline = compile(&ctx.device, kernel);
             ctx.errors
-                .check(&format!("compiling shaders/{} ({})", kernel.shader().0, kernel.label()))?;
+                .check(&format!("compiling shaders/{} ({})", kernel.file().0, kernel.label()))?;
             slot.insert(pipeline);
         }
         Ok(&self.pipelines[&kernel])

@@ -17,7 +17,7 @@ pub use context::{list_adapters, AdapterSummary};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use buffers::{GpuBuffer, Slice, Staging};
+use buffers::{GpuBuffer, PendingRead, Slice};
 use context::GpuContext;
 pub use kernels::TileConfig;
 use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
@@ -72,7 +72,6 @@ pub struct WgpuBackend {
     /// Bound as an unused output (`dlogits` when the loss op is asked not to write it, a matmul's
     /// `colsum`): separate from `dummy`, since wgpu refuses a buffer bound both read and written.
     dummy_out: GpuBuffer,
-    staging: Staging,
     recording: Option<Recording>,
     counters: Counters,
     /// Testing aid: `GPU_MNIST_INJECT_DEVICE_LOSS=N` makes every `read_stats` from the N-th
@@ -89,7 +88,7 @@ pub struct WgpuBackend {
     fuse_gather: bool,
     /// Statistics read-backs on their way (oldest first) and how many slots each holds.
     pending_stats: VecDeque<(buffers::PendingRead, usize)>,
-    /// Read-back buffers of collected statistics, reused by the next request.
+    /// Read-back buffers no read is using, reused by the next one.
     free_staging: Vec<wgpu::Buffer>,
 }
 
@@ -114,7 +113,6 @@ impl WgpuBackend {
             stats_slots: 0,
             dummy,
             dummy_out,
-            staging: Staging::default(),
             recording: None,
             counters: Counters::default(),
             inject_loss_at: std::env::var("GPU_MNIST_INJECT_DEVICE_LOSS")
@@ -268,15 +266,24 @@ impl WgpuBackend {
     }
 
     /// Submit pending work with a copy of `buf`'s first `bytes` and return them.
-    fn read_bytes(&mut self, buf: Bound, bytes: u64) -> Result<Vec<u8>> {
-        self.submit(|me, encoder| {
-            let src = match buf {
-                Bound::Tensor(t) => me.tensors[t.0].slice(),
-                _ => me.stats.as_ref().unwrap_or(&me.dummy).whole(),
-            };
-            me.staging.read(&me.ctx, encoder, src, bytes);
+    /// A free read-back buffer of at least `bytes`, or a new one.
+    fn take_staging(&mut self, bytes: u64) -> wgpu::Buffer {
+        match self.free_staging.iter().position(|b| b.size() >= bytes) {
+            Some(i) => self.free_staging.swap_remove(i),
+            None => buffers::create_staging(&self.ctx, bytes),
+        }
+    }
+
+    /// Submit pending work with a copy of the first `bytes` of tensor `t`; wait and return them.
+    fn read_bytes(&mut self, t: TensorId, bytes: u64) -> Result<Vec<u8>> {
+        let bytes = bytes.max(4);
+        let staging = self.take_staging(bytes);
+        let index = self.submit(|me, encoder| {
+            let src = me.tensors[t.0].slice();
+            encoder.copy_buffer_to_buffer(&src.buf.buffer, src.offset, &staging, 0, bytes.min(src.size));
         })?;
-        let data = self.staging.finish_read(&self.ctx, bytes)?;
+        let (data, staging) = PendingRead::start(staging, bytes, index).finish(&self.ctx)?;
+        self.free_staging.push(staging);
         self.counters.readbacks += 1;
         Ok(data)
     }
@@ -381,7 +388,7 @@ impl Backend for WgpuBackend {
 
     fn read(&mut self, t: TensorId) -> Result<Vec<f32>> {
         let len = self.tensor("read", t, 0).map(|_| self.tensors[t.0].len)?;
-        let bytes = self.read_bytes(Bound::Tensor(t), len as u64 * 4)?;
+        let bytes = self.read_bytes(t, len as u64 * 4)?;
         Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[..len * 4]))
     }
 
@@ -777,16 +784,13 @@ impl Backend for WgpuBackend {
         }
         let bytes = (count as u64 * 8).max(8);
         let capacity = (self.stats_slots as u64 * 8).max(bytes);
-        let staging = match self.free_staging.pop() {
-            Some(b) if b.size() >= bytes => b,
-            _ => buffers::create_staging(&self.ctx, capacity),
-        };
+        let staging = self.take_staging(capacity);
         let index = self.submit(|me, encoder| {
             if let Some(stats) = &me.stats {
                 encoder.copy_buffer_to_buffer(&stats.buffer, first as u64 * 8, &staging, 0, count as u64 * 8);
             }
         })?;
-        let read = buffers::PendingRead::start(staging, bytes, index);
+        let read = PendingRead::start(staging, bytes, index);
         self.pending_stats.push_back((read, count));
         self.counters.readbacks += 1;
         Ok(())
@@ -883,27 +887,14 @@ impl WgpuBackend {
         self.tensor(op, c, lens[0])?;
         self.tensor(op, a, lens[1])?;
         self.tensor(op, b, lens[2])?;
-        let mut ids = vec![c, a, b];
         if let Some(bias) = epilogue.bias {
             self.tensor(op, bias, n)?;
-            ids.push(bias);
         }
         if let Some(mask) = epilogue.relu_mask {
             self.tensor(op, mask, m * n)?;
-            ids.push(mask);
         }
         if let Some(colsum) = colsum {
-            // Written, like c: it must not share a buffer with anything read.
             self.tensor(op, colsum, n)?;
-            for &t in &ids[1..] {
-                self.distinct(op, &[colsum, t])?;
-            }
-        }
-        // The bias and the mask are read-only, like a and b; only c must differ from all of them.
-        self.distinct(op, &[c, a])?;
-        self.distinct(op, &[c, b])?;
-        for &t in &ids[3..] {
-            self.distinct(op, &[c, t])?;
         }
         let mut params = [0u32; 16];
         for (p, &d) in params.iter_mut().zip(&dims) {
@@ -963,8 +954,6 @@ impl WgpuBackend {
                 OptimizerKind::RmsProp => {
                     self.tensor(op, w.velocity, m * n)?;
                     self.tensor(op, bias.velocity, n)?;
-                    self.distinct(op, &[w.velocity, a])?;
-                    self.distinct(op, &[w.velocity, b])?;
                     params[12] = word(w.velocity)?;
                     params[14] = word(bias.velocity)?;
                     params[7] |= 16;
@@ -972,8 +961,6 @@ impl WgpuBackend {
                 }
                 OptimizerKind::Sgd => params[7] |= 32,
             }
-            self.distinct(op, &[w.value, a])?;
-            self.distinct(op, &[w.value, b])?;
             param_buf = Bound::BufferOf(w.value);
         }
         for &len in &lens {
@@ -993,19 +980,22 @@ impl WgpuBackend {
         }
         // Every written buffer must differ from every buffer read (wgpu refuses a buffer bound both
         // ways in one dispatch): say so here, naming the op, rather than as a validation error.
-        let read: Vec<TensorId> = [Some(b), epilogue.bias]
-            .into_iter()
-            .chain([gather.is_none().then_some(a), epilogue.relu_mask])
-            .flatten()
-            .collect();
-        let written: Vec<TensorId> = [gather.map(|_| a)]
-            .into_iter()
-            .chain(update.map(|u| Some(u.weight.value)))
-            .chain(update.map(|u| (u.opt.kind == OptimizerKind::RmsProp).then_some(u.weight.velocity)))
-            .flatten()
-            .collect();
-        for &w in &written {
-            for &r in &read {
+        let read = [
+            Some(b),
+            epilogue.bias,
+            epilogue.relu_mask,
+            gather.is_none().then_some(a),
+        ];
+        let velocity = update.and_then(|u| (u.opt.kind == OptimizerKind::RmsProp).then_some(u.weight.velocity));
+        let written = [
+            Some(c),
+            colsum,
+            gather.map(|_| a),
+            update.map(|u| u.weight.value),
+            velocity,
+        ];
+        for w in written.into_iter().flatten() {
+            for r in read.into_iter().flatten() {
                 self.distinct(op, &[w, r])?;
             }
         }
