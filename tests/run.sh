@@ -23,8 +23,14 @@ if [ -z "${GPU_MNIST_DATA:-}" ] && [ -d ../shared/data/mnist ]; then
 fi
 
 # 3. Style, lints, a smoke run of every criterion benchmark (each runs once), then every test
-#    (unit, kernels, gradient check, training, CLI, bad inputs, faults, fuzz, downloader).
+#    (unit, kernels, sparse CPU kernels, gradient check, training, CLI, bad inputs, faults, fuzz,
+#    downloader).
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --bench kernels
 cargo test --lib --bins --tests
+# 4. The fast CPU path's sparse kernels again with the narrower vector variants (AVX2, then none),
+#    which a CPU with AVX-512 would otherwise never run.
+for simd in avx2 portable; do
+    GPU_MNIST_CPU_SIMD=$simd cargo test --test sparse --quiet
+done

@@ -1,5 +1,5 @@
-//! Whole training steps through the layer graph: the GPU against the CPU reference for one step,
-//! 50 steps against the CPU path, and repeatability of seeded runs.
+//! Whole training steps through the layer graph: the GPU and the fast CPU path against the CPU
+//! reference for one step, 50 GPU steps against the CPU path, and repeatability of seeded runs.
 
 mod common;
 
@@ -64,6 +64,28 @@ fn one_gpu_step_matches_the_cpu_reference() {
             p.name
         );
     }
+}
+
+/// The fast CPU path's step (the first layer's products sparse, the optimizer step fused into the
+/// weight gradient) against the reference on a real MNIST batch, with the same tolerances as the
+/// GPU's step above; and it must have taken the sparse path.
+#[test]
+fn one_fast_cpu_step_matches_the_cpu_reference() {
+    let data = mnist().train.first(BATCH);
+    let mut fast = CpuBackend::fast();
+    let (fast_stats, fast_grads, fast_params) = run_steps(&mut fast, &data, 1);
+    assert_eq!(fast.sparse_products(), 2, "the first layer's products were not sparse");
+    let (ref_stats, ref_grads, ref_params) = run_steps(&mut CpuBackend::reference(), &data, 1);
+    assert_close(
+        "one fast cpu step: loss sum",
+        &[fast_stats[0].loss_sum],
+        &[ref_stats[0].loss_sum],
+        0.0,
+        1e-4,
+    );
+    assert_eq!(fast_stats[0].correct, ref_stats[0].correct);
+    flatten_compare("one fast cpu step: gradient", &fast_grads, &ref_grads, 1e-7, 1e-3);
+    flatten_compare("one fast cpu step: updated", &fast_params, &ref_params, 1e-6, 1e-3);
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The CPU backends: the plain-loop reference, and the fast path that replaces its three matmuls
-//! with a blocked, multi-threaded GEMM (`matrixmultiply`).
+//! with a blocked, multi-threaded GEMM (`matrixmultiply`), or, when the input matrix is mostly
+//! zeros (the first layer's pixels), with sparse products that skip the zeros and fuse the
+//! optimizer step into the weight gradient (`cpu_sparse`).
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec);
 //! `CpuBackend::fast()` differs only in the summation order of the matmuls, and is tested against
@@ -9,17 +11,21 @@ use std::collections::VecDeque;
 
 use super::checks;
 use super::cpu_fast;
+use super::cpu_pool;
+use super::cpu_sparse::{self, Source, WeightStep};
 use super::reference as r;
-use super::{Backend, Counters, DatasetId, Epilogue, Packed, StepStats, TensorId};
+use super::{param_step, weight_update_in_sequence};
+use super::{Backend, Counters, DatasetId, Epilogue, Packed, ParamTensors, StepStats, TensorId};
 use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
+use crate::optim::{Optimizer, OptimizerKind};
 
 /// Which implementation of the matmuls to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuKind {
     /// The plain loops of `reference`: slow, obviously right.
     Reference,
-    /// `matrixmultiply`'s sgemm on all cores.
+    /// `matrixmultiply`'s sgemm on all cores, or `cpu_sparse` on mostly-zero inputs.
     Fast,
 }
 
@@ -40,6 +46,10 @@ pub struct CpuBackend {
     kind: CpuKind,
     /// Backing arrays; a tensor is a view of one (several for a packed group).
     storage: Vec<Vec<f32>>,
+    /// For each backing array, the count of writes (to any array) at its last write: the sparse
+    /// products know from it whether the rows they hold of a matrix are still its rows.
+    versions: Vec<u64>,
+    writes: u64,
     tensors: Vec<View>,
     datasets: Vec<CpuDataset>,
     stats: Vec<StepStats>,
@@ -51,6 +61,9 @@ pub struct CpuBackend {
     losses: Vec<f32>,
     labels: Vec<u8>,
     preds: Vec<u8>,
+    /// Buffers of the sparse products, and how many have run.
+    sparse: cpu_sparse::Scratch,
+    sparse_products: u64,
 }
 
 impl CpuBackend {
@@ -58,6 +71,8 @@ impl CpuBackend {
         CpuBackend {
             kind,
             storage: Vec::new(),
+            versions: Vec::new(),
+            writes: 0,
             tensors: Vec::new(),
             datasets: Vec::new(),
             stats: Vec::new(),
@@ -67,6 +82,8 @@ impl CpuBackend {
             losses: Vec::new(),
             labels: Vec::new(),
             preds: Vec::new(),
+            sparse: cpu_sparse::Scratch::default(),
+            sparse_products: 0,
         }
     }
 
@@ -76,6 +93,11 @@ impl CpuBackend {
 
     pub fn fast() -> Self {
         Self::new(CpuKind::Fast)
+    }
+
+    /// Products the fast path has run as sparse ones (`cpu_sparse`), for tests and `--verbose`.
+    pub fn sparse_products(&self) -> u64 {
+        self.sparse_products
     }
 
     fn view(&self, op: &'static str, t: TensorId, need: usize) -> Result<View> {
@@ -97,7 +119,24 @@ impl CpuBackend {
 
     fn tensor_mut(&mut self, op: &'static str, t: TensorId, need: usize) -> Result<&mut [f32]> {
         let v = self.view(op, t, need)?;
+        self.written(v.storage);
         Ok(&mut self.storage[v.storage][v.offset..v.offset + v.len])
+    }
+
+    /// Record a write to backing array `storage` (every mutable access goes through here, or
+    /// through `tensor_mut` and `with_out`, which call it).
+    fn written(&mut self, storage: usize) {
+        self.writes += 1;
+        self.versions[storage] = self.writes;
+    }
+
+    /// The matrix (rows, cols) at view v, as the sparse products name it.
+    fn source(&self, v: View, rows: usize, cols: usize) -> Source {
+        Source {
+            key: (v.storage, v.offset, self.versions[v.storage]),
+            rows,
+            cols,
+        }
     }
 
     fn dataset(&self, op: &'static str, ds: DatasetId, start: usize, rows: usize) -> Result<&CpuDataset> {
@@ -127,6 +166,7 @@ impl CpuBackend {
                 ));
             }
         }
+        self.written(o.storage);
         let mut array = std::mem::take(&mut self.storage[o.storage]);
         let ins: Vec<&[f32]> = inputs
             .iter()
@@ -134,6 +174,96 @@ impl CpuBackend {
             .collect::<Result<_>>()?;
         f(&mut array[o.offset..o.offset + o.len], &ins);
         self.storage[o.storage] = array;
+        self.counters.dispatches += 1;
+        Ok(())
+    }
+
+    /// Whether the fast path multiplies `inp` (rows, cols) as a sparse matrix into `out_cols`
+    /// columns; if so, the sparse scratch holds its rows.
+    fn sparse_rows(
+        &mut self,
+        op: &'static str,
+        inp: TensorId,
+        rows: usize,
+        cols: usize,
+        out_cols: usize,
+    ) -> Result<bool> {
+        if self.kind != CpuKind::Fast || !cpu_sparse::may_pay(out_cols) {
+            return Ok(false);
+        }
+        let v = self.view(op, inp, rows * cols)?;
+        let source = self.source(v, rows, cols);
+        let x = &self.storage[v.storage][v.offset..v.offset + v.len];
+        let nonzeros = self.sparse.rows_of(x, source);
+        Ok(cpu_sparse::pays(nonzeros, rows, cols, out_cols))
+    }
+
+    /// The weight gradient of a dense layer with a sparse input and the optimizer step of its
+    /// weight in one pass (`cpu_sparse::matmul_backward_weight`): dweight (C, OC) = inp (B, C)^T @
+    /// dout (B, OC), each value applied to the weight as soon as it is summed.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_weight_update(
+        &mut self,
+        weight: ParamTensors,
+        inp: TensorId,
+        dout: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+        opt: &Optimizer,
+    ) -> Result<()> {
+        let op = "matmul_backward_weight_update";
+        let n = c * oc;
+        let rmsprop = opt.kind == OptimizerKind::RmsProp;
+        // The gradient, the value and (RMSprop) the velocity are written: each must have an array
+        // of its own, shared with nothing the op reads or writes.
+        let (grad_v, value_v) = (self.view(op, weight.grad, n)?, self.view(op, weight.value, n)?);
+        let velocity_v = rmsprop.then(|| self.view(op, weight.velocity, n)).transpose()?;
+        let read = [self.view(op, inp, b * c)?, self.view(op, dout, b * oc)?];
+        let all = [Some(grad_v), Some(value_v), velocity_v, Some(read[0]), Some(read[1])];
+        for (i, w) in all[..3].iter().enumerate() {
+            let shared = |w: &View| {
+                all.iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && o.is_some_and(|o| o.storage == w.storage))
+            };
+            if w.as_ref().is_some_and(shared) {
+                return Err(Error::shape(
+                    op,
+                    "a written tensor shares its array with another tensor of the op".to_string(),
+                ));
+            }
+        }
+        let take = |s: &mut Self, v: View| {
+            s.written(v.storage);
+            std::mem::take(&mut s.storage[v.storage])
+        };
+        let (mut grad, mut value) = (take(self, grad_v), take(self, value_v));
+        let mut velocity = velocity_v.map(|v| (take(self, v), v));
+        let mut scratch = std::mem::take(&mut self.sparse);
+        let d = &self.storage[read[1].storage][read[1].offset..read[1].offset + read[1].len];
+        let range = |v: View| v.offset..v.offset + v.len;
+        let step = match velocity.as_mut() {
+            Some((array, v)) => WeightStep::RmsProp {
+                value: &mut value[range(value_v)],
+                velocity: &mut array[range(*v)],
+                lr: opt.lr,
+                rho: opt.rho,
+                eps: opt.eps,
+            },
+            None => WeightStep::Sgd {
+                value: &mut value[range(value_v)],
+                lr: opt.lr,
+            },
+        };
+        cpu_sparse::matmul_backward_weight(&mut grad[range(grad_v)], &mut scratch, d, step, b, c, oc);
+        self.storage[grad_v.storage] = grad;
+        self.storage[value_v.storage] = value;
+        if let Some((array, v)) = velocity {
+            self.storage[v.storage] = array;
+        }
+        self.sparse = scratch;
+        self.sparse_products += 1;
         self.counters.dispatches += 1;
         Ok(())
     }
@@ -152,16 +282,30 @@ fn with_epilogue_inputs(
     inputs
 }
 
-/// Run the epilogue on out (b, n); `extra` holds the bias and mask slices present, in that order.
-fn apply_epilogue(out: &mut [f32], extra: &[&[f32]], epilogue: Epilogue, b: usize, n: usize) {
+/// The bias and mask slices of `epilogue` among `extra` (those present, in that order).
+fn epilogue_tensors<'a>(extra: &[&'a [f32]], epilogue: Epilogue) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
     let mut extra = extra.iter();
     let bias = epilogue.bias.and_then(|_| extra.next().copied());
     let mask = epilogue.relu_mask.and_then(|_| extra.next().copied());
-    r::matmul_epilogue(out, bias, epilogue.relu, mask, b, n);
+    (bias, mask)
 }
 
+/// Run the epilogue on out (b, n); `extra` holds the bias and mask slices present, in that order.
+fn apply_epilogue(kind: CpuKind, out: &mut [f32], extra: &[&[f32]], epilogue: Epilogue, b: usize, n: usize) {
+    let (bias, mask) = epilogue_tensors(extra, epilogue);
+    match kind {
+        CpuKind::Reference => r::matmul_epilogue(out, bias, epilogue.relu, mask, b, n),
+        CpuKind::Fast => cpu_fast::matmul_epilogue(out, bias, epilogue.relu, mask, b, n),
+    }
+}
+
+/// Products smaller than this many multiply-adds run on one thread (a hand-off costs about a
+/// microsecond, a product this size about five).
+const SPLIT_MIN_MACS: usize = 1 << 18;
+
 /// C (m, n) = A @ B with A given by (row stride, col stride) and B likewise: the three matmuls of
-/// the step are this one call with different strides.
+/// the step are this one call with different strides. C's rows are cut into pieces spread over
+/// `cpu_pool`'s threads, each running `matrixmultiply`'s single-threaded sgemm on its share.
 #[allow(clippy::too_many_arguments)]
 fn sgemm(
     m: usize,
@@ -175,26 +319,44 @@ fn sgemm(
     csb: usize,
     c: &mut [f32],
 ) {
-    // SAFETY: the callers pass slices whose lengths the shape checks of `with_out` have verified
-    // against (m, k, n): every index the strides reach is inside `a`, `b` and `c`.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
+    let c = &mut c[..m * n];
+    if m == 0 || n == 0 || k == 0 {
+        c.fill(0.0);
+        return;
     }
+    let chunks = if m * k * n >= SPLIT_MIN_MACS {
+        cpu_sparse::chunk_count(m)
+    } else {
+        1
+    };
+    let rows = m.div_ceil(chunks);
+    let mut pieces = c.chunks_mut(rows * n).enumerate();
+    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
+        let first = i * rows;
+        let m = c.len() / n;
+        assert!(a.len() > (first + m - 1) * rsa + (k - 1) * csa && b.len() > (k - 1) * rsb + (n - 1) * csb);
+        // SAFETY: the assert above checks that every index the strides reach from row `first` of
+        // A, and in B, is inside `a` and `b`; `c` holds this piece's m rows of n.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr().add(first * rsa),
+                rsa as isize,
+                csa as isize,
+                b.as_ptr(),
+                rsb as isize,
+                csb as isize,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    });
 }
 
 impl Backend for CpuBackend {
@@ -202,8 +364,8 @@ impl Backend for CpuBackend {
         match self.kind {
             CpuKind::Reference => "cpu reference (plain loops, 1 thread)".to_string(),
             CpuKind::Fast => {
-                let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-                format!("cpu (matrixmultiply sgemm, {threads} threads)")
+                let threads = cpu_pool::threads();
+                format!("cpu (sparse + matrixmultiply, {threads} threads)")
             }
         }
     }
@@ -218,6 +380,7 @@ impl Backend for CpuBackend {
         })?;
         array.resize(len, 0.0);
         self.storage.push(array);
+        self.versions.push(0);
         self.tensors.push(View {
             storage: self.storage.len() - 1,
             offset: 0,
@@ -287,11 +450,41 @@ impl Backend for CpuBackend {
         let op = "gather_batch";
         self.dataset(op, ds, start, rows)?;
         let v = self.view(op, x, rows * IMAGE_PIXELS)?;
+        self.written(v.storage);
         let d = &self.datasets[ds.0];
         let out = &mut self.storage[v.storage][v.offset..v.offset + v.len];
         r::gather_batch(out, &d.data.images, &d.order, start, rows, IMAGE_PIXELS);
         self.counters.dispatches += 1;
         Ok(())
+    }
+
+    fn gather_matmul_forward(
+        &mut self,
+        out: TensorId,
+        x: TensorId,
+        ds: DatasetId,
+        start: usize,
+        weight: TensorId,
+        epilogue: Epilogue,
+        rows: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let c = IMAGE_PIXELS;
+        if self.kind == CpuKind::Fast && cpu_sparse::may_pay(oc) {
+            // The pixels are gathered and turned into the rows of the sparse product in one pass.
+            let op = "gather_matmul_forward";
+            self.dataset(op, ds, start, rows)?;
+            let v = self.view(op, x, rows * c)?;
+            self.written(v.storage);
+            let source = self.source(v, rows, c);
+            let d = &self.datasets[ds.0];
+            let xs = &mut self.storage[v.storage][v.offset..v.offset + v.len];
+            self.sparse.gather(xs, &d.data.images, &d.order, start, source);
+            self.counters.dispatches += 1;
+        } else {
+            self.gather_batch(x, ds, start, rows)?;
+        }
+        self.matmul_forward(out, x, weight, epilogue, rows, c, oc)
     }
 
     fn matmul_forward(
@@ -306,12 +499,23 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let kind = self.kind;
         let inputs = with_epilogue_inputs(&[(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
+        if self.sparse_rows("matmul_forward", inp, b, c, oc)? {
+            let mut scratch = std::mem::take(&mut self.sparse);
+            let result = self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
+                let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
+                cpu_sparse::matmul_forward(o, &mut scratch, i[1], bias, epilogue.relu, b, c, oc);
+                cpu_fast::matmul_epilogue(o, None, false, mask, b, oc);
+            });
+            self.sparse = scratch;
+            self.sparse_products += 1;
+            return result;
+        }
         self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
             match kind {
                 CpuKind::Reference => r::matmul_forward(o, i[0], i[1], b, c, oc),
                 CpuKind::Fast => sgemm(b, c, oc, i[0], c, 1, i[1], oc, 1, o),
             }
-            apply_epilogue(o, &i[2..], epilogue, b, oc);
+            apply_epilogue(kind, o, &i[2..], epilogue, b, oc);
         })
     }
 
@@ -333,7 +537,7 @@ impl Backend for CpuBackend {
                 // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
                 CpuKind::Fast => sgemm(b, oc, c, i[0], oc, 1, i[1], 1, oc, o),
             }
-            apply_epilogue(o, &i[2..], epilogue, b, c);
+            apply_epilogue(kind, o, &i[2..], epilogue, b, c);
         })
     }
 
@@ -350,6 +554,21 @@ impl Backend for CpuBackend {
         if let Some(dbias) = dbias {
             self.bias_backward(dbias, dout, b, oc)?;
         }
+        if self.sparse_rows("matmul_backward_weight", inp, b, c, oc)? {
+            let mut scratch = std::mem::take(&mut self.sparse);
+            let result = self.with_out(
+                "matmul_backward_weight",
+                (dweight, c * oc),
+                &[(inp, b * c), (dout, b * oc)],
+                |o, i| {
+                    let step = WeightStep::None;
+                    cpu_sparse::matmul_backward_weight(o, &mut scratch, i[1], step, b, c, oc);
+                },
+            );
+            self.sparse = scratch;
+            self.sparse_products += 1;
+            return result;
+        }
         let kind = self.kind;
         self.with_out(
             "matmul_backward_weight",
@@ -361,6 +580,26 @@ impl Backend for CpuBackend {
                 CpuKind::Fast => sgemm(c, b, oc, i[0], 1, c, i[1], oc, 1, o),
             },
         )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_weight_update(
+        &mut self,
+        weight: ParamTensors,
+        bias: ParamTensors,
+        inp: TensorId,
+        dout: TensorId,
+        b: usize,
+        c: usize,
+        oc: usize,
+        opt: &Optimizer,
+    ) -> Result<()> {
+        if !self.sparse_rows("matmul_backward_weight_update", inp, b, c, oc)? {
+            return weight_update_in_sequence(self, weight, bias, inp, dout, b, c, oc, opt);
+        }
+        self.bias_backward(bias.grad, dout, b, oc)?;
+        self.sparse_weight_update(weight, inp, dout, b, c, oc, opt)?;
+        param_step(self, bias, oc, opt)
     }
 
     fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()> {
@@ -423,6 +662,7 @@ impl Backend for CpuBackend {
             correct,
         };
         if let Some(dv) = dv {
+            self.written(dv.storage);
             let out = &mut self.storage[dv.storage][dv.offset..dv.offset + n];
             r::softmax_xent_backward(out, &self.probs, &self.labels, rows, classes);
         }
@@ -449,6 +689,7 @@ impl Backend for CpuBackend {
                 "velocity shares its array with the parameter or gradient".to_string(),
             ));
         }
+        self.written(vv.storage);
         let mut varray = std::mem::take(&mut self.storage[vv.storage]);
         let v = &mut varray[vv.offset..vv.offset + n];
         let kind = self.kind;

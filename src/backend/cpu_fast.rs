@@ -16,6 +16,30 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) {
     }
 }
 
+/// The fused epilogue of a matmul on out (B, N), as `reference::matmul_epilogue`: + bias (N),
+/// then max(., 0), then 0 where mask (B, N) is not > 0; written as selects, which vectorize (the
+/// reference's branches mispredict on a ReLU mask, which is about half zeros).
+pub fn matmul_epilogue(out: &mut [f32], bias: Option<&[f32]>, relu: bool, mask: Option<&[f32]>, b: usize, n: usize) {
+    let out = &mut out[..b * n];
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(n) {
+            for (x, &bv) in row.iter_mut().zip(&bias[..n]) {
+                *x += bv;
+            }
+        }
+    }
+    if relu {
+        for x in out.iter_mut() {
+            *x = if *x > 0.0 { *x } else { 0.0 };
+        }
+    }
+    if let Some(mask) = mask {
+        for (x, &m) in out.iter_mut().zip(&mask[..b * n]) {
+            *x = if m > 0.0 { *x } else { 0.0 };
+        }
+    }
+}
+
 /// Keras RMSprop, as `reference::rmsprop_update`.
 pub fn rmsprop_update(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32) {
     #[cfg(target_arch = "x86_64")]
@@ -56,6 +80,18 @@ mod tests {
         bias_backward(&mut fast, &dout, b, oc);
         r::bias_backward(&mut slow, &dout, b, oc);
         assert_eq!(fast, slow);
+
+        // A ReLU epilogue and a mask with zeros, negatives and a NaN.
+        let bias: Vec<f32> = (0..oc).map(|i| i as f32 * 0.01 - 0.1).collect();
+        let mut mask = dout.clone();
+        mask[3] = f32::NAN;
+        mask[4] = 0.0;
+        for relu in [false, true] {
+            let (mut fast, mut slow) = (dout.clone(), dout.clone());
+            matmul_epilogue(&mut fast, Some(&bias), relu, Some(&mask), b, oc);
+            r::matmul_epilogue(&mut slow, Some(&bias), relu, Some(&mask), b, oc);
+            assert_eq!(fast, slow);
+        }
 
         let n = 1003;
         let grad: Vec<f32> = (0..n).map(|i| ((i * 31) % 101) as f32 * 1e-3 - 0.05).collect();

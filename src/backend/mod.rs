@@ -10,6 +10,8 @@
 mod checks;
 pub mod cpu;
 mod cpu_fast;
+mod cpu_pool;
+mod cpu_sparse;
 pub mod reference;
 pub mod wgpu;
 
@@ -177,16 +179,7 @@ pub trait Backend {
         oc: usize,
         opt: &Optimizer,
     ) -> Result<()> {
-        self.matmul_backward_weight(weight.grad, Some(bias.grad), inp, dout, b, c, oc)?;
-        for (p, n) in [(weight, c * oc), (bias, oc)] {
-            match opt.kind {
-                OptimizerKind::RmsProp => {
-                    self.rmsprop_update(p.value, p.velocity, p.grad, n, opt.lr, opt.rho, opt.eps)?
-                }
-                OptimizerKind::Sgd => self.sgd_update(p.value, p.grad, n, opt.lr)?,
-            }
-        }
-        Ok(())
+        weight_update_in_sequence(self, weight, bias, inp, dout, b, c, oc, opt)
     }
     /// out (B, OC) += bias (OC).
     fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()>;
@@ -262,5 +255,34 @@ pub trait Backend {
     /// Wait for the profiled ops: (op, device microseconds) of each since `start_profile`.
     fn finish_profile(&mut self) -> Result<Vec<(String, f64)>> {
         Ok(Vec::new())
+    }
+}
+
+/// `Backend::matmul_backward_weight_update` as the ops in sequence: the weight and bias gradients
+/// (`matmul_backward_weight`), then the optimizer step of the weight and of the bias.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_update_in_sequence<B: Backend + ?Sized>(
+    be: &mut B,
+    weight: ParamTensors,
+    bias: ParamTensors,
+    inp: TensorId,
+    dout: TensorId,
+    b: usize,
+    c: usize,
+    oc: usize,
+    opt: &Optimizer,
+) -> Result<()> {
+    be.matmul_backward_weight(weight.grad, Some(bias.grad), inp, dout, b, c, oc)?;
+    for (p, n) in [(weight, c * oc), (bias, oc)] {
+        param_step(be, p, n, opt)?;
+    }
+    Ok(())
+}
+
+/// `opt`'s step of the n values of parameter `p` with its stored gradient.
+pub(crate) fn param_step<B: Backend + ?Sized>(be: &mut B, p: ParamTensors, n: usize, opt: &Optimizer) -> Result<()> {
+    match opt.kind {
+        OptimizerKind::RmsProp => be.rmsprop_update(p.value, p.velocity, p.grad, n, opt.lr, opt.rho, opt.eps),
+        OptimizerKind::Sgd => be.sgd_update(p.value, p.grad, n, opt.lr),
     }
 }

@@ -168,6 +168,10 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
             format!("{:.0}/{:.3}/{:.3}", b.per_step[0], b.per_step[1], b.per_step[2])
         );
     }
+    println!(
+        "(GF/s: a dense product's 2 M N K flops over the time, at the first layer's shapes; the CPU \
+         path skips the zero pixels of MNIST's input, so its figure can pass the machine's peak)"
+    );
     for b in results.iter().filter(|b| !b.profile.is_empty()) {
         let total: f64 = b.profile.iter().map(|(_, us)| us).sum();
         let parts: Vec<String> = b.profile.iter().map(|(k, us)| format!("{k} {us:.1}")).collect();

@@ -1,0 +1,322 @@
+//! The fast CPU path's sparse products (taken when an input is mostly zeros, as MNIST's pixels
+//! are) against the CPU reference, through the backend's ops, at awkward shapes (outputs that
+//! leave partial column blocks, one-row batches, empty rows and columns) and densities from 0 to
+//! the switch-over (35 %): the forward product with bias and ReLU, the weight gradient with the
+//! bias gradient, the fused RMSprop and SGD steps, the first layer gathered from a dataset, and
+//! the rows the backend keeps of an input, which must be dropped when the input changes.
+//! Tolerances as in kernels.rs: atol 1e-5 plus rtol 1e-4 of sum |a_k b_k| for products; atol
+//! 1e-6 plus rtol 1e-4 for parameters after a step. Each comparison prints its max difference.
+//! tests/run.sh runs this file again with GPU_MNIST_CPU_SIMD=avx2 and =portable, so that every
+//! kernel variant is checked on a CPU with AVX-512.
+
+mod common;
+
+use common::*;
+use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::reference as r;
+use gpu_mnist::backend::{Backend, Epilogue, ParamTensors};
+use gpu_mnist::data::{Dataset, IMAGE_PIXELS};
+use gpu_mnist::optim::{Optimizer, OptimizerKind};
+use rand::RngExt;
+
+/// (B, C, OC): outputs with no, one and several partial column blocks (64/128, 8, 1 wide).
+const SHAPES: [(usize, usize, usize); 6] = [
+    (1, 1, 64),
+    (3, 5, 65),
+    (7, 100, 137),
+    (61, 784, 200),
+    (127, 784, 521),
+    (128, 784, 512),
+];
+
+/// n values of which about `density` are non-zero (uniform in [-1, 1]), the rest exactly 0.
+fn sparse_vec(g: &mut rand_chacha::ChaCha8Rng, n: usize, density: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            if g.random_bool(density) {
+                g.random_range(-1.0f32..1.0)
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+fn abs(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.abs()).collect()
+}
+
+#[test]
+fn sparse_products_match_the_reference() {
+    let mut be = CpuBackend::fast();
+    println!("{}", be.name());
+    for (i, &(b, c, oc)) in SHAPES.iter().enumerate() {
+        for (j, &density) in [0.0, 0.05, 0.19, 0.34].iter().enumerate() {
+            let mut g = rng(100 + 10 * i as u64 + j as u64);
+            let mut inp = sparse_vec(&mut g, b * c, density);
+            // An empty first row and an empty last column, whatever the density.
+            inp[..c].fill(0.0);
+            for row in inp.chunks_mut(c) {
+                row[c - 1] = 0.0;
+            }
+            let weight = random_vec(&mut g, c * oc, 1.0);
+            let bias = random_vec(&mut g, oc, 1.0);
+            let dout = random_vec(&mut g, b * oc, 1.0);
+            let (t_inp, t_w, t_bias, t_dout) = (
+                upload(&mut be, &inp),
+                upload(&mut be, &weight),
+                upload(&mut be, &bias),
+                upload(&mut be, &dout),
+            );
+            let (t_out, t_dw, t_db) = (
+                be.alloc(b * oc).unwrap(),
+                be.alloc(c * oc).unwrap(),
+                be.alloc(oc).unwrap(),
+            );
+            let before = be.sparse_products();
+            let epilogue = Epilogue {
+                bias: Some(t_bias),
+                relu: true,
+                relu_mask: None,
+            };
+            be.matmul_forward(t_out, t_inp, t_w, epilogue, b, c, oc).unwrap();
+            be.matmul_backward_weight(t_dw, Some(t_db), t_inp, t_dout, b, c, oc)
+                .unwrap();
+            assert_eq!(
+                be.sparse_products() - before,
+                2,
+                "{b}x{c}x{oc} at density {density}: the sparse path was not taken"
+            );
+
+            let what = format!("sparse {b}x{c}x{oc} density {density}");
+            let (mut pre, mut scale) = (vec![0.0; b * oc], vec![0.0; b * oc]);
+            r::matmul_forward(&mut pre, &inp, &weight, b, c, oc);
+            r::bias_add_forward(&mut pre, &bias, b, oc);
+            r::matmul_forward(&mut scale, &abs(&inp), &abs(&weight), b, c, oc);
+            r::bias_add_forward(&mut scale, &abs(&bias), b, oc);
+            let mut want = vec![0.0; b * oc];
+            r::relu_forward(&mut want, &pre);
+            let got = download(&mut be, t_out, b * oc);
+            assert_close_scaled(&format!("{what} forward+bias+relu"), &got, &want, &scale, 1e-5, 1e-4);
+
+            let (mut want, mut scale) = (vec![0.0; c * oc], vec![0.0; c * oc]);
+            r::matmul_backward_weight(&mut want, &inp, &dout, b, c, oc);
+            r::matmul_backward_weight(&mut scale, &abs(&inp), &abs(&dout), b, c, oc);
+            let got = download(&mut be, t_dw, c * oc);
+            assert_close_scaled(&format!("{what} dweight"), &got, &want, &scale, 1e-5, 1e-4);
+            let (mut want, mut scale) = (vec![0.0; oc], vec![0.0; oc]);
+            r::bias_backward(&mut want, &dout, b, oc);
+            r::bias_backward(&mut scale, &abs(&dout), b, oc);
+            let got = download(&mut be, t_db, oc);
+            assert_close_scaled(&format!("{what} dbias"), &got, &want, &scale, 1e-5, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn dense_inputs_and_narrow_outputs_take_the_dense_path() {
+    let mut be = CpuBackend::fast();
+    for (b, c, oc, density) in [(64, 100, 512, 0.5), (128, 784, 10, 0.1), (128, 512, 63, 0.0)] {
+        let mut g = rng(7);
+        let inp = sparse_vec(&mut g, b * c, density);
+        let weight = random_vec(&mut g, c * oc, 1.0);
+        let (t_inp, t_w, t_out) = (
+            upload(&mut be, &inp),
+            upload(&mut be, &weight),
+            be.alloc(b * oc).unwrap(),
+        );
+        let before = be.sparse_products();
+        be.matmul_forward(t_out, t_inp, t_w, Epilogue::default(), b, c, oc)
+            .unwrap();
+        assert_eq!(be.sparse_products(), before, "{b}x{c}x{oc} at density {density}");
+        let (mut want, mut scale) = (vec![0.0; b * oc], vec![0.0; b * oc]);
+        r::matmul_forward(&mut want, &inp, &weight, b, c, oc);
+        r::matmul_forward(&mut scale, &abs(&inp), &abs(&weight), b, c, oc);
+        let got = download(&mut be, t_out, b * oc);
+        let what = format!("dense {b}x{c}x{oc} density {density}");
+        assert_close_scaled(&what, &got, &want, &scale, 1e-5, 1e-4);
+    }
+}
+
+/// The weight gradient with the optimizer step fused into it against the reference backend
+/// running the parts in sequence, for a layer packed after another one (non-zero offsets).
+#[test]
+fn fused_sparse_step_matches_the_reference_ops() {
+    for kind in [OptimizerKind::RmsProp, OptimizerKind::Sgd] {
+        let opt = Optimizer::new(kind, Some(0.01)).unwrap();
+        for (i, &(b, c, oc)) in SHAPES.iter().enumerate() {
+            let mut g = rng(300 + i as u64);
+            let lens = [11, 3, c * oc, oc];
+            let values: Vec<Vec<f32>> = lens.iter().map(|&n| random_vec(&mut g, n, 0.5)).collect();
+            let vels: Vec<Vec<f32>> = lens.iter().map(|&n| abs(&random_vec(&mut g, n, 1e-3))).collect();
+            let inp = sparse_vec(&mut g, b * c, 0.2);
+            let dout = random_vec(&mut g, b * oc, 0.1);
+            let mut results = Vec::new();
+            let mut fast = CpuBackend::fast();
+            let before = fast.sparse_products();
+            let mut reference = CpuBackend::reference();
+            for be in [&mut reference as &mut dyn Backend, &mut fast] {
+                let (p, gr, v) = (
+                    be.alloc_packed(&lens).unwrap(),
+                    be.alloc_packed(&lens).unwrap(),
+                    be.alloc_packed(&lens).unwrap(),
+                );
+                for k in 0..lens.len() {
+                    be.write(p.parts[k], &values[k]).unwrap();
+                    be.write(v.parts[k], &vels[k]).unwrap();
+                }
+                let part = |k: usize| ParamTensors {
+                    value: p.parts[k],
+                    grad: gr.parts[k],
+                    velocity: v.parts[k],
+                };
+                let (t_inp, t_dout) = (upload(be, &inp), upload(be, &dout));
+                be.matmul_backward_weight_update(part(2), part(3), t_inp, t_dout, b, c, oc, &opt)
+                    .unwrap();
+                let parts = [
+                    gr.parts[2],
+                    gr.parts[3],
+                    p.parts[2],
+                    p.parts[3],
+                    v.parts[2],
+                    v.parts[3],
+                    p.parts[0],
+                ];
+                results.push(parts.map(|t| be.read(t).unwrap()));
+            }
+            assert_eq!(
+                fast.sparse_products() - before,
+                1,
+                "{b}x{c}x{oc}: the sparse path was not taken"
+            );
+            let names = [
+                "dweight",
+                "dbias",
+                "weight",
+                "bias",
+                "weight velocity",
+                "bias velocity",
+                "other layer",
+            ];
+            for (k, name) in names.iter().enumerate() {
+                let what = format!("sparse fused {kind:?} {name} {b}x{c}x{oc}");
+                assert_close(&what, &results[1][k], &results[0][k], 1e-6, 1e-4);
+            }
+        }
+    }
+}
+
+/// Images that are mostly black, as MNIST's: about `density` of the pixels lit.
+fn sparse_dataset(g: &mut rand_chacha::ChaCha8Rng, n: usize, density: f64) -> Dataset {
+    let images = (0..n * IMAGE_PIXELS)
+        .map(|_| {
+            if g.random_bool(density) {
+                g.random_range(1..=255u8)
+            } else {
+                0
+            }
+        })
+        .collect();
+    let labels = (0..n).map(|_| g.random_range(0..10u8)).collect();
+    Dataset::new(images, labels).expect("consistent sizes")
+}
+
+/// The first layer gathered from a dataset (pixels to x and to the sparse rows in one pass), then
+/// its weight gradient from the rows kept of x; x must equal the reference's gather exactly.
+#[test]
+fn gathered_sparse_first_layer_matches_the_reference() {
+    let mut be = CpuBackend::fast();
+    let mut g = rng(41);
+    let n = 300;
+    let data = sparse_dataset(&mut g, n, 0.19);
+    let order = gpu_mnist::data::epoch_order(n, 3, 2);
+    let ds = be.upload_dataset(&data).unwrap();
+    be.set_order(ds, &order).unwrap();
+    for &(start, rows, oc) in &[(0usize, 1usize, 64usize), (7, 61, 137), (172, 128, 512)] {
+        let weight = random_vec(&mut g, IMAGE_PIXELS * oc, 0.1);
+        let bias = random_vec(&mut g, oc, 0.1);
+        let dout = random_vec(&mut g, rows * oc, 0.1);
+        let (t_w, t_b, t_dout) = (upload(&mut be, &weight), upload(&mut be, &bias), upload(&mut be, &dout));
+        let (t_x, t_out) = (be.alloc(rows * IMAGE_PIXELS).unwrap(), be.alloc(rows * oc).unwrap());
+        let (t_dw, t_db) = (be.alloc(IMAGE_PIXELS * oc).unwrap(), be.alloc(oc).unwrap());
+        let epilogue = Epilogue {
+            bias: Some(t_b),
+            relu: true,
+            relu_mask: None,
+        };
+        let before = be.sparse_products();
+        be.gather_matmul_forward(t_out, t_x, ds, start, t_w, epilogue, rows, oc)
+            .unwrap();
+        be.matmul_backward_weight(t_dw, Some(t_db), t_x, t_dout, rows, IMAGE_PIXELS, oc)
+            .unwrap();
+        assert_eq!(be.sparse_products() - before, 2, "rows {start}+{rows}");
+
+        let c = IMAGE_PIXELS;
+        let mut x = vec![0.0; rows * c];
+        r::gather_batch(&mut x, &data.images, &order, start, rows, c);
+        let what = format!("gathered sparse rows {start}+{rows}, {oc} outputs");
+        assert_close(&format!("{what}: x"), &download(&mut be, t_x, x.len()), &x, 0.0, 0.0);
+        let (mut pre, mut scale) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
+        r::matmul_forward(&mut pre, &x, &weight, rows, c, oc);
+        r::bias_add_forward(&mut pre, &bias, rows, oc);
+        r::matmul_forward(&mut scale, &x, &abs(&weight), rows, c, oc);
+        r::bias_add_forward(&mut scale, &abs(&bias), rows, oc);
+        let mut want = vec![0.0; rows * oc];
+        r::relu_forward(&mut want, &pre);
+        let got = download(&mut be, t_out, rows * oc);
+        assert_close_scaled(&format!("{what}: out"), &got, &want, &scale, 1e-5, 1e-4);
+        let (mut want, mut scale) = (vec![0.0; c * oc], vec![0.0; c * oc]);
+        r::matmul_backward_weight(&mut want, &x, &dout, rows, c, oc);
+        r::matmul_backward_weight(&mut scale, &x, &abs(&dout), rows, c, oc);
+        let got = download(&mut be, t_dw, c * oc);
+        assert_close_scaled(&format!("{what}: dweight"), &got, &want, &scale, 1e-5, 1e-4);
+    }
+}
+
+/// The backend keeps the sparse rows of the last input it multiplied; every way of changing that
+/// input (a write, an op that outputs into it, a gather) must make the next product use the new
+/// values. Each product is compared with the reference on the input as it then is.
+#[test]
+fn rows_kept_of_an_input_are_dropped_when_it_changes() {
+    let (b, c, oc) = (16, IMAGE_PIXELS, 64);
+    let mut be = CpuBackend::fast();
+    let mut g = rng(55);
+    let data = sparse_dataset(&mut g, 64, 0.19);
+    let ds = be.upload_dataset(&data).unwrap();
+    let weight = random_vec(&mut g, c * oc, 0.1);
+    let t_w = upload(&mut be, &weight);
+    let (t_x, t_out, t_dw) = (
+        be.alloc(b * c).unwrap(),
+        be.alloc(b * oc).unwrap(),
+        be.alloc(c * oc).unwrap(),
+    );
+    let dout = random_vec(&mut g, b * oc, 1.0);
+    let t_dout = upload(&mut be, &dout);
+    let other = sparse_vec(&mut g, b * c, 0.2);
+    let t_other = upload(&mut be, &other);
+    let check = |be: &mut CpuBackend, x: &[f32], what: &str| {
+        be.matmul_backward_weight(t_dw, None, t_x, t_dout, b, c, oc).unwrap();
+        let (mut want, mut scale) = (vec![0.0; c * oc], vec![0.0; c * oc]);
+        r::matmul_backward_weight(&mut want, x, &dout, b, c, oc);
+        r::matmul_backward_weight(&mut scale, &abs(x), &abs(&dout), b, c, oc);
+        let got = download(be, t_dw, c * oc);
+        assert_close_scaled(what, &got, &want, &scale, 1e-5, 1e-4);
+    };
+    // Rows kept by the gathered forward product, then x overwritten by a write.
+    be.gather_matmul_forward(t_out, t_x, ds, 0, t_w, Epilogue::default(), b, oc)
+        .unwrap();
+    let mut x = vec![0.0; b * c];
+    r::gather_batch(&mut x, &data.images, &(0..64).collect::<Vec<u32>>(), 0, b, c);
+    check(&mut be, &x, "after the gather");
+    let written = sparse_vec(&mut g, b * c, 0.1);
+    be.write(t_x, &written).unwrap();
+    check(&mut be, &written, "after a write");
+    // x as the output of another op.
+    be.relu_forward(t_x, t_other, b * c).unwrap();
+    let relu: Vec<f32> = other.iter().map(|v| v.max(0.0)).collect();
+    check(&mut be, &relu, "after relu_forward wrote it");
+    // x gathered again from other rows, without a forward product.
+    be.gather_batch(t_x, ds, 16, b).unwrap();
+    r::gather_batch(&mut x, &data.images, &(0..64).collect::<Vec<u32>>(), 16, b, c);
+    check(&mut be, &x, "after gather_batch");
+}
