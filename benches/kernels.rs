@@ -33,8 +33,13 @@ fn short(name: &str) -> String {
     name.split(" (").next().unwrap_or(name).replace(['\'', ' '], "_")
 }
 
+/// n synthetic images as sparse as MNIST's (about 19 % of the pixels lit), which the CPU path's
+/// first layer exploits.
 fn synthetic(n: usize) -> Dataset {
-    let images = (0..n * IMAGE_PIXELS).map(|i| (i * 131 % 251) as u8).collect();
+    let lit = |i: usize| (i.wrapping_mul(2_654_435_761) >> 7) % 100 < 19;
+    let images = (0..n * IMAGE_PIXELS)
+        .map(|i| if lit(i) { (1 + i * 131 % 255) as u8 } else { 0 })
+        .collect();
     let labels = (0..n).map(|i| (i % 10) as u8).collect();
     Dataset::new(images, labels).expect("consistent sizes")
 }
@@ -100,6 +105,13 @@ fn ops(c: &mut Criterion) {
         });
         bench("gather_batch 128", &mut |be| {
             be.gather_batch(inp, ds, 0, B).expect("op")
+        });
+        // The first layer's products on MNIST-like pixels (mostly zeros), as a step runs them.
+        bench("gather+matmul_forward+bias+relu 128x784x512 sparse pixels", &mut |be| {
+            be.gather_matmul_forward(out, inp, ds, 0, w, fwd, B, OC).expect("op")
+        });
+        bench("matmul_backward_weight 784x128x512 sparse pixels", &mut |be| {
+            be.matmul_backward_weight(dw, None, inp, out, B, C, OC).expect("op")
         });
         bench("softmax_xent 128x10", &mut |be| {
             be.softmax_xent_forward_backward(Some(dlogits), logits, ds, 0, B, 10, 0)

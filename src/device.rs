@@ -64,7 +64,7 @@ pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result
                 None => {
                     let why = match adapters.iter().find(|a| a.matches(adapter_filter)) {
                         Some(a) => format!(
-                            "only the software adapter '{}' was found, which runs 60 to 100 times slower than the CPU path",
+                            "only the software adapter '{}' was found, which runs 50 to 100 times slower than the CPU path",
                             a.name
                         ),
                         None => "no GPU adapter was found".to_string(),
