@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::reference as r;
-use gpu_mnist::backend::{Backend, Epilogue, ParamTensors};
+use gpu_mnist::backend::{Backend, Epilogue};
 use gpu_mnist::data::{Dataset, IMAGE_PIXELS};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use rand::RngExt;
@@ -151,56 +151,19 @@ fn fused_sparse_step_matches_the_reference_ops() {
             let vels: Vec<Vec<f32>> = lens.iter().map(|&n| abs(&random_vec(&mut g, n, 1e-3))).collect();
             let inp = sparse_vec(&mut g, b * c, 0.2);
             let dout = random_vec(&mut g, b * oc, 0.1);
-            let mut results = Vec::new();
             let mut fast = CpuBackend::fast();
-            let before = fast.sparse_products();
-            let mut reference = CpuBackend::reference();
-            for be in [&mut reference as &mut dyn Backend, &mut fast] {
-                let (p, gr, v) = (
-                    be.alloc_packed(&lens).unwrap(),
-                    be.alloc_packed(&lens).unwrap(),
-                    be.alloc_packed(&lens).unwrap(),
-                );
-                for k in 0..lens.len() {
-                    be.write(p.parts[k], &values[k]).unwrap();
-                    be.write(v.parts[k], &vels[k]).unwrap();
-                }
-                let part = |k: usize| ParamTensors {
-                    value: p.parts[k],
-                    grad: gr.parts[k],
-                    velocity: v.parts[k],
-                };
-                let (t_inp, t_dout) = (upload(be, &inp), upload(be, &dout));
-                be.matmul_backward_weight_update(part(2), part(3), t_inp, t_dout, b, c, oc, &opt)
-                    .unwrap();
-                let parts = [
-                    gr.parts[2],
-                    gr.parts[3],
-                    p.parts[2],
-                    p.parts[3],
-                    v.parts[2],
-                    v.parts[3],
-                    p.parts[0],
-                ];
-                results.push(parts.map(|t| be.read(t).unwrap()));
-            }
-            assert_eq!(
-                fast.sparse_products() - before,
-                1,
-                "{b}x{c}x{oc}: the sparse path was not taken"
+            let want = fused_step(
+                &mut CpuBackend::reference(),
+                (&values, &vels),
+                (&inp, &dout),
+                (b, c, oc),
+                &opt,
             );
-            let names = [
-                "dweight",
-                "dbias",
-                "weight",
-                "bias",
-                "weight velocity",
-                "bias velocity",
-                "other layer",
-            ];
-            for (k, name) in names.iter().enumerate() {
+            let got = fused_step(&mut fast, (&values, &vels), (&inp, &dout), (b, c, oc), &opt);
+            assert_eq!(fast.sparse_products(), 1, "{b}x{c}x{oc}: the sparse path was not taken");
+            for (k, name) in FUSED_STEP_PARTS.iter().enumerate() {
                 let what = format!("sparse fused {kind:?} {name} {b}x{c}x{oc}");
-                assert_close(&what, &results[1][k], &results[0][k], 1e-6, 1e-4);
+                assert_close(&what, &got[k], &want[k], 1e-6, 1e-4);
             }
         }
     }

@@ -637,33 +637,38 @@ fn mul_add<const FMA: bool>(x: f32, y: f32, a: f32) -> f32 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn forward_rows_avx512(
-    parts: &mut RowParts<'_>,
-    rows: Range<usize>,
-    x: &SparseLines,
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    relu: bool,
-    oc: usize,
-) {
-    forward_rows::<true, WIDE_AVX512>(parts, rows, x, weight, bias, relu, oc);
+/// `$avx512` and `$avx2`: `$generic::<true, W>` compiled for AVX-512 (W = 128) and for AVX2
+/// (W = 64), both with FMA; callers check the CPU first (`simd()`).
+macro_rules! simd_variants {
+    ($avx512:ident, $avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,fma")]
+        unsafe fn $avx512($($arg: $ty),*) {
+            $generic::<true, WIDE_AVX512>($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $generic::<true, WIDE>($($arg),*)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_rows_avx2(
-    parts: &mut RowParts<'_>,
-    rows: Range<usize>,
-    x: &SparseLines,
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    relu: bool,
-    oc: usize,
-) {
-    forward_rows::<true, WIDE>(parts, rows, x, weight, bias, relu, oc);
-}
+simd_variants!(
+    forward_rows_avx512,
+    forward_rows_avx2,
+    forward_rows,
+    (
+        parts: &mut RowParts<'_>,
+        rows: Range<usize>,
+        x: &SparseLines,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        oc: usize
+    )
+);
 
 /// Rows `rows` of the forward product into parts.first (which starts at row rows.start), one
 /// block of columns at a time, so that the block's panel of the weight stays in cache.
@@ -767,33 +772,20 @@ fn accumulate<const W: usize, const FMA: bool>(sum: &mut [f32], index: &[u32], v
     sum[..W].copy_from_slice(&acc);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn dweight_rows_avx512(
-    parts: &mut RowParts<'_>,
-    rows: Range<usize>,
-    x: &SparseLines,
-    dout: &Panels,
-    update: Update,
-    b: usize,
-    oc: usize,
-) {
-    dweight_rows::<true, WIDE_AVX512>(parts, rows, x, dout, update, b, oc);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dweight_rows_avx2(
-    parts: &mut RowParts<'_>,
-    rows: Range<usize>,
-    x: &SparseLines,
-    dout: &Panels,
-    update: Update,
-    b: usize,
-    oc: usize,
-) {
-    dweight_rows::<true, WIDE>(parts, rows, x, dout, update, b, oc);
-}
+simd_variants!(
+    dweight_rows_avx512,
+    dweight_rows_avx2,
+    dweight_rows,
+    (
+        parts: &mut RowParts<'_>,
+        rows: Range<usize>,
+        x: &SparseLines,
+        dout: &Panels,
+        update: Update,
+        b: usize,
+        oc: usize
+    )
+);
 
 /// Rows `rows` of the weight gradient (and of the step on the weight) into `parts`, one block of
 /// columns at a time (dout's panel of the block stays in cache).

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::wgpu::WgpuBackend;
-use gpu_mnist::backend::{Backend, TensorId};
+use gpu_mnist::backend::{Backend, ParamTensors, TensorId};
 use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
+use gpu_mnist::optim::Optimizer;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -198,4 +199,55 @@ pub fn snapshot(dir: &std::path::Path) -> Vec<(String, u64, u64)> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// What `fused_step` reads back, in order.
+pub const FUSED_STEP_PARTS: [&str; 7] = [
+    "dweight",
+    "dbias",
+    "weight",
+    "bias",
+    "weight velocity",
+    "bias velocity",
+    "other layer",
+];
+
+/// One `matmul_backward_weight_update` on `be` for a dense layer packed after another one (parts
+/// of lengths [11, 3, C*OC, OC], so that its parameters sit at non-zero offsets), from the given
+/// values and velocities of the four parts; returns the parts named in `FUSED_STEP_PARTS`.
+pub fn fused_step(
+    be: &mut dyn Backend,
+    (values, vels): (&[Vec<f32>], &[Vec<f32>]),
+    (inp, dout): (&[f32], &[f32]),
+    (b, c, oc): (usize, usize, usize),
+    opt: &Optimizer,
+) -> [Vec<f32>; 7] {
+    let lens = [11, 3, c * oc, oc];
+    let (p, gr, v) = (
+        be.alloc_packed(&lens).unwrap(),
+        be.alloc_packed(&lens).unwrap(),
+        be.alloc_packed(&lens).unwrap(),
+    );
+    for k in 0..lens.len() {
+        be.write(p.parts[k], &values[k]).unwrap();
+        be.write(v.parts[k], &vels[k]).unwrap();
+    }
+    let part = |k: usize| ParamTensors {
+        value: p.parts[k],
+        grad: gr.parts[k],
+        velocity: v.parts[k],
+    };
+    let (t_inp, t_dout) = (upload(be, inp), upload(be, dout));
+    be.matmul_backward_weight_update(part(2), part(3), t_inp, t_dout, b, c, oc, opt)
+        .unwrap();
+    let parts = [
+        gr.parts[2],
+        gr.parts[3],
+        p.parts[2],
+        p.parts[3],
+        v.parts[2],
+        v.parts[3],
+        p.parts[0],
+    ];
+    parts.map(|t| be.read(t).unwrap())
 }
