@@ -29,17 +29,18 @@ const SHAPES: [(usize, usize, usize); 6] = [
     (128, 784, 512),
 ];
 
-/// n values of which about `density` are non-zero (uniform in [-1, 1]), the rest exactly 0.
+/// n values of which floor(n * density) at random places are non-zero (uniform in [-1, 1], never
+/// 0), the rest exactly 0: never denser than asked, so the sparse path's threshold is kept.
 fn sparse_vec(g: &mut rand_chacha::ChaCha8Rng, n: usize, density: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            if g.random_bool(density) {
-                g.random_range(-1.0f32..1.0)
-            } else {
-                0.0
-            }
-        })
-        .collect()
+    let mut v = vec![0.0f32; n];
+    let mut places: Vec<usize> = (0..n).collect();
+    for i in 0..(n as f64 * density) as usize {
+        let j = g.random_range(i..n);
+        places.swap(i, j);
+        let x: f32 = g.random_range(-1.0f32..1.0);
+        v[places[i]] = if x == 0.0 { 0.5 } else { x };
+    }
+    v
 }
 
 fn abs(v: &[f32]) -> Vec<f32> {
@@ -258,7 +259,13 @@ fn rows_kept_of_an_input_are_dropped_when_it_changes() {
     let other = sparse_vec(&mut g, b * c, 0.2);
     let t_other = upload(&mut be, &other);
     let check = |be: &mut CpuBackend, x: &[f32], what: &str| {
+        let before = be.sparse_products();
         be.matmul_backward_weight(t_dw, None, t_x, t_dout, b, c, oc).unwrap();
+        assert_eq!(
+            be.sparse_products(),
+            before + 1,
+            "{what}: the sparse path was not taken"
+        );
         let (mut want, mut scale) = (vec![0.0; c * oc], vec![0.0; c * oc]);
         r::matmul_backward_weight(&mut want, x, &dout, b, c, oc);
         r::matmul_backward_weight(&mut scale, &abs(x), &abs(&dout), b, c, oc);
@@ -282,4 +289,46 @@ fn rows_kept_of_an_input_are_dropped_when_it_changes() {
     be.gather_batch(t_x, ds, 16, b).unwrap();
     r::gather_batch(&mut x, &data.images, &(0..64).collect::<Vec<u32>>(), 16, b, c);
     check(&mut be, &x, "after gather_batch");
+}
+
+/// NaN and infinity in a sparse input reach the product as in a dense one (the rows they are in
+/// become NaN or infinite); the other rows stay exact.
+#[test]
+fn non_finite_inputs_spread_as_in_the_reference() {
+    let (b, c, oc) = (6, 100, 64);
+    let mut be = CpuBackend::fast();
+    let mut g = rng(77);
+    let mut inp = sparse_vec(&mut g, b * c, 0.2);
+    inp[c + 3] = f32::NAN;
+    inp[3 * c + 50] = f32::INFINITY;
+    let weight: Vec<f32> = random_vec(&mut g, c * oc, 1.0).iter().map(|w| w.abs() + 0.1).collect();
+    let (t_inp, t_w, t_out) = (
+        upload(&mut be, &inp),
+        upload(&mut be, &weight),
+        be.alloc(b * oc).unwrap(),
+    );
+    let before = be.sparse_products();
+    be.matmul_forward(t_out, t_inp, t_w, Epilogue::default(), b, c, oc)
+        .unwrap();
+    assert_eq!(be.sparse_products(), before + 1, "the sparse path was not taken");
+    let got = download(&mut be, t_out, b * oc);
+    let mut want = vec![0.0; b * oc];
+    r::matmul_forward(&mut want, &inp, &weight, b, c, oc);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.is_nan(), w.is_nan(), "value {i}: got {g}, want {w}");
+        assert_eq!(g.is_infinite(), w.is_infinite(), "value {i}: got {g}, want {w}");
+    }
+    assert!(got[oc..2 * oc].iter().all(|v| v.is_nan()) && got[3 * oc..4 * oc].iter().all(|v| v.is_infinite()));
+    let finite: Vec<usize> = (0..b * oc).filter(|&i| want[i].is_finite()).collect();
+    let pick = |v: &[f32]| finite.iter().map(|&i| v[i]).collect::<Vec<f32>>();
+    let mut scale = vec![0.0; b * oc];
+    r::matmul_forward(&mut scale, &abs(&inp), &weight, b, c, oc);
+    assert_close_scaled(
+        "finite rows beside NaN and inf",
+        &pick(&got),
+        &pick(&want),
+        &pick(&scale),
+        1e-5,
+        1e-4,
+    );
 }

@@ -149,7 +149,7 @@ impl CpuBackend {
     }
 
     /// Run `f(out, inputs)` with `out`'s backing array taken out of the arena, so that no input
-    /// can alias it (an input that shares the output's array is refused).
+    /// can alias it (an input that shares the output's array is refused). Allocates nothing.
     fn with_out(
         &mut self,
         op: &'static str,
@@ -158,6 +158,12 @@ impl CpuBackend {
         f: impl FnOnce(&mut [f32], &[&[f32]]),
     ) -> Result<()> {
         let o = self.view(op, out.0, out.1)?;
+        if inputs.len() > MAX_INPUTS {
+            return Err(Error::shape(
+                op,
+                format!("{} inputs, at most {MAX_INPUTS}", inputs.len()),
+            ));
+        }
         for &(t, n) in inputs {
             if self.view(op, t, n)?.storage == o.storage {
                 return Err(Error::shape(
@@ -168,11 +174,13 @@ impl CpuBackend {
         }
         self.written(o.storage);
         let mut array = std::mem::take(&mut self.storage[o.storage]);
-        let ins: Vec<&[f32]> = inputs
-            .iter()
-            .map(|&(t, n)| self.tensor(op, t, n))
-            .collect::<Result<_>>()?;
-        f(&mut array[o.offset..o.offset + o.len], &ins);
+        let mut ins: [&[f32]; MAX_INPUTS] = [&[]; MAX_INPUTS];
+        for (slot, &(t, n)) in ins.iter_mut().zip(inputs) {
+            // Checked above: every input is a valid view of another array.
+            let v = self.tensors[t.0];
+            *slot = &self.storage[v.storage][v.offset..v.offset + n];
+        }
+        f(&mut array[o.offset..o.offset + o.len], &ins[..inputs.len()]);
         self.storage[o.storage] = array;
         self.counters.dispatches += 1;
         Ok(())
@@ -194,8 +202,7 @@ impl CpuBackend {
         let v = self.view(op, inp, rows * cols)?;
         let source = self.source(v, rows, cols);
         let x = &self.storage[v.storage][v.offset..v.offset + v.len];
-        let nonzeros = self.sparse.rows_of(x, source);
-        Ok(cpu_sparse::pays(nonzeros, rows, cols, out_cols))
+        Ok(self.sparse.rows_if_sparse(x, source, out_cols))
     }
 
     /// The weight gradient of a dense layer with a sparse input and the optimizer step of its
@@ -240,6 +247,11 @@ impl CpuBackend {
         };
         let (mut grad, mut value) = (take(self, grad_v), take(self, value_v));
         let mut velocity = velocity_v.map(|v| (take(self, v), v));
+        // The rows of inp held since `sparse_rows`, unless an op since (the bias gradient, when
+        // it shares inp's array) wrote it: then they are rebuilt here.
+        let source = self.source(read[0], b, c);
+        let x = &self.storage[read[0].storage][read[0].offset..read[0].offset + read[0].len];
+        self.sparse.hold_rows(x, source);
         let mut scratch = std::mem::take(&mut self.sparse);
         let d = &self.storage[read[1].storage][read[1].offset..read[1].offset + read[1].len];
         let range = |v: View| v.offset..v.offset + v.len;
@@ -269,16 +281,36 @@ impl CpuBackend {
     }
 }
 
-/// The matmul's inputs followed by the epilogue's tensors (bias, then mask) that are present.
-fn with_epilogue_inputs(
-    base: &[(TensorId, usize)],
-    epilogue: Epilogue,
-    out_len: usize,
-    n: usize,
-) -> Vec<(TensorId, usize)> {
-    let mut inputs = base.to_vec();
-    inputs.extend(epilogue.bias.map(|t| (t, n)));
-    inputs.extend(epilogue.relu_mask.map(|t| (t, out_len)));
+/// The most tensors an op reads: a matmul's two operands, its bias and its mask.
+const MAX_INPUTS: usize = 4;
+
+/// The tensors (and lengths) an op reads, held without allocating.
+#[derive(Debug, Clone, Copy)]
+struct Inputs {
+    list: [(TensorId, usize); MAX_INPUTS],
+    len: usize,
+}
+
+impl std::ops::Deref for Inputs {
+    type Target = [(TensorId, usize)];
+    fn deref(&self) -> &Self::Target {
+        &self.list[..self.len]
+    }
+}
+
+/// The matmul's two operands followed by the epilogue's tensors (bias, then mask) that are present.
+fn with_epilogue_inputs(base: [(TensorId, usize); 2], epilogue: Epilogue, out_len: usize, n: usize) -> Inputs {
+    let mut inputs = Inputs {
+        list: [base[0], base[1], base[0], base[0]],
+        len: 2,
+    };
+    for extra in [epilogue.bias.map(|t| (t, n)), epilogue.relu_mask.map(|t| (t, out_len))]
+        .into_iter()
+        .flatten()
+    {
+        inputs.list[inputs.len] = extra;
+        inputs.len += 1;
+    }
     inputs
 }
 
@@ -299,8 +331,8 @@ fn apply_epilogue(kind: CpuKind, out: &mut [f32], extra: &[&[f32]], epilogue: Ep
     }
 }
 
-/// Products smaller than this many multiply-adds run on one thread (a hand-off costs about a
-/// microsecond, a product this size about five).
+/// The least work, in multiply-adds, worth a piece of its own when a dense product is split over
+/// threads (a hand-off costs about a microsecond, this much work about five).
 const SPLIT_MIN_MACS: usize = 1 << 18;
 
 /// C (m, n) = A @ B with A given by (row stride, col stride) and B likewise: the three matmuls of
@@ -324,11 +356,8 @@ fn sgemm(
         c.fill(0.0);
         return;
     }
-    let chunks = if m * k * n >= SPLIT_MIN_MACS {
-        cpu_sparse::chunk_count(m)
-    } else {
-        1
-    };
+    // A piece per SPLIT_MIN_MACS of work, up to `chunk_count` (each piece is one sgemm call).
+    let chunks = (m * k * n / SPLIT_MIN_MACS).clamp(1, cpu_sparse::chunk_count(m));
     let rows = m.div_ceil(chunks);
     let mut pieces = c.chunks_mut(rows * n).enumerate();
     let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
@@ -498,7 +527,7 @@ impl Backend for CpuBackend {
         oc: usize,
     ) -> Result<()> {
         let kind = self.kind;
-        let inputs = with_epilogue_inputs(&[(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
+        let inputs = with_epilogue_inputs([(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
         if self.sparse_rows("matmul_forward", inp, b, c, oc)? {
             let mut scratch = std::mem::take(&mut self.sparse);
             let result = self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
@@ -530,7 +559,7 @@ impl Backend for CpuBackend {
         oc: usize,
     ) -> Result<()> {
         let kind = self.kind;
-        let inputs = with_epilogue_inputs(&[(dout, b * oc), (weight, c * oc)], epilogue, b * c, c);
+        let inputs = with_epilogue_inputs([(dout, b * oc), (weight, c * oc)], epilogue, b * c, c);
         self.with_out("matmul_backward_input", (dinp, b * c), &inputs, |o, i| {
             match kind {
                 CpuKind::Reference => r::matmul_backward_input(o, i[0], i[1], b, c, oc),

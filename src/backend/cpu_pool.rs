@@ -201,6 +201,8 @@ pub fn for_each<T: Send, const N: usize>(items: [Option<T>; N], work: &(dyn Fn(T
         std::mem::transmute::<*const (dyn Fn() + Sync + '_), *const (dyn Fn() + Sync + 'static)>(run_ref)
     });
     let mut posted: [Option<&Helper>; MAX_HELPERS] = [None; MAX_HELPERS];
+    // Taken before any helper holds the job, so that nothing here can unwind while one does.
+    let me = thread::current();
     let wanted = count.saturating_sub(1);
     let mut n_posted = 0;
     for helper in helpers() {
@@ -218,7 +220,7 @@ pub fn for_each<T: Send, const N: usize>(items: [Option<T>; N], work: &(dyn Fn(T
         // after POSTED.
         unsafe {
             *helper.job.get() = Some(job);
-            *helper.caller.get() = Some(thread::current());
+            *helper.caller.get() = Some(me.clone());
         }
         helper.state.store(POSTED, Ordering::SeqCst);
         if helper.sleeping.load(Ordering::SeqCst) {

@@ -47,7 +47,8 @@ impl Simd {
                 "avx2" => level == "avx2",
                 _ => true,
             };
-            if fma && std::is_x86_feature_detected!("avx512f") && allowed("avx512") {
+            let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl");
+            if fma && avx512 && allowed("avx512") {
                 return Simd::Avx512;
             }
             if fma && std::is_x86_feature_detected!("avx2") && allowed("avx2") {
@@ -111,6 +112,8 @@ impl SparseLines {
     /// The rows of x (rows, cols), in segments of `segment` columns.
     pub fn set_rows(&mut self, x: &[f32], rows: usize, cols: usize, segment: usize) {
         let x = &x[..rows * cols];
+        // Positions and counts are u32 (the backends refuse tensors anywhere near this).
+        assert!(x.len() <= u32::MAX as usize);
         let segment = segment.max(1);
         (self.segment, self.segs) = (segment, cols.div_ceil(segment));
         // Every value is written at the next free slot, which advances only past non-zeros
@@ -141,6 +144,7 @@ impl SparseLines {
         segment: usize,
     ) {
         let scale = (1.0f64 / 255.0) as f32;
+        assert!(rows * pixels <= u32::MAX as usize);
         let segment = segment.max(1);
         (self.segment, self.segs) = (segment, pixels.div_ceil(segment));
         if self.index.len() < rows * pixels {
@@ -450,19 +454,36 @@ impl Scratch {
         self.rows_of = Some(source);
     }
 
-    /// Hold the rows of x (source.rows, source.cols) unless they are held already; returns the
-    /// number of non-zero values.
-    pub fn rows_of(&mut self, x: &[f32], source: Source) -> usize {
+    /// Hold the rows of x (source.rows, source.cols), built unless held already.
+    pub fn hold_rows(&mut self, x: &[f32], source: Source) {
         if self.rows_of != Some(source) {
             self.rows.set_rows(x, source.rows, source.cols, FORWARD_SEGMENT);
             self.rows_of = Some(source);
         }
-        self.rows.nonzeros()
+    }
+
+    /// Whether a product of x (source.rows, source.cols) into `out_cols` columns pays as a
+    /// sparse one (`pays`); if so, hold x's rows (built unless held already). A dense input is
+    /// only counted, so that the rows held of another input (the first layer's, which its weight
+    /// gradient needs again) are kept.
+    pub fn rows_if_sparse(&mut self, x: &[f32], source: Source, out_cols: usize) -> bool {
+        let (rows, cols) = (source.rows, source.cols);
+        if self.rows_of == Some(source) {
+            return pays(self.rows.nonzeros(), rows, cols, out_cols);
+        }
+        let x = &x[..rows * cols];
+        let nonzeros = x.iter().map(|&v| (v != 0.0) as usize).sum();
+        if !pays(nonzeros, rows, cols, out_cols) {
+            return false;
+        }
+        self.rows.set_rows(x, rows, cols, FORWARD_SEGMENT);
+        self.rows_of = Some(source);
+        true
     }
 }
 
 /// out (B, OC) = x (B, C) @ weight (C, OC), + bias (OC) when given, then max(., 0) when `relu`,
-/// where x's rows are those `scratch` holds (`Scratch::gather` or `Scratch::rows_of`).
+/// where x's rows are those `scratch` holds (`Scratch::gather` or `Scratch::rows_if_sparse`).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_forward(
     out: &mut [f32],

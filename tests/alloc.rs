@@ -1,0 +1,67 @@
+//! The fast CPU path allocates nothing of its own in a training step once the first steps have
+//! sized its buffers. The only allocations left are `matrixmultiply`'s packing buffers, one per
+//! sgemm call: the book's model runs layer 2's three small products through it, each in at most 2
+//! pieces, so at most 6 a step. (Its own file: the counting allocator is process-wide.)
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::Backend;
+use gpu_mnist::data::{batches, epoch_order};
+use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
+use gpu_mnist::optim::{Optimizer, OptimizerKind};
+
+/// Counts every allocation and reallocation, on any thread.
+struct CountingAlloc;
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+#[test]
+fn a_cpu_training_step_allocates_only_the_gemm_packing_buffers() {
+    let data = mnist().train.first(40 * 128);
+    let mut be = CpuBackend::fast();
+    let spec = ModelSpec::mnist(&[512]);
+    let graph = Graph::new(&mut be, &spec, 128).unwrap();
+    graph.set_params(&mut be, &glorot_init(&spec, 3)).unwrap();
+    let ds = be.upload_dataset(&data).unwrap();
+    be.set_order(ds, &epoch_order(data.len(), 3, 0)).unwrap();
+    be.reserve_stats(1).unwrap();
+    let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
+    let steps: Vec<(usize, usize)> = batches(data.len(), 128).collect();
+    for &(start, rows) in &steps[..5] {
+        graph.train_step(&mut be, ds, start, rows, 0, &opt).unwrap();
+    }
+    let counted = 30;
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    for &(start, rows) in &steps[5..5 + counted] {
+        graph.train_step(&mut be, ds, start, rows, 0, &opt).unwrap();
+    }
+    let per_step = (ALLOCATIONS.load(Ordering::SeqCst) - before) as f64 / counted as f64;
+    println!("{per_step:.2} allocations a step ({})", be.name());
+    assert_eq!(
+        be.sparse_products(),
+        2 * (5 + counted) as u64,
+        "the first layer was not sparse"
+    );
+    assert!(per_step <= 6.0, "{per_step} allocations a step, at most 6 expected");
+}
