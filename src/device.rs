@@ -32,6 +32,8 @@ fn auto_accepts_software() -> bool {
 }
 
 pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result<OpenedDevice> {
+    // Any choice may end on the CPU path (auto, or a failing GPU handing over).
+    CpuBackend::check_settings()?;
     let cpu = |be: CpuBackend, why: &str| OpenedDevice {
         note: format!("device: {} ({why})", be.name()),
         backend: Box::new(be),

@@ -242,6 +242,31 @@ fn bad_flag_values_are_usage_errors() {
     assert_clean_failure("evaluate a missing model", &o, 1, &["/no/such/model.safetensors"]);
 }
 
+/// The CPU path's tuning variables refuse values they can not take, naming the variable, before
+/// any training starts (and whatever `--device` asks for: auto may end on the CPU).
+#[test]
+fn bad_cpu_tuning_variables_are_usage_errors() {
+    let cases = [
+        ("GPU_MNIST_CPU_THREADS", "0"),
+        ("GPU_MNIST_CPU_THREADS", "two"),
+        ("GPU_MNIST_CPU_THREADS", "100000"),
+        ("GPU_MNIST_CPU_SIMD", "avx3"),
+    ];
+    for (var, value) in cases {
+        let cwd = tempfile::tempdir().unwrap();
+        let o = Outcome::from(
+            bin()
+                .args(["train", "--device", "cpu", "--data", &data_arg(), "--epochs", "1"])
+                .env(var, value)
+                .current_dir(cwd.path())
+                .output()
+                .unwrap(),
+        );
+        assert_clean_failure(&format!("{var}={value}"), &o, 2, &[var, value]);
+        assert_eq!(snapshot(cwd.path()), vec![], "{var}={value}: a run folder was written");
+    }
+}
+
 #[test]
 fn offline_without_data_says_which_files_to_put_where() {
     let cache = tempfile::tempdir().unwrap();

@@ -95,6 +95,13 @@ impl CpuBackend {
         Self::new(CpuKind::Fast)
     }
 
+    /// Check the fast path's environment knobs (`GPU_MNIST_CPU_THREADS`, `GPU_MNIST_CPU_SIMD`):
+    /// a value they can not take is a usage error naming the variable.
+    pub fn check_settings() -> Result<()> {
+        cpu_pool::threads_setting().map_err(|e| Error::usage("GPU_MNIST_CPU_THREADS", e))?;
+        cpu_sparse::simd_setting().map_err(|e| Error::usage("GPU_MNIST_CPU_SIMD", e))
+    }
+
     /// Products the fast path has run as sparse ones (`cpu_sparse`), for tests and `--verbose`.
     pub fn sparse_products(&self) -> u64 {
         self.sparse_products

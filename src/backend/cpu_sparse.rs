@@ -572,6 +572,16 @@ pub fn matmul_backward_weight(
     });
 }
 
+/// Why `GPU_MNIST_CPU_SIMD` holds no variant the kernels know (unset or empty is fine).
+pub fn simd_setting() -> Result<(), String> {
+    match std::env::var("GPU_MNIST_CPU_SIMD") {
+        Ok(v) if !["", "avx512", "avx2", "portable"].contains(&v.as_str()) => {
+            Err(format!("'{v}' is not one of avx512, avx2, portable"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The vector instructions of this CPU (detected once).
 fn simd() -> Simd {
     static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
