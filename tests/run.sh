@@ -29,11 +29,12 @@ cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --bench kernels
 cargo test --lib --bins --tests
-# 4. The fast CPU path's sparse kernels again with the narrower vector variants (AVX2, then none),
-#    which a CPU with AVX-512 would otherwise never run, and on one thread; the thread pool's own
-#    tests with more threads than cores (so that they have helpers to hand work to anywhere).
+# 4. The fast CPU path's sparse and narrow kernels again with the narrower vector variants (AVX2,
+#    then none), which a CPU with AVX-512 would otherwise never run, and on one thread; the thread
+#    pool's own tests with more threads than cores (so that they have helpers to hand work to).
 for simd in avx2 portable; do
     GPU_MNIST_CPU_SIMD=$simd cargo test --test sparse --quiet
+    GPU_MNIST_CPU_SIMD=$simd cargo test --lib --quiet cpu_narrow
 done
 GPU_MNIST_CPU_THREADS=1 cargo test --test sparse --quiet
 GPU_MNIST_CPU_THREADS=4 cargo test --lib --quiet cpu_pool

@@ -1,7 +1,8 @@
 //! The CPU backends: the plain-loop reference, and the fast path that replaces its three matmuls
-//! with a blocked, multi-threaded GEMM (`matrixmultiply`), or, when the input matrix is mostly
-//! zeros (the first layer's pixels), with sparse products that skip the zeros and fuse the
-//! optimizer step into the weight gradient (`cpu_sparse`).
+//! with sparse products that skip the zeros and fuse the optimizer step into the weight gradient
+//! when the input matrix is mostly zeros (the first layer's pixels, `cpu_sparse`), small loops when
+//! a side is at most 16 (the output layer's, `cpu_narrow`), and a blocked GEMM on row pieces over
+//! the threads otherwise (`matrixmultiply`).
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec);
 //! `CpuBackend::fast()` differs only in the summation order of the matmuls, and is tested against
@@ -11,6 +12,7 @@ use std::collections::VecDeque;
 
 use super::checks;
 use super::cpu_fast;
+use super::cpu_narrow;
 use super::cpu_pool;
 use super::cpu_sparse::{self, Source, WeightStep};
 use super::reference as r;
@@ -61,8 +63,9 @@ pub struct CpuBackend {
     losses: Vec<f32>,
     labels: Vec<u8>,
     preds: Vec<u8>,
-    /// Buffers of the sparse products, and how many have run.
+    /// Buffers of the sparse products, and how many have run; buffers of the narrow ones.
     sparse: cpu_sparse::Scratch,
+    narrow: cpu_narrow::Scratch,
     sparse_products: u64,
 }
 
@@ -83,6 +86,7 @@ impl CpuBackend {
             labels: Vec::new(),
             preds: Vec::new(),
             sparse: cpu_sparse::Scratch::default(),
+            narrow: cpu_narrow::Scratch::default(),
             sparse_products: 0,
         }
     }
@@ -343,7 +347,8 @@ fn apply_epilogue(kind: CpuKind, out: &mut [f32], extra: &[&[f32]], epilogue: Ep
 const SPLIT_MIN_MACS: usize = 1 << 18;
 
 /// C (m, n) = A @ B with A given by (row stride, col stride) and B likewise: the three matmuls of
-/// the step are this one call with different strides. C's rows are cut into pieces spread over
+/// the step are this one call with different strides. A product with a narrow side (the output
+/// layer's) runs `cpu_narrow` on this thread; otherwise C's rows are cut into pieces spread over
 /// `cpu_pool`'s threads, each running `matrixmultiply`'s single-threaded sgemm on its share.
 #[allow(clippy::too_many_arguments)]
 fn sgemm(
@@ -357,7 +362,12 @@ fn sgemm(
     rsb: usize,
     csb: usize,
     c: &mut [f32],
+    narrow: &mut cpu_narrow::Scratch,
 ) {
+    if cpu_narrow::fits(k, n) {
+        cpu_narrow::matmul(m, k, n, a, (rsa, csa), b, (rsb, csb), c, narrow);
+        return;
+    }
     let c = &mut c[..m * n];
     if m == 0 || n == 0 || k == 0 {
         c.fill(0.0);
@@ -546,13 +556,16 @@ impl Backend for CpuBackend {
             self.sparse_products += 1;
             return result;
         }
-        self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
+        let mut narrow = std::mem::take(&mut self.narrow);
+        let result = self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
             match kind {
                 CpuKind::Reference => r::matmul_forward(o, i[0], i[1], b, c, oc),
-                CpuKind::Fast => sgemm(b, c, oc, i[0], c, 1, i[1], oc, 1, o),
+                CpuKind::Fast => sgemm(b, c, oc, i[0], c, 1, i[1], oc, 1, o, &mut narrow),
             }
             apply_epilogue(kind, o, &i[2..], epilogue, b, oc);
-        })
+        });
+        self.narrow = narrow;
+        result
     }
 
     fn matmul_backward_input(
@@ -567,14 +580,17 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let kind = self.kind;
         let inputs = with_epilogue_inputs([(dout, b * oc), (weight, c * oc)], epilogue, b * c, c);
-        self.with_out("matmul_backward_input", (dinp, b * c), &inputs, |o, i| {
+        let mut narrow = std::mem::take(&mut self.narrow);
+        let result = self.with_out("matmul_backward_input", (dinp, b * c), &inputs, |o, i| {
             match kind {
                 CpuKind::Reference => r::matmul_backward_input(o, i[0], i[1], b, c, oc),
                 // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
-                CpuKind::Fast => sgemm(b, oc, c, i[0], oc, 1, i[1], 1, oc, o),
+                CpuKind::Fast => sgemm(b, oc, c, i[0], oc, 1, i[1], 1, oc, o, &mut narrow),
             }
             apply_epilogue(kind, o, &i[2..], epilogue, b, c);
-        })
+        });
+        self.narrow = narrow;
+        result
     }
 
     fn matmul_backward_weight(
@@ -606,16 +622,19 @@ impl Backend for CpuBackend {
             return result;
         }
         let kind = self.kind;
-        self.with_out(
+        let mut narrow = std::mem::take(&mut self.narrow);
+        let result = self.with_out(
             "matmul_backward_weight",
             (dweight, c * oc),
             &[(inp, b * c), (dout, b * oc)],
             |o, i| match kind {
                 CpuKind::Reference => r::matmul_backward_weight(o, i[0], i[1], b, c, oc),
                 // (C, B) @ (B, OC) where inp^T is inp read with swapped strides.
-                CpuKind::Fast => sgemm(c, b, oc, i[0], 1, c, i[1], oc, 1, o),
+                CpuKind::Fast => sgemm(c, b, oc, i[0], 1, c, i[1], oc, 1, o, &mut narrow),
             },
-        )
+        );
+        self.narrow = narrow;
+        result
     }
 
     #[allow(clippy::too_many_arguments)]

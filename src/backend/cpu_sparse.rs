@@ -28,7 +28,7 @@ const NARROW: usize = 8;
 
 /// The vector instructions the kernels use, chosen once at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Simd {
+pub(super) enum Simd {
     Avx512,
     Avx2,
     Portable,
@@ -583,7 +583,7 @@ pub fn simd_setting() -> Result<(), String> {
 }
 
 /// The vector instructions of this CPU (detected once).
-fn simd() -> Simd {
+pub(super) fn simd() -> Simd {
     static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
     *SIMD.get_or_init(Simd::detect)
 }
@@ -660,7 +660,7 @@ fn split_lines<'a>(
 
 /// a + x * y, fused where the CPU has FMA (a call to a software fma would be far slower).
 #[inline(always)]
-fn mul_add<const FMA: bool>(x: f32, y: f32, a: f32) -> f32 {
+pub(super) fn mul_add<const FMA: bool>(x: f32, y: f32, a: f32) -> f32 {
     if FMA {
         x.mul_add(y, a)
     } else {

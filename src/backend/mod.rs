@@ -10,6 +10,7 @@
 mod checks;
 pub mod cpu;
 mod cpu_fast;
+mod cpu_narrow;
 mod cpu_pool;
 mod cpu_sparse;
 pub mod reference;

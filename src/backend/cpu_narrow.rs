@@ -1,0 +1,265 @@
+//! The fast CPU path's dense products with a narrow side: at most 16 output columns (the output
+//! layer's forward product and weight gradient, 10 classes) or at most 16 terms per sum (its input
+//! gradient). At these sizes a blocked GEMM spends more on packing and thread hand-offs than on
+//! arithmetic, and allocates a packing buffer per call; these repack B once into buffers kept
+//! between calls and split C's rows over `cpu_pool`.
+//!
+//! Contract: `matmul` returns C (m, n) = A (m, k) @ B (k, n), with A and B read through (row,
+//! column) strides as in `cpu`'s sgemm, equal to the reference's products up to rounding: each value
+//! sums its k terms in increasing order of k, with fused multiply-adds where the CPU has them.
+//! Nothing is allocated once `Scratch` has grown to the largest product.
+
+use std::ops::Range;
+
+use super::cpu_pool;
+use super::cpu_sparse::{chunk_count, mul_add, simd, Simd, MAX_CHUNKS};
+
+/// The widest side that counts as narrow.
+const NARROW: usize = 16;
+/// Rows of A multiplied together when A's rows are contiguous: eight independent sums in flight.
+const ROWS: usize = 8;
+/// The least work, in multiply-adds, worth a piece of its own on another thread.
+const PIECE_MACS: usize = 1 << 17;
+
+/// Whether `matmul` takes a product with k terms per sum and n output columns.
+pub fn fits(k: usize, n: usize) -> bool {
+    n <= NARROW || k <= NARROW
+}
+
+/// B repacked (k rows of 16 zero-padded columns, or transposed k x n), and C's padded rows.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+/// C (m, n) = A @ B, A's element (i, kk) at a[i * rsa + kk * csa], B's (kk, j) at b[kk * rsb + j *
+/// csb]; `fits(k, n)` must hold.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    assert!(fits(k, n) && c.len() >= m * n);
+    let c = &mut c[..m * n];
+    if m == 0 || n == 0 || k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    assert!(a.len() > (m - 1) * rsa + (k - 1) * csa && b.len() > (k - 1) * rsb + (n - 1) * csb);
+    let p = Product { k, n, a, rsa, csa };
+    if n <= NARROW {
+        // B as k rows of 16 columns, zero beyond n: every row of C is one 16-lane sum.
+        scratch.b.clear();
+        scratch.b.resize(k * NARROW, 0.0);
+        for (kk, row) in scratch.b.chunks_exact_mut(NARROW).enumerate() {
+            for (j, v) in row[..n].iter_mut().enumerate() {
+                *v = b[kk * rsb + j * csb];
+            }
+        }
+        scratch.c.clear();
+        scratch.c.resize(m * NARROW, 0.0);
+        let bp = &scratch.b[..];
+        let rows = rows_per_piece(m, k, n);
+        let mut pieces = scratch.c.chunks_mut(rows * NARROW).enumerate();
+        let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+        cpu_pool::for_each(items, &|(i, cp): (usize, &mut [f32])| {
+            let range = i * rows..i * rows + cp.len() / NARROW;
+            match simd() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` found AVX-512F, AVX-512VL and FMA.
+                Simd::Avx512 => unsafe { narrow_out_avx512(&p, range, bp, cp) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` found AVX2 and FMA.
+                Simd::Avx2 => unsafe { narrow_out_avx2(&p, range, bp, cp) },
+                _ => narrow_out::<false>(&p, range, bp, cp),
+            }
+        });
+        for (row, padded) in c.chunks_exact_mut(n).zip(scratch.c.chunks_exact(NARROW)) {
+            row.copy_from_slice(&padded[..n]);
+        }
+    } else {
+        // Few terms per sum: B's k rows contiguous, each added into C's row in turn.
+        scratch.b.clear();
+        scratch.b.extend((0..k * n).map(|i| b[(i / n) * rsb + (i % n) * csb]));
+        let bt = &scratch.b[..];
+        let rows = rows_per_piece(m, k, n);
+        let mut pieces = c.chunks_mut(rows * n).enumerate();
+        let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+        cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
+            let range = i * rows..i * rows + c.len() / n;
+            match simd() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` found AVX-512F, AVX-512VL and FMA.
+                Simd::Avx512 => unsafe { narrow_terms_avx512(&p, range, bt, c) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` found AVX2 and FMA.
+                Simd::Avx2 => unsafe { narrow_terms_avx2(&p, range, bt, c) },
+                _ => narrow_terms::<false>(&p, range, bt, c),
+            }
+        });
+    }
+}
+
+/// Rows of C a piece: one piece per PIECE_MACS of work, at most `chunk_count` pieces.
+fn rows_per_piece(m: usize, k: usize, n: usize) -> usize {
+    let pieces = (m * k * n.max(NARROW) / PIECE_MACS).clamp(1, chunk_count(m));
+    m.div_ceil(pieces)
+}
+
+/// A's shape and strides.
+struct Product<'a> {
+    k: usize,
+    n: usize,
+    a: &'a [f32],
+    rsa: usize,
+    csa: usize,
+}
+
+impl Product<'_> {
+    #[inline(always)]
+    fn a(&self, i: usize, kk: usize) -> f32 {
+        self.a[i * self.rsa + kk * self.csa]
+    }
+}
+
+/// `$avx512` and `$avx2`: `$generic::<true>` compiled for AVX-512 and for AVX2, both with FMA.
+macro_rules! fma_variants {
+    ($avx512:ident, $avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,fma")]
+        unsafe fn $avx512($($arg: $ty),*) {
+            $generic::<true>($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $generic::<true>($($arg),*)
+        }
+    };
+}
+
+fma_variants!(
+    narrow_out_avx512,
+    narrow_out_avx2,
+    narrow_out,
+    (p: &Product<'_>, rows: Range<usize>, bp: &[f32], cp: &mut [f32])
+);
+fma_variants!(
+    narrow_terms_avx512,
+    narrow_terms_avx2,
+    narrow_terms,
+    (p: &Product<'_>, rows: Range<usize>, bt: &[f32], c: &mut [f32])
+);
+
+/// Rows `rows` of cp (m, 16) = A @ bp (k, 16), into `cp` (those rows only). With A's rows
+/// contiguous, 8 rows at a time hold their sums in registers over all k; otherwise (A read down
+/// its columns, as the weight gradient's x^T) k is the outer loop and each row's sum is added to
+/// in memory, reading A contiguously.
+#[inline(always)]
+fn narrow_out<const FMA: bool>(p: &Product<'_>, rows: Range<usize>, bp: &[f32], cp: &mut [f32]) {
+    let first = rows.start;
+    let count = rows.len();
+    if p.csa == 1 {
+        let full = count / ROWS * ROWS;
+        for (block, out) in cp[..full * NARROW].chunks_exact_mut(ROWS * NARROW).enumerate() {
+            let i0 = first + block * ROWS;
+            let mut acc = [[0.0f32; NARROW]; ROWS];
+            for kk in 0..p.k {
+                let brow = &bp[kk * NARROW..][..NARROW];
+                for (r, sum) in acc.iter_mut().enumerate() {
+                    let v = p.a(i0 + r, kk);
+                    for (s, &w) in sum.iter_mut().zip(brow) {
+                        *s = mul_add::<FMA>(v, w, *s);
+                    }
+                }
+            }
+            for (dst, sum) in out.chunks_exact_mut(NARROW).zip(&acc) {
+                dst.copy_from_slice(sum);
+            }
+        }
+        for local in full..count {
+            let mut sum = [0.0f32; NARROW];
+            for kk in 0..p.k {
+                let v = p.a(first + local, kk);
+                for (s, &w) in sum.iter_mut().zip(&bp[kk * NARROW..][..NARROW]) {
+                    *s = mul_add::<FMA>(v, w, *s);
+                }
+            }
+            cp[local * NARROW..][..NARROW].copy_from_slice(&sum);
+        }
+    } else {
+        for kk in 0..p.k {
+            let brow = &bp[kk * NARROW..][..NARROW];
+            for (local, sum) in cp[..count * NARROW].chunks_exact_mut(NARROW).enumerate() {
+                let v = p.a(first + local, kk);
+                for (s, &w) in sum.iter_mut().zip(brow) {
+                    *s = mul_add::<FMA>(v, w, *s);
+                }
+            }
+        }
+    }
+}
+
+/// Rows `rows` of c (m, n) = A @ bt (k, n) for k of at most 16, into `c` (those rows only): each
+/// row gets its k scaled rows of bt in turn.
+#[inline(always)]
+fn narrow_terms<const FMA: bool>(p: &Product<'_>, rows: Range<usize>, bt: &[f32], c: &mut [f32]) {
+    for (i, row) in rows.zip(c.chunks_exact_mut(p.n)) {
+        row.fill(0.0);
+        for kk in 0..p.k {
+            let v = p.a(i, kk);
+            for (s, &w) in row.iter_mut().zip(&bt[kk * p.n..][..p.n]) {
+                *s = mul_add::<FMA>(v, w, *s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::reference as r;
+
+    /// Every layout the CPU backend passes (forward, input gradient, weight gradient) at narrow
+    /// shapes, with rows left over from the blocks of 8, against the reference.
+    #[test]
+    fn narrow_products_match_the_reference() {
+        let mut scratch = Scratch::default();
+        for &(b, c, oc) in &[(1, 1, 1), (9, 16, 16), (130, 512, 10), (13, 40, 3), (17, 5, 300)] {
+            let inp: Vec<f32> = (0..b * c).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+            let w: Vec<f32> = (0..c * oc).map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0).collect();
+            let dout: Vec<f32> = (0..b * oc).map(|i| ((i * 29) % 89) as f32 / 44.0 - 1.0).collect();
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max);
+                assert!(worst <= 1e-4, "{what} {b}x{c}x{oc}: max |diff| {worst}");
+            };
+            if fits(c, oc) {
+                let (mut got, mut want) = (vec![0.0; b * oc], vec![0.0; b * oc]);
+                matmul(b, c, oc, &inp, (c, 1), &w, (oc, 1), &mut got, &mut scratch);
+                r::matmul_forward(&mut want, &inp, &w, b, c, oc);
+                close(&got, &want, "forward");
+            }
+            if fits(oc, c) {
+                let (mut got, mut want) = (vec![0.0; b * c], vec![0.0; b * c]);
+                matmul(b, oc, c, &dout, (oc, 1), &w, (1, oc), &mut got, &mut scratch);
+                r::matmul_backward_input(&mut want, &dout, &w, b, c, oc);
+                close(&got, &want, "input gradient");
+            }
+            if fits(b, oc) {
+                let (mut got, mut want) = (vec![0.0; c * oc], vec![0.0; c * oc]);
+                matmul(c, b, oc, &inp, (1, c), &dout, (oc, 1), &mut got, &mut scratch);
+                r::matmul_backward_weight(&mut want, &inp, &dout, b, c, oc);
+                close(&got, &want, "weight gradient");
+            }
+        }
+    }
+}
