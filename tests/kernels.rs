@@ -177,14 +177,7 @@ fn fused_epilogues_match_the_reference_ops_in_sequence() {
             };
             be.matmul_backward_input(t_dinp, t_dout, t_w, bwd, b, c, oc).unwrap();
 
-            let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
-            let (mut pre, mut scale) = (vec![0.0; b * oc], vec![0.0; b * oc]);
-            r::matmul_forward(&mut pre, &inp, &weight, b, c, oc);
-            r::bias_add_forward(&mut pre, &bias, b, oc);
-            r::matmul_forward(&mut scale, &abs(&inp), &abs(&weight), b, c, oc);
-            r::bias_add_forward(&mut scale, &abs(&bias), b, oc);
-            let mut want = vec![0.0; b * oc];
-            r::relu_forward(&mut want, &pre);
+            let (want, scale) = reference_dense_relu(&inp, &weight, &bias, (b, c, oc));
             let shape = format!("{b}x{c}x{oc}");
             let got = download(be, t_out, b * oc);
             assert_close_scaled(
@@ -560,17 +553,7 @@ fn gathered_first_layer_matches_the_reference_ops() {
                 0.0,
                 0.0,
             );
-            let (mut want, mut scale) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
-            r::matmul_forward(&mut want, &x, &weight, rows, IMAGE_PIXELS, oc);
-            let abs_w: Vec<f32> = weight.iter().map(|v| v.abs()).collect();
-            r::matmul_forward(&mut scale, &x, &abs_w, rows, IMAGE_PIXELS, oc);
-            r::bias_add_forward(&mut want, &bias, rows, oc);
-            let want: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
-            let scale: Vec<f32> = scale
-                .iter()
-                .zip(bias.iter().cycle())
-                .map(|(s, b)| s + b.abs())
-                .collect();
+            let (want, scale) = reference_dense_relu(&x, &weight, &bias, (rows, IMAGE_PIXELS, oc));
             assert_close_scaled(
                 &format!("{name} gathered forward {shape}"),
                 &download(be, t_out, rows * oc),

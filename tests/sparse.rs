@@ -43,10 +43,6 @@ fn sparse_vec(g: &mut rand_chacha::ChaCha8Rng, n: usize, density: f64) -> Vec<f3
     v
 }
 
-fn abs(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|x| x.abs()).collect()
-}
-
 #[test]
 fn sparse_products_match_the_reference() {
     let mut be = CpuBackend::fast();
@@ -90,13 +86,7 @@ fn sparse_products_match_the_reference() {
             );
 
             let what = format!("sparse {b}x{c}x{oc} density {density}");
-            let (mut pre, mut scale) = (vec![0.0; b * oc], vec![0.0; b * oc]);
-            r::matmul_forward(&mut pre, &inp, &weight, b, c, oc);
-            r::bias_add_forward(&mut pre, &bias, b, oc);
-            r::matmul_forward(&mut scale, &abs(&inp), &abs(&weight), b, c, oc);
-            r::bias_add_forward(&mut scale, &abs(&bias), b, oc);
-            let mut want = vec![0.0; b * oc];
-            r::relu_forward(&mut want, &pre);
+            let (want, scale) = reference_dense_relu(&inp, &weight, &bias, (b, c, oc));
             let got = download(&mut be, t_out, b * oc);
             assert_close_scaled(&format!("{what} forward+bias+relu"), &got, &want, &scale, 1e-5, 1e-4);
 
@@ -220,13 +210,7 @@ fn gathered_sparse_first_layer_matches_the_reference() {
         r::gather_batch(&mut x, &data.images, &order, start, rows, c);
         let what = format!("gathered sparse rows {start}+{rows}, {oc} outputs");
         assert_close(&format!("{what}: x"), &download(&mut be, t_x, x.len()), &x, 0.0, 0.0);
-        let (mut pre, mut scale) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
-        r::matmul_forward(&mut pre, &x, &weight, rows, c, oc);
-        r::bias_add_forward(&mut pre, &bias, rows, oc);
-        r::matmul_forward(&mut scale, &x, &abs(&weight), rows, c, oc);
-        r::bias_add_forward(&mut scale, &abs(&bias), rows, oc);
-        let mut want = vec![0.0; rows * oc];
-        r::relu_forward(&mut want, &pre);
+        let (want, scale) = reference_dense_relu(&x, &weight, &bias, (rows, c, oc));
         let got = download(&mut be, t_out, rows * oc);
         assert_close_scaled(&format!("{what}: out"), &got, &want, &scale, 1e-5, 1e-4);
         let (mut want, mut scale) = (vec![0.0; c * oc], vec![0.0; c * oc]);

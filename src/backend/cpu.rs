@@ -150,6 +150,32 @@ impl CpuBackend {
         }
     }
 
+    /// x (rows, 784) = images[order[start..start + rows]] / 255 (`reference::gather_batch`), and,
+    /// with `sparse_rows`, x's rows held for the sparse products, built in the same pass.
+    fn gather(
+        &mut self,
+        op: &'static str,
+        x: TensorId,
+        ds: DatasetId,
+        start: usize,
+        rows: usize,
+        sparse_rows: bool,
+    ) -> Result<()> {
+        self.dataset(op, ds, start, rows)?;
+        let v = self.view(op, x, rows * IMAGE_PIXELS)?;
+        self.written(v.storage);
+        let source = self.source(v, rows, IMAGE_PIXELS);
+        let d = &self.datasets[ds.0];
+        let xs = &mut self.storage[v.storage][v.offset..v.offset + v.len];
+        if sparse_rows {
+            self.sparse.gather(xs, &d.data.images, &d.order, start, source);
+        } else {
+            r::gather_batch(xs, &d.data.images, &d.order, start, rows, IMAGE_PIXELS);
+        }
+        self.counters.dispatches += 1;
+        Ok(())
+    }
+
     fn dataset(&self, op: &'static str, ds: DatasetId, start: usize, rows: usize) -> Result<&CpuDataset> {
         let d = self
             .datasets
@@ -493,15 +519,7 @@ impl Backend for CpuBackend {
     }
 
     fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
-        let op = "gather_batch";
-        self.dataset(op, ds, start, rows)?;
-        let v = self.view(op, x, rows * IMAGE_PIXELS)?;
-        self.written(v.storage);
-        let d = &self.datasets[ds.0];
-        let out = &mut self.storage[v.storage][v.offset..v.offset + v.len];
-        r::gather_batch(out, &d.data.images, &d.order, start, rows, IMAGE_PIXELS);
-        self.counters.dispatches += 1;
-        Ok(())
+        self.gather("gather_batch", x, ds, start, rows, false)
     }
 
     fn gather_matmul_forward(
@@ -515,22 +533,10 @@ impl Backend for CpuBackend {
         rows: usize,
         oc: usize,
     ) -> Result<()> {
-        let c = IMAGE_PIXELS;
-        if self.kind == CpuKind::Fast && cpu_sparse::may_pay(oc) {
-            // The pixels are gathered and turned into the rows of the sparse product in one pass.
-            let op = "gather_matmul_forward";
-            self.dataset(op, ds, start, rows)?;
-            let v = self.view(op, x, rows * c)?;
-            self.written(v.storage);
-            let source = self.source(v, rows, c);
-            let d = &self.datasets[ds.0];
-            let xs = &mut self.storage[v.storage][v.offset..v.offset + v.len];
-            self.sparse.gather(xs, &d.data.images, &d.order, start, source);
-            self.counters.dispatches += 1;
-        } else {
-            self.gather_batch(x, ds, start, rows)?;
-        }
-        self.matmul_forward(out, x, weight, epilogue, rows, c, oc)
+        // On the fast path the pixels become x and the rows of the sparse product in one pass.
+        let sparse = self.kind == CpuKind::Fast && cpu_sparse::may_pay(oc);
+        self.gather("gather_matmul_forward", x, ds, start, rows, sparse)?;
+        self.matmul_forward(out, x, weight, epilogue, rows, IMAGE_PIXELS, oc)
     }
 
     fn matmul_forward(

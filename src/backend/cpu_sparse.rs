@@ -468,17 +468,14 @@ impl Scratch {
     /// gradient needs again) are kept.
     pub fn rows_if_sparse(&mut self, x: &[f32], source: Source, out_cols: usize) -> bool {
         let (rows, cols) = (source.rows, source.cols);
-        if self.rows_of == Some(source) {
-            return pays(self.rows.nonzeros(), rows, cols, out_cols);
+        if self.rows_of != Some(source) {
+            let nonzeros = x[..rows * cols].iter().map(|&v| (v != 0.0) as usize).sum();
+            if !pays(nonzeros, rows, cols, out_cols) {
+                return false;
+            }
+            self.hold_rows(x, source);
         }
-        let x = &x[..rows * cols];
-        let nonzeros = x.iter().map(|&v| (v != 0.0) as usize).sum();
-        if !pays(nonzeros, rows, cols, out_cols) {
-            return false;
-        }
-        self.rows.set_rows(x, rows, cols, FORWARD_SEGMENT);
-        self.rows_of = Some(source);
-        true
+        pays(self.rows.nonzeros(), rows, cols, out_cols)
     }
 }
 

@@ -251,3 +251,26 @@ pub fn fused_step(
     ];
     parts.map(|t| be.read(t).unwrap())
 }
+
+/// |v| elementwise.
+pub fn abs(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.abs()).collect()
+}
+
+/// The reference's dense layer relu(inp (B, C) @ weight (C, OC) + bias) and the scale of its
+/// rounding error (the same with every term's magnitude), for `assert_close_scaled`.
+pub fn reference_dense_relu(
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    (b, c, oc): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    use gpu_mnist::backend::reference as r;
+    let (mut pre, mut scale, mut want) = (vec![0.0; b * oc], vec![0.0; b * oc], vec![0.0; b * oc]);
+    r::matmul_forward(&mut pre, inp, weight, b, c, oc);
+    r::bias_add_forward(&mut pre, bias, b, oc);
+    r::relu_forward(&mut want, &pre);
+    r::matmul_forward(&mut scale, &abs(inp), &abs(weight), b, c, oc);
+    r::bias_add_forward(&mut scale, &abs(bias), b, oc);
+    (want, scale)
+}
