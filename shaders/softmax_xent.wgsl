@@ -2,7 +2,9 @@
 // the batch's loss sum and correct count reduced on the GPU (no float atomics: deterministic).
 //
 // Bindings (group 0):
-//   0 params   uniform  { rows, classes, start, slot, write_dlogits, _, _, _ }
+//   0 params   uniform  { rows, classes, start, slot, write_dlogits, ... } (16 words; the rest
+//                       are output_layer.wgsl's, which is compiled after this file and shares
+//                       its params, bindings 2-5, row_stats and add_up_stats)
 //   1 logits   storage read   array<f32>  (rows, classes)
 //   2 labels   storage read   array<u32>  (N,): the dataset's labels, one per word
 //   3 order    storage read   array<u32>  (N,): row r's label is labels[order[start + r]]
@@ -12,7 +14,8 @@
 //                                         [2 slot + 1] = rows whose first arg-max is the label
 // Row loss = log(sum exp(logit - max)) - (logit[label] - max).
 // Dispatch: exactly one workgroup of 256 invocations; invocation t handles rows t, t + 256, ...,
-// then a fixed-order tree reduction in workgroup memory sums the per-invocation partials.
+// then a fixed-order tree reduction in workgroup memory sums the per-invocation partials
+// (add_up_stats).
 // Rows hold at most 16 classes (the host asks for MNIST's 10): the host unrolls the per-class
 // lines (`//!unroll`, see kernels.rs), so all of a row's logits are requested at once.
 
@@ -22,9 +25,18 @@ struct Params {
     start: u32,
     slot: u32,
     write_dlogits: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // Read by output_layer.wgsl only.
+    c: u32,
+    flags: u32,
+    w_value: u32,
+    b_value: u32,
+    w_velocity: u32,
+    b_velocity: u32,
+    w_grad: u32,
+    b_grad: u32,
+    lr: f32,
+    rho: f32,
+    eps: f32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -44,10 +56,17 @@ fn softmax_xent_forward_backward(@builtin(local_invocation_index) t: u32) {
     var loss = 0.0;
     var correct = 0u;
     for (var r = t; r < params.rows; r = r + THREADS) {
-        let row = row_loss(r, inv_rows);
+        let base = r * params.classes;
+        let row = row_stats(row_of_logits(base), base, labels[order[params.start + r]], inv_rows);
         loss = loss + row.x;
         correct = correct + u32(row.y);
     }
+    add_up_stats(t, loss, correct);
+}
+
+// Sum every invocation's (loss, correct) in a fixed-order tree and store them in the stats slot.
+// Every invocation of the workgroup must call it (it holds barriers).
+fn add_up_stats(t: u32, loss: f32, correct: u32) {
     part_loss[t] = loss;
     part_correct[t] = correct;
     workgroupBarrier();
@@ -72,13 +91,18 @@ fn logit_or_low(base: u32, j: u32) -> f32 {
     return -3.0e38;
 }
 
-// (loss, 1 if the first arg-max is the label) of row r (at most 16 classes); writes its dlogits
-// when asked.
-fn row_loss(r: u32, inv_rows: f32) -> vec2<f32> {
+// The logits of the row at `base`, padded to 16 with a value below any logit.
+fn row_of_logits(base: u32) -> array<f32, 16> {
+    var x: array<f32, 16>;
+    //!unroll j 16: x[{j}] = logit_or_low(base, {j}u);
+    return x;
+}
+
+// (loss, 1 if the first arg-max is the label) of the row at `base` whose logits are x (at most 16
+// classes, padded as row_of_logits does); writes its dlogits when asked.
+fn row_stats(x: array<f32, 16>, base: u32, label: u32, inv_rows: f32) -> vec2<f32> {
     let v = params.classes;
-    let base = r * v;
-    let label = labels[order[params.start + r]];
-    //!unroll j 16: let x{j} = logit_or_low(base, {j}u);
+    //!unroll j 16: let x{j} = x[{j}];
     var max_v = x0;
     var arg = 0u;
     //!unroll j 16: if (x{j} > max_v) { max_v = x{j}; arg = {j}u; }
@@ -91,4 +115,3 @@ fn row_loss(r: u32, inv_rows: f32) -> vec2<f32> {
     }
     return vec2<f32>(log(sum) - (at_label - max_v), select(0.0, 1.0, arg == label));
 }
-

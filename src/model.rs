@@ -9,7 +9,7 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, DatasetId, Epilogue, ParamTensors, TensorId};
+use crate::backend::{Backend, DatasetId, Epilogue, OutputLayerStep, ParamTensors, TensorId};
 use crate::data::{CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::Optimizer;
@@ -360,18 +360,25 @@ impl Graph {
 
     /// Forward pass over the `rows` examples already in `input()`; logits land in `logits()`.
     pub fn forward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
-        self.forward_from(be, rows, None)
+        self.forward_layers(be, rows, None, self.layers.len())
     }
 
     /// Forward pass over rows start..start+rows of `ds` (in its current order): the first layer
     /// gathers them into `input()` as it multiplies (`gather_matmul_forward`).
     pub fn forward_batch(&self, be: &mut dyn Backend, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
-        self.forward_from(be, rows, Some((ds, start)))
+        self.forward_layers(be, rows, Some((ds, start)), self.layers.len())
     }
 
-    fn forward_from(&self, be: &mut dyn Backend, rows: usize, gather: Option<(DatasetId, usize)>) -> Result<()> {
+    /// Run the first `count` layers.
+    fn forward_layers(
+        &self,
+        be: &mut dyn Backend,
+        rows: usize,
+        gather: Option<(DatasetId, usize)>,
+        count: usize,
+    ) -> Result<()> {
         self.check_rows(rows)?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().take(count) {
             // acts[i] (rows, c) -> acts[i + 1] (rows, oc) = activation(acts[i] @ kernel + bias)
             let epilogue = Epilogue {
                 bias: Some(self.params[layer.bias].value),
@@ -394,8 +401,13 @@ impl Graph {
     /// input gradient is taken before the weight gradient and update, which change the weights it
     /// reads.
     pub fn backward_update(&self, be: &mut dyn Backend, rows: usize, opt: &Optimizer) -> Result<()> {
+        self.backward_layers(be, rows, opt, self.layers.len())
+    }
+
+    /// `backward_update` of the first `count` layers, from dacts[count].
+    fn backward_layers(&self, be: &mut dyn Backend, rows: usize, opt: &Optimizer, count: usize) -> Result<()> {
         self.check_rows(rows)?;
-        for (i, layer) in self.layers.iter().enumerate().rev() {
+        for (i, layer) in self.layers.iter().enumerate().take(count).rev() {
             // dout (rows, oc) -> dacts[i] (rows, c) for i > 0; dkernel (c, oc), dbias (oc), update
             let (inp, dout) = (self.acts[i], self.dacts[i + 1]);
             if i > 0 {
@@ -433,18 +445,42 @@ impl Graph {
         slot: usize,
         opt: &Optimizer,
     ) -> Result<()> {
-        self.forward_batch(be, ds, start, rows)?;
-        let last = self.acts.len() - 1;
-        be.softmax_xent_forward_backward(
-            Some(self.dacts[last]),
-            self.acts[last],
-            ds,
-            start,
-            rows,
-            self.spec.classes,
-            slot,
+        let last = self.layers.len() - 1;
+        if last == 0 {
+            // No hidden layer: the output layer reads the gathered pixels and has no input gradient.
+            self.forward_batch(be, ds, start, rows)?;
+            be.softmax_xent_forward_backward(
+                Some(self.dacts[1]),
+                self.acts[1],
+                ds,
+                start,
+                rows,
+                self.spec.classes,
+                slot,
+            )?;
+            return self.backward_update(be, rows, opt);
+        }
+        self.forward_layers(be, rows, Some((ds, start)), last)?;
+        // acts[last] (rows, c) -> logits (rows, classes); the loss; dacts[last] (rows, c), update
+        let layer = &self.layers[last];
+        be.output_layer_step(
+            &OutputLayerStep {
+                weight: self.params[layer.kernel].tensors(),
+                bias: self.params[layer.bias].tensors(),
+                inp: self.acts[last],
+                logits: self.acts[last + 1],
+                dlogits: self.dacts[last + 1],
+                dinp: self.dacts[last],
+                ds,
+                start,
+                slot,
+                b: rows,
+                c: layer.c,
+                classes: layer.oc,
+            },
+            opt,
         )?;
-        self.backward_update(be, rows, opt)
+        self.backward_layers(be, rows, opt, last)
     }
 
     /// Forward and loss only (stats into `slot`), for evaluation.

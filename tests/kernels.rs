@@ -594,3 +594,142 @@ fn fused_ops_refuse_writing_what_they_read() {
     println!("{err}");
     assert!(err.to_string().contains("gather_matmul_forward"), "{err}");
 }
+
+/// What `output_layer` reads back after the step, in order.
+const OUTPUT_LAYER_PARTS: [&str; 9] = [
+    "dlogits",
+    "dinp",
+    "dweight",
+    "dbias",
+    "weight",
+    "bias",
+    "weight velocity",
+    "bias velocity",
+    "other layer",
+];
+
+/// One `output_layer_step` on `be` for an output layer of 10 classes packed after another layer
+/// (parts [11, 3, C*10, 10], so that its parameters sit at non-zero offsets), on rows
+/// 7..7 + B of `data` in `order`: the tensors named in `OUTPUT_LAYER_PARTS`, the step's
+/// statistics and the dispatches it took.
+fn output_layer(
+    be: &mut dyn Backend,
+    (data, order): (&gpu_mnist::data::Dataset, &[u32]),
+    (values, vels): (&[Vec<f32>], &[Vec<f32>]),
+    inp: &[f32],
+    (b, c): (usize, usize),
+    opt: &gpu_mnist::optim::Optimizer,
+) -> (Vec<Vec<f32>>, gpu_mnist::backend::StepStats, u64) {
+    use gpu_mnist::backend::{OutputLayerStep, ParamTensors};
+    let (start, classes) = (7, 10);
+    let ds = be.upload_dataset(data).unwrap();
+    be.set_order(ds, order).unwrap();
+    be.reserve_stats(1).unwrap();
+    let lens = [11, 3, c * classes, classes];
+    let (p, gr, v) = (
+        be.alloc_packed(&lens).unwrap(),
+        be.alloc_packed(&lens).unwrap(),
+        be.alloc_packed(&lens).unwrap(),
+    );
+    for k in 0..lens.len() {
+        be.write(p.parts[k], &values[k]).unwrap();
+        be.write(v.parts[k], &vels[k]).unwrap();
+    }
+    let part = |k: usize| ParamTensors {
+        value: p.parts[k],
+        grad: gr.parts[k],
+        velocity: v.parts[k],
+    };
+    let t_inp = upload(be, inp);
+    let (logits, dlogits, dinp) = (
+        be.alloc(b * classes).unwrap(),
+        be.alloc(b * classes).unwrap(),
+        be.alloc(b * c).unwrap(),
+    );
+    let step = OutputLayerStep {
+        weight: part(2),
+        bias: part(3),
+        inp: t_inp,
+        logits,
+        dlogits,
+        dinp,
+        ds,
+        start,
+        slot: 0,
+        b,
+        c,
+        classes,
+    };
+    let before = be.counters().dispatches;
+    be.output_layer_step(&step, opt).unwrap();
+    let dispatches = be.counters().dispatches - before;
+    let stats = be.read_stats(1).unwrap()[0];
+    let parts = [
+        dlogits,
+        dinp,
+        gr.parts[2],
+        gr.parts[3],
+        p.parts[2],
+        p.parts[3],
+        v.parts[2],
+        v.parts[3],
+        p.parts[0],
+    ];
+    (parts.iter().map(|&t| be.read(t).unwrap()).collect(), stats, dispatches)
+}
+
+/// The output layer's step as one dispatch (output_layer.wgsl, `set_output_layer_fusion`) and
+/// as the other devices' ops, against the reference backend running its four ops in sequence,
+/// for both optimizers, at awkward shapes: one row, one input, a batch over 128 rows (the first
+/// phase without the split of K), inputs narrower and wider than the workgroup's 256 invocations,
+/// and 1100 rows (past 1024 the GPU runs the four dispatches instead, checked by the count).
+/// Tolerances as the fused optimizer step's: atol 1e-6 + rtol 1e-4 for every tensor, the loss sum
+/// rtol 1e-4, the correct count exact.
+#[test]
+fn fused_output_layer_matches_the_reference_ops() {
+    use gpu_mnist::backend::cpu::CpuBackend;
+    use gpu_mnist::optim::{Optimizer, OptimizerKind};
+    let mut fused = gpu();
+    fused.set_output_layer_fusion(true);
+    let mut devices: Vec<(Box<dyn Backend>, bool)> = devices_under_test().into_iter().map(|d| (d, false)).collect();
+    devices.push((Box::new(fused), true));
+    let shapes = [
+        (1usize, 1usize),
+        (3, 5),
+        (61, 100),
+        (128, 512),
+        (129, 37),
+        (200, 300),
+        (1100, 3),
+    ];
+    for kind in [OptimizerKind::RmsProp, OptimizerKind::Sgd] {
+        let opt = Optimizer::new(kind, Some(0.01)).unwrap();
+        for (i, &(b, c)) in shapes.iter().enumerate() {
+            let mut g = rng(1200 + i as u64);
+            let data = random_dataset(&mut g, b + 20);
+            let order = gpu_mnist::data::epoch_order(b + 20, 9, 0);
+            let lens = [11, 3, c * 10, 10];
+            let values: Vec<Vec<f32>> = lens.iter().map(|&n| random_vec(&mut g, n, 0.5)).collect();
+            let vels: Vec<Vec<f32>> = lens.iter().map(|&n| abs(&random_vec(&mut g, n, 1e-3))).collect();
+            // Half the inputs are ReLU zeros, which mask their gradient.
+            let inp: Vec<f32> = random_vec(&mut g, b * c, 1.0).iter().map(|v| v.max(0.0)).collect();
+            let setup = ((&data, &order[..]), (&values[..], &vels[..]), &inp[..], (b, c));
+            let run = |be: &mut dyn Backend| output_layer(be, setup.0, setup.1, setup.2, setup.3, &opt);
+            let (want, want_stats, _) = run(&mut CpuBackend::reference());
+            for (be, fuses) in devices.iter_mut() {
+                let name = format!("{}{}", be.name(), if *fuses { " (fused)" } else { "" });
+                let (got, stats, dispatches) = run(be.as_mut());
+                for (k, part) in OUTPUT_LAYER_PARTS.iter().enumerate() {
+                    let what = format!("{name} output layer {kind:?} {part} {b}x{c}");
+                    assert_close(&what, &got[k], &want[k], 1e-6, 1e-4);
+                }
+                let what = format!("{name} output layer {kind:?} loss sum {b}x{c}");
+                assert_close(&what, &[stats.loss_sum], &[want_stats.loss_sum], 0.0, 1e-4);
+                assert_eq!(stats.correct, want_stats.correct, "{name}: correct count, {b}x{c}");
+                if *fuses {
+                    assert_eq!(dispatches, if b <= 1024 { 1 } else { 4 }, "{name}: dispatches, {b}x{c}");
+                }
+            }
+        }
+    }
+}

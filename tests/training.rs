@@ -40,24 +40,32 @@ fn flatten_compare(what: &str, got: &[HostTensor], want: &[HostTensor], atol: f3
     }
 }
 
-#[test]
-fn one_gpu_step_matches_the_cpu_reference() {
+/// One step of `be` against the CPU reference on the first MNIST batch: the loss sum (rtol 1e-4),
+/// the correct count (exact), the gradients (atol 1e-7 + rtol 1e-3) and the updated parameters
+/// (atol 1e-6 + rtol 1e-3). Returns the updated parameters.
+fn one_step_matches_the_reference(what: &str, be: &mut dyn Backend) -> Vec<HostTensor> {
     let data = mnist().train.first(BATCH);
-    let (gpu_stats, gpu_grads, gpu_params) = run_steps(&mut gpu(), &data, 1);
+    let (stats, grads, params) = run_steps(be, &data, 1);
     let (ref_stats, ref_grads, ref_params) = run_steps(&mut CpuBackend::reference(), &data, 1);
     assert_close(
-        "one step: loss sum",
-        &[gpu_stats[0].loss_sum],
+        &format!("{what}: loss sum"),
+        &[stats[0].loss_sum],
         &[ref_stats[0].loss_sum],
         0.0,
         1e-4,
     );
-    assert_eq!(gpu_stats[0].correct, ref_stats[0].correct);
-    flatten_compare("one step: gradient", &gpu_grads, &ref_grads, 1e-7, 1e-3);
-    flatten_compare("one step: updated", &gpu_params, &ref_params, 1e-6, 1e-3);
+    assert_eq!(stats[0].correct, ref_stats[0].correct, "{what}: correct count");
+    flatten_compare(&format!("{what}: gradient"), &grads, &ref_grads, 1e-7, 1e-3);
+    flatten_compare(&format!("{what}: updated"), &params, &ref_params, 1e-6, 1e-3);
+    params
+}
+
+#[test]
+fn one_gpu_step_matches_the_cpu_reference() {
+    let params = one_step_matches_the_reference("one step", &mut gpu());
     // The step must have done something: every tensor moved away from its initial value.
     let init = glorot_init(&ModelSpec::mnist(&[512]), 1);
-    for (p, i) in gpu_params.iter().zip(&init) {
+    for (p, i) in params.iter().zip(&init) {
         assert!(
             p.data.iter().zip(&i.data).any(|(a, b)| a != b),
             "{} did not change",
@@ -66,26 +74,28 @@ fn one_gpu_step_matches_the_cpu_reference() {
     }
 }
 
+/// The GPU's step with the output layer fused into one dispatch (output_layer.wgsl): the same
+/// tolerances, and 4 dispatches a step instead of 7.
+#[test]
+fn one_gpu_step_with_the_fused_output_layer_matches_the_cpu_reference() {
+    let mut be = gpu();
+    be.set_output_layer_fusion(true);
+    one_step_matches_the_reference("one fused-output step", &mut be);
+    assert_eq!(
+        be.counters().dispatches,
+        4,
+        "gather, layer 1 forward, output layer, layer 1 update"
+    );
+}
+
 /// The fast CPU path's step (the first layer's products sparse, the optimizer step fused into the
 /// weight gradient) against the reference on a real MNIST batch, with the same tolerances as the
 /// GPU's step above; and it must have taken the sparse path.
 #[test]
 fn one_fast_cpu_step_matches_the_cpu_reference() {
-    let data = mnist().train.first(BATCH);
     let mut fast = CpuBackend::fast();
-    let (fast_stats, fast_grads, fast_params) = run_steps(&mut fast, &data, 1);
+    one_step_matches_the_reference("one fast cpu step", &mut fast);
     assert_eq!(fast.sparse_products(), 2, "the first layer's products were not sparse");
-    let (ref_stats, ref_grads, ref_params) = run_steps(&mut CpuBackend::reference(), &data, 1);
-    assert_close(
-        "one fast cpu step: loss sum",
-        &[fast_stats[0].loss_sum],
-        &[ref_stats[0].loss_sum],
-        0.0,
-        1e-4,
-    );
-    assert_eq!(fast_stats[0].correct, ref_stats[0].correct);
-    flatten_compare("one fast cpu step: gradient", &fast_grads, &ref_grads, 1e-7, 1e-3);
-    flatten_compare("one fast cpu step: updated", &fast_params, &ref_params, 1e-6, 1e-3);
 }
 
 #[test]
@@ -93,6 +103,9 @@ fn fifty_gpu_steps_lower_the_loss_and_track_the_cpu_path() {
     let data = mnist().train.first(50 * BATCH);
     let (gpu_stats, _, _) = run_steps(&mut gpu(), &data, 50);
     let (cpu_stats, _, _) = run_steps(&mut CpuBackend::fast(), &data, 50);
+    let mut fused = gpu();
+    fused.set_output_layer_fusion(true);
+    let (fused_stats, _, _) = run_steps(&mut fused, &data, 50);
     let mean = |s: &[StepStats]| s.iter().map(|x| x.loss_sum as f64 / BATCH as f64).sum::<f64>() / s.len() as f64;
     let (first, last) = (mean(&gpu_stats[..5]), mean(&gpu_stats[45..]));
     println!("gpu mean loss, steps 1-5: {first:.4}, steps 46-50: {last:.4}");
@@ -102,6 +115,14 @@ fn fifty_gpu_steps_lower_the_loss_and_track_the_cpu_path() {
     assert_close(
         "50 steps: per-step loss, gpu vs cpu path",
         &gpu_losses,
+        &cpu_losses,
+        1e-4,
+        1e-3,
+    );
+    let fused_losses: Vec<f32> = fused_stats.iter().map(|s| s.loss_sum / BATCH as f32).collect();
+    assert_close(
+        "50 steps: per-step loss, gpu with the fused output layer vs cpu path",
+        &fused_losses,
         &cpu_losses,
         1e-4,
         1e-3,
@@ -116,6 +137,19 @@ fn seeded_runs_repeat_bit_for_bit_on_each_device() {
     let (b, _, pb) = run_steps(&mut gpu(), &data, 20);
     assert_eq!(bits(&a), bits(&b), "gpu losses differ between identical runs");
     assert_eq!(pa, pb, "gpu parameters differ between identical runs");
+    let fused = || {
+        let mut be = gpu();
+        be.set_output_layer_fusion(true);
+        be
+    };
+    let (e, _, pe) = run_steps(&mut fused(), &data, 20);
+    let (f, _, pf) = run_steps(&mut fused(), &data, 20);
+    assert_eq!(
+        bits(&e),
+        bits(&f),
+        "fused-output gpu losses differ between identical runs"
+    );
+    assert_eq!(pe, pf, "fused-output gpu parameters differ between identical runs");
     let (c, _, pc) = run_steps(&mut CpuBackend::fast(), &data, 20);
     let (d, _, pd) = run_steps(&mut CpuBackend::fast(), &data, 20);
     assert_eq!(bits(&c), bits(&d), "cpu losses differ between identical runs");

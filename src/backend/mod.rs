@@ -67,6 +67,30 @@ pub struct Epilogue {
     pub relu_mask: Option<TensorId>,
 }
 
+/// The output layer's training step (`Backend::output_layer_step`): a dense layer of `classes`
+/// outputs whose input is the previous layer's ReLU output, feeding the fused loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLayerStep {
+    pub weight: ParamTensors,
+    pub bias: ParamTensors,
+    /// (B, C): the previous layer's ReLU output.
+    pub inp: TensorId,
+    /// (B, classes): the logits; what it holds afterwards is unspecified (the GPU may not write it).
+    pub logits: TensorId,
+    /// (B, classes): written with the logits' gradient, (softmax - onehot) / B.
+    pub dlogits: TensorId,
+    /// (B, C): written with the input's gradient through the previous ReLU.
+    pub dinp: TensorId,
+    /// The batch's labels: those of `ds` at order[start..start + B].
+    pub ds: DatasetId,
+    pub start: usize,
+    /// The stats slot that gets the batch's loss sum and correct count.
+    pub slot: usize,
+    pub b: usize,
+    pub c: usize,
+    pub classes: usize,
+}
+
 /// What a backend did, for `--verbose` and `bench`: the GPU's costly round trips are visible.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -182,6 +206,13 @@ pub trait Backend {
     ) -> Result<()> {
         weight_update_in_sequence(self, weight, bias, inp, dout, b, c, oc, opt)
     }
+    /// The output layer's whole step: logits = inp @ weight + bias, the fused loss (stats and
+    /// dlogits), dinp = (dlogits @ weight^T) * (inp > 0) with the weight before the step, then the
+    /// weight and bias gradients and `opt`'s step of both. The GPU can run it as one dispatch; by
+    /// default it is the ops in sequence (`output_layer_in_sequence`).
+    fn output_layer_step(&mut self, step: &OutputLayerStep, opt: &Optimizer) -> Result<()> {
+        output_layer_in_sequence(self, step, opt)
+    }
     /// out (B, OC) += bias (OC).
     fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()>;
     /// dbias (OC) = column sums of dout (B, OC).
@@ -278,6 +309,31 @@ pub(crate) fn weight_update_in_sequence<B: Backend + ?Sized>(
         param_step(be, p, n, opt)?;
     }
     Ok(())
+}
+
+/// `Backend::output_layer_step` as the ops in sequence: the forward product with the bias, the
+/// fused loss, the input gradient through the ReLU (before the weight changes), then the weight
+/// gradient and update.
+pub(crate) fn output_layer_in_sequence<B: Backend + ?Sized>(
+    be: &mut B,
+    s: &OutputLayerStep,
+    opt: &Optimizer,
+) -> Result<()> {
+    // inp (B, C) -> logits (B, classes) -> dlogits (B, classes) -> dinp (B, C); dW (C, classes)
+    let forward = Epilogue {
+        bias: Some(s.bias.value),
+        relu: false,
+        relu_mask: None,
+    };
+    be.matmul_forward(s.logits, s.inp, s.weight.value, forward, s.b, s.c, s.classes)?;
+    be.softmax_xent_forward_backward(Some(s.dlogits), s.logits, s.ds, s.start, s.b, s.classes, s.slot)?;
+    let through_relu = Epilogue {
+        bias: None,
+        relu: false,
+        relu_mask: Some(s.inp),
+    };
+    be.matmul_backward_input(s.dinp, s.dlogits, s.weight.value, through_relu, s.b, s.c, s.classes)?;
+    be.matmul_backward_weight_update(s.weight, s.bias, s.inp, s.dlogits, s.b, s.c, s.classes, opt)
 }
 
 /// `opt`'s step of the n values of parameter `p` with its stored gradient.

@@ -103,6 +103,9 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
     adapters().iter().map(AdapterSummary::from_adapter).collect()
 }
 
+/// Storage buffers the fused output layer binds (output_layer.wgsl).
+pub const OUTPUT_LAYER_STORAGE_BUFFERS: u32 = 9;
+
 /// The limits every kernel of the crate needs (buffer sizes are raised to the adapter's).
 fn required_limits(adapter: &wgpu::Adapter, name: &str) -> Result<wgpu::Limits> {
     let have = adapter.limits();
@@ -137,7 +140,10 @@ fn required_limits(adapter: &wgpu::Adapter, name: &str) -> Result<wgpu::Limits> 
             )));
         }
     }
-    need.max_storage_buffers_per_shader_stage = 8;
+    // The fused output layer (output_layer.wgsl) binds 9; it is used only where the device has them.
+    need.max_storage_buffers_per_shader_stage = have
+        .max_storage_buffers_per_shader_stage
+        .min(OUTPUT_LAYER_STORAGE_BUFFERS);
     need.max_compute_workgroup_storage_size = WORKGROUP_BYTES;
     need.max_compute_invocations_per_workgroup = 256;
     need.max_compute_workgroup_size_x = 256;

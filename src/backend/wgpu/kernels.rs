@@ -188,6 +188,8 @@ pub fn expand_unrolls(source: &str, count_of: impl Fn(&str) -> Option<u32>) -> S
 }
 
 const MATMUL_WGSL: &str = include_str!("../../../shaders/matmul.wgsl");
+const SOFTMAX_XENT_WGSL: &str = include_str!("../../../shaders/softmax_xent.wgsl");
+const OUTPUT_LAYER_WGSL: &str = include_str!("../../../shaders/output_layer.wgsl");
 
 /// Every kernel entry point of `shaders/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -199,6 +201,8 @@ pub enum Kernel {
     ReluForward,
     ReluBackward,
     SoftmaxXent,
+    /// The output layer's whole step (output_layer.wgsl, compiled after softmax_xent.wgsl).
+    OutputLayer,
     RmsProp,
     Sgd,
 }
@@ -211,16 +215,19 @@ impl Kernel {
             Kernel::Gather => ("gather.wgsl", include_str!("../../../shaders/gather.wgsl")),
             Kernel::BiasAdd | Kernel::BiasBackward => ("bias.wgsl", include_str!("../../../shaders/bias.wgsl")),
             Kernel::ReluForward | Kernel::ReluBackward => ("relu.wgsl", include_str!("../../../shaders/relu.wgsl")),
-            Kernel::SoftmaxXent => ("softmax_xent.wgsl", include_str!("../../../shaders/softmax_xent.wgsl")),
+            Kernel::SoftmaxXent => ("softmax_xent.wgsl", SOFTMAX_XENT_WGSL),
+            Kernel::OutputLayer => ("output_layer.wgsl", OUTPUT_LAYER_WGSL),
             Kernel::RmsProp | Kernel::Sgd => ("optim.wgsl", include_str!("../../../shaders/optim.wgsl")),
         }
     }
 
-    /// The WGSL that is compiled: the matmul with its tiling's constants, and every shader with
-    /// its `//!unroll` lines expanded.
+    /// The WGSL that is compiled: the matmul with its tiling's constants, the output layer's
+    /// step after the loss it shares code with, and every shader with its `//!unroll` lines
+    /// expanded.
     fn source(self) -> String {
         match self {
             Kernel::Matmul(tiles) => tiles.source(),
+            Kernel::OutputLayer => expand_unrolls(&format!("{SOFTMAX_XENT_WGSL}\n{OUTPUT_LAYER_WGSL}"), |_| None),
             _ => expand_unrolls(self.file().1, |_| None),
         }
     }
@@ -242,6 +249,7 @@ impl Kernel {
             Kernel::ReluForward => "relu_forward",
             Kernel::ReluBackward => "relu_backward",
             Kernel::SoftmaxXent => "softmax_xent_forward_backward",
+            Kernel::OutputLayer => "output_layer_step",
             Kernel::RmsProp => "rmsprop_update",
             Kernel::Sgd => "sgd_update",
         }

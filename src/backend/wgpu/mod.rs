@@ -24,10 +24,14 @@ use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
 use profile::Profile;
 
 use super::checks;
-use super::{Backend, Counters, DatasetId, Epilogue, Packed, ParamTensors, StepStats, TensorId};
+use super::{Backend, Counters, DatasetId, Epilogue, OutputLayerStep, Packed, ParamTensors, StepStats, TensorId};
 use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::{Optimizer, OptimizerKind};
+
+/// The largest batch the fused output layer takes: it runs in one workgroup, whose time grows
+/// with the rows (larger batches run the four dispatches).
+const OUTPUT_LAYER_MAX_ROWS: usize = 1024;
 
 /// A tensor: `len` f32 values at byte `offset` of a buffer that other tensors may share (a packed
 /// group, see `alloc_packed`).
@@ -86,6 +90,10 @@ pub struct WgpuBackend {
     /// in a dispatch of its own: one dispatch fewer, but measured slower on an H200 (an epoch in
     /// 0.046 s against 0.039 s: the product's loads wait on the order and then the pixels).
     fuse_gather: bool,
+    /// Run the output layer's step as one dispatch (output_layer.wgsl) instead of four
+    /// (`GPU_MNIST_OUTPUT_FUSION=1`, or `set_output_layer_fusion`). Off by default: written
+    /// without a hardware GPU to time it on; the H200 profile puts the four at 43 us a step.
+    fuse_output_layer: bool,
     /// Statistics read-backs on their way (oldest first) and how many slots each holds.
     pending_stats: VecDeque<(buffers::PendingRead, usize)>,
     /// Read-back buffers no read is using, reused by the next one.
@@ -121,6 +129,7 @@ impl WgpuBackend {
             tiles_override,
             profile: None,
             fuse_gather: std::env::var("GPU_MNIST_GATHER_FUSION").as_deref() == Ok("1"),
+            fuse_output_layer: std::env::var("GPU_MNIST_OUTPUT_FUSION").as_deref() == Ok("1"),
             pending_stats: VecDeque::new(),
             free_staging: Vec::new(),
         })
@@ -140,6 +149,19 @@ impl WgpuBackend {
     /// Gather the first layer's batch inside its product or not (see `fuse_gather`).
     pub fn set_gather_fusion(&mut self, fuse: bool) {
         self.fuse_gather = fuse;
+    }
+
+    /// Run the output layer's step as one dispatch or as four (see `fuse_output_layer`).
+    pub fn set_output_layer_fusion(&mut self, fuse: bool) {
+        self.fuse_output_layer = fuse;
+    }
+
+    /// Whether `output_layer_step` runs `s` as one dispatch: asked for, a batch the single
+    /// workgroup handles in reasonable time, and a device with the storage buffers it binds.
+    fn fuses_output_layer(&self, s: &OutputLayerStep) -> bool {
+        self.fuse_output_layer
+            && s.b <= OUTPUT_LAYER_MAX_ROWS
+            && self.ctx.limits.max_storage_buffers_per_shader_stage >= context::OUTPUT_LAYER_STORAGE_BUFFERS
     }
 
     /// Make every matmul use `tiles` (None: choose per shape), for tests and tuning.
@@ -608,6 +630,83 @@ impl Backend for WgpuBackend {
         )
     }
 
+    fn output_layer_step(&mut self, s: &OutputLayerStep, opt: &Optimizer) -> Result<()> {
+        if !self.fuses_output_layer(s) {
+            return super::output_layer_in_sequence(self, s, opt);
+        }
+        let op = "output_layer_step";
+        checks::loss(op, s.classes, s.slot, self.stats_slots)?;
+        self.dataset(op, s.ds, s.start, s.b)?;
+        let (b, c, k) = (s.b, s.c, s.classes);
+        for (t, len) in [(s.inp, b * c), (s.dinp, b * c), (s.dlogits, b * k)] {
+            self.tensor(op, t, len)?;
+        }
+        let rmsprop = opt.kind == OptimizerKind::RmsProp;
+        let mut parts = vec![(s.weight.value, s.bias.value), (s.weight.grad, s.bias.grad)];
+        if rmsprop {
+            parts.push((s.weight.velocity, s.bias.velocity));
+        }
+        for &(w, bias) in &parts {
+            self.tensor(op, w, c * k)?;
+            self.tensor(op, bias, k)?;
+            if self.tensors[w.0].buf.id != self.tensors[bias.0].buf.id {
+                return Err(Error::shape(
+                    op,
+                    "the weight and the bias must share a packed buffer (alloc_packed)".to_string(),
+                ));
+            }
+        }
+        // Each written buffer once, and none of them the input (wgpu refuses a buffer bound twice
+        // when one binding writes it).
+        let mut bound: Vec<TensorId> = vec![s.inp, s.dlogits, s.dinp];
+        bound.extend(parts.iter().map(|&(w, _)| w));
+        for i in 0..bound.len() {
+            self.distinct(op, &bound[i..])?;
+        }
+        let word = |t: TensorId| Self::u32_of(op, "a parameter offset", (self.tensors[t.0].offset / 4) as usize);
+        let velocity_words = if rmsprop {
+            [word(s.weight.velocity)?, word(s.bias.velocity)?]
+        } else {
+            [0, 0]
+        };
+        let params = [
+            Self::u32_of(op, "rows", b)?,
+            k as u32,
+            Self::u32_of(op, "start", s.start)?,
+            s.slot as u32,
+            1,
+            Self::u32_of(op, "inputs", c)?,
+            rmsprop as u32,
+            word(s.weight.value)?,
+            word(s.bias.value)?,
+            velocity_words[0],
+            velocity_words[1],
+            word(s.weight.grad)?,
+            word(s.bias.grad)?,
+            bits(opt.lr),
+            bits(opt.rho),
+            bits(opt.eps),
+        ];
+        Self::u32_of(op, "rows * inputs", b * c)?;
+        let velocity = if rmsprop {
+            Bound::BufferOf(s.weight.velocity)
+        } else {
+            Bound::DummyOut
+        };
+        let bind = [
+            (2, Bound::Labels(s.ds)),
+            (3, Bound::Order(s.ds)),
+            (4, Bound::Tensor(s.dlogits)),
+            (5, Bound::Stats),
+            (6, Bound::Tensor(s.inp)),
+            (7, Bound::BufferOf(s.weight.value)),
+            (8, velocity),
+            (9, Bound::BufferOf(s.weight.grad)),
+            (10, Bound::Tensor(s.dinp)),
+        ];
+        self.record(Kernel::OutputLayer, &params, &bind, (1, 1, 1))
+    }
+
     fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()> {
         let op = "bias_add_forward";
         self.tensor(op, out, b * oc)?;
@@ -824,6 +923,9 @@ impl Backend for WgpuBackend {
             .map(|&(m, n, k)| Kernel::Matmul(self.tiles_for(m, n, k)))
             .collect();
         kernels.push(Kernel::SoftmaxXent);
+        if self.fuse_output_layer {
+            kernels.push(Kernel::OutputLayer);
+        }
         if !self.fuse_gather {
             kernels.push(Kernel::Gather);
         }

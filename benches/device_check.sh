@@ -1,0 +1,56 @@
+#!/bin/bash
+# benches/device_check.sh: the one call a session lent an NVIDIA H100/H200 makes, prepared so
+# that it fits the device time (15 minutes a session, start-up included) with room to rerun.
+#
+# Contract: run from the repository root on the device machine, with `.dev/` carried (ignored by
+# git: `echo /.dev/ >> .git/info/exclude`) holding
+#   gpu-mnist       a release binary built here (`cargo build --release`, then `strip`)
+#   mnist/          the four gzip IDX files (from ../shared/data/mnist)
+#   torch_mnist.py  ../shared/bench/torch_mnist.py
+#   *.deb           the Vulkan loader and libglvnd (libvulkan1 libegl1 libglvnd0 libopengl0 libgl1
+#                   libglx0 libgles2, downloaded for amd64 as the device README shows)
+#   tests/          optional: test binaries (`cargo test --release --no-run`, the kernels and
+#                   training executables from target/release/deps) to run on the card
+# and writes at most 8 files to $OUT: the card, `devices`, the reference job with the output
+# layer unfused (cold driver cache: the start-up figure) and fused (GPU_MNIST_OUTPUT_FUSION=1),
+# `bench --device gpu` both ways, PyTorch CUDA's reference job, and the tests' summary.
+# TRAIN_ARGS adds arguments to both training runs (a dry run on llvmpipe here:
+# VK_DRIVER_FILES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json TRAIN_ARGS="--train-limit 2560
+# --epochs 1" BENCH_ARGS="--steps 5 --repeats 1" OUT=/tmp/out bash benches/device_check.sh).
+set -u
+out=${OUT:-/tmp/device-check}
+mkdir -p "$out"
+for f in .dev/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done
+ldconfig 2>/dev/null
+export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
+export GPU_MNIST_DATA=$PWD/.dev/mnist
+bin=.dev/gpu-mnist
+train_args=${TRAIN_ARGS:-}
+bench_args=${BENCH_ARGS:-}
+
+{ nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv; } >"$out/card.txt" 2>&1
+"$bin" devices >"$out/devices.txt" 2>&1
+# shellcheck disable=SC2086 # the extra arguments are meant to split
+{
+    time "$bin" train --device gpu --verbose --out /tmp/run-unfused $train_args
+} >"$out/train_unfused.txt" 2>&1
+# shellcheck disable=SC2086
+{
+    time GPU_MNIST_OUTPUT_FUSION=1 "$bin" train --device gpu --verbose --out /tmp/run-fused $train_args
+} >"$out/train_fused.txt" 2>&1
+# shellcheck disable=SC2086
+"$bin" bench --device gpu $bench_args >"$out/bench_unfused.txt" 2>&1
+# shellcheck disable=SC2086
+GPU_MNIST_OUTPUT_FUSION=1 "$bin" bench --device gpu $bench_args >"$out/bench_fused.txt" 2>&1
+if [ -z "$train_args" ]; then
+    PYTHONUNBUFFERED=1 python3 .dev/torch_mnist.py --device cuda --data .dev/mnist >"$out/torch_cuda.txt" 2>&1
+fi
+for t in .dev/tests/*; do
+    [ -x "$t" ] || continue
+    echo "== $t"
+    GPU_MNIST_DATA=$PWD/.dev/mnist "$t" --test-threads=1 2>&1 | grep -E "^test |test result|panicked|max \|diff\|.*fused"
+done >"$out/tests.txt" 2>&1
+grep -H -E "epoch|test:|first chunk|dispatches" "$out"/train_*.txt | head -40
+grep -H -E "step|epoch|samples" "$out"/bench_*.txt | head -20
+tail -n 3 "$out/torch_cuda.txt" 2>/dev/null
+grep -E "test result" "$out/tests.txt"
