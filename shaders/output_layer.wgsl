@@ -19,8 +19,8 @@
 //  10 dinp     storage rw     array<f32>  (B, C) = (dlogits @ W^T) * (inp > 0), with W before
 //                                         the step
 // Phases, separated by barriers (storage writes become visible to the whole workgroup):
-//   1. logits = inp @ W + bias, one row an invocation (K split in two halves over two sets of
-//      invocations when B <= 128), into dlogits;
+//   1. logits = inp @ W + bias, rows spread over the invocations (with B <= 128, K split in two
+//      halves over two sets of 128 invocations), into dlogits;
 //   2. per row: loss, arg-max and dlogits (row_stats); the stats slot gets the batch's sums;
 //   3. dinp, one column k of C an invocation (W's row k held in registers), rows in order;
 //   4. dW (k, j) = sum over rows of inp (r, k) dlogits (r, j) and dbias, one column k an
@@ -28,8 +28,8 @@
 //      v = rho v + (1 - rho) g^2; p -= lr g / sqrt(v + eps); or SGD: p -= lr g).
 // Every sum is taken in a fixed order: results are deterministic.
 // Dispatch: exactly one workgroup of 256 invocations. The host uses this kernel for batches of
-// at most 1024 rows and 10 classes (checks::loss), and only on an adapter with 10 storage buffers
-// a stage.
+// at most 1024 rows and 4 x 128 x 512 rows x inputs, 10 classes (checks::loss), and only on an
+// adapter with 9 storage buffers a stage.
 
 const HT: u32 = 256u; // invocations of the workgroup
 const V: u32 = 10u; // classes

@@ -9,7 +9,7 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, DatasetId, Epilogue, OutputLayerStep, ParamTensors, TensorId};
+use crate::backend::{Backend, DatasetId, Epilogue, OutputLayerStep, Packed, ParamTensors, TensorId};
 use crate::data::{CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::Optimizer;
@@ -169,12 +169,9 @@ pub enum ParamPart {
 }
 
 impl ParamPart {
-    fn of(self, p: &Param) -> TensorId {
-        match self {
-            ParamPart::Value => p.value,
-            ParamPart::Grad => p.grad,
-            ParamPart::Velocity => p.velocity,
-        }
+    /// Index into `Graph::packed`.
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -200,6 +197,9 @@ pub struct Graph {
     /// dacts[i + 1] is the gradient of the loss with respect to layer i's output before its
     /// activation (for the last layer: the logits); dacts[0] is never written.
     dacts: Vec<TensorId>,
+    /// The packed allocations of the values, gradients and velocities (in `ParamPart` order), so
+    /// that reading or writing one part of every parameter is one transfer.
+    packed: [Packed; 3],
     max_batch: usize,
 }
 
@@ -287,6 +287,7 @@ impl Graph {
             layers,
             acts,
             dacts,
+            packed: [values, grads, velocities],
             max_batch,
         })
     }
@@ -316,33 +317,50 @@ impl Graph {
         self.read_part(be, ParamPart::Grad)
     }
 
-    /// Copy one part (values, gradients or velocities) of every parameter to the backend.
+    /// Copy one part (values, gradients or velocities) of every parameter to the backend, in one
+    /// write of the packed allocation.
     pub fn write_part(&self, be: &mut dyn Backend, part: ParamPart, values: &[HostTensor]) -> Result<()> {
         if values.len() != self.params.len() {
             let reason = format!("{} tensors for {} parameters", values.len(), self.params.len());
             return Err(Error::shape("set_params", reason));
         }
-        for (p, v) in self.params.iter().zip(values) {
+        let packed = &self.packed[part.index()];
+        let mut whole = vec![0.0f32; packed.len];
+        for ((p, v), &offset) in self.params.iter().zip(values).zip(&packed.offsets) {
             if p.name != v.name || p.shape != v.shape || v.data.len() != p.len() {
                 let reason = format!("{} {:?} given for {} {:?}", v.name, v.shape, p.name, p.shape);
                 return Err(Error::shape("set_params", reason));
             }
-            be.write(part.of(p), &v.data)?;
+            whole[offset..offset + p.len()].copy_from_slice(&v.data);
         }
-        Ok(())
+        be.write(packed.whole, &whole)
     }
 
-    /// Read one part (values, gradients or velocities) of every parameter back from the backend.
+    /// Read one part (values, gradients or velocities) of every parameter back from the backend,
+    /// in one read of the packed allocation.
     pub fn read_part(&self, be: &mut dyn Backend, part: ParamPart) -> Result<Vec<HostTensor>> {
+        let packed = &self.packed[part.index()];
+        let whole = be.read(packed.whole)?;
         self.params
             .iter()
-            .map(|p| {
-                let mut data = be.read(part.of(p))?;
-                data.truncate(p.len());
+            .zip(&packed.offsets)
+            .map(|(p, &offset)| {
+                let data = whole.get(offset..offset + p.len()).ok_or_else(|| {
+                    Error::shape(
+                        "read_part",
+                        format!(
+                            "{} values read, {} needs {}..{}",
+                            whole.len(),
+                            p.name,
+                            offset,
+                            offset + p.len()
+                        ),
+                    )
+                })?;
                 Ok(HostTensor {
                     name: p.name.clone(),
                     shape: p.shape.clone(),
-                    data,
+                    data: data.to_vec(),
                 })
             })
             .collect()

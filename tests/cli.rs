@@ -174,3 +174,35 @@ fn gpu_training_on_a_subset_matches_the_cpu_and_counts_its_round_trips() {
         );
     }
 }
+
+/// `--device auto` keeps each epoch's starting parameters and velocities, to hand a failing GPU's
+/// run over to the CPU: one read-back of each packed allocation, so with the statistics' an epoch
+/// has 3 (it had 9 when each of the 8 tensors was read on its own).
+#[test]
+fn auto_keeps_its_epoch_snapshot_in_two_read_backs() {
+    let data = data_arg();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["train", "--data", &data, "--train-limit", "1280", "--test-limit", "200"])
+        .args(["--epochs", "2", "--verbose", "--device", "auto", "--out"])
+        .arg(dir.path().join("run"))
+        .env("GPU_MNIST_AUTO_ACCEPTS_SOFTWARE", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("--device auto: software (cpu) GPU found"), "{stdout}");
+    let backend_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("backend:"))
+        .collect();
+    assert_eq!(backend_lines.len(), 2, "{stdout}");
+    for line in backend_lines {
+        // 10 steps of 7 dispatches; the two snapshot reads and the chunk's statistics.
+        assert_eq!(
+            line.trim(),
+            "backend: 70 dispatches, 3 submits, 3 read-backs, 1 uploads",
+            "{stdout}"
+        );
+    }
+}

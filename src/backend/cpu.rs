@@ -466,15 +466,22 @@ impl Backend for CpuBackend {
         let whole = self.alloc(len)?;
         let storage = self.tensors[whole.0].storage;
         let mut offset = 0;
+        let mut offsets = Vec::with_capacity(lens.len());
         let parts = lens
             .iter()
             .map(|&len| {
+                offsets.push(offset);
                 self.tensors.push(View { storage, offset, len });
                 offset += len;
                 TensorId(self.tensors.len() - 1)
             })
             .collect();
-        Ok(Packed { whole, len, parts })
+        Ok(Packed {
+            whole,
+            len,
+            parts,
+            offsets,
+        })
     }
 
     fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()> {

@@ -36,6 +36,8 @@ pub struct Packed {
     /// Values in `whole`.
     pub len: usize,
     pub parts: Vec<TensorId>,
+    /// Where each part starts in `whole`, in values.
+    pub offsets: Vec<usize>,
 }
 
 /// The tensors of one parameter: its value, its gradient and RMSprop's velocity of it.

@@ -29,9 +29,11 @@ use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::{Optimizer, OptimizerKind};
 
-/// The largest batch the fused output layer takes: it runs in one workgroup, whose time grows
-/// with the rows (larger batches run the four dispatches).
+/// The largest batch the fused output layer takes, and the most (rows x inputs): it runs in one
+/// workgroup, whose time grows with both (4x the reference job's 128 x 512 at most); larger
+/// steps run the four dispatches.
 const OUTPUT_LAYER_MAX_ROWS: usize = 1024;
+const OUTPUT_LAYER_MAX_WORK: usize = 4 * 128 * 512;
 
 /// A tensor: `len` f32 values at byte `offset` of a buffer that other tensors may share (a packed
 /// group, see `alloc_packed`).
@@ -92,7 +94,7 @@ pub struct WgpuBackend {
     fuse_gather: bool,
     /// Run the output layer's step as one dispatch (output_layer.wgsl) instead of four
     /// (`GPU_MNIST_OUTPUT_FUSION=1`, or `set_output_layer_fusion`). Off by default: written
-    /// without a hardware GPU to time it on; the H200 profile puts the four at 43 us a step.
+    /// without a hardware GPU to time it on; the H200 profile puts the four at 48 us of 105.
     fuse_output_layer: bool,
     /// Statistics read-backs on their way (oldest first) and how many slots each holds.
     pending_stats: VecDeque<(buffers::PendingRead, usize)>,
@@ -156,12 +158,16 @@ impl WgpuBackend {
         self.fuse_output_layer = fuse;
     }
 
-    /// Whether `output_layer_step` runs `s` as one dispatch: asked for, a batch the single
-    /// workgroup handles in reasonable time, and a device with the storage buffers it binds.
-    fn fuses_output_layer(&self, s: &OutputLayerStep) -> bool {
+    /// Whether the fused output layer is asked for and the device has the storage buffers it binds.
+    pub fn output_layer_fusion_available(&self) -> bool {
         self.fuse_output_layer
-            && s.b <= OUTPUT_LAYER_MAX_ROWS
             && self.ctx.limits.max_storage_buffers_per_shader_stage >= context::OUTPUT_LAYER_STORAGE_BUFFERS
+    }
+
+    /// Whether `output_layer_step` runs `s` as one dispatch: available, and a step the single
+    /// workgroup handles in reasonable time.
+    fn fuses_output_layer(&self, s: &OutputLayerStep) -> bool {
+        self.output_layer_fusion_available() && s.b <= OUTPUT_LAYER_MAX_ROWS && s.b * s.c <= OUTPUT_LAYER_MAX_WORK
     }
 
     /// Make every matmul use `tiles` (None: choose per shape), for tests and tuning.
@@ -394,6 +400,7 @@ impl Backend for WgpuBackend {
             whole,
             len: total,
             parts,
+            offsets,
         })
     }
 
@@ -923,7 +930,7 @@ impl Backend for WgpuBackend {
             .map(|&(m, n, k)| Kernel::Matmul(self.tiles_for(m, n, k)))
             .collect();
         kernels.push(Kernel::SoftmaxXent);
-        if self.fuse_output_layer {
+        if self.output_layer_fusion_available() {
             kernels.push(Kernel::OutputLayer);
         }
         if !self.fuse_gather {
