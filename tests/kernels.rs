@@ -627,28 +627,12 @@ fn output_layer(
     (b, c): (usize, usize),
     opt: &gpu_mnist::optim::Optimizer,
 ) -> (Vec<Vec<f32>>, gpu_mnist::backend::StepStats, u64) {
-    use gpu_mnist::backend::{OutputLayerStep, ParamTensors};
+    use gpu_mnist::backend::OutputLayerStep;
     let (start, classes) = (7, 10);
     let ds = be.upload_dataset(data).unwrap();
     be.set_order(ds, order).unwrap();
     be.reserve_stats(1).unwrap();
-    let lens = [11, 3, c * classes, classes];
-    let (p, gr, v) = (
-        be.alloc_packed(&lens).unwrap(),
-        be.alloc_packed(&lens).unwrap(),
-        be.alloc_packed(&lens).unwrap(),
-    );
-    for k in 0..lens.len() {
-        be.write(p.parts[k], &values[k]).unwrap();
-        // Gradients start as garbage, to be overwritten.
-        be.write(gr.parts[k], &values[k]).unwrap();
-        be.write(v.parts[k], &vels[k]).unwrap();
-    }
-    let part = |k: usize| ParamTensors {
-        value: p.parts[k],
-        grad: gr.parts[k],
-        velocity: v.parts[k],
-    };
+    let packed = packed_two_layers(be, (values, vels), (c, classes));
     let t_inp = upload(be, inp);
     let (logits, dlogits, dinp) = (
         be.alloc(b * classes).unwrap(),
@@ -656,8 +640,8 @@ fn output_layer(
         be.alloc(b * c).unwrap(),
     );
     let step = OutputLayerStep {
-        weight: part(2),
-        bias: part(3),
+        weight: param_of(&packed, 2),
+        bias: param_of(&packed, 3),
         inp: t_inp,
         logits,
         dlogits,
@@ -674,8 +658,8 @@ fn output_layer(
     let dispatches = be.counters().dispatches - before;
     let stats = be.read_stats(1).unwrap()[0];
     let mut parts = vec![dlogits, dinp];
-    for packed in [&p, &gr, &v] {
-        parts.extend(&packed.parts);
+    for p in &packed {
+        parts.extend(&p.parts);
     }
     (parts.iter().map(|&t| be.read(t).unwrap()).collect(), stats, dispatches)
 }

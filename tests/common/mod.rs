@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::wgpu::WgpuBackend;
-use gpu_mnist::backend::{Backend, ParamTensors, TensorId};
+use gpu_mnist::backend::{Backend, Packed, ParamTensors, TensorId};
 use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
 use gpu_mnist::optim::Optimizer;
 use rand::{RngExt, SeedableRng};
@@ -222,23 +222,10 @@ pub fn fused_step(
     (b, c, oc): (usize, usize, usize),
     opt: &Optimizer,
 ) -> [Vec<f32>; 7] {
-    let lens = [11, 3, c * oc, oc];
-    let (p, gr, v) = (
-        be.alloc_packed(&lens).unwrap(),
-        be.alloc_packed(&lens).unwrap(),
-        be.alloc_packed(&lens).unwrap(),
-    );
-    for k in 0..lens.len() {
-        be.write(p.parts[k], &values[k]).unwrap();
-        be.write(v.parts[k], &vels[k]).unwrap();
-    }
-    let part = |k: usize| ParamTensors {
-        value: p.parts[k],
-        grad: gr.parts[k],
-        velocity: v.parts[k],
-    };
+    let packed = packed_two_layers(be, (values, vels), (c, oc));
+    let [p, gr, v] = &packed;
     let (t_inp, t_dout) = (upload(be, inp), upload(be, dout));
-    be.matmul_backward_weight_update(part(2), part(3), t_inp, t_dout, b, c, oc, opt)
+    be.matmul_backward_weight_update(param_of(&packed, 2), param_of(&packed, 3), t_inp, t_dout, b, c, oc, opt)
         .unwrap();
     let parts = [
         gr.parts[2],
@@ -250,6 +237,33 @@ pub fn fused_step(
         p.parts[0],
     ];
     parts.map(|t| be.read(t).unwrap())
+}
+
+/// The packed values, gradients and velocities of two dense layers, parts of lengths
+/// [11, 3, C*OC, OC] (so that the second layer's parameters sit at non-zero offsets): the values
+/// and velocities as given, the gradients filled with the values (what an op must overwrite).
+pub fn packed_two_layers(
+    be: &mut dyn Backend,
+    (values, vels): (&[Vec<f32>], &[Vec<f32>]),
+    (c, oc): (usize, usize),
+) -> [Packed; 3] {
+    let lens = [11, 3, c * oc, oc];
+    let packed = [(); 3].map(|_| be.alloc_packed(&lens).unwrap());
+    for k in 0..lens.len() {
+        be.write(packed[0].parts[k], &values[k]).unwrap();
+        be.write(packed[1].parts[k], &values[k]).unwrap();
+        be.write(packed[2].parts[k], &vels[k]).unwrap();
+    }
+    packed
+}
+
+/// The tensors of parameter `k` in `packed_two_layers`' allocations.
+pub fn param_of(packed: &[Packed; 3], k: usize) -> ParamTensors {
+    ParamTensors {
+        value: packed[0].parts[k],
+        grad: packed[1].parts[k],
+        velocity: packed[2].parts[k],
+    }
 }
 
 /// |v| elementwise.
