@@ -4,7 +4,10 @@
 //! Contract: `ModelSpec` describes an MLP 784 -> hidden... -> 10 (ReLU after every hidden Dense);
 //! `Graph::new` allocates its parameters, gradients, optimizer state and activations on the
 //! backend once, for batches of up to `max_batch` rows; `train_step` and `eval_step` then only
-//! dispatch ops. Parameters are initialised as Keras does: Glorot-uniform weights, zero biases.
+//! dispatch ops. A training step is the hidden layers' forward products, the output layer's
+//! whole step (`Backend::output_layer_step`: its forward product, the loss, its input gradient and
+//! update), then the hidden layers' backward products and updates, last layer first.
+//! Parameters are initialised as Keras does: Glorot-uniform weights, zero biases.
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -3,9 +3,11 @@
 //! Contract: implements `Backend` on one wgpu device. Ops are recorded into one command encoder
 //! and one compute pass and submitted only at a synchronisation point (`read`, `request_stats`)
 //! or before an upload, so a chunk of training steps is one submit with one read-back. Several
-//! ops of the graph run fused into one matmul dispatch (see `Fusions` and shaders/matmul.wgsl). Datasets are
-//! uploaded once as u8 (4 pixels a word) with labels as u32; per epoch only the shuffled order is
-//! uploaded. All wgpu calls of the crate live in this module and its children.
+//! ops of the graph run fused into one matmul dispatch (see `Fusions` and shaders/matmul.wgsl),
+//! and with `GPU_MNIST_OUTPUT_FUSION=1` the output layer's whole step is one dispatch
+//! (shaders/output_layer.wgsl). Datasets are uploaded once as u8 (4 pixels a word) with labels as
+//! u32; per epoch only the shuffled order is uploaded. All wgpu calls of the crate live in this
+//! module and its children.
 
 mod buffers;
 mod context;
