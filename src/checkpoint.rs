@@ -43,7 +43,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+        // Say it was the write that failed (the folder may have gone since the flags were checked).
+        let why = if !dir.is_dir() {
+            format!("could not be written: its folder {} does not exist", dir.display())
+        } else if e.kind() == std::io::ErrorKind::PermissionDenied {
+            format!("could not be written: permission denied in {}", dir.display())
+        } else {
+            format!("could not be written in {}: {e}", dir.display())
+        };
+        return Err(Error::bad_file(path, why));
     }
     Ok(())
 }
@@ -299,6 +307,22 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
 mod tests {
     use super::*;
     use crate::model::glorot_init;
+
+    /// A write whose folder is gone says so, naming the file, and leaves nothing behind.
+    #[test]
+    fn a_write_into_a_vanished_folder_says_the_write_failed() {
+        let base = std::env::temp_dir().join(format!("gpu-mnist-vanished-{}", std::process::id()));
+        let path = base.join("gone").join("m.safetensors");
+        let err = write_atomic(&path, b"x")
+            .expect_err("the folder does not exist")
+            .to_string();
+        assert!(
+            err.contains("m.safetensors") && err.contains("could not be written"),
+            "{err}"
+        );
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(!base.exists());
+    }
 
     #[test]
     fn round_trip_and_rejections() -> std::result::Result<(), String> {

@@ -285,6 +285,27 @@ fn offline_without_data_says_which_files_to_put_where() {
     );
 }
 
+/// A `--data` folder without the files: one line naming every missing file and the folder.
+#[test]
+fn a_data_folder_without_the_files_names_all_of_them() {
+    let empty = tempfile::tempdir().unwrap();
+    let dir = empty.path().to_string_lossy().to_string();
+    let o = run_on(empty.path(), &["train", "--device", "cpu", "--offline", "--data", &dir]);
+    assert_clean_failure(
+        "--data, empty folder",
+        &o,
+        1,
+        &[
+            "train-images-idx3-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+            &dir,
+        ],
+    );
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.stderr);
+}
+
 impl From<std::process::Output> for Outcome {
     fn from(out: std::process::Output) -> Self {
         Outcome {

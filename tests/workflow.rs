@@ -320,3 +320,58 @@ fn a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights() {
         "every epoch is in the resumed run's metrics: {csv}"
     );
 }
+
+/// `--resume` with nothing else continues where and as the run ran: its data folder (no
+/// GPU_MNIST_DATA, an empty cache and --offline, so nothing else could supply the files), its
+/// test limit and its device; flags given again win.
+#[test]
+fn resume_reuses_the_runs_data_folder_test_limit_and_device() {
+    let d = data_arg();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    run_ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        &d,
+        "--epochs",
+        "1",
+        "--train-limit",
+        "1280",
+        "--test-limit",
+        "300",
+        "--checkpoint-dir",
+        &p("ck"),
+        "--out",
+        &p("run"),
+        "--quiet",
+    ]);
+    let resume = |extra: &[&str]| {
+        let out = bin()
+            .args(["train", "--resume", &p("ck"), "--offline"])
+            .args(extra)
+            .env("HOME", dir.path().join("home"))
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        assert!(out.status.success(), "{stdout}{stderr}");
+        stdout
+    };
+    let second = resume(&["--epochs", "2"]);
+    println!("{second}");
+    // Found offline with an empty cache: the run's own folder.
+    assert!(second.contains("(1280 training, 300 test images)"), "{second}");
+    assert!(second.contains("(--device cpu)"), "{second}");
+    assert!(second.contains("(300 images)"), "{second}");
+    let third = resume(&["--epochs", "3", "--test-limit", "200", "--device", "reference"]);
+    println!("{third}");
+    assert!(
+        third.contains("(--device reference)") && third.contains("(200 images)"),
+        "{third}"
+    );
+}

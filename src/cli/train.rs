@@ -71,8 +71,8 @@ pub struct TrainArgs {
     /// Save model and optimizer state to DIR/checkpoint.safetensors after every epoch
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Continue the run checkpointed in DIR with its settings (--epochs may extend it); it keeps
-    /// checkpointing there
+    /// Continue the run checkpointed in DIR with its settings (--epochs may extend it), data
+    /// folder, test limit and device unless given; it keeps checkpointing there
     #[arg(long, value_name = "DIR", conflicts_with = "checkpoint_dir")]
     pub resume: Option<PathBuf>,
     /// Folder for config.json, metrics.csv and learning_curve.svg [default: runs/run-<UTC time>]
@@ -210,6 +210,54 @@ struct Resumed {
     history: Vec<EpochRecord>,
     run_dir: Option<PathBuf>,
     settings: Settings,
+    /// Where and on what the run ran; reused unless the command line says otherwise.
+    place: RunPlace,
+}
+
+/// The data folder, test limit and device of a run: not part of its arithmetic (a resumed run may
+/// move to another machine), but what `--resume` reuses when the command line does not give them.
+#[derive(Debug, Clone, Default)]
+struct RunPlace {
+    data: Option<PathBuf>,
+    test_limit: Option<usize>,
+    device: Option<DeviceFlag>,
+    adapter: Option<String>,
+}
+
+impl RunPlace {
+    fn to_json(data: &Path, args: &TrainArgs) -> Value {
+        json!({
+            "data": std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf()).display().to_string(),
+            "test_limit": args.data.test_limit,
+            "device": args.device.device.to_possible_value().map(|v| v.get_name().to_string()),
+            "adapter": args.device.adapter,
+        })
+    }
+
+    /// Whatever of it a checkpoint holds (checkpoints before it was kept hold none).
+    fn from_json(v: &Value) -> RunPlace {
+        RunPlace {
+            data: v["data"].as_str().map(PathBuf::from),
+            test_limit: v["test_limit"].as_u64().filter(|&n| n >= 1).map(|n| n as usize),
+            device: v["device"].as_str().and_then(|d| DeviceFlag::from_str(d, true).ok()),
+            adapter: v["adapter"].as_str().map(str::to_string),
+        }
+    }
+
+    /// Fill in what the command line left out: the data folder if it still holds the four files,
+    /// the test limit, and the device (with its adapter).
+    fn fill(&self, args: &mut TrainArgs, given: impl Fn(&str) -> bool) {
+        if args.data.data.is_none() {
+            args.data.data = self.data.clone().filter(|d| gpu_mnist::data::dir_has_all_files(d));
+        }
+        if !given("test_limit") {
+            args.data.test_limit = self.test_limit;
+        }
+        if let Some(device) = self.device.filter(|_| !given("device") && !given("adapter")) {
+            args.device.device = device;
+            args.device.adapter = self.adapter.clone();
+        }
+    }
 }
 
 fn load_resume(dir: &Path) -> Result<Resumed> {
@@ -254,6 +302,7 @@ fn load_resume(dir: &Path) -> Result<Resumed> {
         history,
         run_dir,
         settings,
+        place: RunPlace::from_json(&state["place"]),
     })
 }
 
@@ -352,10 +401,13 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
+pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let t_start = Instant::now();
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     let resumed = args.resume.as_deref().map(load_resume).transpose()?;
+    if let Some(r) = &resumed {
+        r.place.fill(&mut args, given);
+    }
     let settings = match &resumed {
         Some(r) => {
             // A resumed run keeps its settings, except --epochs, which may extend or shorten it.
@@ -454,12 +506,13 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         );
         println!("{}", opened.note);
         println!(
-            "model: {} ({} parameters), {}, batch {}, {} epochs, seed {}",
+            "model: {} ({} parameters), {}, batch {}, {} epoch{}, seed {}",
             spec.describe(),
             spec.param_count(),
             settings.optimizer.describe(),
             settings.batch_size,
             settings.epochs,
+            if settings.epochs == 1 { "" } else { "s" },
             settings.seed
         );
         println!("run folder: {}", run_dir.display());
@@ -509,6 +562,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         cfg,
         run_dir: &run_dir,
         checkpoint_dir: checkpoint_dir.as_deref(),
+        data_dir: &dir,
         config: &config,
         human,
         interactive,
@@ -571,6 +625,8 @@ struct Run<'a> {
     cfg: TrainConfig,
     run_dir: &'a Path,
     checkpoint_dir: Option<&'a Path>,
+    /// The MNIST folder in use.
+    data_dir: &'a Path,
     config: &'a Value,
     human: bool,
     interactive: bool,
@@ -606,6 +662,7 @@ impl Run<'_> {
                 "examples": partial.examples, "seconds": partial.seconds,
             },
             "settings": self.settings.to_json(),
+            "place": RunPlace::to_json(self.data_dir, self.args),
             "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
             // Absolute, so that a resume from another working folder writes to the same place.
             "run_dir": std::path::absolute(self.run_dir).unwrap_or_else(|_| self.run_dir.to_path_buf()).display().to_string(),

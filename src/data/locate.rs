@@ -33,12 +33,17 @@ pub fn cache_dir() -> Option<PathBuf> {
     base.map(|b| b.join("gpu-mnist").join("mnist"))
 }
 
-fn missing_files_message(dir: &Path, why: &str) -> String {
-    let missing: Vec<String> = MNIST_FILES
+/// The names (as .gz) of the four files that `dir` lacks.
+fn missing_files(dir: &Path) -> Vec<String> {
+    MNIST_FILES
         .iter()
         .filter(|f| !file_path(dir, f).exists())
         .map(|f| format!("{}.gz", f.name))
-        .collect();
+        .collect()
+}
+
+fn missing_files_message(dir: &Path, why: &str) -> String {
+    let missing = missing_files(dir);
     format!(
         "MNIST not found: {why}; put {} in {} (or pass --data DIR, or set GPU_MNIST_DATA)",
         missing.join(", "),
@@ -61,7 +66,15 @@ pub fn resolve_data_dir(flag: Option<&Path>, offline: bool, show_progress: bool)
                 dir.display()
             )));
         }
-        // Missing files are reported by the loader, naming the exact file.
+        // One missing file is reported by the loader, naming it; several, here, all at once.
+        let missing = missing_files(&dir);
+        if missing.len() > 1 {
+            return Err(Error::DataNotFound(format!(
+                "{what} {} lacks {}; put them there, or leave out {what} to use the per-user cache (filled by downloading)",
+                dir.display(),
+                missing.join(", ")
+            )));
+        }
         return Ok((dir, source));
     }
     let cache = cache_dir().ok_or_else(|| {
