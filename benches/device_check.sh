@@ -9,8 +9,9 @@
 #   torch_mnist.py  ../shared/bench/torch_mnist.py
 #   *.deb           the Vulkan loader and libglvnd (libvulkan1 libegl1 libglvnd0 libopengl0 libgl1
 #                   libglx0 libgles2, downloaded for amd64 as the device README shows)
-#   tests/          optional: test binaries (`cargo test --release --no-run`, the kernels and
-#                   training executables from target/release/deps) to run on the card
+#   tests/          optional: the kernels and training test binaries, stripped, to run on the card
+#                   (`cargo test --release --test kernels --test training --no-run` prints their
+#                   paths; copy them as tests/kernels and tests/training)
 # and writes at most 8 files to $OUT: the card, `devices`, the reference job with the output
 # layer unfused (cold driver cache: the start-up figure) and fused (GPU_MNIST_OUTPUT_FUSION=1),
 # `bench --device gpu` both ways, PyTorch CUDA's reference job, and the tests' summary.
