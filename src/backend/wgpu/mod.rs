@@ -318,6 +318,22 @@ impl WgpuBackend {
         Ok(data)
     }
 
+    /// A weight (`c * n` values) and its bias (`n`) that a fused optimizer step updates through
+    /// one binding of their packed buffer: checked to be that long and to share the buffer;
+    /// returns their offsets in it in f32 words, which the shaders index by.
+    fn packed_pair(&self, op: &'static str, weight: TensorId, bias: TensorId, c: usize, n: usize) -> Result<[u32; 2]> {
+        self.tensor(op, weight, c * n)?;
+        self.tensor(op, bias, n)?;
+        if self.tensors[weight.0].buf.id != self.tensors[bias.0].buf.id {
+            return Err(Error::shape(
+                op,
+                "the weight and the bias must share a packed buffer (alloc_packed)".to_string(),
+            ));
+        }
+        let word = |t: TensorId| Self::u32_of(op, "a parameter offset", (self.tensors[t.0].offset / 4) as usize);
+        Ok([word(weight)?, word(bias)?])
+    }
+
     fn max_groups(&self) -> u32 {
         self.ctx.limits.max_compute_workgroups_per_dimension
     }
@@ -651,33 +667,27 @@ impl Backend for WgpuBackend {
             self.tensor(op, t, len)?;
         }
         let rmsprop = opt.kind == OptimizerKind::RmsProp;
-        let mut parts = vec![(s.weight.value, s.bias.value), (s.weight.grad, s.bias.grad)];
-        if rmsprop {
-            parts.push((s.weight.velocity, s.bias.velocity));
-        }
-        for &(w, bias) in &parts {
-            self.tensor(op, w, c * k)?;
-            self.tensor(op, bias, k)?;
-            if self.tensors[w.0].buf.id != self.tensors[bias.0].buf.id {
-                return Err(Error::shape(
-                    op,
-                    "the weight and the bias must share a packed buffer (alloc_packed)".to_string(),
-                ));
-            }
-        }
-        // Each written buffer once, and none of them the input (wgpu refuses a buffer bound twice
-        // when one binding writes it).
-        let mut bound: Vec<TensorId> = vec![s.inp, s.dlogits, s.dinp];
-        bound.extend(parts.iter().map(|&(w, _)| w));
-        for i in 0..bound.len() {
-            self.distinct(op, &bound[i..])?;
-        }
-        let word = |t: TensorId| Self::u32_of(op, "a parameter offset", (self.tensors[t.0].offset / 4) as usize);
+        let value_words = self.packed_pair(op, s.weight.value, s.bias.value, c, k)?;
+        let grad_words = self.packed_pair(op, s.weight.grad, s.bias.grad, c, k)?;
         let velocity_words = if rmsprop {
-            [word(s.weight.velocity)?, word(s.bias.velocity)?]
+            self.packed_pair(op, s.weight.velocity, s.bias.velocity, c, k)?
         } else {
             [0, 0]
         };
+        // Each written buffer once, and none of them the input (wgpu refuses a buffer bound twice
+        // when one binding writes it); SGD binds no velocity.
+        let bound = [
+            s.inp,
+            s.dlogits,
+            s.dinp,
+            s.weight.value,
+            s.weight.grad,
+            s.weight.velocity,
+        ];
+        let bound = &bound[..if rmsprop { 6 } else { 5 }];
+        for i in 0..bound.len() {
+            self.distinct(op, &bound[i..])?;
+        }
         let params = [
             Self::u32_of(op, "rows", b)?,
             k as u32,
@@ -686,12 +696,12 @@ impl Backend for WgpuBackend {
             1,
             Self::u32_of(op, "inputs", c)?,
             rmsprop as u32,
-            word(s.weight.value)?,
-            word(s.bias.value)?,
+            value_words[0],
+            value_words[1],
             velocity_words[0],
             velocity_words[1],
-            word(s.weight.grad)?,
-            word(s.bias.grad)?,
+            grad_words[0],
+            grad_words[1],
             bits(opt.lr),
             bits(opt.rho),
             bits(opt.eps),
@@ -1046,27 +1056,13 @@ impl WgpuBackend {
                 return Err(Error::shape(op, "a fused update needs the bias gradient".to_string()));
             }
             let (w, bias) = (u.weight, u.bias);
-            self.tensor(op, w.value, m * n)?;
-            self.tensor(op, bias.value, n)?;
-            let same_buffer = |x: TensorId, y: TensorId| self.tensors[x.0].buf.id == self.tensors[y.0].buf.id;
-            if !same_buffer(w.value, bias.value) || !same_buffer(w.velocity, bias.velocity) {
-                return Err(Error::shape(
-                    op,
-                    "the weight and the bias must share a packed buffer (alloc_packed)".to_string(),
-                ));
-            }
-            let word = |t: TensorId| Self::u32_of(op, "a parameter offset", (self.tensors[t.0].offset / 4) as usize);
+            [params[11], params[13]] = self.packed_pair(op, w.value, bias.value, m, n)?;
             params[8] = bits(u.opt.lr);
             params[9] = bits(u.opt.rho);
             params[10] = bits(u.opt.eps);
-            params[11] = word(w.value)?;
-            params[13] = word(bias.value)?;
             match u.opt.kind {
                 OptimizerKind::RmsProp => {
-                    self.tensor(op, w.velocity, m * n)?;
-                    self.tensor(op, bias.velocity, n)?;
-                    params[12] = word(w.velocity)?;
-                    params[14] = word(bias.velocity)?;
+                    [params[12], params[14]] = self.packed_pair(op, w.velocity, bias.velocity, m, n)?;
                     params[7] |= 16;
                     velocity_buf = Bound::BufferOf(w.velocity);
                 }
