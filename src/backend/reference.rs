@@ -231,18 +231,32 @@ pub fn argmax_rows<T: Real>(pred: &mut [u8], scores: &[T], b: usize, v: usize) {
     }
 }
 
-/// RMSprop, Keras's formula: v = rho v + (1 - rho) g^2; param -= lr g / sqrt(v + eps).
+/// Keras's RMSprop step of one value, the one place its formula is written in Rust (every CPU
+/// path calls it, so their updates are bit-identical): v = rho v + (1 - rho) g^2;
+/// param -= lr g / sqrt(v + eps).
+#[inline(always)]
+pub fn rmsprop_one<T: Real>(param: &mut T, velocity: &mut T, g: T, lr: T, rho: T, eps: T) {
+    *velocity = rho * *velocity + (T::ONE - rho) * g * g;
+    *param = *param - lr * g / (*velocity + eps).sqrt();
+}
+
+/// Plain SGD's step of one value: param -= lr g.
+#[inline(always)]
+pub fn sgd_one<T: Real>(param: &mut T, g: T, lr: T) {
+    *param = *param - lr * g;
+}
+
+/// RMSprop on every value (`rmsprop_one`).
 pub fn rmsprop_update<T: Real>(param: &mut [T], velocity: &mut [T], grad: &[T], lr: T, rho: T, eps: T) {
     for ((p, v), &g) in param.iter_mut().zip(velocity.iter_mut()).zip(grad) {
-        *v = rho * *v + (T::ONE - rho) * g * g;
-        *p = *p - lr * g / (*v + eps).sqrt();
+        rmsprop_one(p, v, g, lr, rho, eps);
     }
 }
 
-/// Plain SGD: param -= lr g.
+/// Plain SGD on every value (`sgd_one`).
 pub fn sgd_update<T: Real>(param: &mut [T], grad: &[T], lr: T) {
     for (p, &g) in param.iter_mut().zip(grad) {
-        *p = *p - lr * g;
+        sgd_one(p, g, lr);
     }
 }
 
