@@ -5,34 +5,30 @@
 //
 // Bindings (group 0):
 //   0 params  uniform  { m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride, flags,
-//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity, gather_start }
-//   1 a       storage read   array<u32>  f32 bits; element (i, kk) at i * a_row_stride + kk * a_col_stride;
-//                                        with flags & 64 (gather) the dataset's u8 images instead,
-//                                        4 pixels a word: a (i, kk) = pixel kk of image
-//                                        order[gather_start + i] / 255, K pixels an image
+//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity, _pad }
+//   1 a       storage read   array<f32>  element (i, kk) at i * a_row_stride + kk * a_col_stride
 //   2 b       storage read   array<f32>  element (kk, j) at kk * b_row_stride + j * b_col_stride
 //   3 c       storage rw     array<f32>  (M, N) row-major, assigned (not accumulated)
-//   4 bias    storage read   array<f32>  (N,): added when flags & 1 (else any buffer)
-//   5 mask    storage read   array<u32>  f32 bits (M, N): c is zeroed where mask <= 0 when flags & 4;
-//                                        with flags & 64 the dataset's order (N_images,) instead
-//   6 side    storage rw     array<f32>  when flags & 8: (N,) the column sums of b over its K rows
-//                                        (a dense layer's bias gradient); when flags & 64: (M, K)
-//                                        the gathered a, written by the workgroups of column 0
-//   7 param     storage rw   array<f32>  with flags & (16 | 32): the packed parameter values; the
+//   4 bias    storage read   array<f32>  (N,): added when flags & ADD_BIAS (else any buffer)
+//   5 mask    storage read   array<f32>  (M, N): c is zeroed where mask <= 0 when flags & MASK
+//   6 colsum  storage rw     array<f32>  when flags & COLSUM: (N,) the column sums of b over its
+//                                        K rows (a dense layer's bias gradient)
+//   7 param     storage rw   array<f32>  with an optimizer flag: the packed parameter values; the
 //                                        weight's value (i, j) is at w_value + i * N + j, the
 //                                        bias's value j at b_value + j
-//   8 velocity  storage rw   array<f32>  with flags & 16: RMSprop's velocities, at w_velocity + ...
+//   8 velocity  storage rw   array<f32>  with RMSPROP: RMSprop's velocities, at w_velocity + ...
 //                                        and b_velocity + j
-// Epilogue, in this order: + bias[j] (flags & 1), max(., 0) (flags & 2), mask (flags & 4); then
-// the optimizer step with the stored value (and the column sum) as the gradient: RMSprop as Keras
-// (flags & 16: v = rho v + (1 - rho) g^2; p -= lr g / sqrt(v + eps)) or SGD (flags & 32: p -= lr g).
+// Epilogue, in this order: + bias[j] (ADD_BIAS), max(., 0) (RELU), mask (MASK); then the
+// optimizer step (optimizer.wgsl's RMSPROP or SGD) with the stored value (and the column sum) as
+// the gradient.
 // Uses of it (dense layer with inp (B, C), weight (C, OC), dout (B, OC)):
-//   forward          out  = relu(inp @ weight + bias)  M=B, N=OC, K=C,  a=(C,1),  b=(OC,1), flags 1|2
-//   first layer      the same with inp gathered from the dataset (and written out)     flags 1|2|64
+//   forward          out  = relu(inp @ weight + bias)  M=B, N=OC, K=C,  a=(C,1),  b=(OC,1)
+//                                                      flags ADD_BIAS | RELU
 //   backward input   dinp = (dout @ weight^T) * (inp > 0)
-//                                                      M=B, N=C,  K=OC, a=(OC,1), b=(1,OC), flags 4
+//                                                      M=B, N=C,  K=OC, a=(OC,1), b=(1,OC), MASK
 //   backward weight  dw   = inp^T @ dout, dbias = colsum(dout), then the optimizer step of both
-//                                                      M=C, N=OC, K=B,  a=(1,C),  b=(OC,1), flags 8|16
+//                                                      M=C, N=OC, K=B,  a=(1,C),  b=(OC,1)
+//                                                      flags COLSUM | RMSPROP
 //
 // Tiling (the host writes the constants below per pipeline; see kernels.rs TileConfig):
 // a workgroup computes a TM x TN tile of c. Its threads form S slices of (TM/4) x (TN/4); each
@@ -46,18 +42,18 @@
 // tile. Every sum is taken in a fixed order, so results are deterministic.
 // Grid: (ceil(N / TN), ceil(M / TM), 1).
 //
-// Template: naga emits loops that drivers do not unroll, and a load loop that is not unrolled
-// waits for each load before issuing the next. So the host expands each line
-// `//!unroll V COUNT: statement` into COUNT copies of the statement with {V} = 0, 1, ...
-// (COUNT is LA, LB, KC, S, E or a number), and replaces the values of the constants TM, TN, KC,
-// S and SMEM.
+// Template: the host fills the placeholders {{TM}}, {{TN}}, {{KC}}, {{S}} and {{SMEM}} with a
+// tiling's values, includes optimizer.wgsl, and, since naga emits loops that drivers do not
+// unroll (and a load loop that is not unrolled waits for each load before issuing the next),
+// expands each line `//!unroll V COUNT: statement` into COUNT copies of the statement with
+// {V} = 0, 1, ... (COUNT is LA, LB, KC, S, E or a number).
 
-const TM: u32 = 32u;
-const TN: u32 = 32u;
-const KC: u32 = 16u;
-const S: u32 = 4u;
+const TM: u32 = {{TM}}u;
+const TN: u32 = {{TN}}u;
+const KC: u32 = {{KC}}u;
+const S: u32 = {{S}}u;
 // Workgroup memory in vec4s: max(S * KC * (TM + TN), S * TM * TN) / 4.
-const SMEM: u32 = 1024u;
+const SMEM: u32 = {{SMEM}}u;
 
 const T: u32 = (TM / 4u) * (TN / 4u); // threads per slice
 const WG: u32 = T * S; // threads per workgroup
@@ -81,16 +77,16 @@ struct Params {
     w_velocity: u32,
     b_value: u32,
     b_velocity: u32,
-    gather_start: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> a: array<u32>;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
-@group(0) @binding(5) var<storage, read> mask: array<u32>;
-@group(0) @binding(6) var<storage, read_write> side: array<f32>;
+@group(0) @binding(5) var<storage, read> mask: array<f32>;
+@group(0) @binding(6) var<storage, read_write> colsum: array<f32>;
 @group(0) @binding(7) var<storage, read_write> param: array<f32>;
 @group(0) @binding(8) var<storage, read_write> velocity: array<f32>;
 
@@ -98,9 +94,6 @@ const ADD_BIAS: u32 = 1u;
 const RELU: u32 = 2u;
 const MASK: u32 = 4u;
 const COLSUM: u32 = 8u;
-const RMSPROP: u32 = 16u;
-const SGD: u32 = 32u;
-const GATHER: u32 = 64u;
 
 // Slice s's chunk of a at scalar [s * KC * TM, ...) laid out [kk][i]; its chunk of b after all of
 // a's, laid out [kk][j]. After the last round, the slices' sums reuse the same memory.
@@ -127,15 +120,12 @@ fn b_pos(idx: u32) -> vec2<u32> {
     return vec2<u32>(idx % KC, idx / KC);
 }
 
-// Where the row of a holding the idx-th value of every chunk starts: a word index, or with
-// gather the index of the image's first pixel. Constant over the rounds, so loaded once.
+// Where the row of a holding the idx-th value of every chunk starts. Constant over the rounds,
+// so computed once.
 fn a_row(idx: u32, row0: u32) -> u32 {
     let i = row0 + a_pos(idx).x;
     if (i >= params.m) {
         return 0u;
-    }
-    if ((params.flags & GATHER) != 0u) {
-        return mask[params.gather_start + i] * params.k;
     }
     return i * params.a_row_stride;
 }
@@ -145,22 +135,13 @@ fn load_a(idx: u32, row0: u32, row: u32, k0: u32) -> f32 {
     if (row0 + p.x >= params.m || k0 + p.y >= params.k) {
         return 0.0;
     }
-    if ((params.flags & GATHER) != 0u) {
-        let pixel = row + k0 + p.y;
-        let byte = (a[pixel / 4u] >> (8u * (pixel % 4u))) & 0xffu;
-        return f32(byte) * (1.0 / 255.0);
-    }
-    return bitcast<f32>(a[row + (k0 + p.y) * params.a_col_stride]);
+    return a[row + (k0 + p.y) * params.a_col_stride];
 }
 
-// The idx-th value of a's chunk at k0 into workgroup memory, and with gather (column-0
-// workgroups) into the gathered copy of a as well.
-fn store_a(idx: u32, at: u32, row0: u32, k0: u32, v: f32, write_side: bool) {
+// The idx-th value of a's chunk into workgroup memory.
+fn store_a(idx: u32, at: u32, v: f32) {
     let p = a_pos(idx);
     smem_store(at + p.y * TM + p.x, v);
-    if (write_side && row0 + p.x < params.m && k0 + p.y < params.k) {
-        side[(row0 + p.x) * params.k + k0 + p.y] = v;
-    }
 }
 
 fn load_b(idx: u32, col0: u32, k0: u32) -> f32 {
@@ -182,7 +163,6 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     let a_at = slice * KC * TM; // scalar index of this slice's chunk of a in smem
     let b_at = S * KC * TM + slice * KC * TN;
     let want_colsum = (params.flags & COLSUM) != 0u && wid.y == 0u;
-    let write_side = (params.flags & GATHER) != 0u && wid.x == 0u;
     let colsum_on = vec4<f32>(select(0.0, 1.0, want_colsum));
 
     var acc0 = vec4<f32>(0.0);
@@ -199,8 +179,7 @@ fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     let chunks = (params.k + KC - 1u) / KC;
     let rounds = (chunks + S - 1u) / S;
     for (var round = 0u; round < rounds; round = round + 1u) {
-        let k_now = (round * S + slice) * KC;
-        //!unroll q LA: store_a(t + {q}u * T, a_at, row0, k_now, ra{q}, write_side);
+        //!unroll q LA: store_a(t + {q}u * T, a_at, ra{q});
         //!unroll q LB: smem_store(b_at + b_pos(t + {q}u * T).x * TN + b_pos(t + {q}u * T).y, rb{q});
         workgroupBarrier();
         // The next chunk's loads (zeros past K) fly while this chunk is multiplied.
@@ -250,21 +229,17 @@ fn finish(e: u32, row0: u32, col0: u32) {
 
 fn store_colsum(col: u32, g: f32) {
     if (col < params.n) {
-        side[col] = g;
-        optimizer_step(params.b_value + col, params.b_velocity + col, g);
+        colsum[col] = g;
+        step(params.b_value + col, params.b_velocity + col, g);
     }
 }
 
-// The optimizer step of the parameter at param[p] (velocity[v]) whose gradient is g.
-fn optimizer_step(p: u32, v: u32, g: f32) {
-    if ((params.flags & RMSPROP) != 0u) {
-        let vel = params.rho * velocity[v] + (1.0 - params.rho) * g * g;
-        velocity[v] = vel;
-        param[p] = param[p] - params.lr * g / sqrt(vel + params.eps);
-    } else if ((params.flags & SGD) != 0u) {
-        param[p] = param[p] - params.lr * g;
-    }
+// The optimizer step (if the flags ask for one) of the parameter at param[p] (velocity[v]).
+fn step(p: u32, v: u32, g: f32) {
+    optimizer_step(params.flags, p, v, g, params.lr, params.rho, params.eps);
 }
+
+//!include optimizer.wgsl
 
 fn store_one(at: u32, col: u32, value: f32) {
     if (col >= params.n) {
@@ -277,9 +252,9 @@ fn store_one(at: u32, col: u32, value: f32) {
     if ((params.flags & RELU) != 0u) {
         x = max(x, 0.0);
     }
-    if ((params.flags & MASK) != 0u && !(bitcast<f32>(mask[at]) > 0.0)) {
+    if ((params.flags & MASK) != 0u && !(mask[at] > 0.0)) {
         x = 0.0;
     }
     c[at] = x;
-    optimizer_step(params.w_value + at, params.w_velocity + at, x);
+    step(params.w_value + at, params.w_velocity + at, x);
 }

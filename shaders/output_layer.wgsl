@@ -1,15 +1,15 @@
 // output_layer.wgsl: the output layer's whole training step in one dispatch: its forward product,
 // the fused softmax + sparse categorical cross-entropy, the input gradient through the previous
 // layer's ReLU, the weight and bias gradients and the optimizer step of both. Four dispatches of
-// the unfused step (three matmuls and the loss), each of which on a large GPU costs more in start
-// and drain than in arithmetic at the reference job's sizes (128x512 @ 512x10), become one.
+// the unfused step (three matmuls and the loss), each of which costs more in start and drain than
+// in arithmetic at the reference job's sizes (128x512 @ 512x10), become one.
 //
 // Compiled after softmax_xent.wgsl (the host joins the two files): it uses that file's Params,
 // bindings 0 and 2-5, row_stats and add_up_stats. With inp (B, C), the
 // weight W (C, 10) and the bias (10) of the layer:
 //   params  { rows = B, classes = 10, start, slot, write_dlogits = 1, c = C, flags, w_value,
 //             b_value, w_velocity, b_velocity, w_grad, b_grad, lr, rho, eps }: the offsets are
-//             f32 indices into the packed buffers below; flags & 1: RMSprop (else SGD)
+//             f32 indices into the packed buffers below; flags: optimizer.wgsl's RMSPROP or SGD
 //   4 dlogits  storage rw  (B, 10): first the logits, then (softmax - onehot) / B
 //   6 inp      storage read   array<f32>  (B, C): the previous layer's ReLU output (also its mask)
 //   7 param    storage rw     array<f32>  packed values: W (k, j) at w_value + k * 10 + j, the
@@ -24,8 +24,7 @@
 //   2. per row: loss, arg-max and dlogits (row_stats); the stats slot gets the batch's sums;
 //   3. dinp, one column k of C an invocation (W's row k held in registers), rows in order;
 //   4. dW (k, j) = sum over rows of inp (r, k) dlogits (r, j) and dbias, one column k an
-//      invocation, rows in order, then the optimizer step as optim.wgsl's (Keras's RMSprop:
-//      v = rho v + (1 - rho) g^2; p -= lr g / sqrt(v + eps); or SGD: p -= lr g).
+//      invocation, rows in order, then the optimizer step (optimizer.wgsl, included).
 // Every sum is taken in a fixed order: results are deterministic.
 // Dispatch: exactly one workgroup of 256 invocations. The host uses this kernel for batches of
 // at most 1024 rows and 4 x 128 x 512 rows x inputs, 10 classes (checks::loss), and only on an
@@ -71,14 +70,10 @@ fn masked_dinp(r: u32, k: u32, w: array<f32, V>) -> f32 {
 
 // The optimizer step of the parameter value at packed index `p` (velocity at `vel`) with gradient g.
 fn step_param(p: u32, vel: u32, g: f32) {
-    if ((params.flags & 1u) != 0u) {
-        let v = params.rho * velocity[vel] + (1.0 - params.rho) * g * g;
-        velocity[vel] = v;
-        param[p] = param[p] - params.lr * g / sqrt(v + params.eps);
-    } else {
-        param[p] = param[p] - params.lr * g;
-    }
+    optimizer_step(params.flags, p, vel, g, params.lr, params.rho, params.eps);
 }
+
+//!include optimizer.wgsl
 
 @compute @workgroup_size(256)
 fn output_layer_step(@builtin(local_invocation_index) t: u32) {

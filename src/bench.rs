@@ -2,12 +2,13 @@
 //! training step, throughput over a run of steps, start-up time, memory, and the backend's
 //! dispatches, submits and read-backs per step.
 //!
-//! Contract: every timed region ends with `Backend::sync`, so GPU work is finished before the
+//! Contract: every timed region ends with (an awaited) `Backend::sync`, so GPU work is finished before the
 //! clock stops; each figure is the median of `repeats` timed runs after `warmup` untimed ones.
 
-use std::time::Instant;
+use web_time::Instant;
 
-use crate::backend::{Backend, Counters, DatasetId, Epilogue};
+use crate::backend::ops::{DenseShape, Gather, Matmul, MatmulKind, StepAt};
+use crate::backend::{Backend, Counters, DatasetId, Op};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::device::OpenedDevice;
 use crate::error::Result;
@@ -70,23 +71,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median seconds of `run` over `repeats` runs after `warmup` untimed ones; each run is synced.
-fn time_median(
+/// Median seconds of `run` over `repeats` runs after `warmup` untimed ones; each run ends when
+/// its work is done, and with the statistics it requested (when it says it did) read back.
+async fn time_median(
     be: &mut dyn Backend,
     warmup: usize,
     repeats: usize,
-    run: &mut dyn FnMut(&mut dyn Backend) -> Result<()>,
+    run: &mut dyn FnMut(&mut dyn Backend) -> Result<bool>,
 ) -> Result<f64> {
-    for _ in 0..warmup {
-        run(be)?;
-        be.sync()?;
-    }
     let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
+    for i in 0..warmup + repeats.max(1) {
         let t0 = Instant::now();
-        run(be)?;
-        be.sync()?;
-        times.push(t0.elapsed().as_secs_f64());
+        if run(be)? {
+            be.collect_stats().await?;
+        }
+        be.sync().await?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
     }
     Ok(median(times))
 }
@@ -97,7 +99,7 @@ fn time_median(
 /// layer, the input gradient (masked by the previous ReLU). The first layer's input is the first
 /// batch of `ds` (mostly zeros for MNIST, which the CPU path exploits), the others' 0.5 throughout.
 /// GFLOP/s counts a dense product's 2 M N K flops.
-fn bench_matmuls(
+async fn bench_matmuls(
     be: &mut dyn Backend,
     cfg: &BenchConfig,
     spec: &ModelSpec,
@@ -111,7 +113,7 @@ fn bench_matmuls(
         let (inp, w, bias, out) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(oc)?, be.alloc(b * oc)?);
         let (dinp, dw, dbias) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(oc)?);
         if layer == 0 {
-            be.gather_batch(inp, ds, 0, b)?;
+            be.run(&Op::Gather(Gather { x: inp, ds, rows: b }), StepAt::default())?;
         } else {
             be.write(inp, &vec![0.5; b * c])?;
         }
@@ -122,31 +124,42 @@ fn bench_matmuls(
         if layer > 0 {
             ops.push("backward input");
         }
+        let shape = DenseShape {
+            rows: b,
+            inputs: c,
+            outputs: oc,
+        };
         for op in ops {
-            let run = |be: &mut dyn Backend| match op {
-                "forward" => {
-                    let epilogue = Epilogue {
-                        bias: Some(bias),
-                        relu: hidden,
-                        relu_mask: None,
-                    };
-                    be.matmul_forward(out, inp, w, epilogue, b, c, oc)
-                }
-                "backward input" => {
-                    let epilogue = Epilogue {
-                        relu_mask: Some(inp),
-                        ..Epilogue::default()
-                    };
-                    be.matmul_backward_input(dinp, out, w, epilogue, b, c, oc)
-                }
-                _ => be.matmul_backward_weight(dw, Some(dbias), inp, out, b, c, oc),
+            let kind = match op {
+                "forward" => MatmulKind::Forward {
+                    out,
+                    inp,
+                    weight: w,
+                    bias: Some(bias),
+                    relu: hidden,
+                },
+                "backward input" => MatmulKind::BackwardInput {
+                    dinp,
+                    dout: out,
+                    weight: w,
+                    relu_mask: Some(inp),
+                },
+                _ => MatmulKind::BackwardWeight {
+                    dweight: dw,
+                    dbias: Some(dbias),
+                    inp,
+                    dout: out,
+                    update: None,
+                },
             };
+            let matmul = Op::Matmul(Matmul { shape, kind });
+            let run = |be: &mut dyn Backend| be.run(&matmul, StepAt::default());
             // Enough products per timed run to outweigh a submit and a wait (GPUs): about 20 ms.
             let t0 = Instant::now();
             for _ in 0..reps {
                 run(be)?;
             }
-            be.sync()?;
+            be.sync().await?;
             let once = t0.elapsed().as_secs_f64() / reps as f64;
             let reps = if reps > 1 {
                 ((0.02 / once.max(1e-9)) as usize).clamp(reps, 2000)
@@ -157,8 +170,9 @@ fn bench_matmuls(
                 for _ in 0..reps {
                     run(be)?;
                 }
-                Ok(())
-            })?;
+                Ok(false)
+            })
+            .await?;
             let mkn = match op {
                 "forward" => (b, c, oc),
                 "backward input" => (b, oc, c),
@@ -178,13 +192,18 @@ fn bench_matmuls(
 
 /// Benchmark one device on `data` (real or synthetic training images). `reference` scales the
 /// work down for the plain-loop backend.
-pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_open: Instant) -> Result<DeviceBench> {
+pub async fn bench_device(
+    opened: OpenedDevice,
+    data: &Dataset,
+    cfg: &BenchConfig,
+    t_open: Instant,
+) -> Result<DeviceBench> {
     let mut backend = opened.backend;
     let be = backend.as_mut();
     let device = be.name();
     let spec = ModelSpec::mnist(&cfg.hidden);
     let opt = Optimizer::new(OptimizerKind::RmsProp, None)?;
-    let graph = Graph::new(be, &spec, cfg.batch)?;
+    let mut graph = Graph::new(be, &spec, cfg.batch)?;
     graph.set_params(be, &glorot_init(&spec, 0))?;
     let ds = be.upload_dataset(data)?;
     be.set_order(ds, &epoch_order(data.len(), 0, 0))?;
@@ -193,23 +212,33 @@ pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_o
         .collect();
     let n_steps = cfg.steps.min(steps.len()).max(1);
     be.reserve_stats(n_steps)?;
-    graph.train_step(be, ds, steps[0].0, steps[0].1, 0, &opt)?;
-    be.sync()?;
+    let first = StepAt {
+        start: steps[0].0,
+        slot: 0,
+    };
+    graph.train_step(be, (ds, steps[0].1), first, &opt)?;
+    be.sync().await?;
     let startup_s = t_open.elapsed().as_secs_f64();
 
+    let second = StepAt {
+        start: steps[1 % steps.len()].0,
+        slot: 0,
+    };
     let step_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
-        graph.train_step(be, ds, steps[1 % steps.len()].0, cfg.batch, 0, &opt)
-    })?;
+        graph.train_step(be, (ds, cfg.batch), second, &opt).map(|_| false)
+    })
+    .await?;
     let before = be.counters();
     let mut record_s = Vec::new();
     let run_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
         let t0 = Instant::now();
         for (slot, &(start, rows)) in steps[..n_steps].iter().enumerate() {
-            graph.train_step(be, ds, start, rows, slot, &opt)?;
+            graph.train_step(be, (ds, rows), StepAt { start, slot }, &opt)?;
         }
         record_s.push(t0.elapsed().as_secs_f64());
-        be.read_stats(n_steps).map(|_| ())
-    })?;
+        be.request_stats(0, n_steps).map(|_| true)
+    })
+    .await?;
     let record_ms = 1e3 * median(record_s) / n_steps as f64;
     let after = be.counters();
     let runs = (cfg.warmup + cfg.repeats.max(1)) as f64 * n_steps as f64;
@@ -224,13 +253,13 @@ pub fn bench_device(opened: OpenedDevice, data: &Dataset, cfg: &BenchConfig, t_o
 
     // GPU time of each dispatch of one step, where the device can tell.
     let profile = if be.start_profile(64)? {
-        graph.train_step(be, ds, steps[0].0, steps[0].1, 0, &opt)?;
-        be.finish_profile()?
+        graph.train_step(be, (ds, steps[0].1), first, &opt)?;
+        be.finish_profile().await?
     } else {
         Vec::new()
     };
     let reps = if device.contains("reference") { 1 } else { 10 };
-    let matmuls = bench_matmuls(be, cfg, &spec, ds, reps)?;
+    let matmuls = bench_matmuls(be, cfg, &spec, ds, reps).await?;
     let device_mib = be.counters().allocated_bytes as f64 / (1 << 20) as f64;
     Ok(DeviceBench {
         device,

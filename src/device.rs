@@ -25,15 +25,9 @@ pub struct OpenedDevice {
     pub is_gpu: bool,
 }
 
-/// Testing aid: `GPU_MNIST_AUTO_ACCEPTS_SOFTWARE=1` lets `--device auto` take a software adapter
-/// as if it were a hardware GPU, so that the GPU-to-CPU hand-over can be tested without a GPU.
-fn auto_accepts_software() -> bool {
-    std::env::var_os("GPU_MNIST_AUTO_ACCEPTS_SOFTWARE").is_some_and(|v| v == "1")
-}
-
 pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result<OpenedDevice> {
     // Any choice may end on the CPU path (auto, or a failing GPU handing over).
-    CpuBackend::check_settings()?;
+    crate::settings::check()?;
     let cpu = |be: CpuBackend, why: &str| OpenedDevice {
         note: format!("device: {} ({why})", be.name()),
         backend: Box::new(be),
@@ -50,7 +44,7 @@ pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result
         DeviceChoice::Gpu => Ok(gpu(WgpuBackend::open(adapter_filter, false)?, "--device gpu")),
         DeviceChoice::Auto => {
             let adapters = gpu::list_adapters();
-            let software_ok = auto_accepts_software();
+            let software_ok = crate::settings::settings().auto_accepts_software;
             let usable = adapters
                 .iter()
                 .find(|a| (a.is_hardware() || software_ok) && a.matches(adapter_filter));

@@ -14,8 +14,10 @@ pub mod error;
 pub mod image;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod progress;
 pub mod records;
+pub mod settings;
 pub mod train;
 
 pub use error::{Error, Result};

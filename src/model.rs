@@ -3,19 +3,20 @@
 //!
 //! Contract: `ModelSpec` describes an MLP 784 -> hidden... -> 10 (ReLU after every hidden Dense);
 //! `Graph::new` allocates its parameters, gradients, optimizer state and activations on the
-//! backend once, for batches of up to `max_batch` rows; `train_step` and `eval_step` then only
-//! dispatch ops. A training step is the hidden layers' forward products, the output layer's
-//! whole step (`Backend::output_layer_step`: its forward product, the loss, its input gradient and
-//! update), then the hidden layers' backward products and updates, last layer first.
-//! Parameters are initialised as Keras does: Glorot-uniform weights, zero biases.
+//! backend once, for batches of up to `max_batch` rows; a step then runs the ops of its plan
+//! (`plan`), built and fused for the backend once per (kind, dataset, rows) and cached, so that a
+//! step dispatches ops and nothing else. Parameters are initialised as Keras does:
+//! Glorot-uniform weights, zero biases.
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, DatasetId, Epilogue, OutputLayerStep, Packed, ParamTensors, TensorId};
+use crate::backend::ops::StepAt;
+use crate::backend::{Backend, DatasetId, Op, Packed, ParamTensors, TensorId};
 use crate::data::{CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::Optimizer;
+use crate::plan::{self, LayerTensors, PlanKind};
 
 /// The shape of the network: input width, hidden widths, class count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,14 +156,6 @@ impl Param {
     }
 }
 
-/// The activation that follows a dense layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Relu,
-    /// None: the layer's output goes to the loss as logits.
-    Linear,
-}
-
 /// Which tensor of a parameter: its value, its gradient, or RMSprop's velocity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamPart {
@@ -178,31 +171,26 @@ impl ParamPart {
     }
 }
 
-/// A layer of the graph: `Dense(oc, activation)` as in Keras. The activation runs in the matmul's
-/// epilogue, and its gradient in the next layer's backward product, so it costs no pass of its own.
-/// Indices point into `Graph::params`.
-#[derive(Debug, Clone)]
-struct Dense {
-    kernel: usize,
-    bias: usize,
-    c: usize,
-    oc: usize,
-    activation: Activation,
+/// What a cached plan was built for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PlanKey {
+    kind: PlanKind,
+    ds: DatasetId,
+    rows: usize,
+    opt: Option<Optimizer>,
 }
 
 /// The network on a backend, with buffers for batches of up to `max_batch` rows.
 pub struct Graph {
     pub spec: ModelSpec,
     pub params: Vec<Param>,
-    layers: Vec<Dense>,
-    /// acts[0] is the input batch (B, 784); acts[i + 1] is the activated output of layer i.
-    acts: Vec<TensorId>,
-    /// dacts[i + 1] is the gradient of the loss with respect to layer i's output before its
-    /// activation (for the last layer: the logits); dacts[0] is never written.
-    dacts: Vec<TensorId>,
+    /// Each dense layer's tensors, in order.
+    layers: Vec<LayerTensors>,
     /// The packed allocations of the values, gradients and velocities (in `ParamPart` order), so
     /// that reading or writing one part of every parameter is one transfer.
     packed: [Packed; 3],
+    /// The plans built so far, fused for the backend.
+    plans: Vec<(PlanKey, Vec<Op>)>,
     max_batch: usize,
 }
 
@@ -233,76 +221,61 @@ impl Graph {
             })
             .collect();
         let lens: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
-        let (values, grads, velocities) = (
+        let packed = [
             be.alloc_packed(&lens)?,
             be.alloc_packed(&lens)?,
             be.alloc_packed(&lens)?,
-        );
+        ];
         let params: Vec<Param> = shapes
             .into_iter()
             .enumerate()
             .map(|(k, (name, shape))| Param {
                 name,
                 shape,
-                value: values.parts[k],
-                grad: grads.parts[k],
-                velocity: velocities.parts[k],
+                value: packed[0].parts[k],
+                grad: packed[1].parts[k],
+                velocity: packed[2].parts[k],
             })
             .collect();
-        let layers: Vec<Dense> = dims
-            .iter()
-            .enumerate()
-            .map(|(i, &(c, oc))| Dense {
-                kernel: 2 * i,
-                bias: 2 * i + 1,
-                c,
-                oc,
-                activation: if i + 1 < dims.len() {
-                    Activation::Relu
-                } else {
-                    Activation::Linear
-                },
-            })
-            .collect();
-        // The products of a step: per layer forward (B, OC, C) and weight gradient (C, OC, B), past
-        // the first the input gradient (B, C, OC).
-        let products: Vec<(usize, usize, usize)> = layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                let mut p = vec![(max_batch, l.oc, l.c), (l.c, l.oc, max_batch)];
-                if i > 0 {
-                    p.push((max_batch, l.c, l.oc));
-                }
-                p
-            })
-            .collect();
-        be.prepare(&products)?;
-        let mut acts = vec![be.alloc(max_batch * spec.inputs)?];
-        let mut dacts = vec![acts[0]];
-        for layer in &layers {
-            acts.push(be.alloc(max_batch * layer.oc)?);
-            dacts.push(be.alloc(max_batch * layer.oc)?);
+        // Activations: the batch (max_batch, 784), then each layer's output (max_batch, oc) and
+        // the gradient with respect to it.
+        let mut inp = be.alloc(max_batch * spec.inputs)?;
+        let mut layers: Vec<LayerTensors> = Vec::with_capacity(dims.len());
+        for (i, &(c, oc)) in dims.iter().enumerate() {
+            let (out, dout) = (be.alloc(max_batch * oc)?, be.alloc(max_batch * oc)?);
+            // Layer i's input gradient is the gradient of layer i - 1's output.
+            let dinp = (i > 0).then(|| layers[i - 1].dout);
+            layers.push(LayerTensors {
+                weight: params[2 * i].tensors(),
+                bias: params[2 * i + 1].tensors(),
+                inputs: c,
+                outputs: oc,
+                inp,
+                out,
+                dout,
+                dinp,
+                relu: i + 1 < dims.len(),
+            });
+            inp = out;
         }
         Ok(Graph {
             spec: spec.clone(),
             params,
             layers,
-            acts,
-            dacts,
-            packed: [values, grads, velocities],
+            packed,
+            plans: Vec::new(),
             max_batch,
         })
     }
 
     /// The input batch tensor (max_batch, 784).
     pub fn input(&self) -> TensorId {
-        self.acts[0]
+        self.layers[0].inp
     }
 
     /// The logits tensor (max_batch, classes).
     pub fn logits(&self) -> TensorId {
-        self.acts[self.acts.len() - 1]
+        self.layers[self.layers.len() - 1].out
     }
 
     /// Copy parameter values to the backend; names and shapes must match the graph's.
@@ -311,13 +284,13 @@ impl Graph {
     }
 
     /// Read the parameter values back from the backend.
-    pub fn params_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
-        self.read_part(be, ParamPart::Value)
+    pub async fn params_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
+        self.read_part(be, ParamPart::Value).await
     }
 
     /// Read the gradients of the last backward pass (named like their parameters).
-    pub fn grads_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
-        self.read_part(be, ParamPart::Grad)
+    pub async fn grads_to_host(&self, be: &mut dyn Backend) -> Result<Vec<HostTensor>> {
+        self.read_part(be, ParamPart::Grad).await
     }
 
     /// Copy one part (values, gradients or velocities) of every parameter to the backend, in one
@@ -341,24 +314,21 @@ impl Graph {
 
     /// Read one part (values, gradients or velocities) of every parameter back from the backend,
     /// in one read of the packed allocation.
-    pub fn read_part(&self, be: &mut dyn Backend, part: ParamPart) -> Result<Vec<HostTensor>> {
+    pub async fn read_part(&self, be: &mut dyn Backend, part: ParamPart) -> Result<Vec<HostTensor>> {
         let packed = &self.packed[part.index()];
-        let whole = be.read(packed.whole)?;
+        let whole = be.read(packed.whole).await?;
         self.params
             .iter()
             .zip(&packed.offsets)
             .map(|(p, &offset)| {
                 let data = whole.get(offset..offset + p.len()).ok_or_else(|| {
-                    Error::shape(
-                        "read_part",
-                        format!(
-                            "{} values read, {} needs {}..{}",
-                            whole.len(),
-                            p.name,
-                            offset,
-                            offset + p.len()
-                        ),
-                    )
+                    let reason = format!(
+                        "{} values read, {} needs {offset}..{}",
+                        whole.len(),
+                        p.name,
+                        offset + p.len()
+                    );
+                    Error::shape("read_part", reason)
                 })?;
                 Ok(HostTensor {
                     name: p.name.clone(),
@@ -369,146 +339,73 @@ impl Graph {
             .collect()
     }
 
-    fn check_rows(&self, rows: usize) -> Result<()> {
-        if rows == 0 || rows > self.max_batch {
+    /// The plan of a step of `kind` over `rows` rows of `ds` (with `opt` when training), built
+    /// and fused for `be` the first time it is asked for, its kernels prepared.
+    pub fn plan(
+        &mut self,
+        be: &mut dyn Backend,
+        kind: PlanKind,
+        (ds, rows): (DatasetId, usize),
+        opt: Option<Optimizer>,
+    ) -> Result<&[Op]> {
+        let index = self.plan_index(be, PlanKey { kind, ds, rows, opt })?;
+        Ok(&self.plans[index].1)
+    }
+
+    fn plan_index(&mut self, be: &mut dyn Backend, key: PlanKey) -> Result<usize> {
+        if key.rows == 0 || key.rows > self.max_batch {
             return Err(Error::shape(
                 "graph",
-                format!("batch of {rows} rows, buffers hold 1 to {}", self.max_batch),
+                format!("batch of {} rows, buffers hold 1 to {}", key.rows, self.max_batch),
             ));
         }
-        Ok(())
+        if let Some(i) = self.plans.iter().position(|(k, _)| *k == key) {
+            return Ok(i);
+        }
+        let ops = match (key.kind, key.opt) {
+            (PlanKind::Train, Some(opt)) => plan::train_ops(&self.layers, key.ds, key.rows, opt),
+            (PlanKind::Train, None) => {
+                return Err(Error::shape("graph", "a training plan needs an optimizer".to_string()))
+            }
+            (kind, _) => plan::eval_ops(&self.layers, key.ds, key.rows, kind),
+        };
+        let ops = plan::fuse(ops, be.fusions());
+        be.prepare(&ops)?;
+        self.plans.push((key, ops));
+        Ok(self.plans.len() - 1)
     }
 
-    /// Forward pass over the `rows` examples already in `input()`; logits land in `logits()`.
-    pub fn forward(&self, be: &mut dyn Backend, rows: usize) -> Result<()> {
-        self.forward_layers(be, rows, None, self.layers.len())
-    }
-
-    /// Forward pass over rows start..start+rows of `ds` (in its current order): the first layer
-    /// gathers them into `input()` as it multiplies (`gather_matmul_forward`).
-    pub fn forward_batch(&self, be: &mut dyn Backend, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
-        self.forward_layers(be, rows, Some((ds, start)), self.layers.len())
-    }
-
-    /// Run the first `count` layers.
-    fn forward_layers(
-        &self,
+    /// Run the plan of `kind` for the step at `at` (rows at.start.. of `ds`).
+    pub fn step(
+        &mut self,
         be: &mut dyn Backend,
-        rows: usize,
-        gather: Option<(DatasetId, usize)>,
-        count: usize,
+        kind: PlanKind,
+        (ds, rows): (DatasetId, usize),
+        at: StepAt,
+        opt: Option<Optimizer>,
     ) -> Result<()> {
-        self.check_rows(rows)?;
-        for (i, layer) in self.layers.iter().enumerate().take(count) {
-            // acts[i] (rows, c) -> acts[i + 1] (rows, oc) = activation(acts[i] @ kernel + bias)
-            let epilogue = Epilogue {
-                bias: Some(self.params[layer.bias].value),
-                relu: layer.activation == Activation::Relu,
-                relu_mask: None,
-            };
-            let (out, inp, weight) = (self.acts[i + 1], self.acts[i], self.params[layer.kernel].value);
-            match gather {
-                Some((ds, start)) if i == 0 => {
-                    be.gather_matmul_forward(out, inp, ds, start, weight, epilogue, rows, layer.oc)?
-                }
-                _ => be.matmul_forward(out, inp, weight, epilogue, rows, layer.c, layer.oc)?,
-            }
+        let index = self.plan_index(be, PlanKey { kind, ds, rows, opt })?;
+        for op in &self.plans[index].1 {
+            be.run(op, at)?;
         }
         Ok(())
     }
 
-    /// Backward pass from the logits' gradient in dacts[last] and the optimizer step: fills every
-    /// parameter's grad and updates its value (and velocity). Layer by layer from the last, the
-    /// input gradient is taken before the weight gradient and update, which change the weights it
-    /// reads.
-    pub fn backward_update(&self, be: &mut dyn Backend, rows: usize, opt: &Optimizer) -> Result<()> {
-        self.backward_layers(be, rows, opt, self.layers.len())
-    }
-
-    /// `backward_update` of the first `count` layers, from dacts[count].
-    fn backward_layers(&self, be: &mut dyn Backend, rows: usize, opt: &Optimizer, count: usize) -> Result<()> {
-        self.check_rows(rows)?;
-        for (i, layer) in self.layers.iter().enumerate().take(count).rev() {
-            // dout (rows, oc) -> dacts[i] (rows, c) for i > 0; dkernel (c, oc), dbias (oc), update
-            let (inp, dout) = (self.acts[i], self.dacts[i + 1]);
-            if i > 0 {
-                // The previous layer's ReLU gradient, from its output: zero where it was clipped.
-                let relu_mask = (self.layers[i - 1].activation == Activation::Relu).then_some(inp);
-                let epilogue = Epilogue {
-                    bias: None,
-                    relu: false,
-                    relu_mask,
-                };
-                be.matmul_backward_input(
-                    self.dacts[i],
-                    dout,
-                    self.params[layer.kernel].value,
-                    epilogue,
-                    rows,
-                    layer.c,
-                    layer.oc,
-                )?;
-            }
-            let (kernel, bias) = (self.params[layer.kernel].tensors(), self.params[layer.bias].tensors());
-            be.matmul_backward_weight_update(kernel, bias, inp, dout, rows, layer.c, layer.oc, opt)?;
-        }
-        Ok(())
-    }
-
-    /// One training step on rows start..start+rows of `ds` (in its current order): forward (the
-    /// first layer gathering the batch), fused loss (stats into `slot`), backward with the update.
+    /// One training step on rows start..start+rows of `ds` (in its current order): forward, the
+    /// loss (statistics into `slot`), backward and the optimizer step.
     pub fn train_step(
-        &self,
+        &mut self,
         be: &mut dyn Backend,
-        ds: DatasetId,
-        start: usize,
-        rows: usize,
-        slot: usize,
+        (ds, rows): (DatasetId, usize),
+        at: StepAt,
         opt: &Optimizer,
     ) -> Result<()> {
-        let last = self.layers.len() - 1;
-        if last == 0 {
-            // No hidden layer: the output layer reads the gathered pixels and has no input gradient.
-            self.forward_batch(be, ds, start, rows)?;
-            be.softmax_xent_forward_backward(
-                Some(self.dacts[1]),
-                self.acts[1],
-                ds,
-                start,
-                rows,
-                self.spec.classes,
-                slot,
-            )?;
-            return self.backward_update(be, rows, opt);
-        }
-        self.forward_layers(be, rows, Some((ds, start)), last)?;
-        // acts[last] (rows, c) -> logits (rows, classes); the loss; dacts[last] (rows, c), update
-        let layer = &self.layers[last];
-        be.output_layer_step(
-            &OutputLayerStep {
-                weight: self.params[layer.kernel].tensors(),
-                bias: self.params[layer.bias].tensors(),
-                inp: self.acts[last],
-                logits: self.acts[last + 1],
-                dlogits: self.dacts[last + 1],
-                dinp: self.dacts[last],
-                ds,
-                start,
-                slot,
-                b: rows,
-                c: layer.c,
-                classes: layer.oc,
-            },
-            opt,
-        )?;
-        self.backward_layers(be, rows, opt, last)
+        self.step(be, PlanKind::Train, (ds, rows), at, Some(*opt))
     }
 
-    /// Forward and loss only (stats into `slot`), for evaluation.
-    pub fn eval_step(&self, be: &mut dyn Backend, ds: DatasetId, start: usize, rows: usize, slot: usize) -> Result<()> {
-        self.forward_batch(be, ds, start, rows)?;
-        let last = self.acts.len() - 1;
-        be.softmax_xent_forward_backward(None, self.acts[last], ds, start, rows, self.spec.classes, slot)
+    /// Forward and loss only (statistics into `at.slot`), for evaluation.
+    pub fn eval_step(&mut self, be: &mut dyn Backend, (ds, rows): (DatasetId, usize), at: StepAt) -> Result<()> {
+        self.step(be, PlanKind::Evaluate, (ds, rows), at, None)
     }
 
     /// The most rows a batch may have.

@@ -41,7 +41,7 @@ fn a_cpu_training_step_allocates_nothing() {
     let data = mnist().train.first(40 * 128);
     let mut be = CpuBackend::fast();
     let spec = ModelSpec::mnist(&[512]);
-    let graph = Graph::new(&mut be, &spec, 128).unwrap();
+    let mut graph = Graph::new(&mut be, &spec, 128).unwrap();
     graph.set_params(&mut be, &glorot_init(&spec, 3)).unwrap();
     let ds = be.upload_dataset(&data).unwrap();
     be.set_order(ds, &epoch_order(data.len(), 3, 0)).unwrap();
@@ -49,12 +49,16 @@ fn a_cpu_training_step_allocates_nothing() {
     let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
     let steps: Vec<(usize, usize)> = batches(data.len(), 128).collect();
     for &(start, rows) in &steps[..5] {
-        graph.train_step(&mut be, ds, start, rows, 0, &opt).unwrap();
+        graph
+            .train_step(&mut be, (ds, rows), gpu_mnist::backend::StepAt { start, slot: 0 }, &opt)
+            .unwrap();
     }
     let counted = 30;
     let before = ALLOCATIONS.load(Ordering::SeqCst);
     for &(start, rows) in &steps[5..5 + counted] {
-        graph.train_step(&mut be, ds, start, rows, 0, &opt).unwrap();
+        graph
+            .train_step(&mut be, (ds, rows), gpu_mnist::backend::StepAt { start, slot: 0 }, &opt)
+            .unwrap();
     }
     let per_step = (ALLOCATIONS.load(Ordering::SeqCst) - before) as f64 / counted as f64;
     println!("{per_step:.2} allocations a step ({})", be.name());

@@ -16,20 +16,22 @@ const BATCH: usize = 128;
 /// return each step's statistics, the final gradients and the final parameters.
 fn run_steps(be: &mut dyn Backend, data: &Dataset, steps: usize) -> (Vec<StepStats>, Vec<HostTensor>, Vec<HostTensor>) {
     let spec = ModelSpec::mnist(&[512]);
-    let graph = Graph::new(be, &spec, BATCH).unwrap();
+    let mut graph = Graph::new(be, &spec, BATCH).unwrap();
     graph.set_params(be, &glorot_init(&spec, 1)).unwrap();
     let ds = be.upload_dataset(data).unwrap();
     be.set_order(ds, &epoch_order(data.len(), 1, 0)).unwrap();
     be.reserve_stats(steps).unwrap();
     let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
     for (slot, (start, rows)) in batches(data.len(), BATCH).take(steps).enumerate() {
-        graph.train_step(be, ds, start, rows, slot, &opt).unwrap();
+        graph
+            .train_step(be, (ds, rows), gpu_mnist::backend::StepAt { start, slot }, &opt)
+            .unwrap();
     }
-    let stats = be.read_stats(steps).unwrap();
+    let stats = pollster::block_on(gpu_mnist::backend::read_stats(be, steps)).unwrap();
     (
         stats,
-        graph.grads_to_host(be).unwrap(),
-        graph.params_to_host(be).unwrap(),
+        pollster::block_on(graph.grads_to_host(be)).unwrap(),
+        pollster::block_on(graph.params_to_host(be)).unwrap(),
     )
 }
 

@@ -56,8 +56,7 @@ pub fn rmsprop_update(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr:
 #[inline(always)]
 fn rmsprop_portable(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32) {
     for ((p, v), &g) in param.iter_mut().zip(velocity.iter_mut()).zip(grad) {
-        *v = rho * *v + (1.0 - rho) * g * g;
-        *p -= lr * g / (*v + eps).sqrt();
+        super::reference::rmsprop_one(p, v, g, lr, rho, eps);
     }
 }
 

@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use super::cpu_pool;
 use super::cpu_sparse::{chunk_count, mul_add, simd, Simd, MAX_CHUNKS};
+use super::ops::MatmulShape;
 
 /// The widest side that counts as narrow.
 const NARROW: usize = 16;
@@ -33,20 +34,30 @@ pub struct Scratch {
     c: Vec<f32>,
 }
 
-/// C (m, n) = A @ B, A's element (i, kk) at a[i * rsa + kk * csa], B's (kk, j) at b[kk * rsb + j *
-/// csb]; `fits(k, n)` must hold.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    (rsa, csa): (usize, usize),
-    b: &[f32],
-    (rsb, csb): (usize, usize),
-    c: &mut [f32],
-    scratch: &mut Scratch,
-) {
+/// A matrix read through strides: element (i, j) at `data[i * row + j * col]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub row: usize,
+    pub col: usize,
+}
+
+impl<'a> Strided<'a> {
+    pub fn new(data: &'a [f32], row: usize, col: usize) -> Self {
+        Strided { data, row, col }
+    }
+
+    /// Whether element (i, j) lies inside `data`.
+    pub fn reaches(&self, i: usize, j: usize) -> bool {
+        self.data.len() > i * self.row + j * self.col
+    }
+}
+
+/// C (m, n) = A (m, k) @ B (k, n); `fits(k, n)` must hold.
+pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch: &mut Scratch) {
+    let MatmulShape { m, n, k } = shape;
+    let (a, rsa, csa) = (a.data, a.row, a.col);
+    let (b, rsb, csb) = (b.data, b.row, b.col);
     assert!(fits(k, n) && c.len() >= m * n);
     let c = &mut c[..m * n];
     if m == 0 || n == 0 || k == 0 {
@@ -244,19 +255,37 @@ mod tests {
             };
             if fits(c, oc) {
                 let (mut got, mut want) = (vec![0.0; b * oc], vec![0.0; b * oc]);
-                matmul(b, c, oc, &inp, (c, 1), &w, (oc, 1), &mut got, &mut scratch);
+                matmul(
+                    MatmulShape { m: b, n: oc, k: c },
+                    Strided::new(&inp, c, 1),
+                    Strided::new(&w, oc, 1),
+                    &mut got,
+                    &mut scratch,
+                );
                 r::matmul_forward(&mut want, &inp, &w, b, c, oc);
                 close(&got, &want, "forward");
             }
             if fits(oc, c) {
                 let (mut got, mut want) = (vec![0.0; b * c], vec![0.0; b * c]);
-                matmul(b, oc, c, &dout, (oc, 1), &w, (1, oc), &mut got, &mut scratch);
+                matmul(
+                    MatmulShape { m: b, n: c, k: oc },
+                    Strided::new(&dout, oc, 1),
+                    Strided::new(&w, 1, oc),
+                    &mut got,
+                    &mut scratch,
+                );
                 r::matmul_backward_input(&mut want, &dout, &w, b, c, oc);
                 close(&got, &want, "input gradient");
             }
             if fits(b, oc) {
                 let (mut got, mut want) = (vec![0.0; c * oc], vec![0.0; c * oc]);
-                matmul(c, b, oc, &inp, (1, c), &dout, (oc, 1), &mut got, &mut scratch);
+                matmul(
+                    MatmulShape { m: c, n: oc, k: b },
+                    Strided::new(&inp, 1, c),
+                    Strided::new(&dout, oc, 1),
+                    &mut got,
+                    &mut scratch,
+                );
                 r::matmul_backward_weight(&mut want, &inp, &dout, b, c, oc);
                 close(&got, &want, "weight gradient");
             }

@@ -73,9 +73,8 @@ unsafe impl Send for Job {}
 fn helpers() -> &'static [&'static Helper] {
     static HELPERS: OnceLock<Vec<&'static Helper>> = OnceLock::new();
     HELPERS.get_or_init(|| {
-        let cores = threads_setting()
-            .ok()
-            .flatten()
+        let cores = crate::settings::settings()
+            .cpu_threads
             .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()));
         (1..cores.min(MAX_HELPERS + 1)).filter_map(start_helper).collect()
     })
@@ -98,22 +97,6 @@ fn start_helper(i: usize) -> Option<&'static Helper> {
         .ok()?;
     helper.thread.set(handle.thread().clone()).ok()?;
     Some(helper)
-}
-
-/// The most threads `GPU_MNIST_CPU_THREADS` may ask for.
-const MAX_THREADS: usize = 1024;
-
-/// The thread count `GPU_MNIST_CPU_THREADS` asks for (None when unset or empty), or why its value
-/// is not one (the CPU backend refuses to open then; the pool itself falls back to the cores).
-pub fn threads_setting() -> Result<Option<usize>, String> {
-    match std::env::var("GPU_MNIST_CPU_THREADS") {
-        Err(_) => Ok(None),
-        Ok(v) if v.is_empty() => Ok(None),
-        Ok(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Some(n)),
-            _ => Err(format!("'{v}' is not a thread count from 1 to {MAX_THREADS}")),
-        },
-    }
 }
 
 /// Number of threads a loop can spread over: the caller and the helpers.

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use web_time::Instant;
 
 use clap::{Args, ValueEnum};
 use gpu_mnist::backend::wgpu::list_adapters;
@@ -248,7 +248,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         memory::reset_peak();
         let t_open = Instant::now();
         let opened = open_device(choice, adapter.as_deref())?;
-        let result = bench_device(opened, &data, &cfg, t_open)?;
+        let result = pollster::block_on(bench_device(opened, &data, &cfg, t_open))?;
         if !args.json {
             eprintln!("measured {}", result.device);
         }
@@ -261,6 +261,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "batch": args.batch_size,
             "devices": results.iter().map(to_json).collect::<Vec<_>>(),
             "baseline": baseline,
+            "settings": gpu_mnist::settings::settings().to_json(),
         });
         println!("{out}");
     } else {

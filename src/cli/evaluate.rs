@@ -53,10 +53,10 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     println!("model: {} ({})", spec.describe(), args.model.display());
     let mut backend = opened.backend;
     let be = backend.as_mut();
-    let graph = Graph::new(be, &spec, args.batch_size.min(test_set.len()))?;
+    let mut graph = Graph::new(be, &spec, args.batch_size.min(test_set.len()))?;
     graph.set_params(be, &params)?;
     let ds = be.upload_dataset(&test_set)?;
-    let report = evaluate(be, &graph, ds, test_set.len(), 64)?;
+    let report = pollster::block_on(evaluate(be, &mut graph, (ds, test_set.len()), 64))?;
     println!(
         "test: loss {:.4}, accuracy {:.2}% ({} images)",
         report.loss,
@@ -64,7 +64,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         report.examples
     );
 
-    let predictions = predict(be, &graph, ds, test_set.len())?;
+    let predictions = pollster::block_on(predict(be, &mut graph, (ds, test_set.len())))?;
     let mut confusion = [[0usize; 10]; 10];
     for (p, &label) in predictions.iter().zip(test_set.labels.iter()) {
         confusion[label as usize][p.class as usize] += 1;

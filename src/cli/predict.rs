@@ -108,13 +108,13 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let opened = open_device(args.device.device.into(), args.device.adapter.as_deref())?;
     let mut backend = opened.backend;
     let be = backend.as_mut();
-    let graph = Graph::new(be, &spec, 256)?;
+    let mut graph = Graph::new(be, &spec, 256)?;
     graph.set_params(be, &params)?;
     if let Some((list, set)) = test {
         let ds = be.upload_dataset(&set)?;
         for ((i, p), &label) in list
             .iter()
-            .zip(predict(be, &graph, ds, set.len())?)
+            .zip(pollster::block_on(predict(be, &mut graph, (ds, set.len())))?)
             .zip(set.labels.iter())
         {
             print_prediction(&format!("test image {i}"), &p, Some(label));
@@ -124,7 +124,11 @@ pub fn run(args: PredictArgs) -> Result<()> {
         let n = args.images.len();
         let set = Dataset::new(files, vec![0; n])?;
         let ds = be.upload_dataset(&set)?;
-        for (path, p) in args.images.iter().zip(predict(be, &graph, ds, set.len())?) {
+        for (path, p) in args
+            .images
+            .iter()
+            .zip(pollster::block_on(predict(be, &mut graph, (ds, set.len())))?)
+        {
             print_prediction(&path.display().to_string(), &p, None);
         }
     }

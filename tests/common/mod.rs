@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: devices, random data, tolerant comparison.
 #![allow(dead_code)]
 
+pub mod ops;
+
 use std::path::PathBuf;
 
 use gpu_mnist::backend::cpu::CpuBackend;
@@ -79,7 +81,7 @@ pub fn upload(be: &mut dyn Backend, data: &[f32]) -> TensorId {
 
 /// Read `n` values of `t`.
 pub fn download(be: &mut dyn Backend, t: TensorId, n: usize) -> Vec<f32> {
-    let mut v = be.read(t).expect("read");
+    let mut v = ops::read(be, t).expect("read");
     v.truncate(n);
     v
 }
@@ -212,7 +214,7 @@ pub const FUSED_STEP_PARTS: [&str; 7] = [
     "other layer",
 ];
 
-/// One `matmul_backward_weight_update` on `be` for a dense layer packed after another one (parts
+/// One weight gradient with its fused update on `be` for a dense layer packed after another one (parts
 /// of lengths [11, 3, C*OC, OC], so that its parameters sit at non-zero offsets), from the given
 /// values and velocities of the four parts; returns the parts named in `FUSED_STEP_PARTS`.
 pub fn fused_step(
@@ -225,8 +227,8 @@ pub fn fused_step(
     let packed = packed_two_layers(be, (values, vels), (c, oc));
     let [p, gr, v] = &packed;
     let (t_inp, t_dout) = (upload(be, inp), upload(be, dout));
-    be.matmul_backward_weight_update(param_of(&packed, 2), param_of(&packed, 3), t_inp, t_dout, b, c, oc, opt)
-        .unwrap();
+    let params = (param_of(&packed, 2), param_of(&packed, 3));
+    ops::backward_weight_update(be, params, (t_inp, t_dout), (b, c, oc), opt).unwrap();
     let parts = [
         gr.parts[2],
         gr.parts[3],
@@ -236,7 +238,7 @@ pub fn fused_step(
         v.parts[3],
         p.parts[0],
     ];
-    parts.map(|t| be.read(t).unwrap())
+    parts.map(|t| ops::read(be, t).unwrap())
 }
 
 /// The packed values, gradients and velocities of two dense layers, parts of lengths

@@ -103,8 +103,10 @@ impl PendingRead {
         }
     }
 
-    /// Wait for the copy, return its bytes and the (unmapped) buffer for reuse.
-    pub fn finish(self, ctx: &GpuContext) -> Result<(Vec<u8>, wgpu::Buffer)> {
+    /// Wait for the copy, return its bytes and the (unmapped) buffer for reuse. Natively the
+    /// poll blocks until the submission is done and the mapping is then ready; in a browser the
+    /// poll returns at once and the mapping's callback wakes the await.
+    pub async fn finish(self, ctx: &GpuContext) -> Result<(Vec<u8>, wgpu::Buffer)> {
         ctx.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(self.index),
@@ -112,7 +114,7 @@ impl PendingRead {
             })
             .map_err(|e| Error::Gpu(format!("reading back results: waiting for the GPU failed: {e}")))?;
         ctx.errors.check("reading back results")?;
-        match pollster::block_on(self.mapped.receive()) {
+        match self.mapped.receive().await {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(Error::Gpu(format!("mapping the read-back buffer failed: {e}"))),
             None => return Err(Error::Gpu("the read-back was dropped (device lost?)".to_string())),

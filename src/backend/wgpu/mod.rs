@@ -1,41 +1,57 @@
-//! The wgpu backend: every op of the training step as a WGSL compute kernel.
+//! The wgpu backend: every op of a training step as a WGSL compute kernel.
 //!
 //! Contract: implements `Backend` on one wgpu device. Ops are recorded into one command encoder
 //! and one compute pass and submitted only at a synchronisation point (`read`, `request_stats`)
-//! or before an upload, so a chunk of training steps is one submit with one read-back. Several
-//! ops of the graph run fused into one matmul dispatch (see `Fusions` and shaders/matmul.wgsl),
-//! and with `GPU_MNIST_OUTPUT_FUSION=1` the output layer's whole step is one dispatch
-//! (shaders/output_layer.wgsl). Datasets are uploaded once as u8 (4 pixels a word) with labels as
-//! u32; per epoch only the shuffled order is uploaded. All wgpu calls of the crate live in this
-//! module and its children.
+//! or before an upload, so a chunk of training steps is one submit with one read-back. Each op
+//! family has a host module that checks an op's tensors and records its dispatch: `gather`,
+//! `matmul` (every product of a dense layer, with its epilogue and the fused optimizer step,
+//! whose encoding is in `optimizer`), `loss` and `output_layer` (the output layer's whole step in
+//! one dispatch, used where the device binds 9 storage buffers). Datasets are uploaded once as u8
+//! (4 pixels a word) with labels as u32; per epoch only the shuffled order is uploaded. All wgpu
+//! calls of the crate live in this module and its children.
 
 mod buffers;
 mod context;
+mod gather;
 mod kernels;
+mod loss;
+mod matmul;
+mod optimizer;
+mod output_layer;
+pub mod params;
 mod profile;
 
 pub use context::{list_adapters, AdapterSummary};
+pub use kernels::{expand_unrolls, fill_placeholders};
+pub use matmul::TileConfig;
 
 use std::collections::VecDeque;
 use std::rc::Rc;
 
 use buffers::{GpuBuffer, PendingRead, Slice};
 use context::GpuContext;
-pub use kernels::TileConfig;
-use kernels::{bits, grid_1d, Kernel, Kernels, ParamWords};
+use kernels::{Kernel, Kernels};
+use params::ParamWords;
 use profile::Profile;
 
 use super::checks;
-use super::{Backend, Counters, DatasetId, Epilogue, OutputLayerStep, Packed, ParamTensors, StepStats, TensorId};
-use crate::data::{Dataset, IMAGE_PIXELS};
+use super::ops::{run_unfused, Fusions, Op, StepAt};
+use super::{Backend, Counters, DatasetId, Packed, Readback, StepStats, TensorId};
+use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::optim::{Optimizer, OptimizerKind};
 
-/// The largest batch the fused output layer takes, and the most (rows x inputs): it runs in one
-/// workgroup, whose time grows with both (4x the reference job's 128 x 512 at most); larger
-/// steps run the four dispatches.
+/// The fused output layer runs in one workgroup, whose time grows with the rows and the rows x
+/// inputs: it takes batches of at most this many rows and 4x the reference job's 128 x 512 rows x
+/// inputs; larger steps run the four dispatches.
 const OUTPUT_LAYER_MAX_ROWS: usize = 1024;
 const OUTPUT_LAYER_MAX_WORK: usize = 4 * 128 * 512;
+
+/// Whether the output layer's step runs as one dispatch when `GPU_MNIST_OUTPUT_FUSION` does not
+/// say: on software adapters, where it is faster than the four dispatches it replaces
+/// (benches/llvmpipe-2026-11-30.md); not on hardware GPUs, where it has not been timed yet.
+fn default_output_layer_fusion(adapter: &AdapterSummary) -> bool {
+    !adapter.is_hardware()
+}
 
 /// A tensor: `len` f32 values at byte `offset` of a buffer that other tensors may share (a packed
 /// group, see `alloc_packed`).
@@ -82,21 +98,15 @@ pub struct WgpuBackend {
     dummy_out: GpuBuffer,
     recording: Option<Recording>,
     counters: Counters,
-    /// Testing aid: `GPU_MNIST_INJECT_DEVICE_LOSS=N` makes every `read_stats` from the N-th
-    /// read-back on report a lost device, to exercise the recovery paths without a failing GPU.
+    /// From `settings`: every `request_stats` from this read-back on reports a lost device.
     inject_loss_at: Option<u64>,
-    /// Tuning aid: every matmul uses this tiling instead of `TileConfig::for_shape`'s
-    /// (`GPU_MNIST_MATMUL_TILES=TM,TN,KC,S`, or `set_matmul_tiles`).
+    /// Every matmul uses this tiling instead of `TileConfig::for_shape`'s (`settings`, or
+    /// `set_matmul_tiles`).
     tiles_override: Option<TileConfig>,
     /// While set, each dispatch runs in a pass of its own that writes timestamps.
     profile: Option<Profile>,
-    /// Gather the first layer's batch inside its product (`GPU_MNIST_GATHER_FUSION=1`) instead of
-    /// in a dispatch of its own: one dispatch fewer, but measured slower on an H200 (an epoch in
-    /// 0.046 s against 0.039 s: the product's loads wait on the order and then the pixels).
-    fuse_gather: bool,
-    /// Run the output layer's step as one dispatch (output_layer.wgsl) instead of four
-    /// (`GPU_MNIST_OUTPUT_FUSION=1`, or `set_output_layer_fusion`). Off by default: written
-    /// without a hardware GPU to time it on; the H200 profile puts the four at 48 us of 105.
+    /// Run the output layer's step as one dispatch (output_layer.wgsl) instead of four, where
+    /// the device can bind its buffers (`output_layer_fusion_available`).
     fuse_output_layer: bool,
     /// Statistics read-backs on their way (oldest first) and how many slots each holds.
     pending_stats: VecDeque<(buffers::PendingRead, usize)>,
@@ -108,12 +118,10 @@ impl WgpuBackend {
     /// Open the best adapter matching `filter` (see `GpuContext::open`).
     pub fn open(filter: Option<&str>, hardware_only: bool) -> Result<Self> {
         let ctx = GpuContext::open(filter, hardware_only)?;
-        let tiles_override = match std::env::var("GPU_MNIST_MATMUL_TILES") {
-            Ok(v) if !v.is_empty() => {
-                Some(TileConfig::parse(&v).map_err(|e| Error::Gpu(format!("GPU_MNIST_MATMUL_TILES: {e}")))?)
-            }
-            _ => None,
-        };
+        let settings = crate::settings::settings();
+        let fuse_output_layer = settings
+            .output_layer_fusion
+            .unwrap_or_else(|| default_output_layer_fusion(&ctx.summary));
         let dummy = buffers::create(&ctx, 4, "unused input")?;
         let dummy_out = buffers::create(&ctx, 4, "unused output")?;
         Ok(WgpuBackend {
@@ -127,32 +135,13 @@ impl WgpuBackend {
             dummy_out,
             recording: None,
             counters: Counters::default(),
-            inject_loss_at: std::env::var("GPU_MNIST_INJECT_DEVICE_LOSS")
-                .ok()
-                .and_then(|v| v.parse().ok()),
-            tiles_override,
+            inject_loss_at: settings.inject_device_loss,
+            tiles_override: settings.matmul_tiles,
             profile: None,
-            fuse_gather: std::env::var("GPU_MNIST_GATHER_FUSION").as_deref() == Ok("1"),
-            fuse_output_layer: std::env::var("GPU_MNIST_OUTPUT_FUSION").as_deref() == Ok("1"),
+            fuse_output_layer,
             pending_stats: VecDeque::new(),
             free_staging: Vec::new(),
         })
-    }
-
-    /// The tiling of an (m, n, k) product: the override, else the H200-tuned choice per shape on a
-    /// hardware GPU, else (a software adapter: CPU threads run the workgroups, and each barrier
-    /// costs them a switch) one 64x64 slice per workgroup, measured fastest on llvmpipe.
-    fn tiles_for(&self, m: usize, n: usize, k: usize) -> TileConfig {
-        match self.tiles_override {
-            Some(t) => t,
-            None if self.ctx.summary.is_hardware() => TileConfig::for_shape(m, n, k),
-            None => TileConfig::SOFTWARE,
-        }
-    }
-
-    /// Gather the first layer's batch inside its product or not (see `fuse_gather`).
-    pub fn set_gather_fusion(&mut self, fuse: bool) {
-        self.fuse_gather = fuse;
     }
 
     /// Run the output layer's step as one dispatch or as four (see `fuse_output_layer`).
@@ -164,12 +153,6 @@ impl WgpuBackend {
     pub fn output_layer_fusion_available(&self) -> bool {
         self.fuse_output_layer
             && self.ctx.limits.max_storage_buffers_per_shader_stage >= context::OUTPUT_LAYER_STORAGE_BUFFERS
-    }
-
-    /// Whether `output_layer_step` runs `s` as one dispatch: available, and a step the single
-    /// workgroup handles in reasonable time.
-    fn fuses_output_layer(&self, s: &OutputLayerStep) -> bool {
-        self.output_layer_fusion_available() && s.b <= OUTPUT_LAYER_MAX_ROWS && s.b * s.c <= OUTPUT_LAYER_MAX_WORK
     }
 
     /// Make every matmul use `tiles` (None: choose per shape), for tests and tuning.
@@ -219,9 +202,13 @@ impl WgpuBackend {
     }
 
     /// Record one dispatch, opening an encoder and pass if none is open.
-    fn record(&mut self, kernel: Kernel, words: &[u32], bind: &[(u32, Bound)], grid: (u32, u32, u32)) -> Result<()> {
-        let mut params: ParamWords = [0; 16];
-        params[..words.len()].copy_from_slice(words);
+    fn record(
+        &mut self,
+        kernel: Kernel,
+        params: ParamWords,
+        bind: &[(u32, Bound)],
+        grid: (u32, u32, u32),
+    ) -> Result<()> {
         let recording = self.recording.get_or_insert_with(|| Recording {
             encoder: self
                 .ctx
@@ -295,7 +282,6 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// Submit pending work with a copy of `buf`'s first `bytes` and return them.
     /// A free read-back buffer of at least `bytes`, or a new one.
     fn take_staging(&mut self, bytes: u64) -> wgpu::Buffer {
         match self.free_staging.iter().position(|b| b.size() >= bytes) {
@@ -305,33 +291,17 @@ impl WgpuBackend {
     }
 
     /// Submit pending work with a copy of the first `bytes` of tensor `t`; wait and return them.
-    fn read_bytes(&mut self, t: TensorId, bytes: u64) -> Result<Vec<u8>> {
+    async fn read_bytes(&mut self, t: TensorId, bytes: u64) -> Result<Vec<u8>> {
         let bytes = bytes.max(4);
         let staging = self.take_staging(bytes);
         let index = self.submit(|me, encoder| {
             let src = me.tensors[t.0].slice();
             encoder.copy_buffer_to_buffer(&src.buf.buffer, src.offset, &staging, 0, bytes.min(src.size));
         })?;
-        let (data, staging) = PendingRead::start(staging, bytes, index).finish(&self.ctx)?;
+        let (data, staging) = PendingRead::start(staging, bytes, index).finish(&self.ctx).await?;
         self.free_staging.push(staging);
         self.counters.readbacks += 1;
         Ok(data)
-    }
-
-    /// A weight (`c * n` values) and its bias (`n`) that a fused optimizer step updates through
-    /// one binding of their packed buffer: checked to be that long and to share the buffer;
-    /// returns their offsets in it in f32 words, which the shaders index by.
-    fn packed_pair(&self, op: &'static str, weight: TensorId, bias: TensorId, c: usize, n: usize) -> Result<[u32; 2]> {
-        self.tensor(op, weight, c * n)?;
-        self.tensor(op, bias, n)?;
-        if self.tensors[weight.0].buf.id != self.tensors[bias.0].buf.id {
-            return Err(Error::shape(
-                op,
-                "the weight and the bias must share a packed buffer (alloc_packed)".to_string(),
-            ));
-        }
-        let word = |t: TensorId| Self::u32_of(op, "a parameter offset", (self.tensors[t.0].offset / 4) as usize);
-        Ok([word(weight)?, word(bias)?])
     }
 
     fn max_groups(&self) -> u32 {
@@ -341,25 +311,6 @@ impl WgpuBackend {
     fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
         u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} = {v} does not fit the GPU's 32-bit indices")))
     }
-}
-
-/// What a matmul dispatch does besides its product and epilogue.
-#[derive(Default)]
-struct Fusions<'a> {
-    /// (N): the column sums of b.
-    colsum: Option<TensorId>,
-    /// Treat c and colsum as the gradients of this weight (M, N) and bias (N) and step them.
-    update: Option<&'a FusedUpdate>,
-    /// Read a as images[order[start..start + M]] / 255 of this dataset, writing it to the `a`
-    /// tensor as it goes (the first layer's input, which its weight gradient reads later).
-    gather: Option<(DatasetId, usize)>,
-}
-
-/// The optimizer step a weight-gradient product applies in its epilogue.
-struct FusedUpdate {
-    weight: ParamTensors,
-    bias: ParamTensors,
-    opt: Optimizer,
 }
 
 /// What a binding of a dispatch refers to.
@@ -433,10 +384,12 @@ impl Backend for WgpuBackend {
         Ok(())
     }
 
-    fn read(&mut self, t: TensorId) -> Result<Vec<f32>> {
-        let len = self.tensor("read", t, 0).map(|_| self.tensors[t.0].len)?;
-        let bytes = self.read_bytes(t, len as u64 * 4)?;
-        Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[..len * 4]))
+    fn read(&mut self, t: TensorId) -> Readback<'_, Vec<f32>> {
+        Box::pin(async move {
+            let len = self.tensor("read", t, 0).map(|_| self.tensors[t.0].len)?;
+            let bytes = self.read_bytes(t, len as u64 * 4).await?;
+            Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[..len * 4]))
+        })
     }
 
     fn upload_dataset(&mut self, data: &Dataset) -> Result<DatasetId> {
@@ -487,406 +440,37 @@ impl Backend for WgpuBackend {
         Ok(())
     }
 
-    fn gather_batch(&mut self, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
-        let op = "gather_batch";
-        self.dataset(op, ds, start, rows)?;
-        self.tensor(op, x, rows * IMAGE_PIXELS)?;
-        let words = IMAGE_PIXELS / 4;
-        let params = [
-            Self::u32_of(op, "start", start)?,
-            rows as u32,
-            words as u32,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ];
-        let grid = grid_1d(rows * words, self.max_groups());
-        self.record(
-            Kernel::Gather,
-            &params,
-            &[(1, Bound::Images(ds)), (2, Bound::Order(ds)), (3, Bound::Tensor(x))],
-            grid,
-        )
-    }
-
-    fn matmul_forward(
-        &mut self,
-        out: TensorId,
-        inp: TensorId,
-        weight: TensorId,
-        epilogue: Epilogue,
-        b: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        // out (B, OC) = epilogue(inp (B, C) @ weight (C, OC))
-        let dims = [b, oc, c, c, 1, oc, 1];
-        self.matmul(
-            "matmul_forward",
-            out,
-            inp,
-            weight,
-            epilogue,
-            Fusions::default(),
-            dims,
-            [b * oc, b * c, c * oc],
-        )
-    }
-
-    fn gather_matmul_forward(
-        &mut self,
-        out: TensorId,
-        x: TensorId,
-        ds: DatasetId,
-        start: usize,
-        weight: TensorId,
-        epilogue: Epilogue,
-        rows: usize,
-        oc: usize,
-    ) -> Result<()> {
-        // Fused: one dispatch, the pixels go from the dataset straight into the product's tiles,
-        // and the workgroups of the first column of tiles write x (rows, 784) on the way.
-        let c = IMAGE_PIXELS;
-        if !self.fuse_gather {
-            self.gather_batch(x, ds, start, rows)?;
-            return self.matmul_forward(out, x, weight, epilogue, rows, c, oc);
+    fn fusions(&self) -> Fusions {
+        let output_layer = self.output_layer_fusion_available();
+        Fusions {
+            weight_update: true,
+            output_layer_max_rows: if output_layer { OUTPUT_LAYER_MAX_ROWS } else { 0 },
+            output_layer_max_work: if output_layer { OUTPUT_LAYER_MAX_WORK } else { 0 },
         }
-        let dims = [rows, oc, c, c, 1, oc, 1];
-        self.matmul(
-            "gather_matmul_forward",
-            out,
-            x,
-            weight,
-            epilogue,
-            Fusions {
-                gather: Some((ds, start)),
-                ..Fusions::default()
-            },
-            dims,
-            [rows * oc, rows * c, c * oc],
-        )
     }
 
-    fn matmul_backward_input(
-        &mut self,
-        dinp: TensorId,
-        dout: TensorId,
-        weight: TensorId,
-        epilogue: Epilogue,
-        b: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        // dinp (B, C) = epilogue(dout (B, OC) @ weight^T); weight^T (OC, C) read with strides (1, OC)
-        let dims = [b, c, oc, oc, 1, 1, oc];
-        self.matmul(
-            "matmul_backward_input",
-            dinp,
-            dout,
-            weight,
-            epilogue,
-            Fusions::default(),
-            dims,
-            [b * c, b * oc, c * oc],
-        )
+    fn prepare(&mut self, ops: &[Op]) -> Result<()> {
+        let mut kernels: Vec<Kernel> = ops.iter().filter_map(|op| self.kernel_of(op)).collect();
+        kernels.sort_by_key(|k| k.label());
+        kernels.dedup();
+        self.kernels.prepare(&self.ctx, &kernels)
     }
 
-    fn matmul_backward_weight(
-        &mut self,
-        dweight: TensorId,
-        dbias: Option<TensorId>,
-        inp: TensorId,
-        dout: TensorId,
-        b: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        // dweight (C, OC) = inp^T @ dout; inp^T (C, B) read with strides (1, C);
-        // dbias (OC) = column sums of dout, from the same tiles of dout
-        let dims = [c, oc, b, 1, c, oc, 1];
-        self.matmul(
-            "matmul_backward_weight",
-            dweight,
-            inp,
-            dout,
-            Epilogue::default(),
-            Fusions {
-                colsum: dbias,
-                ..Fusions::default()
-            },
-            dims,
-            [c * oc, b * c, b * oc],
-        )
-    }
-
-    fn matmul_backward_weight_update(
-        &mut self,
-        weight: ParamTensors,
-        bias: ParamTensors,
-        inp: TensorId,
-        dout: TensorId,
-        b: usize,
-        c: usize,
-        oc: usize,
-        opt: &Optimizer,
-    ) -> Result<()> {
-        // One dispatch: dweight, dbias, and the optimizer step in the epilogue.
-        let dims = [c, oc, b, 1, c, oc, 1];
-        let update = FusedUpdate {
-            weight,
-            bias,
-            opt: *opt,
-        };
-        self.matmul(
-            "matmul_backward_weight_update",
-            weight.grad,
-            inp,
-            dout,
-            Epilogue::default(),
-            Fusions {
-                colsum: Some(bias.grad),
-                update: Some(&update),
-                gather: None,
-            },
-            dims,
-            [c * oc, b * c, b * oc],
-        )
-    }
-
-    fn output_layer_step(&mut self, s: &OutputLayerStep, opt: &Optimizer) -> Result<()> {
-        if !self.fuses_output_layer(s) {
-            return super::output_layer_in_sequence(self, s, opt);
+    fn run(&mut self, op: &Op, at: StepAt) -> Result<()> {
+        match op {
+            Op::Gather(g) => self.gather(g, at.start),
+            Op::Matmul(m) => self.matmul(m),
+            Op::Loss(l) => self.loss(l, at),
+            Op::OutputLayer(o) if self.fusions().output_layer(o.shape) => self.output_layer(o, at),
+            // The optimizer step runs only fused into a weight gradient (the plan fuses every
+            // update): a lone update is that op's composition, which names the unfused op.
+            Op::OutputLayer(_) => run_unfused(self, op, at),
+            Op::Update(_) => Err(Error::shape(
+                "optimizer update",
+                "the GPU applies updates inside the weight gradient's kernel; fuse the plan for this device"
+                    .to_string(),
+            )),
         }
-        let op = "output_layer_step";
-        checks::loss(op, s.classes, s.slot, self.stats_slots)?;
-        self.dataset(op, s.ds, s.start, s.b)?;
-        let (b, c, k) = (s.b, s.c, s.classes);
-        for (t, len) in [(s.inp, b * c), (s.dinp, b * c), (s.dlogits, b * k)] {
-            self.tensor(op, t, len)?;
-        }
-        let rmsprop = opt.kind == OptimizerKind::RmsProp;
-        let value_words = self.packed_pair(op, s.weight.value, s.bias.value, c, k)?;
-        let grad_words = self.packed_pair(op, s.weight.grad, s.bias.grad, c, k)?;
-        let velocity_words = if rmsprop {
-            self.packed_pair(op, s.weight.velocity, s.bias.velocity, c, k)?
-        } else {
-            [0, 0]
-        };
-        // Each written buffer once, and none of them the input (wgpu refuses a buffer bound twice
-        // when one binding writes it); SGD binds no velocity.
-        let bound = [
-            s.inp,
-            s.dlogits,
-            s.dinp,
-            s.weight.value,
-            s.weight.grad,
-            s.weight.velocity,
-        ];
-        let bound = &bound[..if rmsprop { 6 } else { 5 }];
-        for i in 0..bound.len() {
-            self.distinct(op, &bound[i..])?;
-        }
-        let params = [
-            Self::u32_of(op, "rows", b)?,
-            k as u32,
-            Self::u32_of(op, "start", s.start)?,
-            s.slot as u32,
-            1,
-            Self::u32_of(op, "inputs", c)?,
-            rmsprop as u32,
-            value_words[0],
-            value_words[1],
-            velocity_words[0],
-            velocity_words[1],
-            grad_words[0],
-            grad_words[1],
-            bits(opt.lr),
-            bits(opt.rho),
-            bits(opt.eps),
-        ];
-        Self::u32_of(op, "rows * inputs", b * c)?;
-        let velocity = if rmsprop {
-            Bound::BufferOf(s.weight.velocity)
-        } else {
-            Bound::DummyOut
-        };
-        let bind = [
-            (2, Bound::Labels(s.ds)),
-            (3, Bound::Order(s.ds)),
-            (4, Bound::Tensor(s.dlogits)),
-            (5, Bound::Stats),
-            (6, Bound::Tensor(s.inp)),
-            (7, Bound::BufferOf(s.weight.value)),
-            (8, velocity),
-            (9, Bound::BufferOf(s.weight.grad)),
-            (10, Bound::Tensor(s.dinp)),
-        ];
-        self.record(Kernel::OutputLayer, &params, &bind, (1, 1, 1))
-    }
-
-    fn bias_add_forward(&mut self, out: TensorId, bias: TensorId, b: usize, oc: usize) -> Result<()> {
-        let op = "bias_add_forward";
-        self.tensor(op, out, b * oc)?;
-        self.tensor(op, bias, oc)?;
-        self.distinct(op, &[out, bias])?;
-        let params = [
-            Self::u32_of(op, "rows", b)?,
-            Self::u32_of(op, "cols", oc)?,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ];
-        Self::u32_of(op, "rows * cols", b * oc)?;
-        let grid = grid_1d(b * oc, self.max_groups());
-        self.record(
-            Kernel::BiasAdd,
-            &params,
-            &[(1, Bound::Tensor(bias)), (2, Bound::Tensor(out))],
-            grid,
-        )
-    }
-
-    fn bias_backward(&mut self, dbias: TensorId, dout: TensorId, b: usize, oc: usize) -> Result<()> {
-        let op = "bias_backward";
-        self.tensor(op, dbias, oc)?;
-        self.tensor(op, dout, b * oc)?;
-        self.distinct(op, &[dbias, dout])?;
-        let params = [
-            Self::u32_of(op, "rows", b)?,
-            Self::u32_of(op, "cols", oc)?,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ];
-        let grid = grid_1d(oc, self.max_groups());
-        self.record(
-            Kernel::BiasBackward,
-            &params,
-            &[(1, Bound::Tensor(dout)), (2, Bound::Tensor(dbias))],
-            grid,
-        )
-    }
-
-    fn relu_forward(&mut self, out: TensorId, inp: TensorId, n: usize) -> Result<()> {
-        let op = "relu_forward";
-        self.tensor(op, out, n)?;
-        self.tensor(op, inp, n)?;
-        self.distinct(op, &[out, inp])?;
-        let params = [Self::u32_of(op, "n", n)?, 0, 0, 0, 0, 0, 0, 0];
-        let grid = grid_1d(n, self.max_groups());
-        self.record(
-            Kernel::ReluForward,
-            &params,
-            &[(1, Bound::Tensor(inp)), (2, Bound::Tensor(out))],
-            grid,
-        )
-    }
-
-    fn relu_backward(&mut self, dinp: TensorId, dout: TensorId, out: TensorId, n: usize) -> Result<()> {
-        let op = "relu_backward";
-        self.tensor(op, dinp, n)?;
-        self.tensor(op, dout, n)?;
-        self.tensor(op, out, n)?;
-        self.distinct(op, &[dinp, dout, out])?;
-        let params = [Self::u32_of(op, "n", n)?, 0, 0, 0, 0, 0, 0, 0];
-        let grid = grid_1d(n, self.max_groups());
-        let bind = [
-            (3, Bound::Tensor(dout)),
-            (4, Bound::Tensor(out)),
-            (5, Bound::Tensor(dinp)),
-        ];
-        self.record(Kernel::ReluBackward, &params, &bind, grid)
-    }
-
-    fn softmax_xent_forward_backward(
-        &mut self,
-        dlogits: Option<TensorId>,
-        logits: TensorId,
-        ds: DatasetId,
-        start: usize,
-        rows: usize,
-        classes: usize,
-        slot: usize,
-    ) -> Result<()> {
-        let op = "softmax_xent_forward_backward";
-        checks::loss(op, classes, slot, self.stats_slots)?;
-        self.dataset(op, ds, start, rows)?;
-        self.tensor(op, logits, rows * classes)?;
-        let dl = match dlogits {
-            Some(d) => {
-                self.tensor(op, d, rows * classes)?;
-                self.distinct(op, &[d, logits])?;
-                Bound::Tensor(d)
-            }
-            None => Bound::DummyOut,
-        };
-        let params = [
-            Self::u32_of(op, "rows", rows)?,
-            classes as u32,
-            Self::u32_of(op, "start", start)?,
-            slot as u32,
-            dlogits.is_some() as u32,
-            0,
-            0,
-            0,
-        ];
-        let bind = [
-            (1, Bound::Tensor(logits)),
-            (2, Bound::Labels(ds)),
-            (3, Bound::Order(ds)),
-            (4, dl),
-            (5, Bound::Stats),
-        ];
-        self.record(Kernel::SoftmaxXent, &params, &bind, (1, 1, 1))
-    }
-
-    fn rmsprop_update(
-        &mut self,
-        param: TensorId,
-        velocity: TensorId,
-        grad: TensorId,
-        n: usize,
-        lr: f32,
-        rho: f32,
-        eps: f32,
-    ) -> Result<()> {
-        let op = "rmsprop_update";
-        self.tensor(op, param, n)?;
-        self.tensor(op, velocity, n)?;
-        self.tensor(op, grad, n)?;
-        self.distinct(op, &[param, velocity, grad])?;
-        self.distinct(op, &[velocity, grad])?;
-        let params = [Self::u32_of(op, "n", n)?, bits(lr), bits(rho), bits(eps), 0, 0, 0, 0];
-        let grid = grid_1d(n.div_ceil(4), self.max_groups());
-        let bind = [
-            (1, Bound::Tensor(grad)),
-            (2, Bound::Tensor(param)),
-            (3, Bound::Tensor(velocity)),
-        ];
-        self.record(Kernel::RmsProp, &params, &bind, grid)
-    }
-
-    fn sgd_update(&mut self, param: TensorId, grad: TensorId, n: usize, lr: f32) -> Result<()> {
-        let op = "sgd_update";
-        self.tensor(op, param, n)?;
-        self.tensor(op, grad, n)?;
-        self.distinct(op, &[param, grad])?;
-        let params = [Self::u32_of(op, "n", n)?, bits(lr), 0, 0, 0, 0, 0, 0];
-        let grid = grid_1d(n, self.max_groups());
-        self.record(
-            Kernel::Sgd,
-            &params,
-            &[(1, Bound::Tensor(grad)), (2, Bound::Tensor(param))],
-            grid,
-        )
     }
 
     fn runs_behind_host(&self) -> bool {
@@ -914,42 +498,30 @@ impl Backend for WgpuBackend {
         Ok(())
     }
 
-    fn collect_stats(&mut self) -> Result<Vec<StepStats>> {
-        let (read, count) = self
-            .pending_stats
-            .pop_front()
-            .ok_or_else(|| Error::shape("collect_stats", "no statistics were requested".to_string()))?;
-        let (bytes, staging) = read.finish(&self.ctx)?;
-        self.free_staging.push(staging);
-        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[..count * 8]);
-        Ok(words
-            .chunks_exact(2)
-            .map(|w| StepStats {
-                loss_sum: f32::from_bits(w[0]),
-                correct: w[1],
-            })
-            .collect())
+    fn collect_stats(&mut self) -> Readback<'_, Vec<StepStats>> {
+        Box::pin(async move {
+            let (read, count) = self
+                .pending_stats
+                .pop_front()
+                .ok_or_else(|| Error::shape("collect_stats", "no statistics were requested".to_string()))?;
+            let (bytes, staging) = read.finish(&self.ctx).await?;
+            self.free_staging.push(staging);
+            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[..count * 8]);
+            Ok(words
+                .chunks_exact(2)
+                .map(|w| StepStats {
+                    loss_sum: f32::from_bits(w[0]),
+                    correct: w[1],
+                })
+                .collect())
+        })
     }
 
-    fn sync(&mut self) -> Result<()> {
-        self.flush()?;
-        self.ctx.wait("waiting for the GPU")
-    }
-
-    fn prepare(&mut self, matmuls: &[(usize, usize, usize)]) -> Result<()> {
-        let mut kernels: Vec<Kernel> = matmuls
-            .iter()
-            .map(|&(m, n, k)| Kernel::Matmul(self.tiles_for(m, n, k)))
-            .collect();
-        kernels.push(Kernel::SoftmaxXent);
-        if self.output_layer_fusion_available() {
-            kernels.push(Kernel::OutputLayer);
-        }
-        if !self.fuse_gather {
-            kernels.push(Kernel::Gather);
-        }
-        kernels.sort_by_key(|k| k.label());
-        self.kernels.prepare(&self.ctx, &kernels)
+    fn sync(&mut self) -> Readback<'_, ()> {
+        Box::pin(async move {
+            self.flush()?;
+            self.ctx.wait("waiting for the GPU")
+        })
     }
 
     /// Time each of the next `dispatches` dispatches on the device (see `profile.rs`).
@@ -962,12 +534,14 @@ impl Backend for WgpuBackend {
         Ok(true)
     }
 
-    fn finish_profile(&mut self) -> Result<Vec<(String, f64)>> {
-        let Some(profile) = self.profile.take() else {
-            return Ok(Vec::new());
-        };
-        self.submit(|_, encoder| profile.resolve(encoder))?;
-        profile.read(&self.ctx)
+    fn finish_profile(&mut self) -> Readback<'_, Vec<(String, f64)>> {
+        Box::pin(async move {
+            let Some(profile) = self.profile.take() else {
+                return Ok(Vec::new());
+            };
+            self.submit(|_, encoder| profile.resolve(encoder))?;
+            profile.read(&self.ctx)
+        })
     }
 
     fn counters(&self) -> Counters {
@@ -989,134 +563,28 @@ impl Backend for WgpuBackend {
 }
 
 impl WgpuBackend {
-    /// c (M, N) = epilogue(a @ b) through strides: dims = [m, n, k, a_row, a_col, b_row, b_col];
-    /// lens = values needed in [c, a, b]; see `Fusions` for what else the dispatch does.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        &mut self,
-        op: &'static str,
-        c: TensorId,
-        a: TensorId,
-        b: TensorId,
-        epilogue: Epilogue,
-        fusions: Fusions,
-        dims: [usize; 7],
-        lens: [usize; 3],
-    ) -> Result<()> {
-        let Fusions { colsum, update, gather } = fusions;
-        let (m, n) = (dims[0], dims[1]);
-        self.tensor(op, c, lens[0])?;
-        self.tensor(op, a, lens[1])?;
-        self.tensor(op, b, lens[2])?;
-        if let Some(bias) = epilogue.bias {
-            self.tensor(op, bias, n)?;
-        }
-        if let Some(mask) = epilogue.relu_mask {
-            self.tensor(op, mask, m * n)?;
-        }
-        if let Some(colsum) = colsum {
-            self.tensor(op, colsum, n)?;
-        }
-        let mut params = [0u32; 16];
-        for (p, &d) in params.iter_mut().zip(&dims) {
-            *p = Self::u32_of(op, "a dimension", d)?;
-        }
-        params[7] = epilogue.bias.is_some() as u32
-            | (epilogue.relu as u32) << 1
-            | (epilogue.relu_mask.is_some() as u32) << 2
-            | (colsum.is_some() as u32) << 3;
-        let (mut a_buf, mut mask_buf, mut side_buf) = (
-            Bound::Tensor(a),
-            epilogue.relu_mask.map_or(Bound::Dummy, Bound::Tensor),
-            colsum.map_or(Bound::DummyOut, Bound::Tensor),
-        );
-        if let Some((ds, start)) = gather {
-            if colsum.is_some() || epilogue.relu_mask.is_some() || dims[4] != 1 {
-                return Err(Error::shape(
-                    op,
-                    "gather reads a row-major a without mask or colsum".to_string(),
-                ));
+    /// The kernel an op dispatches (None for an op the device never runs alone).
+    fn kernel_of(&self, op: &Op) -> Option<Kernel> {
+        match op {
+            Op::Gather(_) => Some(Kernel::Gather),
+            Op::Matmul(m) => {
+                let p = m.product();
+                Some(Kernel::Matmul(self.tiles_for(p.m, p.n, p.k)))
             }
-            self.dataset(op, ds, start, m)?;
-            if dims[2] != IMAGE_PIXELS {
-                return Err(Error::shape(
-                    op,
-                    format!("gather needs K = {IMAGE_PIXELS} pixels, got {}", dims[2]),
-                ));
-            }
-            params[15] = Self::u32_of(op, "start", start)?;
-            params[7] |= 64;
-            a_buf = Bound::Images(ds);
-            mask_buf = Bound::Order(ds);
-            side_buf = Bound::Tensor(a);
+            Op::Loss(_) => Some(Kernel::SoftmaxXent),
+            Op::OutputLayer(_) => Some(Kernel::OutputLayer),
+            Op::Update(_) => None,
         }
-        let (mut param_buf, mut velocity_buf) = (Bound::DummyOut, Bound::DummyOut);
-        if let Some(u) = update {
-            if colsum.is_none() {
-                return Err(Error::shape(op, "a fused update needs the bias gradient".to_string()));
-            }
-            let (w, bias) = (u.weight, u.bias);
-            [params[11], params[13]] = self.packed_pair(op, w.value, bias.value, m, n)?;
-            params[8] = bits(u.opt.lr);
-            params[9] = bits(u.opt.rho);
-            params[10] = bits(u.opt.eps);
-            match u.opt.kind {
-                OptimizerKind::RmsProp => {
-                    [params[12], params[14]] = self.packed_pair(op, w.velocity, bias.velocity, m, n)?;
-                    params[7] |= 16;
-                    velocity_buf = Bound::BufferOf(w.velocity);
-                }
-                OptimizerKind::Sgd => params[7] |= 32,
-            }
-            param_buf = Bound::BufferOf(w.value);
+    }
+
+    /// The tiling of an (m, n, k) product: the override, else the tuned choice per shape on a
+    /// hardware GPU, else (a software adapter: CPU threads run the workgroups, and each barrier
+    /// costs them a switch) one 64x64 slice per workgroup.
+    fn tiles_for(&self, m: usize, n: usize, k: usize) -> TileConfig {
+        match self.tiles_override {
+            Some(t) => t,
+            None if self.ctx.summary.is_hardware() => TileConfig::for_shape(m, n, k),
+            None => TileConfig::SOFTWARE,
         }
-        for &len in &lens {
-            Self::u32_of(op, "a tensor length", len)?;
-        }
-        let tiles = self.tiles_for(m, n, dims[2]);
-        let grid = (
-            n.div_ceil(tiles.tn as usize) as u32,
-            m.div_ceil(tiles.tm as usize) as u32,
-            1,
-        );
-        if grid.0 > self.max_groups() || grid.1 > self.max_groups() {
-            return Err(Error::shape(
-                op,
-                format!("{m}x{n} output needs more workgroups than the adapter allows"),
-            ));
-        }
-        // Every written buffer must differ from every buffer read (wgpu refuses a buffer bound both
-        // ways in one dispatch): say so here, naming the op, rather than as a validation error.
-        let read = [
-            Some(b),
-            epilogue.bias,
-            epilogue.relu_mask,
-            gather.is_none().then_some(a),
-        ];
-        let velocity = update.and_then(|u| (u.opt.kind == OptimizerKind::RmsProp).then_some(u.weight.velocity));
-        let written = [
-            Some(c),
-            colsum,
-            gather.map(|_| a),
-            update.map(|u| u.weight.value),
-            velocity,
-        ];
-        for w in written.into_iter().flatten() {
-            for r in read.into_iter().flatten() {
-                self.distinct(op, &[w, r])?;
-            }
-        }
-        let bias = epilogue.bias.map_or(Bound::Dummy, Bound::Tensor);
-        let bind = [
-            (1, a_buf),
-            (2, Bound::Tensor(b)),
-            (3, Bound::Tensor(c)),
-            (4, bias),
-            (5, mask_buf),
-            (6, side_buf),
-            (7, param_buf),
-            (8, velocity_buf),
-        ];
-        self.record(Kernel::Matmul(tiles), &params, &bind, grid)
     }
 }

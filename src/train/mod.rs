@@ -1,20 +1,30 @@
-//! The training loop over any `Backend`: epochs of shuffled minibatches, metrics, evaluation.
+//! The training loop over any `Backend`, as a library: epochs of shuffled minibatches, metrics,
+//! evaluation (`eval`), and whole runs reported through an observer (`fit`).
 //!
-//! Contract: `Trainer::with_params` uploads the data and the initial parameters once; `run_epoch` records
-//! the epoch's steps in chunks of `chunk_steps` and reads the step statistics back once per chunk
-//! (never per step), collecting chunk i's after chunk i + 1 is recorded so that a GPU never waits
-//! for the host between chunks; the only other upload per epoch is the shuffled order. Loss is the mean of the
-//! per-example cross-entropy over the epoch (what Keras prints); a non-finite loss stops the run
-//! with the epoch and step named.
+//! Contract: `Trainer::with_params` uploads the data and the initial parameters once; `run_epoch`
+//! records the epoch's steps in chunks of `chunk_steps` and reads the step statistics back once
+//! per chunk (never per step), collecting chunk i's after chunk i + 1 is recorded so that a GPU
+//! never waits for the host between chunks; the only other upload per epoch is the shuffled
+//! order. Loss is the mean of the per-example cross-entropy over the epoch (what Keras prints); a
+//! non-finite loss stops the run with the epoch and step named. The loop is `async`: it waits for
+//! the device only by awaiting the backend's `Readback` futures, so a native caller drives it with
+//! `pollster::block_on` and a browser with its event loop.
 
-use std::time::Instant;
+mod eval;
+mod fit;
 
-use crate::backend::reference as r;
+pub use eval::{evaluate, predict, EvalReport, Prediction};
+pub use fit::{fit, EpochStart, FitData, HostState, Observer, Position, Quiet};
+
+use web_time::Instant;
+
+use crate::backend::ops::StepAt;
 use crate::backend::{Backend, DatasetId, StepStats};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::error::{Error, Result};
 use crate::model::{Graph, HostTensor, ModelSpec, ParamPart};
 use crate::optim::Optimizer;
+use crate::plan::PlanKind;
 
 /// Everything that defines a training run.
 #[derive(Debug, Clone)]
@@ -36,14 +46,6 @@ pub struct EpochReport {
     pub loss: f64,
     pub accuracy: f64,
     pub seconds: f64,
-}
-
-/// Loss and accuracy over a dataset.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalReport {
-    pub loss: f64,
-    pub accuracy: f64,
-    pub examples: usize,
 }
 
 /// Progress inside an epoch, reported after every chunk.
@@ -130,7 +132,7 @@ impl<'b> Trainer<'b> {
     /// Train epoch `epoch` (0-based) from `from` (the start, or where an interrupted run stopped),
     /// calling `progress` after each chunk and `should_stop` between chunks. The epoch's order
     /// depends only on (seed, epoch), so a resumed epoch visits exactly the remaining batches.
-    pub fn run_epoch(
+    pub async fn run_epoch(
         &mut self,
         epoch: usize,
         from: EpochProgress,
@@ -150,33 +152,37 @@ impl<'b> Trainer<'b> {
         for (i, chunk_steps) in steps[from.steps_done.min(steps.len())..].chunks(chunk).enumerate() {
             if should_stop() {
                 if let Some(prev) = in_flight.take() {
-                    self.absorb(&mut done, prev, epoch, steps.len(), progress)?;
+                    self.absorb(&mut done, prev, epoch, steps.len(), progress).await?;
                 }
                 done.seconds = from.seconds + t0.elapsed().as_secs_f64();
                 return Ok(EpochEnd::Interrupted(done));
             }
             let first_slot = (i % 2) * chunk;
             for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
+                let at = StepAt {
+                    start,
+                    slot: first_slot + slot,
+                };
                 self.graph
-                    .train_step(self.be, self.train, start, rows, first_slot + slot, &self.cfg.optimizer)?;
+                    .train_step(self.be, (self.train, rows), at, &self.cfg.optimizer)?;
             }
             self.be.request_stats(first_slot, chunk_steps.len())?;
             if let Some(prev) = in_flight.replace(chunk_steps) {
-                if let Err(e) = self.absorb(&mut done, prev, epoch, steps.len(), progress) {
+                if let Err(e) = self.absorb(&mut done, prev, epoch, steps.len(), progress).await {
                     // Leave no read-back pending on the backend (a later read_stats would get it).
-                    let _ = self.be.collect_stats();
+                    let _ = self.be.collect_stats().await;
                     return Err(e);
                 }
             }
             // A backend that ran the chunk already (the CPU) gains nothing by waiting a chunk.
             if !self.be.runs_behind_host() {
                 if let Some(now) = in_flight.take() {
-                    self.absorb(&mut done, now, epoch, steps.len(), progress)?;
+                    self.absorb(&mut done, now, epoch, steps.len(), progress).await?;
                 }
             }
         }
         if let Some(prev) = in_flight {
-            self.absorb(&mut done, prev, epoch, steps.len(), progress)?;
+            self.absorb(&mut done, prev, epoch, steps.len(), progress).await?;
         }
         Ok(EpochEnd::Finished(EpochReport {
             epoch: epoch + 1,
@@ -188,7 +194,7 @@ impl<'b> Trainer<'b> {
 
     /// Collect the statistics of the oldest requested chunk (`chunk_steps`) into `done`, stop on
     /// divergence, and report progress.
-    fn absorb(
+    async fn absorb(
         &mut self,
         done: &mut EpochProgress,
         chunk_steps: &[(usize, usize)],
@@ -196,7 +202,7 @@ impl<'b> Trainer<'b> {
         total_steps: usize,
         progress: &mut dyn FnMut(&ChunkProgress),
     ) -> Result<()> {
-        let stats = self.be.collect_stats()?;
+        let stats = self.be.collect_stats().await?;
         accumulate(done, &stats, chunk_steps, MAX_FINITE_LOSS, |step, what, detail| {
             format!(
                 "training diverged: the loss became {what} at epoch {}, step {} of {total_steps}{detail}; try a smaller --lr",
@@ -221,18 +227,27 @@ impl<'b> Trainer<'b> {
     }
 
     /// Loss and accuracy of the current parameters on a resident evaluation set.
-    pub fn evaluate(&mut self, set: (DatasetId, usize)) -> Result<EvalReport> {
-        evaluate(self.be, &self.graph, set.0, set.1, self.cfg.chunk_steps)
+    pub async fn evaluate(&mut self, set: (DatasetId, usize)) -> Result<EvalReport> {
+        evaluate(self.be, &mut self.graph, set, self.cfg.chunk_steps).await
     }
 
     /// The current parameters, read back from the backend.
-    pub fn params(&mut self) -> Result<Vec<HostTensor>> {
-        self.graph.params_to_host(self.be)
+    pub async fn params(&mut self) -> Result<Vec<HostTensor>> {
+        self.graph.params_to_host(self.be).await
     }
 
     /// The optimizer's velocities, read back from the backend (for a checkpoint).
-    pub fn velocities(&mut self) -> Result<Vec<HostTensor>> {
-        self.graph.read_part(self.be, ParamPart::Velocity)
+    pub async fn velocities(&mut self) -> Result<Vec<HostTensor>> {
+        self.graph.read_part(self.be, ParamPart::Velocity).await
+    }
+
+    /// The training plan of a full batch, as `train --verbose` prints it.
+    pub fn describe_plan(&mut self) -> Result<String> {
+        let rows = self.cfg.batch_size.min(self.train_len).max(1);
+        let ops = self
+            .graph
+            .plan(self.be, PlanKind::Train, (self.train, rows), Some(self.cfg.optimizer))?;
+        Ok(crate::plan::describe(ops))
     }
 }
 
@@ -250,7 +265,7 @@ pub const INFINITE_LOSS_STEPS: usize = 8;
 
 /// Add a chunk's statistics to `done`. Fails at a NaN or infinite loss, or once the mean loss has
 /// stayed above `max_loss` for `INFINITE_LOSS_STEPS` steps in a row (naming the first of them).
-fn accumulate(
+pub(crate) fn accumulate(
     done: &mut EpochProgress,
     stats: &[StepStats],
     steps: &[(usize, usize)],
@@ -291,65 +306,4 @@ fn accumulate(
         done.steps_done += 1;
     }
     Ok(())
-}
-
-/// Evaluate `graph` on the `len` examples of resident dataset `ds` (in its current order) in
-/// batches of the graph's size, reading statistics back once per `chunk_steps` batches.
-pub fn evaluate(
-    be: &mut dyn Backend,
-    graph: &Graph,
-    ds: DatasetId,
-    len: usize,
-    chunk_steps: usize,
-) -> Result<EvalReport> {
-    let steps: Vec<(usize, usize)> = batches(len, graph.max_batch()).collect();
-    let chunk = chunk_steps.max(1);
-    be.reserve_stats(chunk)?;
-    let mut totals = EpochProgress::default();
-    for chunk_steps in steps.chunks(chunk) {
-        for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
-            graph.eval_step(be, ds, start, rows, slot)?;
-        }
-        let stats = be.read_stats(chunk_steps.len())?;
-        // A bad model may have a huge loss; only a non-finite one is an error here.
-        accumulate(&mut totals, &stats, chunk_steps, f64::INFINITY, |_, what, _| {
-            format!("evaluation failed: the loss became {what}")
-        })?;
-    }
-    Ok(EvalReport {
-        loss: totals.mean_loss(),
-        accuracy: totals.accuracy(),
-        examples: totals.examples,
-    })
-}
-
-/// One example's prediction.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Prediction {
-    /// The class with the largest logit (the first one on a tie, as in the loss kernel).
-    pub class: u8,
-    /// Softmax probabilities of the classes.
-    pub probs: Vec<f32>,
-}
-
-/// Predict the `len` examples of resident dataset `ds`, in its current order, in batches of the
-/// graph's size (one read-back each).
-pub fn predict(be: &mut dyn Backend, graph: &Graph, ds: DatasetId, len: usize) -> Result<Vec<Prediction>> {
-    let v = graph.spec.classes;
-    let mut out = Vec::with_capacity(len);
-    for (start, rows) in batches(len, graph.max_batch()) {
-        be.gather_batch(graph.input(), ds, start, rows)?;
-        graph.forward(be, rows)?;
-        let logits = be.read(graph.logits())?;
-        let logits = &logits[..rows * v];
-        let (mut probs, mut losses, mut classes) = (vec![0.0; rows * v], vec![0.0; rows], vec![0u8; rows]);
-        // The loss is unused here: the labels passed are placeholders.
-        r::softmax_xent_forward(&mut probs, &mut losses, logits, &vec![0; rows], rows, v);
-        r::argmax_rows(&mut classes, logits, rows, v);
-        out.extend(classes.iter().zip(probs.chunks(v)).map(|(&class, p)| Prediction {
-            class,
-            probs: p.to_vec(),
-        }));
-    }
-    Ok(out)
 }

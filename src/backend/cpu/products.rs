@@ -1,0 +1,452 @@
+//! The CPU backends' matmuls: a dense layer's three products with their fused epilogues, as the
+//! reference's plain loops, as sparse products (`cpu_sparse`) when the input is mostly zeros, as
+//! small loops when a side is narrow (`cpu_narrow`), or as `matrixmultiply`'s sgemm on row pieces
+//! over the threads.
+//!
+//! Contract: every product here computes what `reference` does for the same op; the fast
+//! variants differ only in the summation order. Nothing is allocated once the scratch buffers have
+//! grown to the largest batch (matrixmultiply packs its operands in buffers of its own).
+
+use super::super::cpu_fast;
+use super::super::cpu_narrow::{self, Strided};
+use super::super::cpu_pool;
+use super::super::cpu_sparse::{self, WeightStep};
+use super::super::ops::{run_unfused, DenseShape, Matmul, MatmulKind, MatmulShape, Op, StepAt};
+use super::super::reference as r;
+use super::super::{ParamTensors, TensorId};
+use super::{CpuBackend, CpuKind, View};
+use crate::error::{Error, Result};
+use crate::optim::{Optimizer, OptimizerKind};
+
+/// What a matmul applies to its product before storing it: `+ bias` (broadcast over rows), then
+/// `max(., 0)`, then zeroing where `relu_mask <= 0`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Epilogue {
+    bias: Option<TensorId>,
+    relu: bool,
+    relu_mask: Option<TensorId>,
+}
+
+impl CpuBackend {
+    /// Run one of a dense layer's products.
+    pub(super) fn matmul(&mut self, m: &Matmul, at: StepAt) -> Result<()> {
+        match m.kind {
+            MatmulKind::Forward {
+                out,
+                inp,
+                weight,
+                bias,
+                relu,
+            } => {
+                let epilogue = Epilogue {
+                    bias,
+                    relu,
+                    relu_mask: None,
+                };
+                self.matmul_forward(m.shape, out, inp, weight, epilogue)
+            }
+            MatmulKind::BackwardInput {
+                dinp,
+                dout,
+                weight,
+                relu_mask,
+            } => self.matmul_backward_input(m.shape, dinp, dout, weight, relu_mask),
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp,
+                dout,
+                update: None,
+            } => self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout),
+            MatmulKind::BackwardWeight {
+                dbias: Some(_),
+                update: Some(_),
+                ..
+            } => self.weight_update(m, at),
+            MatmulKind::BackwardWeight { dbias: None, .. } => Err(Error::shape(
+                "matmul backward weight + update",
+                "a fused update needs the bias gradient".to_string(),
+            )),
+        }
+    }
+
+    /// out (B, OC) = epilogue(inp (B, C) @ weight (C, OC)).
+    fn matmul_forward(
+        &mut self,
+        shape: DenseShape,
+        out: TensorId,
+        inp: TensorId,
+        weight: TensorId,
+        epilogue: Epilogue,
+    ) -> Result<()> {
+        let DenseShape {
+            rows: b,
+            inputs: c,
+            outputs: oc,
+        } = shape;
+        let kind = self.kind;
+        let inputs = with_epilogue_inputs([(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
+        if self.sparse_rows("matmul_forward", inp, b, c, oc)? {
+            let mut scratch = std::mem::take(&mut self.sparse);
+            let result = self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
+                let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
+                cpu_sparse::matmul_forward(o, &mut scratch, i[1], (bias, epilogue.relu), (b, c, oc));
+                cpu_fast::matmul_epilogue(o, None, false, mask, b, oc);
+            });
+            self.sparse = scratch;
+            self.sparse_products += 1;
+            return result;
+        }
+        let mut narrow = std::mem::take(&mut self.narrow);
+        let result = self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
+            match kind {
+                CpuKind::Reference => r::matmul_forward(o, i[0], i[1], b, c, oc),
+                CpuKind::Fast => sgemm(
+                    MatmulShape { m: b, n: oc, k: c },
+                    Strided::new(i[0], c, 1),
+                    Strided::new(i[1], oc, 1),
+                    o,
+                    &mut narrow,
+                ),
+            }
+            apply_epilogue(kind, o, &i[2..], epilogue, b, oc);
+        });
+        self.narrow = narrow;
+        result
+    }
+
+    /// dinp (B, C) = (dout (B, OC) @ weight (C, OC)^T) * (relu_mask > 0).
+    fn matmul_backward_input(
+        &mut self,
+        shape: DenseShape,
+        dinp: TensorId,
+        dout: TensorId,
+        weight: TensorId,
+        relu_mask: Option<TensorId>,
+    ) -> Result<()> {
+        let DenseShape {
+            rows: b,
+            inputs: c,
+            outputs: oc,
+        } = shape;
+        let epilogue = Epilogue {
+            relu_mask,
+            ..Epilogue::default()
+        };
+        let kind = self.kind;
+        let inputs = with_epilogue_inputs([(dout, b * oc), (weight, c * oc)], epilogue, b * c, c);
+        let mut narrow = std::mem::take(&mut self.narrow);
+        let result = self.with_out("matmul_backward_input", (dinp, b * c), &inputs, |o, i| {
+            match kind {
+                CpuKind::Reference => r::matmul_backward_input(o, i[0], i[1], b, c, oc),
+                // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
+                CpuKind::Fast => sgemm(
+                    MatmulShape { m: b, n: c, k: oc },
+                    Strided::new(i[0], oc, 1),
+                    Strided::new(i[1], 1, oc),
+                    o,
+                    &mut narrow,
+                ),
+            }
+            apply_epilogue(kind, o, &i[2..], epilogue, b, c);
+        });
+        self.narrow = narrow;
+        result
+    }
+
+    /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC); dbias (OC) = the column sums of dout.
+    fn matmul_backward_weight(
+        &mut self,
+        shape: DenseShape,
+        dweight: TensorId,
+        dbias: Option<TensorId>,
+        inp: TensorId,
+        dout: TensorId,
+    ) -> Result<()> {
+        let DenseShape {
+            rows: b,
+            inputs: c,
+            outputs: oc,
+        } = shape;
+        if let Some(dbias) = dbias {
+            self.bias_backward(dbias, dout, b, oc)?;
+        }
+        if self.sparse_rows("matmul_backward_weight", inp, b, c, oc)? {
+            let mut scratch = std::mem::take(&mut self.sparse);
+            let result = self.with_out(
+                "matmul_backward_weight",
+                (dweight, c * oc),
+                &[(inp, b * c), (dout, b * oc)],
+                |o, i| {
+                    let step = WeightStep::None;
+                    cpu_sparse::matmul_backward_weight(o, &mut scratch, i[1], step, (b, c, oc));
+                },
+            );
+            self.sparse = scratch;
+            self.sparse_products += 1;
+            return result;
+        }
+        let kind = self.kind;
+        let mut narrow = std::mem::take(&mut self.narrow);
+        let result = self.with_out(
+            "matmul_backward_weight",
+            (dweight, c * oc),
+            &[(inp, b * c), (dout, b * oc)],
+            |o, i| match kind {
+                CpuKind::Reference => r::matmul_backward_weight(o, i[0], i[1], b, c, oc),
+                // (C, B) @ (B, OC) where inp^T is inp read with swapped strides.
+                CpuKind::Fast => sgemm(
+                    MatmulShape { m: c, n: oc, k: b },
+                    Strided::new(i[0], 1, c),
+                    Strided::new(i[1], oc, 1),
+                    o,
+                    &mut narrow,
+                ),
+            },
+        );
+        self.narrow = narrow;
+        result
+    }
+
+    /// The weight gradient with the optimizer step of the weight and bias: on a sparse input in
+    /// one pass (`sparse_weight_update`), else the ops in sequence (`run_unfused`).
+    fn weight_update(&mut self, m: &Matmul, at: StepAt) -> Result<()> {
+        let MatmulKind::BackwardWeight {
+            dweight,
+            dbias: Some(dbias),
+            inp,
+            dout,
+            update: Some(u),
+        } = m.kind
+        else {
+            return run_unfused(self, &Op::Matmul(*m), at);
+        };
+        let DenseShape {
+            rows: b,
+            inputs: c,
+            outputs: oc,
+        } = m.shape;
+        if !self.sparse_rows("matmul backward weight + update", inp, b, c, oc)? {
+            return run_unfused(self, &Op::Matmul(*m), at);
+        }
+        let weight = ParamTensors {
+            value: u.weight.value,
+            grad: dweight,
+            velocity: u.weight.velocity,
+        };
+        let bias = ParamTensors {
+            value: u.bias.value,
+            grad: dbias,
+            velocity: u.bias.velocity,
+        };
+        self.bias_backward(dbias, dout, b, oc)?;
+        self.sparse_weight_update(m.shape, weight, inp, dout, &u.opt)?;
+        self.update(bias, oc, &u.opt)
+    }
+
+    /// dbias (OC) = column sums of dout (B, OC).
+    pub(super) fn bias_backward(&mut self, dbias: TensorId, dout: TensorId, b: usize, oc: usize) -> Result<()> {
+        let kind = self.kind;
+        self.with_out("bias_backward", (dbias, oc), &[(dout, b * oc)], |o, i| match kind {
+            CpuKind::Reference => r::bias_backward(o, i[0], b, oc),
+            CpuKind::Fast => cpu_fast::bias_backward(o, i[0], b, oc),
+        })
+    }
+
+    /// Whether the fast path multiplies `inp` (rows, cols) as a sparse matrix into `out_cols`
+    /// columns; if so, the sparse scratch holds its rows.
+    fn sparse_rows(
+        &mut self,
+        op: &'static str,
+        inp: TensorId,
+        rows: usize,
+        cols: usize,
+        out_cols: usize,
+    ) -> Result<bool> {
+        if self.kind != CpuKind::Fast || !cpu_sparse::may_pay(out_cols) {
+            return Ok(false);
+        }
+        let v = self.view(op, inp, rows * cols)?;
+        let source = self.source(v, rows, cols);
+        let x = &self.storage[v.storage][v.offset..v.offset + v.len];
+        Ok(self.sparse.rows_if_sparse(x, source, out_cols))
+    }
+
+    /// The weight gradient of a dense layer with a sparse input and the optimizer step of its
+    /// weight in one pass (`cpu_sparse::matmul_backward_weight`): dweight (C, OC) = inp (B, C)^T @
+    /// dout (B, OC), each value applied to the weight as soon as it is summed.
+    fn sparse_weight_update(
+        &mut self,
+        shape: DenseShape,
+        weight: ParamTensors,
+        inp: TensorId,
+        dout: TensorId,
+        opt: &Optimizer,
+    ) -> Result<()> {
+        let op = "matmul backward weight + update";
+        let DenseShape {
+            rows: b,
+            inputs: c,
+            outputs: oc,
+        } = shape;
+        let n = c * oc;
+        let rmsprop = opt.kind == OptimizerKind::RmsProp;
+        // The gradient, the value and (RMSprop) the velocity are written: each must have an array
+        // of its own, shared with nothing the op reads or writes.
+        let (grad_v, value_v) = (self.view(op, weight.grad, n)?, self.view(op, weight.value, n)?);
+        let velocity_v = rmsprop.then(|| self.view(op, weight.velocity, n)).transpose()?;
+        let read = [self.view(op, inp, b * c)?, self.view(op, dout, b * oc)?];
+        let all = [Some(grad_v), Some(value_v), velocity_v, Some(read[0]), Some(read[1])];
+        for (i, w) in all[..3].iter().enumerate() {
+            let shared = |w: &View| {
+                all.iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && o.is_some_and(|o| o.storage == w.storage))
+            };
+            if w.as_ref().is_some_and(shared) {
+                return Err(Error::shape(
+                    op,
+                    "a written tensor shares its array with another tensor of the op".to_string(),
+                ));
+            }
+        }
+        let take = |s: &mut Self, v: View| {
+            s.written(v.storage);
+            std::mem::take(&mut s.storage[v.storage])
+        };
+        let (mut grad, mut value) = (take(self, grad_v), take(self, value_v));
+        let mut velocity = velocity_v.map(|v| (take(self, v), v));
+        // The rows of inp held since `sparse_rows`, unless an op since (the bias gradient, when
+        // it shares inp's array) wrote it: then they are rebuilt here.
+        let source = self.source(read[0], b, c);
+        let x = &self.storage[read[0].storage][read[0].offset..read[0].offset + read[0].len];
+        self.sparse.hold_rows(x, source);
+        let mut scratch = std::mem::take(&mut self.sparse);
+        let d = &self.storage[read[1].storage][read[1].offset..read[1].offset + read[1].len];
+        let range = |v: View| v.offset..v.offset + v.len;
+        let step = match velocity.as_mut() {
+            Some((array, v)) => WeightStep::RmsProp {
+                value: &mut value[range(value_v)],
+                velocity: &mut array[range(*v)],
+                lr: opt.lr,
+                rho: opt.rho,
+                eps: opt.eps,
+            },
+            None => WeightStep::Sgd {
+                value: &mut value[range(value_v)],
+                lr: opt.lr,
+            },
+        };
+        cpu_sparse::matmul_backward_weight(&mut grad[range(grad_v)], &mut scratch, d, step, (b, c, oc));
+        self.storage[grad_v.storage] = grad;
+        self.storage[value_v.storage] = value;
+        if let Some((array, v)) = velocity {
+            self.storage[v.storage] = array;
+        }
+        self.sparse = scratch;
+        self.sparse_products += 1;
+        self.counters.dispatches += 1;
+        Ok(())
+    }
+}
+
+/// The most tensors an op reads: a matmul's two operands, its bias and its mask.
+pub(super) const MAX_INPUTS: usize = 4;
+
+/// The tensors (and lengths) an op reads, held without allocating.
+#[derive(Debug, Clone, Copy)]
+struct Inputs {
+    list: [(TensorId, usize); MAX_INPUTS],
+    len: usize,
+}
+
+impl std::ops::Deref for Inputs {
+    type Target = [(TensorId, usize)];
+    fn deref(&self) -> &Self::Target {
+        &self.list[..self.len]
+    }
+}
+
+/// The matmul's two operands followed by the epilogue's tensors (bias, then mask) that are present.
+fn with_epilogue_inputs(base: [(TensorId, usize); 2], epilogue: Epilogue, out_len: usize, n: usize) -> Inputs {
+    let mut inputs = Inputs {
+        list: [base[0], base[1], base[0], base[0]],
+        len: 2,
+    };
+    for extra in [epilogue.bias.map(|t| (t, n)), epilogue.relu_mask.map(|t| (t, out_len))]
+        .into_iter()
+        .flatten()
+    {
+        inputs.list[inputs.len] = extra;
+        inputs.len += 1;
+    }
+    inputs
+}
+
+/// The bias and mask slices of `epilogue` among `extra` (those present, in that order).
+fn epilogue_tensors<'a>(extra: &[&'a [f32]], epilogue: Epilogue) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
+    let mut extra = extra.iter();
+    let bias = epilogue.bias.and_then(|_| extra.next().copied());
+    let mask = epilogue.relu_mask.and_then(|_| extra.next().copied());
+    (bias, mask)
+}
+
+/// Run the epilogue on out (b, n); `extra` holds the bias and mask slices present, in that order.
+fn apply_epilogue(kind: CpuKind, out: &mut [f32], extra: &[&[f32]], epilogue: Epilogue, b: usize, n: usize) {
+    let (bias, mask) = epilogue_tensors(extra, epilogue);
+    match kind {
+        CpuKind::Reference => r::matmul_epilogue(out, bias, epilogue.relu, mask, b, n),
+        CpuKind::Fast => cpu_fast::matmul_epilogue(out, bias, epilogue.relu, mask, b, n),
+    }
+}
+
+/// The least work, in multiply-adds, worth a piece of its own when a dense product is split over
+/// threads (a hand-off costs about a microsecond, this much work about five).
+const SPLIT_MIN_MACS: usize = 1 << 18;
+
+/// C (m, n) = A @ B with A and B read through their strides: the three products of a dense
+/// layer are this one call with different strides. A product with a narrow side (the output
+/// layer's) runs `cpu_narrow` on this thread; otherwise C's rows are cut into pieces spread over
+/// `cpu_pool`'s threads, each running `matrixmultiply`'s single-threaded sgemm on its share.
+fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut cpu_narrow::Scratch) {
+    let MatmulShape { m, n, k } = shape;
+    if cpu_narrow::fits(k, n) {
+        cpu_narrow::matmul(shape, a, b, c, narrow);
+        return;
+    }
+    let c = &mut c[..m * n];
+    if m == 0 || n == 0 || k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    // A piece per SPLIT_MIN_MACS of work, up to `chunk_count` (each piece is one sgemm call).
+    let chunks = (m * k * n / SPLIT_MIN_MACS).clamp(1, cpu_sparse::chunk_count(m));
+    let rows = m.div_ceil(chunks);
+    let mut pieces = c.chunks_mut(rows * n).enumerate();
+    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
+        let first = i * rows;
+        let m = c.len() / n;
+        assert!(a.reaches(first + m - 1, k - 1) && b.reaches(k - 1, n - 1));
+        // SAFETY: the assert above checks that every index the strides reach from row `first` of
+        // A, and in B, is inside `a` and `b`; `c` holds this piece's m rows of n.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.data.as_ptr().add(first * a.row),
+                a.row as isize,
+                a.col as isize,
+                b.data.as_ptr(),
+                b.row as isize,
+                b.col as isize,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    });
+}

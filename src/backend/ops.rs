@@ -1,0 +1,395 @@
+//! The ops of a training step as typed values: what a layer graph's plan holds and what
+//! `Backend::run` executes.
+//!
+//! Contract: every op names its tensors and its shape by field; an op that reads the dataset's
+//! rows (the gather, the loss) takes the batch's place in the epoch's order and its statistics slot
+//! from the `StepAt` it runs with, so that one plan serves every step of an epoch. Two ops are
+//! fusions of others, and their meaning is that composition (`run_unfused`): a weight gradient
+//! with an `update` is the gradient followed by the `Update` of its weight and bias, and an
+//! `OutputLayer` is its layer's forward product, the loss, the input gradient and the weight
+//! gradient with its update. A backend runs a fused op natively only when its `Fusions` say so;
+//! `plan::fuse` merges ops only then.
+
+use super::{Backend, DatasetId, ParamTensors, TensorId};
+use crate::error::Result;
+use crate::optim::Optimizer;
+
+/// Where a step is: its batch is rows `start..start + rows` of the dataset's current order, and
+/// its loss and correct count go to statistics slot `slot`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepAt {
+    pub start: usize,
+    pub slot: usize,
+}
+
+/// A dense layer's three products: a batch of `rows`, `inputs` in, `outputs` out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DenseShape {
+    pub rows: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+/// c (m, n) = a (m, k) @ b (k, n): the product a matmul kernel computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatmulShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// x (rows, 784) = images[order[start..start + rows]] / 255.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gather {
+    pub x: TensorId,
+    pub ds: DatasetId,
+    pub rows: usize,
+}
+
+/// The state of a parameter the optimizer changes: its value and RMSprop's velocity of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamState {
+    pub value: TensorId,
+    pub velocity: TensorId,
+}
+
+/// The optimizer step a weight gradient applies as it stores the gradients: `opt` on the weight
+/// (whose gradient is the product) and on the bias (whose gradient is `dbias`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedUpdate {
+    pub weight: ParamState,
+    pub bias: ParamState,
+    pub opt: Optimizer,
+}
+
+/// Which of a dense layer's products, and what it applies on the way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MatmulKind {
+    /// out (rows, outputs) = inp (rows, inputs) @ weight (inputs, outputs), then + bias
+    /// (outputs,) when given, then max(., 0) when `relu`.
+    Forward {
+        out: TensorId,
+        inp: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        relu: bool,
+    },
+    /// dinp (rows, inputs) = dout (rows, outputs) @ weight^T, then 0 where `relu_mask` (rows,
+    /// inputs) is not > 0 (the previous layer's ReLU gradient, from its output).
+    BackwardInput {
+        dinp: TensorId,
+        dout: TensorId,
+        weight: TensorId,
+        relu_mask: Option<TensorId>,
+    },
+    /// dweight (inputs, outputs) = inp^T @ dout, dbias (outputs,) = the column sums of dout when
+    /// given, then `update`'s step of the weight and bias with those gradients (needs `dbias`).
+    BackwardWeight {
+        dweight: TensorId,
+        dbias: Option<TensorId>,
+        inp: TensorId,
+        dout: TensorId,
+        update: Option<FusedUpdate>,
+    },
+}
+
+/// One product of a dense layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Matmul {
+    pub shape: DenseShape,
+    pub kind: MatmulKind,
+}
+
+impl Matmul {
+    /// The (m, n, k) of the product: forward (rows, outputs, inputs), input gradient (rows,
+    /// inputs, outputs), weight gradient (inputs, outputs, rows).
+    pub fn product(&self) -> MatmulShape {
+        let DenseShape { rows, inputs, outputs } = self.shape;
+        match self.kind {
+            MatmulKind::Forward { .. } => MatmulShape {
+                m: rows,
+                n: outputs,
+                k: inputs,
+            },
+            MatmulKind::BackwardInput { .. } => MatmulShape {
+                m: rows,
+                n: inputs,
+                k: outputs,
+            },
+            MatmulKind::BackwardWeight { .. } => MatmulShape {
+                m: inputs,
+                n: outputs,
+                k: rows,
+            },
+        }
+    }
+}
+
+/// Fused softmax + sparse categorical cross-entropy over logits (rows, classes) whose labels are
+/// those of `ds` at order[start..start + rows]: the batch's loss sum and correct count go to the
+/// step's statistics slot and, when `dlogits` is given, (softmax - onehot) / rows into it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Loss {
+    pub logits: TensorId,
+    pub dlogits: Option<TensorId>,
+    pub ds: DatasetId,
+    pub rows: usize,
+    pub classes: usize,
+}
+
+/// `opt`'s step of the `len` values of a parameter with its stored gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Update {
+    pub param: ParamTensors,
+    pub len: usize,
+    pub opt: Optimizer,
+}
+
+/// The output layer's whole step, for a layer whose input is the previous layer's ReLU output:
+/// logits = inp @ weight + bias, the loss (statistics and dlogits), dinp = (dlogits @ weight^T) *
+/// (inp > 0) with the weight before the step, then the weight and bias gradients and `opt`'s step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutputLayer {
+    /// rows, inputs (the previous layer's width), outputs (the classes).
+    pub shape: DenseShape,
+    pub weight: ParamTensors,
+    pub bias: ParamTensors,
+    /// (rows, inputs).
+    pub inp: TensorId,
+    /// (rows, classes); what it holds afterwards is unspecified (a fused kernel may not write it).
+    pub logits: TensorId,
+    /// (rows, classes).
+    pub dlogits: TensorId,
+    /// (rows, inputs).
+    pub dinp: TensorId,
+    pub ds: DatasetId,
+    pub opt: Optimizer,
+}
+
+/// An op of a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Op {
+    Gather(Gather),
+    Matmul(Matmul),
+    Loss(Loss),
+    Update(Update),
+    OutputLayer(OutputLayer),
+}
+
+impl Op {
+    /// A short name for `--verbose`, profiles and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Gather(_) => "gather",
+            Op::Matmul(m) => match m.kind {
+                MatmulKind::Forward { .. } => "matmul forward",
+                MatmulKind::BackwardInput { .. } => "matmul backward input",
+                MatmulKind::BackwardWeight { update: None, .. } => "matmul backward weight",
+                MatmulKind::BackwardWeight { update: Some(_), .. } => "matmul backward weight + update",
+            },
+            Op::Loss(_) => "softmax cross-entropy",
+            Op::Update(_) => "optimizer update",
+            Op::OutputLayer(_) => "output layer step",
+        }
+    }
+
+    /// One line: the op and its shape, e.g. "matmul forward 128x512x784 +bias relu".
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Gather(g) => format!("gather {}x784 from the u8 dataset", g.rows),
+            Op::Matmul(m) => {
+                let MatmulShape { m: rows, n, k } = m.product();
+                let extra = match m.kind {
+                    MatmulKind::Forward { bias, relu, .. } => {
+                        format!(
+                            "{}{}",
+                            if bias.is_some() { " +bias" } else { "" },
+                            if relu { " relu" } else { "" }
+                        )
+                    }
+                    MatmulKind::BackwardInput { relu_mask, .. } => {
+                        if relu_mask.is_some() { " relu-mask" } else { "" }.to_string()
+                    }
+                    MatmulKind::BackwardWeight { dbias, .. } => {
+                        if dbias.is_some() { " +dbias" } else { "" }.to_string()
+                    }
+                };
+                format!("{} (m {rows}, n {n}, k {k}){extra}", self.name())
+            }
+            Op::Loss(l) => format!(
+                "{} {}x{}{}",
+                self.name(),
+                l.rows,
+                l.classes,
+                if l.dlogits.is_some() { " +dlogits" } else { "" }
+            ),
+            Op::Update(u) => format!("{} of {} values", self.name(), u.len),
+            Op::OutputLayer(o) => format!(
+                "{} {}x{} -> {} (forward, loss, input gradient, weight gradient + update)",
+                self.name(),
+                o.shape.rows,
+                o.shape.inputs,
+                o.shape.outputs
+            ),
+        }
+    }
+}
+
+/// The fused ops a backend runs natively (else `run_unfused` runs their composition).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fusions {
+    /// `MatmulKind::BackwardWeight` with an `update`.
+    pub weight_update: bool,
+    /// `Op::OutputLayer` of this shape or smaller: rows at most `max_rows` and rows x inputs at
+    /// most `max_work` (0: never).
+    pub output_layer_max_rows: usize,
+    pub output_layer_max_work: usize,
+}
+
+impl Fusions {
+    /// Whether `Op::OutputLayer` of `shape` runs natively.
+    pub fn output_layer(&self, shape: DenseShape) -> bool {
+        shape.rows <= self.output_layer_max_rows && shape.rows * shape.inputs <= self.output_layer_max_work
+    }
+}
+
+/// A fused op as the ops it stands for, each run through `be.run`: the specification of every
+/// fusion, and what a backend runs when it has no kernel of its own for one. An op that is not a
+/// fusion is run as it is.
+pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Result<()> {
+    match *op {
+        Op::Matmul(Matmul {
+            shape,
+            kind:
+                MatmulKind::BackwardWeight {
+                    dweight,
+                    dbias,
+                    inp,
+                    dout,
+                    update: Some(u),
+                },
+        }) => {
+            let plain = MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp,
+                dout,
+                update: None,
+            };
+            be.run(&Op::Matmul(Matmul { shape, kind: plain }), at)?;
+            let weight = ParamTensors {
+                value: u.weight.value,
+                grad: dweight,
+                velocity: u.weight.velocity,
+            };
+            be.run(&update(weight, shape.inputs * shape.outputs, u.opt), at)?;
+            if let Some(dbias) = dbias {
+                let bias = ParamTensors {
+                    value: u.bias.value,
+                    grad: dbias,
+                    velocity: u.bias.velocity,
+                };
+                be.run(&update(bias, shape.outputs, u.opt), at)?;
+            }
+            Ok(())
+        }
+        Op::OutputLayer(o) => {
+            for op in output_layer_ops(&o, true) {
+                be.run(&op, at)?;
+            }
+            Ok(())
+        }
+        _ => be.run(op, at),
+    }
+}
+
+/// The ops an `OutputLayer` stands for, its weight gradient's update fused or as two `Update`s.
+pub fn output_layer_ops(o: &OutputLayer, fuse_update: bool) -> Vec<Op> {
+    // inp (rows, inputs) -> logits (rows, classes) -> dlogits -> dinp (rows, inputs); dW, dbias
+    let mut ops = vec![
+        Op::Matmul(Matmul {
+            shape: o.shape,
+            kind: MatmulKind::Forward {
+                out: o.logits,
+                inp: o.inp,
+                weight: o.weight.value,
+                bias: Some(o.bias.value),
+                relu: false,
+            },
+        }),
+        Op::Loss(Loss {
+            logits: o.logits,
+            dlogits: Some(o.dlogits),
+            ds: o.ds,
+            rows: o.shape.rows,
+            classes: o.shape.outputs,
+        }),
+        Op::Matmul(Matmul {
+            shape: o.shape,
+            kind: MatmulKind::BackwardInput {
+                dinp: o.dinp,
+                dout: o.dlogits,
+                weight: o.weight.value,
+                relu_mask: Some(o.inp),
+            },
+        }),
+    ];
+    ops.extend(weight_gradient_ops(
+        o.shape,
+        o.weight,
+        o.bias,
+        o.inp,
+        o.dlogits,
+        o.opt,
+        fuse_update,
+    ));
+    ops
+}
+
+/// A dense layer's weight gradient and the optimizer step of its weight and bias: one op with a
+/// fused update, or the gradient and two `Update`s.
+pub fn weight_gradient_ops(
+    shape: DenseShape,
+    weight: ParamTensors,
+    bias: ParamTensors,
+    inp: TensorId,
+    dout: TensorId,
+    opt: Optimizer,
+    fuse_update: bool,
+) -> Vec<Op> {
+    let fused = FusedUpdate {
+        weight: ParamState {
+            value: weight.value,
+            velocity: weight.velocity,
+        },
+        bias: ParamState {
+            value: bias.value,
+            velocity: bias.velocity,
+        },
+        opt,
+    };
+    let gradient = |update| {
+        Op::Matmul(Matmul {
+            shape,
+            kind: MatmulKind::BackwardWeight {
+                dweight: weight.grad,
+                dbias: Some(bias.grad),
+                inp,
+                dout,
+                update,
+            },
+        })
+    };
+    if fuse_update {
+        return vec![gradient(Some(fused))];
+    }
+    vec![
+        gradient(None),
+        update(weight, shape.inputs * shape.outputs, opt),
+        update(bias, shape.outputs, opt),
+    ]
+}
+
+fn update(param: ParamTensors, len: usize, opt: Optimizer) -> Op {
+    Op::Update(Update { param, len, opt })
+}

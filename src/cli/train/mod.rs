@@ -1,0 +1,399 @@
+//! `gpu-mnist train`: the reference job by default. Prints each epoch as it ends (a live progress
+//! bar on a terminal, JSON lines with --json), records the run in a folder, checkpoints every epoch
+//! with --checkpoint-dir and continues one with --resume, then prints the test loss and accuracy.
+
+mod report;
+mod resume;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
+use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::checkpoint::{self, Checkpoint};
+use gpu_mnist::data::locate::resolve_data_dir;
+use gpu_mnist::data::{Dataset, Mnist};
+use gpu_mnist::device::open_device;
+use gpu_mnist::model::{glorot_init, HostTensor, ModelSpec};
+use gpu_mnist::records::RunFolder;
+use gpu_mnist::train::{fit, EpochProgress, EvalReport, FitData, Position, TrainConfig};
+use gpu_mnist::{Error, Result};
+use serde_json::json;
+use web_time::Instant;
+
+use report::{interrupt_flag, Reporter};
+use resume::{load_resume, Resumed, RunPlace, Settings};
+
+use super::{
+    check_output_path, parse_batch, parse_chunk, parse_hidden, parse_lr, parse_positive, DataArgs, DeviceArgs,
+    DeviceFlag, Hidden,
+};
+
+/// The checkpoint file inside a --checkpoint-dir.
+pub(super) const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Hidden layer widths, comma-separated (ReLU after each): 512 is the book's model
+    #[arg(long, value_name = "W[,W...]", default_value = "512", value_parser = parse_hidden)]
+    pub hidden: Hidden,
+    /// Passes over the training set
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_epochs)]
+    pub epochs: usize,
+    /// Examples per step (the last batch of an epoch keeps the remainder)
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_batch)]
+    pub batch_size: usize,
+    /// Learning rate [default: 0.001 for rmsprop, 0.01 for sgd]
+    #[arg(long, allow_negative_numbers = true, value_name = "LR", value_parser = parse_lr)]
+    pub lr: Option<f32>,
+    /// rmsprop (Keras's: rho 0.9, eps 1e-7) or plain sgd
+    #[arg(long, value_enum, default_value = "rmsprop")]
+    pub optimizer: OptimizerFlag,
+    /// Seed of the initial weights and of every epoch's shuffle
+    #[arg(long, allow_negative_numbers = true, default_value = "0")]
+    pub seed: u64,
+    /// Train on the first N training images only
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive)]
+    pub train_limit: Option<usize>,
+    /// Hold out the last fraction F of the training images for validation (as Keras does)
+    #[arg(long, allow_negative_numbers = true, value_name = "F", value_parser = parse_split)]
+    pub validation_split: Option<f64>,
+    /// Steps recorded between two read-backs of loss and accuracy
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "64", value_parser = parse_chunk)]
+    pub chunk_steps: usize,
+    /// Save the trained model to PATH (safetensors)
+    #[arg(long, value_name = "PATH")]
+    pub save: Option<PathBuf>,
+    /// Save model and optimizer state to DIR/checkpoint.safetensors after every epoch
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run checkpointed in DIR with its settings (--epochs may extend it), data
+    /// folder, test limit and device unless given; it keeps checkpointing there
+    #[arg(long, value_name = "DIR", conflicts_with = "checkpoint_dir")]
+    pub resume: Option<PathBuf>,
+    /// Folder for config.json, metrics.csv and learning_curve.svg [default: runs/run-<UTC time>]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print one JSON object per epoch and one at the end, nothing else on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Also print what the backend did each epoch (dispatches, submits, read-backs, uploads)
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Print only the final test result
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum OptimizerFlag {
+    Rmsprop,
+    Sgd,
+}
+
+/// Epochs: 1 to 1,000,000.
+fn parse_epochs(text: &str) -> std::result::Result<usize, String> {
+    super::parse_up_to(text, 1_000_000)
+}
+
+/// A fraction in [0, 1).
+fn parse_split(text: &str) -> std::result::Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("must be a fraction from 0 up to (not including) 1, such as 0.1".to_string()),
+    }
+}
+
+/// Split off the last `fraction` of `data` for validation.
+fn split(data: &Dataset, fraction: Option<f64>) -> Result<(Dataset, Option<Dataset>)> {
+    let Some(f) = fraction.filter(|&f| f > 0.0) else {
+        return Ok((data.clone(), None));
+    };
+    let n_val = (data.len() as f64 * f).round() as usize;
+    if n_val == 0 || n_val >= data.len() {
+        let reason = format!(
+            "{f} of {} images leaves no training or no validation images",
+            data.len()
+        );
+        return Err(Error::usage("--validation-split", reason));
+    }
+    let n_train = data.len() - n_val;
+    let val = Dataset::new(
+        data.images[n_train * gpu_mnist::data::IMAGE_PIXELS..].to_vec(),
+        data.labels[n_train..].to_vec(),
+    )?;
+    Ok((data.first(n_train), Some(val)))
+}
+
+pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
+    let t_start = Instant::now();
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let resumed = args.resume.as_deref().map(load_resume).transpose()?;
+    if let Some(r) = &resumed {
+        r.place.fill(&mut args, given);
+    }
+    let settings = merged_settings(&args, resumed.as_ref(), given)?;
+    ModelSpec::mnist(&settings.hidden).check_size(settings.batch_size)?;
+    check_outputs(&args)?;
+    let checkpoint_dir = args.resume.clone().or_else(|| args.checkpoint_dir.clone());
+    let human = !args.json && !args.quiet;
+    let interactive = std::io::stderr().is_terminal() && !args.quiet && !args.json;
+
+    let (dir, _) = resolve_data_dir(args.data.data.as_deref(), args.data.offline, interactive)?;
+    let mnist = Mnist::load(&dir)?;
+    let (train_set, val_set) = split(
+        &mnist.train.first(settings.train_limit.unwrap_or(usize::MAX)),
+        settings.validation_split,
+    )?;
+    let test_set = mnist.test.first(args.data.test_limit.unwrap_or(usize::MAX));
+    let spec = ModelSpec::mnist(&settings.hidden);
+    let run_dir = args
+        .out
+        .clone()
+        .or_else(|| resumed.as_ref().and_then(|r| r.run_dir.clone()))
+        .unwrap_or_else(RunFolder::default_path);
+    let opened = open_device(args.device.device.into(), args.device.adapter.as_deref())?;
+    let mut config = settings.to_json();
+    config["data"] = json!(dir.display().to_string());
+    config["device"] = json!(opened.backend.name());
+    config["test_limit"] = json!(args.data.test_limit);
+    let data = FitData {
+        train: &train_set,
+        val: val_set.as_ref(),
+        test: &test_set,
+    };
+    if human {
+        print_header(&data, &dir, &opened.note, &settings, &run_dir);
+    }
+    let mut at = start_position(resumed, &spec, &settings, human, args.resume.as_deref());
+    let cfg = TrainConfig {
+        spec: spec.clone(),
+        epochs: settings.epochs,
+        batch_size: settings.batch_size,
+        optimizer: settings.optimizer,
+        seed: settings.seed,
+        chunk_steps: settings.chunk_steps,
+    };
+    let place = RunPlace::of(&dir, &args);
+    let mut reporter = Reporter {
+        settings: &settings,
+        place: &place,
+        spec: &spec,
+        run_dir: &run_dir,
+        checkpoint_dir: checkpoint_dir.as_deref(),
+        config: &config,
+        json: args.json,
+        quiet: args.quiet,
+        verbose: args.verbose,
+        interactive,
+        t_start,
+        stop: interrupt_flag(),
+        folder: None,
+        bar: None,
+        epoch_t0: Instant::now(),
+        epoch: None,
+        first_chunk_told: false,
+    };
+    let mut backend = opened.backend;
+    // Under --device auto, a GPU that fails (lost, out of memory) hands over to the CPU path,
+    // which continues from the end of the last completed epoch.
+    let mut fall_back = args.device.device == DeviceFlag::Auto && opened.is_gpu;
+    loop {
+        let result = pollster::block_on(fit(backend.as_mut(), data, &cfg, &mut at, fall_back, &mut reporter));
+        match result {
+            Err(Error::Gpu(msg)) if fall_back => {
+                eprintln!(
+                    "warning: GPU: {msg}; --device auto continues on the CPU from the end of epoch {}{}",
+                    at.epoch,
+                    match at.partial.steps_done {
+                        0 => String::new(),
+                        k => format!(" and step {k} of epoch {}", at.epoch + 1),
+                    }
+                );
+                // `at` holds the weights, velocities and position (whole epochs and any resumed
+                // part of the next) of the same moment, so the CPU continues exactly from there.
+                backend = Box::new(CpuBackend::fast());
+                fall_back = false;
+            }
+            Err(Error::Numerical(msg)) => return Err(with_kept_checkpoint(msg, checkpoint_dir.as_deref())),
+            Err(e) => return Err(e),
+            Ok((test, params)) => return finish(&args, &spec, &run_dir, test, params),
+        }
+    }
+}
+
+/// The settings of the run: a resumed run keeps its checkpoint's, except --epochs, which may
+/// extend or shorten it (other training flags are ignored, with a warning).
+fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&str) -> bool) -> Result<Settings> {
+    let settings = match resumed {
+        Some(r) => {
+            // A resumed run keeps its settings, except --epochs, which may extend or shorten it.
+            let mut settings = r.settings.clone();
+            if given("epochs") {
+                settings.epochs = args.epochs;
+            }
+            let fixed = [
+                ("hidden", "--hidden"),
+                ("batch_size", "--batch-size"),
+                ("lr", "--lr"),
+                ("optimizer", "--optimizer"),
+                ("seed", "--seed"),
+                ("train_limit", "--train-limit"),
+                ("validation_split", "--validation-split"),
+                ("chunk_steps", "--chunk-steps"),
+            ];
+            let ignored: Vec<&str> = fixed
+                .iter()
+                .filter(|(id, _)| given(id))
+                .map(|(_, flag)| *flag)
+                .collect();
+            if !ignored.is_empty() {
+                eprintln!(
+                    "warning: --resume continues with the checkpoint's settings; ignoring {}",
+                    ignored.join(", ")
+                );
+            }
+            settings
+        }
+        None => Settings::from_args(args)?,
+    };
+    Ok(settings)
+}
+
+/// Refuse, before anything runs, outputs that would overwrite another run or can not be written.
+fn check_outputs(args: &TrainArgs) -> Result<()> {
+    if args.resume.is_none() {
+        // A new run never overwrites another run's checkpoint or records.
+        if let Some(dir) = args
+            .checkpoint_dir
+            .as_deref()
+            .filter(|d| d.join(CHECKPOINT_FILE).exists())
+        {
+            let reason = format!(
+                "{} already holds a checkpoint; continue that run with --resume {}, or choose an empty folder",
+                dir.display(),
+                dir.display()
+            );
+            return Err(Error::usage("--checkpoint-dir", reason));
+        }
+        if let Some(out) = args.out.as_deref().filter(|d| d.join("metrics.csv").exists()) {
+            let reason = format!("{} already holds a run's records; choose another folder", out.display());
+            return Err(Error::usage("--out", reason));
+        }
+    }
+    if let Some(path) = &args.save {
+        check_output_path("--save", path)?;
+    }
+    let checkpoint_dir = args.resume.as_deref().or(args.checkpoint_dir.as_deref());
+    if let Some(dir) = checkpoint_dir.filter(|d| d.exists() && !d.is_dir()) {
+        return Err(Error::usage(
+            "--checkpoint-dir",
+            format!("{} exists and is not a folder", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// What the run is about to do, in four lines.
+fn print_header(data: &FitData, dir: &Path, device_note: &str, settings: &Settings, run_dir: &Path) {
+    let val = data
+        .val
+        .map(|v| format!(", {} validation", v.len()))
+        .unwrap_or_default();
+    println!(
+        "data: {} ({} training{val}, {} test images)",
+        dir.display(),
+        data.train.len(),
+        data.test.len()
+    );
+    println!("{device_note}");
+    let spec = ModelSpec::mnist(&settings.hidden);
+    println!(
+        "model: {} ({} parameters), {}, batch {}, {} epoch{}, seed {}",
+        spec.describe(),
+        spec.param_count(),
+        settings.optimizer.describe(),
+        settings.batch_size,
+        settings.epochs,
+        if settings.epochs == 1 { "" } else { "s" },
+        settings.seed
+    );
+    println!("run folder: {}", run_dir.display());
+}
+
+/// Where the run starts: the checkpoint's position when resuming, else Glorot-initialised weights.
+fn start_position(
+    resumed: Option<Resumed>,
+    spec: &ModelSpec,
+    settings: &Settings,
+    human: bool,
+    from: Option<&Path>,
+) -> Position {
+    let Some(r) = resumed else {
+        return Position {
+            epoch: 0,
+            partial: EpochProgress::default(),
+            history: Vec::new(),
+            params: glorot_init(spec, settings.seed),
+            velocities: None,
+        };
+    };
+    if human {
+        let within = match r.partial.steps_done {
+            0 => String::new(),
+            k => format!(" and step {k} of epoch {}", r.epochs_done + 1),
+        };
+        let from = from.unwrap_or(Path::new(".")).display();
+        println!(
+            "resuming after epoch {} of {}{within} from {from}",
+            r.epochs_done, settings.epochs
+        );
+    }
+    Position {
+        epoch: r.epochs_done,
+        partial: r.partial,
+        history: r.history,
+        params: r.checkpoint.params,
+        velocities: Some(r.checkpoint.velocities),
+    }
+}
+
+/// A diverged run's message, naming the checkpoint it keeps.
+fn with_kept_checkpoint(msg: String, checkpoint_dir: Option<&Path>) -> Error {
+    match checkpoint_dir {
+        Some(dir) if dir.join(CHECKPOINT_FILE).exists() => {
+            Error::Numerical(format!("{msg}; the last good checkpoint is kept in {}", dir.display()))
+        }
+        _ => Error::Numerical(msg),
+    }
+}
+
+/// Print the test result and save the model.
+fn finish(args: &TrainArgs, spec: &ModelSpec, run_dir: &Path, test: EvalReport, params: Vec<HostTensor>) -> Result<()> {
+    if args.json {
+        let run_dir = run_dir.display().to_string();
+        println!(
+            "{}",
+            json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "run_dir": run_dir})
+        );
+    } else {
+        println!(
+            "test: loss {:.4}, accuracy {:.2}% ({} images)",
+            test.loss,
+            100.0 * test.accuracy,
+            test.examples
+        );
+    }
+    if let Some(path) = &args.save {
+        checkpoint::save(path, &Checkpoint::model(spec, params))?;
+        if !args.json && !args.quiet {
+            println!("saved {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! What `--resume` needs: a run's settings and place as saved in its checkpoint, read back and
+//! merged with the command line, and the training state a checkpoint carries.
+//!
+//! Contract: `load_resume` refuses a checkpoint folder whose file is missing, a model file
+//! without training state, or a state that disagrees with the tensors, naming the file;
+//! `checkpoint_state` writes what `load_resume` reads.
+
+use std::path::{Path, PathBuf};
+
+use clap::ValueEnum;
+use gpu_mnist::checkpoint::{self, Checkpoint};
+use gpu_mnist::model::ModelSpec;
+use gpu_mnist::optim::{Optimizer, OptimizerKind};
+use gpu_mnist::records::EpochRecord;
+use gpu_mnist::train::EpochProgress;
+use gpu_mnist::{Error, Result};
+use serde_json::{json, Value};
+
+use super::{DeviceFlag, OptimizerFlag, TrainArgs, CHECKPOINT_FILE};
+
+/// What defines a run, saved in config.json and in checkpoints so that --resume can continue it.
+#[derive(Debug, Clone)]
+pub(super) struct Settings {
+    pub(super) hidden: Vec<usize>,
+    pub(super) epochs: usize,
+    pub(super) batch_size: usize,
+    pub(super) optimizer: Optimizer,
+    pub(super) seed: u64,
+    pub(super) train_limit: Option<usize>,
+    pub(super) validation_split: Option<f64>,
+    pub(super) chunk_steps: usize,
+}
+
+impl Settings {
+    pub(super) fn from_args(args: &TrainArgs) -> Result<Self> {
+        let kind = match args.optimizer {
+            OptimizerFlag::Rmsprop => OptimizerKind::RmsProp,
+            OptimizerFlag::Sgd => OptimizerKind::Sgd,
+        };
+        Ok(Settings {
+            hidden: args.hidden.0.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            optimizer: Optimizer::new(kind, args.lr)?,
+            seed: args.seed,
+            train_limit: args.train_limit,
+            validation_split: args.validation_split,
+            chunk_steps: args.chunk_steps,
+        })
+    }
+
+    pub(super) fn to_json(&self) -> Value {
+        json!({
+            "model": ModelSpec::mnist(&self.hidden).describe(),
+            "hidden": self.hidden,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "optimizer": match self.optimizer.kind { OptimizerKind::RmsProp => "rmsprop", OptimizerKind::Sgd => "sgd" },
+            "lr": f32_json(self.optimizer.lr),
+            "rho": f32_json(self.optimizer.rho),
+            "eps": f32_json(self.optimizer.eps),
+            "seed": self.seed,
+            "train_limit": self.train_limit,
+            "validation_split": self.validation_split,
+            "chunk_steps": self.chunk_steps,
+        })
+    }
+
+    fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let bad = |what: &str| Error::bad_file(path, format!("its training state lacks a valid {what}"));
+        // Checked like the flags they stand for: a count from 1 to `max`.
+        let usize_of = |k: &str, max: u64| {
+            v[k].as_u64()
+                .filter(|&x| (1..=max).contains(&x))
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(k))
+        };
+        let hidden: Vec<usize> = v["hidden"]
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|w| w as usize)).collect())
+            .ok_or_else(|| bad("hidden"))?;
+        let kind = match v["optimizer"].as_str() {
+            Some("rmsprop") => OptimizerKind::RmsProp,
+            Some("sgd") => OptimizerKind::Sgd,
+            _ => return Err(bad("optimizer")),
+        };
+        let lr = v["lr"].as_f64().ok_or_else(|| bad("lr"))? as f32;
+        let validation_split = v["validation_split"].as_f64();
+        if validation_split.is_some_and(|f| !(0.0..1.0).contains(&f)) {
+            return Err(bad("validation_split"));
+        }
+        let settings = Settings {
+            hidden,
+            epochs: usize_of("epochs", u32::MAX as u64)?,
+            batch_size: usize_of("batch_size", 65_536)?,
+            optimizer: Optimizer::new(kind, Some(lr)).map_err(|_| bad("lr"))?,
+            seed: v["seed"].as_u64().ok_or_else(|| bad("seed"))?,
+            train_limit: v["train_limit"].as_u64().map(|x| x as usize),
+            validation_split,
+            chunk_steps: usize_of("chunk_steps", 4096)?,
+        };
+        ModelSpec::mnist(&settings.hidden)
+            .check_size(settings.batch_size)
+            .map_err(|_| bad("model size (hidden widths and batch size)"))?;
+        Ok(settings)
+    }
+}
+
+/// An f32 as the shortest decimal that reads back as the same f32 (0.001, not 0.0010000000474974513).
+fn f32_json(x: f32) -> Value {
+    x.to_string().parse::<f64>().map_or(Value::Null, |v| json!(v))
+}
+
+/// Where a resumed run stands.
+pub(super) struct Resumed {
+    pub(super) checkpoint: Checkpoint,
+    pub(super) epochs_done: usize,
+    /// How far the next epoch had got when the run was interrupted (zero after a whole epoch).
+    pub(super) partial: EpochProgress,
+    pub(super) history: Vec<EpochRecord>,
+    pub(super) run_dir: Option<PathBuf>,
+    pub(super) settings: Settings,
+    /// Where and on what the run ran; reused unless the command line says otherwise.
+    pub(super) place: RunPlace,
+}
+
+/// The data folder, test limit and device of a run: not part of its arithmetic (a resumed run may
+/// move to another machine), but what `--resume` reuses when the command line does not give them.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RunPlace {
+    pub(super) data: Option<PathBuf>,
+    pub(super) test_limit: Option<usize>,
+    pub(super) device: Option<DeviceFlag>,
+    pub(super) adapter: Option<String>,
+}
+
+impl RunPlace {
+    /// The place of a run on the data folder `data` with the command line `args`.
+    pub(super) fn of(data: &Path, args: &TrainArgs) -> RunPlace {
+        RunPlace {
+            data: Some(std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf())),
+            test_limit: args.data.test_limit,
+            device: Some(args.device.device),
+            adapter: args.device.adapter.clone(),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "data": self.data.as_ref().map(|d| d.display().to_string()),
+            "test_limit": self.test_limit,
+            "device": self.device.and_then(|d| d.to_possible_value()).map(|v| v.get_name().to_string()),
+            "adapter": self.adapter,
+        })
+    }
+
+    /// Whatever of it a checkpoint holds (checkpoints before it was kept hold none).
+    fn from_json(v: &Value) -> RunPlace {
+        RunPlace {
+            data: v["data"].as_str().map(PathBuf::from),
+            test_limit: v["test_limit"].as_u64().filter(|&n| n >= 1).map(|n| n as usize),
+            device: v["device"].as_str().and_then(|d| DeviceFlag::from_str(d, true).ok()),
+            adapter: v["adapter"].as_str().map(str::to_string),
+        }
+    }
+
+    /// Fill in what the command line left out: the data folder if it still holds the four files,
+    /// the test limit, and the device (with its adapter).
+    pub(super) fn fill(&self, args: &mut TrainArgs, given: impl Fn(&str) -> bool) {
+        if args.data.data.is_none() {
+            args.data.data = self.data.clone().filter(|d| gpu_mnist::data::dir_has_all_files(d));
+        }
+        if !given("test_limit") {
+            args.data.test_limit = self.test_limit;
+        }
+        if let Some(device) = self.device.filter(|_| !given("device") && !given("adapter")) {
+            args.device.device = device;
+            args.device.adapter = self.adapter.clone();
+        }
+    }
+}
+
+pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
+    let path = dir.join(CHECKPOINT_FILE);
+    if !dir.is_dir() {
+        return Err(Error::usage("--resume", format!("{} is not a folder", dir.display())));
+    }
+    let checkpoint = checkpoint::load(&path)?;
+    let state = checkpoint
+        .state
+        .clone()
+        .ok_or_else(|| Error::bad_file(&path, "is a model file, not a training checkpoint (no training state)"))?;
+    if checkpoint.velocities.is_empty() {
+        return Err(Error::bad_file(&path, "holds no optimizer state"));
+    }
+    let settings = Settings::from_json(&state["settings"], &path)?;
+    if ModelSpec::mnist(&settings.hidden) != checkpoint.spec {
+        return Err(Error::bad_file(
+            &path,
+            "its training state and its tensors describe different models",
+        ));
+    }
+    let epochs_done = state["epochs_done"].as_u64().map(|e| e as usize).unwrap_or(0);
+    let history = state["history"]
+        .as_array()
+        .map(|a| a.iter().filter_map(record_from_json).collect())
+        .unwrap_or_default();
+    let run_dir = state["run_dir"].as_str().map(PathBuf::from);
+    let p = &state["partial_epoch"];
+    let partial = EpochProgress {
+        steps_done: p["steps_done"].as_u64().unwrap_or(0) as usize,
+        loss_sum: p["loss_sum"].as_f64().unwrap_or(0.0),
+        correct: p["correct"].as_u64().unwrap_or(0),
+        examples: p["examples"].as_u64().unwrap_or(0) as usize,
+        seconds: p["seconds"].as_f64().unwrap_or(0.0),
+        ..EpochProgress::default()
+    };
+    Ok(Resumed {
+        checkpoint,
+        epochs_done,
+        partial,
+        history,
+        run_dir,
+        settings,
+        place: RunPlace::from_json(&state["place"]),
+    })
+}
+
+pub(super) fn record_to_json(r: &EpochRecord) -> Value {
+    json!({
+        "epoch": r.epoch, "loss": r.train_loss, "accuracy": r.train_accuracy,
+        "val_loss": r.val_loss, "val_accuracy": r.val_accuracy, "seconds": r.seconds, "device": r.device,
+    })
+}
+
+fn record_from_json(v: &Value) -> Option<EpochRecord> {
+    Some(EpochRecord {
+        epoch: v["epoch"].as_u64()? as usize,
+        train_loss: v["loss"].as_f64()?,
+        train_accuracy: v["accuracy"].as_f64()?,
+        val_loss: v["val_loss"].as_f64(),
+        val_accuracy: v["val_accuracy"].as_f64(),
+        seconds: v["seconds"].as_f64()?,
+        device: v["device"].as_str().unwrap_or("").to_string(),
+    })
+}
+
+/// The training state a checkpoint carries besides its tensors: whole epochs done, how far into
+/// the next, the settings, where it ran, the history and the run folder.
+pub(super) fn checkpoint_state(
+    run: (&Settings, &RunPlace),
+    epochs_done: usize,
+    partial: EpochProgress,
+    history: &[EpochRecord],
+    run_dir: &Path,
+) -> Value {
+    json!({
+        "epochs_done": epochs_done,
+        "partial_epoch": {
+            "steps_done": partial.steps_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
+            "examples": partial.examples, "seconds": partial.seconds,
+        },
+        "settings": run.0.to_json(),
+        "place": run.1.to_json(),
+        "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
+        // Absolute, so that a resume from another working folder writes to the same place.
+        "run_dir": std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_path_buf()).display().to_string(),
+    })
+}

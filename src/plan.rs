@@ -1,0 +1,248 @@
+//! Plans: the ops of one step of a layer graph, in order, and the fusion pass that merges them.
+//!
+//! Contract: `train_ops` and `eval_ops` build a step from the graph's layers as plain ops (every
+//! op its own kernel); `fuse` then merges the runs of ops that the backend's `Fusions` run as one
+//! kernel, and nothing else: a fused plan computes exactly what the plain one does (see
+//! `backend::ops::run_unfused`). A plan is built once per (kind, dataset, rows) and run for every
+//! step with that batch size; only the `StepAt` differs between steps. Adding a layer type means
+//! adding its tensors to `LayerTensors` and its ops here; the training loop does not change.
+
+use crate::backend::ops::{
+    weight_gradient_ops, DenseShape, Fusions, Gather, Loss, Matmul, MatmulKind, Op, OutputLayer, Update,
+};
+use crate::backend::{DatasetId, ParamTensors, TensorId};
+use crate::optim::Optimizer;
+
+/// A dense layer's tensors in the graph: `out = activation(inp @ weight + bias)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerTensors {
+    /// (inputs, outputs) and (outputs,).
+    pub weight: ParamTensors,
+    pub bias: ParamTensors,
+    pub inputs: usize,
+    pub outputs: usize,
+    /// (rows, inputs): the batch or the previous layer's output.
+    pub inp: TensorId,
+    /// (rows, outputs): the activated output (for the last layer, the logits).
+    pub out: TensorId,
+    /// (rows, outputs): the gradient of the loss with respect to the output before activation.
+    pub dout: TensorId,
+    /// (rows, inputs): the gradient with respect to the input, for every layer but the first.
+    pub dinp: Option<TensorId>,
+    /// ReLU after the product (every layer but the last).
+    pub relu: bool,
+}
+
+/// What a plan is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    /// Forward, loss with its gradient, backward and the optimizer step.
+    Train,
+    /// Forward and the loss's statistics.
+    Evaluate,
+    /// Forward only: the logits.
+    Predict,
+}
+
+/// A training step as plain ops: the batch gathered from `ds`, every layer's forward product,
+/// the loss, then from the last layer to the first its input gradient (taken before the update
+/// changes the weight it reads), its weight gradient and the updates of its weight and bias.
+pub fn train_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, opt: Optimizer) -> Vec<Op> {
+    let mut ops = eval_ops(layers, ds, rows, PlanKind::Train);
+    for (i, l) in layers.iter().enumerate().rev() {
+        // dout (rows, outputs) -> dinp (rows, inputs); dweight (inputs, outputs), dbias (outputs)
+        let shape = shape(l, rows);
+        if let Some(dinp) = l.dinp {
+            // The previous layer's ReLU gradient, from its output: zero where it was clipped.
+            let relu_mask = (i > 0 && layers[i - 1].relu).then_some(l.inp);
+            ops.push(Op::Matmul(Matmul {
+                shape,
+                kind: MatmulKind::BackwardInput {
+                    dinp,
+                    dout: l.dout,
+                    weight: l.weight.value,
+                    relu_mask,
+                },
+            }));
+        }
+        ops.extend(weight_gradient_ops(shape, l.weight, l.bias, l.inp, l.dout, opt, false));
+    }
+    ops
+}
+
+/// The forward half of a step: the batch gathered from `ds`, every layer's product, and (unless
+/// predicting) the loss, with its gradient when training.
+pub fn eval_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, kind: PlanKind) -> Vec<Op> {
+    let (Some(first), Some(last)) = (layers.first(), layers.last()) else {
+        return Vec::new();
+    };
+    let mut ops = vec![Op::Gather(Gather { x: first.inp, ds, rows })];
+    for l in layers {
+        // inp (rows, inputs) -> out (rows, outputs) = activation(inp @ weight + bias)
+        ops.push(Op::Matmul(Matmul {
+            shape: shape(l, rows),
+            kind: MatmulKind::Forward {
+                out: l.out,
+                inp: l.inp,
+                weight: l.weight.value,
+                bias: Some(l.bias.value),
+                relu: l.relu,
+            },
+        }));
+    }
+    if kind != PlanKind::Predict {
+        ops.push(Op::Loss(Loss {
+            logits: last.out,
+            dlogits: (kind == PlanKind::Train).then_some(last.dout),
+            ds,
+            rows,
+            classes: last.outputs,
+        }));
+    }
+    ops
+}
+
+fn shape(l: &LayerTensors, rows: usize) -> DenseShape {
+    DenseShape {
+        rows,
+        inputs: l.inputs,
+        outputs: l.outputs,
+    }
+}
+
+/// Merge what `fusions` allows: a weight gradient and the updates of its weight and bias into
+/// one op; then a layer's forward product, the loss, its input gradient through the previous ReLU
+/// and its weight gradient with the update into one `OutputLayer`.
+pub fn fuse(ops: Vec<Op>, fusions: Fusions) -> Vec<Op> {
+    let ops = if fusions.weight_update {
+        merge(ops, 3, fuse_weight_update)
+    } else {
+        ops
+    };
+    merge(ops, 4, |w| fuse_output_layer(w, fusions))
+}
+
+/// Replace every window of `width` ops that `rule` merges by its result, left to right.
+fn merge(ops: Vec<Op>, width: usize, rule: impl Fn(&[Op]) -> Option<Op>) -> Vec<Op> {
+    let mut out = Vec::with_capacity(ops.len());
+    let mut i = 0;
+    while i < ops.len() {
+        if let Some(fused) = ops.get(i..i + width).and_then(&rule) {
+            out.push(fused);
+            i += width;
+        } else {
+            out.push(ops[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// [weight gradient with dbias, update of the weight, update of the bias] -> one op.
+fn fuse_weight_update(w: &[Op]) -> Option<Op> {
+    let [Op::Matmul(Matmul {
+        shape,
+        kind:
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias: Some(dbias),
+                inp,
+                dout,
+                update: None,
+            },
+    }), Op::Update(Update { param: weight, opt, .. }), Op::Update(Update {
+        param: bias,
+        opt: bias_opt,
+        ..
+    })] = *w
+    else {
+        return None;
+    };
+    if weight.grad != dweight || bias.grad != dbias || opt != bias_opt {
+        return None;
+    }
+    weight_gradient_ops(shape, weight, bias, inp, dout, opt, true).pop()
+}
+
+/// [forward with bias, loss with dlogits, input gradient through the ReLU, weight gradient with
+/// its update] of one layer -> `OutputLayer`, when the backend runs one of that shape.
+fn fuse_output_layer(w: &[Op], fusions: Fusions) -> Option<Op> {
+    let [Op::Matmul(Matmul {
+        shape,
+        kind:
+            MatmulKind::Forward {
+                out: logits,
+                inp,
+                weight,
+                bias: Some(bias),
+                relu: false,
+            },
+    }), Op::Loss(Loss {
+        logits: loss_logits,
+        dlogits: Some(dlogits),
+        ds,
+        ..
+    }), Op::Matmul(Matmul {
+        kind:
+            MatmulKind::BackwardInput {
+                dinp,
+                dout,
+                weight: input_weight,
+                relu_mask: Some(mask),
+            },
+        ..
+    }), Op::Matmul(Matmul {
+        kind:
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias: Some(dbias),
+                inp: weight_inp,
+                dout: weight_dout,
+                update: Some(u),
+            },
+        ..
+    })] = *w
+    else {
+        return None;
+    };
+    let same_layer = loss_logits == logits
+        && dout == dlogits
+        && weight_dout == dlogits
+        && input_weight == weight
+        && mask == inp
+        && weight_inp == inp
+        && u.weight.value == weight
+        && u.bias.value == bias;
+    if !same_layer || !fusions.output_layer(shape) {
+        return None;
+    }
+    Some(Op::OutputLayer(OutputLayer {
+        shape,
+        weight: ParamTensors {
+            value: weight,
+            grad: dweight,
+            velocity: u.weight.velocity,
+        },
+        bias: ParamTensors {
+            value: bias,
+            grad: dbias,
+            velocity: u.bias.velocity,
+        },
+        inp,
+        logits,
+        dlogits,
+        dinp,
+        ds,
+        opt: u.opt,
+    }))
+}
+
+/// The plan as text, one op a line, for `train --verbose`.
+pub fn describe(ops: &[Op]) -> String {
+    let lines: Vec<String> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| format!("  {}. {}", i + 1, op.describe()))
+        .collect();
+    format!("{} dispatches a step:\n{}", ops.len(), lines.join("\n"))
+}
