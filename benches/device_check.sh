@@ -1,6 +1,6 @@
 #!/bin/bash
-# benches/device_check.sh: the one call a session lent an NVIDIA H100/H200 makes, prepared so
-# that it fits the device time (15 minutes a session, start-up included) with room to rerun.
+# benches/device_check.sh: the whole measurement on a machine with an NVIDIA GPU (H100/H200) and
+# no Rust toolchain, in one call that fits 15 minutes of device time with room to rerun.
 #
 # Contract: run from the repository root on the device machine, with `.dev/` carried (ignored by
 # git: `echo /.dev/ >> .git/info/exclude`) holding
@@ -13,7 +13,7 @@
 #                   (`cargo test --release --test kernels --test training --no-run` prints their
 #                   paths; copy them as tests/kernels and tests/training)
 # and writes at most 8 files to $OUT: the card, `devices`, the reference job with the output
-# layer unfused (cold driver cache: the start-up figure) and fused (GPU_MNIST_OUTPUT_FUSION=1),
+# layer unfused (GPU_MNIST_OUTPUT_FUSION=0; cold driver cache: the start-up figure) and fused (=1),
 # `bench --device gpu` both ways, PyTorch CUDA's reference job, and the tests' summary.
 # TRAIN_ARGS adds arguments to both training runs (a dry run on llvmpipe here:
 # VK_DRIVER_FILES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json TRAIN_ARGS="--train-limit 2560
@@ -33,14 +33,14 @@ bench_args=${BENCH_ARGS:-}
 "$bin" devices >"$out/devices.txt" 2>&1
 # shellcheck disable=SC2086 # the extra arguments are meant to split
 {
-    time "$bin" train --device gpu --verbose --out /tmp/run-unfused $train_args
+    time GPU_MNIST_OUTPUT_FUSION=0 "$bin" train --device gpu --verbose --out /tmp/run-unfused $train_args
 } >"$out/train_unfused.txt" 2>&1
 # shellcheck disable=SC2086
 {
     time GPU_MNIST_OUTPUT_FUSION=1 "$bin" train --device gpu --verbose --out /tmp/run-fused $train_args
 } >"$out/train_fused.txt" 2>&1
 # shellcheck disable=SC2086
-"$bin" bench --device gpu $bench_args >"$out/bench_unfused.txt" 2>&1
+GPU_MNIST_OUTPUT_FUSION=0 "$bin" bench --device gpu $bench_args >"$out/bench_unfused.txt" 2>&1
 # shellcheck disable=SC2086
 GPU_MNIST_OUTPUT_FUSION=1 "$bin" bench --device gpu $bench_args >"$out/bench_fused.txt" 2>&1
 if [ -z "$train_args" ]; then
@@ -51,7 +51,7 @@ for t in .dev/tests/*; do
     echo "== $t"
     GPU_MNIST_DATA=$PWD/.dev/mnist "$t" --test-threads=1 2>&1 | grep -E "^test |test result|panicked|max \|diff\|.*fused"
 done >"$out/tests.txt" 2>&1
-grep -H -E "epoch|test:|first chunk|dispatches" "$out"/train_*.txt | head -40
+grep -H -E "epoch|test:|first chunk|dispatches a step" "$out"/train_*.txt | head -40
 grep -H -E "step|epoch|samples" "$out"/bench_*.txt | head -20
 tail -n 3 "$out/torch_cuda.txt" 2>/dev/null
 grep -E "test result" "$out/tests.txt"

@@ -1,6 +1,7 @@
-//! Criterion benchmarks of each op of the training step and of a whole step, per device (the fast
-//! CPU path, the CPU reference where affordable, and the wgpu adapter when there is one). Every
-//! timed iteration ends with `Backend::sync`, so the GPU has finished before the clock stops.
+//! Criterion benchmarks of each op of the training step (`backend::ops::Op`, run with
+//! `Backend::run`) and of a whole step, per device (the fast CPU path and the wgpu adapter when
+//! there is one). Every timed iteration ends with `Backend::sync` (blocked on), so the GPU has
+//! finished before the clock stops.
 //!
 //!   cargo bench --bench kernels            (add `-- matmul` to run one group)
 
@@ -9,8 +10,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::ops::{
+    DenseShape, FusedUpdate, Gather, Loss, Matmul, MatmulKind, Op, ParamState, StepAt, Update,
+};
 use gpu_mnist::backend::wgpu::WgpuBackend;
-use gpu_mnist::backend::{Backend, Epilogue};
+use gpu_mnist::backend::{Backend, ParamTensors};
 use gpu_mnist::data::{epoch_order, Dataset, IMAGE_PIXELS};
 use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
@@ -44,6 +48,21 @@ fn synthetic(n: usize) -> Dataset {
     Dataset::new(images, labels).expect("consistent sizes")
 }
 
+/// Block on a read-back (`Backend::sync`, `read`).
+fn wait<T>(r: gpu_mnist::backend::Readback<'_, T>) -> T {
+    pollster::block_on(r).expect("device")
+}
+
+/// A dense layer's product of `kind` over a batch of B, C inputs and OC outputs.
+fn product(kind: MatmulKind) -> Op {
+    let shape = DenseShape {
+        rows: B,
+        inputs: C,
+        outputs: OC,
+    };
+    Op::Matmul(Matmul { shape, kind })
+}
+
 fn ops(c: &mut Criterion) {
     for mut be in devices() {
         let be = be.as_mut();
@@ -53,75 +72,119 @@ fn ops(c: &mut Criterion) {
             be.write(id, &vec![v; n]).expect("write");
             id
         };
-        let (inp, w, bias, out) = (
-            t(be, B * C, 0.5),
-            t(be, C * OC, 0.01),
-            t(be, OC, 0.1),
-            t(be, B * OC, 0.1),
-        );
-        let (dinp, dw, grad, vel) = (
-            t(be, B * C, 0.0),
-            t(be, C * OC, 0.0),
-            t(be, C * OC, 1e-3),
-            t(be, C * OC, 0.0),
-        );
+        let (inp, out, dinp) = (t(be, B * C, 0.5), t(be, B * OC, 0.1), t(be, B * C, 0.0));
+        // The layer's parameters as the graph keeps them: packed values, gradients, velocities.
+        let packed = [0.01, 1e-3, 0.0].map(|v| {
+            let p = be.alloc_packed(&[C * OC, OC]).expect("alloc");
+            let whole = vec![v; p.len];
+            be.write(p.whole, &whole).expect("write");
+            p
+        });
+        let param = |k: usize| ParamTensors {
+            value: packed[0].parts[k],
+            grad: packed[1].parts[k],
+            velocity: packed[2].parts[k],
+        };
+        let (weight, bias) = (param(0), param(1));
         let data = synthetic(1024);
         let ds = be.upload_dataset(&data).expect("dataset");
         be.set_order(ds, &epoch_order(data.len(), 0, 0)).expect("order");
         be.reserve_stats(1).expect("stats");
         let logits = t(be, B * 10, 0.3);
         let dlogits = t(be, B * 10, 0.0);
+        let opt = Optimizer::new(OptimizerKind::RmsProp, None).expect("optimizer");
+
+        let forward = product(MatmulKind::Forward {
+            out,
+            inp,
+            weight: weight.value,
+            bias: Some(bias.value),
+            relu: true,
+        });
+        let backward_input = product(MatmulKind::BackwardInput {
+            dinp,
+            dout: out,
+            weight: weight.value,
+            relu_mask: None,
+        });
+        let backward_weight = |dbias, update| {
+            product(MatmulKind::BackwardWeight {
+                dweight: weight.grad,
+                dbias,
+                inp,
+                dout: out,
+                update,
+            })
+        };
+        let state = |p: ParamTensors| ParamState {
+            value: p.value,
+            velocity: p.velocity,
+        };
+        let fused_update = FusedUpdate {
+            weight: state(weight),
+            bias: state(bias),
+            opt,
+        };
+        let gather = Op::Gather(Gather { x: inp, ds, rows: B });
+        let loss = Op::Loss(Loss {
+            logits,
+            dlogits: Some(dlogits),
+            ds,
+            rows: B,
+            classes: 10,
+        });
+        let update = Op::Update(Update {
+            param: weight,
+            len: C * OC,
+            opt,
+        });
+        // The GPU runs updates only fused into the weight gradient: a lone one is measured where
+        // it runs (the CPU).
+        let lone_update = be.run(&update, StepAt::default()).is_ok();
 
         let mut group = c.benchmark_group(format!("ops/{dev}"));
         group
             .sample_size(10)
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(2));
-        let fwd = Epilogue {
-            bias: Some(bias),
-            relu: true,
-            relu_mask: None,
-        };
-        let mut bench = |name: &str, f: &mut dyn FnMut(&mut dyn Backend)| {
+        let mut bench = |name: &str, ops: &[Op]| {
             group.bench_function(name, |bench| {
                 bench.iter(|| {
-                    f(&mut *be);
-                    be.sync().expect("sync");
+                    for op in ops {
+                        be.run(op, StepAt::default()).expect("op");
+                    }
+                    wait(be.sync());
                 })
             });
         };
-        bench("matmul_forward+bias+relu 128x784x512", &mut |be| {
-            be.matmul_forward(out, inp, w, fwd, B, C, OC).expect("op")
-        });
-        bench("matmul_backward_input 128x512x784", &mut |be| {
-            be.matmul_backward_input(dinp, out, w, Epilogue::default(), B, C, OC)
-                .expect("op")
-        });
-        bench("matmul_backward_weight 784x128x512", &mut |be| {
-            be.matmul_backward_weight(dw, None, inp, out, B, C, OC).expect("op")
-        });
-        bench("bias_backward 128x512", &mut |be| {
-            be.bias_backward(bias, out, B, OC).expect("op")
-        });
-        bench("gather_batch 128", &mut |be| {
-            be.gather_batch(inp, ds, 0, B).expect("op")
-        });
-        // The first layer's products on MNIST-like pixels (mostly zeros), as a step runs them.
-        bench("gather+matmul_forward+bias+relu 128x784x512 sparse pixels", &mut |be| {
-            be.gather_matmul_forward(out, inp, ds, 0, w, fwd, B, OC).expect("op")
-        });
-        bench("matmul_backward_weight 784x128x512 sparse pixels", &mut |be| {
-            be.matmul_backward_weight(dw, None, inp, out, B, C, OC).expect("op")
-        });
-        bench("softmax_xent 128x10", &mut |be| {
-            be.softmax_xent_forward_backward(Some(dlogits), logits, ds, 0, B, 10, 0)
-                .expect("op")
-        });
-        bench("rmsprop_update 401408", &mut |be| {
-            be.rmsprop_update(w, vel, grad, C * OC, 1e-3, 0.9, 1e-7).expect("op")
-        });
+        bench("matmul_forward+bias+relu 128x784x512", &[forward]);
+        bench("matmul_backward_input 128x512x784", &[backward_input]);
+        bench("matmul_backward_weight 784x128x512", &[backward_weight(None, None)]);
+        bench(
+            "matmul_backward_weight+dbias 784x128x512",
+            &[backward_weight(Some(bias.grad), None)],
+        );
+        bench("gather_batch 128", &[gather]);
+        // The first layer's products on MNIST-like pixels (mostly zeros), as a step runs them:
+        // inp holds the gathered batch from here on.
+        bench(
+            "gather+matmul_forward+bias+relu 128x784x512 sparse pixels",
+            &[gather, forward],
+        );
+        bench(
+            "matmul_backward_weight 784x128x512 sparse pixels",
+            &[backward_weight(None, None)],
+        );
+        bench(
+            "matmul_backward_weight+dbias+rmsprop 784x128x512 sparse pixels",
+            &[backward_weight(Some(bias.grad), Some(fused_update))],
+        );
+        bench("softmax_xent 128x10", &[loss]);
+        if lone_update {
+            bench("rmsprop_update 401408", &[update]);
+        }
         group.finish();
-        black_box(be.read(out).expect("read"));
+        black_box(wait(be.read(out)));
     }
 }
 
@@ -130,7 +193,7 @@ fn training_step(c: &mut Criterion) {
         let be = be.as_mut();
         let dev = short(&be.name());
         let spec = ModelSpec::mnist(&[512]);
-        let graph = Graph::new(be, &spec, B).expect("graph");
+        let mut graph = Graph::new(be, &spec, B).expect("graph");
         graph.set_params(be, &glorot_init(&spec, 0)).expect("params");
         let data = synthetic(4096);
         let ds = be.upload_dataset(&data).expect("dataset");
@@ -145,8 +208,10 @@ fn training_step(c: &mut Criterion) {
         let mut start = 0;
         group.bench_function("train_step 784-512-10 batch 128", |bench| {
             bench.iter(|| {
-                graph.train_step(be, ds, start, B, 0, &opt).expect("step");
-                be.sync().expect("sync");
+                graph
+                    .train_step(be, (ds, B), StepAt { start, slot: 0 }, &opt)
+                    .expect("step");
+                wait(be.sync());
                 start = (start + B) % (data.len() - B);
             })
         });

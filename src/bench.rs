@@ -93,6 +93,30 @@ async fn time_median(
     Ok(median(times))
 }
 
+/// Median seconds of `reps` runs of `op` (more when that is too short to time: about 20 ms of
+/// work per timed run, to outweigh a submit and a wait on a GPU), and the runs it took.
+async fn time_op(be: &mut dyn Backend, cfg: &BenchConfig, op: &Op, reps: usize) -> Result<(f64, usize)> {
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        be.run(op, StepAt::default())?;
+    }
+    be.sync().await?;
+    let once = t0.elapsed().as_secs_f64() / reps as f64;
+    let reps = if reps > 1 {
+        ((0.02 / once.max(1e-9)) as usize).clamp(reps, 2000)
+    } else {
+        reps
+    };
+    let secs = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
+        for _ in 0..reps {
+            be.run(op, StepAt::default())?;
+        }
+        Ok(false)
+    })
+    .await?;
+    Ok((secs, reps))
+}
+
 /// Every product of a training step at its real shape, `reps` times each per timed run (more
 /// when one run would be too short to time): per layer the forward product (with bias and ReLU
 /// where the layer has them), the weight gradient (with the bias gradient) and, past the first
@@ -153,26 +177,7 @@ async fn bench_matmuls(
                 },
             };
             let matmul = Op::Matmul(Matmul { shape, kind });
-            let run = |be: &mut dyn Backend| be.run(&matmul, StepAt::default());
-            // Enough products per timed run to outweigh a submit and a wait (GPUs): about 20 ms.
-            let t0 = Instant::now();
-            for _ in 0..reps {
-                run(be)?;
-            }
-            be.sync().await?;
-            let once = t0.elapsed().as_secs_f64() / reps as f64;
-            let reps = if reps > 1 {
-                ((0.02 / once.max(1e-9)) as usize).clamp(reps, 2000)
-            } else {
-                reps
-            };
-            let secs = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
-                for _ in 0..reps {
-                    run(be)?;
-                }
-                Ok(false)
-            })
-            .await?;
+            let (secs, reps) = time_op(be, cfg, &matmul, reps).await?;
             let mkn = match op {
                 "forward" => (b, c, oc),
                 "backward input" => (b, oc, c),

@@ -1,9 +1,12 @@
 //! gpu-mnist: train MNIST classifiers with WGSL compute shaders on wgpu, with a plain-loop CPU
 //! reference that every kernel is checked against and a fast CPU fallback.
 //!
-//! Layout: `data` (IDX files, download, shuffling), `model` (the layer graph), `backend` (the
-//! `Backend` trait and its CPU and wgpu implementations), `train` (the loop), `checkpoint`
-//! (safetensors), `device` (choosing a backend).
+//! Layout: `data` (IDX files, download, shuffling), `model` (the layer graph and its cached
+//! plans), `plan` (a step's ops and the fusion pass), `backend` (the `Backend` trait, the typed
+//! ops of a step, and the CPU and wgpu implementations), `train` (the training loop as a library:
+//! `fit` with an `Observer`, evaluation, prediction), `settings` (the environment's knobs, read
+//! once), `checkpoint` (safetensors), `records` (the run folder), `device` (choosing a backend),
+//! `bench` (the measurements behind `gpu-mnist bench`).
 
 pub mod backend;
 pub mod bench;

@@ -1,7 +1,8 @@
 //! Optimizer settings: RMSprop with Keras's defaults, or plain SGD.
 //!
-//! Contract: the update formulas live in `backend::reference` (and the kernels); this module only
-//! holds and validates the hyper-parameters.
+//! Contract: the update formulas live in `backend::reference` (`rmsprop_one`, `sgd_one`, which
+//! every CPU path calls) and in shaders/optimizer.wgsl; this module only holds and validates the
+//! hyper-parameters.
 
 use crate::error::{Error, Result};
 

@@ -203,6 +203,17 @@ fn draw_panel(svg: &mut String, x0: f64, p: &Panel, epochs: usize) {
         (py0 + py1) / 2.0,
         p.y_label
     );
+    draw_series(svg, p, (&sx, &sy), (px1, py0, py1));
+}
+
+/// Each series of `p` as a line with dots and its legend entry; `sx` and `sy` map an epoch and a
+/// value into the plot area, whose right, top and bottom edges are `px1`, `py0` and `py1`.
+fn draw_series(
+    svg: &mut String,
+    p: &Panel,
+    (sx, sy): (&dyn Fn(f64) -> f64, &dyn Fn(f64) -> f64),
+    (px1, py0, py1): (f64, f64, f64),
+) {
     for (i, (label, colour, points)) in p.series.iter().enumerate() {
         let pts: Vec<String> = points
             .iter()

@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::reference as r;
-use gpu_mnist::backend::{Backend, Epilogue};
+use gpu_mnist::backend::Backend;
 use gpu_mnist::data::{Dataset, IMAGE_PIXELS};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use rand::RngExt;
@@ -71,14 +71,8 @@ fn sparse_products_match_the_reference() {
                 be.alloc(oc).unwrap(),
             );
             let before = be.sparse_products();
-            let epilogue = Epilogue {
-                bias: Some(t_bias),
-                relu: true,
-                relu_mask: None,
-            };
-            be.matmul_forward(t_out, t_inp, t_w, epilogue, b, c, oc).unwrap();
-            be.matmul_backward_weight(t_dw, Some(t_db), t_inp, t_dout, b, c, oc)
-                .unwrap();
+            ops::forward(&mut be, (t_out, t_inp, t_w), (Some(t_bias), true), (b, c, oc)).unwrap();
+            ops::backward_weight(&mut be, (t_dw, Some(t_db)), (t_inp, t_dout), (b, c, oc)).unwrap();
             assert_eq!(
                 be.sparse_products() - before,
                 2,
@@ -117,8 +111,7 @@ fn dense_inputs_and_narrow_outputs_take_the_dense_path() {
             be.alloc(b * oc).unwrap(),
         );
         let before = be.sparse_products();
-        be.matmul_forward(t_out, t_inp, t_w, Epilogue::default(), b, c, oc)
-            .unwrap();
+        ops::forward(&mut be, (t_out, t_inp, t_w), (None, false), (b, c, oc)).unwrap();
         assert_eq!(be.sparse_products(), before, "{b}x{c}x{oc} at density {density}");
         let (mut want, mut scale) = (vec![0.0; b * oc], vec![0.0; b * oc]);
         r::matmul_forward(&mut want, &inp, &weight, b, c, oc);
@@ -193,16 +186,11 @@ fn gathered_sparse_first_layer_matches_the_reference() {
         let (t_w, t_b, t_dout) = (upload(&mut be, &weight), upload(&mut be, &bias), upload(&mut be, &dout));
         let (t_x, t_out) = (be.alloc(rows * IMAGE_PIXELS).unwrap(), be.alloc(rows * oc).unwrap());
         let (t_dw, t_db) = (be.alloc(IMAGE_PIXELS * oc).unwrap(), be.alloc(oc).unwrap());
-        let epilogue = Epilogue {
-            bias: Some(t_b),
-            relu: true,
-            relu_mask: None,
-        };
         let before = be.sparse_products();
-        be.gather_matmul_forward(t_out, t_x, ds, start, t_w, epilogue, rows, oc)
-            .unwrap();
-        be.matmul_backward_weight(t_dw, Some(t_db), t_x, t_dout, rows, IMAGE_PIXELS, oc)
-            .unwrap();
+        ops::gather(&mut be, t_x, ds, start, rows).unwrap();
+        let shape = (rows, IMAGE_PIXELS, oc);
+        ops::forward(&mut be, (t_out, t_x, t_w), (Some(t_b), true), shape).unwrap();
+        ops::backward_weight(&mut be, (t_dw, Some(t_db)), (t_x, t_dout), shape).unwrap();
         assert_eq!(be.sparse_products() - before, 2, "rows {start}+{rows}");
 
         let c = IMAGE_PIXELS;
@@ -242,9 +230,10 @@ fn rows_kept_of_an_input_are_dropped_when_it_changes() {
     let t_dout = upload(&mut be, &dout);
     let other = sparse_vec(&mut g, b * c, 0.2);
     let t_other = upload(&mut be, &other);
+    let t_eye = upload(&mut be, &ops::identity(c));
     let check = |be: &mut CpuBackend, x: &[f32], what: &str| {
         let before = be.sparse_products();
-        be.matmul_backward_weight(t_dw, None, t_x, t_dout, b, c, oc).unwrap();
+        ops::backward_weight(be, (t_dw, None), (t_x, t_dout), (b, c, oc)).unwrap();
         assert_eq!(
             be.sparse_products(),
             before + 1,
@@ -256,23 +245,23 @@ fn rows_kept_of_an_input_are_dropped_when_it_changes() {
         let got = download(be, t_dw, c * oc);
         assert_close_scaled(what, &got, &want, &scale, 1e-5, 1e-4);
     };
-    // Rows kept by the gathered forward product, then x overwritten by a write.
-    be.gather_matmul_forward(t_out, t_x, ds, 0, t_w, Epilogue::default(), b, oc)
-        .unwrap();
+    // Rows kept by the gather and the forward product, then x overwritten by a write.
+    ops::gather(&mut be, t_x, ds, 0, b).unwrap();
+    ops::forward(&mut be, (t_out, t_x, t_w), (None, false), (b, c, oc)).unwrap();
     let mut x = vec![0.0; b * c];
     r::gather_batch(&mut x, &data.images, &(0..64).collect::<Vec<u32>>(), 0, b, c);
     check(&mut be, &x, "after the gather");
     let written = sparse_vec(&mut g, b * c, 0.1);
     be.write(t_x, &written).unwrap();
     check(&mut be, &written, "after a write");
-    // x as the output of another op.
-    be.relu_forward(t_x, t_other, b * c).unwrap();
+    // x as the output of another op: relu(other @ identity), which is relu(other) exactly.
+    ops::forward(&mut be, (t_x, t_other, t_eye), (None, true), (b, c, c)).unwrap();
     let relu: Vec<f32> = other.iter().map(|v| v.max(0.0)).collect();
-    check(&mut be, &relu, "after relu_forward wrote it");
+    check(&mut be, &relu, "after a matmul wrote it");
     // x gathered again from other rows, without a forward product.
-    be.gather_batch(t_x, ds, 16, b).unwrap();
+    ops::gather(&mut be, t_x, ds, 16, b).unwrap();
     r::gather_batch(&mut x, &data.images, &(0..64).collect::<Vec<u32>>(), 16, b, c);
-    check(&mut be, &x, "after gather_batch");
+    check(&mut be, &x, "after a gather");
 }
 
 /// NaN and infinity in a sparse input reach the product as in a dense one (the rows they are in
@@ -292,8 +281,7 @@ fn non_finite_inputs_spread_as_in_the_reference() {
         be.alloc(b * oc).unwrap(),
     );
     let before = be.sparse_products();
-    be.matmul_forward(t_out, t_inp, t_w, Epilogue::default(), b, c, oc)
-        .unwrap();
+    ops::forward(&mut be, (t_out, t_inp, t_w), (None, false), (b, c, oc)).unwrap();
     assert_eq!(be.sparse_products(), before + 1, "the sparse path was not taken");
     let got = download(&mut be, t_out, b * oc);
     let mut want = vec![0.0; b * oc];

@@ -3,11 +3,10 @@
 //! shared counter, so that a thread that falls behind (a core the host lends elsewhere for a
 //! while) takes fewer. Between jobs a helper keeps polling for 200 us (yielding its core between
 //! looks) before it sleeps, so that the parallel products of a training step, tens of microseconds
-//! apart, do not each pay for waking a thread: measured here, a rayon `join` costs 17-24 us back
-//! to back and 43-53 us after 100 us of serial work, against 100-500 us of work. A caller waiting
-//! for a helper spins 20 us, then sleeps until woken. With both threads forced onto one core (as
-//! a virtual machine's two cores sometimes behave), an epoch measured 0.70 s, against 0.61 s on
-//! one thread, where spinning instead of yielding and sleeping took 1.5 s.
+//! apart, do not each pay for waking a thread (tens of microseconds, against a few hundred of work).
+//! A caller waiting for a helper spins 20 us, then sleeps until woken, so that two threads sharing
+//! one core (as a virtual machine's two cores sometimes behave) do not hold the core each other
+//! needs. The timings behind these choices are in benches/cpu-2026-11-27.md.
 //!
 //! Contract: `for_each` returns after every item has been processed and every helper that took
 //! part has finished; a helper that had not started by the time the caller ran out of items is
@@ -26,7 +25,7 @@ use std::time::{Duration, Instant};
 
 /// How long an idle helper polls for the next job before it sleeps: longer than the serial
 /// stretches between a training step's parallel products, short enough that the core is given
-/// back soon after training stops (measured here: 50 us was 20 % slower an epoch, 2 ms no faster).
+/// back soon after training stops (a shorter window made epochs slower, a longer one no faster).
 const POLL: Duration = Duration::from_micros(200);
 /// How long a caller spins for a helper to finish before it yields between looks.
 const SPIN_WAIT: Duration = Duration::from_micros(20);

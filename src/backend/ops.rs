@@ -240,8 +240,8 @@ impl Op {
 pub struct Fusions {
     /// `MatmulKind::BackwardWeight` with an `update`.
     pub weight_update: bool,
-    /// `Op::OutputLayer` of this shape or smaller: rows at most `max_rows` and rows x inputs at
-    /// most `max_work` (0: never).
+    /// `Op::OutputLayer` of this shape or smaller: rows at most `output_layer_max_rows` and rows x
+    /// inputs at most `output_layer_max_work` (0: never).
     pub output_layer_max_rows: usize,
     pub output_layer_max_work: usize,
 }

@@ -270,7 +270,7 @@ impl CpuBackend {
             velocity,
         } = p;
         let (lr, rho, eps) = (opt.lr, opt.rho, opt.eps);
-        let op = "rmsprop update";
+        let op = "optimizer update";
         // The velocity's array is taken out too: it is written, and must alias nothing.
         let vv = self.view(op, velocity, n)?;
         if vv.storage == self.view(op, param, n)?.storage || vv.storage == self.view(op, grad, n)?.storage {
@@ -295,7 +295,7 @@ impl CpuBackend {
     fn update(&mut self, p: ParamTensors, n: usize, opt: &Optimizer) -> Result<()> {
         match opt.kind {
             OptimizerKind::RmsProp => self.rmsprop_update(p, n, opt),
-            OptimizerKind::Sgd => self.with_out("sgd update", (p.value, n), &[(p.grad, n)], |v, g| {
+            OptimizerKind::Sgd => self.with_out("optimizer update", (p.value, n), &[(p.grad, n)], |v, g| {
                 r::sgd_update(v, g[0], opt.lr)
             }),
         }

@@ -86,9 +86,9 @@ impl CpuBackend {
         } = shape;
         let kind = self.kind;
         let inputs = with_epilogue_inputs([(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
-        if self.sparse_rows("matmul_forward", inp, b, c, oc)? {
+        if self.sparse_rows("matmul forward", inp, b, c, oc)? {
             let mut scratch = std::mem::take(&mut self.sparse);
-            let result = self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
+            let result = self.with_out("matmul forward", (out, b * oc), &inputs, |o, i| {
                 let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
                 cpu_sparse::matmul_forward(o, &mut scratch, i[1], (bias, epilogue.relu), (b, c, oc));
                 cpu_fast::matmul_epilogue(o, None, false, mask, b, oc);
@@ -98,7 +98,7 @@ impl CpuBackend {
             return result;
         }
         let mut narrow = std::mem::take(&mut self.narrow);
-        let result = self.with_out("matmul_forward", (out, b * oc), &inputs, |o, i| {
+        let result = self.with_out("matmul forward", (out, b * oc), &inputs, |o, i| {
             match kind {
                 CpuKind::Reference => r::matmul_forward(o, i[0], i[1], b, c, oc),
                 CpuKind::Fast => sgemm(
@@ -136,7 +136,7 @@ impl CpuBackend {
         let kind = self.kind;
         let inputs = with_epilogue_inputs([(dout, b * oc), (weight, c * oc)], epilogue, b * c, c);
         let mut narrow = std::mem::take(&mut self.narrow);
-        let result = self.with_out("matmul_backward_input", (dinp, b * c), &inputs, |o, i| {
+        let result = self.with_out("matmul backward input", (dinp, b * c), &inputs, |o, i| {
             match kind {
                 CpuKind::Reference => r::matmul_backward_input(o, i[0], i[1], b, c, oc),
                 // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
@@ -171,10 +171,10 @@ impl CpuBackend {
         if let Some(dbias) = dbias {
             self.bias_backward(dbias, dout, b, oc)?;
         }
-        if self.sparse_rows("matmul_backward_weight", inp, b, c, oc)? {
+        if self.sparse_rows("matmul backward weight", inp, b, c, oc)? {
             let mut scratch = std::mem::take(&mut self.sparse);
             let result = self.with_out(
-                "matmul_backward_weight",
+                "matmul backward weight",
                 (dweight, c * oc),
                 &[(inp, b * c), (dout, b * oc)],
                 |o, i| {
@@ -189,7 +189,7 @@ impl CpuBackend {
         let kind = self.kind;
         let mut narrow = std::mem::take(&mut self.narrow);
         let result = self.with_out(
-            "matmul_backward_weight",
+            "matmul backward weight",
             (dweight, c * oc),
             &[(inp, b * c), (dout, b * oc)],
             |o, i| match kind {
@@ -247,10 +247,15 @@ impl CpuBackend {
     /// dbias (OC) = column sums of dout (B, OC).
     pub(super) fn bias_backward(&mut self, dbias: TensorId, dout: TensorId, b: usize, oc: usize) -> Result<()> {
         let kind = self.kind;
-        self.with_out("bias_backward", (dbias, oc), &[(dout, b * oc)], |o, i| match kind {
-            CpuKind::Reference => r::bias_backward(o, i[0], b, oc),
-            CpuKind::Fast => cpu_fast::bias_backward(o, i[0], b, oc),
-        })
+        self.with_out(
+            "matmul backward weight",
+            (dbias, oc),
+            &[(dout, b * oc)],
+            |o, i| match kind {
+                CpuKind::Reference => r::bias_backward(o, i[0], b, oc),
+                CpuKind::Fast => cpu_fast::bias_backward(o, i[0], b, oc),
+            },
+        )
     }
 
     /// Whether the fast path multiplies `inp` (rows, cols) as a sparse matrix into `out_cols`

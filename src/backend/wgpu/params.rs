@@ -169,7 +169,7 @@ mod tests {
             P::FILE
         );
         assert_eq!(std::mem::size_of::<P>(), 4 * P::FIELDS.len());
-        assert!(P::FIELDS.len() <= PARAM_WORDS && std::mem::size_of::<P>() % 16 == 0);
+        assert!(P::FIELDS.len() <= PARAM_WORDS && std::mem::size_of::<P>().is_multiple_of(16));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::Backend;
 use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::locate::resolve_data_dir;
 use gpu_mnist::data::{Dataset, Mnist};
@@ -82,7 +83,8 @@ pub struct TrainArgs {
     /// Print one JSON object per epoch and one at the end, nothing else on stdout
     #[arg(long)]
     pub json: bool,
-    /// Also print what the backend did each epoch (dispatches, submits, read-backs, uploads)
+    /// Also print the step's plan (one line a dispatch) and what the backend did each epoch
+    /// (dispatches, submits, read-backs, uploads)
     #[arg(long, short)]
     pub verbose: bool,
     /// Print only the final test result
@@ -199,13 +201,27 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         epoch: None,
         first_chunk_told: false,
     };
-    let mut backend = opened.backend;
     // Under --device auto, a GPU that fails (lost, out of memory) hands over to the CPU path,
     // which continues from the end of the last completed epoch.
-    let mut fall_back = args.device.device == DeviceFlag::Auto && opened.is_gpu;
+    let fall_back = args.device.device == DeviceFlag::Auto && opened.is_gpu;
+    match fit_with_hand_over(opened.backend, fall_back, (data, &cfg), &mut at, &mut reporter) {
+        Err(Error::Numerical(msg)) => Err(with_kept_checkpoint(msg, checkpoint_dir.as_deref())),
+        Err(e) => Err(e),
+        Ok((test, params)) => finish(&args, &spec, &run_dir, test, params),
+    }
+}
+
+/// `fit` on `backend`, and with `fall_back`, when the GPU fails, on the CPU path from where the
+/// GPU's last completed epoch left `at`.
+fn fit_with_hand_over(
+    mut backend: Box<dyn Backend>,
+    mut fall_back: bool,
+    (data, cfg): (FitData, &TrainConfig),
+    at: &mut Position,
+    reporter: &mut Reporter,
+) -> Result<(EvalReport, Vec<HostTensor>)> {
     loop {
-        let result = pollster::block_on(fit(backend.as_mut(), data, &cfg, &mut at, fall_back, &mut reporter));
-        match result {
+        match pollster::block_on(fit(backend.as_mut(), data, cfg, at, fall_back, reporter)) {
             Err(Error::Gpu(msg)) if fall_back => {
                 eprintln!(
                     "warning: GPU: {msg}; --device auto continues on the CPU from the end of epoch {}{}",
@@ -220,9 +236,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 backend = Box::new(CpuBackend::fast());
                 fall_back = false;
             }
-            Err(Error::Numerical(msg)) => return Err(with_kept_checkpoint(msg, checkpoint_dir.as_deref())),
-            Err(e) => return Err(e),
-            Ok((test, params)) => return finish(&args, &spec, &run_dir, test, params),
+            other => return other,
         }
     }
 }

@@ -154,7 +154,7 @@ impl RunPlace {
         })
     }
 
-    /// Whatever of it a checkpoint holds (checkpoints before it was kept hold none).
+    /// Whatever of it a checkpoint holds (a checkpoint without it holds none).
     fn from_json(v: &Value) -> RunPlace {
         RunPlace {
             data: v["data"].as_str().map(PathBuf::from),
