@@ -100,11 +100,18 @@ pub struct Matmul {
     pub kind: MatmulKind,
 }
 
+impl DenseShape {
+    /// (rows, inputs, outputs).
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.rows, self.inputs, self.outputs)
+    }
+}
+
 impl Matmul {
     /// The (m, n, k) of the product: forward (rows, outputs, inputs), input gradient (rows,
     /// inputs, outputs), weight gradient (inputs, outputs, rows).
     pub fn product(&self) -> MatmulShape {
-        let DenseShape { rows, inputs, outputs } = self.shape;
+        let (rows, inputs, outputs) = self.shape.dims();
         match self.kind {
             MatmulKind::Forward { .. } => MatmulShape {
                 m: rows,

@@ -79,12 +79,7 @@ impl CpuBackend {
         weight: TensorId,
         epilogue: Epilogue,
     ) -> Result<()> {
-        let DenseShape {
-            rows: b,
-            inputs: c,
-            outputs: oc,
-        } = shape;
-        let kind = self.kind;
+        let (b, c, oc) = shape.dims();
         let inputs = with_epilogue_inputs([(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
         if self.sparse_rows("matmul forward", inp, b, c, oc)? {
             let mut scratch = std::mem::take(&mut self.sparse);
@@ -97,22 +92,13 @@ impl CpuBackend {
             self.sparse_products += 1;
             return result;
         }
-        let mut narrow = std::mem::take(&mut self.narrow);
-        let result = self.with_out("matmul forward", (out, b * oc), &inputs, |o, i| {
-            match kind {
-                CpuKind::Reference => r::matmul_forward(o, i[0], i[1], b, c, oc),
-                CpuKind::Fast => sgemm(
-                    MatmulShape { m: b, n: oc, k: c },
-                    Strided::new(i[0], c, 1),
-                    Strided::new(i[1], oc, 1),
-                    o,
-                    &mut narrow,
-                ),
-            }
-            apply_epilogue(kind, o, &i[2..], epilogue, b, oc);
-        });
-        self.narrow = narrow;
-        result
+        let product = Dense {
+            reference: r::matmul_forward::<f32>,
+            dims: (b, c, oc),
+            shape: MatmulShape { m: b, n: oc, k: c },
+            strides: [(c, 1), (oc, 1)],
+        };
+        self.dense_product("matmul forward", (out, b * oc, oc), &inputs, epilogue, product)
     }
 
     /// dinp (B, C) = (dout (B, OC) @ weight (C, OC)^T) * (relu_mask > 0).
@@ -124,34 +110,20 @@ impl CpuBackend {
         weight: TensorId,
         relu_mask: Option<TensorId>,
     ) -> Result<()> {
-        let DenseShape {
-            rows: b,
-            inputs: c,
-            outputs: oc,
-        } = shape;
+        let (b, c, oc) = shape.dims();
         let epilogue = Epilogue {
             relu_mask,
             ..Epilogue::default()
         };
-        let kind = self.kind;
         let inputs = with_epilogue_inputs([(dout, b * oc), (weight, c * oc)], epilogue, b * c, c);
-        let mut narrow = std::mem::take(&mut self.narrow);
-        let result = self.with_out("matmul backward input", (dinp, b * c), &inputs, |o, i| {
-            match kind {
-                CpuKind::Reference => r::matmul_backward_input(o, i[0], i[1], b, c, oc),
-                // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
-                CpuKind::Fast => sgemm(
-                    MatmulShape { m: b, n: c, k: oc },
-                    Strided::new(i[0], oc, 1),
-                    Strided::new(i[1], 1, oc),
-                    o,
-                    &mut narrow,
-                ),
-            }
-            apply_epilogue(kind, o, &i[2..], epilogue, b, c);
-        });
-        self.narrow = narrow;
-        result
+        // (B, OC) @ (OC, C) where weight^T is weight read with swapped strides.
+        let product = Dense {
+            reference: r::matmul_backward_input::<f32>,
+            dims: (b, c, oc),
+            shape: MatmulShape { m: b, n: c, k: oc },
+            strides: [(oc, 1), (1, oc)],
+        };
+        self.dense_product("matmul backward input", (dinp, b * c, c), &inputs, epilogue, product)
     }
 
     /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC); dbias (OC) = the column sums of dout.
@@ -163,11 +135,7 @@ impl CpuBackend {
         inp: TensorId,
         dout: TensorId,
     ) -> Result<()> {
-        let DenseShape {
-            rows: b,
-            inputs: c,
-            outputs: oc,
-        } = shape;
+        let (b, c, oc) = shape.dims();
         if let Some(dbias) = dbias {
             self.bias_backward(dbias, dout, b, oc)?;
         }
@@ -186,24 +154,48 @@ impl CpuBackend {
             self.sparse_products += 1;
             return result;
         }
+        // (C, B) @ (B, OC) where inp^T is inp read with swapped strides.
+        let product = Dense {
+            reference: r::matmul_backward_weight::<f32>,
+            dims: (b, c, oc),
+            shape: MatmulShape { m: c, n: oc, k: b },
+            strides: [(1, c), (oc, 1)],
+        };
+        let inputs = with_epilogue_inputs([(inp, b * c), (dout, b * oc)], Epilogue::default(), 0, 0);
+        self.dense_product(
+            "matmul backward weight",
+            (dweight, c * oc, oc),
+            &inputs,
+            Epilogue::default(),
+            product,
+        )
+    }
+
+    /// A dense product into `out` (its length and columns): the reference's loop or sgemm (with
+    /// `cpu_narrow` for a narrow side), then the epilogue, whose tensors follow the operands in
+    /// `inputs`.
+    fn dense_product(
+        &mut self,
+        op: &'static str,
+        (out, len, n): (TensorId, usize, usize),
+        inputs: &Inputs,
+        epilogue: Epilogue,
+        product: Dense,
+    ) -> Result<()> {
         let kind = self.kind;
         let mut narrow = std::mem::take(&mut self.narrow);
-        let result = self.with_out(
-            "matmul backward weight",
-            (dweight, c * oc),
-            &[(inp, b * c), (dout, b * oc)],
-            |o, i| match kind {
-                CpuKind::Reference => r::matmul_backward_weight(o, i[0], i[1], b, c, oc),
-                // (C, B) @ (B, OC) where inp^T is inp read with swapped strides.
-                CpuKind::Fast => sgemm(
-                    MatmulShape { m: c, n: oc, k: b },
-                    Strided::new(i[0], 1, c),
-                    Strided::new(i[1], oc, 1),
-                    o,
-                    &mut narrow,
-                ),
-            },
-        );
+        let result = self.with_out(op, (out, len), inputs, |o, i| {
+            let (b, c, oc) = product.dims;
+            match kind {
+                CpuKind::Reference => (product.reference)(o, i[0], i[1], b, c, oc),
+                CpuKind::Fast => {
+                    let [(ra, ca), (rb, cb)] = product.strides;
+                    let (a, b) = (Strided::new(i[0], ra, ca), Strided::new(i[1], rb, cb));
+                    sgemm(product.shape, a, b, o, &mut narrow)
+                }
+            }
+            apply_epilogue(kind, o, &i[2..], epilogue, len / n.max(1), n);
+        });
         self.narrow = narrow;
         result
     }
@@ -221,11 +213,7 @@ impl CpuBackend {
         else {
             return run_unfused(self, &Op::Matmul(*m), at);
         };
-        let DenseShape {
-            rows: b,
-            inputs: c,
-            outputs: oc,
-        } = m.shape;
+        let (b, c, oc) = m.shape.dims();
         if !self.sparse_rows("matmul backward weight + update", inp, b, c, oc)? {
             return run_unfused(self, &Op::Matmul(*m), at);
         }
@@ -289,11 +277,7 @@ impl CpuBackend {
         opt: &Optimizer,
     ) -> Result<()> {
         let op = "matmul backward weight + update";
-        let DenseShape {
-            rows: b,
-            inputs: c,
-            outputs: oc,
-        } = shape;
+        let (b, c, oc) = shape.dims();
         let n = c * oc;
         let rmsprop = opt.kind == OptimizerKind::RmsProp;
         // The gradient, the value and (RMSprop) the velocity are written: each must have an array
@@ -353,6 +337,18 @@ impl CpuBackend {
         self.counters.dispatches += 1;
         Ok(())
     }
+}
+
+/// A reference loop of a dense layer's product: (out, a, b, rows, inputs, outputs).
+type ReferenceProduct = fn(&mut [f32], &[f32], &[f32], usize, usize, usize);
+
+/// One of a dense layer's products for `dense_product`: the reference's loop over (b, c, oc), and
+/// the (m, n, k) product with the row and column strides of a and b that sgemm runs instead.
+struct Dense {
+    reference: ReferenceProduct,
+    dims: (usize, usize, usize),
+    shape: MatmulShape,
+    strides: [(usize, usize); 2],
 }
 
 /// The most tensors an op reads: a matmul's two operands, its bias and its mask.

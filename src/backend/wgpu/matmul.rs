@@ -10,7 +10,7 @@
 use super::kernels::{expand_unrolls, fill_placeholders, Kernel};
 use super::params::{matmul_flags, KernelParams, MatmulParams};
 use super::{Bound, WgpuBackend};
-use crate::backend::ops::{DenseShape, FusedUpdate, Matmul, MatmulKind, Op};
+use crate::backend::ops::{FusedUpdate, Matmul, MatmulKind, Op};
 use crate::backend::TensorId;
 use crate::error::{Error, Result};
 use crate::optim::OptimizerKind;
@@ -169,11 +169,7 @@ struct Call {
 impl WgpuBackend {
     /// Record one of a dense layer's products.
     pub(super) fn matmul(&mut self, mm: &Matmul) -> Result<()> {
-        let DenseShape {
-            rows: b,
-            inputs: c,
-            outputs: oc,
-        } = mm.shape;
+        let (b, c, oc) = mm.shape.dims();
         let plain = |c_t, a, b_t, dims, lens| Call {
             c: c_t,
             a,
