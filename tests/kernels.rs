@@ -16,7 +16,7 @@ use gpu_mnist::backend::wgpu::TileConfig;
 use gpu_mnist::backend::Backend;
 use gpu_mnist::data::IMAGE_PIXELS;
 
-/// (B, C, OC): the awkward shapes and the real layer-1 shape.
+/// (B, C, OC): awkward shapes (1, odd, prime, just under a tile) and the real layer-1 shape.
 const SHAPES: [(usize, usize, usize); 5] = [(1, 1, 1), (3, 5, 7), (61, 100, 36), (127, 784, 65), (128, 784, 512)];
 
 fn matmul_ops(be: &mut dyn Backend, (b, c, oc): (usize, usize, usize), seed: u64) {
@@ -201,7 +201,7 @@ fn fused_epilogues_match_the_reference_ops_in_sequence() {
 /// Bias-add, ReLU, the ReLU gradient's mask and the bias gradient, which run only inside the
 /// matmul's epilogue, against the reference's plain loops (`bias_add_forward`, `relu_forward`,
 /// `relu_backward`, `bias_backward`): the products are with the identity, which is exact, so
-/// that the epilogue is judged exactly (as the standalone kernels were); the bias gradient is a
+/// that the epilogue is judged exactly; the bias gradient is a
 /// column sum (atol 1e-5 + rtol 1e-4 of sum |dout|).
 #[test]
 fn bias_and_relu_match_the_reference() {
