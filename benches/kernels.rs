@@ -60,7 +60,11 @@ fn product(kind: MatmulKind) -> Op {
         inputs: C,
         outputs: OC,
     };
-    Op::Matmul(Matmul { shape, kind })
+    Op::Matmul(Matmul {
+        shape,
+        kind,
+        conv: None,
+    })
 }
 
 fn ops(c: &mut Criterion) {

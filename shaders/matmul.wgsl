@@ -1,12 +1,15 @@
 // matmul.wgsl: c (M, N) = epilogue(a (M, K) @ b (K, N)), with a and b read through strides, so
 // that the forward product and both transposed backward products of a dense layer are this one
-// kernel, and the bias-add, ReLU, ReLU-gradient mask, bias gradient and optimizer step cost no
-// dispatch of their own.
+// kernel, or through a convolution's operand maps (below), so that a convolution layer's three
+// products are too, and the bias-add, ReLU, ReLU-gradient mask, bias gradient and optimizer step
+// cost no dispatch of their own.
 //
 // Bindings (group 0):
 //   0 params  uniform  { m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride, flags,
-//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity, _pad }
+//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity,
+//                        h, w, in_ch, out_ch, kh, kw, pad, oh, ow }
 //   1 a       storage read   array<f32>  element (i, kk) at i * a_row_stride + kk * a_col_stride
+//                                        (dense; a convolution's maps are below)
 //   2 b       storage read   array<f32>  element (kk, j) at kk * b_row_stride + j * b_col_stride
 //   3 c       storage rw     array<f32>  (M, N) row-major, assigned (not accumulated)
 //   4 bias    storage read   array<f32>  (N,): added when flags & ADD_BIAS (else any buffer)
@@ -30,6 +33,30 @@
 //                                                      M=C, N=OC, K=B,  a=(1,C),  b=(OC,1)
 //                                                      flags COLSUM | RMSPROP
 //
+// Operand maps (variants): a and b are read through one of these, chosen per pipeline (a dense
+// pipeline holds only the dense maps, and no convolution code). The dense maps use the strides;
+// a convolution's (implicit GEMM: the product over output pixels, see ops.rs ConvGeometry;
+// images NHWC, kernel (kh, kw, in_ch, out_ch), stride 1, `pad` zeros on every side, output
+// oh x ow) use the geometry fields and ignore the strides:
+//   a_dense, b_dense   the strides above
+//   a_im2col           a (pixels, patch) = the patches of the input images bound as a: (i, kk) =
+//                      input (b, oy + ky - pad, ox + kx - pad, c) for output pixel i = (b, oy, ox)
+//                      and kk = (ky, kx, c), 0 over the padding          (conv forward)
+//   a_im2col_t         a (patch, pixels): the transpose of a_im2col      (conv weight gradient)
+//   a_dout_taps        a (images*h*w, kh*kw*out_ch): (i, kk) = dout (b, y + pad - ky,
+//                      x + pad - kx, oc) for input pixel i = (b, y, x) and kk = (ky, kx, oc), 0
+//                      outside dout                                      (conv input gradient)
+//   b_weight_taps      b (kh*kw*out_ch, in_ch): (kk, c) = kernel (ky, kx, c, oc) for kk = (ky,
+//                      kx, oc)                                           (conv input gradient)
+// so that a convolution's three products are (weight W (patch, out_ch), dout (pixels, out_ch)):
+//   forward          out = relu(A @ W + bias)     a_im2col (a = input image),  b_dense (out_ch, 1)
+//   weight gradient  dW = A^T @ dout, colsum      a_im2col_t (a = input image), b_dense (out_ch, 1)
+//   input gradient   dinp (images*h*w, in_ch) = sum over taps and out channels of dout x the
+//                    flipped kernel (the "full" convolution, each input value summed in place: no
+//                    scatter), masked                   a_dout_taps (a = dout), b_weight_taps
+// with c, bias, mask and the optimizer step as for a dense layer (c and mask of the input
+// gradient are images).
+//
 // Tiling (the host writes the constants below per pipeline; see matmul.rs TileConfig):
 // a workgroup computes a TM x TN tile of c. Its threads form S slices of (TM/4) x (TN/4); each
 // thread of a slice holds a 4x4 block of the tile in registers. K is cut into chunks of KC; chunk q
@@ -42,9 +69,10 @@
 // tile. Every sum is taken in a fixed order, so results are deterministic.
 // Grid: (ceil(N / TN), ceil(M / TM), 1).
 //
-// Template: the host fills the placeholders {{TM}}, {{TN}}, {{KC}}, {{S}} and {{SMEM}} with a
-// tiling's values, includes optimizer.wgsl, and, since naga emits loops that drivers do not
-// unroll (and a load loop that is not unrolled waits for each load before issuing the next),
+// Template: the host includes optimizer.wgsl, keeps the `//!variant NAME` ... `//!end` blocks of
+// the pipeline's two operand maps and drops the others, fills the placeholders {{TM}}, {{TN}},
+// {{KC}}, {{S}} and {{SMEM}} with a tiling's values, and, since naga emits loops that drivers do
+// not unroll (and a load loop that is not unrolled waits for each load before issuing the next),
 // expands each line `//!unroll V COUNT: statement` into COUNT copies of the statement with
 // {V} = 0, 1, ... (COUNT is LA, LB, KC, S, E or a number).
 
@@ -77,7 +105,15 @@ struct Params {
     w_velocity: u32,
     b_value: u32,
     b_velocity: u32,
-    _pad: u32,
+    h: u32,
+    w: u32,
+    in_ch: u32,
+    out_ch: u32,
+    kh: u32,
+    kw: u32,
+    pad: u32,
+    oh: u32,
+    ow: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -103,6 +139,12 @@ fn smem_store(index: u32, v: f32) {
     smem[index / 4u][index % 4u] = v;
 }
 
+// Each operand map defines, for a, `a_pos` (which (i, kk) of a chunk of a the idx-th copy of a
+// slice is, the order chosen so that neighbouring threads read neighbouring words), `a_row`
+// (what the loads of row i need that is constant over the rounds, computed once) and `load_a`
+// (the value, 0 outside the matrix); for b, `b_pos` and `load_b` likewise.
+
+//!variant a_dense
 // (i, kk) of the idx-th value of a chunk of a that a slice copies: kk fastest when a's rows are
 // contiguous (a_col_stride == 1), else i fastest, so that neighbouring threads read neighbouring words.
 fn a_pos(idx: u32) -> vec2<u32> {
@@ -110,14 +152,6 @@ fn a_pos(idx: u32) -> vec2<u32> {
         return vec2<u32>(idx / KC, idx % KC);
     }
     return vec2<u32>(idx % TM, idx / TM);
-}
-
-// (kk, j) of the idx-th value of a chunk of b, j fastest when b's rows are contiguous.
-fn b_pos(idx: u32) -> vec2<u32> {
-    if (params.b_col_stride == 1u) {
-        return vec2<u32>(idx / TN, idx % TN);
-    }
-    return vec2<u32>(idx % KC, idx / KC);
 }
 
 // Where the row of a holding the idx-th value of every chunk starts. Constant over the rounds,
@@ -137,11 +171,132 @@ fn load_a(idx: u32, row0: u32, row: u32, k0: u32) -> f32 {
     }
     return a[row + (k0 + p.y) * params.a_col_stride];
 }
+//!end
+
+//!variant a_im2col
+// kk fastest: a patch's channels (and, with one channel, its columns) are neighbouring words.
+fn a_pos(idx: u32) -> vec2<u32> {
+    return vec2<u32>(idx / KC, idx % KC);
+}
+
+// Output pixel i = (b, oy, ox) as (offset of image b, oy, ox); unused past the last row.
+fn a_row(idx: u32, row0: u32) -> vec3<u32> {
+    let i = row0 + a_pos(idx).x;
+    let ohw = params.oh * params.ow;
+    let img = i / ohw;
+    let r = i - img * ohw;
+    let oy = r / params.ow;
+    return vec3<u32>(img * params.h * params.w * params.in_ch, oy, r - oy * params.ow);
+}
+
+fn load_a(idx: u32, row0: u32, row: vec3<u32>, k0: u32) -> f32 {
+    let p = a_pos(idx);
+    let kk = k0 + p.y;
+    if (row0 + p.x >= params.m || kk >= params.k) {
+        return 0.0;
+    }
+    let kwc = params.kw * params.in_ch;
+    let ky = kk / kwc;
+    let r = kk - ky * kwc;
+    let kx = r / params.in_ch;
+    // Above or left of the image these wrap to values past its size: one test covers both sides.
+    let y = row.y + ky - params.pad;
+    let x = row.z + kx - params.pad;
+    if (y >= params.h || x >= params.w) {
+        return 0.0;
+    }
+    return a[row.x + (y * params.w + x) * params.in_ch + r - kx * params.in_ch];
+}
+//!end
+
+//!variant a_im2col_t
+// i (the patch index) fastest: neighbouring channels of one input pixel are neighbouring words.
+fn a_pos(idx: u32) -> vec2<u32> {
+    return vec2<u32>(idx % TM, idx / TM);
+}
+
+// Patch value i = (ky, kx, c); unused past the last row.
+fn a_row(idx: u32, row0: u32) -> vec3<u32> {
+    let i = row0 + a_pos(idx).x;
+    let kwc = params.kw * params.in_ch;
+    let ky = i / kwc;
+    let r = i - ky * kwc;
+    let kx = r / params.in_ch;
+    return vec3<u32>(ky, kx, r - kx * params.in_ch);
+}
+
+fn load_a(idx: u32, row0: u32, tap: vec3<u32>, k0: u32) -> f32 {
+    let p = a_pos(idx);
+    let pixel = k0 + p.y;
+    if (row0 + p.x >= params.m || pixel >= params.k) {
+        return 0.0;
+    }
+    let ohw = params.oh * params.ow;
+    let img = pixel / ohw;
+    let r = pixel - img * ohw;
+    let oy = r / params.ow;
+    // Above or left of the image these wrap to values past its size: one test covers both sides.
+    let y = oy + tap.x - params.pad;
+    let x = r - oy * params.ow + tap.y - params.pad;
+    if (y >= params.h || x >= params.w) {
+        return 0.0;
+    }
+    return a[((img * params.h + y) * params.w + x) * params.in_ch + tap.z];
+}
+//!end
+
+//!variant a_dout_taps
+// kk fastest: a tap's output channels are neighbouring words of dout.
+fn a_pos(idx: u32) -> vec2<u32> {
+    return vec2<u32>(idx / KC, idx % KC);
+}
+
+// Input pixel i = (b, y, x) as (offset of image b in dout, y + pad, x + pad); unused past the
+// last row.
+fn a_row(idx: u32, row0: u32) -> vec3<u32> {
+    let i = row0 + a_pos(idx).x;
+    let hw = params.h * params.w;
+    let img = i / hw;
+    let r = i - img * hw;
+    let y = r / params.w;
+    let out_image = params.oh * params.ow * params.out_ch;
+    return vec3<u32>(img * out_image, y + params.pad, r - y * params.w + params.pad);
+}
+
+fn load_a(idx: u32, row0: u32, row: vec3<u32>, k0: u32) -> f32 {
+    let p = a_pos(idx);
+    let kk = k0 + p.y;
+    if (row0 + p.x >= params.m || kk >= params.k) {
+        return 0.0;
+    }
+    let kwo = params.kw * params.out_ch;
+    let ky = kk / kwo;
+    let r = kk - ky * kwo;
+    let kx = r / params.out_ch;
+    // The output pixel whose patch holds this input pixel at tap (ky, kx); above or left of
+    // dout these wrap to values past its size: one test covers both sides.
+    let oy = row.y - ky;
+    let ox = row.z - kx;
+    if (oy >= params.oh || ox >= params.ow) {
+        return 0.0;
+    }
+    return a[row.x + (oy * params.ow + ox) * params.out_ch + r - kx * params.out_ch];
+}
+//!end
 
 // The idx-th value of a's chunk into workgroup memory.
 fn store_a(idx: u32, at: u32, v: f32) {
     let p = a_pos(idx);
     smem_store(at + p.y * TM + p.x, v);
+}
+
+//!variant b_dense
+// (kk, j) of the idx-th value of a chunk of b, j fastest when b's rows are contiguous.
+fn b_pos(idx: u32) -> vec2<u32> {
+    if (params.b_col_stride == 1u) {
+        return vec2<u32>(idx / TN, idx % TN);
+    }
+    return vec2<u32>(idx % KC, idx / KC);
 }
 
 fn load_b(idx: u32, col0: u32, k0: u32) -> f32 {
@@ -151,6 +306,26 @@ fn load_b(idx: u32, col0: u32, k0: u32) -> f32 {
     }
     return 0.0;
 }
+//!end
+
+//!variant b_weight_taps
+// kk fastest: a tap's output channels are neighbouring words of the kernel.
+fn b_pos(idx: u32) -> vec2<u32> {
+    return vec2<u32>(idx % KC, idx / KC);
+}
+
+// (kk = (tap, oc), c) at kernel (tap, c, oc).
+fn load_b(idx: u32, col0: u32, k0: u32) -> f32 {
+    let p = b_pos(idx);
+    let kk = k0 + p.x;
+    let c = col0 + p.y;
+    if (kk < params.k && c < params.n) {
+        let tap = kk / params.out_ch;
+        return b[(tap * params.in_ch + c) * params.out_ch + kk - tap * params.out_ch];
+    }
+    return 0.0;
+}
+//!end
 
 @compute @workgroup_size(WG)
 fn matmul(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {

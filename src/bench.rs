@@ -7,18 +7,20 @@
 
 use web_time::Instant;
 
-use crate::backend::ops::{DenseShape, Gather, Matmul, MatmulKind, StepAt};
+use crate::backend::ops::StepAt;
 use crate::backend::{Backend, Counters, DatasetId, Op};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::device::OpenedDevice;
 use crate::error::Result;
 use crate::model::{glorot_init, Graph, ModelSpec};
 use crate::optim::{Optimizer, OptimizerKind};
+use crate::plan::PlanKind;
 
 /// How much to measure.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    pub hidden: Vec<usize>,
+    /// The model benchmarked.
+    pub spec: ModelSpec,
     pub batch: usize,
     /// Steps per timed throughput run.
     pub steps: usize,
@@ -26,16 +28,19 @@ pub struct BenchConfig {
     pub warmup: usize,
 }
 
-/// One matmul of the model at its real shape.
+/// One op of a training step at its real shape.
 #[derive(Debug, Clone)]
 pub struct MatmulFigure {
-    /// "forward", "backward input" or "backward weight".
-    pub op: &'static str,
-    /// 1-based dense layer.
+    /// The op with its shape (`Op::describe`).
+    pub op: String,
+    /// Its kind (`Op::name`), e.g. "matmul forward".
+    pub name: &'static str,
+    /// 1-based position in the step's plan.
     pub layer: usize,
-    /// (M, K, N) of the product.
+    /// (M, K, N) of a product; zeros for other ops.
     pub mkn: (usize, usize, usize),
     pub millis: f64,
+    /// 0 for ops that are not products.
     pub gflops: f64,
 }
 
@@ -117,80 +122,40 @@ async fn time_op(be: &mut dyn Backend, cfg: &BenchConfig, op: &Op, reps: usize) 
     Ok((secs, reps))
 }
 
-/// Every product of a training step at its real shape, `reps` times each per timed run (more
-/// when one run would be too short to time): per layer the forward product (with bias and ReLU
-/// where the layer has them), the weight gradient (with the bias gradient) and, past the first
-/// layer, the input gradient (masked by the previous ReLU). The first layer's input is the first
-/// batch of `ds` (mostly zeros for MNIST, which the CPU path exploits), the others' 0.5 throughout.
+/// Every op of a training step (the backend's fused plan of a full batch) at its real shape,
+/// `reps` times each per timed run (more when one run would be too short to time), after one
+/// run of the whole step so that every tensor holds what a step gives it (the first layer's input
+/// the first batch of `ds`, mostly zeros for MNIST, which the CPU path exploits). A product's
 /// GFLOP/s counts a dense product's 2 M N K flops.
-async fn bench_matmuls(
+async fn bench_ops(
     be: &mut dyn Backend,
+    graph: &mut Graph,
     cfg: &BenchConfig,
-    spec: &ModelSpec,
-    ds: DatasetId,
+    (ds, opt): (DatasetId, Optimizer),
     reps: usize,
 ) -> Result<Vec<MatmulFigure>> {
-    let b = cfg.batch;
+    let plan = graph.plan(be, PlanKind::Train, (ds, cfg.batch), Some(opt))?.to_vec();
+    for op in &plan {
+        be.run(op, StepAt::default())?;
+    }
     let mut figures = Vec::new();
-    let layers = spec.dense_dims();
-    for (layer, &(c, oc)) in layers.iter().enumerate() {
-        let (inp, w, bias, out) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(oc)?, be.alloc(b * oc)?);
-        let (dinp, dw, dbias) = (be.alloc(b * c)?, be.alloc(c * oc)?, be.alloc(oc)?);
-        if layer == 0 {
-            be.run(&Op::Gather(Gather { x: inp, ds, rows: b }), StepAt::default())?;
-        } else {
-            be.write(inp, &vec![0.5; b * c])?;
-        }
-        be.write(w, &vec![0.01; c * oc])?;
-        be.write(out, &vec![0.1; b * oc])?;
-        let hidden = layer + 1 < layers.len();
-        let mut ops = vec!["forward", "backward weight"];
-        if layer > 0 {
-            ops.push("backward input");
-        }
-        let shape = DenseShape {
-            rows: b,
-            inputs: c,
-            outputs: oc,
+    for (index, op) in plan.iter().enumerate() {
+        let (secs, reps) = time_op(be, cfg, op, reps).await?;
+        let (mkn, flops) = match op {
+            Op::Matmul(m) => {
+                let p = m.product();
+                ((p.m, p.k, p.n), 2.0 * (p.m * p.n * p.k) as f64)
+            }
+            _ => ((0, 0, 0), 0.0),
         };
-        for op in ops {
-            let kind = match op {
-                "forward" => MatmulKind::Forward {
-                    out,
-                    inp,
-                    weight: w,
-                    bias: Some(bias),
-                    relu: hidden,
-                },
-                "backward input" => MatmulKind::BackwardInput {
-                    dinp,
-                    dout: out,
-                    weight: w,
-                    relu_mask: Some(inp),
-                },
-                _ => MatmulKind::BackwardWeight {
-                    dweight: dw,
-                    dbias: Some(dbias),
-                    inp,
-                    dout: out,
-                    update: None,
-                },
-            };
-            let matmul = Op::Matmul(Matmul { shape, kind });
-            let (secs, reps) = time_op(be, cfg, &matmul, reps).await?;
-            let mkn = match op {
-                "forward" => (b, c, oc),
-                "backward input" => (b, oc, c),
-                _ => (c, b, oc),
-            };
-            figures.push(MatmulFigure {
-                op,
-                layer: layer + 1,
-                mkn,
-                millis: 1e3 * secs / reps as f64,
-                gflops: 2.0 * (b * c * oc) as f64 * reps as f64 / secs / 1e9,
-            });
-        }
+        figures.push(MatmulFigure {
+            op: op.describe(),
+            name: op.name(),
+            layer: index + 1,
+            mkn,
+            millis: 1e3 * secs / reps as f64,
+            gflops: flops * reps as f64 / secs / 1e9,
+        });
     }
     Ok(figures)
 }
@@ -206,7 +171,7 @@ pub async fn bench_device(
     let mut backend = opened.backend;
     let be = backend.as_mut();
     let device = be.name();
-    let spec = ModelSpec::mnist(&cfg.hidden);
+    let spec = cfg.spec.clone();
     let opt = Optimizer::new(OptimizerKind::RmsProp, None)?;
     let mut graph = Graph::new(be, &spec, cfg.batch)?;
     graph.set_params(be, &glorot_init(&spec, 0))?;
@@ -264,7 +229,7 @@ pub async fn bench_device(
         Vec::new()
     };
     let reps = if device.contains("reference") { 1 } else { 10 };
-    let matmuls = bench_matmuls(be, cfg, &spec, ds, reps).await?;
+    let matmuls = bench_ops(be, &mut graph, cfg, (ds, opt), reps).await?;
     let device_mib = be.counters().allocated_bytes as f64 / (1 << 20) as f64;
     Ok(DeviceBench {
         device,

@@ -84,16 +84,33 @@ impl Checkpoint {
 const VELOCITY_PREFIX: &str = "optimizer.";
 const VELOCITY_SUFFIX: &str = ".velocity";
 
+/// The model that metadata `layers` names: an MLP's widths ("784,512,10") or a --layers spec.
+fn spec_of(layers: &str) -> std::result::Result<ModelSpec, String> {
+    let widths: std::result::Result<Vec<usize>, _> = layers.split(',').map(|w| w.trim().parse::<usize>()).collect();
+    let Ok(widths) = widths else {
+        return ModelSpec::parse("layers", layers).map_err(|e| format!("metadata {e}"));
+    };
+    if widths.len() < 2 || widths.iter().any(|&w| w == 0 || w > 1 << 24) {
+        return bad(format!("metadata layers {layers:?} does not describe a network"));
+    }
+    let (inputs, classes) = (widths[0], widths[widths.len() - 1]);
+    if inputs != crate::data::IMAGE_PIXELS || classes != crate::data::CLASSES {
+        let model = widths.iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-");
+        return bad(format!("the model is {model}, an MNIST model is 784-...-10"));
+    }
+    Ok(ModelSpec::mnist(&widths[1..widths.len() - 1]))
+}
+
 /// Serialise to safetensors bytes.
 pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
     let spec = &ck.spec;
     let mut header = Map::new();
-    let widths: Vec<String> = std::iter::once(spec.inputs)
-        .chain(spec.hidden.iter().copied())
-        .chain(std::iter::once(spec.classes))
-        .map(|w| w.to_string())
-        .collect();
-    let mut meta = json!({"format": "gpu-mnist", "layers": widths.join(","), "activation": "relu"});
+    // An MLP by its widths ("784,512,10"), any other model by its --layers spec.
+    let layers = match spec.is_mlp() {
+        true => spec.describe().replace('-', ","),
+        false => spec.to_layers_arg(),
+    };
+    let mut meta = json!({"format": "gpu-mnist", "layers": layers, "activation": "relu"});
     if let Some(state) = &ck.state {
         meta["training_state"] = Value::String(state.to_string());
     }
@@ -241,46 +258,26 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
         .get("layers")
         .and_then(|l| l.as_str())
         .ok_or("no `layers` in the metadata: not a gpu-mnist model")?;
-    let widths: Vec<usize> = layers
-        .split(',')
-        .map(|w| w.trim().parse::<usize>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| format!("metadata layers {layers:?} is not a list of widths"))?;
-    if widths.len() < 2 || widths.iter().any(|&w| w == 0 || w > 1 << 24) {
-        return bad(format!("metadata layers {layers:?} does not describe a network"));
-    }
     match meta.get("activation").and_then(|a| a.as_str()) {
         None | Some("relu") => {}
         Some(other) => return bad(format!("its activation is {other:?}; gpu-mnist models use relu")),
     }
-    let spec = ModelSpec {
-        inputs: widths[0],
-        hidden: widths[1..widths.len() - 1].to_vec(),
-        classes: widths[widths.len() - 1],
-    };
-    if spec.inputs != crate::data::IMAGE_PIXELS || spec.classes != crate::data::CLASSES {
-        return bad(format!(
-            "the model is {}, an MNIST model is 784-...-10",
-            spec.describe()
-        ));
-    }
+    let spec = spec_of(layers)?;
     let mut params = Vec::new();
     let mut velocities = Vec::new();
     let has_velocities = header.keys().any(|k| k.starts_with(VELOCITY_PREFIX));
-    for (i, (c, oc)) in spec.dense_dims().into_iter().enumerate() {
-        for (suffix, shape) in [("kernel", vec![c, oc]), ("bias", vec![oc])] {
-            let name = format!("dense_{i}.{suffix}");
-            params.push(tensor(&header, data, &name, &shape)?);
-            if has_velocities {
-                let mut v = tensor(
-                    &header,
-                    data,
-                    &format!("{VELOCITY_PREFIX}{name}{VELOCITY_SUFFIX}"),
-                    &shape,
-                )?;
-                v.name = name;
-                velocities.push(v);
-            }
+    let shapes = spec.param_shapes().map_err(|e| e.to_string())?;
+    for (name, shape) in shapes {
+        params.push(tensor(&header, data, &name, &shape)?);
+        if has_velocities {
+            let mut v = tensor(
+                &header,
+                data,
+                &format!("{VELOCITY_PREFIX}{name}{VELOCITY_SUFFIX}"),
+                &shape,
+            )?;
+            v.name = name;
+            velocities.push(v);
         }
     }
     let expected = params.len() + velocities.len();

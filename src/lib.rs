@@ -21,6 +21,7 @@ pub mod plan;
 pub mod progress;
 pub mod records;
 pub mod settings;
+pub mod spec;
 pub mod train;
 
 pub use error::{Error, Result};

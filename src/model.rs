@@ -1,131 +1,19 @@
-//! The layer graph: Dense layers (ReLU-activated, the last linear) ending in a fused softmax +
-//! cross-entropy, run through any `Backend`.
+//! The layer graph: the layers of a `ModelSpec` (dense, convolution, max pooling; ReLU after all
+//! but the last) ending in a fused softmax + cross-entropy, run through any `Backend`.
 //!
-//! Contract: `ModelSpec` describes an MLP 784 -> hidden... -> 10 (ReLU after every hidden Dense);
-//! `Graph::new` allocates its parameters, gradients, optimizer state and activations on the
+//! Contract: `Graph::new` allocates its parameters, gradients, optimizer state and activations on the
 //! backend once, for batches of up to `max_batch` rows; a step then runs the ops of its plan
 //! (`plan`), built and fused for the backend once per (kind, dataset, rows) and cached, so that a
 //! step dispatches ops and nothing else. Parameters are initialised as Keras does:
 //! Glorot-uniform weights, zero biases.
 
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 use crate::backend::ops::StepAt;
 use crate::backend::{Backend, DatasetId, Op, Packed, ParamTensors, TensorId};
-use crate::data::{CLASSES, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::Optimizer;
-use crate::plan::{self, LayerTensors, PlanKind};
+use crate::plan::{self, LayerOp, LayerTensors, PlanKind};
 
-/// The shape of the network: input width, hidden widths, class count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelSpec {
-    pub inputs: usize,
-    pub hidden: Vec<usize>,
-    pub classes: usize,
-}
-
-impl ModelSpec {
-    /// 784 -> hidden... -> 10.
-    pub fn mnist(hidden: &[usize]) -> Self {
-        ModelSpec {
-            inputs: IMAGE_PIXELS,
-            hidden: hidden.to_vec(),
-            classes: CLASSES,
-        }
-    }
-
-    /// (in, out) of each Dense layer, in order.
-    pub fn dense_dims(&self) -> Vec<(usize, usize)> {
-        let mut widths = vec![self.inputs];
-        widths.extend(&self.hidden);
-        widths.push(self.classes);
-        widths.windows(2).map(|w| (w[0], w[1])).collect()
-    }
-
-    /// Total number of trainable values.
-    pub fn param_count(&self) -> usize {
-        self.dense_dims().iter().map(|(c, oc)| c * oc + oc).sum()
-    }
-
-    /// Refuse a model or batch too large to allocate, before anything is allocated: at most
-    /// 2^28 parameters (each also has a gradient and a velocity) and 2^30 activation values.
-    pub fn check_size(&self, max_batch: usize) -> Result<()> {
-        if let Some(bad) = self.hidden.iter().find(|&&h| h == 0) {
-            return Err(Error::usage(
-                "--hidden",
-                format!("layer width {bad} must be at least 1"),
-            ));
-        }
-        let params = self.dense_dims().iter().try_fold(0usize, |acc, &(c, oc)| {
-            c.checked_mul(oc)
-                .and_then(|w| w.checked_add(oc))
-                .and_then(|n| acc.checked_add(n))
-        });
-        match params {
-            Some(n) if n <= MAX_PARAMS => {}
-            _ => {
-                let reason = format!("{} has more than {MAX_PARAMS} parameters", self.describe());
-                return Err(Error::usage("--hidden", reason));
-            }
-        }
-        let width: usize = self.inputs + self.hidden.iter().sum::<usize>() + self.classes;
-        match width.checked_mul(max_batch).and_then(|v| v.checked_mul(2)) {
-            Some(v) if v <= MAX_ACTIVATIONS => Ok(()),
-            _ => Err(Error::usage(
-                "--batch-size",
-                format!(
-                    "batches of {max_batch} through {} need more than {MAX_ACTIVATIONS} activation values",
-                    self.describe()
-                ),
-            )),
-        }
-    }
-
-    /// One text line, e.g. "784-512-10".
-    pub fn describe(&self) -> String {
-        let mut w = vec![self.inputs];
-        w.extend(&self.hidden);
-        w.push(self.classes);
-        w.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("-")
-    }
-}
-
-/// The most parameters a model may have (values, gradients and velocities: 3 GiB in f32).
-pub const MAX_PARAMS: usize = 1 << 28;
-/// The most activation values (and as many gradients) a graph may hold for one batch.
-pub const MAX_ACTIVATIONS: usize = 1 << 30;
-
-/// A named parameter tensor on the host (initial values, checkpoints).
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// e.g. "dense_0.kernel", "dense_0.bias".
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-/// Glorot-uniform kernels (limit sqrt(6 / (in + out))) and zero biases, seeded.
-pub fn glorot_init(spec: &ModelSpec, seed: u64) -> Vec<HostTensor> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = Vec::new();
-    for (i, (c, oc)) in spec.dense_dims().into_iter().enumerate() {
-        let limit = (6.0 / (c + oc) as f64).sqrt() as f32;
-        let kernel = (0..c * oc).map(|_| rng.random_range(-limit..limit)).collect();
-        out.push(HostTensor {
-            name: format!("dense_{i}.kernel"),
-            shape: vec![c, oc],
-            data: kernel,
-        });
-        out.push(HostTensor {
-            name: format!("dense_{i}.bias"),
-            shape: vec![oc],
-            data: vec![0.0; oc],
-        });
-    }
-    out
-}
+pub use crate::spec::{glorot_init, HostTensor, Layer, LayerSpec, ModelSpec, MAX_ACTIVATIONS, MAX_PARAMS};
 
 /// A parameter on the backend: value, gradient and optimizer state (RMSprop's velocity).
 #[derive(Debug, Clone)]
@@ -200,26 +88,11 @@ impl Graph {
         if max_batch == 0 {
             return Err(Error::usage("--batch-size", "must be at least 1"));
         }
-        if let Some(bad) = spec.hidden.iter().find(|&&h| h == 0) {
-            return Err(Error::usage(
-                "--hidden",
-                format!("layer width {bad} must be at least 1"),
-            ));
-        }
-        // Values, gradients and velocities each live in one packed allocation, in this order:
-        // dense_0.kernel, dense_0.bias, dense_1.kernel, ..., so that a GPU kernel updating a
-        // layer's weight and bias binds one buffer of each.
-        let dims = spec.dense_dims();
-        let shapes: Vec<(String, Vec<usize>)> = dims
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &(c, oc))| {
-                [
-                    (format!("dense_{i}.kernel"), vec![c, oc]),
-                    (format!("dense_{i}.bias"), vec![oc]),
-                ]
-            })
-            .collect();
+        let resolved = spec.resolve()?;
+        // Values, gradients and velocities each live in one packed allocation, in layer order
+        // (each layer's kernel, then its bias), so that a GPU kernel updating a layer's weight
+        // and bias binds one buffer of each.
+        let shapes = spec.param_shapes()?;
         let lens: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
         let packed = [
             be.alloc_packed(&lens)?,
@@ -237,24 +110,45 @@ impl Graph {
                 velocity: packed[2].parts[k],
             })
             .collect();
-        // Activations: the batch (max_batch, 784), then each layer's output (max_batch, oc) and
-        // the gradient with respect to it.
-        let mut inp = be.alloc(max_batch * spec.inputs)?;
-        let mut layers: Vec<LayerTensors> = Vec::with_capacity(dims.len());
-        for (i, &(c, oc)) in dims.iter().enumerate() {
-            let (out, dout) = (be.alloc(max_batch * oc)?, be.alloc(max_batch * oc)?);
-            // Layer i's input gradient is the gradient of layer i - 1's output.
-            let dinp = (i > 0).then(|| layers[i - 1].dout);
+        // Activations: the batch (max_batch, 28, 28, 1), then each layer's output and the
+        // gradient with respect to it.
+        let mut inp = be.alloc(max_batch * crate::data::IMAGE_PIXELS)?;
+        let mut layers: Vec<LayerTensors> = Vec::with_capacity(resolved.len());
+        let mut next_param = 0;
+        for layer in resolved {
+            let n = max_batch * layer.out_len();
+            let (out, dout) = (be.alloc(n)?, be.alloc(n)?);
+            let op = match layer {
+                Layer::Pool { shape } => LayerOp::Pool { shape },
+                Layer::Conv { geometry, filters } => {
+                    next_param += 2;
+                    LayerOp::Conv {
+                        weight: params[next_param - 2].tensors(),
+                        bias: params[next_param - 1].tensors(),
+                        geometry,
+                        filters,
+                    }
+                }
+                Layer::Dense { inputs, outputs, .. } => {
+                    next_param += 2;
+                    LayerOp::Dense {
+                        weight: params[next_param - 2].tensors(),
+                        bias: params[next_param - 1].tensors(),
+                        inputs,
+                        outputs,
+                    }
+                }
+            };
+            // A layer's input gradient is the gradient of the previous layer's output.
+            let dinp = layers.last().map(|l| l.dout);
+            let relu = matches!(layer, Layer::Conv { .. } | Layer::Dense { relu: true, .. });
             layers.push(LayerTensors {
-                weight: params[2 * i].tensors(),
-                bias: params[2 * i + 1].tensors(),
-                inputs: c,
-                outputs: oc,
+                op,
                 inp,
                 out,
                 dout,
                 dinp,
-                relu: i + 1 < dims.len(),
+                relu,
             });
             inp = out;
         }
@@ -406,6 +300,11 @@ impl Graph {
     /// Forward and loss only (statistics into `at.slot`), for evaluation.
     pub fn eval_step(&mut self, be: &mut dyn Backend, (ds, rows): (DatasetId, usize), at: StepAt) -> Result<()> {
         self.step(be, PlanKind::Evaluate, (ds, rows), at, None)
+    }
+
+    /// The layers' tensors, in order.
+    pub fn layers(&self) -> &[LayerTensors] {
+        &self.layers
     }
 
     /// The most rows a batch may have.

@@ -5,32 +5,92 @@
 //! kernel, and nothing else: a fused plan computes exactly what the plain one does (see
 //! `backend::ops::run_unfused`). A plan is built once per (kind, dataset, rows) and run for every
 //! step with that batch size; only the `StepAt` differs between steps. Adding a layer type means
-//! adding its tensors to `LayerTensors` and its ops here; the training loop does not change.
+//! adding it to `LayerOp` and its ops here; the training loop does not change. A ReLU's gradient
+//! is applied by the op that takes the gradient back through it: the next layer's input gradient
+//! (its mask is the ReLU's output) or, when a pool follows, the pool's backward op.
 
 use crate::backend::ops::{
-    weight_gradient_ops, DenseShape, Fusions, Gather, Loss, Matmul, MatmulKind, Op, OutputLayer, Update,
+    weight_gradient_ops, ConvGeometry, DenseShape, Fusions, Gather, Loss, Matmul, MatmulKind, Op, OutputLayer, Pool,
+    PoolKind, PoolShape, Update,
 };
 use crate::backend::{DatasetId, ParamTensors, TensorId};
 use crate::optim::Optimizer;
 
-/// A dense layer's tensors in the graph: `out = activation(inp @ weight + bias)`.
+/// What a layer of the graph computes, with its parameters and its shapes per image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LayerOp {
+    /// out = inp @ weight + bias, weight (inputs, outputs).
+    Dense {
+        weight: ParamTensors,
+        bias: ParamTensors,
+        inputs: usize,
+        outputs: usize,
+    },
+    /// out = conv(inp, weight) + bias, weight (kh, kw, in_ch, filters); `geometry.images` is 1.
+    Conv {
+        weight: ParamTensors,
+        bias: ParamTensors,
+        geometry: ConvGeometry,
+        filters: usize,
+    },
+    /// out = the maximum of each window of inp; `shape.images` is 1.
+    Pool { shape: PoolShape },
+}
+
+/// A layer's tensors in the graph: `out = activation(op(inp))`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LayerTensors {
-    /// (inputs, outputs) and (outputs,).
-    pub weight: ParamTensors,
-    pub bias: ParamTensors,
-    pub inputs: usize,
-    pub outputs: usize,
-    /// (rows, inputs): the batch or the previous layer's output.
+    pub op: LayerOp,
+    /// The batch or the previous layer's output.
     pub inp: TensorId,
-    /// (rows, outputs): the activated output (for the last layer, the logits).
+    /// The activated output (for the last layer, the logits).
     pub out: TensorId,
-    /// (rows, outputs): the gradient of the loss with respect to the output before activation.
+    /// The gradient of the loss with respect to the output before activation.
     pub dout: TensorId,
-    /// (rows, inputs): the gradient with respect to the input, for every layer but the first.
+    /// The gradient with respect to the input, for every layer but the first.
     pub dinp: Option<TensorId>,
-    /// ReLU after the product (every layer but the last).
+    /// ReLU after the op (every convolution and dense layer but the last).
     pub relu: bool,
+}
+
+impl LayerTensors {
+    /// The layer's product over a batch of `rows` images: its shape and, for a convolution, its
+    /// geometry; None for pooling.
+    fn product(&self, rows: usize) -> Option<(DenseShape, Option<ConvGeometry>, ParamTensors, ParamTensors)> {
+        match self.op {
+            LayerOp::Dense {
+                weight,
+                bias,
+                inputs,
+                outputs,
+            } => {
+                let shape = DenseShape { rows, inputs, outputs };
+                Some((shape, None, weight, bias))
+            }
+            LayerOp::Conv {
+                weight,
+                bias,
+                geometry,
+                filters,
+            } => {
+                let g = ConvGeometry {
+                    images: rows,
+                    ..geometry
+                };
+                Some((g.dense(filters), Some(g), weight, bias))
+            }
+            LayerOp::Pool { .. } => None,
+        }
+    }
+
+    /// The number of classes, for the last layer.
+    pub fn outputs(&self) -> usize {
+        match self.op {
+            LayerOp::Dense { outputs, .. } => outputs,
+            LayerOp::Conv { filters, .. } => filters,
+            LayerOp::Pool { shape } => shape.ch,
+        }
+    }
 }
 
 /// What a plan is for.
@@ -44,33 +104,57 @@ pub enum PlanKind {
     Predict,
 }
 
-/// A training step as plain ops: the batch gathered from `ds`, every layer's forward product,
-/// the loss, then from the last layer to the first its input gradient (taken before the update
+/// A training step as plain ops: the batch gathered from `ds`, every layer's forward op, the
+/// loss, then from the last layer to the first its input gradient (taken before the update
 /// changes the weight it reads), its weight gradient and the updates of its weight and bias.
 pub fn train_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, opt: Optimizer) -> Vec<Op> {
     let mut ops = eval_ops(layers, ds, rows, PlanKind::Train);
     for (i, l) in layers.iter().enumerate().rev() {
+        // A ReLU before this layer whose gradient this layer's input gradient applies: the
+        // previous layer's, read from its output, unless a pool between applies it.
+        let prev_relu = i > 0 && layers[i - 1].relu;
+        if let LayerOp::Pool { shape } = l.op {
+            if let Some(dinp) = l.dinp {
+                ops.push(Op::Pool(Pool {
+                    shape: PoolShape { images: rows, ..shape },
+                    kind: PoolKind::Backward {
+                        dinp,
+                        dout: l.dout,
+                        inp: l.inp,
+                        relu: prev_relu,
+                    },
+                }));
+            }
+            continue;
+        }
+        let Some((shape, conv, weight, bias)) = l.product(rows) else {
+            continue;
+        };
         // dout (rows, outputs) -> dinp (rows, inputs); dweight (inputs, outputs), dbias (outputs)
-        let shape = shape(l, rows);
         if let Some(dinp) = l.dinp {
-            // The previous layer's ReLU gradient, from its output: zero where it was clipped.
-            let relu_mask = (i > 0 && layers[i - 1].relu).then_some(l.inp);
             ops.push(Op::Matmul(Matmul {
                 shape,
                 kind: MatmulKind::BackwardInput {
                     dinp,
                     dout: l.dout,
-                    weight: l.weight.value,
-                    relu_mask,
+                    weight: weight.value,
+                    relu_mask: prev_relu.then_some(l.inp),
                 },
+                conv,
             }));
         }
-        ops.extend(weight_gradient_ops(shape, l.weight, l.bias, l.inp, l.dout, opt, false));
+        ops.extend(weight_gradient_ops(
+            (shape, conv),
+            (weight, bias),
+            (l.inp, l.dout),
+            opt,
+            false,
+        ));
     }
     ops
 }
 
-/// The forward half of a step: the batch gathered from `ds`, every layer's product, and (unless
+/// The forward half of a step: the batch gathered from `ds`, every layer's op, and (unless
 /// predicting) the loss, with its gradient when training.
 pub fn eval_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, kind: PlanKind) -> Vec<Op> {
     let (Some(first), Some(last)) = (layers.first(), layers.last()) else {
@@ -78,36 +162,37 @@ pub fn eval_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, kind: PlanK
     };
     let mut ops = vec![Op::Gather(Gather { x: first.inp, ds, rows })];
     for l in layers {
-        // inp (rows, inputs) -> out (rows, outputs) = activation(inp @ weight + bias)
-        ops.push(Op::Matmul(Matmul {
-            shape: shape(l, rows),
-            kind: MatmulKind::Forward {
-                out: l.out,
-                inp: l.inp,
-                weight: l.weight.value,
-                bias: Some(l.bias.value),
-                relu: l.relu,
-            },
-        }));
+        // inp -> out = activation(op(inp))
+        match (l.op, l.product(rows)) {
+            (LayerOp::Pool { shape }, _) => ops.push(Op::Pool(Pool {
+                shape: PoolShape { images: rows, ..shape },
+                kind: PoolKind::Forward { out: l.out, inp: l.inp },
+            })),
+            (_, Some((shape, conv, weight, bias))) => ops.push(Op::Matmul(Matmul {
+                shape,
+                kind: MatmulKind::Forward {
+                    out: l.out,
+                    inp: l.inp,
+                    weight: weight.value,
+                    bias: Some(bias.value),
+                    relu: l.relu,
+                },
+                conv,
+            })),
+            _ => {}
+        }
     }
     if kind != PlanKind::Predict {
+        let rows_out = rows;
         ops.push(Op::Loss(Loss {
             logits: last.out,
             dlogits: (kind == PlanKind::Train).then_some(last.dout),
             ds,
-            rows,
-            classes: last.outputs,
+            rows: rows_out,
+            classes: last.outputs(),
         }));
     }
     ops
-}
-
-fn shape(l: &LayerTensors, rows: usize) -> DenseShape {
-    DenseShape {
-        rows,
-        inputs: l.inputs,
-        outputs: l.outputs,
-    }
 }
 
 /// Merge what `fusions` allows: a weight gradient and the updates of its weight and bias into
@@ -150,6 +235,7 @@ fn fuse_weight_update(w: &[Op]) -> Option<Op> {
                 dout,
                 update: None,
             },
+        conv,
     }), Op::Update(Update { param: weight, opt, .. }), Op::Update(Update {
         param: bias,
         opt: bias_opt,
@@ -161,7 +247,7 @@ fn fuse_weight_update(w: &[Op]) -> Option<Op> {
     if weight.grad != dweight || bias.grad != dbias || opt != bias_opt {
         return None;
     }
-    weight_gradient_ops(shape, weight, bias, inp, dout, opt, true).pop()
+    weight_gradient_ops((shape, conv), (weight, bias), (inp, dout), opt, true).pop()
 }
 
 /// [forward with bias, loss with dlogits, input gradient through the ReLU, weight gradient with
@@ -177,6 +263,7 @@ fn fuse_output_layer(w: &[Op], fusions: Fusions) -> Option<Op> {
                 bias: Some(bias),
                 relu: false,
             },
+        conv: None,
     }), Op::Loss(Loss {
         logits: loss_logits,
         dlogits: Some(dlogits),
@@ -190,6 +277,7 @@ fn fuse_output_layer(w: &[Op], fusions: Fusions) -> Option<Op> {
                 weight: input_weight,
                 relu_mask: Some(mask),
             },
+        conv: None,
         ..
     }), Op::Matmul(Matmul {
         kind:
@@ -200,6 +288,7 @@ fn fuse_output_layer(w: &[Op], fusions: Fusions) -> Option<Op> {
                 dout: weight_dout,
                 update: Some(u),
             },
+        conv: None,
         ..
     })] = *w
     else {

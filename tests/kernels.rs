@@ -915,7 +915,7 @@ fn train_plans_fuse_to_at_most_seven_ops() {
         .unwrap()
         .to_vec();
     println!("{} on {}", plan::describe(&fused), be.name());
-    let layers = ops::layers_of(&fused);
+    let layers = graph.layers().to_vec();
     assert_eq!(layers.len(), 2);
     let plain = plan::train_ops(&layers, ds, PLAN_ROWS, opt);
     println!("unfused: {}", plan::describe(&plain));
@@ -1004,7 +1004,7 @@ fn a_fused_plan_computes_exactly_what_the_plain_one_does() {
             .plan(&mut be, PlanKind::Train, (ds, PLAN_ROWS), Some(opt))
             .unwrap()
             .to_vec();
-        assert_eq!(plain, plan::train_ops(&ops::layers_of(&plain), ds, PLAN_ROWS, opt));
+        assert_eq!(plain, plan::train_ops(graph.layers(), ds, PLAN_ROWS, opt));
         let step = if fuse {
             plan::fuse(plain.clone(), everything)
         } else {

@@ -11,6 +11,7 @@
 
 mod checks;
 pub mod cpu;
+mod cpu_conv;
 mod cpu_fast;
 mod cpu_narrow;
 mod cpu_pool;

@@ -93,11 +93,124 @@ pub enum MatmulKind {
     },
 }
 
-/// One product of a dense layer.
+/// One product of a dense or a convolution layer. A convolution is a dense product over its
+/// output pixels (implicit GEMM): `shape` is then (pixels, patch, out channels), and `conv` says
+/// how the layer's input image maps to the patches (see `ConvGeometry`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Matmul {
     pub shape: DenseShape,
     pub kind: MatmulKind,
+    /// For a convolution: `inp` (forward and weight gradient), `dinp` and its `relu_mask` (input
+    /// gradient) are images of this geometry, read and written through the im2col map; the
+    /// input gradient sums every patch's gradient back into the pixels it came from (col2im).
+    pub conv: Option<ConvGeometry>,
+}
+
+/// A batch of `images` images of h x w x in_ch (NHWC, channels last as Keras), convolved with a
+/// kh x kw kernel (Keras layout (kh, kw, in_ch, out_ch)), stride 1, `pad` zero rows and columns
+/// on every side ('valid': 0; 'same' with an odd kernel: (k - 1) / 2). Output pixel (oy, ox) of
+/// image b sees input pixels (oy + ky - pad, ox + kx - pad); its patch is ordered (ky, kx, c).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvGeometry {
+    pub images: usize,
+    pub h: usize,
+    pub w: usize,
+    pub in_ch: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub pad: usize,
+}
+
+impl ConvGeometry {
+    /// Output rows: h + 2 pad - kh + 1 (0 when the kernel does not fit).
+    pub fn oh(&self) -> usize {
+        (self.h + 2 * self.pad + 1).saturating_sub(self.kh)
+    }
+    /// Output columns: w + 2 pad - kw + 1.
+    pub fn ow(&self) -> usize {
+        (self.w + 2 * self.pad + 1).saturating_sub(self.kw)
+    }
+    /// Values in one patch: kh x kw x in_ch (the product's inputs).
+    pub fn patch(&self) -> usize {
+        self.kh * self.kw * self.in_ch
+    }
+    /// Output pixels of the batch (the product's rows).
+    pub fn pixels(&self) -> usize {
+        self.images * self.oh() * self.ow()
+    }
+    /// Values in the batch of input images.
+    pub fn image_len(&self) -> usize {
+        self.images * self.h * self.w * self.in_ch
+    }
+    /// The product of a layer with `out_ch` filters: (pixels, patch, out_ch).
+    pub fn dense(&self, out_ch: usize) -> DenseShape {
+        DenseShape {
+            rows: self.pixels(),
+            inputs: self.patch(),
+            outputs: out_ch,
+        }
+    }
+    /// Where value `kk` of output pixel `row`'s patch comes from in the input images, or None
+    /// where the kernel hangs over the zero padding.
+    pub fn source(&self, row: usize, kk: usize) -> Option<usize> {
+        let (ohw, ow) = (self.oh() * self.ow(), self.ow());
+        let (b, oy, ox) = (row / ohw, row % ohw / ow, row % ow);
+        let (ky, kx, c) = (kk / (self.kw * self.in_ch), kk / self.in_ch % self.kw, kk % self.in_ch);
+        let y = (oy + ky).checked_sub(self.pad).filter(|&y| y < self.h)?;
+        let x = (ox + kx).checked_sub(self.pad).filter(|&x| x < self.w)?;
+        Some(((b * self.h + y) * self.w + x) * self.in_ch + c)
+    }
+}
+
+/// Max pooling over non-overlapping size x size windows (stride = size, 'valid': a partial
+/// window at the right or bottom edge is dropped) of a batch of h x w x ch images (NHWC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolShape {
+    pub images: usize,
+    pub h: usize,
+    pub w: usize,
+    pub ch: usize,
+    pub size: usize,
+}
+
+impl PoolShape {
+    pub fn oh(&self) -> usize {
+        self.h / self.size.max(1)
+    }
+    pub fn ow(&self) -> usize {
+        self.w / self.size.max(1)
+    }
+    pub fn in_len(&self) -> usize {
+        self.images * self.h * self.w * self.ch
+    }
+    pub fn out_len(&self) -> usize {
+        self.images * self.oh() * self.ow() * self.ch
+    }
+}
+
+/// Max pooling, forward or backward. The maximum of a window is its first largest value in
+/// row-major order (ky, then kx); the backward pass routes each output's gradient to that one
+/// input, everywhere the same.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PoolKind {
+    /// out (images, oh, ow, ch) = the maximum of each window of inp (images, h, w, ch).
+    Forward { out: TensorId, inp: TensorId },
+    /// dinp (images, h, w, ch) = dout at each window's maximum of `inp` (the forward input),
+    /// zero elsewhere; with `relu`, also zero where inp <= 0 (the gradient of a ReLU before the
+    /// pool, from its output).
+    Backward {
+        dinp: TensorId,
+        dout: TensorId,
+        inp: TensorId,
+        relu: bool,
+    },
+}
+
+/// A max-pooling op.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pool {
+    pub shape: PoolShape,
+    pub kind: PoolKind,
 }
 
 impl DenseShape {
@@ -178,6 +291,7 @@ pub struct OutputLayer {
 pub enum Op {
     Gather(Gather),
     Matmul(Matmul),
+    Pool(Pool),
     Loss(Loss),
     Update(Update),
     OutputLayer(OutputLayer),
@@ -193,6 +307,10 @@ impl Op {
                 MatmulKind::BackwardInput { .. } => "matmul backward input",
                 MatmulKind::BackwardWeight { update: None, .. } => "matmul backward weight",
                 MatmulKind::BackwardWeight { update: Some(_), .. } => "matmul backward weight + update",
+            },
+            Op::Pool(p) => match p.kind {
+                PoolKind::Forward { .. } => "max pool forward",
+                PoolKind::Backward { .. } => "max pool backward",
             },
             Op::Loss(_) => "softmax cross-entropy",
             Op::Update(_) => "optimizer update",
@@ -221,7 +339,14 @@ impl Op {
                         if dbias.is_some() { " +dbias" } else { "" }.to_string()
                     }
                 };
-                format!("{} (m {rows}, n {n}, k {k}){extra}", self.name())
+                let conv = m.conv.map_or(String::new(), |g| {
+                    format!(" conv {}x{}x{} k{}x{} pad {}", g.h, g.w, g.in_ch, g.kh, g.kw, g.pad)
+                });
+                format!("{} (m {rows}, n {n}, k {k}){conv}{extra}", self.name())
+            }
+            Op::Pool(p) => {
+                let s = p.shape;
+                format!("{} {}x{}x{} /{}", self.name(), s.h, s.w, s.ch, s.size)
             }
             Op::Loss(l) => format!(
                 "{} {}x{}{}",
@@ -275,6 +400,7 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
                     dout,
                     update: Some(u),
                 },
+            conv,
         }) => {
             let plain = MatmulKind::BackwardWeight {
                 dweight,
@@ -283,7 +409,14 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
                 dout,
                 update: None,
             };
-            be.run(&Op::Matmul(Matmul { shape, kind: plain }), at)?;
+            be.run(
+                &Op::Matmul(Matmul {
+                    shape,
+                    kind: plain,
+                    conv,
+                }),
+                at,
+            )?;
             let weight = ParamTensors {
                 value: u.weight.value,
                 grad: dweight,
@@ -323,6 +456,7 @@ pub fn output_layer_ops(o: &OutputLayer, fuse_update: bool) -> Vec<Op> {
                 bias: Some(o.bias.value),
                 relu: false,
             },
+            conv: None,
         }),
         Op::Loss(Loss {
             logits: o.logits,
@@ -339,28 +473,27 @@ pub fn output_layer_ops(o: &OutputLayer, fuse_update: bool) -> Vec<Op> {
                 weight: o.weight.value,
                 relu_mask: Some(o.inp),
             },
+            conv: None,
         }),
     ];
+    let params = (o.weight, o.bias);
     ops.extend(weight_gradient_ops(
-        o.shape,
-        o.weight,
-        o.bias,
-        o.inp,
-        o.dlogits,
+        (o.shape, None),
+        params,
+        (o.inp, o.dlogits),
         o.opt,
         fuse_update,
     ));
     ops
 }
 
-/// A dense layer's weight gradient and the optimizer step of its weight and bias: one op with a
-/// fused update, or the gradient and two `Update`s.
+/// A layer's weight gradient and the optimizer step of its weight and bias: one op with a fused
+/// update, or the gradient and two `Update`s. `layer` is the product's shape and, for a
+/// convolution, its geometry.
 pub fn weight_gradient_ops(
-    shape: DenseShape,
-    weight: ParamTensors,
-    bias: ParamTensors,
-    inp: TensorId,
-    dout: TensorId,
+    (shape, conv): (DenseShape, Option<ConvGeometry>),
+    (weight, bias): (ParamTensors, ParamTensors),
+    (inp, dout): (TensorId, TensorId),
     opt: Optimizer,
     fuse_update: bool,
 ) -> Vec<Op> {
@@ -385,6 +518,7 @@ pub fn weight_gradient_ops(
                 dout,
                 update,
             },
+            conv,
         })
     };
     if fuse_update {

@@ -12,11 +12,10 @@ use gpu_mnist::bench::{bench_device, memory, BenchConfig, DeviceBench};
 use gpu_mnist::data::locate::cache_dir;
 use gpu_mnist::data::{dir_has_all_files, Dataset, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::{open_device, DeviceChoice};
-use gpu_mnist::model::ModelSpec;
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
 
-use super::{parse_batch, parse_hidden, parse_positive, Hidden};
+use super::{parse_batch, parse_positive, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -26,12 +25,11 @@ pub struct BenchArgs {
     /// MNIST folder [default: $GPU_MNIST_DATA, then the cache; synthetic data when none has it]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Hidden layer widths
-    #[arg(long, value_name = "W[,W...]", default_value = "512", value_parser = parse_hidden)]
-    pub hidden: Hidden,
-    /// Examples per step
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_batch)]
-    pub batch_size: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Examples per step [default: 128 for an mlp, 64 for a convnet]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_batch)]
+    pub batch_size: Option<usize>,
     /// Steps per timed throughput run (the reference backend runs 2, software adapters a fifth)
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "100", value_parser = parse_positive)]
     pub steps: usize,
@@ -145,6 +143,23 @@ fn to_json(b: &DeviceBench) -> Value {
     })
 }
 
+/// GFLOP/s of the first product whose name starts with `name` (the first layer's forward).
+fn first_gflops(b: &DeviceBench, name: &str) -> f64 {
+    b.matmuls
+        .iter()
+        .find(|m| m.name.starts_with(name))
+        .map_or(0.0, |m| m.gflops)
+}
+
+/// GFLOP/s of the last product whose name starts with `name` (the first layer's weight gradient).
+fn last_gflops(b: &DeviceBench, name: &str) -> f64 {
+    b.matmuls
+        .iter()
+        .rev()
+        .find(|m| m.name.starts_with(name))
+        .map_or(0.0, |m| m.gflops)
+}
+
 fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>16}",
@@ -165,8 +180,8 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
         println!(
             "{:<44} {:>9.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>10.0} {:>9.3} {:>8.2} {:>8.0} {:>16}",
             name,
-            b.matmuls[0].gflops,
-            b.matmuls[1].gflops,
+            first_gflops(b, "matmul forward"),
+            last_gflops(b, "matmul backward weight"),
             b.matmuls.iter().map(|m| m.millis).sum::<f64>(),
             b.step_ms,
             b.record_ms,
@@ -213,22 +228,15 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let (data, source) = bench_data(args.data.as_deref())?;
-    if args.batch_size > data.len() {
-        let reason = format!("{} is larger than the {} training images", args.batch_size, data.len());
+    let spec = args.model.spec()?;
+    let batch = args.batch_size.unwrap_or_else(|| super::default_batch(&spec));
+    if batch > data.len() {
+        let reason = format!("{batch} is larger than the {} training images", data.len());
         return Err(Error::usage("--batch-size", reason));
     }
-    ModelSpec::mnist(&args.hidden.0).check_size(args.batch_size)?;
+    spec.check_size(batch)?;
     if !args.json {
-        println!(
-            "data: {source}; batch {}, model 784-{}-10",
-            args.batch_size,
-            args.hidden
-                .0
-                .iter()
-                .map(|h| h.to_string())
-                .collect::<Vec<_>>()
-                .join("-")
-        );
+        println!("data: {source}; batch {batch}, model {}", spec.describe());
     }
     let mut results = Vec::new();
     for (choice, adapter, kind) in plan(&args.device) {
@@ -239,8 +247,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         let repeats = if kind == "reference" { 1 } else { args.repeats };
         let cfg = BenchConfig {
-            hidden: args.hidden.0.clone(),
-            batch: args.batch_size,
+            spec: spec.clone(),
+            batch,
             steps,
             repeats,
             warmup: 1,
@@ -258,7 +266,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         let out = json!({
             "data": source,
-            "batch": args.batch_size,
+            "batch": batch,
+            "model": spec.describe(),
             "devices": results.iter().map(to_json).collect::<Vec<_>>(),
             "baseline": baseline,
             "settings": gpu_mnist::settings::settings().to_json(),

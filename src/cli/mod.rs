@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpu_mnist::device::DeviceChoice;
+use gpu_mnist::model::ModelSpec;
 use gpu_mnist::Result;
 
 #[derive(Parser, Debug)]
@@ -168,6 +169,58 @@ pub fn parse_lr(text: &str) -> std::result::Result<f32, String> {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         Ok(_) => Err("must be a finite number greater than 0".to_string()),
         Err(_) => Err("must be a number such as 0.001".to_string()),
+    }
+}
+
+/// The model to train or measure: the book's MLP or convnet, or any stack of layers.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// mlp: the book's chapter 2 model, Dense(512, relu) -> Dense(10) (other widths with
+    /// --hidden); convnet: its chapter 8 model, conv:32:3,pool:2,conv:64:3,pool:2,conv:128:3,
+    /// flatten,dense:10
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub model: ModelFlag,
+    /// Hidden layer widths of the mlp, comma-separated (ReLU after each) [default: 512]
+    #[arg(long, value_name = "W[,W...]", value_parser = parse_hidden)]
+    pub hidden: Option<Hidden>,
+    /// Any stack of layers instead of --model: comma-separated conv:FILTERS:KERNEL[:same]
+    /// (ReLU, stride 1, 'valid' padding unless :same), pool:SIZE (max pooling), flatten,
+    /// dense:UNITS (ReLU but the last, which must be dense:10), e.g.
+    /// conv:32:3,pool:2,conv:64:3,pool:2,conv:128:3,flatten,dense:10
+    #[arg(long, value_name = "SPEC", conflicts_with_all = ["hidden", "model"])]
+    pub layers: Option<String>,
+}
+
+/// `--model`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFlag {
+    Mlp,
+    Convnet,
+}
+
+impl ModelArgs {
+    /// The model the flags name.
+    pub fn spec(&self) -> gpu_mnist::Result<ModelSpec> {
+        if let Some(layers) = &self.layers {
+            return ModelSpec::parse("--layers", layers);
+        }
+        match (self.model, &self.hidden) {
+            (ModelFlag::Mlp, hidden) => Ok(ModelSpec::mnist(hidden.as_ref().map_or(&[512][..], |h| &h.0))),
+            (ModelFlag::Convnet, None) => Ok(ModelSpec::convnet()),
+            (ModelFlag::Convnet, Some(_)) => Err(gpu_mnist::Error::usage(
+                "--hidden",
+                "sets the mlp's widths; the convnet's layers are fixed (use --layers for another stack)",
+            )),
+        }
+    }
+}
+
+/// The batch size the book uses for a model: 128 for an MLP, 64 for a convnet.
+pub fn default_batch(spec: &ModelSpec) -> usize {
+    if spec.is_mlp() {
+        128
+    } else {
+        64
     }
 }
 

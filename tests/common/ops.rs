@@ -44,6 +44,7 @@ pub fn forward(
         &Op::Matmul(Matmul {
             shape: dense(b, c, oc),
             kind,
+            conv: None,
         }),
         StepAt::default(),
     )
@@ -66,6 +67,7 @@ pub fn backward_input(
         &Op::Matmul(Matmul {
             shape: dense(b, c, oc),
             kind,
+            conv: None,
         }),
         StepAt::default(),
     )
@@ -89,6 +91,7 @@ pub fn backward_weight(
         &Op::Matmul(Matmul {
             shape: dense(b, c, oc),
             kind,
+            conv: None,
         }),
         StepAt::default(),
     )
@@ -121,6 +124,7 @@ pub fn backward_weight_update(
         &Op::Matmul(Matmul {
             shape: dense(b, c, oc),
             kind,
+            conv: None,
         }),
         StepAt::default(),
     )
@@ -174,98 +178,4 @@ pub fn identity(n: usize) -> Vec<f32> {
         m[i * n + i] = 1.0;
     }
     m
-}
-
-/// The dense layers a training plan (`plan::train_ops`, fused or not) runs, recovered from its
-/// ops: each layer from its forward product (or its `OutputLayer`), its gradients from its weight
-/// gradient (matched by input) and input gradient (matched by weight), its velocities from its
-/// updates (fused or not). `plan::train_ops` of the result rebuilds the plain plan.
-pub fn layers_of(plan: &[Op]) -> Vec<gpu_mnist::plan::LayerTensors> {
-    use gpu_mnist::plan::LayerTensors;
-    let mut layers: Vec<LayerTensors> = Vec::new();
-    for op in plan {
-        match *op {
-            Op::Matmul(Matmul {
-                shape,
-                kind:
-                    MatmulKind::Forward {
-                        out,
-                        inp,
-                        weight,
-                        bias,
-                        relu,
-                    },
-            }) => {
-                let bias = bias.expect("a graph's forward product adds its bias");
-                let param = |value| ParamTensors {
-                    value,
-                    grad: value,
-                    velocity: value,
-                };
-                layers.push(LayerTensors {
-                    weight: param(weight),
-                    bias: param(bias),
-                    inputs: shape.inputs,
-                    outputs: shape.outputs,
-                    inp,
-                    out,
-                    dout: out,
-                    dinp: None,
-                    relu,
-                });
-            }
-            Op::OutputLayer(o) => layers.push(LayerTensors {
-                weight: o.weight,
-                bias: o.bias,
-                inputs: o.shape.inputs,
-                outputs: o.shape.outputs,
-                inp: o.inp,
-                out: o.logits,
-                dout: o.dlogits,
-                dinp: Some(o.dinp),
-                relu: false,
-            }),
-            _ => {}
-        }
-    }
-    for l in layers.iter_mut() {
-        for op in plan {
-            match *op {
-                Op::Matmul(Matmul {
-                    kind:
-                        MatmulKind::BackwardWeight {
-                            dweight,
-                            dbias,
-                            inp,
-                            dout,
-                            update,
-                        },
-                    ..
-                }) if inp == l.inp => {
-                    l.dout = dout;
-                    l.weight.grad = dweight;
-                    l.bias.grad = dbias.expect("a graph's weight gradient has its bias gradient");
-                    if let Some(u) = update {
-                        l.weight.velocity = u.weight.velocity;
-                        l.bias.velocity = u.bias.velocity;
-                    }
-                }
-                Op::Matmul(Matmul {
-                    kind: MatmulKind::BackwardInput { dinp, weight, .. },
-                    ..
-                }) if weight == l.weight.value => l.dinp = Some(dinp),
-                _ => {}
-            }
-        }
-        for op in plan {
-            if let Op::Update(u) = op {
-                if u.param.value == l.weight.value {
-                    l.weight.velocity = u.param.velocity;
-                } else if u.param.value == l.bias.value {
-                    l.bias.velocity = u.param.velocity;
-                }
-            }
-        }
-    }
-    layers
 }

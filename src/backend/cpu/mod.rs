@@ -10,6 +10,7 @@
 //! summation order of the matmuls, and is tested against the reference. Ops run immediately; the
 //! futures of `read` and `collect_stats` are ready at once.
 
+mod conv;
 mod products;
 
 use products::MAX_INPUTS;
@@ -73,6 +74,8 @@ pub struct CpuBackend {
     sparse: cpu_sparse::Scratch,
     narrow: cpu_narrow::Scratch,
     sparse_products: u64,
+    /// The patch matrix of the convolutions (see `conv`), once one has run.
+    patches: Option<TensorId>,
 }
 
 impl CpuBackend {
@@ -94,6 +97,7 @@ impl CpuBackend {
             sparse: cpu_sparse::Scratch::default(),
             narrow: cpu_narrow::Scratch::default(),
             sparse_products: 0,
+            patches: None,
         }
     }
 
@@ -410,9 +414,13 @@ impl Backend for CpuBackend {
     fn run(&mut self, op: &Op, at: StepAt) -> Result<()> {
         match op {
             Op::Gather(g) => self.gather(g, at.start),
-            Op::Matmul(m) => self.matmul(m, at),
+            Op::Matmul(m) => match m.conv {
+                Some(g) => self.conv(m, g, at),
+                None => self.matmul(m, at),
+            },
             Op::Loss(l) => self.loss(l, at),
             Op::Update(u) => self.update(u.param, u.len, &u.opt),
+            Op::Pool(p) => self.pool(p),
             Op::OutputLayer(_) => run_unfused(self, op, at),
         }
     }

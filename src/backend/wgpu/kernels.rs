@@ -6,15 +6,17 @@
 //! shader's `Params` uniform) and its bindings (binding number and buffer range); bind groups and
 //! uniform buffers are cached by that name, so after the first epoch a training step creates no
 //! wgpu object at all. A shader's text is prepared before compiling (`Kernel::source`): its
-//! `{{NAME}}` placeholders filled (`fill_placeholders`), its `//!include FILE` lines replaced by
-//! that file, and its `//!unroll` lines expanded (`expand_unrolls`). `Kernels::prepare` compiles a
-//! list of pipelines on parallel threads.
+//! `//!include FILE` lines replaced by that file, its `//!variant NAME` blocks kept or dropped
+//! (`select_variants`: a convolution's products are matmul.wgsl with other operand maps, while
+//! the dense products compile the same text as without variants), its `{{NAME}}` placeholders
+//! filled (`fill_placeholders`) and its `//!unroll` lines expanded (`expand_unrolls`).
+//! `Kernels::prepare` compiles a list of pipelines on parallel threads.
 
 use std::collections::HashMap;
 
 use super::buffers::Slice;
 use super::context::GpuContext;
-use super::matmul::TileConfig;
+use super::matmul::{ConvProduct, TileConfig};
 use super::params::ParamWords;
 use crate::error::Result;
 
@@ -24,6 +26,7 @@ const SHADERS: &[(&str, &str)] = &[
     ("matmul.wgsl", include_str!("../../../shaders/matmul.wgsl")),
     ("optimizer.wgsl", include_str!("../../../shaders/optimizer.wgsl")),
     ("output_layer.wgsl", include_str!("../../../shaders/output_layer.wgsl")),
+    ("pool.wgsl", include_str!("../../../shaders/pool.wgsl")),
     ("softmax_xent.wgsl", include_str!("../../../shaders/softmax_xent.wgsl")),
 ];
 
@@ -56,6 +59,37 @@ fn expand_includes(source: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Keep the lines of each block `//!variant NAME` ... `//!end` of `source` whose NAME is in
+/// `chosen`, drop the other blocks, and drop the marker lines. A nested block, an `//!end`
+/// outside a block or a block left open becomes a line that fails to compile, naming the fault,
+/// rather than a shader that silently lacks or doubles a function.
+pub fn select_variants(source: &str, chosen: &[&str]) -> String {
+    let mut out = String::new();
+    // Inside a block: whether it is kept.
+    let mut block: Option<bool> = None;
+    for line in source.lines() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix("//!variant ") {
+            if block.is_some() {
+                out.push_str("nested_variant_block;\n");
+            }
+            block = Some(chosen.contains(&name.trim()));
+        } else if trimmed == "//!end" {
+            if block.is_none() {
+                out.push_str("variant_end_outside_a_block;\n");
+            }
+            block = None;
+        } else if block != Some(false) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if block.is_some() {
+        out.push_str("unterminated_variant_block;\n");
+    }
+    out
 }
 
 /// Expand each `//!unroll V COUNT: statement` line of a shader into COUNT copies of the statement
@@ -93,14 +127,22 @@ pub fn expand_unrolls(source: &str, count_of: impl Fn(&str) -> Option<u32>) -> S
     out
 }
 
+/// matmul.wgsl's operand maps (`//!variant` blocks) of a dense layer's products.
+const DENSE_OPERANDS: [&str; 2] = ["a_dense", "b_dense"];
+
 /// Every kernel entry point of `shaders/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Gather,
+    /// A dense layer's product (matmul.wgsl with the strided operand maps).
     Matmul(TileConfig),
+    /// A convolution's product (matmul.wgsl with the product's operand maps).
+    Conv(TileConfig, ConvProduct),
     SoftmaxXent,
     /// The output layer's whole step (output_layer.wgsl, compiled after softmax_xent.wgsl).
     OutputLayer,
+    MaxPoolForward,
+    MaxPoolBackward,
 }
 
 impl Kernel {
@@ -108,17 +150,21 @@ impl Kernel {
     fn file(self) -> &'static str {
         match self {
             Kernel::Gather => "gather.wgsl",
-            Kernel::Matmul(_) => "matmul.wgsl",
+            Kernel::Matmul(_) | Kernel::Conv(..) => "matmul.wgsl",
             Kernel::SoftmaxXent => "softmax_xent.wgsl",
             Kernel::OutputLayer => "output_layer.wgsl",
+            Kernel::MaxPoolForward | Kernel::MaxPoolBackward => "pool.wgsl",
         }
     }
 
-    /// The WGSL that is compiled: the matmul with its tiling's values, the output layer's step
-    /// after the loss it shares code with, includes and `//!unroll` lines expanded.
+    /// The WGSL that is compiled: the matmul with its operand maps and its tiling's values, the
+    /// output layer's step after the loss it shares code with, includes and `//!unroll` lines
+    /// expanded.
     pub fn source(self) -> String {
+        let matmul = |operands: [&str; 2]| select_variants(&expand_includes(shader("matmul.wgsl")), &operands);
         match self {
-            Kernel::Matmul(tiles) => tiles.source(&expand_includes(shader("matmul.wgsl"))),
+            Kernel::Matmul(tiles) => tiles.source(&matmul(DENSE_OPERANDS)),
+            Kernel::Conv(tiles, product) => tiles.source(&matmul(product.operands())),
             Kernel::OutputLayer => {
                 let joined = format!("{}\n{}", shader("softmax_xent.wgsl"), shader("output_layer.wgsl"));
                 expand_unrolls(&expand_includes(&joined), |_| None)
@@ -131,6 +177,7 @@ impl Kernel {
     pub fn label(self) -> String {
         match self {
             Kernel::Matmul(t) => format!("matmul {}x{} kc {} s {}", t.tm, t.tn, t.kc, t.s),
+            Kernel::Conv(t, p) => format!("matmul {}x{} kc {} s {} {}", t.tm, t.tn, t.kc, t.s, p.label()),
             _ => self.entry_point().to_string(),
         }
     }
@@ -138,9 +185,11 @@ impl Kernel {
     fn entry_point(self) -> &'static str {
         match self {
             Kernel::Gather => "gather_batch",
-            Kernel::Matmul(_) => "matmul",
+            Kernel::Matmul(_) | Kernel::Conv(..) => "matmul",
             Kernel::SoftmaxXent => "softmax_xent_forward_backward",
             Kernel::OutputLayer => "output_layer_step",
+            Kernel::MaxPoolForward => "maxpool_forward",
+            Kernel::MaxPoolBackward => "maxpool_backward",
         }
     }
 }
@@ -284,5 +333,61 @@ pub fn grid_1d(n: usize, max_per_dim: u32) -> (u32, u32, u32) {
         (groups as u32, 1, 1)
     } else {
         (max as u32, groups.div_ceil(max) as u32, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_blocks_are_kept_or_dropped_by_name() {
+        let source = "a\n//!variant x\nx1\n//!end\n//!variant y\ny1\n  //!end\nb\n";
+        assert_eq!(select_variants(source, &["x"]), "a\nx1\nb\n");
+        assert_eq!(select_variants(source, &["y", "z"]), "a\ny1\nb\n");
+        assert_eq!(select_variants(source, &[]), "a\nb\n");
+        // Faults become lines that do not compile.
+        assert!(select_variants("//!variant x\n//!variant y\n//!end\n", &[]).contains("nested_variant_block"));
+        assert!(select_variants("//!end\n", &[]).contains("variant_end_outside_a_block"));
+        assert!(select_variants("//!variant x\nx1\n", &["x"]).contains("unterminated_variant_block"));
+    }
+
+    /// Each matmul pipeline defines every operand function once, and the dense one holds none of
+    /// the convolution's code (its text is matmul.wgsl's without the convolution maps).
+    #[test]
+    fn every_matmul_pipeline_has_one_operand_map_for_a_and_for_b() {
+        let tiles = TileConfig::SOFTWARE;
+        let products = [
+            ConvProduct::Forward,
+            ConvProduct::BackwardInput,
+            ConvProduct::BackwardWeight,
+        ];
+        let kernels = std::iter::once(Kernel::Matmul(tiles)).chain(products.map(|p| Kernel::Conv(tiles, p)));
+        let mut sources = Vec::new();
+        for kernel in kernels {
+            let source = kernel.source();
+            for f in ["a_pos", "a_row", "load_a", "store_a", "b_pos", "load_b"] {
+                let defined = source.matches(&format!("fn {f}(")).count();
+                assert_eq!(defined, 1, "{}: fn {f} defined {defined} times", kernel.label());
+            }
+            // No directive or placeholder left outside the comments.
+            let mut code = source.lines().map(|l| l.split("//").next().unwrap_or_default());
+            assert!(
+                source.lines().all(|l| !l.trim_start().starts_with("//!")) && code.all(|l| !l.contains("{{")),
+                "{}",
+                kernel.label()
+            );
+            sources.push(source);
+        }
+        assert!(
+            !sources[0].contains("params.in_ch"),
+            "the dense pipeline reads a convolution field"
+        );
+        for (i, a) in sources.iter().enumerate() {
+            assert!(
+                sources[i + 1..].iter().all(|b| b != a),
+                "two pipelines compile the same text"
+            );
+        }
     }
 }

@@ -1,16 +1,23 @@
-//! Host side of matmul.wgsl: every product of a dense layer as one dispatch, with its epilogue
-//! (bias, ReLU, ReLU-gradient mask), the bias gradient and the optimizer step fused in, and the
-//! tilings the kernel is compiled with.
+//! Host side of matmul.wgsl: every product of a dense or a convolution layer as one dispatch,
+//! with its epilogue (bias, ReLU, ReLU-gradient mask), the bias gradient and the optimizer step
+//! fused in, and the tilings the kernel is compiled with.
 //!
-//! Contract: `matmul` maps a `Matmul` op to the kernel's strides, checks every tensor's length,
-//! that a fused update has its bias gradient, that no written buffer is also read (wgpu refuses a
-//! buffer bound both ways in one dispatch) and that the grid fits the adapter, then records one
-//! dispatch with the op's tiling (`tiles_for`).
+//! Contract: `matmul` maps a `Matmul` op to the kernel's operands: a dense product to strides
+//! (the pipeline `Kernel::Matmul`), a convolution's to matmul.wgsl's implicit-GEMM operand maps
+//! (`Kernel::Conv` with its `ConvProduct`, whose geometry travels in the parameter block after
+//! the dense fields; the input image is never copied into patches, and the input gradient sums
+//! each input value in place, so there is no scatter). It checks that a convolution's shape is
+//! its geometry's, every tensor's length and that it fits 32-bit indices, that a fused update has
+//! its bias gradient, that no written buffer is also read (wgpu refuses a buffer bound both ways
+//! in one dispatch) and that the grid fits the adapter, then records one dispatch with the
+//! tiling of the product it computes (`tiles_for`; for a convolution M, N, K are its output
+//! pixels, out channels and patch, or for the input gradient its input pixels, in channels and
+//! kh * kw * out channels).
 
 use super::kernels::{expand_unrolls, fill_placeholders, Kernel};
 use super::params::{matmul_flags, KernelParams, MatmulParams};
 use super::{Bound, WgpuBackend};
-use crate::backend::ops::{FusedUpdate, Matmul, MatmulKind, Op};
+use crate::backend::ops::{ConvGeometry, FusedUpdate, Matmul, MatmulKind, Op};
 use crate::backend::TensorId;
 use crate::error::{Error, Result};
 use crate::optim::OptimizerKind;
@@ -147,33 +154,69 @@ impl TileConfig {
     }
 }
 
-/// One dispatch of matmul.wgsl: c (M, N) = epilogue(a @ b) through strides, and what it does
-/// besides.
+/// Which of a convolution's products a `Kernel::Conv` pipeline computes; it picks matmul.wgsl's
+/// operand maps (its `//!variant` blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConvProduct {
+    /// out (pixels, out_ch) = im2col(inp) @ weight: a_im2col, b_dense.
+    Forward,
+    /// dinp (images*h*w, in_ch) = the full convolution of dout with the flipped kernel:
+    /// a_dout_taps, b_weight_taps.
+    BackwardInput,
+    /// dweight (patch, out_ch) = im2col(inp)^T @ dout: a_im2col_t, b_dense.
+    BackwardWeight,
+}
+
+impl ConvProduct {
+    /// matmul.wgsl's operand maps for a and b.
+    pub(super) fn operands(self) -> [&'static str; 2] {
+        match self {
+            ConvProduct::Forward => ["a_im2col", "b_dense"],
+            ConvProduct::BackwardInput => ["a_dout_taps", "b_weight_taps"],
+            ConvProduct::BackwardWeight => ["a_im2col_t", "b_dense"],
+        }
+    }
+
+    /// How a profile names the product after its tiling.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            ConvProduct::Forward => "conv forward",
+            ConvProduct::BackwardInput => "conv input gradient",
+            ConvProduct::BackwardWeight => "conv weight gradient",
+        }
+    }
+}
+
+/// One dispatch of matmul.wgsl: c (M, N) = epilogue(a @ b) through strides or a convolution's
+/// operand maps, and what it does besides.
 struct Call {
     c: TensorId,
     a: TensorId,
     b: TensorId,
-    /// [m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride].
+    /// [m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride] (a convolution's maps
+    /// ignore the strides of the operands they read; those are 0).
     dims: [usize; 7],
     /// Values needed in c, a and b.
     lens: [usize; 3],
     bias: Option<TensorId>,
     relu: bool,
+    /// (M, N), like c.
     relu_mask: Option<TensorId>,
     /// (N): the column sums of b.
     colsum: Option<TensorId>,
     /// Treat c and colsum as the gradients of this weight (M, N) and bias (N) and step them.
     update: Option<FusedUpdate>,
+    /// For a convolution's product: which, its geometry and its output channels.
+    conv: Option<(ConvProduct, ConvGeometry, usize)>,
 }
 
-impl WgpuBackend {
-    /// Record one of a dense layer's products.
-    pub(super) fn matmul(&mut self, mm: &Matmul) -> Result<()> {
-        let (b, c, oc) = mm.shape.dims();
-        let plain = |c_t, a, b_t, dims, lens| Call {
-            c: c_t,
+impl Call {
+    /// c = a @ b with nothing besides.
+    fn plain((c, a, b): (TensorId, TensorId, TensorId), dims: [usize; 7], lens: [usize; 3]) -> Call {
+        Call {
+            c,
             a,
-            b: b_t,
+            b,
             dims,
             lens,
             bias: None,
@@ -181,8 +224,22 @@ impl WgpuBackend {
             relu_mask: None,
             colsum: None,
             update: None,
-        };
-        let call = match mm.kind {
+            conv: None,
+        }
+    }
+
+    /// `mm`'s dispatch: a dense layer's product (`dense`) or a convolution's (`conv`).
+    fn of(op: &'static str, mm: &Matmul) -> Result<Call> {
+        match mm.conv {
+            None => Ok(Call::dense(mm)),
+            Some(g) => Call::conv(op, mm, g),
+        }
+    }
+
+    /// A dense layer's product: a and b through strides.
+    fn dense(mm: &Matmul) -> Call {
+        let (b, c, oc) = mm.shape.dims();
+        match mm.kind {
             // out (B, OC) = epilogue(inp (B, C) @ weight (C, OC))
             MatmulKind::Forward {
                 out,
@@ -193,7 +250,7 @@ impl WgpuBackend {
             } => Call {
                 bias,
                 relu,
-                ..plain(out, inp, weight, [b, oc, c, c, 1, oc, 1], [b * oc, b * c, c * oc])
+                ..Call::plain((out, inp, weight), [b, oc, c, c, 1, oc, 1], [b * oc, b * c, c * oc])
             },
             // dinp (B, C) = epilogue(dout (B, OC) @ weight^T); weight^T (OC, C) read with strides (1, OC)
             MatmulKind::BackwardInput {
@@ -203,7 +260,7 @@ impl WgpuBackend {
                 relu_mask,
             } => Call {
                 relu_mask,
-                ..plain(dinp, dout, weight, [b, c, oc, oc, 1, 1, oc], [b * c, b * oc, c * oc])
+                ..Call::plain((dinp, dout, weight), [b, c, oc, oc, 1, 1, oc], [b * c, b * oc, c * oc])
             },
             // dweight (C, OC) = inp^T @ dout; inp^T (C, B) read with strides (1, C); dbias (OC) =
             // column sums of dout, from the same tiles of dout; then the optimizer step of both
@@ -216,17 +273,107 @@ impl WgpuBackend {
             } => Call {
                 colsum: dbias,
                 update,
-                ..plain(dweight, inp, dout, [c, oc, b, 1, c, oc, 1], [c * oc, b * c, b * oc])
+                ..Call::plain((dweight, inp, dout), [c, oc, b, 1, c, oc, 1], [c * oc, b * c, b * oc])
             },
-        };
-        self.record_matmul(Op::Matmul(*mm).name(), &call)
+        }
     }
 
-    fn record_matmul(&mut self, op: &'static str, call: &Call) -> Result<()> {
+    /// A convolution's product (implicit GEMM, matmul.wgsl's operand maps) with the dense
+    /// layer's epilogue, column sums and update: forward (pixels, out_ch, patch) and weight
+    /// gradient (patch, out_ch, pixels) read the input image through the im2col map; the input
+    /// gradient is the product (images*h*w, in_ch, kh*kw*out_ch) of dout's taps and the flipped
+    /// kernel, whose c and mask are images.
+    fn conv(op: &'static str, mm: &Matmul, g: ConvGeometry) -> Result<Call> {
+        let (pixels, patch, oc) = mm.shape.dims();
+        if pixels != g.pixels() || patch != g.patch() || g.kh == 0 || g.kw == 0 || g.in_ch == 0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "product {pixels}x{patch}x{oc} does not fit the convolution of {} images {}x{}x{} with a {}x{} kernel, pad {}",
+                    g.images, g.h, g.w, g.in_ch, g.kh, g.kw, g.pad
+                ),
+            ));
+        }
+        let (image, out_len, weight_len) = (g.image_len(), pixels * oc, patch * oc);
+        let conv = |product| Some((product, g, oc));
+        Ok(match mm.kind {
+            MatmulKind::Forward {
+                out,
+                inp,
+                weight,
+                bias,
+                relu,
+            } => Call {
+                bias,
+                relu,
+                conv: conv(ConvProduct::Forward),
+                ..Call::plain(
+                    (out, inp, weight),
+                    [pixels, oc, patch, 0, 0, oc, 1],
+                    [out_len, image, weight_len],
+                )
+            },
+            MatmulKind::BackwardInput {
+                dinp,
+                dout,
+                weight,
+                relu_mask,
+            } => {
+                let dims = [g.images * g.h * g.w, g.in_ch, g.kh * g.kw * oc, 0, 0, 0, 0];
+                Call {
+                    relu_mask,
+                    conv: conv(ConvProduct::BackwardInput),
+                    ..Call::plain((dinp, dout, weight), dims, [image, out_len, weight_len])
+                }
+            }
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp,
+                dout,
+                update,
+            } => Call {
+                colsum: dbias,
+                update,
+                conv: conv(ConvProduct::BackwardWeight),
+                ..Call::plain(
+                    (dweight, inp, dout),
+                    [patch, oc, pixels, 0, 0, oc, 1],
+                    [weight_len, image, out_len],
+                )
+            },
+        })
+    }
+}
+
+impl WgpuBackend {
+    /// Record one of a dense or a convolution layer's products.
+    pub(super) fn matmul(&mut self, mm: &Matmul) -> Result<()> {
+        let op = Op::Matmul(*mm).name();
+        let call = Call::of(op, mm)?;
+        let kernel = self.matmul_kernel(mm)?;
+        self.record_matmul(op, &call, kernel)
+    }
+
+    /// The pipeline `mm` runs: its operand maps and the tiling of the product it computes (for
+    /// a convolution's input gradient not `mm.product()`, see `Call::conv`). `matmul` and
+    /// `kernel_of` both take it from here, so that `prepare` compiles what runs.
+    pub(super) fn matmul_kernel(&self, mm: &Matmul) -> Result<Kernel> {
+        let call = Call::of(Op::Matmul(*mm).name(), mm)?;
+        let tiles = self.tiles_for(call.dims[0], call.dims[1], call.dims[2]);
+        Ok(match call.conv {
+            None => Kernel::Matmul(tiles),
+            Some((product, ..)) => Kernel::Conv(tiles, product),
+        })
+    }
+
+    fn record_matmul(&mut self, op: &'static str, call: &Call, kernel: Kernel) -> Result<()> {
         self.check_matmul(op, call)?;
         let params = self.matmul_params(op, call)?;
         let (m, n) = (call.dims[0], call.dims[1]);
-        let tiles = self.tiles_for(m, n, call.dims[2]);
+        let (Kernel::Matmul(tiles) | Kernel::Conv(tiles, _)) = kernel else {
+            return Err(Error::Gpu(format!("{op}: {} is not a matmul pipeline", kernel.label())));
+        };
         let grid = (
             n.div_ceil(tiles.tn as usize) as u32,
             m.div_ceil(tiles.tm as usize) as u32,
@@ -255,7 +402,7 @@ impl WgpuBackend {
             ),
             (8, velocity),
         ];
-        self.record(Kernel::Matmul(tiles), params.words(), &bind, grid)
+        self.record(kernel, params.words(), &bind, grid)
     }
 
     /// Every tensor long enough, a fused update with its bias gradient, and every written buffer
@@ -318,6 +465,13 @@ impl WgpuBackend {
             (params.lr, params.rho, params.eps) = (step.lr, step.rho, step.eps);
             [params.w_value, params.b_value] = step.value;
             [params.w_velocity, params.b_velocity] = step.velocity;
+        }
+        if let Some((_, g, out_ch)) = call.conv {
+            let v = |what: &str, v: usize| Self::u32_of(op, what, v);
+            (params.h, params.w, params.in_ch, params.out_ch) =
+                (v("h", g.h)?, v("w", g.w)?, v("in_ch", g.in_ch)?, v("out_ch", out_ch)?);
+            (params.kh, params.kw, params.pad) = (v("kh", g.kh)?, v("kw", g.kw)?, v("pad", g.pad)?);
+            (params.oh, params.ow) = (v("oh", g.oh())?, v("ow", g.ow())?);
         }
         Ok(params)
     }

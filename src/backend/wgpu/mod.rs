@@ -19,6 +19,7 @@ mod matmul;
 mod optimizer;
 mod output_layer;
 pub mod params;
+mod pool;
 mod profile;
 
 pub use context::{list_adapters, AdapterSummary};
@@ -465,6 +466,7 @@ impl Backend for WgpuBackend {
             // The optimizer step runs only fused into a weight gradient (the plan fuses every
             // update): a lone update is that op's composition, which names the unfused op.
             Op::OutputLayer(_) => run_unfused(self, op, at),
+            Op::Pool(p) => self.pool(p),
             Op::Update(_) => Err(Error::shape(
                 "optimizer update",
                 "the GPU applies updates inside the weight gradient's kernel; fuse the plan for this device"
@@ -567,12 +569,10 @@ impl WgpuBackend {
     fn kernel_of(&self, op: &Op) -> Option<Kernel> {
         match op {
             Op::Gather(_) => Some(Kernel::Gather),
-            Op::Matmul(m) => {
-                let p = m.product();
-                Some(Kernel::Matmul(self.tiles_for(p.m, p.n, p.k)))
-            }
+            Op::Matmul(m) => self.matmul_kernel(m).ok(),
             Op::Loss(_) => Some(Kernel::SoftmaxXent),
             Op::OutputLayer(_) => Some(Kernel::OutputLayer),
+            Op::Pool(p) => Some(pool::kernel(p)),
             Op::Update(_) => None,
         }
     }

@@ -8,7 +8,7 @@
 //! `PARAM_WORDS` words and travels as `ParamWords` (the key of the bind-group cache).
 
 /// The most 32-bit words a parameter block holds.
-pub const PARAM_WORDS: usize = 16;
+pub const PARAM_WORDS: usize = 32;
 
 /// A parameter block as the words of its uniform buffer.
 pub type ParamWords = [u32; PARAM_WORDS];
@@ -60,8 +60,10 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// matmul.wgsl: c (m, n) = epilogue(a @ b) through strides, and the optimizer step of a
-    /// weight and bias at word offsets of their packed buffers.
+    /// matmul.wgsl: c (m, n) = epilogue(a @ b) through strides or a convolution's operand maps,
+    /// and the optimizer step of a weight and bias at word offsets of their packed buffers. The
+    /// convolution's geometry (`ConvGeometry`, its filters and its output size) follows; a dense
+    /// product leaves it 0.
     MatmulParams in "matmul.wgsl" {
         m: u32,
         n: u32,
@@ -78,7 +80,15 @@ kernel_params! {
         w_velocity: u32,
         b_value: u32,
         b_velocity: u32,
-        _pad: u32,
+        h: u32,
+        w: u32,
+        in_ch: u32,
+        out_ch: u32,
+        kh: u32,
+        kw: u32,
+        pad: u32,
+        oh: u32,
+        ow: u32,
     }
 }
 
@@ -105,6 +115,21 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// pool.wgsl: max pooling of size x size windows over images h x w x ch (NHWC), output oh x
+    /// ow; `count` invocations (output values forward, input values backward).
+    PoolParams in "pool.wgsl" {
+        count: u32,
+        h: u32,
+        w: u32,
+        ch: u32,
+        size: u32,
+        oh: u32,
+        ow: u32,
+        flags: u32,
+    }
+}
+
 /// matmul.wgsl's epilogue flags.
 pub mod matmul_flags {
     pub const ADD_BIAS: u32 = 1;
@@ -117,6 +142,12 @@ pub mod matmul_flags {
 pub mod optimizer_flags {
     pub const RMSPROP: u32 = 16;
     pub const SGD: u32 = 32;
+}
+
+/// pool.wgsl's flags.
+pub mod pool_flags {
+    /// Backward: the pool's input is a ReLU's output; also zero the gradient where it is <= 0.
+    pub const RELU_BEFORE: u32 = 64;
 }
 
 /// Every flag constant, by the shader file that declares it.
@@ -133,6 +164,10 @@ pub const FLAGS: &[Flags] = &[
     Flags {
         file: "optimizer.wgsl",
         bits: &[("RMSPROP", optimizer_flags::RMSPROP), ("SGD", optimizer_flags::SGD)],
+    },
+    Flags {
+        file: "pool.wgsl",
+        bits: &[("RELU_BEFORE", pool_flags::RELU_BEFORE)],
     },
 ];
 
@@ -177,6 +212,7 @@ mod tests {
         check::<GatherParams>();
         check::<MatmulParams>();
         check::<LossParams>();
+        check::<PoolParams>();
     }
 
     #[test]

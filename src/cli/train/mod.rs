@@ -27,8 +27,7 @@ use report::{interrupt_flag, Reporter};
 use resume::{load_resume, Resumed, RunPlace, Settings};
 
 use super::{
-    check_output_path, parse_batch, parse_chunk, parse_hidden, parse_lr, parse_positive, DataArgs, DeviceArgs,
-    DeviceFlag, Hidden,
+    check_output_path, parse_batch, parse_chunk, parse_lr, parse_positive, DataArgs, DeviceArgs, DeviceFlag, ModelArgs,
 };
 
 /// The checkpoint file inside a --checkpoint-dir.
@@ -40,15 +39,15 @@ pub struct TrainArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Hidden layer widths, comma-separated (ReLU after each): 512 is the book's model
-    #[arg(long, value_name = "W[,W...]", default_value = "512", value_parser = parse_hidden)]
-    pub hidden: Hidden,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Passes over the training set
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_epochs)]
     pub epochs: usize,
-    /// Examples per step (the last batch of an epoch keeps the remainder)
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "128", value_parser = parse_batch)]
-    pub batch_size: usize,
+    /// Examples per step (the last batch of an epoch keeps the remainder) [default: 128 for an
+    /// mlp, 64 for a convnet, as in the book]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_batch)]
+    pub batch_size: Option<usize>,
     /// Learning rate [default: 0.001 for rmsprop, 0.01 for sgd]
     #[arg(long, allow_negative_numbers = true, value_name = "LR", value_parser = parse_lr)]
     pub lr: Option<f32>,
@@ -140,7 +139,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         r.place.fill(&mut args, given);
     }
     let settings = merged_settings(&args, resumed.as_ref(), given)?;
-    ModelSpec::mnist(&settings.hidden).check_size(settings.batch_size)?;
+    settings.spec.check_size(settings.batch_size)?;
     check_outputs(&args)?;
     let checkpoint_dir = args.resume.clone().or_else(|| args.checkpoint_dir.clone());
     let human = !args.json && !args.quiet;
@@ -153,7 +152,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         settings.validation_split,
     )?;
     let test_set = mnist.test.first(args.data.test_limit.unwrap_or(usize::MAX));
-    let spec = ModelSpec::mnist(&settings.hidden);
+    let spec = settings.spec.clone();
     let run_dir = args
         .out
         .clone()
@@ -253,6 +252,8 @@ fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&
             }
             let fixed = [
                 ("hidden", "--hidden"),
+                ("model", "--model"),
+                ("layers", "--layers"),
                 ("batch_size", "--batch-size"),
                 ("lr", "--lr"),
                 ("optimizer", "--optimizer"),
@@ -326,7 +327,7 @@ fn print_header(data: &FitData, dir: &Path, device_note: &str, settings: &Settin
         data.test.len()
     );
     println!("{device_note}");
-    let spec = ModelSpec::mnist(&settings.hidden);
+    let spec = &settings.spec;
     println!(
         "model: {} ({} parameters), {}, batch {}, {} epoch{}, seed {}",
         spec.describe(),

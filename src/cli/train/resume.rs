@@ -21,7 +21,7 @@ use super::{DeviceFlag, OptimizerFlag, TrainArgs, CHECKPOINT_FILE};
 /// What defines a run, saved in config.json and in checkpoints so that --resume can continue it.
 #[derive(Debug, Clone)]
 pub(super) struct Settings {
-    pub(super) hidden: Vec<usize>,
+    pub(super) spec: ModelSpec,
     pub(super) epochs: usize,
     pub(super) batch_size: usize,
     pub(super) optimizer: Optimizer,
@@ -37,10 +37,11 @@ impl Settings {
             OptimizerFlag::Rmsprop => OptimizerKind::RmsProp,
             OptimizerFlag::Sgd => OptimizerKind::Sgd,
         };
+        let spec = args.model.spec()?;
         Ok(Settings {
-            hidden: args.hidden.0.clone(),
+            batch_size: args.batch_size.unwrap_or_else(|| super::super::default_batch(&spec)),
+            spec,
             epochs: args.epochs,
-            batch_size: args.batch_size,
             optimizer: Optimizer::new(kind, args.lr)?,
             seed: args.seed,
             train_limit: args.train_limit,
@@ -51,8 +52,9 @@ impl Settings {
 
     pub(super) fn to_json(&self) -> Value {
         json!({
-            "model": ModelSpec::mnist(&self.hidden).describe(),
-            "hidden": self.hidden,
+            "model": self.spec.describe(),
+            "layers": self.spec.to_layers_arg(),
+            "hidden": self.spec.hidden(),
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "optimizer": match self.optimizer.kind { OptimizerKind::RmsProp => "rmsprop", OptimizerKind::Sgd => "sgd" },
@@ -75,10 +77,17 @@ impl Settings {
                 .map(|x| x as usize)
                 .ok_or_else(|| bad(k))
         };
-        let hidden: Vec<usize> = v["hidden"]
-            .as_array()
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|w| w as usize)).collect())
-            .ok_or_else(|| bad("hidden"))?;
+        // The layers; a run written before convnets existed names only its hidden widths.
+        let spec = match v["layers"].as_str() {
+            Some(layers) => ModelSpec::parse("layers", layers).map_err(|_| bad("layers"))?,
+            None => {
+                let hidden: Vec<usize> = v["hidden"]
+                    .as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_u64().map(|w| w as usize)).collect())
+                    .ok_or_else(|| bad("hidden"))?;
+                ModelSpec::mnist(&hidden)
+            }
+        };
         let kind = match v["optimizer"].as_str() {
             Some("rmsprop") => OptimizerKind::RmsProp,
             Some("sgd") => OptimizerKind::Sgd,
@@ -90,7 +99,7 @@ impl Settings {
             return Err(bad("validation_split"));
         }
         let settings = Settings {
-            hidden,
+            spec,
             epochs: usize_of("epochs", u32::MAX as u64)?,
             batch_size: usize_of("batch_size", 65_536)?,
             optimizer: Optimizer::new(kind, Some(lr)).map_err(|_| bad("lr"))?,
@@ -99,9 +108,10 @@ impl Settings {
             validation_split,
             chunk_steps: usize_of("chunk_steps", 4096)?,
         };
-        ModelSpec::mnist(&settings.hidden)
+        settings
+            .spec
             .check_size(settings.batch_size)
-            .map_err(|_| bad("model size (hidden widths and batch size)"))?;
+            .map_err(|_| bad("model size (layers and batch size)"))?;
         Ok(settings)
     }
 }
@@ -194,7 +204,7 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
         return Err(Error::bad_file(&path, "holds no optimizer state"));
     }
     let settings = Settings::from_json(&state["settings"], &path)?;
-    if ModelSpec::mnist(&settings.hidden) != checkpoint.spec {
+    if settings.spec != checkpoint.spec {
         return Err(Error::bad_file(
             &path,
             "its training state and its tensors describe different models",

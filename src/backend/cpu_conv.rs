@@ -1,0 +1,426 @@
+//! The fast CPU path's convolution and pooling data movement: im2col (an image batch to the
+//! (pixels, patch) matrix of a convolution's product), col2im (its transpose, the input
+//! gradient's sums), and max pooling forward and backward.
+//!
+//! Contract: each function returns exactly what its namesake in `reference` returns for the same
+//! inputs, bit for bit. im2col and the pools only select values; col2im sums, and keeps the
+//! reference's order for every input value (zero, then the patches' values in ascending output
+//! pixel order: one pixel's patch reaches an input value at most once, and patches of different
+//! images never share one, so images may run in parallel). Work is split over `cpu_pool`'s
+//! threads by output rows (im2col) or by whole images (the rest), up to
+//! `cpu_sparse::MAX_CHUNKS` pieces. Nothing is allocated: the caller owns every buffer, each
+//! sized as in `reference` (slices may be longer; only the leading part is read or written).
+
+use super::cpu_pool;
+use super::cpu_sparse::{self, MAX_CHUNKS};
+use super::ops::{ConvGeometry, PoolShape};
+
+/// The least number of values moved worth a piece of its own when a loop is split over threads
+/// (a hand-off costs about a microsecond, copying this many values some ten).
+const SPLIT_MIN_VALUES: usize = 1 << 15;
+
+/// Channels of one window handled together by `maxpool_backward` (its stack scratch).
+const POOL_BLOCK: usize = 64;
+
+/// Pieces to cut `units` (rows or images) into, for `values` values moved in all.
+fn pieces(units: usize, values: usize) -> usize {
+    (values / SPLIT_MIN_VALUES).clamp(1, cpu_sparse::chunk_count(units))
+}
+
+/// Run `work(first unit, its part of out)` over `out` cut into pieces of whole units of
+/// `unit_len` values each (`unit_len` > 0), spread over the threads.
+fn split_units(out: &mut [f32], unit_len: usize, values: usize, work: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let units = out.len() / unit_len;
+    let per = units.div_ceil(pieces(units, values)).max(1);
+    let mut parts = out.chunks_mut(per * unit_len).enumerate();
+    let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| parts.next());
+    cpu_pool::for_each(items, &|(i, part): (usize, &mut [f32])| work(i * per, part));
+}
+
+/// The kernel columns kx0..kx1 of output column `ox` that fall inside the image (the others hang
+/// over the padding); kx0 == kx1 when none do.
+fn inside_columns(g: &ConvGeometry, ox: usize) -> (usize, usize) {
+    let kx0 = g.pad.saturating_sub(ox).min(g.kw);
+    let kx1 = (g.w + g.pad).saturating_sub(ox).min(g.kw).max(kx0);
+    (kx0, kx1)
+}
+
+/// cols (pixels, patch) = every output pixel's patch of inp (images, h, w, in_ch), zeros over the
+/// padding, as `reference::im2col`: for each kernel row the kw x in_ch values inside the image are
+/// one contiguous run of the input.
+pub fn im2col(cols: &mut [f32], inp: &[f32], g: &ConvGeometry) {
+    let (pixels, patch) = (g.pixels(), g.patch());
+    if pixels == 0 || patch == 0 {
+        return;
+    }
+    let inp = &inp[..g.image_len()];
+    split_units(&mut cols[..pixels * patch], patch, pixels * patch, &|first, part| {
+        im2col_rows(part, inp, g, first)
+    });
+}
+
+/// im2col of output pixels first.. into cols (whole rows of patch values).
+fn im2col_rows(cols: &mut [f32], inp: &[f32], g: &ConvGeometry, first: usize) {
+    let (ohw, ow, c) = (g.oh() * g.ow(), g.ow(), g.in_ch);
+    for (r, dst) in cols.chunks_exact_mut(g.patch()).enumerate() {
+        let row = first + r;
+        let (b, oy, ox) = (row / ohw, row % ohw / ow, row % ow);
+        let (kx0, kx1) = inside_columns(g, ox);
+        for (ky, run) in dst.chunks_exact_mut(g.kw * c).enumerate() {
+            let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
+            match y {
+                Some(y) if kx1 > kx0 => {
+                    // kx0 >= pad - ox, so the first column inside is x = ox + kx0 - pad >= 0.
+                    let start = ((b * g.h + y) * g.w + ox + kx0 - g.pad) * c;
+                    run[..kx0 * c].fill(0.0);
+                    run[kx0 * c..kx1 * c].copy_from_slice(&inp[start..start + (kx1 - kx0) * c]);
+                    run[kx1 * c..].fill(0.0);
+                }
+                _ => run.fill(0.0),
+            }
+        }
+    }
+}
+
+/// dinp (images, h, w, in_ch) = zero, plus every value of dcols (pixels, patch) added into the
+/// input value it came from, as `reference::col2im`, bit for bit (see the module's contract).
+pub fn col2im(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
+    let image = g.h * g.w * g.in_ch;
+    if g.images == 0 || image == 0 {
+        return;
+    }
+    let per_image = g.oh() * g.ow() * g.patch();
+    let dcols = &dcols[..g.images * per_image];
+    split_units(
+        &mut dinp[..g.image_len()],
+        image,
+        dcols.len() + g.image_len(),
+        &|first, part| col2im_images(part, &dcols[first * per_image..], g),
+    );
+}
+
+/// col2im of whole images: dinp holds them, dcols starts at the first one's patches.
+fn col2im_images(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
+    dinp.fill(0.0);
+    let (ohw, ow, c, patch) = (g.oh() * g.ow(), g.ow(), g.in_ch, g.patch());
+    if ohw == 0 || patch == 0 {
+        return;
+    }
+    for (dimg, dc) in dinp
+        .chunks_exact_mut(g.h * g.w * c)
+        .zip(dcols.chunks_exact(ohw * patch))
+    {
+        for (r, src) in dc.chunks_exact(patch).enumerate() {
+            let (oy, ox) = (r / ow, r % ow);
+            let (kx0, kx1) = inside_columns(g, ox);
+            if kx1 == kx0 {
+                continue;
+            }
+            for (ky, run) in src.chunks_exact(g.kw * c).enumerate() {
+                if let Some(y) = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h) {
+                    let start = (y * g.w + ox + kx0 - g.pad) * c;
+                    let acc = &mut dimg[start..start + (kx1 - kx0) * c];
+                    for (a, &v) in acc.iter_mut().zip(&run[kx0 * c..kx1 * c]) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// out (images, oh, ow, ch) = the first maximum of each window of inp (images, h, w, ch), as
+/// `reference::maxpool_forward`: per window, the channels of its first pixel, then each later
+/// pixel's channels replace the maxima they strictly exceed.
+pub fn maxpool_forward(out: &mut [f32], inp: &[f32], p: &PoolShape) {
+    let out_image = p.oh() * p.ow() * p.ch;
+    if p.images == 0 || out_image == 0 {
+        return;
+    }
+    let (inp, in_image) = (&inp[..p.in_len()], p.h * p.w * p.ch);
+    split_units(&mut out[..p.out_len()], out_image, p.in_len(), &|first, part| {
+        maxpool_forward_images(part, &inp[first * in_image..], p)
+    });
+}
+
+/// maxpool_forward of whole images: out holds them, inp starts at the first one.
+fn maxpool_forward_images(out: &mut [f32], inp: &[f32], p: &PoolShape) {
+    let (s, ow, ch) = (p.size.max(1), p.ow(), p.ch);
+    let at = |y: usize, x: usize| (y * p.w + x) * ch;
+    for (o_img, img) in out
+        .chunks_exact_mut(p.oh() * ow * ch)
+        .zip(inp.chunks_exact(p.h * p.w * ch))
+    {
+        for (k, o) in o_img.chunks_exact_mut(ch).enumerate() {
+            let (y0, x0) = (k / ow * s, k % ow * s);
+            o.copy_from_slice(&img[at(y0, x0)..][..ch]);
+            for ky in 0..s {
+                for kx in 0..s {
+                    for (m, &v) in o.iter_mut().zip(&img[at(y0 + ky, x0 + kx)..][..ch]) {
+                        *m = if v > *m { v } else { *m };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dinp (images, h, w, ch) = zero except at each window's first maximum of inp, which gets its
+/// output's gradient from dout (images, oh, ow, ch) (with `relu`, only where that maximum is
+/// > 0), as `reference::maxpool_backward`.
+pub fn maxpool_backward(dinp: &mut [f32], dout: &[f32], inp: &[f32], p: &PoolShape, relu: bool) {
+    let in_image = p.h * p.w * p.ch;
+    if p.images == 0 || in_image == 0 {
+        return;
+    }
+    let (inp, out_image) = (&inp[..p.in_len()], p.oh() * p.ow() * p.ch);
+    let dout = &dout[..p.out_len()];
+    split_units(&mut dinp[..p.in_len()], in_image, 2 * p.in_len(), &|first, part| {
+        let images = (&inp[first * in_image..], &dout[first * out_image..]);
+        maxpool_backward_images(part, images, p, relu)
+    });
+}
+
+/// maxpool_backward of whole images: dinp holds them, inp and dout start at the first one.
+fn maxpool_backward_images(dinp: &mut [f32], (inp, dout): (&[f32], &[f32]), p: &PoolShape, relu: bool) {
+    dinp.fill(0.0);
+    let (s, ow, ch) = (p.size.max(1), p.ow(), p.ch);
+    let out_image = p.oh() * ow * ch;
+    if out_image == 0 {
+        return;
+    }
+    let at = |y: usize, x: usize| (y * p.w + x) * ch;
+    let in_image = p.h * p.w * ch;
+    let images = dinp.chunks_exact_mut(in_image).zip(inp.chunks_exact(in_image));
+    for ((d_img, img), d_out) in images.zip(dout.chunks_exact(out_image)) {
+        for (k, g) in d_out.chunks_exact(ch).enumerate() {
+            let (y0, x0) = (k / ow * s, k % ow * s);
+            for c0 in (0..ch).step_by(POOL_BLOCK) {
+                let n = POOL_BLOCK.min(ch - c0);
+                // The maxima of channels c0..c0 + n and where they are (a window pixel's offset).
+                let first = at(y0, x0) + c0;
+                let mut best = [0.0f32; POOL_BLOCK];
+                best[..n].copy_from_slice(&img[first..first + n]);
+                let mut arg = [first; POOL_BLOCK];
+                for ky in 0..s {
+                    for kx in 0..s {
+                        let base = at(y0 + ky, x0 + kx) + c0;
+                        let pixel = &img[base..base + n];
+                        for ((m, a), &v) in best[..n].iter_mut().zip(&mut arg[..n]).zip(pixel) {
+                            if v > *m {
+                                *m = v;
+                                *a = base;
+                            }
+                        }
+                    }
+                }
+                for (j, (&m, &a)) in best[..n].iter().zip(&arg[..n]).enumerate() {
+                    if !relu || m > 0.0 {
+                        d_img[a + j] = g[c0 + j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::reference as r;
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use std::time::Instant;
+
+    /// Values of very different magnitudes (so that a change of summation order shows).
+    fn spread(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-4..4)))
+            .collect()
+    }
+
+    /// Small integers (many ties, zeros of both signs, negatives), with a NaN now and then.
+    fn tied(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| match rng.random_range(0..40) {
+                0 => f32::NAN,
+                1 => -0.0,
+                k => (k % 7) as f32 - 3.0,
+            })
+            .collect()
+    }
+
+    /// The number of values whose bits differ, and the largest difference among the numbers.
+    fn compare(fast: &[f32], reference: &[f32]) -> (usize, f32) {
+        assert_eq!(fast.len(), reference.len());
+        let pairs = fast.iter().zip(reference);
+        let differ = pairs.clone().filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let max = pairs
+            .map(|(a, b)| (a - b).abs())
+            .filter(|d| !d.is_nan())
+            .fold(0.0, f32::max);
+        (differ, max)
+    }
+
+    /// (images, h, w, in_ch, k, pad), a k x k kernel: batch 1 and 63, channels 1, 3, 5, 32, odd and square
+    /// sides, 1x1, 3x3, 5x5 and non-square kernels, 'valid', 'same' and wider padding (windows
+    /// wholly over the padding), a kernel wider than the image and one that does not fit.
+    const CONVS: [(usize, usize, usize, usize, usize, usize); 16] = [
+        (1, 7, 9, 1, 3, 1),
+        (1, 7, 9, 3, 3, 0),
+        (63, 7, 9, 5, 3, 1),
+        (63, 9, 7, 32, 1, 0),
+        (63, 28, 28, 1, 5, 2),
+        (63, 28, 28, 1, 3, 0),
+        (2, 28, 28, 32, 3, 1),
+        (1, 28, 28, 32, 5, 0),
+        (63, 13, 13, 32, 3, 0),
+        (3, 7, 9, 3, 5, 2),
+        (2, 4, 4, 3, 5, 2),
+        (2, 5, 6, 2, 3, 3),
+        (5, 7, 9, 3, 1, 1),
+        (1, 2, 2, 1, 5, 0),
+        (4, 6, 5, 3, 2, 1),
+        (3, 7, 9, 5, 1, 0),
+    ];
+
+    fn geometries() -> impl Iterator<Item = ConvGeometry> {
+        let mut all: Vec<ConvGeometry> = CONVS
+            .iter()
+            .map(|&(images, h, w, in_ch, k, pad)| ConvGeometry {
+                images,
+                h,
+                w,
+                in_ch,
+                kh: k,
+                kw: k,
+                pad,
+            })
+            .collect();
+        // Non-square kernels: 1x3 and 5x3.
+        all.push(ConvGeometry { kh: 1, kw: 3, ..all[2] });
+        all.push(ConvGeometry {
+            kh: 5,
+            kw: 3,
+            pad: 2,
+            ..all[9]
+        });
+        all.into_iter()
+    }
+
+    #[test]
+    fn im2col_matches_reference() {
+        for (i, g) in geometries().enumerate() {
+            let inp = spread(g.image_len(), i as u64);
+            let n = g.pixels() * g.patch();
+            let (mut fast, mut expected) = (vec![f32::NAN; n + 3], vec![0.0f32; n]);
+            im2col(&mut fast, &inp, &g);
+            r::im2col(&mut expected, &inp, &g);
+            assert!(fast[n..].iter().all(|v| v.is_nan()), "{g:?}: wrote past the end");
+            let (differ, max) = compare(&fast[..n], &expected);
+            println!("im2col {g:?}: {n} values, {differ} differ, max difference {max:e}");
+            assert_eq!(differ, 0, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn col2im_matches_reference_bit_for_bit() {
+        for (i, g) in geometries().enumerate() {
+            let dcols = spread(g.pixels() * g.patch(), 100 + i as u64);
+            let n = g.image_len();
+            let (mut fast, mut expected) = (vec![f32::NAN; n + 3], vec![0.0f32; n]);
+            col2im(&mut fast, &dcols, &g);
+            r::col2im(&mut expected, &dcols, &g);
+            assert!(fast[n..].iter().all(|v| v.is_nan()), "{g:?}: wrote past the end");
+            let (differ, max) = compare(&fast[..n], &expected);
+            println!("col2im {g:?}: {n} values, {differ} differ, max difference {max:e}");
+            assert_eq!(differ, 0, "{g:?}");
+        }
+    }
+
+    /// (images, h, w, ch, size): odd sides (dropped edges), sizes 1 to 3 and one larger than the
+    /// image, channels across `POOL_BLOCK`.
+    const POOLS: [(usize, usize, usize, usize, usize); 10] = [
+        (1, 7, 9, 1, 2),
+        (63, 7, 9, 3, 3),
+        (63, 28, 28, 32, 2),
+        (1, 26, 26, 32, 2),
+        (2, 11, 11, 5, 3),
+        (3, 5, 5, 69, 2),
+        (2, 9, 7, 130, 3),
+        (1, 2, 2, 3, 3),
+        (2, 6, 6, 3, 1),
+        (63, 11, 11, 64, 2),
+    ];
+
+    #[test]
+    fn maxpool_matches_reference() {
+        for (i, &(images, h, w, ch, size)) in POOLS.iter().enumerate() {
+            let p = PoolShape { images, h, w, ch, size };
+            let inp = tied(p.in_len(), 200 + i as u64);
+            let dout = spread(p.out_len(), 300 + i as u64);
+            let (mut fast, mut expected) = (vec![f32::NAN; p.out_len() + 3], vec![0.0f32; p.out_len()]);
+            maxpool_forward(&mut fast, &inp, &p);
+            r::maxpool_forward(&mut expected, &inp, &p);
+            assert!(
+                fast[p.out_len()..].iter().all(|v| v.is_nan()),
+                "{p:?}: wrote past the end"
+            );
+            let (differ, max) = compare(&fast[..p.out_len()], &expected);
+            println!(
+                "maxpool forward {p:?}: {differ} of {} differ, max difference {max:e}",
+                p.out_len()
+            );
+            assert_eq!(differ, 0, "{p:?}");
+            for relu in [false, true] {
+                let (mut fast, mut expected) = (vec![f32::NAN; p.in_len() + 3], vec![0.0f32; p.in_len()]);
+                maxpool_backward(&mut fast, &dout, &inp, &p, relu);
+                r::maxpool_backward(&mut expected, &dout, &inp, &p, relu);
+                assert!(
+                    fast[p.in_len()..].iter().all(|v| v.is_nan()),
+                    "{p:?}: wrote past the end"
+                );
+                let (differ, max) = compare(&fast[..p.in_len()], &expected);
+                println!("maxpool backward relu={relu} {p:?}: {differ} differ, max difference {max:e}");
+                assert_eq!(differ, 0, "{p:?} relu={relu}");
+            }
+        }
+    }
+
+    /// The timing of im2col on the second convolution of the book's convnet at batch 64 (printed,
+    /// not asserted; run with --nocapture, and in release for the real figure).
+    #[test]
+    fn im2col_timing() {
+        let g = ConvGeometry {
+            images: 64,
+            h: 13,
+            w: 13,
+            in_ch: 32,
+            kh: 3,
+            kw: 3,
+            pad: 0,
+        };
+        let inp = spread(g.image_len(), 7);
+        let mut cols = vec![0.0f32; g.pixels() * g.patch()];
+        im2col(&mut cols, &inp, &g);
+        let reps = 50;
+        let mut best = f64::INFINITY;
+        let start = Instant::now();
+        for _ in 0..reps {
+            let t = Instant::now();
+            im2col(&mut cols, &inp, &g);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let mean = start.elapsed().as_secs_f64() / reps as f64;
+        let mb = (cols.len() * 4) as f64 / 1e6;
+        println!(
+            "im2col {g:?} ({} threads): {mb:.1} MB of columns, mean {:.3} ms, best {:.3} ms ({:.1} GB/s)",
+            cpu_pool::threads(),
+            mean * 1e3,
+            best * 1e3,
+            mb / 1e3 / best
+        );
+    }
+}

@@ -1,0 +1,452 @@
+//! What a model is: its layers as a user names them (`--layers`, `--model`, `--hidden`), their
+//! shapes resolved from the 28x28x1 input, their parameters' names and Glorot-uniform values.
+//!
+//! Contract: `ModelSpec::parse` refuses a spec with one message naming the item that is wrong and
+//! why; `ModelSpec::resolve` turns a valid spec into `Layer`s with every shape known (the input of
+//! a layer is the output of the one before; `flatten`, a view in channels-last order, has no layer
+//! of its own, and a dense layer flattens an image it is given). ReLU follows every convolution
+//! and every dense layer but the last, which gives the logits of the 10 classes. Parameters are
+//! named as Keras names them (`conv2d_0.kernel` (kh, kw, in, out), `conv2d_0.bias`,
+//! `dense_0.kernel` (in, out), ...), in layer order.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::ops::{ConvGeometry, PoolShape};
+use crate::data::CLASSES;
+use crate::error::{Error, Result};
+
+/// The input images: 28 x 28 pixels, one channel.
+pub const INPUT: (usize, usize, usize) = (28, 28, 1);
+
+/// The book's chapter 8 convnet, as a `--layers` spec.
+pub const CONVNET: &str = "conv:32:3,pool:2,conv:64:3,pool:2,conv:128:3,flatten,dense:10";
+
+/// A layer as a user names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerSpec {
+    /// `conv:FILTERS:KERNEL[:same]`: Conv2D(filters, kernel x kernel), ReLU, stride 1, 'valid'
+    /// padding (or 'same', odd kernels only).
+    Conv { filters: usize, kernel: usize, same: bool },
+    /// `pool:SIZE`: MaxPool2D(size), stride size.
+    Pool { size: usize },
+    /// `flatten`: the image as a vector, channels last (Keras's order).
+    Flatten,
+    /// `dense:UNITS`: Dense(units), ReLU unless it is the last layer.
+    Dense { units: usize },
+}
+
+/// A network: its layers, the last a `dense:10`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub layers: Vec<LayerSpec>,
+}
+
+/// A layer with its shapes, per image (a batch scales `images` and the rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Dense {
+        inputs: usize,
+        outputs: usize,
+        relu: bool,
+    },
+    /// `geometry.images` is 1.
+    Conv {
+        geometry: ConvGeometry,
+        filters: usize,
+    },
+    /// `shape.images` is 1.
+    Pool {
+        shape: PoolShape,
+    },
+}
+
+impl Layer {
+    /// Values a layer's output holds per image.
+    pub fn out_len(&self) -> usize {
+        match *self {
+            Layer::Dense { outputs, .. } => outputs,
+            Layer::Conv { geometry, filters } => geometry.oh() * geometry.ow() * filters,
+            Layer::Pool { shape } => shape.out_len(),
+        }
+    }
+
+    /// (kernel shape, bias length) of a layer with parameters.
+    pub fn params(&self) -> Option<(Vec<usize>, usize)> {
+        match *self {
+            Layer::Dense { inputs, outputs, .. } => Some((vec![inputs, outputs], outputs)),
+            Layer::Conv { geometry: g, filters } => Some((vec![g.kh, g.kw, g.in_ch, filters], filters)),
+            Layer::Pool { .. } => None,
+        }
+    }
+}
+
+/// The most parameters a model may have (values, gradients and velocities: 3 GiB in f32).
+pub const MAX_PARAMS: usize = 1 << 28;
+/// The most activation values (and as many gradients) a graph may hold for one batch.
+pub const MAX_ACTIVATIONS: usize = 1 << 30;
+
+impl ModelSpec {
+    /// The MLP 784 -> hidden... -> 10 (the book's chapter 2 model with `&[512]`).
+    pub fn mnist(hidden: &[usize]) -> Self {
+        let mut layers: Vec<LayerSpec> = hidden.iter().map(|&units| LayerSpec::Dense { units }).collect();
+        layers.push(LayerSpec::Dense { units: CLASSES });
+        ModelSpec { layers }
+    }
+
+    /// The book's chapter 8 convnet (`CONVNET`).
+    pub fn convnet() -> Self {
+        ModelSpec::parse("--model", CONVNET).unwrap_or_else(|_| ModelSpec::mnist(&[512]))
+    }
+
+    /// A `--layers` spec: comma-separated items (see `LayerSpec`). `flag` names the flag in errors.
+    pub fn parse(flag: &str, text: &str) -> Result<Self> {
+        let mut layers = Vec::new();
+        for (i, item) in text.split(',').map(str::trim).enumerate() {
+            let layer =
+                parse_item(item).map_err(|why| Error::usage(flag, format!("item {} '{item}': {why}", i + 1)))?;
+            layers.push(layer);
+        }
+        let spec = ModelSpec { layers };
+        spec.resolve_for(flag)?;
+        Ok(spec)
+    }
+
+    /// Whether every layer is dense (an MLP, described by its widths).
+    pub fn is_mlp(&self) -> bool {
+        self.layers.iter().all(|l| matches!(l, LayerSpec::Dense { .. }))
+    }
+
+    /// The hidden widths of an MLP (empty for other models).
+    pub fn hidden(&self) -> Vec<usize> {
+        match self.is_mlp() {
+            true => self.dense_units()[..self.layers.len().saturating_sub(1)].to_vec(),
+            false => Vec::new(),
+        }
+    }
+
+    fn dense_units(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .filter_map(|l| match l {
+                LayerSpec::Dense { units } => Some(*units),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The layers with their shapes.
+    pub fn resolve(&self) -> Result<Vec<Layer>> {
+        self.resolve_for("--layers")
+    }
+
+    /// `resolve`, naming `flag` in errors.
+    fn resolve_for(&self, flag: &str) -> Result<Vec<Layer>> {
+        let bad = |i: usize, why: String| Error::usage(flag, format!("item {} '{}': {why}", i + 1, self.item(i)));
+        let (mut h, mut w, mut c) = INPUT;
+        let mut flat: Option<usize> = None;
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let last = i + 1 == self.layers.len();
+            match *layer {
+                LayerSpec::Conv { filters, kernel, same } => {
+                    if flat.is_some() {
+                        return Err(bad(
+                            i,
+                            "a convolution needs an image, and the input is already flat".into(),
+                        ));
+                    }
+                    let pad = if same { (kernel - 1) / 2 } else { 0 };
+                    let geometry = ConvGeometry {
+                        images: 1,
+                        h,
+                        w,
+                        in_ch: c,
+                        kh: kernel,
+                        kw: kernel,
+                        pad,
+                    };
+                    if geometry.oh() == 0 || geometry.ow() == 0 {
+                        return Err(bad(
+                            i,
+                            format!("a {kernel}x{kernel} kernel does not fit a {h}x{w} image"),
+                        ));
+                    }
+                    (h, w, c) = (geometry.oh(), geometry.ow(), filters);
+                    out.push(Layer::Conv { geometry, filters });
+                }
+                LayerSpec::Pool { size } => {
+                    if flat.is_some() {
+                        return Err(bad(i, "pooling needs an image, and the input is already flat".into()));
+                    }
+                    if size > h || size > w {
+                        return Err(bad(i, format!("a {size}x{size} window does not fit a {h}x{w} image")));
+                    }
+                    let shape = PoolShape {
+                        images: 1,
+                        h,
+                        w,
+                        ch: c,
+                        size,
+                    };
+                    (h, w) = (shape.oh(), shape.ow());
+                    out.push(Layer::Pool { shape });
+                }
+                LayerSpec::Flatten => flat = Some(flat.unwrap_or(h * w * c)),
+                LayerSpec::Dense { units } => {
+                    let inputs = flat.unwrap_or(h * w * c);
+                    out.push(Layer::Dense {
+                        inputs,
+                        outputs: units,
+                        relu: !last,
+                    });
+                    flat = Some(units);
+                }
+            }
+            if last && *layer != (LayerSpec::Dense { units: CLASSES }) {
+                return Err(bad(
+                    i,
+                    format!("the last layer must be dense:{CLASSES} (the {CLASSES} classes)"),
+                ));
+            }
+        }
+        if self.layers.is_empty() {
+            return Err(Error::usage(
+                flag,
+                format!("no layers; the last must be dense:{CLASSES}"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Item `i` as the spec writes it.
+    fn item(&self, i: usize) -> String {
+        match self.layers[i] {
+            LayerSpec::Conv { filters, kernel, same } => {
+                format!("conv:{filters}:{kernel}{}", if same { ":same" } else { "" })
+            }
+            LayerSpec::Pool { size } => format!("pool:{size}"),
+            LayerSpec::Flatten => "flatten".to_string(),
+            LayerSpec::Dense { units } => format!("dense:{units}"),
+        }
+    }
+
+    /// The spec as `--layers` takes it.
+    pub fn to_layers_arg(&self) -> String {
+        (0..self.layers.len())
+            .map(|i| self.item(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// One text line: the widths of an MLP ("784-512-10"), else the `--layers` spec.
+    pub fn describe(&self) -> String {
+        match self.is_mlp() {
+            true => std::iter::once(INPUT.0 * INPUT.1 * INPUT.2)
+                .chain(self.dense_units())
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join("-"),
+            false => self.to_layers_arg(),
+        }
+    }
+
+    /// (name, shape) of every parameter, in order: each layer's kernel, then its bias.
+    pub fn param_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let (mut convs, mut denses) = (0, 0);
+        let mut out = Vec::new();
+        for layer in self.resolve()? {
+            let Some((kernel, bias)) = layer.params() else { continue };
+            let name = match layer {
+                Layer::Conv { .. } => {
+                    convs += 1;
+                    format!("conv2d_{}", convs - 1)
+                }
+                _ => {
+                    denses += 1;
+                    format!("dense_{}", denses - 1)
+                }
+            };
+            out.push((format!("{name}.kernel"), kernel));
+            out.push((format!("{name}.bias"), vec![bias]));
+        }
+        Ok(out)
+    }
+
+    /// Total number of trainable values.
+    pub fn param_count(&self) -> usize {
+        self.param_shapes()
+            .map(|p| p.iter().map(|(_, s)| s.iter().product::<usize>()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Refuse a model or batch too large to allocate, before anything is allocated: at most
+    /// 2^28 parameters (each also has a gradient and a velocity) and 2^30 activation values.
+    pub fn check_size(&self, max_batch: usize) -> Result<()> {
+        let layers = self.resolve()?;
+        let params = layers.iter().try_fold(0usize, |acc, l| match l.params() {
+            Some((kernel, bias)) => kernel
+                .iter()
+                .try_fold(1usize, |p, &d| p.checked_mul(d))
+                .and_then(|k| k.checked_add(bias))
+                .and_then(|n| acc.checked_add(n)),
+            None => Some(acc),
+        });
+        if !matches!(params, Some(n) if n <= MAX_PARAMS) {
+            let reason = format!("{} has more than {MAX_PARAMS} parameters", self.describe());
+            return Err(Error::usage("--hidden", reason));
+        }
+        let width = layers
+            .iter()
+            .try_fold(INPUT.0 * INPUT.1 * INPUT.2, |acc, l| acc.checked_add(l.out_len()));
+        match width
+            .and_then(|w| w.checked_mul(max_batch))
+            .and_then(|v| v.checked_mul(2))
+        {
+            Some(v) if v <= MAX_ACTIVATIONS => Ok(()),
+            _ => Err(Error::usage(
+                "--batch-size",
+                format!(
+                    "batches of {max_batch} through {} need more than {MAX_ACTIVATIONS} activation values",
+                    self.describe()
+                ),
+            )),
+        }
+    }
+}
+
+/// One `--layers` item, or why it is not one.
+fn parse_item(item: &str) -> std::result::Result<LayerSpec, String> {
+    let parts: Vec<&str> = item.split(':').collect();
+    let number = |text: &str, what: &str, max: usize| match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{what} '{text}' is not a whole number from 1 to {max}")),
+    };
+    match parts[..] {
+        ["conv", filters, kernel] | ["conv", filters, kernel, "valid"] => Ok(LayerSpec::Conv {
+            filters: number(filters, "the filter count", 4096)?,
+            kernel: number(kernel, "the kernel size", 28)?,
+            same: false,
+        }),
+        ["conv", filters, kernel, "same"] => {
+            let kernel = number(kernel, "the kernel size", 27)?;
+            if kernel % 2 == 0 {
+                return Err(format!("'same' padding needs an odd kernel, not {kernel}"));
+            }
+            Ok(LayerSpec::Conv {
+                filters: number(filters, "the filter count", 4096)?,
+                kernel,
+                same: true,
+            })
+        }
+        ["conv", ..] => Err("write conv:FILTERS:KERNEL or conv:FILTERS:KERNEL:same".to_string()),
+        ["pool", size] => Ok(LayerSpec::Pool {
+            size: number(size, "the window size", 28)?,
+        }),
+        ["pool", ..] => Err("write pool:SIZE".to_string()),
+        ["flatten"] => Ok(LayerSpec::Flatten),
+        ["dense", units] => Ok(LayerSpec::Dense {
+            units: number(units, "the unit count", 1 << 20)?,
+        }),
+        ["dense", ..] => Err("write dense:UNITS".to_string()),
+        _ => Err("not one of conv:FILTERS:KERNEL[:same], pool:SIZE, flatten, dense:UNITS".to_string()),
+    }
+}
+
+/// A named parameter tensor on the host (initial values, checkpoints).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// e.g. "dense_0.kernel", "dense_0.bias".
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Glorot-uniform kernels (limit sqrt(6 / (fan_in + fan_out)), where a convolution's fans are its
+/// kernel's area times its input and output channels, as Keras counts them) and zero biases,
+/// seeded. An invalid spec gives no tensors (`ModelSpec::parse` refuses those).
+pub fn glorot_init(spec: &ModelSpec, seed: u64) -> Vec<HostTensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for (name, shape) in spec.param_shapes().unwrap_or_default() {
+        let n: usize = shape.iter().product();
+        let data = match shape.len() {
+            1 => vec![0.0; n],
+            rank => {
+                let area: usize = shape[..rank - 2].iter().product();
+                let (fan_in, fan_out) = (area * shape[rank - 2], area * shape[rank - 1]);
+                let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+                (0..n).map(|_| rng.random_range(-limit..limit)).collect()
+            }
+        };
+        out.push(HostTensor { name, shape, data });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_book_models_resolve() {
+        let mlp = ModelSpec::mnist(&[512]);
+        assert_eq!(mlp.describe(), "784-512-10");
+        assert_eq!(mlp.param_count(), 407_050);
+        assert_eq!(mlp.hidden(), vec![512]);
+        let convnet = ModelSpec::convnet();
+        assert_eq!(convnet.to_layers_arg(), CONVNET);
+        assert_eq!(convnet.param_count(), 104_202);
+        let layers = convnet.resolve().unwrap();
+        assert_eq!(layers.len(), 6);
+        assert_eq!(layers[4].out_len(), 1152);
+        assert_eq!(
+            layers[5],
+            Layer::Dense {
+                inputs: 1152,
+                outputs: 10,
+                relu: false
+            }
+        );
+        let names: Vec<String> = convnet.param_shapes().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names[0], "conv2d_0.kernel");
+        assert_eq!(names[6], "dense_0.kernel");
+        // Glorot for a convolution counts the kernel's area in both fans.
+        let init = glorot_init(&convnet, 0);
+        let limit = (6.0f64 / (9.0 * 1.0 + 9.0 * 32.0)).sqrt() as f32;
+        assert!(init[0].data.iter().all(|v| v.abs() <= limit));
+        assert!(init[0].data.iter().any(|v| v.abs() > 0.9 * limit));
+        assert_eq!(
+            ModelSpec::parse("--layers", "conv:8:5:same,pool:2,dense:10")
+                .unwrap()
+                .param_count(),
+            208 + 14 * 14 * 8 * 10 + 10
+        );
+    }
+
+    #[test]
+    fn bad_specs_name_the_item() {
+        for (spec, words) in [
+            ("conv:32", "item 1 'conv:32'"),
+            (
+                "conv:32:3,dense:10,conv:8:3,dense:10",
+                "item 3 'conv:8:3': a convolution needs an image",
+            ),
+            (
+                "conv:32:7,pool:4,conv:8:7,dense:10",
+                "item 3 'conv:8:7': a 7x7 kernel does not fit a 5x5 image",
+            ),
+            ("pool:0,dense:10", "window size '0'"),
+            ("conv:4:4:same,dense:10", "odd kernel"),
+            ("dense:512", "last layer must be dense:10"),
+            ("dense:10,flatten", "item 2 'flatten'"),
+            ("conv:3:3,,dense:10", "item 2 ''"),
+            ("relu,dense:10", "not one of"),
+            ("", "item 1 ''"),
+        ] {
+            let err = ModelSpec::parse("--layers", spec).unwrap_err().to_string();
+            assert!(err.contains(words), "{spec}: {err}");
+            assert!(err.contains("--layers"), "{spec}: {err}");
+        }
+    }
+}
