@@ -89,6 +89,23 @@ impl Graph {
             return Err(Error::usage("--batch-size", "must be at least 1"));
         }
         let resolved = spec.resolve()?;
+        // Every activation must fit one tensor of the device: refused here, naming the layer,
+        // before anything is allocated.
+        let (limit, what) = be.max_tensor_len();
+        for (i, layer) in resolved.iter().enumerate() {
+            if max_batch.saturating_mul(layer.out_len()) > limit {
+                return Err(Error::usage(
+                    "--batch-size",
+                    format!(
+                        "layer {} of {} ({} values an image) needs {} values for a batch of {max_batch}, more than {what}",
+                        i + 1,
+                        spec.describe(),
+                        layer.out_len(),
+                        max_batch.saturating_mul(layer.out_len())
+                    ),
+                ));
+            }
+        }
         // Values, gradients and velocities each live in one packed allocation, in layer order
         // (each layer's kernel, then its bias), so that a GPU kernel updating a layer's weight
         // and bias binds one buffer of each.

@@ -143,3 +143,40 @@ fn a_custom_stack_trains_on_the_cpu_paths() {
         assert_close(&format!("custom stack: {}", f.name), &f.data, &s.data, 1e-5, 1e-3);
     }
 }
+
+/// A batch whose activations do not fit the GPU's largest storage binding is refused before
+/// anything is allocated, with a usage error naming the layer and the limit (or, past what any
+/// device holds, the activation count).
+#[test]
+fn a_batch_too_large_for_the_gpu_names_the_layer() {
+    let adapter = gpu_mnist::backend::wgpu::list_adapters()
+        .into_iter()
+        .next()
+        .expect("a wgpu adapter (install mesa-vulkan-drivers)");
+    // The first layer's output: 26 x 26 x 32 values an image.
+    let batch = (adapter.max_storage_buffer_binding_size / 4 / (26 * 26 * 32) + 1).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["train", "--model", "convnet", "--device", "gpu", "--epochs", "1"])
+        .args([
+            "--batch-size",
+            &batch,
+            "--train-limit",
+            "100",
+            "--data",
+            &data_arg(),
+            "--out",
+        ])
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("batch {batch}: {stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        (stderr.contains("layer 1 of conv:32:3") && stderr.contains("storage binding"))
+            || stderr.contains("activation values"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("run").exists(), "a refused run wrote its folder");
+}

@@ -32,6 +32,8 @@ pub fn fits(k: usize, n: usize) -> bool {
 pub struct Scratch {
     b: Vec<f32>,
     c: Vec<f32>,
+    /// The partial products of a K split (`products::sgemm_split_k`).
+    pub partials: Vec<f32>,
 }
 
 /// A matrix read through strides: element (i, j) at `data[i * row + j * col]`.

@@ -101,6 +101,11 @@ pub trait Backend {
     /// parameters, gradients and velocities this way, so that one transfer moves every parameter
     /// and a fused kernel updates a layer's weight and bias through one binding.
     fn alloc_packed(&mut self, lens: &[usize]) -> Result<Packed>;
+    /// The most f32 values one tensor may hold (a GPU's largest storage binding), and a name of
+    /// that limit for errors.
+    fn max_tensor_len(&self) -> (usize, String) {
+        (usize::MAX, "memory".to_string())
+    }
     /// Copy `data` into the start of `t`.
     fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()>;
     /// Wait for pending work and return the whole of `t`.

@@ -405,10 +405,22 @@ fn apply_epilogue(kind: CpuKind, out: &mut [f32], extra: &[&[f32]], epilogue: Ep
 /// threads (a hand-off costs about a microsecond, this much work about five).
 const SPLIT_MIN_MACS: usize = 1 << 18;
 
+/// Rows of C a piece gets at least, so that packing B (k x n, once per piece) stays a small share
+/// of a piece's work.
+const PIECE_MIN_ROWS: usize = 64;
+
+/// Products with fewer rows than this and a sum at least `SPLIT_K_MIN` long (a convolution's
+/// weight gradient: a few patch values, summed over every pixel of the batch) are split along K.
+const SPLIT_K_MAX_ROWS: usize = 32;
+const SPLIT_K_MIN: usize = 4096;
+/// The pieces of a K split: a constant, so that the sums do not depend on the thread count.
+const SPLIT_K_PIECES: usize = 8;
+
 /// C (m, n) = A @ B with A and B read through their strides: the three products of a dense
 /// layer are this one call with different strides. A product with a narrow side (the output
-/// layer's) runs `cpu_narrow` on this thread; otherwise C's rows are cut into pieces spread over
-/// `cpu_pool`'s threads, each running `matrixmultiply`'s single-threaded sgemm on its share.
+/// layer's) runs `cpu_narrow` on this thread; a short, long-summed one is split along K
+/// (`sgemm_split_k`); otherwise C's rows are cut into pieces spread over `cpu_pool`'s threads,
+/// each running `matrixmultiply`'s single-threaded sgemm on its share.
 fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut cpu_narrow::Scratch) {
     let MatmulShape { m, n, k } = shape;
     if cpu_narrow::fits(k, n) {
@@ -420,34 +432,93 @@ fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut
         c.fill(0.0);
         return;
     }
-    // A piece per SPLIT_MIN_MACS of work, up to `chunk_count` (each piece is one sgemm call).
-    let chunks = (m * k * n / SPLIT_MIN_MACS).clamp(1, cpu_sparse::chunk_count(m));
+    if m < SPLIT_K_MAX_ROWS && k >= SPLIT_K_MIN {
+        sgemm_split_k(shape, (a, b), c, &mut narrow.partials);
+        return;
+    }
+    // A piece per SPLIT_MIN_MACS of work, up to `chunk_count`, of at least PIECE_MIN_ROWS rows.
+    let chunks = (m * k * n / SPLIT_MIN_MACS)
+        .clamp(1, cpu_sparse::chunk_count(m))
+        .min((m / PIECE_MIN_ROWS).max(1));
     let rows = m.div_ceil(chunks);
     let mut pieces = c.chunks_mut(rows * n).enumerate();
     let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
     cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
         let first = i * rows;
         let m = c.len() / n;
+        // SAFETY (of `sgemm_unchecked`): rows first..first + m of A and all of B are checked to
+        // lie inside their slices; `c` holds this piece's m rows of n.
         assert!(a.reaches(first + m - 1, k - 1) && b.reaches(k - 1, n - 1));
-        // SAFETY: the assert above checks that every index the strides reach from row `first` of
-        // A, and in B, is inside `a` and `b`; `c` holds this piece's m rows of n.
         unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
+            sgemm_unchecked(
+                MatmulShape { m, n, k },
                 a.data.as_ptr().add(first * a.row),
-                a.row as isize,
-                a.col as isize,
-                b.data.as_ptr(),
-                b.row as isize,
-                b.col as isize,
-                0.0,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-            );
-        }
+                (a.row, a.col),
+                b,
+                c,
+            )
+        };
     });
+}
+
+/// C (m, n) = A @ B for a few rows of C and a long K: K is cut into `SPLIT_K_PIECES` fixed
+/// pieces, each summed into its own partial C on the pool's threads, then the partials are added
+/// in piece order (deterministic, whatever the thread count).
+fn sgemm_split_k(shape: MatmulShape, (a, b): (Strided, Strided), c: &mut [f32], partials: &mut Vec<f32>) {
+    let MatmulShape { m, n, k } = shape;
+    let span = k.div_ceil(SPLIT_K_PIECES);
+    if partials.len() < SPLIT_K_PIECES * m * n {
+        partials.resize(SPLIT_K_PIECES * m * n, 0.0);
+    }
+    assert!(a.reaches(m - 1, k - 1) && b.reaches(k - 1, n - 1));
+    let mut pieces = partials.chunks_mut(m * n).enumerate();
+    let items: [_; SPLIT_K_PIECES] = std::array::from_fn(|_| pieces.next());
+    cpu_pool::for_each(items, &|(p, part): (usize, &mut [f32])| {
+        let (k0, k1) = (p * span, ((p + 1) * span).min(k));
+        if k0 >= k1 {
+            part.fill(0.0);
+            return;
+        }
+        let piece = Strided::new(&b.data[k0 * b.row..], b.row, b.col);
+        // SAFETY (of `sgemm_unchecked`): A's columns k0..k1 and B's rows k0..k1 lie inside their
+        // slices (asserted for the whole product above); `part` holds m rows of n.
+        unsafe {
+            let a0 = a.data.as_ptr().add(k0 * a.col);
+            sgemm_unchecked(MatmulShape { m, n, k: k1 - k0 }, a0, (a.row, a.col), piece, part)
+        };
+    });
+    c.copy_from_slice(&partials[..m * n]);
+    for part in partials[m * n..SPLIT_K_PIECES * m * n].chunks_exact(m * n) {
+        for (x, &y) in c.iter_mut().zip(part) {
+            *x += y;
+        }
+    }
+}
+
+/// `matrixmultiply`'s sgemm of C (m, n) = A @ B, A at `a` with (row, column) strides `a_strides`.
+///
+/// # Safety
+/// Every element (i, kk) of A for i < m, kk < k must lie in the allocation `a` points into, and
+/// B's first k rows of n in `b.data`; `c` must hold m rows of n.
+unsafe fn sgemm_unchecked(shape: MatmulShape, a: *const f32, a_strides: (usize, usize), b: Strided, c: &mut [f32]) {
+    let MatmulShape { m, n, k } = shape;
+    // SAFETY: the caller's contract.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a,
+            a_strides.0 as isize,
+            a_strides.1 as isize,
+            b.data.as_ptr(),
+            b.row as isize,
+            b.col as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
 }

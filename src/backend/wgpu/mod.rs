@@ -343,6 +343,20 @@ impl Backend for WgpuBackend {
         Ok(TensorId(self.tensors.len() - 1))
     }
 
+    fn max_tensor_len(&self) -> (usize, String) {
+        let limit = self
+            .ctx
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.ctx.limits.max_buffer_size);
+        let what = format!(
+            "the largest storage binding of adapter '{}' ({} MiB)",
+            self.ctx.summary.name,
+            limit >> 20
+        );
+        (usize::try_from(limit / 4).unwrap_or(usize::MAX), what)
+    }
+
     fn alloc_packed(&mut self, lens: &[usize]) -> Result<Packed> {
         // Each part starts at a multiple of the device's binding-offset alignment.
         let align = (self.ctx.limits.min_storage_buffer_offset_alignment.max(4) / 4) as usize;
