@@ -7,14 +7,16 @@
 #   gpu-mnist       a release binary built here (`cargo build --release`, then `strip`)
 #   mnist/          the four gzip IDX files (from ../shared/data/mnist)
 #   torch_mnist.py  ../shared/bench/torch_mnist.py
+#   torch_convnet.py  ../shared/bench/torch_convnet.py
 #   *.deb           the Vulkan loader and libglvnd (libvulkan1 libegl1 libglvnd0 libopengl0 libgl1
 #                   libglx0 libgles2, downloaded for amd64 as the device README shows)
 #   tests/          optional: the kernels and training test binaries, stripped, to run on the card
 #                   (`cargo test --release --test kernels --test training --no-run` prints their
 #                   paths; copy them as tests/kernels and tests/training)
-# and writes at most 8 files to $OUT: the card, `devices`, the reference job with the output
+# and writes at most 12 files to $OUT: the card, `devices`, the reference job with the output
 # layer unfused (GPU_MNIST_OUTPUT_FUSION=0; cold driver cache: the start-up figure) and fused (=1),
-# `bench --device gpu` both ways, PyTorch CUDA's reference job, and the tests' summary.
+# `bench --device gpu` both ways, the convnet (`train --model convnet` and `bench --model convnet`),
+# PyTorch CUDA's reference job and convnet, and the tests' summary.
 # TRAIN_ARGS adds arguments to both training runs (a dry run on llvmpipe here:
 # VK_DRIVER_FILES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json TRAIN_ARGS="--train-limit 2560
 # --epochs 1" BENCH_ARGS="--steps 5 --repeats 1" OUT=/tmp/out bash benches/device_check.sh).
@@ -43,8 +45,15 @@ bench_args=${BENCH_ARGS:-}
 GPU_MNIST_OUTPUT_FUSION=0 "$bin" bench --device gpu $bench_args >"$out/bench_unfused.txt" 2>&1
 # shellcheck disable=SC2086
 GPU_MNIST_OUTPUT_FUSION=1 "$bin" bench --device gpu $bench_args >"$out/bench_fused.txt" 2>&1
+# shellcheck disable=SC2086
+{
+    time "$bin" train --model convnet --device gpu --verbose --out /tmp/run-convnet $train_args
+} >"$out/train_convnet.txt" 2>&1
+# shellcheck disable=SC2086
+"$bin" bench --model convnet --device gpu $bench_args >"$out/bench_convnet.txt" 2>&1
 if [ -z "$train_args" ]; then
     PYTHONUNBUFFERED=1 python3 .dev/torch_mnist.py --device cuda --data .dev/mnist >"$out/torch_cuda.txt" 2>&1
+    PYTHONUNBUFFERED=1 python3 .dev/torch_convnet.py --device cuda --data .dev/mnist >"$out/torch_convnet_cuda.txt" 2>&1
 fi
 for t in .dev/tests/*; do
     [ -x "$t" ] || continue
@@ -53,5 +62,5 @@ for t in .dev/tests/*; do
 done >"$out/tests.txt" 2>&1
 grep -H -E "epoch|test:|first chunk|dispatches a step" "$out"/train_*.txt | head -40
 grep -H -E "step|epoch|samples" "$out"/bench_*.txt | head -20
-tail -n 3 "$out/torch_cuda.txt" 2>/dev/null
+tail -n 3 "$out/torch_cuda.txt" "$out/torch_convnet_cuda.txt" 2>/dev/null
 grep -E "test result" "$out/tests.txt"

@@ -59,6 +59,25 @@ impl ParamPart {
     }
 }
 
+/// Refuse, naming the layer, a batch one of whose layers' activations do not fit one tensor of
+/// the device (a GPU's largest storage binding), before anything is allocated.
+fn check_fits(be: &dyn Backend, spec: &ModelSpec, layers: &[Layer], max_batch: usize) -> Result<()> {
+    let (limit, what) = be.max_tensor_len();
+    for (i, layer) in layers.iter().enumerate() {
+        let need = max_batch.saturating_mul(layer.out_len());
+        if need > limit {
+            let reason = format!(
+                "layer {} of {} ({} values an image) needs {need} values for a batch of {max_batch}, more than {what}",
+                i + 1,
+                spec.describe(),
+                layer.out_len(),
+            );
+            return Err(Error::usage("--batch-size", reason));
+        }
+    }
+    Ok(())
+}
+
 /// What a cached plan was built for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct PlanKey {
@@ -89,23 +108,7 @@ impl Graph {
             return Err(Error::usage("--batch-size", "must be at least 1"));
         }
         let resolved = spec.resolve()?;
-        // Every activation must fit one tensor of the device: refused here, naming the layer,
-        // before anything is allocated.
-        let (limit, what) = be.max_tensor_len();
-        for (i, layer) in resolved.iter().enumerate() {
-            if max_batch.saturating_mul(layer.out_len()) > limit {
-                return Err(Error::usage(
-                    "--batch-size",
-                    format!(
-                        "layer {} of {} ({} values an image) needs {} values for a batch of {max_batch}, more than {what}",
-                        i + 1,
-                        spec.describe(),
-                        layer.out_len(),
-                        max_batch.saturating_mul(layer.out_len())
-                    ),
-                ));
-            }
-        }
+        check_fits(be, spec, &resolved, max_batch)?;
         // Values, gradients and velocities each live in one packed allocation, in layer order
         // (each layer's kernel, then its bias), so that a GPU kernel updating a layer's weight
         // and bias binds one buffer of each.

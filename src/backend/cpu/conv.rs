@@ -1,14 +1,15 @@
 //! The CPU backends' convolutions and max pooling.
 //!
-//! Contract: a convolution's product runs as a dense product over an explicit patch matrix held
-//! in one scratch tensor of the backend (grown to the largest layer once, then reused, so a step
-//! allocates nothing): the forward product and the weight gradient multiply `im2col(inp)`, the
-//! input gradient computes the patches' gradient and sums it back into the pixels (`col2im`),
-//! then applies the previous ReLU's mask. Every dense product, its epilogue and a fused update
+//! Contract: a convolution's product runs as a dense product over an explicit patch matrix: the
+//! forward product and the weight gradient multiply `im2col(inp)`, kept per layer so that the
+//! weight gradient reuses the forward product's while the input is unchanged; the input gradient
+//! computes the patches' gradient into one scratch tensor and sums it back into the pixels
+//! (`col2im`), then applies the previous ReLU's mask. The tensors are allocated by the first step
+//! and reused, so a step allocates nothing. Every dense product, its epilogue and a fused update
 //! are then exactly the dense layer's (`products`). The reference runs `reference`'s loops, the
 //! fast path `cpu_conv`'s, which give the same values bit for bit.
 
-use super::{CpuBackend, CpuKind};
+use super::{CpuBackend, CpuKind, Patches};
 use crate::backend::cpu_conv;
 use crate::backend::cpu_fast;
 use crate::backend::ops::{ConvGeometry, Matmul, MatmulKind, Pool, PoolKind, StepAt};
@@ -27,15 +28,23 @@ impl CpuBackend {
             );
             return Err(Error::shape("convolution", reason));
         }
-        let cols = self.patch_scratch(g.pixels() * g.patch())?;
         let dense = |kind| Matmul {
             shape: m.shape,
             kind,
             conv: None,
         };
         match m.kind {
+            MatmulKind::Forward {
+                out,
+                inp,
+                weight,
+                bias,
+                relu,
+            } if self.kind == CpuKind::Fast && g.patch() <= DIRECT_MAX_PATCH => {
+                self.direct_forward((out, inp, weight, bias), relu, g, m.shape.outputs)
+            }
             MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } => {
-                self.im2col(cols, inp, g)?;
+                let cols = self.patches_of(inp, g)?;
                 let kind = match m.kind {
                     MatmulKind::Forward {
                         out,
@@ -73,6 +82,7 @@ impl CpuBackend {
                 weight,
                 relu_mask,
             } => {
+                let cols = self.gradient_scratch(g.pixels() * g.patch())?;
                 let kind = MatmulKind::BackwardInput {
                     dinp: cols,
                     dout,
@@ -85,13 +95,63 @@ impl CpuBackend {
         }
     }
 
-    /// The backend's patch scratch tensor, at least `len` values (grown, never shrunk).
-    fn patch_scratch(&mut self, len: usize) -> Result<TensorId> {
-        match self.patches {
+    /// out (pixels, filters) = relu?(patches @ weight + bias) straight from the images, for a patch
+    /// of at most `DIRECT_MAX_PATCH` values (a first layer over one channel), where building the
+    /// patch matrix would cost more than the product.
+    fn direct_forward(
+        &mut self,
+        (out, inp, weight, bias): (TensorId, TensorId, TensorId, Option<TensorId>),
+        relu: bool,
+        g: ConvGeometry,
+        filters: usize,
+    ) -> Result<()> {
+        let k = g.patch();
+        let inputs = [
+            (inp, g.image_len()),
+            (weight, k * filters),
+            (bias.unwrap_or(weight), filters),
+        ];
+        let inputs = &inputs[..if bias.is_some() { 3 } else { 2 }];
+        self.with_out("matmul forward", (out, g.pixels() * filters), inputs, |o, i| {
+            let bias = i.get(2).copied();
+            cpu_conv_direct(o, (i[0], i[1], bias), relu, &g, filters)
+        })
+    }
+
+    /// The patch matrix of the images in `inp`: built by `im2col` into a tensor kept for this
+    /// (input, geometry), or, when `inp` has not been written since it was built (the weight
+    /// gradient after the forward product of the same step), reused as it is.
+    fn patches_of(&mut self, inp: TensorId, g: ConvGeometry) -> Result<TensorId> {
+        let storage = self.view("convolution", inp, g.image_len())?.storage;
+        let version = self.versions[storage];
+        let len = g.pixels() * g.patch();
+        let index = match self.patches.iter().position(|p| p.inp == inp && p.geometry == g) {
+            Some(i) if self.patches[i].version == version => return Ok(self.patches[i].cols),
+            Some(i) => i,
+            None => {
+                let cols = crate::backend::Backend::alloc(self, len)?;
+                self.patches.push(Patches {
+                    inp,
+                    geometry: g,
+                    version,
+                    cols,
+                });
+                self.patches.len() - 1
+            }
+        };
+        let cols = self.patches[index].cols;
+        self.im2col(cols, inp, g)?;
+        self.patches[index].version = self.versions[storage];
+        Ok(cols)
+    }
+
+    /// The scratch tensor of the patches' gradient, at least `len` values (grown, never shrunk).
+    fn gradient_scratch(&mut self, len: usize) -> Result<TensorId> {
+        match self.dpatches {
             Some(t) if self.tensors[t.0].len >= len => Ok(t),
             _ => {
                 let t = crate::backend::Backend::alloc(self, len)?;
-                self.patches = Some(t);
+                self.dpatches = Some(t);
                 Ok(t)
             }
         }
@@ -151,6 +211,100 @@ impl CpuBackend {
                     CpuKind::Reference => r::maxpool_backward(o, i[0], i[1], &s, relu),
                     CpuKind::Fast => cpu_conv::maxpool_backward(o, i[0], i[1], &s, relu),
                 })
+            }
+        }
+    }
+}
+
+/// Patches of at most this many values go straight from the images (`direct_forward`).
+const DIRECT_MAX_PATCH: usize = 16;
+
+/// `CpuBackend::direct_forward`'s arithmetic, split over the pool's threads by images: each
+/// output pixel's patch (zeros over the padding) times the weight's rows, in patch order, then
+/// + bias and ReLU, as the reference's product and epilogue do.
+fn cpu_conv_direct(
+    out: &mut [f32],
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    filters: usize,
+) {
+    let per_image = g.oh() * g.ow() * filters;
+    if per_image == 0 || g.images == 0 {
+        return;
+    }
+    let chunks = crate::backend::cpu_sparse::chunk_count(g.images);
+    let images = g.images.div_ceil(chunks);
+    let mut pieces = out[..g.images * per_image].chunks_mut(images * per_image).enumerate();
+    let items: [_; crate::backend::cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    crate::backend::cpu_pool::for_each(items, &|(p, o): (usize, &mut [f32])| {
+        let first = p * images * g.oh() * g.ow();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                unsafe { direct_rows_avx2(o, (inp, weight, bias), relu, g, (first, filters)) };
+                return;
+            }
+        }
+        direct_rows(o, (inp, weight, bias), relu, g, (first, filters));
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn direct_rows_avx2(
+    out: &mut [f32],
+    operands: (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    at: (usize, usize),
+) {
+    direct_rows(out, operands, relu, g, at)
+}
+
+/// Output pixels first.. (as many as `out` holds) of `cpu_conv_direct`.
+#[inline(always)]
+fn direct_rows(
+    out: &mut [f32],
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    (first, filters): (usize, usize),
+) {
+    let k = g.patch();
+    let (ohw, ow) = (g.oh() * g.ow(), g.ow());
+    let mut patch = [0.0f32; DIRECT_MAX_PATCH];
+    for (r, o) in out.chunks_exact_mut(filters).enumerate() {
+        // The patch of output pixel (b, oy, ox), in (ky, kx, c) order (`ConvGeometry::source`).
+        let row = first + r;
+        let (b, oy, ox) = (row / ohw, row % ohw / ow, row % ow);
+        let mut kk = 0;
+        for ky in 0..g.kh {
+            let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
+            for kx in 0..g.kw {
+                let x = (ox + kx).checked_sub(g.pad).filter(|&x| x < g.w);
+                let base = y.zip(x).map(|(y, x)| ((b * g.h + y) * g.w + x) * g.in_ch);
+                for c in 0..g.in_ch {
+                    patch[kk] = base.map_or(0.0, |at| inp[at + c]);
+                    kk += 1;
+                }
+            }
+        }
+        o.fill(0.0);
+        for (kk, &v) in patch[..k].iter().enumerate() {
+            for (acc, &w) in o.iter_mut().zip(&weight[kk * filters..(kk + 1) * filters]) {
+                *acc += v * w;
+            }
+        }
+        if let Some(bias) = bias {
+            for (acc, &b) in o.iter_mut().zip(bias) {
+                *acc += b;
+            }
+        }
+        if relu {
+            for acc in o.iter_mut() {
+                *acc = if *acc > 0.0 { *acc } else { 0.0 };
             }
         }
     }

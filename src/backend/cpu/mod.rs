@@ -74,8 +74,20 @@ pub struct CpuBackend {
     sparse: cpu_sparse::Scratch,
     narrow: cpu_narrow::Scratch,
     sparse_products: u64,
-    /// The patch matrix of the convolutions (see `conv`), once one has run.
-    patches: Option<TensorId>,
+    /// The convolutions' patch matrices, one per (input, geometry), and the scratch of their
+    /// gradient (see `conv`).
+    patches: Vec<Patches>,
+    dpatches: Option<TensorId>,
+}
+
+/// The patch matrix `cols` of input `inp` under `geometry`, built when `inp`'s array was at write
+/// count `version`.
+#[derive(Debug, Clone, Copy)]
+struct Patches {
+    inp: TensorId,
+    geometry: crate::backend::ops::ConvGeometry,
+    version: u64,
+    cols: TensorId,
 }
 
 impl CpuBackend {
@@ -97,7 +109,8 @@ impl CpuBackend {
             sparse: cpu_sparse::Scratch::default(),
             narrow: cpu_narrow::Scratch::default(),
             sparse_products: 0,
-            patches: None,
+            patches: Vec::new(),
+            dpatches: None,
         }
     }
 

@@ -256,7 +256,10 @@ impl CpuBackend {
         cols: usize,
         out_cols: usize,
     ) -> Result<bool> {
-        if self.kind != CpuKind::Fast || !cpu_sparse::may_pay(out_cols) {
+        // A convolution's patch matrix runs the dense products: the sparse ones are laid out for
+        // a layer's pixels and wide outputs.
+        let patches = self.patches.iter().any(|p| p.cols == inp);
+        if self.kind != CpuKind::Fast || !cpu_sparse::may_pay(out_cols) || patches {
             return Ok(false);
         }
         let v = self.view(op, inp, rows * cols)?;

@@ -18,6 +18,7 @@ use super::buffers::Slice;
 use super::context::GpuContext;
 use super::matmul::{ConvProduct, TileConfig};
 use super::params::ParamWords;
+use crate::backend::Op;
 use crate::error::Result;
 
 /// Every file of `shaders/`, by name.
@@ -321,6 +322,20 @@ impl Kernels {
         pass.set_bind_group(0, &self.bind_groups[&key], &[]);
         pass.dispatch_workgroups(grid.0, grid.1, grid.2);
         Ok(())
+    }
+}
+
+impl super::WgpuBackend {
+    /// The kernel an op dispatches (None for an op the device never runs alone).
+    pub(super) fn kernel_of(&self, op: &Op) -> Option<Kernel> {
+        match op {
+            Op::Gather(_) => Some(Kernel::Gather),
+            Op::Matmul(m) => self.matmul_kernel(m).ok(),
+            Op::Loss(_) => Some(Kernel::SoftmaxXent),
+            Op::OutputLayer(_) => Some(Kernel::OutputLayer),
+            Op::Pool(p) => Some(super::pool::kernel(p)),
+            Op::Update(_) => None,
+        }
     }
 }
 

@@ -347,6 +347,17 @@ impl Call {
 }
 
 impl WgpuBackend {
+    /// The tiling of an (m, n, k) product: the override, else the tuned choice per shape on a
+    /// hardware GPU, else (a software adapter: CPU threads run the workgroups, and each barrier
+    /// costs them a switch) one 64x64 slice per workgroup.
+    pub(super) fn tiles_for(&self, m: usize, n: usize, k: usize) -> TileConfig {
+        match self.tiles_override {
+            Some(t) => t,
+            None if self.ctx.summary.is_hardware() => TileConfig::for_shape(m, n, k),
+            None => TileConfig::SOFTWARE,
+        }
+    }
+
     /// Record one of a dense or a convolution layer's products.
     pub(super) fn matmul(&mut self, mm: &Matmul) -> Result<()> {
         let op = Op::Matmul(*mm).name();

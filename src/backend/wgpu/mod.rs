@@ -577,28 +577,3 @@ impl Backend for WgpuBackend {
         }
     }
 }
-
-impl WgpuBackend {
-    /// The kernel an op dispatches (None for an op the device never runs alone).
-    fn kernel_of(&self, op: &Op) -> Option<Kernel> {
-        match op {
-            Op::Gather(_) => Some(Kernel::Gather),
-            Op::Matmul(m) => self.matmul_kernel(m).ok(),
-            Op::Loss(_) => Some(Kernel::SoftmaxXent),
-            Op::OutputLayer(_) => Some(Kernel::OutputLayer),
-            Op::Pool(p) => Some(pool::kernel(p)),
-            Op::Update(_) => None,
-        }
-    }
-
-    /// The tiling of an (m, n, k) product: the override, else the tuned choice per shape on a
-    /// hardware GPU, else (a software adapter: CPU threads run the workgroups, and each barrier
-    /// costs them a switch) one 64x64 slice per workgroup.
-    fn tiles_for(&self, m: usize, n: usize, k: usize) -> TileConfig {
-        match self.tiles_override {
-            Some(t) => t,
-            None if self.ctx.summary.is_hardware() => TileConfig::for_shape(m, n, k),
-            None => TileConfig::SOFTWARE,
-        }
-    }
-}
