@@ -3,7 +3,7 @@
 //!
 //! Contract: `Graph::new` allocates its parameters, gradients, optimizer state and activations on the
 //! backend once, for batches of up to `max_batch` rows; a step then runs the ops of its plan
-//! (`plan`), built and fused for the backend once per (kind, dataset, rows) and cached, so that a
+//! (`plan`), built and fused for the backend once per (kind, dataset, rows, optimizer) and cached, so that a
 //! step dispatches ops and nothing else. Parameters are initialised as Keras does:
 //! Glorot-uniform weights, zero biases.
 
@@ -59,18 +59,36 @@ impl ParamPart {
     }
 }
 
-/// Refuse, naming the layer, a batch one of whose layers' activations do not fit one tensor of
-/// the device (a GPU's largest storage binding), before anything is allocated.
+/// Refuse, naming the layer, a batch one of whose layers does not fit the device (its output in
+/// one tensor, its products' rows in one grid), before anything is allocated.
 fn check_fits(be: &dyn Backend, spec: &ModelSpec, layers: &[Layer], max_batch: usize) -> Result<()> {
-    let (limit, what) = be.max_tensor_len();
-    for (i, layer) in layers.iter().enumerate() {
+    let limits = be.limits();
+    let names = spec.param_shapes()?;
+    let (mut params, mut pools) = (0, 0);
+    for layer in layers {
+        let name = match layer {
+            Layer::Pool { .. } => {
+                pools += 1;
+                format!("max_pooling_{}", pools - 1)
+            }
+            _ => {
+                params += 2;
+                names[params - 2].0.trim_end_matches(".kernel").to_string()
+            }
+        };
+        // Rows of the layer's largest product: a convolution's input gradient (a row per input
+        // pixel), a dense layer's batch.
+        let rows = match layer {
+            Layer::Conv { geometry: g, .. } => max_batch.saturating_mul(g.h * g.w),
+            _ => max_batch,
+        };
         let need = max_batch.saturating_mul(layer.out_len());
-        if need > limit {
+        if need > limits.tensor_len || rows > limits.product_rows {
             let reason = format!(
-                "layer {} of {} ({} values an image) needs {need} values for a batch of {max_batch}, more than {what}",
-                i + 1,
+                "layer {name} of {} needs {need} values and products of up to {rows} rows for a batch of \
+                 {max_batch}, more than {}",
                 spec.describe(),
-                layer.out_len(),
+                limits.what
             );
             return Err(Error::usage("--batch-size", reason));
         }
@@ -91,7 +109,7 @@ struct PlanKey {
 pub struct Graph {
     pub spec: ModelSpec,
     pub params: Vec<Param>,
-    /// Each dense layer's tensors, in order.
+    /// Each layer's tensors (dense, convolution, pooling), in order.
     layers: Vec<LayerTensors>,
     /// The packed allocations of the values, gradients and velocities (in `ParamPart` order), so
     /// that reading or writing one part of every parameter is one transfer.

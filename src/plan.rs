@@ -3,7 +3,7 @@
 //! Contract: `train_ops` and `eval_ops` build a step from the graph's layers as plain ops (every
 //! op its own kernel); `fuse` then merges the runs of ops that the backend's `Fusions` run as one
 //! kernel, and nothing else: a fused plan computes exactly what the plain one does (see
-//! `backend::ops::run_unfused`). A plan is built once per (kind, dataset, rows) and run for every
+//! `backend::ops::run_unfused`). A plan is built once per (kind, dataset, rows, optimizer) and run for every
 //! step with that batch size; only the `StepAt` differs between steps. Adding a layer type means
 //! adding it to `LayerOp` and its ops here; the training loop does not change. A ReLU's gradient
 //! is applied by the op that takes the gradient back through it: the next layer's input gradient

@@ -85,6 +85,8 @@ impl Layer {
 pub const MAX_PARAMS: usize = 1 << 28;
 /// The most activation values (and as many gradients) a graph may hold for one batch.
 pub const MAX_ACTIVATIONS: usize = 1 << 30;
+/// The most values of one convolution's patch matrix for a batch (1 GiB of f32).
+pub const MAX_PATCH_VALUES: usize = 1 << 28;
 
 impl ModelSpec {
     /// The MLP 784 -> hidden... -> 10 (the book's chapter 2 model with `&[512]`).
@@ -94,9 +96,25 @@ impl ModelSpec {
         ModelSpec { layers }
     }
 
-    /// The book's chapter 8 convnet (`CONVNET`).
+    /// The book's chapter 8 convnet (`CONVNET`, which a test checks it is).
     pub fn convnet() -> Self {
-        ModelSpec::parse("--model", CONVNET).unwrap_or_else(|_| ModelSpec::mnist(&[512]))
+        let conv = |filters| LayerSpec::Conv {
+            filters,
+            kernel: 3,
+            same: false,
+        };
+        let pool = LayerSpec::Pool { size: 2 };
+        ModelSpec {
+            layers: vec![
+                conv(32),
+                pool,
+                conv(64),
+                pool,
+                conv(128),
+                LayerSpec::Flatten,
+                LayerSpec::Dense { units: CLASSES },
+            ],
+        }
     }
 
     /// A `--layers` spec: comma-separated items (see `LayerSpec`). `flag` names the flag in errors.
@@ -294,7 +312,22 @@ impl ModelSpec {
         });
         if !matches!(params, Some(n) if n <= MAX_PARAMS) {
             let reason = format!("{} has more than {MAX_PARAMS} parameters", self.describe());
-            return Err(Error::usage("--hidden", reason));
+            let flag = if self.is_mlp() { "--hidden" } else { "--layers" };
+            return Err(Error::usage(flag, reason));
+        }
+        // The CPU path's patch matrix of each convolution (a row per output pixel, a column per
+        // patch value).
+        for layer in &layers {
+            if let Layer::Conv { geometry: g, .. } = layer {
+                let patches = (g.oh() * g.ow() * g.patch()).checked_mul(max_batch);
+                if patches.is_none_or(|n| n > MAX_PATCH_VALUES) {
+                    let reason = format!(
+                        "a {}x{} convolution over {}x{}x{} images needs more than {MAX_PATCH_VALUES} patch values for a batch of {max_batch}",
+                        g.kh, g.kw, g.h, g.w, g.in_ch
+                    );
+                    return Err(Error::usage("--batch-size", reason));
+                }
+            }
         }
         let width = layers
             .iter()
@@ -422,6 +455,22 @@ mod tests {
                 .param_count(),
             208 + 14 * 14 * 8 * 10 + 10
         );
+    }
+
+    #[test]
+    fn sizes_past_the_limits_are_refused() {
+        assert!(ModelSpec::convnet().check_size(64).is_ok());
+        let huge_patches = ModelSpec::parse("--layers", "conv:32:3,conv:1:27:same,flatten,dense:10").unwrap();
+        let err = huge_patches.check_size(64).unwrap_err().to_string();
+        assert!(
+            err.contains("27x27 convolution") && err.contains("--batch-size"),
+            "{err}"
+        );
+        let err = ModelSpec::mnist(&[1 << 20, 1 << 20])
+            .check_size(1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("parameters") && err.contains("--hidden"), "{err}");
     }
 
     #[test]

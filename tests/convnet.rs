@@ -174,7 +174,7 @@ fn a_batch_too_large_for_the_gpu_names_the_layer() {
     println!("batch {batch}: {stderr}");
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        (stderr.contains("layer 1 of conv:32:3") && stderr.contains("storage binding"))
+        (stderr.contains("layer conv2d_0 of conv:32:3") && stderr.contains("storage binding"))
             || stderr.contains("activation values"),
         "{stderr}"
     );

@@ -80,6 +80,17 @@ pub struct Counters {
     pub allocated_bytes: u64,
 }
 
+/// What `Backend::limits` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// The most f32 values one tensor may hold.
+    pub tensor_len: usize,
+    /// The most rows (M) one product may have.
+    pub product_rows: usize,
+    /// The device, for errors.
+    pub what: String,
+}
+
 /// A result that may wait for the device: the futures of `Backend::read`, `collect_stats`,
 /// `sync` and `finish_profile`.
 pub type Readback<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + 'a>>;
@@ -101,10 +112,14 @@ pub trait Backend {
     /// parameters, gradients and velocities this way, so that one transfer moves every parameter
     /// and a fused kernel updates a layer's weight and bias through one binding.
     fn alloc_packed(&mut self, lens: &[usize]) -> Result<Packed>;
-    /// The most f32 values one tensor may hold (a GPU's largest storage binding), and a name of
-    /// that limit for errors.
-    fn max_tensor_len(&self) -> (usize, String) {
-        (usize::MAX, "memory".to_string())
+    /// The largest tensor and product this backend runs (a GPU's largest storage binding and
+    /// workgroup grid), so that a model too large for it is refused before anything is allocated.
+    fn limits(&self) -> DeviceLimits {
+        DeviceLimits {
+            tensor_len: usize::MAX,
+            product_rows: usize::MAX,
+            what: "memory".to_string(),
+        }
     }
     /// Copy `data` into the start of `t`.
     fn write(&mut self, t: TensorId, data: &[f32]) -> Result<()>;

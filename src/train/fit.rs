@@ -161,12 +161,12 @@ pub async fn fit(
         });
         at.partial = EpochProgress::default();
         at.epoch = epoch + 1;
+        if let Some((params, velocities)) = state.as_ref().filter(|_| keep_host) {
+            at.params = params.clone();
+            at.velocities = Some(velocities.clone());
+        }
         let view = state.as_ref().map(|(p, v)| (p.as_slice(), v.as_slice()));
         observer.epoch_done(at, view, trainer.be.counters())?;
-        if let Some((params, velocities)) = state.filter(|_| keep_host) {
-            at.params = params;
-            at.velocities = Some(velocities);
-        }
     }
     let test = trainer.evaluate(test_set).await?;
     Ok((test, trainer.params().await?))

@@ -5,7 +5,8 @@
 //! weight gradient reuses the forward product's while the input is unchanged; the input gradient
 //! computes the patches' gradient into one scratch tensor and sums it back into the pixels
 //! (`col2im`), then applies the previous ReLU's mask. The tensors are allocated by the first step
-//! and reused, so a step allocates nothing. Every dense product, its epilogue and a fused update
+//! of each batch size and reused (one patch matrix per layer and batch size, within
+//! `spec::MAX_PATCH_VALUES` each), so later steps allocate nothing. Every dense product, its epilogue and a fused update
 //! are then exactly the dense layer's (`products`). The reference runs `reference`'s loops, the
 //! fast path `cpu_conv`'s, which give the same values bit for bit.
 
@@ -125,24 +126,26 @@ impl CpuBackend {
         let storage = self.view("convolution", inp, g.image_len())?.storage;
         let version = self.versions[storage];
         let len = g.pixels() * g.patch();
-        let index = match self.patches.iter().position(|p| p.inp == inp && p.geometry == g) {
-            Some(i) if self.patches[i].version == version => return Ok(self.patches[i].cols),
-            Some(i) => i,
+        match self.patches.iter().position(|p| p.inp == inp && p.geometry == g) {
+            Some(i) if self.patches[i].version == version => Ok(self.patches[i].cols),
+            Some(i) => {
+                let cols = self.patches[i].cols;
+                self.im2col(cols, inp, g)?;
+                self.patches[i].version = version;
+                Ok(cols)
+            }
             None => {
                 let cols = crate::backend::Backend::alloc(self, len)?;
+                self.im2col(cols, inp, g)?;
                 self.patches.push(Patches {
                     inp,
                     geometry: g,
                     version,
                     cols,
                 });
-                self.patches.len() - 1
+                Ok(cols)
             }
-        };
-        let cols = self.patches[index].cols;
-        self.im2col(cols, inp, g)?;
-        self.patches[index].version = self.versions[storage];
-        Ok(cols)
+        }
     }
 
     /// The scratch tensor of the patches' gradient, at least `len` values (grown, never shrunk).

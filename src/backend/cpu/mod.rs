@@ -3,7 +3,8 @@
 //! when the input matrix is mostly zeros (the first layer's pixels, `cpu_sparse`), small loops when
 //! a side is at most 16 (the output layer's, `cpu_narrow`), and a blocked GEMM on row pieces over
 //! the threads otherwise (`matrixmultiply`). This file holds the tensors, datasets, the gather,
-//! the loss and the updates; `products` holds the matmuls.
+//! the loss and the updates; `products` holds the matmuls, `conv` the convolutions (over patch
+//! matrices) and max pooling.
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec), and
 //! every fused op as its composition (`ops::run_unfused`); `CpuBackend::fast()` differs only in the

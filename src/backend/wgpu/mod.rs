@@ -4,9 +4,10 @@
 //! and one compute pass and submitted only at a synchronisation point (`read`, `request_stats`)
 //! or before an upload, so a chunk of training steps is one submit with one read-back. Each op
 //! family has a host module that checks an op's tensors and records its dispatch: `gather`,
-//! `matmul` (every product of a dense layer, with its epilogue and the fused optimizer step,
-//! whose encoding is in `optimizer`), `loss` and `output_layer` (the output layer's whole step in
-//! one dispatch, used where the device binds 9 storage buffers). Datasets are uploaded once as u8
+//! `matmul` (every product of a dense or convolution layer, with its epilogue and the fused
+//! optimizer step, whose encoding is in `optimizer`), `pool` (max pooling), `loss` and
+//! `output_layer` (the output layer's whole step in one dispatch, used where the device binds 9
+//! storage buffers). Datasets are uploaded once as u8
 //! (4 pixels a word) with labels as u32; per epoch only the shuffled order is uploaded. All wgpu
 //! calls of the crate live in this module and its children.
 
@@ -37,7 +38,7 @@ use profile::Profile;
 
 use super::checks;
 use super::ops::{run_unfused, Fusions, Op, StepAt};
-use super::{Backend, Counters, DatasetId, Packed, Readback, StepStats, TensorId};
+use super::{Backend, Counters, DatasetId, DeviceLimits, Packed, Readback, StepStats, TensorId};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 
@@ -343,18 +344,29 @@ impl Backend for WgpuBackend {
         Ok(TensorId(self.tensors.len() - 1))
     }
 
-    fn max_tensor_len(&self) -> (usize, String) {
-        let limit = self
+    fn limits(&self) -> DeviceLimits {
+        let binding = self
             .ctx
             .limits
             .max_storage_buffer_binding_size
             .min(self.ctx.limits.max_buffer_size);
-        let what = format!(
-            "the largest storage binding of adapter '{}' ({} MiB)",
-            self.ctx.summary.name,
-            limit >> 20
-        );
-        (usize::try_from(limit / 4).unwrap_or(usize::MAX), what)
+        // A product's rows are tiled over the grid's y dimension, TM rows a workgroup (16 at the
+        // least on a hardware GPU).
+        let tm = match (self.tiles_override, self.ctx.summary.is_hardware()) {
+            (Some(t), _) => t.tm,
+            (None, true) => 16,
+            (None, false) => TileConfig::SOFTWARE.tm,
+        };
+        DeviceLimits {
+            tensor_len: usize::try_from(binding / 4).unwrap_or(usize::MAX),
+            product_rows: self.max_groups() as usize * tm as usize,
+            what: format!(
+                "adapter '{}' ({} MiB a storage binding, {} workgroups of {tm} rows a product)",
+                self.ctx.summary.name,
+                binding >> 20,
+                self.max_groups()
+            ),
+        }
     }
 
     fn alloc_packed(&mut self, lens: &[usize]) -> Result<Packed> {
