@@ -36,8 +36,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
+/// The counter is process-wide: one test at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_cpu_training_step_allocates_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let data = mnist().train.first(40 * 128);
     let mut be = CpuBackend::fast();
     let spec = ModelSpec::mnist(&[512]);
@@ -68,4 +72,40 @@ fn a_cpu_training_step_allocates_nothing() {
         "the first layer was not sparse"
     );
     assert_eq!(per_step, 0.0, "{per_step} allocations a step");
+}
+
+/// A convnet step on the fast CPU path, once the first steps have sized its patch matrices and
+/// scratch, allocates only `matrixmultiply`'s packing buffers: one per sgemm call, at most one
+/// call per piece of each product (16 pieces at the most) and a K split's 8.
+#[test]
+fn a_cpu_convnet_step_allocates_only_sgemm_packing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let data = mnist().train.first(20 * 64);
+    let mut be = CpuBackend::fast();
+    let spec = ModelSpec::convnet();
+    let mut graph = Graph::new(&mut be, &spec, 64).unwrap();
+    graph.set_params(&mut be, &glorot_init(&spec, 3)).unwrap();
+    let ds = be.upload_dataset(&data).unwrap();
+    be.set_order(ds, &epoch_order(data.len(), 3, 0)).unwrap();
+    be.reserve_stats(1).unwrap();
+    let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
+    let steps: Vec<(usize, usize)> = batches(data.len(), 64).collect();
+    let mut per_step = Vec::new();
+    for (i, &(start, rows)) in steps.iter().enumerate() {
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        graph
+            .train_step(&mut be, (ds, rows), gpu_mnist::backend::StepAt { start, slot: 0 }, &opt)
+            .unwrap();
+        if i >= 3 {
+            per_step.push(ALLOCATIONS.load(Ordering::SeqCst) - before);
+        }
+    }
+    println!("allocations a convnet step: {per_step:?} ({})", be.name());
+    // 6 products and 3 weight gradients go through sgemm; none allocates more than its pieces.
+    let most = per_step.iter().max().copied().unwrap_or(0);
+    assert!(most <= 9 * 16, "{most} allocations in a step");
+    assert!(
+        per_step.windows(2).all(|w| w[0] == w[1]),
+        "steps allocate differently: {per_step:?}"
+    );
 }
