@@ -244,11 +244,17 @@ fn maxpool_forward_loops<const S: usize>(out: &mut [f32], inp: &[f32], p: &PoolS
 fn window_max<const L: usize, const S: usize>(pixels: &[f32], (s, row, ch): Window) -> ([f32; L], [u32; L]) {
     let s = if S > 0 { S } else { s };
     let pixels = &pixels[..(s - 1) * (row + ch) + L];
-    let mut best: [f32; L] = pixels[..L].try_into().unwrap();
+    // Every window holds its L channels (`pixels` was cut to the window above), so the chunks
+    // below are always there.
+    let Some(&(mut best)) = pixels.first_chunk::<L>() else {
+        return ([0.0; L], [0; L]);
+    };
     let mut arg = [0u32; L];
     for ky in 0..s {
         for kx in 0..s {
-            let v: &[f32; L] = pixels[ky * row + kx * ch..][..L].try_into().unwrap();
+            let Some(v) = pixels[ky * row + kx * ch..].first_chunk::<L>() else {
+                continue;
+            };
             let pos = (ky * s + kx) as u32;
             for j in 0..L {
                 let more = v[j] > best[j];
@@ -332,7 +338,9 @@ fn window_backward<const L: usize, const S: usize>(
     let (s, row, ch) = window;
     let s = if S > 0 { S } else { s };
     let (best, arg) = window_max::<L, S>(pixels, window);
-    let mut g: [f32; L] = g[..L].try_into().unwrap();
+    let Some(&(mut g)) = g.first_chunk::<L>() else {
+        return;
+    };
     if relu {
         for j in 0..L {
             g[j] = if best[j] > 0.0 { g[j] } else { 0.0 };
@@ -341,7 +349,9 @@ fn window_backward<const L: usize, const S: usize>(
     let d_pixels = &mut d_pixels[..(s - 1) * (row + ch) + L];
     for ky in 0..s {
         for kx in 0..s {
-            let d: &mut [f32; L] = (&mut d_pixels[ky * row + kx * ch..][..L]).try_into().unwrap();
+            let Some(d) = d_pixels[ky * row + kx * ch..].first_chunk_mut::<L>() else {
+                continue;
+            };
             let pos = (ky * s + kx) as u32;
             for j in 0..L {
                 d[j] = if arg[j] == pos { g[j] } else { 0.0 };
