@@ -434,7 +434,7 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
             Ok(())
         }
         Op::OutputLayer(o) => {
-            for op in output_layer_ops(&o, true) {
+            for op in output_layer_ops(&o) {
                 be.run(&op, at)?;
             }
             Ok(())
@@ -443,8 +443,9 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
     }
 }
 
-/// The ops an `OutputLayer` stands for, its weight gradient's update fused or as two `Update`s.
-pub fn output_layer_ops(o: &OutputLayer, fuse_update: bool) -> Vec<Op> {
+/// The ops an `OutputLayer` stands for, its weight gradient's update fused (each backend runs a
+/// fused update natively or through `run_unfused` in turn).
+fn output_layer_ops(o: &OutputLayer) -> Vec<Op> {
     // inp (rows, inputs) -> logits (rows, classes) -> dlogits -> dinp (rows, inputs); dW, dbias
     let mut ops = vec![
         Op::Matmul(Matmul {
@@ -482,7 +483,7 @@ pub fn output_layer_ops(o: &OutputLayer, fuse_update: bool) -> Vec<Op> {
         params,
         (o.inp, o.dlogits),
         o.opt,
-        fuse_update,
+        true,
     ));
     ops
 }

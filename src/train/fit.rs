@@ -94,11 +94,6 @@ pub trait Observer {
     }
 }
 
-/// An observer that observes nothing.
-pub struct Quiet;
-
-impl Observer for Quiet {}
-
 /// Train on `be` from `at` to epoch `cfg.epochs`, then evaluate on the test set: returns its
 /// report and the trained weights. With `keep_host`, `at` follows every completed epoch (one
 /// read-back of the weights and one of the velocities an epoch), so that another backend can take

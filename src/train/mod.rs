@@ -14,7 +14,7 @@ mod eval;
 mod fit;
 
 pub use eval::{evaluate, predict, EvalReport, Prediction};
-pub use fit::{fit, EpochStart, FitData, HostState, Observer, Position, Quiet};
+pub use fit::{fit, EpochStart, FitData, HostState, Observer, Position};
 
 use web_time::Instant;
 
