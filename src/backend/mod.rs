@@ -13,6 +13,7 @@ mod checks;
 pub mod cpu;
 mod cpu_conv;
 mod cpu_fast;
+mod cpu_gemm;
 mod cpu_narrow;
 mod cpu_pool;
 mod cpu_sparse;
@@ -102,7 +103,7 @@ pub fn ready<'a, T: 'a>(result: Result<T>) -> Readback<'a, T> {
 
 /// The operations of a device. See the module contract.
 pub trait Backend {
-    /// A human-readable name of the device, e.g. "cpu (sparse + matrixmultiply, 2 threads)".
+    /// A human-readable name of the device, e.g. "cpu (sparse + avx512 gemm, 2 threads)".
     fn name(&self) -> String;
 
     /// A zero-filled tensor of `len` f32 values.

@@ -2,7 +2,7 @@
 //! with sparse products that skip the zeros and fuse the optimizer step into the weight gradient
 //! when the input matrix is mostly zeros (the first layer's pixels, `cpu_sparse`), small loops when
 //! a side is at most 16 (the output layer's, `cpu_narrow`), and a blocked GEMM on row pieces over
-//! the threads otherwise (`matrixmultiply`). This file holds the tensors, datasets, the gather,
+//! the threads otherwise (`cpu_gemm`, or `matrixmultiply` without AVX-512). This file holds the tensors, datasets, the gather,
 //! the loss and the updates; `products` holds the matmuls, `conv` the convolutions (over patch
 //! matrices) and max pooling.
 //!
@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 
 use super::checks;
 use super::cpu_fast;
+use super::cpu_gemm;
 use super::cpu_narrow;
 use super::cpu_pool;
 use super::cpu_sparse::{self, Source};
@@ -35,7 +36,7 @@ use crate::optim::{Optimizer, OptimizerKind};
 pub enum CpuKind {
     /// The plain loops of `reference`: slow, obviously right.
     Reference,
-    /// `matrixmultiply`'s sgemm on all cores, or `cpu_sparse` on mostly-zero inputs.
+    /// A blocked GEMM on all cores, or `cpu_sparse` on mostly-zero inputs.
     Fast,
 }
 
@@ -326,7 +327,12 @@ impl Backend for CpuBackend {
             CpuKind::Reference => "cpu reference (plain loops, 1 thread)".to_string(),
             CpuKind::Fast => {
                 let threads = cpu_pool::threads();
-                format!("cpu (sparse + matrixmultiply, {threads} threads)")
+                let gemm = if cpu_gemm::available() {
+                    "avx512 gemm"
+                } else {
+                    "matrixmultiply"
+                };
+                format!("cpu (sparse + {gemm}, {threads} threads)")
             }
         }
     }

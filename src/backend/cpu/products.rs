@@ -1,13 +1,15 @@
 //! The CPU backends' matmuls: a dense layer's three products with their fused epilogues, as the
 //! reference's plain loops, as sparse products (`cpu_sparse`) when the input is mostly zeros, as
-//! small loops when a side is narrow (`cpu_narrow`), or as `matrixmultiply`'s sgemm on row pieces
-//! over the threads.
+//! small loops when a side is narrow (`cpu_narrow`), or as a GEMM on row pieces over the threads
+//! (`cpu_gemm` on AVX-512, `matrixmultiply`'s sgemm elsewhere).
 //!
 //! Contract: every product here computes what `reference` does for the same op; the fast
 //! variants differ only in the summation order. Nothing is allocated once the scratch buffers have
-//! grown to the largest batch (matrixmultiply packs its operands in buffers of its own).
+//! grown to the largest batch (on CPUs without AVX-512, matrixmultiply packs its operands in
+//! buffers of its own, allocated per call).
 
 use super::super::cpu_fast;
+use super::super::cpu_gemm;
 use super::super::cpu_narrow::{self, Strided};
 use super::super::cpu_pool;
 use super::super::cpu_sparse::{self, WeightStep};
@@ -423,7 +425,7 @@ const SPLIT_K_PIECES: usize = 8;
 /// layer are this one call with different strides. A product with a narrow side (the output
 /// layer's) runs `cpu_narrow` on this thread; a short, long-summed one is split along K
 /// (`sgemm_split_k`); otherwise C's rows are cut into pieces spread over `cpu_pool`'s threads,
-/// each running `matrixmultiply`'s single-threaded sgemm on its share.
+/// each running a single-threaded GEMM on its share.
 fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut cpu_narrow::Scratch) {
     let MatmulShape { m, n, k } = shape;
     if cpu_narrow::fits(k, n) {
@@ -498,12 +500,18 @@ fn sgemm_split_k(shape: MatmulShape, (a, b): (Strided, Strided), c: &mut [f32], 
     }
 }
 
-/// `matrixmultiply`'s sgemm of C (m, n) = A @ B, A at `a` with (row, column) strides `a_strides`.
+/// C (m, n) = A @ B on one thread, A at `a` with (row, column) strides `a_strides`: `cpu_gemm`
+/// where the CPU has AVX-512, `matrixmultiply`'s sgemm otherwise.
 ///
 /// # Safety
 /// Every element (i, kk) of A for i < m, kk < k must lie in the allocation `a` points into, and
 /// B's first k rows of n in `b.data`; `c` must hold m rows of n.
 unsafe fn sgemm_unchecked(shape: MatmulShape, a: *const f32, a_strides: (usize, usize), b: Strided, c: &mut [f32]) {
+    if cpu_gemm::available() {
+        // SAFETY: the caller's contract is `gemm`'s, and the CPU has AVX-512.
+        unsafe { cpu_gemm::gemm(shape, a, a_strides, b, c) };
+        return;
+    }
     let MatmulShape { m, n, k } = shape;
     // SAFETY: the caller's contract.
     unsafe {

@@ -1,0 +1,332 @@
+//! The CPU path's single-threaded matrix product on AVX-512, C (m, n) = A (m, k) @ B (k, n),
+//! reading A in place through its strides (no packing) and B in place when its rows are
+//! contiguous (packed into a reused per-thread buffer otherwise).
+//!
+//! Why not packing A, as BLAS does: the CPU path's big products are convolutions, whose A is a
+//! patch matrix (m pixels x k patch values, read row by row) or its transpose (for the weight
+//! gradient, read column by column: each k step then broadcasts MR consecutive floats). Either
+//! way a micro-tile of A (MR rows by at most KC columns) fits in L1, so copying it first only
+//! adds a pass over the largest operand; `matrixmultiply` spent about as long packing as
+//! multiplying on these shapes.
+//!
+//! Contract: each element C[i][j] is one fused multiply-add chain over k = 0, 1, ..., k - 1 in
+//! that order, whatever the tile it falls in, so results do not depend on how the caller cuts C
+//! into pieces or on the thread count. Nothing is allocated once a thread's B buffer has grown
+//! to the largest transposed B it has seen. `available()` says whether this CPU (and
+//! `GPU_MNIST_CPU_SIMD`) allows the kernel; the caller falls back to `matrixmultiply` otherwise.
+
+use std::cell::RefCell;
+
+use super::cpu_narrow::Strided;
+use super::cpu_sparse::{simd, Simd};
+use super::ops::MatmulShape;
+
+/// Rows of C a micro-tile holds (12 x 2 vectors of 16 accumulators: 24 of the 32 registers).
+const MR: usize = 16;
+/// Columns of C a micro-tile holds: two AVX-512 vectors.
+const NR: usize = 16;
+/// The longest run of k a micro-tile sums before its accumulators go back to C (k is cut into
+/// equal runs of at most this): MR rows of A over KC steps stay in L1 (24 KiB), a panel of B
+/// (64 KiB) in L2.
+const KC: usize = 384;
+
+/// Whether `gemm` runs on this CPU.
+pub fn available() -> bool {
+    simd() == Simd::Avx512
+}
+
+thread_local! {
+    /// B copied into NR-wide column panels (k rows of NR each, zero-padded); grows to the
+    /// largest B this thread has multiplied and is then reused.
+    static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// C (m, n) = A @ B, C row-major with rows of n.
+///
+/// # Safety
+/// `available()` must hold; every element (i, kk) of A for i < m, kk < k must lie in the
+/// allocation `a` points into (at `a + i * a_strides.0 + kk * a_strides.1`); B's first k rows of
+/// n must lie in `b.data`; `c` must hold m rows of n.
+pub unsafe fn gemm(shape: MatmulShape, a: *const f32, a_strides: (usize, usize), b: Strided, c: &mut [f32]) {
+    let MatmulShape { m, n, k } = shape;
+    assert!(c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return;
+    }
+    assert!(b.reaches(k - 1, n - 1));
+    PACKED_B.with_borrow_mut(|packed| {
+        let packed = pack_b(k, n, &b, packed);
+        let a = Operand {
+            ptr: a,
+            row: a_strides.0,
+            col: a_strides.1,
+        };
+        // SAFETY: the caller's contract for A and C; `packed` holds B's panels.
+        unsafe { gemm_avx512(shape, a, packed, c.as_mut_ptr()) };
+    });
+}
+
+/// B (k, n) into `packed` as n / NR panels (rounded up), each k rows of NR contiguous floats.
+fn pack_b<'p>(k: usize, n: usize, b: &Strided, packed: &'p mut Vec<f32>) -> &'p [f32] {
+    let panels = n.div_ceil(NR);
+    // 16 floats more, so that the panels can start on a 64-byte boundary (a vector load from
+    // any other start straddles two cache lines).
+    if packed.len() < panels * k * NR + 16 {
+        packed.resize(panels * k * NR + 16, 0.0);
+    }
+    let skip = packed.as_ptr().align_offset(64).min(16);
+    for (p, panel) in packed[skip..][..panels * k * NR].chunks_exact_mut(k * NR).enumerate() {
+        let (j0, cols) = (p * NR, NR.min(n - p * NR));
+        if b.col == 1 {
+            for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+                let from = &b.data[kk * b.row + j0..][..cols];
+                row[..cols].copy_from_slice(from);
+                row[cols..].fill(0.0);
+            }
+        } else {
+            // A transposed B: read each column of B (a row in memory) in order.
+            if cols < NR {
+                panel.fill(0.0);
+            }
+            for j in 0..cols {
+                let column = b.data[(j0 + j) * b.col..].iter().step_by(b.row);
+                for (kk, &x) in column.take(k).enumerate() {
+                    panel[kk * NR + j] = x;
+                }
+            }
+        }
+    }
+    &packed[skip..][..panels * k * NR]
+}
+
+/// A tile of A copied column by column, on a cache-line boundary.
+#[repr(C, align(64))]
+struct ATile([f32; MR * KC]);
+
+/// A matrix read through a pointer and (row, column) strides in elements.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    row: usize,
+    col: usize,
+}
+
+/// The loops around the micro-tile: k in runs of KC (outermost, so that C's tiles carry the
+/// chain from one run to the next), then MR-row tiles of A (copied column by column into a
+/// small buffer unless A's rows are already adjacent in memory), then B's NR-wide panels.
+///
+/// # Safety
+/// As `gemm`, with `packed_b` holding B's panels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm_avx512(shape: MatmulShape, a: Operand, packed_b: &[f32], c: *mut f32) {
+    let MatmulShape { m, n, k } = shape;
+    let mut a_tile = ATile([0.0f32; MR * KC]);
+    let a_tile = &mut a_tile.0;
+    let run = k.div_ceil(k.div_ceil(KC));
+    for k0 in (0..k).step_by(run) {
+        let kc = run.min(k - k0);
+        for i0 in (0..m).step_by(MR) {
+            let rows = MR.min(m - i0);
+            // SAFETY: rows i0..i0 + rows and columns k0..k0 + kc of A lie inside it (the
+            // caller's contract).
+            // SAFETY: rows i0..i0 + rows and columns k0..k0 + kc of A lie inside it (the
+            // caller's contract).
+            unsafe {
+                let first = a.ptr.add(i0 * a.row + k0 * a.col);
+                if a.row == 1 {
+                    for kk in 0..kc {
+                        let from = std::slice::from_raw_parts(first.add(kk * a.col), rows);
+                        a_tile[kk * MR..][..rows].copy_from_slice(from);
+                    }
+                } else {
+                    for r in 0..rows {
+                        let row = first.add(r * a.row);
+                        for kk in 0..kc {
+                            a_tile[kk * MR + r] = *row.add(kk * a.col);
+                        }
+                    }
+                }
+            }
+            let (a_ptr, a_col) = (a_tile.as_ptr(), MR);
+            for j0 in (0..n).step_by(NR) {
+                let panel = &packed_b[(j0 / NR) * k * NR + k0 * NR..][..kc * NR];
+                // SAFETY: the tile's rows of A are at `a_ptr` (stride 1, `a_col` per k), the
+                // panel holds kc rows of NR, and C's rows i0..i0 + rows, columns j0.. (masked to
+                // n) lie inside it.
+                unsafe {
+                    let tile = Tile {
+                        a: a_ptr,
+                        a_col,
+                        b: panel.as_ptr(),
+                        c: c.add(i0 * n + j0),
+                        c_row: n,
+                        kc,
+                        masks: column_masks(NR.min(n - j0)),
+                        carry: k0 > 0,
+                    };
+                    micro_tile(rows, &tile);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn gemm_avx512(_: MatmulShape, _: Operand, _: &[f32], _: *mut f32) {
+    unreachable!("gemm runs only where available() holds, which is x86-64 with AVX-512")
+}
+
+/// The lane masks of a strip's two vectors for `cols` (1..=32) columns.
+fn column_masks(cols: usize) -> [u16; 2] {
+    let lanes = |n: usize| if n >= 16 { u16::MAX } else { ((1u32 << n) - 1) as u16 };
+    [lanes(cols), lanes(cols.saturating_sub(16))]
+}
+
+/// One micro-tile's operands: `rows` (at most MR) rows of C by a panel's columns, summed over kc.
+struct Tile {
+    /// A's tile: element (r, kk) at `a + r + kk * a_col`.
+    a: *const f32,
+    a_col: usize,
+    /// B's panel: kc rows of NR.
+    b: *const f32,
+    c: *mut f32,
+    c_row: usize,
+    kc: usize,
+    /// Which of the panel's columns C has.
+    masks: [u16; 2],
+    /// Whether C already holds the chain's earlier terms (a later run of k).
+    carry: bool,
+}
+
+/// Dispatch a tile of `rows` rows to the kernel compiled for exactly that many.
+///
+/// # Safety
+/// As `gemm_avx512`, for the tile's rows, columns and run of k.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_tile(rows: usize, t: &Tile) {
+    // SAFETY: the caller's contract; each kernel touches exactly its R rows.
+    unsafe {
+        match rows {
+            16 => micro::<16>(t),
+            15 => micro::<15>(t),
+            14 => micro::<14>(t),
+            13 => micro::<13>(t),
+            12 => micro::<12>(t),
+            11 => micro::<11>(t),
+            10 => micro::<10>(t),
+            9 => micro::<9>(t),
+            8 => micro::<8>(t),
+            7 => micro::<7>(t),
+            6 => micro::<6>(t),
+            5 => micro::<5>(t),
+            4 => micro::<4>(t),
+            3 => micro::<3>(t),
+            2 => micro::<2>(t),
+            _ => micro::<1>(t),
+        }
+    }
+}
+
+/// C[r][..] (+)= sum over kk of A[r][kk] * B[kk][..] for R rows and the panel's two vectors.
+///
+/// # Safety
+/// As `micro_tile`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn micro<const R: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let [m0, _] = t.masks;
+    // SAFETY: every pointer below stays inside the tile (the caller's contract); masked-off
+    // lanes of C are neither read nor written.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); R];
+        if t.carry {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_maskz_loadu_ps(m0, t.c.add(r * t.c_row));
+            }
+        }
+        let mut a = t.a;
+        let mut b = t.b;
+        for _ in 0..t.kc {
+            let b0 = _mm512_loadu_ps(b);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r)), b0, *acc);
+            }
+            a = a.add(t.a_col);
+            b = b.add(NR);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(t.c.add(r * t.c_row), m0, *acc);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chain of the contract, in f32 with mul_add, for one element.
+    fn expected(
+        a: &[f32],
+        (ar, ac): (usize, usize),
+        b: &[f32],
+        (br, bc): (usize, usize),
+        k: usize,
+        i: usize,
+        j: usize,
+    ) -> f32 {
+        (0..k).fold(0.0f32, |s, kk| a[i * ar + kk * ac].mul_add(b[kk * br + j * bc], s))
+    }
+
+    #[test]
+    fn every_element_is_the_same_fma_chain_at_awkward_shapes() {
+        if !available() {
+            eprintln!("cpu_gemm: no AVX-512 on this CPU, nothing to check");
+            return;
+        }
+        let mut worst = 0.0f32;
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 33, 257),
+            (12, 32, 256),
+            (25, 17, 3),
+            (7, 64, 600),
+            (40, 5, 513),
+        ] {
+            for a_row_major in [true, false] {
+                for b_row_major in [true, false] {
+                    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0).collect();
+                    let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 991) as f32 / 491.0 - 1.0).collect();
+                    let a_strides = if a_row_major { (k, 1) } else { (1, m) };
+                    let b_strides = if b_row_major { (n, 1) } else { (1, k) };
+                    let mut c = vec![f32::NAN; m * n];
+                    // SAFETY: available() holds, and the strides cover exactly the vectors.
+                    unsafe {
+                        gemm(
+                            MatmulShape { m, n, k },
+                            a.as_ptr(),
+                            a_strides,
+                            Strided::new(&b, b_strides.0, b_strides.1),
+                            &mut c,
+                        )
+                    };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want = expected(&a, a_strides, &b, b_strides, k, i, j);
+                            worst = worst.max((c[i * n + j] - want).abs());
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("cpu_gemm: max |gemm - fma chain| = {worst:e} (tolerance 0: the same chain)");
+        assert_eq!(worst, 0.0);
+    }
+}
