@@ -6,18 +6,23 @@
 //! ops of a step, and the CPU and wgpu implementations), `train` (the training loop as a library:
 //! `fit` with an `Observer`, evaluation, prediction), `settings` (the environment's knobs, read
 //! once), `checkpoint` (safetensors), `records` (the run folder), `device` (choosing a backend),
-//! `bench` (the measurements behind `gpu-mnist bench`).
+//! `bench` (the measurements behind `gpu-mnist bench`). The library also builds for
+//! wasm32 (the browser page in `web/`), without the downloader, progress bars, `device` (the
+//! command line's choice of backend) and `bench`.
 
 pub mod backend;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod device;
 pub mod error;
 pub mod image;
 pub mod model;
 pub mod optim;
 pub mod plan;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod progress;
 pub mod records;
 pub mod settings;

@@ -38,3 +38,9 @@ for simd in avx2 portable; do
 done
 GPU_MNIST_CPU_THREADS=1 cargo test --test sparse --quiet
 GPU_MNIST_CPU_THREADS=4 cargo test --lib --quiet cpu_pool
+
+# 5. The browser page (web/): built for wasm32, served on loopback, and driven in Debian's
+#    headless Chromium with WebGPU on its software adapter (SwiftShader): a short training run,
+#    the kernels against the reference in the browser, Stop, a second Train, a drawn digit and bad
+#    files (web/tests/run.sh installs Chromium, playwright-core and wasm-bindgen-cli if missing).
+bash web/tests/run.sh

@@ -1,19 +1,22 @@
 //! The CPU path's single-threaded matrix product on AVX-512, C (m, n) = A (m, k) @ B (k, n),
-//! reading A in place through its strides (no packing) and B in place when its rows are
-//! contiguous (packed into a reused per-thread buffer otherwise).
+//! with A and B read through any strides (a patch matrix, its transpose, a weight matrix or its
+//! transpose), so that every product of a layer is this one call.
 //!
-//! Why not packing A, as BLAS does: the CPU path's big products are convolutions, whose A is a
-//! patch matrix (m pixels x k patch values, read row by row) or its transpose (for the weight
-//! gradient, read column by column: each k step then broadcasts MR consecutive floats). Either
-//! way a micro-tile of A (MR rows by at most KC columns) fits in L1, so copying it first only
-//! adds a pass over the largest operand; `matrixmultiply` spent about as long packing as
-//! multiplying on these shapes.
+//! How: B is copied once per call into 16-wide column panels on 64-byte boundaries, kept in a
+//! per-thread buffer that grows to the largest B and is then reused; A is copied a tile at a
+//! time (16 rows by at most KC columns, 24 KiB, on the stack) and each tile meets every panel of
+//! B in a micro-kernel holding 16 x 16 sums in registers. `matrixmultiply` does the same, but
+//! allocates its packing buffers on every call (52 allocations a convnet step); this runs at its
+//! speed (benches/convnet-2026-11-30.md) without them.
 //!
 //! Contract: each element C[i][j] is one fused multiply-add chain over k = 0, 1, ..., k - 1 in
 //! that order, whatever the tile it falls in, so results do not depend on how the caller cuts C
 //! into pieces or on the thread count. Nothing is allocated once a thread's B buffer has grown
-//! to the largest transposed B it has seen. `available()` says whether this CPU (and
+//! to the largest B it has multiplied. `available()` says whether this CPU (and
 //! `GPU_MNIST_CPU_SIMD`) allows the kernel; the caller falls back to `matrixmultiply` otherwise.
+
+// Elsewhere only `available()` (false) is reached.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use std::cell::RefCell;
 
@@ -21,13 +24,12 @@ use super::cpu_narrow::Strided;
 use super::cpu_sparse::{simd, Simd};
 use super::ops::MatmulShape;
 
-/// Rows of C a micro-tile holds (12 x 2 vectors of 16 accumulators: 24 of the 32 registers).
+/// Rows of C a micro-tile holds: 16 vectors of sums, half of the 32 registers.
 const MR: usize = 16;
-/// Columns of C a micro-tile holds: two AVX-512 vectors.
+/// Columns of C a micro-tile holds: one AVX-512 vector.
 const NR: usize = 16;
-/// The longest run of k a micro-tile sums before its accumulators go back to C (k is cut into
-/// equal runs of at most this): MR rows of A over KC steps stay in L1 (24 KiB), a panel of B
-/// (64 KiB) in L2.
+/// The longest run of k a micro-tile sums before its sums go back to C (k is cut into equal runs
+/// of at most this): a tile of A (24 KiB) stays in L1, a panel of B (24 KiB) beside it.
 const KC: usize = 384;
 
 /// Whether `gemm` runs on this CPU.
@@ -166,7 +168,7 @@ unsafe fn gemm_avx512(shape: MatmulShape, a: Operand, packed_b: &[f32], c: *mut 
                         c: c.add(i0 * n + j0),
                         c_row: n,
                         kc,
-                        masks: column_masks(NR.min(n - j0)),
+                        mask: column_mask(NR.min(n - j0)),
                         carry: k0 > 0,
                     };
                     micro_tile(rows, &tile);
@@ -181,10 +183,13 @@ unsafe fn gemm_avx512(_: MatmulShape, _: Operand, _: &[f32], _: *mut f32) {
     unreachable!("gemm runs only where available() holds, which is x86-64 with AVX-512")
 }
 
-/// The lane masks of a strip's two vectors for `cols` (1..=32) columns.
-fn column_masks(cols: usize) -> [u16; 2] {
-    let lanes = |n: usize| if n >= 16 { u16::MAX } else { ((1u32 << n) - 1) as u16 };
-    [lanes(cols), lanes(cols.saturating_sub(16))]
+/// The lane mask of a panel's vector for `cols` (1..=16) columns of C.
+fn column_mask(cols: usize) -> u16 {
+    if cols >= 16 {
+        u16::MAX
+    } else {
+        ((1u32 << cols) - 1) as u16
+    }
 }
 
 /// One micro-tile's operands: `rows` (at most MR) rows of C by a panel's columns, summed over kc.
@@ -198,7 +203,7 @@ struct Tile {
     c_row: usize,
     kc: usize,
     /// Which of the panel's columns C has.
-    masks: [u16; 2],
+    mask: u16,
     /// Whether C already holds the chain's earlier terms (a later run of k).
     carry: bool,
 }
@@ -233,7 +238,7 @@ unsafe fn micro_tile(rows: usize, t: &Tile) {
     }
 }
 
-/// C[r][..] (+)= sum over kk of A[r][kk] * B[kk][..] for R rows and the panel's two vectors.
+/// C[r][..] (+)= sum over kk of A[r][kk] * B[kk][..] for R rows and the panel's vector.
 ///
 /// # Safety
 /// As `micro_tile`.
@@ -242,7 +247,7 @@ unsafe fn micro_tile(rows: usize, t: &Tile) {
 #[inline]
 unsafe fn micro<const R: usize>(t: &Tile) {
     use std::arch::x86_64::*;
-    let [m0, _] = t.masks;
+    let m0 = t.mask;
     // SAFETY: every pointer below stays inside the tile (the caller's contract); masked-off
     // lanes of C are neither read nor written.
     unsafe {

@@ -12,7 +12,9 @@
 use std::ops::Range;
 
 use super::cpu_pool;
-use super::cpu_sparse::{chunk_count, mul_add, simd, Simd, MAX_CHUNKS};
+#[cfg(target_arch = "x86_64")]
+use super::cpu_sparse::Simd;
+use super::cpu_sparse::{chunk_count, mul_add, simd, MAX_CHUNKS};
 use super::ops::MatmulShape;
 
 /// The widest side that counts as narrow.

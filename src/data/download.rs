@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flate2::read::MultiGzDecoder;
-use sha2::{Digest, Sha256};
 
-use super::{file_path, MnistFile, MNIST_FILES};
+use super::{check, file_path, MnistFile, MNIST_FILES};
 use crate::error::{Error, Result};
 
 /// Mirrors tried in order (the list torchvision uses, plus Google's copy used by TensorFlow).
@@ -142,32 +141,15 @@ fn fetch_verified(
 pub fn verify_content(path: &Path, file: &MnistFile) -> Result<bool, String> {
     let mut head = [0u8; 2];
     let raw = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let gzip = matches!((&raw).read(&mut head), Ok(2)) && head == [0x1f, 0x8b];
+    let gzip = matches!((&raw).read(&mut head), Ok(2)) && check::is_gzip(&head);
     let raw = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut reader: Box<dyn Read> = if gzip {
+    let reader: Box<dyn Read> = if gzip {
         Box::new(MultiGzDecoder::new(BufReader::new(raw)))
     } else {
         Box::new(BufReader::new(raw))
     };
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("downloaded data is not valid gzip ({e})")),
-        };
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    if size != file.size || digest != file.sha256 {
-        return Err(format!(
-            "checksum mismatch: got {size} bytes with SHA-256 {digest}, expected {} bytes with {}",
-            file.size, file.sha256
-        ));
-    }
+    check::Hashing::new(reader)
+        .finish(file)
+        .map_err(|why| why.replace("not valid gzip data", "downloaded data is not valid gzip"))?;
     Ok(gzip)
 }

@@ -4,8 +4,11 @@
 //! validated (see `idx`) and image and label counts agree. Images stay u8 in memory (47 MB for the
 //! training set); backends scale them to f32 / 255 per batch.
 
+pub mod check;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod download;
 pub mod idx;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod locate;
 
 use std::path::{Path, PathBuf};

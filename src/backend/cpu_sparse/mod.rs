@@ -25,6 +25,7 @@ mod lines;
 use std::ops::Range;
 
 use super::cpu_pool;
+#[cfg(target_arch = "x86_64")]
 use crate::settings::SimdLimit;
 pub(super) use kernels::mul_add;
 use kernels::{dweight_rows, forward_rows};
@@ -35,6 +36,7 @@ use lines::SparseLines;
 
 /// The vector instructions the kernels use, chosen once at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) enum Simd {
     Avx512,
     Avx2,

@@ -1,7 +1,7 @@
 //! The wgpu context: instance (from the environment, so `WGPU_BACKEND` works), adapter choice,
 //! device with the limits we need checked up front, and errors captured instead of panicking.
 //!
-//! Contract: `GpuContext::open` either returns a device whose limits cover every kernel of the
+//! Contract: `GpuContext::open_async` either returns a device whose limits cover every kernel of the
 //! crate, or an `Error::Gpu` naming the adapter and the missing limit. wgpu reports validation,
 //! out-of-memory and device-lost errors through callbacks; they are stored in `ErrorSlot` and
 //! turned into `Error::Gpu` at the next check (after each submit and read-back).
@@ -70,6 +70,7 @@ fn device_type_text(t: wgpu::DeviceType) -> &'static str {
 }
 
 /// Preference order when several adapters match: hardware first.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 fn rank(t: wgpu::DeviceType) -> u8 {
     match t {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -91,16 +92,33 @@ fn instance() -> (wgpu::Instance, wgpu::Backends) {
     (wgpu::Instance::new(desc), backends)
 }
 
-fn adapters() -> Vec<wgpu::Adapter> {
+/// Every adapter wgpu can see, best first.
+#[cfg(not(target_arch = "wasm32"))]
+async fn adapters() -> Vec<wgpu::Adapter> {
     let (instance, backends) = instance();
-    let mut all = pollster::block_on(instance.enumerate_adapters(backends));
+    let mut all = instance.enumerate_adapters(backends).await;
     all.sort_by_key(|a| rank(a.get_info().device_type));
     all
 }
 
+/// The adapter the browser offers (WebGPU lists none: a page asks for one).
+#[cfg(target_arch = "wasm32")]
+async fn adapters() -> Vec<wgpu::Adapter> {
+    let (instance, _) = instance();
+    let options = wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        ..Default::default()
+    };
+    instance.request_adapter(&options).await.into_iter().collect()
+}
+
 /// Every adapter wgpu can see, best first.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn list_adapters() -> Vec<AdapterSummary> {
-    adapters().iter().map(AdapterSummary::from_adapter).collect()
+    pollster::block_on(adapters())
+        .iter()
+        .map(AdapterSummary::from_adapter)
+        .collect()
 }
 
 /// Storage buffers the fused output layer binds (output_layer.wgsl).
@@ -186,9 +204,10 @@ pub struct GpuContext {
 }
 
 impl GpuContext {
-    /// Open the best adapter whose name contains `filter`; with `hardware_only`, skip software ones.
-    pub fn open(filter: Option<&str>, hardware_only: bool) -> Result<GpuContext> {
-        let all = adapters();
+    /// Open the best adapter whose name contains `filter`; with `hardware_only`, skip software
+    /// ones. Awaits the adapter and the device (a native caller blocks on it, a page awaits it).
+    pub async fn open_async(filter: Option<&str>, hardware_only: bool) -> Result<GpuContext> {
+        let all = adapters().await;
         let found: Vec<String> = all
             .iter()
             .map(|a| {
@@ -229,7 +248,9 @@ impl GpuContext {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+        let (device, queue) = adapter
+            .request_device(&desc)
+            .await
             .map_err(|e| Error::Gpu(format!("could not open adapter '{}': {e}", summary.name)))?;
         let errors = ErrorSlot::default();
         let slot = errors.clone();

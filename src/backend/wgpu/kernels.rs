@@ -239,6 +239,7 @@ impl Kernels {
             .collect();
         todo.dedup();
         let device = &ctx.device;
+        #[cfg(not(target_arch = "wasm32"))]
         let compiled: Vec<(Kernel, wgpu::ComputePipeline)> = std::thread::scope(|scope| {
             let handles: Vec<_> = todo
                 .iter()
@@ -246,6 +247,9 @@ impl Kernels {
                 .collect();
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         });
+        // A page has one thread (the browser compiles in the background anyway).
+        #[cfg(target_arch = "wasm32")]
+        let compiled: Vec<(Kernel, wgpu::ComputePipeline)> = todo.iter().map(|&k| (k, compile(device, k))).collect();
         ctx.errors.check("compiling the shaders")?;
         for (kernel, pipeline) in compiled {
             self.pipelines.insert(kernel, pipeline);

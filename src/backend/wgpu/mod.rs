@@ -23,7 +23,9 @@ pub mod params;
 mod pool;
 mod profile;
 
-pub use context::{list_adapters, AdapterSummary};
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::list_adapters;
+pub use context::AdapterSummary;
 pub use kernels::{expand_unrolls, fill_placeholders};
 pub use matmul::TileConfig;
 
@@ -46,6 +48,8 @@ use crate::error::{Error, Result};
 /// inputs: it takes batches of at most this many rows and 4x the reference job's 128 x 512 rows x
 /// inputs; larger steps run the four dispatches.
 const OUTPUT_LAYER_MAX_ROWS: usize = 1024;
+/// One more than the highest binding number any shader uses (an unused output per number).
+const MAX_BINDINGS: usize = 12;
 const OUTPUT_LAYER_MAX_WORK: usize = 4 * 128 * 512;
 
 /// Whether the output layer's step runs as one dispatch when `GPU_MNIST_OUTPUT_FUSION` does not
@@ -95,9 +99,10 @@ pub struct WgpuBackend {
     stats_slots: usize,
     /// Bound as an unused read-only input (a matmul without bias or mask).
     dummy: GpuBuffer,
-    /// Bound as an unused output (`dlogits` when the loss op is asked not to write it, a matmul's
-    /// `colsum`): separate from `dummy`, since wgpu refuses a buffer bound both read and written.
-    dummy_out: GpuBuffer,
+    /// Bound as unused outputs (`dlogits` when the loss op is asked not to write it, a matmul's
+    /// `colsum`), one per binding number: separate from `dummy` and from each other, since
+    /// WebGPU refuses a buffer bound twice in one dispatch when either binding is writable.
+    dummy_out: Vec<GpuBuffer>,
     recording: Option<Recording>,
     counters: Counters,
     /// From `settings`: every `request_stats` from this read-back on reports a lost device.
@@ -117,15 +122,23 @@ pub struct WgpuBackend {
 }
 
 impl WgpuBackend {
-    /// Open the best adapter matching `filter` (see `GpuContext::open`).
+    /// Open the best adapter matching `filter` (see `GpuContext::open_async`).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn open(filter: Option<&str>, hardware_only: bool) -> Result<Self> {
-        let ctx = GpuContext::open(filter, hardware_only)?;
+        pollster::block_on(Self::open_async(filter, hardware_only))
+    }
+
+    /// `open`, awaiting the device (what a browser must do).
+    pub async fn open_async(filter: Option<&str>, hardware_only: bool) -> Result<Self> {
+        let ctx = GpuContext::open_async(filter, hardware_only).await?;
         let settings = crate::settings::settings();
         let fuse_output_layer = settings
             .output_layer_fusion
             .unwrap_or_else(|| default_output_layer_fusion(&ctx.summary));
         let dummy = buffers::create(&ctx, 4, "unused input")?;
-        let dummy_out = buffers::create(&ctx, 4, "unused output")?;
+        let dummy_out = (0..MAX_BINDINGS)
+            .map(|_| buffers::create(&ctx, 4, "unused output"))
+            .collect::<Result<Vec<_>>>()?;
         Ok(WgpuBackend {
             ctx,
             kernels: Kernels::default(),
@@ -233,7 +246,7 @@ impl WgpuBackend {
         }
         let buffers: Vec<(u32, Slice)> = bind
             .iter()
-            .map(|&(binding, b)| {
+            .map(|&(binding, b)| -> Result<(u32, Slice)> {
                 let slice = match b {
                     Bound::Tensor(t) => self.tensors[t.0].slice(),
                     Bound::Images(d) => self.datasets[d.0].images.whole(),
@@ -242,12 +255,15 @@ impl WgpuBackend {
                     // Callers check the slot against stats_slots, so stats exists here.
                     Bound::Stats => self.stats.as_ref().unwrap_or(&self.dummy).whole(),
                     Bound::Dummy => self.dummy.whole(),
-                    Bound::DummyOut => self.dummy_out.whole(),
+                    Bound::DummyOut => match self.dummy_out.get(binding as usize) {
+                        Some(buffer) => buffer.whole(),
+                        None => return Err(Error::Gpu(format!("binding {binding} is past the unused outputs"))),
+                    },
                     Bound::BufferOf(t) => self.tensors[t.0].buf.whole(),
                 };
-                (binding, slice)
+                Ok((binding, slice))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let pass = recording
             .pass
             .as_mut()

@@ -1,0 +1,446 @@
+//! gpu-mnist in a web page: the functions `web/app.js` calls, over the same library as the
+//! native binary (layer graph, training loop, WGSL kernels, IDX reader, checksums, model files).
+//!
+//! Contract: nothing here implements training, a kernel, a file format or a check of its own;
+//! each export wires a library call to JavaScript values. The page's state lives in this module
+//! (one page, one thread): the checked data set, the latest trained or loaded model, and a stop
+//! flag. `train` runs on WebGPU when the browser offers an adapter that meets the kernels' limits,
+//! and otherwise on the CPU path compiled to wasm (one thread), saying why. Training yields to the
+//! browser after every chunk of steps (`yielding::Yielding`), so the page stays responsive on
+//! either device. Errors reach JavaScript as `Error`s whose message is one sentence for the page.
+
+mod yielding;
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::wgpu::WgpuBackend;
+use gpu_mnist::backend::Backend;
+use gpu_mnist::checkpoint::{self, Checkpoint};
+use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
+use gpu_mnist::image::{to_mnist, Gray};
+use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
+use gpu_mnist::optim::{Optimizer, OptimizerKind};
+use gpu_mnist::train::{fit, ChunkProgress, EpochProgress, EpochStart, FitData, Observer, Position, TrainConfig};
+use serde_json::{json, Value};
+use wasm_bindgen::prelude::*;
+
+use yielding::Yielding;
+
+thread_local! {
+    /// The four MNIST files, checked (`load_data`).
+    static DATA: RefCell<Option<Mnist>> = const { RefCell::new(None) };
+    /// The latest trained or loaded model.
+    static MODEL: RefCell<Option<Checkpoint>> = const { RefCell::new(None) };
+    /// Set by `stop`, read between chunks.
+    static STOP: Cell<bool> = const { Cell::new(false) };
+    /// Whether a `train` call is running.
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Steps between two read-backs of the statistics (and two chances for the page to redraw).
+const CHUNK_STEPS: usize = 20;
+
+fn js_error(message: impl std::fmt::Display) -> JsError {
+    JsError::new(&message.to_string())
+}
+
+/// Check the four MNIST files (train images, train labels, test images, test labels; gzip or
+/// raw) with the native reader's checks: size and SHA-256 of the content, then the IDX
+/// structure. Returns a one-line summary; keeps the data for `train`.
+#[wasm_bindgen]
+pub fn load_data(
+    train_images: &[u8],
+    train_labels: &[u8],
+    test_images: &[u8],
+    test_labels: &[u8],
+) -> Result<String, JsError> {
+    let mnist = Mnist::from_bytes([train_images, train_labels, test_images, test_labels]).map_err(js_error)?;
+    let summary = format!(
+        "MNIST checked: {} training and {} test images",
+        mnist.train.len(),
+        mnist.test.len()
+    );
+    DATA.with_borrow_mut(|d| *d = Some(mnist));
+    Ok(summary)
+}
+
+/// Ask a running `train` to stop after its current chunk of steps.
+#[wasm_bindgen]
+pub fn stop() {
+    STOP.set(true);
+}
+
+/// Whether a model is ready for `predict` and `save_model`.
+#[wasm_bindgen]
+pub fn has_model() -> bool {
+    MODEL.with_borrow(|m| m.is_some())
+}
+
+/// The options `train` takes, as JSON: every field optional.
+struct TrainOptions {
+    model: String,
+    epochs: usize,
+    batch_size: Option<usize>,
+    lr: Option<f32>,
+    seed: u64,
+    train_limit: Option<usize>,
+    test_limit: Option<usize>,
+    /// "auto" (WebGPU, else the CPU), "webgpu" or "cpu".
+    device: String,
+}
+
+impl TrainOptions {
+    fn parse(text: &str) -> Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("options are not JSON: {e}"))?;
+        let count = |key: &str| -> Result<Option<usize>, String> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => match x.as_u64() {
+                    Some(n) if n >= 1 => Ok(Some(n as usize)),
+                    _ => Err(format!("{key} must be a whole number of at least 1, not {x}")),
+                },
+            }
+        };
+        let lr = match v.get("lr") {
+            None | Some(Value::Null) => None,
+            Some(x) => match x.as_f64() {
+                Some(lr) if lr > 0.0 && lr.is_finite() => Some(lr as f32),
+                _ => return Err(format!("the learning rate must be a positive number, not {x}")),
+            },
+        };
+        let text_of = |key: &str, default: &str| v.get(key).and_then(Value::as_str).unwrap_or(default).to_string();
+        Ok(TrainOptions {
+            model: text_of("model", "mlp"),
+            epochs: count("epochs")?.unwrap_or(5),
+            batch_size: count("batch_size")?,
+            lr,
+            seed: v.get("seed").and_then(Value::as_u64).unwrap_or(0),
+            train_limit: count("train_limit")?,
+            test_limit: count("test_limit")?,
+            device: text_of("device", "auto"),
+        })
+    }
+
+    fn spec(&self) -> Result<ModelSpec, String> {
+        match self.model.as_str() {
+            "mlp" => Ok(ModelSpec::mnist(&[512])),
+            "convnet" => Ok(ModelSpec::convnet()),
+            other => ModelSpec::parse("model", other).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The device a run trains on, and why when it is not the one asked for.
+struct Opened {
+    backend: Box<dyn Backend>,
+    kind: &'static str,
+    adapter: String,
+    note: Option<String>,
+}
+
+async fn open_device(device: &str) -> Result<Opened, String> {
+    let cpu = |note: Option<String>| Opened {
+        backend: Box::new(CpuBackend::fast()),
+        kind: "cpu",
+        adapter: "cpu (wasm, 1 thread)".to_string(),
+        note,
+    };
+    match device {
+        "cpu" => Ok(cpu(None)),
+        "webgpu" | "auto" => match WgpuBackend::open_async(None, false).await {
+            Ok(be) => {
+                let adapter = be.adapter().name.clone();
+                Ok(Opened {
+                    backend: Box::new(be),
+                    kind: "webgpu",
+                    adapter: if adapter.is_empty() {
+                        "WebGPU adapter".to_string()
+                    } else {
+                        adapter
+                    },
+                    note: None,
+                })
+            }
+            Err(e) if device == "auto" => Ok(cpu(Some(format!(
+                "WebGPU is not available here ({e}), so this page trains on the CPU instead (one thread, slower)."
+            )))),
+            Err(e) => Err(e.to_string()),
+        },
+        other => Err(format!("unknown device '{other}' (auto, webgpu or cpu)")),
+    }
+}
+
+/// Reports each chunk and epoch to the page's callback, and stops when asked.
+struct PageObserver<'a> {
+    on_event: &'a js_sys::Function,
+    started: f64,
+}
+
+impl PageObserver<'_> {
+    fn send(&self, event: Value) {
+        let _ = self
+            .on_event
+            .call1(&JsValue::NULL, &JsValue::from_str(&event.to_string()));
+    }
+}
+
+impl Observer for PageObserver<'_> {
+    fn epoch_started(&mut self, start: &EpochStart) {
+        self.send(json!({"type": "epoch_start", "epoch": start.epoch + 1, "steps": start.steps}));
+    }
+    fn chunk_done(&mut self, p: &ChunkProgress) {
+        self.send(json!({
+            "type": "chunk", "epoch": p.epoch, "steps_done": p.steps_done, "steps_total": p.steps_total,
+            "examples_done": p.examples_done, "loss": p.loss, "accuracy": p.accuracy,
+            "seconds": (js_sys::Date::now() - self.started) / 1000.0,
+        }));
+    }
+    fn epoch_done(
+        &mut self,
+        at: &Position,
+        _: Option<gpu_mnist::train::HostState<'_>>,
+        _: gpu_mnist::backend::Counters,
+    ) -> gpu_mnist::Result<()> {
+        if let Some(r) = at.history.last() {
+            self.send(json!({
+                "type": "epoch", "epoch": r.epoch, "loss": r.train_loss, "accuracy": r.train_accuracy,
+                "seconds": r.seconds,
+            }));
+        }
+        Ok(())
+    }
+    fn should_stop(&self) -> bool {
+        STOP.get()
+    }
+    fn interrupted(
+        &mut self,
+        at: &Position,
+        stopped: EpochProgress,
+        _: Option<gpu_mnist::train::HostState<'_>>,
+    ) -> gpu_mnist::Error {
+        gpu_mnist::Error::Interrupted(format!(
+            "Stopped at epoch {}, step {}; the previous model (if any) is kept.",
+            at.epoch + 1,
+            stopped.steps_done
+        ))
+    }
+}
+
+/// Train a model with `options` (JSON, see `TrainOptions`) on the data of `load_data`, calling
+/// `on_event` with a JSON string after every chunk and epoch (`type`: "device", "epoch_start",
+/// "chunk", "epoch"). Resolves to the run's result line (JSON: test_accuracy, test_loss, epochs,
+/// images, seconds, adapter, device); the trained model becomes the page's model.
+#[wasm_bindgen]
+pub async fn train(options: String, on_event: js_sys::Function) -> Result<String, JsError> {
+    if BUSY.get() {
+        return Err(js_error("Training is already running; press Stop first."));
+    }
+    BUSY.set(true);
+    STOP.set(false);
+    let result = train_inner(&options, &on_event).await;
+    BUSY.set(false);
+    result.map_err(js_error)
+}
+
+async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<String, String> {
+    let opts = TrainOptions::parse(options)?;
+    let spec = opts.spec()?;
+    let mnist = DATA
+        .with_borrow(|d| d.clone())
+        .ok_or("No data yet: load the four MNIST files first.")?;
+    let train = mnist.train.first(opts.train_limit.unwrap_or(usize::MAX));
+    let test = mnist.test.first(opts.test_limit.unwrap_or(usize::MAX));
+    let batch_size = opts.batch_size.unwrap_or(if spec.is_mlp() { 128 } else { 64 });
+    let optimizer = Optimizer::new(OptimizerKind::RmsProp, opts.lr).map_err(|e| e.to_string())?;
+    let cfg = TrainConfig {
+        spec: spec.clone(),
+        epochs: opts.epochs,
+        batch_size,
+        optimizer,
+        seed: opts.seed,
+        chunk_steps: CHUNK_STEPS,
+    };
+    let opened = open_device(&opts.device).await?;
+    let event = json!({"type": "device", "device": opened.kind, "adapter": opened.adapter, "note": opened.note});
+    let _ = on_event.call1(&JsValue::NULL, &JsValue::from_str(&event.to_string()));
+    let mut be = Yielding::new(opened.backend);
+    let mut at = Position {
+        epoch: 0,
+        partial: EpochProgress::default(),
+        history: Vec::new(),
+        params: glorot_init(&spec, opts.seed),
+        velocities: None,
+    };
+    let started = js_sys::Date::now();
+    let mut observer = PageObserver { on_event, started };
+    let data = FitData {
+        train: &train,
+        val: None,
+        test: &test,
+    };
+    let (report, params) = fit(&mut be, data, &cfg, &mut at, false, &mut observer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let seconds = (js_sys::Date::now() - started) / 1000.0;
+    MODEL.with_borrow_mut(|m| *m = Some(Checkpoint::model(&spec, params)));
+    Ok(json!({
+        "test_accuracy": report.accuracy, "test_loss": report.loss, "epochs": cfg.epochs,
+        "images": train.len(), "seconds": seconds, "adapter": opened.adapter, "device": opened.kind,
+    })
+    .to_string())
+}
+
+/// The page model's class probabilities for a drawing: `gray` is `width` x `height` grey levels
+/// (0 = black), converted as `gpu-mnist predict` converts a picture (ink found, cropped, scaled
+/// to 20x20, centred by its centre of mass in 28x28). Empty when the drawing has no ink yet.
+#[wasm_bindgen]
+pub fn predict(gray: &[u8], width: usize, height: usize) -> Result<Vec<f32>, JsError> {
+    if gray.len() != width * height {
+        return Err(js_error(format!(
+            "{} grey levels for a {width}x{height} picture",
+            gray.len()
+        )));
+    }
+    let img = Gray {
+        width,
+        height,
+        pixels: gray.to_vec(),
+    };
+    let Ok(pixels) = to_mnist(&img) else {
+        return Ok(Vec::new());
+    };
+    let model = MODEL
+        .with_borrow(|m| m.clone())
+        .ok_or_else(|| js_error("No model yet: train or load one."))?;
+    predict_pixels(&model, pixels).map_err(js_error)
+}
+
+/// Run the prediction plan on the CPU path for one MNIST image.
+fn predict_pixels(model: &Checkpoint, pixels: Vec<u8>) -> Result<Vec<f32>, String> {
+    debug_assert_eq!(pixels.len(), IMAGE_PIXELS);
+    let mut be = CpuBackend::fast();
+    let mut graph = Graph::new(&mut be, &model.spec, 1).map_err(|e| e.to_string())?;
+    graph.set_params(&mut be, &model.params).map_err(|e| e.to_string())?;
+    let one = Dataset::new(pixels, vec![0]).map_err(|e| e.to_string())?;
+    let ds = be.upload_dataset(&one).map_err(|e| e.to_string())?;
+    let predictions = now(gpu_mnist::train::predict(&mut be, &mut graph, (ds, 1)))?.map_err(|e| e.to_string())?;
+    Ok(predictions.into_iter().next().map(|p| p.probs).unwrap_or_default())
+}
+
+/// The value of a future that is ready at once (the CPU backend's read-backs are).
+fn now<T>(future: impl Future<Output = T>) -> Result<T, String> {
+    let mut future = pin!(future);
+    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Ok(v),
+        Poll::Pending => Err("the CPU path unexpectedly waited".to_string()),
+    }
+}
+
+/// The page's model as a safetensors file, the same bytes `gpu-mnist train --save` writes.
+#[wasm_bindgen]
+pub fn save_model() -> Result<Vec<u8>, JsError> {
+    MODEL
+        .with_borrow(|m| m.as_ref().map(checkpoint::to_bytes))
+        .ok_or_else(|| js_error("No model yet: train or load one."))
+}
+
+/// Make a model file (`--save`, or a checkpoint of `--checkpoint-dir`) the page's model, after
+/// the native reader's checks. Returns a one-line description.
+#[wasm_bindgen]
+pub fn load_model(bytes: &[u8], file_name: &str) -> Result<String, JsError> {
+    let ck = checkpoint::from_bytes(bytes).map_err(|why| js_error(format!("{file_name}: {why}")))?;
+    let description = format!("Loaded {file_name}: model {}", ck.spec.describe());
+    let model = Checkpoint::model(&ck.spec, ck.params);
+    MODEL.with_borrow_mut(|m| *m = Some(model));
+    Ok(description)
+}
+
+/// The kernels on this browser's WebGPU against the plain-loop CPU reference: whole training
+/// steps of small dense models (matmul forward and both backward products, the softmax
+/// cross-entropy loss, the optimizer) at awkward shapes, both run from the same weights and
+/// images. Resolves to JSON: one entry per case with the largest difference and its tolerance,
+/// and `ok` over all; rejects when WebGPU is unavailable.
+#[wasm_bindgen]
+pub async fn kernel_check() -> Result<String, JsError> {
+    let mut gpu = WgpuBackend::open_async(None, false).await.map_err(js_error)?;
+    let adapter = gpu.adapter().name.clone();
+    // (hidden widths, batch, optimizer, steps): SGD's weights are compared after the steps;
+    // RMSprop divides by the root of tiny squared gradients, so its loss is compared instead.
+    let cases: [(&[usize], usize, OptimizerKind, usize); 4] = [
+        (&[37], 13, OptimizerKind::Sgd, 2),
+        (&[64], 128, OptimizerKind::Sgd, 2),
+        (&[33, 17], 1, OptimizerKind::Sgd, 3),
+        (&[50], 61, OptimizerKind::RmsProp, 3),
+    ];
+    let mut results = Vec::new();
+    let mut all_ok = true;
+    for (hidden, batch, kind, steps) in cases {
+        let spec = ModelSpec::mnist(hidden);
+        let mut reference = CpuBackend::reference();
+        let (gpu_loss, gpu_params) = run_steps(&mut gpu, &spec, batch, kind, steps).await.map_err(js_error)?;
+        let (ref_loss, ref_params) = run_steps(&mut reference, &spec, batch, kind, steps)
+            .await
+            .map_err(js_error)?;
+        let (what, diff, tolerance) = match kind {
+            OptimizerKind::Sgd => {
+                let diff = gpu_params
+                    .iter()
+                    .zip(&ref_params)
+                    .flat_map(|(g, r)| g.data.iter().zip(&r.data).map(|(a, b)| (a - b).abs()))
+                    .fold(0.0f32, f32::max);
+                ("weights", diff as f64, 1e-4)
+            }
+            OptimizerKind::RmsProp => ("loss", (gpu_loss - ref_loss).abs() / ref_loss.abs().max(1e-6), 1e-3),
+        };
+        let ok = diff <= tolerance;
+        all_ok &= ok;
+        results.push(json!({
+            "model": spec.describe(), "batch": batch, "optimizer": format!("{kind:?}"), "steps": steps,
+            "compared": what, "max_diff": diff, "tolerance": tolerance, "ok": ok,
+        }));
+    }
+    Ok(json!({"adapter": adapter, "ok": all_ok, "cases": results}).to_string())
+}
+
+/// Train `steps` steps of `spec` on synthetic images from fixed weights; the last step's mean
+/// loss and the weights after.
+async fn run_steps(
+    be: &mut dyn Backend,
+    spec: &ModelSpec,
+    batch: usize,
+    kind: OptimizerKind,
+    steps: usize,
+) -> gpu_mnist::Result<(f64, Vec<gpu_mnist::model::HostTensor>)> {
+    let n = batch * steps;
+    let images: Vec<u8> = (0..n * IMAGE_PIXELS)
+        .map(|i| {
+            if (i * 7919) % 5 < 2 {
+                ((i * 104_729) % 256) as u8
+            } else {
+                0
+            }
+        })
+        .collect();
+    let labels: Vec<u8> = (0..n).map(|i| (i * 7 % 10) as u8).collect();
+    let data = Dataset::new(images, labels)?;
+    let mut graph = Graph::new(be, spec, batch)?;
+    graph.set_params(be, &glorot_init(spec, 7))?;
+    let ds = be.upload_dataset(&data)?;
+    be.reserve_stats(1)?;
+    let optimizer = Optimizer::new(kind, Some(if kind == OptimizerKind::Sgd { 0.1 } else { 1e-3 }))?;
+    let mut loss = 0.0;
+    for step in 0..steps {
+        let at = gpu_mnist::backend::StepAt {
+            start: step * batch,
+            slot: 0,
+        };
+        graph.train_step(be, (ds, batch), at, &optimizer)?;
+        let stats = gpu_mnist::backend::read_stats(be, 1).await?;
+        loss = stats[0].loss_sum as f64 / batch as f64;
+    }
+    Ok((loss, graph.params_to_host(be).await?))
+}

@@ -1,0 +1,293 @@
+// The web page's end-to-end check in headless Chromium on WebGPU.
+//
+// Usage: node web/tests/browser.mjs <base-url> <screenshot-path>
+//   e.g. node web/tests/browser.mjs http://127.0.0.1:8765/ web/screenshot.png
+// The base URL serves web/dist (index.html, app.js, style.css, pkg/, and the four MNIST files
+// under data/). Chromium is $CHROMIUM, else /usr/bin/chromium; WebGPU runs on SwiftShader.
+//
+// Contract: prints one line "browser: ..." per check and "browser: all checks passed" at the
+// end (exit 0); on the first failure prints "browser: FAILED: <why>" and exits 1. It checks that:
+// a short run trains on WebGPU (not a fallback) to a test accuracy of at least 0.85 and writes
+// its result line to #result; a second Train press while training says "already running"; Stop
+// stops the run with a "Stopped" message and the page keeps working; a drawn digit gets ten
+// probabilities that sum to 1; the page logged no console error up to there; and a text file, a
+// truncated model file and a corrupt data file are each refused with a message naming the file,
+// after which the previous model still reads the drawing. A full-page screenshot is taken after
+// the drawing, before the bad inputs.
+
+import { chromium } from 'playwright-core';
+
+const [base, screenshotPath] = process.argv.slice(2);
+if (!base || !screenshotPath) {
+  console.error('usage: node web/tests/browser.mjs <base-url> <screenshot-path>');
+  process.exit(2);
+}
+
+const TRAIN_QUERY = '?train_limit=2000&test_limit=500&epochs=1&batch_size=32&autostart=1&device=webgpu';
+const MIN_ACCURACY = 0.85;
+const DATA_DIR = 'data/';
+
+function log(line) {
+  console.log(`browser: ${line}`);
+}
+
+class Failure extends Error {}
+
+function fail(why) {
+  throw new Failure(why);
+}
+
+/** What the page says now: its state and message, for failure reports. */
+async function pageSays(page) {
+  try {
+    return await page.evaluate(() => {
+      const message = document.getElementById('message');
+      const status = document.getElementById('status');
+      return `state=${document.body.dataset.state}; #message="${message ? message.textContent : ''}"; ` +
+        `#status="${status ? status.textContent : ''}"`;
+    });
+  } catch (error) {
+    return `(page not readable: ${error.message})`;
+  }
+}
+
+/** page.waitForFunction with a failure that says what was awaited and what the page shows. */
+async function waitFor(page, what, fn, arg, timeoutMs) {
+  try {
+    return await page.waitForFunction(fn, arg, { timeout: timeoutMs, polling: 100 });
+  } catch (error) {
+    if (error instanceof Failure) throw error;
+    fail(`${what}: not seen within ${Math.round(timeoutMs / 1000)} s (${await pageSays(page)})`);
+  }
+}
+
+/** The text of #message and its kind ("error" or "info"). */
+async function message(page) {
+  return page.evaluate(() => {
+    const el = document.getElementById('message');
+    return { text: el.textContent.trim(), kind: el.dataset.kind || '' };
+  });
+}
+
+/** Draw a polyline on #draw with the mouse, points given as fractions of the canvas. */
+async function drawStroke(page, points) {
+  const box = await page.locator('#draw').boundingBox();
+  if (!box) fail('the drawing canvas #draw is not visible');
+  const at = ([fx, fy]) => [box.x + fx * box.width, box.y + fy * box.height];
+  const [x0, y0] = at(points[0]);
+  await page.mouse.move(x0, y0);
+  await page.mouse.down();
+  for (const point of points.slice(1)) {
+    const [x, y] = at(point);
+    await page.mouse.move(x, y, { steps: 8 });
+  }
+  await page.mouse.up();
+}
+
+/** Wait for ten #probs .bar values that sum to 1, and check them. */
+async function readProbabilities(page, what) {
+  await waitFor(
+    page,
+    `${what}: ten probability bars summing to 1`,
+    () => {
+      const bars = [...document.querySelectorAll('#probs .bar')];
+      if (bars.length !== 10) return false;
+      const sum = bars.reduce((s, b) => s + Number(b.dataset.p), 0);
+      return Math.abs(sum - 1) < 1e-3;
+    },
+    undefined,
+    30_000,
+  );
+  const probs = await page.$$eval('#probs .bar', (bars) => bars.map((b) => Number(b.dataset.p)));
+  if (probs.length !== 10) fail(`${what}: ${probs.length} probability bars, not 10`);
+  for (const [digit, p] of probs.entries()) {
+    if (!Number.isFinite(p) || p < 0 || p > 1) fail(`${what}: probability of ${digit} is ${p}, not in [0, 1]`);
+  }
+  const sum = probs.reduce((s, p) => s + p, 0);
+  if (Math.abs(sum - 1) > 1e-3) fail(`${what}: probabilities sum to ${sum}, not 1`);
+  return probs;
+}
+
+/** Upload a file to a model-file input and expect an error message naming it. */
+async function expectRefusedModel(page, name, buffer) {
+  await page.setInputFiles('#model-file', { name, mimeType: 'application/octet-stream', buffer });
+  await waitFor(
+    page,
+    `a message naming ${name}`,
+    (n) => (document.getElementById('message').textContent || '').includes(n),
+    name,
+    30_000,
+  );
+  const said = await message(page);
+  if (said.kind !== 'error') fail(`${name} was not refused: #message (${said.kind}) says "${said.text}"`);
+  return said.text;
+}
+
+async function main() {
+  const consoleErrors = [];
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--enable-unsafe-webgpu',
+      '--enable-features=Vulkan',
+      '--use-webgpu-adapter=swiftshader',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+      '--disable-quic',
+    ],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1100, height: 900 } });
+    page.setDefaultTimeout(60_000);
+
+    // 1. Console errors and uncaught page errors are collected from the start.
+    page.on('console', (msg) => {
+      if (msg.type() === 'error') consoleErrors.push(`console: ${msg.text()}`);
+    });
+    page.on('pageerror', (error) => consoleErrors.push(`page error: ${error.message}`));
+    log(`chromium ${browser.version()}; collecting console errors`);
+
+    // 2. A short run on WebGPU, started by the query string.
+    const url = new URL(TRAIN_QUERY, base).href;
+    await page.goto(url, { waitUntil: 'load' });
+    log(`opened ${url}`);
+    await waitFor(
+      page,
+      'a result line in #result or body[data-state=error]',
+      () => (document.getElementById('result')?.textContent || '').trim() !== '' ||
+        document.body.dataset.state === 'error',
+      undefined,
+      10 * 60_000,
+    );
+    const state = await page.evaluate(() => document.body.dataset.state);
+    if (state === 'error') fail(`the training run failed (${await pageSays(page)})`);
+    const line = (await page.textContent('#result')).trim();
+    let result;
+    try {
+      result = JSON.parse(line);
+    } catch (error) {
+      fail(`#result is not JSON (${error.message}): ${line}`);
+    }
+    if (result.device !== 'webgpu') fail(`trained on "${result.device}", not on WebGPU: ${line}`);
+
+    // The kernels on this browser's WebGPU against the library's CPU reference.
+    const check = JSON.parse(await page.evaluate(() => window.gpuMnistKernelCheck()));
+    for (const c of check.cases) {
+      log(`kernel check ${c.model} batch ${c.batch} ${c.optimizer} x${c.steps}: max |webgpu - reference| ` +
+        `of the ${c.compared} ${c.max_diff.toExponential(2)} (tolerance ${c.tolerance}) ${c.ok ? 'ok' : 'FAILED'}`);
+    }
+    if (!check.ok) fail(`the WebGPU kernels differ from the reference on ${check.adapter}`);
+    if (!(result.test_accuracy >= MIN_ACCURACY)) {
+      fail(`test accuracy ${result.test_accuracy} is under ${MIN_ACCURACY}: ${line}`);
+    }
+    const exposed = await page.evaluate(() => window.gpuMnistResult);
+    if (!exposed || exposed.test_accuracy !== result.test_accuracy) {
+      fail('window.gpuMnistResult does not hold the parsed result line');
+    }
+    log(`result ${line}`);
+
+    // 3. Train twice: the second press says "already running"; Stop stops the first run. Many
+    //    epochs, so that the run is still going when Stop is pressed.
+    await page.fill('#epochs', '50');
+    await page.click('#train');
+    await page.waitForTimeout(200);
+    await page.click('#train');
+    await waitFor(
+      page,
+      '"already running" in #message after a second Train press',
+      () => /already running/i.test(document.getElementById('message').textContent || ''),
+      undefined,
+      30_000,
+    );
+    log(`second Train press: "${(await message(page)).text}"`);
+    await page.click('#stop');
+    await waitFor(
+      page,
+      '"Stopped" in #message after Stop, with the run over',
+      () => (document.getElementById('message').textContent || '').includes('Stopped') &&
+        document.body.dataset.state !== 'training',
+      undefined,
+      2 * 60_000,
+    );
+    log(`Stop: "${(await message(page)).text}" (state ${await page.evaluate(() => document.body.dataset.state)})`);
+
+    // 4. Draw a "7" and read the ten probabilities.
+    await page.click('#clear');
+    await drawStroke(page, [[0.25, 0.22], [0.72, 0.22], [0.6, 0.5], [0.45, 0.82]]);
+    const probs = await readProbabilities(page, 'the drawn 7');
+    const best = probs.indexOf(Math.max(...probs));
+    log(`probabilities of the drawn 7: [${probs.map((p) => p.toFixed(4)).join(', ')}] (reads as ${best})`);
+
+    // 7 (checked here, before the deliberate bad inputs): no console error so far.
+    if (consoleErrors.length > 0) {
+      fail(`${consoleErrors.length} console error(s):\n  ${consoleErrors.join('\n  ')}`);
+    }
+    log('no console errors');
+
+    // 6. The screenshot: chart, result and bars in a clean state.
+    await page.screenshot({ path: screenshotPath, fullPage: true });
+    log(`screenshot ${screenshotPath}`);
+
+    // 5. Bad inputs, each refused with a message naming the file; the page keeps its model.
+    const notModel = await expectRefusedModel(page, 'notes.txt', Buffer.from('hello'));
+    log(`notes.txt refused: "${notModel}"`);
+    const modelBytes = await page.evaluate(() => window.gpuMnistSaveModel());
+    if (!Array.isArray(modelBytes) || modelBytes.length < 16) fail('window.gpuMnistSaveModel() gave no model bytes');
+    const half = Buffer.from(modelBytes.slice(0, Math.floor(modelBytes.length / 2)));
+    const halfSaid = await expectRefusedModel(page, 'half.safetensors', half);
+    log(`half.safetensors (${half.length} of ${modelBytes.length} bytes) refused: "${halfSaid}"`);
+
+    const fetchData = async (name) => {
+      const response = await fetch(new URL(DATA_DIR + name, base));
+      if (!response.ok) fail(`could not fetch ${DATA_DIR}${name} from the server (HTTP ${response.status})`);
+      return Buffer.from(await response.arrayBuffer());
+    };
+    const garbage = Buffer.alloc(4096);
+    for (let i = 0; i < garbage.length; i++) garbage[i] = (i * 7919 + 13) % 251;
+    await page.setInputFiles('#data-files', [
+      { name: 'train-images-idx3-ubyte.gz', mimeType: 'application/gzip', buffer: garbage },
+      { name: 'train-labels-idx1-ubyte.gz', mimeType: 'application/gzip', buffer: await fetchData('train-labels-idx1-ubyte.gz') },
+      { name: 't10k-images-idx3-ubyte.gz', mimeType: 'application/gzip', buffer: await fetchData('t10k-images-idx3-ubyte.gz') },
+      { name: 't10k-labels-idx1-ubyte.gz', mimeType: 'application/gzip', buffer: await fetchData('t10k-labels-idx1-ubyte.gz') },
+    ]);
+    await waitFor(
+      page,
+      'a message naming train-images-idx3-ubyte after a corrupt data file',
+      () => (document.getElementById('message').textContent || '').includes('train-images-idx3-ubyte'),
+      undefined,
+      60_000,
+    );
+    const dataSaid = await message(page);
+    if (dataSaid.kind !== 'error') fail(`the corrupt data file was not refused: "${dataSaid.text}"`);
+    log(`corrupt train-images refused: "${dataSaid.text}"`);
+
+    await page.click('#clear');
+    await waitFor(
+      page,
+      'bars back at 0 after Clear',
+      () => [...document.querySelectorAll('#probs .bar')].every((b) => Number(b.dataset.p) === 0),
+      undefined,
+      10_000,
+    );
+    await drawStroke(page, [[0.5, 0.15], [0.5, 0.85]]);
+    const again = await readProbabilities(page, 'a drawn 1 after the bad inputs');
+    log(`the previous model still reads a drawn 1: [${again.map((p) => p.toFixed(4)).join(', ')}]`);
+
+    log('all checks passed');
+  } finally {
+    await browser.close();
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (error) => {
+    const why = error instanceof Failure ? error.message : (error && error.stack) || String(error);
+    console.error(`browser: FAILED: ${why}`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The browser page's test: installs Debian's Chromium and playwright-core when missing, builds the
+# page (web/build.sh --no-serve), serves web/dist on a loopback port, and runs tests/browser.mjs
+# against it in headless Chromium with WebGPU on its software adapter (SwiftShader). Fails, never
+# skips, when any of that is missing or fails. The screenshot goes to web/dist/screenshot.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "web/tests/run.sh: installing Debian's chromium"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+fi
+if [ ! -d node_modules/playwright-core ]; then
+    npm ci --no-audit --no-fund --silent
+fi
+
+bash build.sh --no-serve
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 -m http.server "$port" --bind 127.0.0.1 --directory dist >/dev/null 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" 2>/dev/null && break
+    sleep 0.1
+done
+node tests/browser.mjs "http://127.0.0.1:$port/" dist/screenshot.png
