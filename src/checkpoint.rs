@@ -11,7 +11,12 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::model::{HostTensor, ModelSpec};
@@ -67,7 +72,22 @@ pub struct Checkpoint {
     pub velocities: Vec<HostTensor>,
     /// The training state of a `--checkpoint-dir` checkpoint (JSON in metadata key `training_state`).
     pub state: Option<Value>,
+    /// Whether a loaded file carried the SHA-256 of its tensor data (and it matched: a file whose
+    /// data does not match is refused). Files written here always carry it.
+    pub data_hash: DataHash,
 }
+
+/// What `from_bytes` found of the tensor data's SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataHash {
+    /// Stored in the file (or about to be, for a checkpoint not yet written), and matched.
+    Matched,
+    /// Not in the file: written by another tool, so damage to it can not be detected.
+    Absent,
+}
+
+/// The metadata key of the tensor data's SHA-256 (lowercase hex of the bytes after the header).
+pub const DATA_HASH_KEY: &str = "tensor_data_sha256";
 
 impl Checkpoint {
     /// A plain model file: parameters only.
@@ -77,6 +97,7 @@ impl Checkpoint {
             params,
             velocities: Vec::new(),
             state: None,
+            data_hash: DataHash::Matched,
         }
     }
 }
@@ -101,51 +122,52 @@ fn spec_of(layers: &str) -> std::result::Result<ModelSpec, String> {
     Ok(ModelSpec::mnist(&widths[1..widths.len() - 1]))
 }
 
-/// Serialise to safetensors bytes.
+/// Serialise to safetensors bytes (through the `safetensors` crate, which orders the tensors by
+/// name), with a SHA-256 of the tensor data in metadata key `tensor_data_sha256`.
 pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
     let spec = &ck.spec;
-    let mut header = Map::new();
     // An MLP by its widths ("784,512,10"), any other model by its --layers spec.
     let layers = match spec.is_mlp() {
         true => spec.describe().replace('-', ","),
         false => spec.to_layers_arg(),
     };
-    let mut meta = json!({"format": "gpu-mnist", "layers": layers, "activation": "relu"});
-    if let Some(state) = &ck.state {
-        meta["training_state"] = Value::String(state.to_string());
-    }
-    header.insert("__metadata__".to_string(), meta);
-    let velocities: Vec<HostTensor> = ck
-        .velocities
+    let velocities = ck.velocities.iter().map(|v| HostTensor {
+        name: format!("{VELOCITY_PREFIX}{}{VELOCITY_SUFFIX}", v.name),
+        ..v.clone()
+    });
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = ck
+        .params
         .iter()
-        .map(|v| HostTensor {
-            name: format!("{VELOCITY_PREFIX}{}{VELOCITY_SUFFIX}", v.name),
-            ..v.clone()
-        })
+        .cloned()
+        .chain(velocities)
+        .map(|t| (t.name, t.shape, t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
-    let tensors: Vec<&HostTensor> = ck.params.iter().chain(&velocities).collect();
-    let mut offset = 0usize;
-    for p in &tensors {
-        let bytes = p.data.len() * 4;
-        header.insert(
-            p.name.clone(),
-            json!({"dtype": "F32", "shape": p.shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
+    // The order `serialize` writes them in (one dtype: by name), so that the hash below is the
+    // hash of the file's data section.
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = Sha256::new();
+    for (_, _, bytes) in &tensors {
+        hasher.update(bytes);
     }
-    let mut head = Value::Object(header).to_string().into_bytes();
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
+    let mut meta = HashMap::from([
+        ("format".to_string(), "gpu-mnist".to_string()),
+        ("layers".to_string(), layers),
+        ("activation".to_string(), "relu".to_string()),
+        (DATA_HASH_KEY.to_string(), hex(&hasher.finalize())),
+    ]);
+    if let Some(state) = &ck.state {
+        meta.insert("training_state".to_string(), state.to_string());
     }
-    let mut out = Vec::with_capacity(8 + head.len() + offset);
-    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
-    out.extend_from_slice(&head);
-    for p in &tensors {
-        for v in &p.data {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    out
+    let views = tensors.iter().map(|(name, shape, bytes)| {
+        let view = TensorView::new(Dtype::F32, shape.clone(), bytes).expect("the shape's bytes, as F32");
+        (name.as_str(), view)
+    });
+    safetensors::serialize(views, Some(meta)).expect("a model's header is far below the size limit")
+}
+
+/// Lowercase hex of a digest.
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Save atomically.
@@ -179,49 +201,20 @@ fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
     Err(reason.into())
 }
 
-/// One F32 tensor of the given name and shape, validated against the data section.
-fn tensor(
-    tensors: &Map<String, Value>,
-    data: &[u8],
-    name: &str,
-    shape: &[usize],
-) -> std::result::Result<HostTensor, String> {
-    let info = tensors.get(name).ok_or_else(|| format!("tensor {name} is missing"))?;
-    let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-    if dtype != "F32" {
-        return bad(format!("tensor {name} has dtype {dtype}, expected F32"));
+/// One F32 tensor of the given name and shape, with finite values.
+fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> std::result::Result<HostTensor, String> {
+    let view = file.tensor(name).map_err(|_| format!("tensor {name} is missing"))?;
+    if view.dtype() != Dtype::F32 {
+        return bad(format!("tensor {name} has dtype {}, expected F32", view.dtype()));
     }
-    let got_shape: Option<Vec<usize>> = info
-        .get("shape")
-        .and_then(|s| s.as_array())
-        .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect());
-    if got_shape.as_deref() != Some(shape) {
+    if view.shape() != shape {
         return bad(format!(
-            "tensor {name} has shape {got_shape:?}, the layers need {shape:?}"
+            "tensor {name} has shape {:?}, the layers need {shape:?}",
+            view.shape()
         ));
     }
-    let offsets: Option<Vec<u64>> = info
-        .get("data_offsets")
-        .and_then(|s| s.as_array())
-        .and_then(|a| a.iter().map(|v| v.as_u64()).collect());
-    let (begin, end) = match offsets.as_deref() {
-        Some(&[b, e]) if b <= e && e <= data.len() as u64 => (b as usize, e as usize),
-        _ => {
-            return bad(format!(
-                "tensor {name} has data offsets {offsets:?} outside the {}-byte data",
-                data.len()
-            ))
-        }
-    };
-    let len: usize = shape.iter().product();
-    if end - begin != len * 4 {
-        return bad(format!(
-            "tensor {name} holds {} bytes, its shape needs {}",
-            end - begin,
-            len * 4
-        ));
-    }
-    let values: Vec<f32> = data[begin..end]
+    let values: Vec<f32> = view
+        .data()
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
@@ -235,7 +228,10 @@ fn tensor(
     })
 }
 
-/// Parse safetensors bytes. Errors are plain reasons (the caller names the file).
+/// Parse safetensors bytes (through the `safetensors` crate), then check what a gpu-mnist model
+/// needs: its metadata, every tensor's name, dtype and shape, finite values, no extra tensors,
+/// and the SHA-256 of the tensor data where the file carries one. Errors are plain reasons (the
+/// caller names the file).
 pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     if bytes.len() < 8 {
         return bad(format!("too short for a safetensors file ({} bytes)", bytes.len()));
@@ -247,48 +243,52 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
             bytes.len()
         ));
     }
-    let head = &bytes[8..8 + head_len as usize];
-    let data = &bytes[8 + head_len as usize..];
-    let mut header: Map<String, Value> = match serde_json::from_slice(head) {
-        Ok(Value::Object(m)) => m,
-        _ => return bad("not a safetensors model: the header is not a JSON object"),
-    };
-    let meta = header.remove("__metadata__").unwrap_or(Value::Null);
+    let (head_len, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| format!("not a valid safetensors file ({e})"))?;
+    let file = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file ({e})"))?;
+    let empty = HashMap::new();
+    let meta = header.metadata().as_ref().unwrap_or(&empty);
     let layers = meta
         .get("layers")
-        .and_then(|l| l.as_str())
         .ok_or("no `layers` in the metadata: not a gpu-mnist model")?;
-    match meta.get("activation").and_then(|a| a.as_str()) {
+    match meta.get("activation").map(String::as_str) {
         None | Some("relu") => {}
         Some(other) => return bad(format!("its activation is {other:?}; gpu-mnist models use relu")),
     }
     let spec = spec_of(layers)?;
     let mut params = Vec::new();
     let mut velocities = Vec::new();
-    let has_velocities = header.keys().any(|k| k.starts_with(VELOCITY_PREFIX));
+    let has_velocities = file.names().iter().any(|k| k.starts_with(VELOCITY_PREFIX));
     let shapes = spec.param_shapes().map_err(|e| e.to_string())?;
     for (name, shape) in shapes {
-        params.push(tensor(&header, data, &name, &shape)?);
+        params.push(tensor(&file, &name, &shape)?);
         if has_velocities {
-            let mut v = tensor(
-                &header,
-                data,
-                &format!("{VELOCITY_PREFIX}{name}{VELOCITY_SUFFIX}"),
-                &shape,
-            )?;
+            let mut v = tensor(&file, &format!("{VELOCITY_PREFIX}{name}{VELOCITY_SUFFIX}"), &shape)?;
             v.name = name;
             velocities.push(v);
         }
     }
     let expected = params.len() + velocities.len();
-    if header.len() != expected {
+    if file.len() != expected {
         return bad(format!(
             "holds {} tensors, a {} model has {expected}",
-            header.len(),
+            file.len(),
             spec.describe()
         ));
     }
-    let state = match meta.get("training_state").and_then(|s| s.as_str()) {
+    let data_hash = match meta.get(DATA_HASH_KEY) {
+        Some(stored) => {
+            let actual = hex(&Sha256::digest(&bytes[8 + head_len..]));
+            if !stored.eq_ignore_ascii_case(&actual) {
+                return bad(format!(
+                    "is damaged: its tensor data does not match the SHA-256 stored in it ({DATA_HASH_KEY})"
+                ));
+            }
+            DataHash::Matched
+        }
+        None => DataHash::Absent,
+    };
+    let state = match meta.get("training_state") {
         Some(text) => Some(serde_json::from_str(text).map_err(|e| format!("its training state is not JSON ({e})"))?),
         None => None,
     };
@@ -297,6 +297,7 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
         params,
         velocities,
         state,
+        data_hash,
     })
 }
 
@@ -330,14 +331,63 @@ mod tests {
         assert_eq!(from_bytes(&bytes)?, ck);
         let full = Checkpoint {
             velocities: glorot_init(&spec, 4),
-            state: Some(json!({"epochs_done": 2})),
+            state: Some(serde_json::json!({"epochs_done": 2})),
             ..ck
         };
         assert_eq!(from_bytes(&to_bytes(&full))?, full);
-        assert!(from_bytes(&bytes[..bytes.len() - 4]).unwrap_err().contains("outside"));
+        let cut = from_bytes(&bytes[..bytes.len() - 4]).unwrap_err();
+        assert!(cut.contains("not a valid safetensors file"), "{cut}");
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(from_bytes(&huge).unwrap_err().contains("header length"));
+        Ok(())
+    }
+
+    /// Any flipped byte of the tensor data is caught by the stored SHA-256.
+    #[test]
+    fn a_damaged_tensor_byte_is_refused() {
+        let spec = ModelSpec::mnist(&[3]);
+        let bytes = to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 5)));
+        let head = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        for at in [head, head + 1, (head + bytes.len()) / 2, bytes.len() - 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x01;
+            let err = from_bytes(&damaged).unwrap_err();
+            assert!(err.contains("is damaged"), "byte {at}: {err}");
+        }
+    }
+
+    /// A file as Python's `safetensors` would write it (its own tensor order, extra metadata,
+    /// no hash of ours) loads, and says it carries no hash.
+    #[test]
+    fn a_foreign_file_loads_without_a_hash() -> std::result::Result<(), String> {
+        let spec = ModelSpec::mnist(&[4]);
+        let params = glorot_init(&spec, 6);
+        // Reverse name order (not the crate's), offsets accordingly, and foreign metadata.
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "__metadata__".to_string(),
+            serde_json::json!({"format": "pt", "layers": "784,4,10", "written_by": "numpy"}),
+        );
+        let mut data = Vec::new();
+        for t in params.iter().rev() {
+            let begin = data.len();
+            data.extend(t.data.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [begin, data.len()]}),
+            );
+        }
+        let mut head = Value::Object(header).to_string().into_bytes();
+        while !head.len().is_multiple_of(8) {
+            head.push(b' ');
+        }
+        let mut file = (head.len() as u64).to_le_bytes().to_vec();
+        file.extend(head);
+        file.extend(data);
+        let ck = from_bytes(&file)?;
+        assert_eq!(ck.data_hash, DataHash::Absent);
+        assert_eq!(ck.params, params);
         Ok(())
     }
 }

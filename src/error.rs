@@ -53,6 +53,10 @@ pub enum Error {
     #[error("{0}")]
     Command(String),
 
+    /// Some of several inputs could not be used (each was reported on its own line before).
+    #[error("{0}")]
+    Inputs(String),
+
     /// The user interrupted the run (Ctrl-C); the message says what was saved.
     #[error("{0}")]
     Interrupted(String),

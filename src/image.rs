@@ -1,11 +1,16 @@
-//! Images in and out: decoding a PNG or PGM digit and converting it the MNIST way, and writing
-//! PNG pictures (the grid of misclassified test digits).
+//! Images in and out: decoding a picture of a digit (through the `image` crate) and converting
+//! it the MNIST way, and writing PNG pictures (the grid of misclassified test digits).
 //!
-//! Contract: `load_digit(path)` returns 784 u8 pixels, white digit on black, as MNIST has them:
-//! any size and colour type; a dark digit on a light background is detected (by the border) and
-//! inverted; an image that is not 28x28 is cropped to its ink, scaled so its longer side is 20
-//! pixels, and centred by its centre of mass in a 28x28 frame. Sizes are checked before any
-//! allocation; every failure names the file.
+//! Contract: `load_digit(path)` returns 784 u8 pixels, white digit on black, as MNIST has them,
+//! from a PNG, JPEG (turned as its EXIF orientation says), WebP, BMP, GIF, TIFF or PNM picture of
+//! any size and colour type. In a picture that is not 28x28 the ink is the side that reaches far
+//! from the median grey (dark on light paper, or light on dark); the paper's level (a percentile
+//! of each of 4 x 4 blocks, interpolated) is subtracted, so that uneven lighting and grey paper
+//! become black; Otsu's threshold cuts the ink's faint rest away; then the ink is cropped, scaled
+//! so its longer side is 20 pixels, and centred by its centre of mass in a 28x28 frame. A picture with no ink that
+//! stands out (blank, lighting alone, noise) is refused, not guessed at. A 28x28 picture is taken as MNIST-like as it is
+//! (inverted when its border is light). Sizes are checked before any pixel is decoded; every
+//! failure names the file.
 
 use std::path::Path;
 
@@ -15,6 +20,12 @@ use crate::error::{Error, Result};
 /// Largest accepted image side and pixel count (a phone photo is about 4000 x 3000).
 const MAX_SIDE: u32 = 16_384;
 const MAX_PIXELS: u64 = 50_000_000;
+/// The most memory one decoded picture may take (a 50-megapixel RGBA photo at 16 bits is 400 MB,
+/// a phone's 12-megapixel RGB photo 36 MB).
+const MAX_DECODED_BYTES: u64 = 512 << 20;
+
+/// The formats `decode_image` reads (the `image` crate's decoders this build enables).
+pub const FORMATS: &str = "PNG, JPEG, WebP, BMP, GIF, TIFF or PNM";
 
 /// A grayscale image, 0 = black.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,11 +50,14 @@ fn check_size(w: u64, h: u64) -> std::result::Result<(), String> {
 /// The largest image file read (a 4000x3000 16-bit RGBA PNG is under 100 MB).
 const MAX_FILE_BYTES: u64 = 256 << 20;
 
-/// Decode a PNG or PGM file (see `decode_image`).
+/// Decode a picture file (see `decode_image`).
 pub fn load_gray(path: &Path) -> Result<Gray> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return Err(Error::bad_file(path, "is a directory, expected a PNG or PGM image"));
+        return Err(Error::bad_file(
+            path,
+            format!("is a directory, expected a picture ({FORMATS})"),
+        ));
     }
     if !meta.is_file() {
         return Err(Error::bad_file(path, "is not a regular file"));
@@ -58,146 +72,62 @@ pub fn load_gray(path: &Path) -> Result<Gray> {
     decode_image(&bytes).map_err(|reason| Error::bad_file(path, reason))
 }
 
-/// Decode a PNG (any colour type or depth; transparency composited over white) or a PGM (P2,
-/// P5) from bytes. Errors are plain reasons (the caller names the file).
+/// Decode a picture from bytes through the `image` crate: PNG, JPEG, WebP, BMP, GIF, TIFF or
+/// PNM, turned the way its EXIF orientation says (a phone's photo), transparency composited over
+/// white, then to grey (0.299 R + 0.587 G + 0.114 B). The header's size is checked before any
+/// pixel is decoded. Errors are plain reasons (the caller names the file).
 pub fn decode_image(bytes: &[u8]) -> std::result::Result<Gray, String> {
-    if bytes.starts_with(&[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a]) {
-        decode_png(bytes)
-    } else if bytes.len() >= 2 && bytes[0] == b'P' && (bytes[1] == b'2' || bytes[1] == b'5') {
-        decode_pgm(bytes)
-    } else if bytes.is_empty() {
-        Err("is empty (0 bytes)".to_string())
-    } else {
-        Err("is not a PNG or PGM image".to_string())
+    use image::{DynamicImage, ImageDecoder, ImageError, ImageReader};
+    if bytes.is_empty() {
+        return Err("is empty (0 bytes)".to_string());
     }
-}
-
-fn decode_png(bytes: &[u8]) -> std::result::Result<Gray, String> {
-    let mut decoder = png::Decoder::new_with_limits(std::io::Cursor::new(bytes), png::Limits { bytes: 1 << 28 });
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let bad = |e: png::DecodingError| format!("is not a readable PNG ({e})");
-    let mut reader = decoder.read_info().map_err(bad)?;
-    let (w, h) = (reader.info().width as u64, reader.info().height as u64);
-    check_size(w, h)?;
-    // Deflate expands at most about 1032:1, so a file can not hold more pixels than this; a header
-    // claiming more is rejected before the buffer is allocated.
-    if w * h > 1100 * bytes.len() as u64 + (1 << 20) {
-        return Err(format!(
-            "PNG header claims {w}x{h} pixels, more than its {} bytes can hold",
-            bytes.len()
-        ));
-    }
-    let size = reader.output_buffer_size().ok_or("PNG too large")?;
-    let mut buf = vec![0u8; size];
-    let info = reader.next_frame(&mut buf).map_err(bad)?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    let channels = match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::GrayscaleAlpha => 2,
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
-        png::ColorType::Indexed => return Err("indexed PNG was not expanded".to_string()),
+    let not_a_picture = || format!("is not a picture gpu-mnist reads ({FORMATS})");
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("could not be read ({e})"))?;
+    let Some(format) = reader.format() else {
+        return Err(not_a_picture());
     };
-    let mut pixels = Vec::with_capacity(w * h);
-    for row in buf.chunks(info.line_size.max(1)).take(h) {
-        for px in row.chunks_exact(channels).take(w) {
-            let (lum, alpha) = match channels {
-                1 => (px[0] as f32, 255.0),
-                2 => (px[0] as f32, px[1] as f32),
-                3 => (
-                    0.299 * px[0] as f32 + 0.587 * px[1] as f32 + 0.114 * px[2] as f32,
-                    255.0,
-                ),
-                _ => (
-                    0.299 * px[0] as f32 + 0.587 * px[1] as f32 + 0.114 * px[2] as f32,
-                    px[3] as f32,
-                ),
-            };
+    let name = format!("{format:?}").to_uppercase();
+    // Decoders' messages may span lines; a user gets one.
+    let one_line = |e: &ImageError| e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    let unreadable = |e: ImageError| match e {
+        ImageError::Unsupported(_) => not_a_picture(),
+        ImageError::Limits(_) => format!("is a {name} image larger than gpu-mnist accepts ({})", one_line(&e)),
+        e => format!("is not a readable {name} image ({})", one_line(&e)),
+    };
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    let mut reader = reader;
+    reader.limits(limits.clone());
+    let mut decoder = reader.into_decoder().map_err(unreadable)?;
+    let (w, h) = decoder.dimensions();
+    check_size(w as u64, h as u64)?;
+    limits.reserve(decoder.total_bytes()).map_err(unreadable)?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(unreadable)?;
+    img.apply_orientation(orientation);
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let rgba = img.to_rgba8();
+    let pixels = rgba
+        .pixels()
+        .map(|p| {
+            let [r, g, b, a] = p.0;
+            let lum = 0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32;
             // Composite over white: a transparent background reads as paper.
-            let a = alpha / 255.0;
-            pixels.push((lum * a + 255.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8);
-        }
-    }
-    if pixels.len() != w * h {
-        return Err("PNG image data is incomplete".to_string());
-    }
-    Ok(Gray {
-        width: w,
-        height: h,
-        pixels,
-    })
-}
-
-/// Parse a binary (P5) or ASCII (P2) PGM, 8 or 16 bits.
-pub fn decode_pgm(bytes: &[u8]) -> std::result::Result<Gray, String> {
-    let mut pos = 2;
-    let mut fields = [0u64; 3];
-    for f in &mut fields {
-        loop {
-            while pos < bytes.len() && bytes[pos].is_ascii_whitespace() {
-                pos += 1;
-            }
-            if pos < bytes.len() && bytes[pos] == b'#' {
-                while pos < bytes.len() && bytes[pos] != b'\n' {
-                    pos += 1;
-                }
-            } else {
-                break;
-            }
-        }
-        let start = pos;
-        while pos < bytes.len() && bytes[pos].is_ascii_digit() && pos - start < 10 {
-            pos += 1;
-        }
-        *f = std::str::from_utf8(&bytes[start..pos])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or("PGM header is malformed")?;
-    }
-    let [w, h, maxval] = fields;
-    check_size(w, h)?;
-    if maxval == 0 || maxval > 65_535 {
-        return Err(format!("PGM maxval {maxval} is not 1 to 65535"));
-    }
-    let n = (w * h) as usize;
-    let scale = |v: u64| ((v.min(maxval) * 255 + maxval / 2) / maxval) as u8;
-    let pixels: Vec<u8> = if bytes[1] == b'5' {
-        let data = &bytes[(pos + 1).min(bytes.len())..];
-        let bpp = if maxval > 255 { 2 } else { 1 };
-        if data.len() < n * bpp {
-            return Err(format!(
-                "PGM data is truncated: {} bytes for {w}x{h} pixels",
-                data.len()
-            ));
-        }
-        if bpp == 1 {
-            data[..n].iter().map(|&v| scale(v as u64)).collect()
-        } else {
-            data[..2 * n]
-                .chunks_exact(2)
-                .map(|c| scale(u16::from_be_bytes([c[0], c[1]]) as u64))
-                .collect()
-        }
-    } else {
-        let text = std::str::from_utf8(&bytes[pos..]).map_err(|_| "PGM data is not ASCII")?;
-        let values: Vec<u64> = text
-            .split_ascii_whitespace()
-            .take(n)
-            .map(|t| t.parse().unwrap_or(u64::MAX))
-            .collect();
-        if values.len() < n || values.contains(&u64::MAX) {
-            return Err("PGM pixel values are truncated or malformed".to_string());
-        }
-        values.into_iter().map(scale).collect()
-    };
-    Ok(Gray {
-        width: w as usize,
-        height: h as usize,
-        pixels,
-    })
+            let a = a as f32 / 255.0;
+            (lum * a + 255.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    Ok(Gray { width, height, pixels })
 }
 
 /// Invert when the border is light (a dark digit on paper): MNIST digits are white on black.
+/// Used for pictures already 28x28, which are taken as MNIST-like as they are.
 fn white_on_black(img: &Gray) -> Vec<u8> {
     let (w, h) = (img.width, img.height);
     let border: Vec<u32> = (0..w)
@@ -211,6 +141,151 @@ fn white_on_black(img: &Gray) -> Vec<u8> {
     } else {
         img.pixels.clone()
     }
+}
+
+/// Otsu's threshold of a histogram: the level t that best splits it into two classes (<= t and
+/// > t) by between-class variance.
+fn otsu(histogram: &[u64; 256]) -> u8 {
+    let total: u64 = histogram.iter().sum();
+    let sum_all: f64 = histogram.iter().enumerate().map(|(v, &n)| v as f64 * n as f64).sum();
+    let (mut below, mut sum_below, mut best, mut best_t) = (0u64, 0.0f64, -1.0f64, 0u8);
+    for (t, &n) in histogram.iter().enumerate() {
+        below += n;
+        sum_below += t as f64 * n as f64;
+        let above = total - below;
+        if below == 0 || above == 0 {
+            continue;
+        }
+        let (m0, m1) = (sum_below / below as f64, (sum_all - sum_below) / above as f64);
+        let between = below as f64 * above as f64 * (m0 - m1) * (m0 - m1);
+        if between > best {
+            (best, best_t) = (between, t as u8);
+        }
+    }
+    best_t
+}
+
+/// The least difference, in grey levels, between ink and the paper around it.
+const MIN_INK_CONTRAST: f32 = 40.0;
+/// The largest share of a picture that can be ink (a digit is a few strokes, not a region).
+const MAX_INK_SHARE: f64 = 0.4;
+/// Blocks a side for the paper's estimate (each a quarter of the picture's side).
+const PAPER_BLOCKS: usize = 4;
+
+/// The grey level below which `fraction` of `pixels` lie (from a histogram).
+fn percentile(histogram: &[u32; 256], fraction: f64) -> u8 {
+    let total: u32 = histogram.iter().sum();
+    let want = ((total as f64 * fraction).ceil() as u32).clamp(1, total.max(1));
+    let mut seen = 0;
+    histogram
+        .iter()
+        .position(|&n| {
+            seen += n;
+            seen >= want
+        })
+        .unwrap_or(255) as u8
+}
+
+/// The paper's grey level under every pixel: in each of 4 x 4 blocks the level that 90 % of the
+/// block is darker than (`dark_ink`: the paper is the light side) or lighter than, interpolated
+/// bilinearly between block centres (a lamp's gradient or a shadow is smooth at that scale). A
+/// stroke, however thick, covers less than 90 % of a block.
+fn paper_level(img: &Gray, dark_ink: bool) -> Vec<f32> {
+    let (w, h) = (img.width, img.height);
+    let (gx, gy) = (PAPER_BLOCKS.min(w), PAPER_BLOCKS.min(h));
+    let mut levels = vec![0.0f32; gx * gy];
+    for by in 0..gy {
+        for bx in 0..gx {
+            let (x0, x1, y0, y1) = (bx * w / gx, (bx + 1) * w / gx, by * h / gy, (by + 1) * h / gy);
+            let mut histogram = [0u32; 256];
+            for y in y0..y1 {
+                for &p in &img.pixels[y * w + x0..y * w + x1] {
+                    histogram[p as usize] += 1;
+                }
+            }
+            levels[by * gx + bx] = percentile(&histogram, if dark_ink { 0.9 } else { 0.1 }) as f32;
+        }
+    }
+    // Block centres at ((b + 0.5) * w / g); between them, bilinear; beyond, the nearest.
+    let axis = |v: usize, n: usize, g: usize| {
+        let f = ((v as f32 + 0.5) * g as f32 / n as f32 - 0.5).clamp(0.0, (g - 1) as f32);
+        let i = (f.floor() as usize).min(g.saturating_sub(2));
+        (i, (f - i as f32).clamp(0.0, 1.0))
+    };
+    let mut out = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let (iy, fy) = axis(y, h, gy);
+        for x in 0..w {
+            let (ix, fx) = axis(x, w, gx);
+            let at = |bx: usize, by: usize| levels[by.min(gy - 1) * gx + bx.min(gx - 1)];
+            let top = at(ix, iy) * (1.0 - fx) + at(ix + 1, iy) * fx;
+            let bottom = at(ix, iy + 1) * (1.0 - fx) + at(ix + 1, iy + 1) * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+/// Separate the ink from the paper. The paper is most of the picture, so its median is paper;
+/// the ink is the side that reaches far from it (dark ink on light paper, or light on dark). The
+/// paper's level under each pixel (`paper_level`) is subtracted, so that uneven lighting and grey
+/// paper count as nothing, and Otsu's threshold of what remains cuts the faint rest away.
+/// Returns the ink as white on black (0 to 255), or why the picture holds no digit.
+fn separate_ink(img: &Gray) -> std::result::Result<Vec<u8>, String> {
+    let no_digit = |why: String| format!("no digit found: {why}");
+    let mut histogram = [0u32; 256];
+    for &p in &img.pixels {
+        histogram[p as usize] += 1;
+    }
+    let (low, median, high) = (
+        percentile(&histogram, 0.005) as f32,
+        percentile(&histogram, 0.5) as f32,
+        percentile(&histogram, 0.995) as f32,
+    );
+    let (below, above) = (median - low, high - median);
+    if below.max(above) < MIN_INK_CONTRAST {
+        return Err("the picture is blank: no ink found, so there is no digit to read".to_string());
+    }
+    if below.min(above) * 1.5 > below.max(above) {
+        return Err(no_digit(format!(
+            "the picture reaches as far darker as lighter than its middle grey ({below:.0} and {above:.0} \
+             levels): lighting or noise, not ink on paper"
+        )));
+    }
+    let dark_ink = below > above;
+    let paper = paper_level(img, dark_ink);
+    let ink: Vec<u8> = img
+        .pixels
+        .iter()
+        .zip(&paper)
+        .map(|(&p, &b)| (if dark_ink { b - p as f32 } else { p as f32 - b }).clamp(0.0, 255.0) as u8)
+        .collect();
+    let top = ink.iter().copied().max().unwrap_or(0);
+    if (top as f32) < MIN_INK_CONTRAST {
+        return Err(no_digit(format!(
+            "nothing differs from the paper around it by {MIN_INK_CONTRAST} grey levels"
+        )));
+    }
+    let mut histogram = [0u64; 256];
+    for &v in &ink {
+        histogram[v as usize] += 1;
+    }
+    let t = otsu(&histogram) as usize;
+    let share = histogram[t + 1..].iter().sum::<u64>() as f64 / ink.len() as f64;
+    if share > MAX_INK_SHARE {
+        return Err(no_digit(format!(
+            "{:.0} % of the picture would be ink, more than a digit covers",
+            100.0 * share
+        )));
+    }
+    let span = (top as usize - t).max(1) as f32;
+    Ok(ink
+        .iter()
+        .map(|&v| match (v as usize).checked_sub(t) {
+            Some(above) if above > 0 => (above as f32 * 255.0 / span).round().min(255.0) as u8,
+            _ => 0,
+        })
+        .collect())
 }
 
 /// Resample a (w, h) image to (ow, oh) by area averaging (each output pixel is the mean of the
@@ -239,14 +314,14 @@ fn resample(src: &[f32], w: usize, h: usize, ow: usize, oh: usize) -> Vec<f32> {
 
 /// Convert a grayscale image the MNIST way (see the module contract). Fails on a blank image.
 pub fn to_mnist(img: &Gray) -> std::result::Result<Vec<u8>, String> {
-    let ink = white_on_black(img);
     let (w, h) = (img.width, img.height);
     if w == IMAGE_SIDE && h == IMAGE_SIDE {
-        return Ok(ink);
+        return Ok(white_on_black(img));
     }
+    let ink = separate_ink(img)?;
     let max = *ink.iter().max().unwrap_or(&0);
-    if max < 32 {
-        return Err("the image is blank (no digit found)".to_string());
+    if max == 0 {
+        return Err("the picture is blank: no ink found, so there is no digit to read".to_string());
     }
     // Faint anti-aliased edges belong to the digit; only near-black noise is left out of its box.
     let threshold = max / 10;
@@ -302,15 +377,11 @@ pub fn load_digit(path: &Path) -> Result<Vec<u8>> {
 
 /// Encode an RGB image (row-major, 3 bytes a pixel) as PNG bytes.
 pub fn encode_png_rgb(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
     let mut out = Vec::new();
-    let err = |e: png::EncodingError| Error::Numerical(format!("PNG encoding failed: {e}"));
-    {
-        let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(err)?;
-        writer.write_image_data(rgb).map_err(err)?;
-    }
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(rgb, width as u32, height as u32, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Numerical(format!("PNG encoding failed: {e}")))?;
     Ok(out)
 }
 
@@ -373,14 +444,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pgm_both_flavours_and_bad_headers() -> std::result::Result<(), String> {
+    fn pnm_pictures_and_bad_headers() -> std::result::Result<(), String> {
         let p5 = [b"P5\n# c\n2 1\n255\n".as_slice(), &[0, 255]].concat();
-        assert_eq!(decode_pgm(&p5)?.pixels, vec![0, 255]);
-        let p2 = b"P2 2 1 15 0 15";
-        assert_eq!(decode_pgm(p2)?.pixels, vec![0, 255]);
-        assert!(decode_pgm(b"P5\n0 0\n255\n").unwrap_err().contains("zero size"));
-        assert!(decode_pgm(b"P5\n100000 100000\n255\n").unwrap_err().contains("larger"));
-        assert!(decode_pgm(b"P5\n4 4\n255\nab").unwrap_err().contains("truncated"));
+        assert_eq!(decode_image(&p5)?.pixels, vec![0, 255]);
+        assert_eq!(decode_image(b"P2 2 1 15 0 15")?.pixels, vec![0, 255]);
+        let bomb = decode_image(b"P5\n60000 60000\n255\n").unwrap_err();
+        assert!(bomb.contains("larger than gpu-mnist accepts"), "{bomb}");
+        let cut = decode_image(b"P5\n4 4\n255\nab").unwrap_err();
+        assert!(cut.contains("not a readable PNM image"), "{cut}");
+        assert!(decode_image(b"hello").unwrap_err().contains("not a picture"));
         Ok(())
     }
 

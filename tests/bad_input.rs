@@ -367,7 +367,7 @@ fn bad_checkpoints() {
         (
             "truncated model",
             write("truncated.safetensors", &good[..good.len() - 100]),
-            vec!["outside"],
+            vec!["not a valid safetensors file"],
         ),
         (
             "absurd header length",
@@ -377,7 +377,7 @@ fn bad_checkpoints() {
         (
             "header not JSON",
             write("notjson.safetensors", &safetensors("{not json", b"")),
-            vec!["not a JSON object"],
+            vec!["invalid JSON"],
         ),
         (
             "another model's file (no gpu-mnist metadata)",
@@ -421,6 +421,16 @@ fn bad_checkpoints() {
             vec!["784-...-10"],
         ),
         ("empty model file", write("empty.safetensors", b""), vec!["too short"]),
+        (
+            "a flipped byte in the tensor data",
+            write("damaged.safetensors", &{
+                let mut bytes = good.clone();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0x10;
+                bytes
+            }),
+            vec!["is damaged", "SHA-256"],
+        ),
     ];
     for (case, path, needles) in &cases {
         let o = run_on(
@@ -444,6 +454,35 @@ fn bad_checkpoints() {
         ],
     );
     assert_clean_failure("a folder as --model", &o, 1, &["is a directory"]);
+    // The same model without the hash (as another tool writes it) loads, with a one-line note.
+    let head = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&good[8..8 + head]).unwrap();
+    header["__metadata__"]
+        .as_object_mut()
+        .unwrap()
+        .remove("tensor_data_sha256");
+    let unhashed = write(
+        "unhashed.safetensors",
+        &safetensors(&header.to_string(), &good[8 + head..]),
+    );
+    let o = run_on(
+        dir.path(),
+        &[
+            "evaluate",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--model",
+            &unhashed,
+            "--test-limit",
+            "100",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let notes: Vec<&str> = o.stderr.lines().filter(|l| l.contains("carries no SHA-256")).collect();
+    assert_eq!(notes.len(), 1, "{}", o.stderr);
+    assert!(notes[0].contains("unhashed.safetensors"), "{}", o.stderr);
     // A plain model is not a training checkpoint.
     let ck = dir.path().join("ck");
     std::fs::create_dir(&ck).unwrap();
@@ -487,11 +526,53 @@ fn bad_images() {
     let mut crc = flate2::Crc::new();
     crc.update(&huge_png[12..29]);
     huge_png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    let jpeg = {
+        let mut out = Vec::new();
+        let photo: Vec<u8> = (0..64 * 64).map(|i| if (i % 64) / 8 == 3 { 20 } else { 230 }).collect();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode(&photo, 64, 64, image::ExtendedColorType::L8)
+            .unwrap();
+        out
+    };
+    // Grey paper, no ink: lit unevenly (a gradient), and speckled with noise.
+    let gradient: Vec<u8> = (0..120 * 80).map(|i| 120 + ((i % 120) * 100 / 120) as u8).collect();
+    let noise: Vec<u8> = (0..64 * 64u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let pgm = |w: usize, h: usize, px: &[u8]| [format!("P5\n{w} {h}\n255\n").as_bytes(), px].concat();
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "not an image",
             write("notes.png", b"hello, this is text"),
-            "not a PNG or PGM",
+            "not a picture gpu-mnist reads",
+        ),
+        ("truncated JPEG", write("cut.jpg", &jpeg[..jpeg.len() / 2]), "JPEG"),
+        (
+            "a BMP header claiming 60000 x 60000 pixels",
+            write("bomb.bmp", &{
+                let mut b = b"BM".to_vec();
+                b.extend(70u32.to_le_bytes());
+                b.extend([0; 4]);
+                b.extend(54u32.to_le_bytes());
+                b.extend(40u32.to_le_bytes());
+                b.extend(60_000i32.to_le_bytes());
+                b.extend(60_000i32.to_le_bytes());
+                b.extend(1u16.to_le_bytes());
+                b.extend(24u16.to_le_bytes());
+                b.extend([0; 24]);
+                b
+            }),
+            "larger than gpu-mnist accepts",
+        ),
+        (
+            "grey paper lit unevenly, no ink",
+            write("gradient.pgm", &pgm(120, 80, &gradient)),
+            "no digit found",
+        ),
+        (
+            "noise, no ink",
+            write("noise.pgm", &pgm(64, 64, &noise)),
+            "no digit found",
         ),
         ("empty image file", write("empty.png", b""), "empty"),
         ("zero-size PGM", write("zero.pgm", b"P5\n0 0\n255\n"), "zero size"),

@@ -375,3 +375,153 @@ fn resume_reuses_the_runs_data_folder_test_limit_and_device() {
         "{third}"
     );
 }
+
+/// A test digit as a phone might photograph it: dark ink on grey paper lit unevenly (a gradient
+/// from 150 to 225), blurred by a 3x3 box, with noise, 240x240, 8-bit grey.
+fn photo_of(digit: &[u8]) -> Vec<u8> {
+    let side = 240;
+    let ink = |x: usize, y: usize| {
+        // The digit fills the middle 168 pixels (6 per MNIST pixel), as on a page.
+        let (dx, dy) = (x as i64 - 36, y as i64 - 36);
+        if (0..168).contains(&dx) && (0..168).contains(&dy) {
+            digit[(dy as usize / 6) * 28 + dx as usize / 6] as f32 / 255.0
+        } else {
+            0.0
+        }
+    };
+    let mut seed = 12345u32;
+    (0..side * side)
+        .map(|i| {
+            let (x, y) = (i % side, i / side);
+            let paper = 150.0 + 75.0 * (x + y) as f32 / (2 * side) as f32;
+            let mut blur = 0.0;
+            for (ox, oy) in [
+                (0usize, 0usize),
+                (1, 0),
+                (2, 0),
+                (0, 1),
+                (1, 1),
+                (2, 1),
+                (0, 2),
+                (1, 2),
+                (2, 2),
+            ] {
+                blur += ink((x + ox).saturating_sub(1), (y + oy).saturating_sub(1)) / 9.0;
+            }
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let noise = (seed >> 24) as f32 / 255.0 * 16.0 - 8.0;
+            (paper - 120.0 * blur + noise).clamp(0.0, 255.0) as u8
+        })
+        .collect()
+}
+
+/// A little-endian TIFF block holding one EXIF tag: Orientation.
+fn exif_orientation(value: u16) -> Vec<u8> {
+    let mut v = b"II*\0".to_vec();
+    v.extend(8u32.to_le_bytes());
+    v.extend(1u16.to_le_bytes());
+    v.extend(0x0112u16.to_le_bytes());
+    v.extend(3u16.to_le_bytes());
+    v.extend(1u32.to_le_bytes());
+    v.extend(value.to_le_bytes());
+    v.extend([0, 0]);
+    v.extend(0u32.to_le_bytes());
+    v
+}
+
+#[test]
+fn a_photo_as_jpeg_turned_by_exif_reads_as_its_png() {
+    use image::ImageEncoder;
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_model(dir.path());
+    let test = mnist().test;
+    let side = 240u32;
+    let mut files = Vec::new();
+    for i in 0..8 {
+        let photo = photo_of(&test.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]);
+        let png = dir.path().join(format!("photo{i}.png"));
+        write_png_gray(&png, side as usize, side as usize, &photo);
+        // The JPEG holds the photo turned a quarter left, and EXIF orientation 6 ("turn it a
+        // quarter right to show it"), as a phone held sideways writes it.
+        let upright = image::GrayImage::from_raw(side, side, photo).unwrap();
+        let stored = image::imageops::rotate270(&upright);
+        let mut jpeg = Vec::new();
+        let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 92);
+        encoder.set_exif_metadata(exif_orientation(6)).unwrap();
+        encoder
+            .write_image(stored.as_raw(), side, side, image::ExtendedColorType::L8)
+            .unwrap();
+        let jpg = dir.path().join(format!("photo{i}.jpg"));
+        std::fs::write(&jpg, jpeg).unwrap();
+        files.push((png, jpg));
+    }
+    let mut args = vec![
+        "predict".to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--model".into(),
+        model,
+    ];
+    args.extend(
+        files
+            .iter()
+            .flat_map(|(p, j)| [p.display().to_string(), j.display().to_string()]),
+    );
+    let out = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let predicted: Vec<u8> = out
+        .lines()
+        .filter(|l| l.contains(": predicted"))
+        .map(predicted_digit)
+        .collect();
+    assert_eq!(predicted.len(), 16, "{out}");
+    let (png, jpg): (Vec<u8>, Vec<u8>) = (
+        predicted.iter().step_by(2).copied().collect(),
+        predicted.iter().skip(1).step_by(2).copied().collect(),
+    );
+    let labels = &test.labels[..8];
+    println!("labels {labels:?}\nPNG    {png:?}\nJPEG   {jpg:?}");
+    assert_eq!(
+        png, jpg,
+        "a JPEG photo (turned by EXIF) and the PNG of the same photo must agree"
+    );
+    let right = png.iter().zip(labels).filter(|(a, b)| a == b).count();
+    assert!(right >= 7, "photos of test digits: only {right} of 8 right");
+}
+
+#[test]
+fn several_pictures_each_get_a_line_and_a_bad_one_does_not_stop_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_model(dir.path());
+    let test = mnist().test;
+    let good = |i: usize| {
+        let p = dir.path().join(format!("d{i}.png"));
+        write_png_gray(&p, 28, 28, &test.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]);
+        p.display().to_string()
+    };
+    let (a, b) = (good(0), good(1));
+    let bad = dir.path().join("notes.txt");
+    std::fs::write(&bad, b"not a picture").unwrap();
+    let bad = bad.display().to_string();
+    let out = bin()
+        .args(["predict", "--device", "cpu", "--model", &model, &a, &bad, &b])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    println!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stdout.contains(&format!("{a}: predicted")) && stdout.contains(&format!("{b}: predicted")),
+        "{stdout}"
+    );
+    let errors: Vec<&str> = stderr.lines().collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    assert!(
+        errors[0].contains(&bad) && errors[0].contains("not a picture"),
+        "{stderr}"
+    );
+    assert!(errors[1].contains("1 of 3 pictures"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

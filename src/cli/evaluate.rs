@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
-use gpu_mnist::checkpoint::{self, write_atomic, Checkpoint};
+use gpu_mnist::checkpoint::{write_atomic, Checkpoint};
 use gpu_mnist::data::locate::resolve_data_dir;
 use gpu_mnist::data::{Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::open_device;
@@ -40,7 +40,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(path) = &args.misclassified {
         check_output_path("--misclassified", path)?;
     }
-    let Checkpoint { spec, params, .. } = checkpoint::load(&args.model)?;
+    let Checkpoint { spec, params, .. } = super::load_model(&args.model)?;
     let (dir, _) = resolve_data_dir(
         args.data.data.as_deref(),
         args.data.offline,

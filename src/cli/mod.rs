@@ -36,7 +36,7 @@ pub enum Command {
     /// Report test loss and accuracy of a saved model
     #[command(after_help = "Example:\n  gpu-mnist evaluate --model model.safetensors --misclassified wrong.png")]
     Evaluate(evaluate::EvaluateArgs),
-    /// Class probabilities of test images (--index) or of PNG/PGM files, as in the book
+    /// Class probabilities of test images (--index) or of pictures (PNG, JPEG, ...), as in the book
     #[command(
         after_help = "Examples:\n  gpu-mnist predict --model model.safetensors --index 0\n  gpu-mnist predict --model model.safetensors digit.png photo.pgm"
     )]
@@ -257,4 +257,18 @@ pub fn check_output_path(flag: &str, path: &std::path::Path) -> gpu_mnist::Resul
         ));
     }
     Ok(())
+}
+
+/// Load a model file or checkpoint; a file that carries no SHA-256 of its tensor data (written by
+/// another tool) loads with a one-line note on stderr, since damage to it can not be detected.
+pub fn load_model(path: &std::path::Path) -> gpu_mnist::Result<gpu_mnist::checkpoint::Checkpoint> {
+    let ck = gpu_mnist::checkpoint::load(path)?;
+    if ck.data_hash == gpu_mnist::checkpoint::DataHash::Absent {
+        eprintln!(
+            "note: {} carries no SHA-256 of its tensor data (metadata {}), so damage to it can not be detected",
+            path.display(),
+            gpu_mnist::checkpoint::DATA_HASH_KEY
+        );
+    }
+    Ok(ck)
 }

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
-use gpu_mnist::checkpoint::{self, Checkpoint};
+use gpu_mnist::checkpoint::Checkpoint;
 use gpu_mnist::data::locate::resolve_data_dir;
 use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::open_device;
@@ -24,7 +24,8 @@ pub struct PredictArgs {
     /// Test images by index: 0, 0..10 (end excluded) or 3,5,8
     #[arg(long, allow_negative_numbers = true, value_name = "SPEC", value_parser = parse_indices)]
     pub index: Option<Indices>,
-    /// PNG or PGM files of any size, white-on-black or dark-on-light
+    /// Pictures of digits (PNG, JPEG, WebP, BMP, GIF, TIFF or PNM) of any size: white on black,
+    /// dark on light paper, photos; each gets its line, and an unreadable one an error line
     #[arg(value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
     #[command(flatten)]
@@ -76,7 +77,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     if args.index.is_none() && args.images.is_empty() {
         return Err(Error::usage("--index", "give --index SPEC, or one or more image files"));
     }
-    let Checkpoint { spec, params, .. } = checkpoint::load(&args.model)?;
+    let Checkpoint { spec, params, .. } = super::load_model(&args.model)?;
     // Load the inputs before opening a device, so that a bad file fails fast.
     let test = match &args.index {
         Some(Indices(list)) => {
@@ -101,9 +102,23 @@ pub fn run(args: PredictArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut files = Vec::new();
-    for path in &args.images {
-        files.extend(load_digit(path)?);
+    // Each picture is read on its own: a bad one gets an error line, the others are predicted.
+    let pictures: Vec<(&PathBuf, Result<Vec<u8>>)> = args.images.iter().map(|p| (p, load_digit(p))).collect();
+    let readable: Vec<u8> = pictures
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .flatten()
+        .copied()
+        .collect();
+    let failed = pictures.iter().filter(|(_, r)| r.is_err()).count();
+    if failed == pictures.len() && test.is_none() {
+        // None readable: the last error is the command's, the others come first, in order.
+        let mut errors: Vec<Error> = pictures.into_iter().filter_map(|(_, r)| r.err()).collect();
+        let last = errors.pop();
+        for e in errors {
+            eprintln!("error: {e}");
+        }
+        return Err(last.unwrap_or_else(|| Error::usage("--index", "give --index SPEC, or one or more image files")));
     }
     let opened = open_device(args.device.device.into(), args.device.adapter.as_deref())?;
     let mut backend = opened.backend;
@@ -120,17 +135,23 @@ pub fn run(args: PredictArgs) -> Result<()> {
             print_prediction(&format!("test image {i}"), &p, Some(label));
         }
     }
-    if !args.images.is_empty() {
-        let n = args.images.len();
-        let set = Dataset::new(files, vec![0; n])?;
+    if failed < pictures.len() {
+        let set = Dataset::new(readable, vec![0; pictures.len() - failed])?;
         let ds = be.upload_dataset(&set)?;
-        for (path, p) in args
-            .images
-            .iter()
-            .zip(pollster::block_on(predict(be, &mut graph, (ds, set.len())))?)
-        {
-            print_prediction(&path.display().to_string(), &p, None);
+        let mut predictions = pollster::block_on(predict(be, &mut graph, (ds, set.len())))?.into_iter();
+        for (path, read) in &pictures {
+            match (read, read.is_ok().then(|| predictions.next()).flatten()) {
+                (Ok(_), Some(p)) => print_prediction(&path.display().to_string(), &p, None),
+                (Err(e), _) => eprintln!("error: {e}"),
+                (Ok(_), None) => return Err(Error::shape("predict", "fewer predictions than pictures")),
+            }
         }
+    }
+    if failed > 0 {
+        return Err(Error::Inputs(format!(
+            "{failed} of {} pictures could not be read (each is named above)",
+            pictures.len()
+        )));
     }
     Ok(())
 }

@@ -221,6 +221,9 @@ impl GpuContext {
         });
         let adapter = match chosen {
             Some(a) => a,
+            None if found.is_empty() && cfg!(target_arch = "wasm32") => {
+                return Err(Error::Gpu("the browser offers no WebGPU adapter".to_string()))
+            }
             None if found.is_empty() => {
                 return Err(Error::Gpu(
                     "no GPU adapter found (no Vulkan, Metal or DX12 driver answered; WGPU_BACKEND=gl tries \

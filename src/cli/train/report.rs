@@ -126,6 +126,7 @@ impl Reporter<'_> {
             spec: self.spec.clone(),
             params: state.0.to_vec(),
             velocities: state.1.to_vec(),
+            data_hash: gpu_mnist::checkpoint::DataHash::Matched,
             state: Some(checkpoint_state(
                 (self.settings, self.place),
                 epochs_done,

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
-use gpu_mnist::checkpoint::{self, Checkpoint};
+use gpu_mnist::checkpoint::Checkpoint;
 use gpu_mnist::model::ModelSpec;
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::records::EpochRecord;
@@ -195,7 +195,7 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
     if !dir.is_dir() {
         return Err(Error::usage("--resume", format!("{} is not a folder", dir.display())));
     }
-    let checkpoint = checkpoint::load(&path)?;
+    let checkpoint = crate::cli::load_model(&path)?;
     let state = checkpoint
         .state
         .clone()
