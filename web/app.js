@@ -21,6 +21,8 @@
 //   model gives that digit for the drawing (all "0" while there is no ink or no model).
 // - #device-note shows the library's note when it trains somewhere other than WebGPU.
 // - window.gpuMnistSaveModel() returns the page model's file as an array of byte values.
+// - window.gpuMnistTimings: when each body state was first reached, and the last run's Train
+//   press, first chunk and epoch seconds (ms since navigation; read by tests/measure.mjs).
 // - window.gpuMnistKernelCheck() resolves to JSON: this browser's WebGPU kernels against the
 //   library's CPU reference (whole training steps at awkward shapes), with `ok` over all cases.
 //
@@ -79,7 +81,12 @@ function clearMessage() {
 
 function setState(state) {
   document.body.dataset.state = state;
+  // When each state was first reached (ms since navigation), for tests/measure.mjs.
+  window.gpuMnistTimings.states[state] ??= performance.now();
 }
+
+/** Timings a harness can read: state changes, and the last run's Train press and first chunk. */
+window.gpuMnistTimings = { states: {}, run: null };
 
 // An error nobody caught still reaches the page, not only the console.
 window.addEventListener('unhandledrejection', (event) => {
@@ -268,6 +275,7 @@ async function startRun() {
   clearMessage();
   $('device-note').hidden = true;
   $('status').textContent = 'Starting…';
+  window.gpuMnistTimings.run = { pressed: performance.now(), firstChunk: null, epochs: [] };
   setState('training');
   setRunning(true);
   drawChart();
@@ -325,6 +333,9 @@ function onTrainEvent(text) {
       run.stepsTotal = event.steps;
       break;
     case 'chunk': {
+      if (window.gpuMnistTimings.run && window.gpuMnistTimings.run.firstChunk === null) {
+        window.gpuMnistTimings.run.firstChunk = performance.now();
+      }
       run.epoch = event.epoch;
       run.stepsDone = event.steps_done;
       run.stepsTotal = event.steps_total;
@@ -348,6 +359,7 @@ function onTrainEvent(text) {
       break;
     }
     case 'epoch':
+      window.gpuMnistTimings.run?.epochs.push({ epoch: event.epoch, seconds: event.seconds });
       chart.epochPoints.push({ x: event.epoch, loss: event.loss, accuracy: event.accuracy });
       scheduleChart();
       break;

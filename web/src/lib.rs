@@ -166,7 +166,10 @@ async fn open_device(device: &str) -> Result<Opened, String> {
                 })
             }
             Err(e) if device == "auto" => Ok(cpu(Some(format!(
-                "WebGPU is not available here ({e}), so this page trains on the CPU instead (one thread, slower)."
+                "WebGPU is not available here ({}), so this page trains on the CPU instead (one thread).",
+                e.to_string()
+                    .trim_start_matches("GPU: ")
+                    .trim_end_matches("; use --device cpu")
             )))),
             Err(e) => Err(e.to_string()),
         },
@@ -353,7 +356,13 @@ pub fn save_model() -> Result<Vec<u8>, JsError> {
 #[wasm_bindgen]
 pub fn load_model(bytes: &[u8], file_name: &str) -> Result<String, JsError> {
     let ck = checkpoint::from_bytes(bytes).map_err(|why| js_error(format!("{file_name}: {why}")))?;
-    let description = format!("Loaded {file_name}: model {}", ck.spec.describe());
+    let unchecked = match ck.data_hash {
+        checkpoint::DataHash::Absent => {
+            " (it carries no SHA-256 of its tensor data, so damage to it can not be detected)"
+        }
+        checkpoint::DataHash::Matched => "",
+    };
+    let description = format!("Loaded {file_name}: model {}{unchecked}", ck.spec.describe());
     let model = Checkpoint::model(&ck.spec, ck.params);
     MODEL.with_borrow_mut(|m| *m = Some(model));
     Ok(description)

@@ -12,8 +12,13 @@
 // stops the run with a "Stopped" message and the page keeps working; a drawn digit gets ten
 // probabilities that sum to 1; the page logged no console error up to there; and a text file, a
 // truncated model file and a corrupt data file are each refused with a message naming the file,
-// after which the previous model still reads the drawing. A full-page screenshot is taken after
-// the drawing, before the bad inputs.
+// after which the previous model still reads the drawing; a model file from `gpu-mnist train
+// --save` ($NATIVE_MODEL) loads and reads a drawing; and, in a second browser without WebGPU, the
+// page says so in one sentence and trains on the CPU path. The page's model file is written to
+// $PAGE_MODEL_OUT for `gpu-mnist evaluate`. A full-page screenshot is taken after the drawing,
+// before the bad inputs.
+
+import { readFileSync, writeFileSync } from 'node:fs';
 
 import { chromium } from 'playwright-core';
 
@@ -23,7 +28,7 @@ if (!base || !screenshotPath) {
   process.exit(2);
 }
 
-const TRAIN_QUERY = '?train_limit=2000&test_limit=500&epochs=1&batch_size=32&autostart=1&device=webgpu';
+const TRAIN_QUERY = '?train_limit=2000&test_limit=500&epochs=1&batch_size=16&autostart=1&device=webgpu';
 const MIN_ACCURACY = 0.85;
 const DATA_DIR = 'data/';
 
@@ -190,6 +195,13 @@ async function main() {
     }
     log(`result ${line}`);
 
+    // The page's model file, for `gpu-mnist evaluate` (web/tests/run.sh runs it).
+    if (process.env.PAGE_MODEL_OUT) {
+      const bytes = await page.evaluate(() => window.gpuMnistSaveModel());
+      writeFileSync(process.env.PAGE_MODEL_OUT, Buffer.from(bytes));
+      log(`the page's model saved to ${process.env.PAGE_MODEL_OUT} (${bytes.length} bytes)`);
+    }
+
     // 3. Train twice: the second press says "already running"; Stop stops the first run. Many
     //    epochs, so that the run is still going when Stop is pressed.
     await page.fill('#epochs', '50');
@@ -277,7 +289,71 @@ async function main() {
     const again = await readProbabilities(page, 'a drawn 1 after the bad inputs');
     log(`the previous model still reads a drawn 1: [${again.map((p) => p.toFixed(4)).join(', ')}]`);
 
-    log('all checks passed');
+    // A model file written by `gpu-mnist train --save` works in the page.
+    if (process.env.NATIVE_MODEL) {
+      await page.setInputFiles('#model-file', {
+        name: 'native.safetensors',
+        mimeType: 'application/octet-stream',
+        buffer: readFileSync(process.env.NATIVE_MODEL),
+      });
+      await waitFor(
+        page,
+        'the native model file loaded',
+        () => /Loaded native\.safetensors/.test(document.getElementById('model-status').textContent || '') ||
+          (document.getElementById('message').textContent || '').includes('native.safetensors'),
+        undefined,
+        30_000,
+      );
+      const said = await page.textContent('#model-status');
+      if (!/Loaded native\.safetensors/.test(said)) fail(`the native model was not loaded: ${await pageSays(page)}`);
+      await page.click('#clear');
+      await drawStroke(page, [[0.5, 0.15], [0.5, 0.85]]);
+      const native = await readProbabilities(page, 'a drawn 1 read by the native model');
+      log(`${said.trim()}; it reads a drawn 1: [${native.map((p) => p.toFixed(4)).join(', ')}]`);
+    }
+  } finally {
+    await browser.close();
+  }
+
+  await withoutWebGpu();
+  log('all checks passed');
+}
+
+/** A browser without WebGPU: the page says so in one sentence and trains on the CPU path. */
+async function withoutWebGpu() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-blink-features=WebGPU', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+  });
+  try {
+    const page = await browser.newPage();
+    const errors = [];
+    page.on('console', (msg) => {
+      if (msg.type() === 'error') errors.push(msg.text());
+    });
+    page.on('pageerror', (error) => errors.push(error.message));
+    await page.goto(new URL('?train_limit=2000&test_limit=500&epochs=1&batch_size=16&autostart=1', base).href);
+    await waitFor(
+      page,
+      'a result on the CPU path without WebGPU',
+      () => (document.getElementById('result')?.textContent || '').trim() !== '' ||
+        document.body.dataset.state === 'error',
+      undefined,
+      5 * 60_000,
+    );
+    const line = (await page.textContent('#result')).trim();
+    if (!line) fail(`no result without WebGPU: ${await pageSays(page)}`);
+    const result = JSON.parse(line);
+    const note = (await page.textContent('#device-note')).trim();
+    const noteShown = await page.isVisible('#device-note');
+    if (result.device !== 'cpu') fail(`without WebGPU the page trained on "${result.device}"`);
+    if (!noteShown || !/WebGPU/.test(note)) fail(`without WebGPU the page did not say so (#device-note "${note}")`);
+    if (result.test_accuracy < MIN_ACCURACY) fail(`the CPU path reached only ${result.test_accuracy} on 2,000 images`);
+    if (errors.length > 0) fail(`console errors without WebGPU:\n  ${errors.join('\n  ')}`);
+    log(`without WebGPU: "${note}"`);
+    log(`without WebGPU: result ${line}`);
   } finally {
     await browser.close();
   }
