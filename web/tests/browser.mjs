@@ -66,6 +66,18 @@ async function waitFor(page, what, fn, arg, timeoutMs) {
   }
 }
 
+/** Wait until a run has written #result, or the page says it failed. */
+async function waitForResult(page, what, timeoutMs) {
+  return waitFor(
+    page,
+    what,
+    () => (document.getElementById('result')?.textContent || '').trim() !== '' ||
+      document.body.dataset.state === 'error',
+    undefined,
+    timeoutMs,
+  );
+}
+
 /** The text of #message and its kind ("error" or "info"). */
 async function message(page) {
   return page.evaluate(() => {
@@ -160,14 +172,7 @@ async function main() {
     const url = new URL(TRAIN_QUERY, base).href;
     await page.goto(url, { waitUntil: 'load' });
     log(`opened ${url}`);
-    await waitFor(
-      page,
-      'a result line in #result or body[data-state=error]',
-      () => (document.getElementById('result')?.textContent || '').trim() !== '' ||
-        document.body.dataset.state === 'error',
-      undefined,
-      10 * 60_000,
-    );
+    await waitForResult(page, 'a result line in #result or body[data-state=error]', 10 * 60_000);
     const state = await page.evaluate(() => document.body.dataset.state);
     if (state === 'error') fail(`the training run failed (${await pageSays(page)})`);
     const line = (await page.textContent('#result')).trim();
@@ -253,6 +258,19 @@ async function main() {
     const halfSaid = await expectRefusedModel(page, 'half.safetensors', half);
     log(`half.safetensors (${half.length} of ${modelBytes.length} bytes) refused: "${halfSaid}"`);
 
+    // A well-formed model file of a shape the page can not use (a CIFAR-sized input).
+    const json = JSON.stringify({
+      __metadata__: { format: 'gpu-mnist', layers: '3072,10', activation: 'relu' },
+      'dense_0.kernel': { dtype: 'F32', shape: [3072, 10], data_offsets: [0, 122880] },
+      'dense_0.bias': { dtype: 'F32', shape: [10], data_offsets: [122880, 122920] },
+    });
+    const header = Buffer.from(json.padEnd(Math.ceil(json.length / 8) * 8));
+    const length = Buffer.alloc(8);
+    length.writeBigUInt64LE(BigInt(header.length));
+    const cifar = Buffer.concat([length, header, Buffer.alloc(122920)]);
+    const cifarSaid = await expectRefusedModel(page, 'cifar.safetensors', cifar);
+    log(`cifar.safetensors (a 3072-10 model) refused: "${cifarSaid}"`);
+
     const fetchData = async (name) => {
       const response = await fetch(new URL(DATA_DIR + name, base));
       if (!response.ok) fail(`could not fetch ${DATA_DIR}${name} from the server (HTTP ${response.status})`);
@@ -335,14 +353,7 @@ async function withoutWebGpu() {
     });
     page.on('pageerror', (error) => errors.push(error.message));
     await page.goto(new URL('?train_limit=2000&test_limit=500&epochs=1&batch_size=16&autostart=1', base).href);
-    await waitFor(
-      page,
-      'a result on the CPU path without WebGPU',
-      () => (document.getElementById('result')?.textContent || '').trim() !== '' ||
-        document.body.dataset.state === 'error',
-      undefined,
-      5 * 60_000,
-    );
+    await waitForResult(page, 'a result on the CPU path without WebGPU', 5 * 60_000);
     const line = (await page.textContent('#result')).trim();
     if (!line) fail(`no result without WebGPU: ${await pageSays(page)}`);
     const result = JSON.parse(line);
