@@ -230,9 +230,13 @@ fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> std::result::R
 
 /// Parse safetensors bytes (through the `safetensors` crate), then check what a gpu-mnist model
 /// needs: its metadata, every tensor's name, dtype and shape, finite values, no extra tensors,
-/// and the SHA-256 of the tensor data where the file carries one. Errors are plain reasons (the
-/// caller names the file).
+/// and the SHA-256 of the tensor data where the file carries one. Errors are plain one-line
+/// reasons (the caller names the file; names and text from the file may hold line breaks).
 pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
+    parse(bytes).map_err(|why| why.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     if bytes.len() < 8 {
         return bad(format!("too short for a safetensors file ({} bytes)", bytes.len()));
     }

@@ -106,6 +106,7 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<Gray, String> {
     let (w, h) = decoder.dimensions();
     check_size(w as u64, h as u64)?;
     limits.reserve(decoder.total_bytes()).map_err(unreadable)?;
+    decoder.set_limits(limits).map_err(unreadable)?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);

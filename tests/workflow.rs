@@ -524,4 +524,25 @@ fn several_pictures_each_get_a_line_and_a_bad_one_does_not_stop_the_others() {
     );
     assert!(errors[1].contains("1 of 3 pictures"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // With --index and only a bad picture: the test image is predicted, the picture named.
+    let d = data_arg();
+    let out = bin()
+        .args([
+            "predict", "--device", "cpu", "--data", &d, "--model", &model, "--index", "0", &bad,
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stdout.contains("test image 0: predicted"), "{stdout}");
+    let errors: Vec<&str> = stderr.lines().collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    assert!(
+        errors[0].contains(&bad) && errors[1].contains("1 of 1 pictures"),
+        "{stderr}"
+    );
 }

@@ -118,8 +118,8 @@ struct Operand {
 }
 
 /// The loops around the micro-tile: k in runs of KC (outermost, so that C's tiles carry the
-/// chain from one run to the next), then MR-row tiles of A (copied column by column into a
-/// small buffer unless A's rows are already adjacent in memory), then B's NR-wide panels.
+/// chain from one run to the next), then MR-row tiles of A (copied, k-major, into a small
+/// aligned buffer), then B's NR-wide panels.
 ///
 /// # Safety
 /// As `gemm`, with `packed_b` holding B's panels.
@@ -134,8 +134,6 @@ unsafe fn gemm_avx512(shape: MatmulShape, a: Operand, packed_b: &[f32], c: *mut 
         let kc = run.min(k - k0);
         for i0 in (0..m).step_by(MR) {
             let rows = MR.min(m - i0);
-            // SAFETY: rows i0..i0 + rows and columns k0..k0 + kc of A lie inside it (the
-            // caller's contract).
             // SAFETY: rows i0..i0 + rows and columns k0..k0 + kc of A lie inside it (the
             // caller's contract).
             unsafe {

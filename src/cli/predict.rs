@@ -135,16 +135,21 @@ pub fn run(args: PredictArgs) -> Result<()> {
             print_prediction(&format!("test image {i}"), &p, Some(label));
         }
     }
-    if failed < pictures.len() {
-        let set = Dataset::new(readable, vec![0; pictures.len() - failed])?;
-        let ds = be.upload_dataset(&set)?;
-        let mut predictions = pollster::block_on(predict(be, &mut graph, (ds, set.len())))?.into_iter();
-        for (path, read) in &pictures {
-            match (read, read.is_ok().then(|| predictions.next()).flatten()) {
-                (Ok(_), Some(p)) => print_prediction(&path.display().to_string(), &p, None),
-                (Err(e), _) => eprintln!("error: {e}"),
-                (Ok(_), None) => return Err(Error::shape("predict", "fewer predictions than pictures")),
-            }
+    let mut predictions = match failed < pictures.len() {
+        true => {
+            let set = Dataset::new(readable, vec![0; pictures.len() - failed])?;
+            let ds = be.upload_dataset(&set)?;
+            pollster::block_on(predict(be, &mut graph, (ds, set.len())))?
+        }
+        false => Vec::new(),
+    }
+    .into_iter();
+    // In the order given: a prediction for each readable picture, an error line for the others.
+    for (path, read) in &pictures {
+        match (read, read.is_ok().then(|| predictions.next()).flatten()) {
+            (Ok(_), Some(p)) => print_prediction(&path.display().to_string(), &p, None),
+            (Err(e), _) => eprintln!("error: {e}"),
+            (Ok(_), None) => return Err(Error::shape("predict", "fewer predictions than pictures")),
         }
     }
     if failed > 0 {

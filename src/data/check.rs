@@ -84,13 +84,15 @@ fn read_checked<T>(
     }
     let value;
     let hashing = match gzip {
+        // At most one byte past the pinned size is read, so that a gzip bomb fails the size
+        // check instead of filling memory.
         true => {
-            let mut r = Hashing::new(MultiGzDecoder::new(bytes));
+            let mut r = Hashing::new(MultiGzDecoder::new(bytes).take(file.size + 1));
             value = parse(&mut r, path, true)?;
             r.finish(file)
         }
         false => {
-            let mut r = Hashing::new(bytes);
+            let mut r = Hashing::new(Read::take(bytes, file.size + 1));
             value = parse(&mut r, path, false)?;
             r.finish(file)
         }

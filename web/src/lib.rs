@@ -39,6 +39,31 @@ thread_local! {
     static STOP: Cell<bool> = const { Cell::new(false) };
     /// Whether a `train` call is running.
     static BUSY: Cell<bool> = const { Cell::new(false) };
+    /// Set when a Rust panic (a bug) stopped a call half-way: the page's state may be stale.
+    static BROKEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs when the module loads: a panic (a bug) is reported on the console and marks the page's
+/// state as broken, so that the next `train` says to reload instead of "already running".
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        BROKEN.set(true);
+        web_console_error(&format!("gpu-mnist: internal error: {info}"));
+    }));
+}
+
+/// `console.error(message)`, through the global object (a page or a worker).
+fn web_console_error(message: &str) {
+    let console = js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("console"));
+    let error = console
+        .as_ref()
+        .ok()
+        .and_then(|c| js_sys::Reflect::get(c, &JsValue::from_str("error")).ok())
+        .and_then(|f| f.dyn_into::<js_sys::Function>().ok());
+    if let (Ok(console), Some(error)) = (console, error) {
+        let _ = error.call1(&console, &JsValue::from_str(message));
+    }
 }
 
 /// Steps between two read-backs of the statistics (and two chances for the page to redraw).
@@ -99,8 +124,8 @@ impl TrainOptions {
         let count = |key: &str| -> Result<Option<usize>, String> {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => match x.as_u64() {
-                    Some(n) if n >= 1 => Ok(Some(n as usize)),
+                Some(x) => match x.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                    Some(n) if n >= 1 => Ok(Some(n)),
                     _ => Err(format!("{key} must be a whole number of at least 1, not {x}")),
                 },
             }
@@ -239,6 +264,11 @@ impl Observer for PageObserver<'_> {
 /// images, seconds, adapter, device); the trained model becomes the page's model.
 #[wasm_bindgen]
 pub async fn train(options: String, on_event: js_sys::Function) -> Result<String, JsError> {
+    if BROKEN.get() {
+        return Err(js_error(
+            "The page hit an internal error (see the console); reload it to train again.",
+        ));
+    }
     if BUSY.get() {
         return Err(js_error("Training is already running; press Stop first."));
     }
@@ -258,6 +288,8 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
     let train = mnist.train.first(opts.train_limit.unwrap_or(usize::MAX));
     let test = mnist.test.first(opts.test_limit.unwrap_or(usize::MAX));
     let batch_size = opts.batch_size.unwrap_or(if spec.is_mlp() { 128 } else { 64 });
+    // A model or batch too large is refused before anything is allocated, as on the command line.
+    spec.check_size(batch_size).map_err(|e| e.to_string())?;
     let optimizer = Optimizer::new(OptimizerKind::RmsProp, opts.lr).map_err(|e| e.to_string())?;
     let cfg = TrainConfig {
         spec: spec.clone(),
@@ -302,7 +334,7 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
 /// to 20x20, centred by its centre of mass in 28x28). Empty when the drawing has no ink yet.
 #[wasm_bindgen]
 pub fn predict(gray: &[u8], width: usize, height: usize) -> Result<Vec<f32>, JsError> {
-    if gray.len() != width * height {
+    if width.checked_mul(height) != Some(gray.len()) {
         return Err(js_error(format!(
             "{} grey levels for a {width}x{height} picture",
             gray.len()
