@@ -123,8 +123,9 @@ fn spec_of(layers: &str) -> std::result::Result<ModelSpec, String> {
 }
 
 /// Serialise to safetensors bytes (through the `safetensors` crate, which orders the tensors by
-/// name), with a SHA-256 of the tensor data in metadata key `tensor_data_sha256`.
-pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
+/// name), with a SHA-256 of the tensor data in metadata key `tensor_data_sha256`. Fails only on a
+/// tensor whose values do not fill its shape.
+pub fn to_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
     let spec = &ck.spec;
     // An MLP by its widths ("784,512,10"), any other model by its --layers spec.
     let layers = match spec.is_mlp() {
@@ -158,11 +159,13 @@ pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
     if let Some(state) = &ck.state {
         meta.insert("training_state".to_string(), state.to_string());
     }
-    let views = tensors.iter().map(|(name, shape, bytes)| {
-        let view = TensorView::new(Dtype::F32, shape.clone(), bytes).expect("the shape's bytes, as F32");
-        (name.as_str(), view)
-    });
-    safetensors::serialize(views, Some(meta)).expect("a model's header is far below the size limit")
+    let unwritable = |e: safetensors::SafeTensorError| Error::shape("writing a model file", e.to_string());
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(unwritable)?;
+    safetensors::serialize(views, Some(meta)).map_err(unwritable)
 }
 
 /// Lowercase hex of a digest.
@@ -172,7 +175,7 @@ fn hex(digest: &[u8]) -> String {
 
 /// Save atomically.
 pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
-    write_atomic(path, &to_bytes(ck))
+    write_atomic(path, &to_bytes(ck)?)
 }
 
 /// Load and validate a file written by `save` (or any safetensors file of the same layout).
@@ -331,14 +334,14 @@ mod tests {
         let spec = ModelSpec::mnist(&[5]);
         let params = glorot_init(&spec, 3);
         let ck = Checkpoint::model(&spec, params.clone());
-        let bytes = to_bytes(&ck);
+        let bytes = to_bytes(&ck).map_err(|e| e.to_string())?;
         assert_eq!(from_bytes(&bytes)?, ck);
         let full = Checkpoint {
             velocities: glorot_init(&spec, 4),
             state: Some(serde_json::json!({"epochs_done": 2})),
             ..ck
         };
-        assert_eq!(from_bytes(&to_bytes(&full))?, full);
+        assert_eq!(from_bytes(&to_bytes(&full).map_err(|e| e.to_string())?)?, full);
         let cut = from_bytes(&bytes[..bytes.len() - 4]).unwrap_err();
         assert!(cut.contains("not a valid safetensors file"), "{cut}");
         let mut huge = bytes.clone();
@@ -351,7 +354,7 @@ mod tests {
     #[test]
     fn a_damaged_tensor_byte_is_refused() {
         let spec = ModelSpec::mnist(&[3]);
-        let bytes = to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 5)));
+        let bytes = to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 5))).unwrap();
         let head = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         for at in [head, head + 1, (head + bytes.len()) / 2, bytes.len() - 1] {
             let mut damaged = bytes.clone();

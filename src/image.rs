@@ -82,7 +82,7 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<Gray, String> {
         return Err("is empty (0 bytes)".to_string());
     }
     let not_a_picture = || format!("is not a picture gpu-mnist reads ({FORMATS})");
-    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("could not be read ({e})"))?;
     let Some(format) = reader.format() else {
@@ -100,7 +100,6 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<Gray, String> {
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_DECODED_BYTES);
-    let mut reader = reader;
     reader.limits(limits.clone());
     let mut decoder = reader.into_decoder().map_err(unreadable)?;
     let (w, h) = decoder.dimensions();

@@ -210,12 +210,13 @@ fn idx_reader_raw_and_gzip() {
 #[test]
 fn checkpoint_loader() {
     let spec = ModelSpec::mnist(&[3]);
-    let model = checkpoint::to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 1)));
+    let model = checkpoint::to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 1))).unwrap();
     let full = checkpoint::to_bytes(&Checkpoint {
         velocities: glorot_init(&spec, 2),
         state: Some(serde_json::json!({"epochs_done": 1})),
         ..Checkpoint::model(&spec, glorot_init(&spec, 1))
-    });
+    })
+    .unwrap();
     fuzz("checkpoint", &[model, full], &|b: &[u8]| {
         checkpoint::from_bytes(b).is_ok()
     });

@@ -502,16 +502,9 @@ fn several_pictures_each_get_a_line_and_a_bad_one_does_not_stop_the_others() {
     let bad = dir.path().join("notes.txt");
     std::fs::write(&bad, b"not a picture").unwrap();
     let bad = bad.display().to_string();
-    let out = bin()
-        .args(["predict", "--device", "cpu", "--model", &model, &a, &bad, &b])
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let (code, stdout, stderr) = run_any(&["predict", "--device", "cpu", "--model", &model, &a, &bad, &b]);
     println!("{stdout}{stderr}");
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stdout.contains(&format!("{a}: predicted")) && stdout.contains(&format!("{b}: predicted")),
         "{stdout}"
@@ -527,17 +520,10 @@ fn several_pictures_each_get_a_line_and_a_bad_one_does_not_stop_the_others() {
 
     // With --index and only a bad picture: the test image is predicted, the picture named.
     let d = data_arg();
-    let out = bin()
-        .args([
-            "predict", "--device", "cpu", "--data", &d, "--model", &model, "--index", "0", &bad,
-        ])
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stdout, stderr) = run_any(&[
+        "predict", "--device", "cpu", "--data", &d, "--model", &model, "--index", "0", &bad,
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stdout.contains("test image 0: predicted"), "{stdout}");
     let errors: Vec<&str> = stderr.lines().collect();
     assert_eq!(errors.len(), 2, "{stderr}");

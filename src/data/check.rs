@@ -44,7 +44,7 @@ impl<R: Read> Hashing<R> {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("not valid gzip data ({e})")),
+                Err(e) => return Err(format!("its content could not be read to the end ({e})")),
             }
         }
         let digest: String = self.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
@@ -82,22 +82,15 @@ fn read_checked<T>(
     if bytes.is_empty() {
         return Err(Error::bad_file(path, "is empty (0 bytes)"));
     }
-    let value;
-    let hashing = match gzip {
-        // At most one byte past the pinned size is read, so that a gzip bomb fails the size
-        // check instead of filling memory.
-        true => {
-            let mut r = Hashing::new(MultiGzDecoder::new(bytes).take(file.size + 1));
-            value = parse(&mut r, path, true)?;
-            r.finish(file)
-        }
-        false => {
-            let mut r = Hashing::new(Read::take(bytes, file.size + 1));
-            value = parse(&mut r, path, false)?;
-            r.finish(file)
-        }
+    let content: Box<dyn Read + '_> = match gzip {
+        true => Box::new(MultiGzDecoder::new(bytes)),
+        false => Box::new(bytes),
     };
-    hashing.map_err(|why| Error::bad_file(path, why))?;
+    // At most one byte past the pinned size is read, so that a gzip bomb fails the size check
+    // instead of filling memory.
+    let mut reader = Hashing::new(content.take(file.size + 1));
+    let value = parse(&mut reader, path, gzip)?;
+    reader.finish(file).map_err(|why| Error::bad_file(path, why))?;
     Ok(value)
 }
 

@@ -148,8 +148,6 @@ pub fn verify_content(path: &Path, file: &MnistFile) -> Result<bool, String> {
     } else {
         Box::new(BufReader::new(raw))
     };
-    check::Hashing::new(reader)
-        .finish(file)
-        .map_err(|why| why.replace("not valid gzip data", "downloaded data is not valid gzip"))?;
+    check::Hashing::new(reader.take(file.size + 1)).finish(file)?;
     Ok(gzip)
 }

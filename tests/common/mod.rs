@@ -147,6 +147,13 @@ pub fn run_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Run the binary, whatever its outcome: (exit code, stdout, stderr).
+pub fn run_any(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = bin().args(args).output().expect("run gpu-mnist");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
 /// An IDX file's bytes: magic, dimensions (big-endian u32), payload.
 pub fn idx_bytes(magic: u32, dims: &[u32], payload: &[u8]) -> Vec<u8> {
     let mut v = magic.to_be_bytes().to_vec();

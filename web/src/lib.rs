@@ -348,10 +348,10 @@ pub fn predict(gray: &[u8], width: usize, height: usize) -> Result<Vec<f32>, JsE
     let Ok(pixels) = to_mnist(&img) else {
         return Ok(Vec::new());
     };
-    let model = MODEL
-        .with_borrow(|m| m.clone())
-        .ok_or_else(|| js_error("No model yet: train or load one."))?;
-    predict_pixels(&model, pixels).map_err(js_error)
+    MODEL.with_borrow(|m| match m {
+        Some(model) => predict_pixels(model, pixels).map_err(js_error),
+        None => Err(js_error("No model yet: train or load one.")),
+    })
 }
 
 /// Run the prediction plan on the CPU path for one MNIST image.
@@ -380,7 +380,8 @@ fn now<T>(future: impl Future<Output = T>) -> Result<T, String> {
 pub fn save_model() -> Result<Vec<u8>, JsError> {
     MODEL
         .with_borrow(|m| m.as_ref().map(checkpoint::to_bytes))
-        .ok_or_else(|| js_error("No model yet: train or load one."))
+        .ok_or_else(|| js_error("No model yet: train or load one."))?
+        .map_err(js_error)
 }
 
 /// Make a model file (`--save`, or a checkpoint of `--checkpoint-dir`) the page's model, after

@@ -20,7 +20,7 @@
 
 import { readFileSync, writeFileSync } from 'node:fs';
 
-import { chromium } from 'playwright-core';
+import { launch, NO_WEBGPU, WEBGPU } from './chromium.mjs';
 
 const [base, screenshotPath] = process.argv.slice(2);
 if (!base || !screenshotPath) {
@@ -142,21 +142,7 @@ async function expectRefusedModel(page, name, buffer) {
 
 async function main() {
   const consoleErrors = [];
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--enable-unsafe-webgpu',
-      '--enable-features=Vulkan',
-      '--use-webgpu-adapter=swiftshader',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--no-first-run',
-      '--disable-quic',
-    ],
-  });
+  const browser = await launch(WEBGPU);
   try {
     const page = await browser.newPage({ viewport: { width: 1100, height: 900 } });
     page.setDefaultTimeout(60_000);
@@ -339,12 +325,7 @@ async function main() {
 
 /** A browser without WebGPU: the page says so in one sentence and trains on the CPU path. */
 async function withoutWebGpu() {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-blink-features=WebGPU', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
-  });
+  const browser = await launch(NO_WEBGPU);
   try {
     const page = await browser.newPage();
     const errors = [];

@@ -9,7 +9,7 @@
 // Contract: a measurement, not a test: it fails (exit 1) only when the page does not get as far
 // as a result.
 
-import { chromium } from 'playwright-core';
+import { launch, WEBGPU } from './chromium.mjs';
 
 const [base, screenshotPath, query = 'epochs=1'] = process.argv.slice(2);
 if (!base || !screenshotPath) {
@@ -17,12 +17,7 @@ if (!base || !screenshotPath) {
   process.exit(2);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-webgpu-adapter=swiftshader',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
-});
+const browser = await launch(WEBGPU);
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 900 } });
   const search = new URLSearchParams(query);
