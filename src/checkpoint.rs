@@ -2,7 +2,8 @@
 //!
 //! Contract: `save` writes every parameter as an F32 tensor named like `dense_0.kernel` (shape
 //! (in, out), the Keras layout) and `dense_0.bias`, with metadata `format = gpu-mnist`,
-//! `layers = "784,512,10"` (the widths) and `activation = relu`; through a temporary file in the
+//! `layers = "784,512,10"` (the widths), `activation = relu` and `dataset = mnist` (or `fashion`,
+//! `kmnist`: what it was trained on); through a temporary file in the
 //! same folder, fsync, then rename, so an interrupted save never leaves a half-written model.
 //! A training checkpoint adds RMSprop's velocities as `optimizer.dense_0.kernel.velocity` ... and
 //! its training state as JSON in metadata key `training_state`. `load` validates the header
@@ -18,6 +19,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::data::DatasetKind;
 use crate::error::{Error, Result};
 use crate::model::{HostTensor, ModelSpec};
 
@@ -72,6 +74,9 @@ pub struct Checkpoint {
     pub velocities: Vec<HostTensor>,
     /// The training state of a `--checkpoint-dir` checkpoint (JSON in metadata key `training_state`).
     pub state: Option<Value>,
+    /// The dataset it was trained on (metadata key `dataset`); `None` for a file that does not
+    /// say (written by another tool, or before the key existed).
+    pub dataset: Option<DatasetKind>,
     /// Whether a loaded file carried the SHA-256 of its tensor data (and it matched: a file whose
     /// data does not match is refused). Files written here always carry it.
     pub data_hash: DataHash,
@@ -86,17 +91,21 @@ pub enum DataHash {
     Absent,
 }
 
+/// The metadata key of the dataset a model was trained on (`DatasetKind::key`).
+pub const DATASET_KEY: &str = "dataset";
+
 /// The metadata key of the tensor data's SHA-256 (lowercase hex of the bytes after the header).
 pub const DATA_HASH_KEY: &str = "tensor_data_sha256";
 
 impl Checkpoint {
-    /// A plain model file: parameters only.
-    pub fn model(spec: &ModelSpec, params: Vec<HostTensor>) -> Self {
+    /// A plain model file: parameters only, trained on `dataset`.
+    pub fn model(spec: &ModelSpec, params: Vec<HostTensor>, dataset: DatasetKind) -> Self {
         Checkpoint {
             spec: spec.clone(),
             params,
             velocities: Vec::new(),
             state: None,
+            dataset: Some(dataset),
             data_hash: DataHash::Matched,
         }
     }
@@ -158,6 +167,9 @@ pub fn to_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
     ]);
     if let Some(state) = &ck.state {
         meta.insert("training_state".to_string(), state.to_string());
+    }
+    if let Some(dataset) = ck.dataset {
+        meta.insert(DATASET_KEY.to_string(), dataset.key().to_string());
     }
     let unwritable = |e: safetensors::SafeTensorError| Error::shape("writing a model file", e.to_string());
     let views = tensors
@@ -263,6 +275,13 @@ fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
         Some(other) => return bad(format!("its activation is {other:?}; gpu-mnist models use relu")),
     }
     let spec = spec_of(layers)?;
+    let dataset = match meta.get(DATASET_KEY) {
+        Some(key) => Some(DatasetKind::from_key(key).ok_or_else(|| {
+            let known: Vec<&str> = DatasetKind::ALL.iter().map(|d| d.key()).collect();
+            format!("metadata {DATASET_KEY} {key:?} is not one of {}", known.join(", "))
+        })?),
+        None => None,
+    };
     let mut params = Vec::new();
     let mut velocities = Vec::new();
     let has_velocities = file.names().iter().any(|k| k.starts_with(VELOCITY_PREFIX));
@@ -304,6 +323,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
         params,
         velocities,
         state,
+        dataset,
         data_hash,
     })
 }
@@ -333,9 +353,10 @@ mod tests {
     fn round_trip_and_rejections() -> std::result::Result<(), String> {
         let spec = ModelSpec::mnist(&[5]);
         let params = glorot_init(&spec, 3);
-        let ck = Checkpoint::model(&spec, params.clone());
+        let ck = Checkpoint::model(&spec, params.clone(), DatasetKind::Fashion);
         let bytes = to_bytes(&ck).map_err(|e| e.to_string())?;
         assert_eq!(from_bytes(&bytes)?, ck);
+        assert_eq!(from_bytes(&bytes)?.dataset, Some(DatasetKind::Fashion));
         let full = Checkpoint {
             velocities: glorot_init(&spec, 4),
             state: Some(serde_json::json!({"epochs_done": 2})),
@@ -347,6 +368,29 @@ mod tests {
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(from_bytes(&huge).unwrap_err().contains("header length"));
+        // A dataset this build does not know is refused, naming the ones it does.
+        let mut meta = HashMap::from([("layers".to_string(), "784,5,10".to_string())]);
+        meta.insert(DATASET_KEY.to_string(), "cifar10".to_string());
+        let data: Vec<(String, Vec<u8>)> = params
+            .iter()
+            .map(|t| (t.name.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .collect();
+        let views: Vec<_> = data
+            .iter()
+            .zip(&params)
+            .map(|((name, bytes), t)| {
+                (
+                    name.as_str(),
+                    TensorView::new(Dtype::F32, t.shape.clone(), bytes).unwrap(),
+                )
+            })
+            .collect();
+        let foreign = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
+        let err = from_bytes(&foreign).unwrap_err();
+        assert!(
+            err.contains("\"cifar10\" is not one of mnist, fashion, kmnist"),
+            "{err}"
+        );
         Ok(())
     }
 
@@ -354,7 +398,7 @@ mod tests {
     #[test]
     fn a_damaged_tensor_byte_is_refused() {
         let spec = ModelSpec::mnist(&[3]);
-        let bytes = to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 5))).unwrap();
+        let bytes = to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 5), DatasetKind::Mnist)).unwrap();
         let head = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         for at in [head, head + 1, (head + bytes.len()) / 2, bytes.len() - 1] {
             let mut damaged = bytes.clone();
@@ -394,6 +438,7 @@ mod tests {
         file.extend(data);
         let ck = from_bytes(&file)?;
         assert_eq!(ck.data_hash, DataHash::Absent);
+        assert_eq!(ck.dataset, None);
         assert_eq!(ck.params, params);
         Ok(())
     }

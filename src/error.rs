@@ -29,7 +29,7 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The MNIST files are not where we looked and could not be downloaded.
+    /// A dataset's files are not where we looked and could not be downloaded.
     #[error("{0}")]
     DataNotFound(String),
 

@@ -286,29 +286,19 @@ pub fn learning_curve_svg(epochs: &[EpochRecord]) -> String {
     svg
 }
 
-/// The current UTC time as YYYYmmdd-HHMMSS (no time-zone database needed).
+/// The current UTC time as YYYYmmdd-HHMMSS: the digits of humantime's RFC 3339 form
+/// (`2026-11-30T22:48:13Z`). A clock set before 1970 counts as 1970 (humantime refuses earlier
+/// times), and one past year 9999, which RFC 3339 can not write, gives `00000000-000000`.
 pub fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    use std::fmt::Write;
+    let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
+    let mut rfc3339 = String::new();
+    if write!(rfc3339, "{}", humantime::format_rfc3339_seconds(now)).is_err() {
+        return "00000000-000000".to_string();
+    }
+    let digits: String = rfc3339.chars().filter(char::is_ascii_digit).collect();
+    let (date, time) = digits.split_at(digits.len().min(8));
+    format!("{date}-{time}")
 }
 
 #[cfg(test)]

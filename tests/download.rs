@@ -1,5 +1,6 @@
-//! The downloader against a small HTTP server on 127.0.0.1 serving the shared MNIST files, with a
-//! dead mirror and a mirror whose copy of one file is corrupt. Nothing leaves this machine.
+//! The downloader against a small HTTP server on 127.0.0.1 serving the shared MNIST files (and
+//! generated Fashion-MNIST-shaped ones), with a dead mirror and a mirror whose copy of one file is
+//! corrupt. Nothing leaves this machine.
 
 mod common;
 
@@ -9,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use gpu_mnist::data::catalog::FASHION_FILES;
 use gpu_mnist::data::download::{download_missing, verify_content};
-use gpu_mnist::data::{dir_has_all_files, file_path, Mnist, MNIST_FILES};
+use gpu_mnist::data::{dir_has_all_files, file_path, DataFile, DatasetKind, Mnist, Pin, IMAGE_PIXELS, MNIST_FILES};
+use md5::{Digest, Md5};
 
 /// Serves /good/NAME from the shared data and /corrupt/NAME the same, except that the train labels
 /// have one flipped byte inside a well-formed gzip stream (so only the SHA-256 can catch it).
@@ -99,7 +102,7 @@ fn falls_through_dead_and_corrupt_mirrors_to_a_verified_copy() {
         format!("{}/corrupt/", mirror.base),
         format!("{}/good/", mirror.base),
     ];
-    download_missing(cache.path(), &mirrors, false).expect("download through the good mirror");
+    download_missing(cache.path(), &MNIST_FILES, &mirrors, false).expect("download through the good mirror");
     assert!(dir_has_all_files(cache.path()));
     for f in &MNIST_FILES {
         verify_content(&file_path(cache.path(), f), f).expect("checksum of the downloaded file");
@@ -118,7 +121,9 @@ fn a_corrupt_download_never_lands_and_the_error_names_the_file() {
     let mirror = Mirror::start(data_dir());
     let cache = tempfile::tempdir().unwrap();
     let mirrors = vec![dead_mirror(), format!("{}/corrupt/", mirror.base)];
-    let err = download_missing(cache.path(), &mirrors, false).unwrap_err().to_string();
+    let err = download_missing(cache.path(), &MNIST_FILES, &mirrors, false)
+        .unwrap_err()
+        .to_string();
     println!("{err}");
     assert!(
         err.contains("train-labels-idx1-ubyte.gz") && err.contains("checksum mismatch"),
@@ -162,4 +167,250 @@ fn train_downloads_into_the_cache_when_no_data_is_given() {
         "{stdout}"
     );
     assert!(dir_has_all_files(&cache.path().join("gpu-mnist/mnist")));
+}
+
+/// A small Fashion-MNIST-shaped set that a model can learn: class c is a bright bar at row
+/// 2 + 2c (jittered by a row, with noise), as the four gzip files a publisher would serve,
+/// with their MD5s and sizes pinned as `catalog` pins the real ones.
+fn write_fashion_like(dir: &Path, n_train: usize, n_test: usize) -> [DataFile; 4] {
+    use rand::RngExt;
+    let mut rng = rng(11);
+    let mut set = |n: usize| {
+        let mut images = vec![0u8; n * IMAGE_PIXELS];
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        for (image, &c) in images.chunks_mut(IMAGE_PIXELS).zip(&labels) {
+            let row = 2 + 2 * c as usize + rng.random_range(0..2usize);
+            for (i, px) in image.iter_mut().enumerate() {
+                let (r, col) = (i / 28, i % 28);
+                let bar = (r == row || r == row + 1) && (4..24).contains(&col);
+                *px = if bar {
+                    200 + rng.random_range(0..56u8)
+                } else {
+                    rng.random_range(0..30u8)
+                };
+            }
+        }
+        (images, labels)
+    };
+    let (train, test) = (set(n_train), set(n_test));
+    let contents = [
+        idx_bytes(0x803, &[n_train as u32, 28, 28], &train.0),
+        idx_bytes(0x801, &[n_train as u32], &train.1),
+        idx_bytes(0x803, &[n_test as u32, 28, 28], &test.0),
+        idx_bytes(0x801, &[n_test as u32], &test.1),
+    ];
+    let mut pins = FASHION_FILES;
+    for (pin, content) in pins.iter_mut().zip(contents) {
+        let gz = gzip(&content);
+        std::fs::write(dir.join(format!("{}.gz", pin.name)), &gz).unwrap();
+        let md5: String = Md5::digest(&gz).iter().map(|b| format!("{b:02x}")).collect();
+        pin.size = content.len() as u64;
+        pin.pin = Pin::GzipMd5 {
+            md5: Box::leak(md5.into_boxed_str()),
+            gz_size: gz.len() as u64,
+        };
+    }
+    pins
+}
+
+/// Fashion-MNIST end to end on generated files: download from a loopback mirror (past a dead one)
+/// checked by MD5, then train, evaluate with class names, predict by name, and a model that
+/// refuses another dataset. A corrupt copy never lands.
+#[test]
+fn fashion_downloads_checked_by_md5_then_trains_and_evaluates_with_class_names() {
+    let served = tempfile::tempdir().unwrap();
+    let pins = write_fashion_like(served.path(), 1000, 300);
+    let mirror = Mirror::start(served.path().to_path_buf());
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("gpu-mnist").join("fashion");
+
+    // The corrupt mirror re-compresses the train labels with one flipped byte: larger than the
+    // pinned size, or (were it the same size) a different MD5.
+    let corrupt = vec![format!("{}/corrupt/", mirror.base)];
+    let err = download_missing(&cache, &pins, &corrupt, false)
+        .unwrap_err()
+        .to_string();
+    println!("{err}");
+    assert!(err.contains("train-labels-idx1-ubyte.gz"), "{err}");
+    assert!(
+        err.contains("more than the") || err.contains("checksum mismatch"),
+        "{err}"
+    );
+    assert!(!cache.join("train-labels-idx1-ubyte.gz").exists());
+    assert!(leftovers(&cache).is_empty(), "{:?}", leftovers(&cache));
+
+    let mirrors = vec![dead_mirror(), format!("{}/good/", mirror.base)];
+    download_missing(&cache, &pins, &mirrors, false).expect("download through the good mirror");
+    for f in &pins {
+        verify_content(&file_path(&cache, f), f).expect("MD5 of the downloaded file");
+    }
+
+    let model = root.path().join("fashion.safetensors");
+    let model_arg = model.to_str().unwrap();
+    let out = bin()
+        .args([
+            "train",
+            "--dataset",
+            "fashion",
+            "--offline",
+            "--device",
+            "cpu",
+            "--hidden",
+            "32",
+        ])
+        .args(["--epochs", "3", "--batch-size", "32", "--save", model_arg])
+        .args(["--out", root.path().join("run").to_str().unwrap()])
+        .args(["--checkpoint-dir", root.path().join("ck").to_str().unwrap()])
+        .env("XDG_CACHE_HOME", root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("data: Fashion-MNIST in ") && stdout.contains("gpu-mnist/fashion"),
+        "{stdout}"
+    );
+    let saved = gpu_mnist::checkpoint::load(&model).unwrap();
+    assert_eq!(saved.dataset, Some(DatasetKind::Fashion));
+    let config = std::fs::read_to_string(root.path().join("run").join("config.json")).unwrap();
+    assert!(config.contains("\"dataset\": \"fashion\""), "{config}");
+    // A resumed run keeps its dataset (and finds it in the same cache).
+    let out = bin()
+        .args([
+            "train",
+            "--resume",
+            root.path().join("ck").to_str().unwrap(),
+            "--epochs",
+            "4",
+            "--offline",
+        ])
+        .env("XDG_CACHE_HOME", root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("data: Fashion-MNIST in ") && stdout.contains("epoch 4"),
+        "{stdout}"
+    );
+    // ... and refuses to continue on another.
+    let ck = root.path().join("ck");
+    let (code, _, stderr) = run_any(&["train", "--resume", ck.to_str().unwrap(), "--dataset", "mnist"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the checkpoint trained on Fashion-MNIST, not MNIST"),
+        "{stderr}"
+    );
+
+    let evaluate = |extra: &[&str]| {
+        bin()
+            .args(["evaluate", "--model", model_arg, "--device", "cpu", "--offline"])
+            .args(extra)
+            .env("XDG_CACHE_HOME", root.path())
+            .output()
+            .unwrap()
+    };
+    let out = evaluate(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    for name in ["Fashion-MNIST test set", "T-shirt/top", "Sneaker", "Ankle boot"] {
+        assert!(stdout.contains(name), "{name} missing in: {stdout}");
+    }
+    let accuracy: f64 = stdout
+        .split("accuracy ")
+        .nth(1)
+        .and_then(|t| t.split('%').next())
+        .and_then(|t| t.parse().ok())
+        .expect("an accuracy");
+    assert!(accuracy > 80.0, "the bars are easy to tell apart: {accuracy}%");
+
+    // Test image 7 is class 7: a Sneaker.
+    let out = bin()
+        .args([
+            "predict",
+            "--model",
+            model_arg,
+            "--index",
+            "7",
+            "--device",
+            "cpu",
+            "--offline",
+        ])
+        .env("XDG_CACHE_HOME", root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        stdout.contains("true label Sneaker (7)") && stdout.contains("Ankle boot: "),
+        "{stdout}"
+    );
+
+    let out = evaluate(&["--dataset", "mnist"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("was trained on Fashion-MNIST, not MNIST"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// The binary downloads Fashion-MNIST from the mirror its variable names and checks the
+/// publisher's real MD5s: generated files are refused, naming the file, and nothing lands.
+#[test]
+fn the_published_md5_refuses_files_that_are_not_fashion_mnist() {
+    let served = tempfile::tempdir().unwrap();
+    write_fashion_like(served.path(), 100, 20);
+    let mirror = Mirror::start(served.path().to_path_buf());
+    let root = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["train", "--dataset", "fashion", "--device", "cpu", "--epochs", "1"])
+        .env("XDG_CACHE_HOME", root.path())
+        .env("GPU_MNIST_FASHION_MIRRORS", format!("{}/good/", mirror.base))
+        // MNIST's variable is not Fashion-MNIST's: a mirror named there is not used.
+        .env("GPU_MNIST_MIRRORS", dead_mirror())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("train-images-idx3-ubyte.gz")
+            && stderr.contains("checksum mismatch")
+            && stderr.contains("MD5 8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let cache = root.path().join("gpu-mnist").join("fashion");
+    assert!(!dir_has_any_file(&cache), "a file landed in {}", cache.display());
+    assert!(leftovers(&cache).is_empty(), "{:?}", leftovers(&cache));
+
+    // MNIST's real files named as Fashion-MNIST's: their labels match MNIST's pin, so refused.
+    let data = data_dir();
+    let (code, _, stderr) = run_any(&["train", "--dataset", "fashion", "--data", data.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("train-labels-idx1-ubyte")
+            && stderr.contains("holds MNIST's labels")
+            && stderr.contains("not Fashion-MNIST's"),
+        "{stderr}"
+    );
+
+    let out = bin()
+        .args(["train", "--dataset", "kmnist", "--offline"])
+        .env("XDG_CACHE_HOME", root.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("KMNIST not found: --offline forbids downloading")
+            && stderr.contains("gpu-mnist/kmnist")
+            && stderr.contains("GPU_MNIST_KMNIST_DATA"),
+        "{stderr}"
+    );
+}
+
+/// Whether any of the four data files is in `dir`.
+fn dir_has_any_file(dir: &Path) -> bool {
+    MNIST_FILES.iter().any(|f| file_path(dir, f).exists())
 }

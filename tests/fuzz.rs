@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::idx::{read_images_from, read_labels_from};
+use gpu_mnist::data::DatasetKind;
 use gpu_mnist::image::{decode_image, to_mnist};
 use gpu_mnist::model::{glorot_init, ModelSpec};
 use rand::RngExt;
@@ -210,11 +211,11 @@ fn idx_reader_raw_and_gzip() {
 #[test]
 fn checkpoint_loader() {
     let spec = ModelSpec::mnist(&[3]);
-    let model = checkpoint::to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 1))).unwrap();
+    let model = checkpoint::to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 1), DatasetKind::Mnist)).unwrap();
     let full = checkpoint::to_bytes(&Checkpoint {
         velocities: glorot_init(&spec, 2),
         state: Some(serde_json::json!({"epochs_done": 1})),
-        ..Checkpoint::model(&spec, glorot_init(&spec, 1))
+        ..Checkpoint::model(&spec, glorot_init(&spec, 1), DatasetKind::Mnist)
     })
     .unwrap();
     fuzz("checkpoint", &[model, full], &|b: &[u8]| {

@@ -9,20 +9,24 @@ use web_time::Instant;
 use clap::{Args, ValueEnum};
 use gpu_mnist::backend::wgpu::list_adapters;
 use gpu_mnist::bench::{bench_device, memory, BenchConfig, DeviceBench};
-use gpu_mnist::data::locate::cache_dir;
-use gpu_mnist::data::{dir_has_all_files, Dataset, Mnist, IMAGE_PIXELS};
+use gpu_mnist::data::locate::{cache_dir, check_identity};
+use gpu_mnist::data::{dir_has_all_files, Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::{open_device, DeviceChoice};
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
 
-use super::{parse_batch, parse_positive, ModelArgs};
+use super::{parse_batch, parse_positive, DatasetFlag, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Devices to measure (repeatable): all = reference, cpu and every GPU adapter
     #[arg(long, value_enum, default_value = "all")]
     pub device: Vec<BenchDevice>,
-    /// MNIST folder [default: $GPU_MNIST_DATA, then the cache; synthetic data when none has it]
+    /// The dataset whose training images are timed (all three have MNIST's shapes)
+    #[arg(long, value_enum, default_value = "mnist")]
+    pub dataset: DatasetFlag,
+    /// The dataset's folder [default: $GPU_MNIST_DATA (or $GPU_MNIST_FASHION_DATA,
+    /// $GPU_MNIST_KMNIST_DATA), then the cache; synthetic data when none has it]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     #[command(flatten)]
@@ -53,19 +57,20 @@ pub enum BenchDevice {
     Gpu,
 }
 
-/// Real MNIST when it is found without downloading, else synthetic images of the same shape and
-/// sparsity.
-fn bench_data(flag: Option<&Path>) -> Result<(Dataset, String)> {
-    let env = std::env::var_os("GPU_MNIST_DATA")
+/// The real dataset when it is found without downloading, else synthetic images of MNIST's shape
+/// and sparsity.
+fn bench_data(flag: Option<&Path>, kind: DatasetKind) -> Result<(Dataset, String)> {
+    let env = std::env::var_os(kind.data_env())
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
     let dir = flag
         .map(Path::to_path_buf)
         .or(env)
-        .or_else(|| cache_dir().filter(|d| dir_has_all_files(d)));
+        .or_else(|| cache_dir(kind).filter(|d| dir_has_all_files(d)));
     if let Some(dir) = dir {
+        check_identity(kind, &dir)?;
         let m = Mnist::load(&dir)?;
-        return Ok((m.train, format!("real MNIST from {}", dir.display())));
+        return Ok((m.train, format!("real {kind} from {}", dir.display())));
     }
     // As sparse as MNIST's images (about 19 % of the pixels lit), which the CPU path exploits.
     let n = 60_000;
@@ -82,7 +87,7 @@ fn bench_data(flag: Option<&Path>) -> Result<(Dataset, String)> {
     let labels = (0..n).map(|i| (i % 10) as u8).collect();
     Ok((
         Dataset::new(images, labels)?,
-        "synthetic data (no MNIST found; pass --data DIR for real images)".to_string(),
+        format!("synthetic data (no {kind} found; pass --data DIR for real images)"),
     ))
 }
 
@@ -227,7 +232,7 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let (data, source) = bench_data(args.data.as_deref())?;
+    let (data, source) = bench_data(args.data.as_deref(), args.dataset.into())?;
     let spec = args.model.spec()?;
     let batch = args.batch_size.unwrap_or_else(|| super::default_batch(&spec));
     if batch > data.len() {

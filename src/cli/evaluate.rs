@@ -1,13 +1,13 @@
-//! `gpu-mnist evaluate --model PATH`: test loss, accuracy and confusion matrix of a saved model,
-//! and optionally a picture of the misclassified test digits.
+//! `gpu-mnist evaluate --model PATH`: test loss, accuracy and confusion matrix (with the dataset's
+//! class names) of a saved model on the test set of the dataset it was trained on, and optionally
+//! a picture of the misclassified test images.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
 use gpu_mnist::checkpoint::{write_atomic, Checkpoint};
-use gpu_mnist::data::locate::resolve_data_dir;
-use gpu_mnist::data::{Mnist, IMAGE_PIXELS};
+use gpu_mnist::data::{DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::open_device;
 use gpu_mnist::image::digit_grid_png;
 use gpu_mnist::model::Graph;
@@ -28,10 +28,11 @@ pub struct EvaluateArgs {
     /// Examples per evaluation batch
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "1000", value_parser = parse_batch)]
     pub batch_size: usize,
-    /// Write a PNG grid of the misclassified test digits (predicted in red, true label in green)
+    /// Write a PNG grid of the misclassified test images (predicted class in red, true class in
+    /// green)
     #[arg(long, value_name = "PNG")]
     pub misclassified: Option<PathBuf>,
-    /// At most this many digits in the --misclassified picture
+    /// At most this many images in the --misclassified picture
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "100", value_parser = parse_positive)]
     pub max_images: usize,
 }
@@ -40,17 +41,17 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(path) = &args.misclassified {
         check_output_path("--misclassified", path)?;
     }
-    let Checkpoint { spec, params, .. } = super::load_model(&args.model)?;
-    let (dir, _) = resolve_data_dir(
-        args.data.data.as_deref(),
-        args.data.offline,
-        std::io::stderr().is_terminal(),
-    )?;
+    let Checkpoint {
+        spec, params, dataset, ..
+    } = super::load_model(&args.model)?;
+    let kind = args.data.dataset_for_model(&args.model, dataset)?;
+    let dir = args.data.folder(kind, std::io::stderr().is_terminal())?;
     let mnist = Mnist::load(&dir)?;
     let test_set = mnist.test.first(args.data.test_limit.unwrap_or(usize::MAX));
     let opened = open_device(args.device.device.into(), args.device.adapter.as_deref())?;
     println!("{}", opened.note);
     println!("model: {} ({})", spec.describe(), args.model.display());
+    println!("data: {kind} test set in {}", dir.display());
     let mut backend = opened.backend;
     let be = backend.as_mut();
     let mut graph = Graph::new(be, &spec, args.batch_size.min(test_set.len()))?;
@@ -69,20 +70,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     for (p, &label) in predictions.iter().zip(test_set.labels.iter()) {
         confusion[label as usize][p.class as usize] += 1;
     }
-    println!("confusion matrix (rows: true label, columns: predicted):");
-    println!("       {}", (0..10).map(|c| format!("{c:>5}")).collect::<String>());
-    for (label, row) in confusion.iter().enumerate() {
-        let total: usize = row.iter().sum();
-        let recall = if total > 0 {
-            100.0 * row[label] as f64 / total as f64
-        } else {
-            0.0
-        };
-        println!(
-            "  {label:>3}  {}   {recall:5.1}% right",
-            row.iter().map(|n| format!("{n:>5}")).collect::<String>()
-        );
-    }
+    print_confusion(kind, &confusion);
     if let Some(path) = &args.misclassified {
         let wrong: Vec<(&[u8], u8, u8)> = predictions
             .iter()
@@ -98,11 +86,43 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             })
             .collect();
         write_atomic(path, &digit_grid_png(&wrong, 10)?)?;
+        let (what, numbers) = match kind.classes_are_digits() {
+            true => ("digits", ""),
+            false => ("images", ", as class numbers"),
+        };
         println!(
-            "wrote {} misclassified digits to {} (red: predicted, green: true label)",
+            "wrote {} misclassified {what} to {} (red: predicted, green: true label{numbers})",
             wrong.len(),
             path.display()
         );
     }
     Ok(())
+}
+
+/// The confusion matrix, rows named by class (MNIST's by digit alone), with each class's recall.
+fn print_confusion(kind: DatasetKind, confusion: &[[usize; 10]; 10]) {
+    let names = kind.class_names();
+    let label = |c: usize| match kind.classes_are_digits() {
+        true => format!("{c:>3}"),
+        false => format!("{c:>3} {:<11}", names[c]),
+    };
+    let width = label(0).len();
+    println!("confusion matrix (rows: true class, columns: predicted class):");
+    println!(
+        "  {:width$}{}",
+        "",
+        (0..10).map(|c| format!("{c:>6}")).collect::<String>()
+    );
+    for (class, row) in confusion.iter().enumerate() {
+        let total: usize = row.iter().sum();
+        let recall = match total {
+            0 => 0.0,
+            _ => 100.0 * row[class] as f64 / total as f64,
+        };
+        println!(
+            "  {}{}   {recall:5.1}% right",
+            label(class),
+            row.iter().map(|n| format!("{n:>6}")).collect::<String>()
+        );
+    }
 }

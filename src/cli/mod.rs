@@ -12,6 +12,7 @@ mod train;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use gpu_mnist::data::DatasetKind;
 use gpu_mnist::device::DeviceChoice;
 use gpu_mnist::model::ModelSpec;
 use gpu_mnist::Result;
@@ -20,8 +21,8 @@ use gpu_mnist::Result;
 #[command(
     name = "gpu-mnist",
     version,
-    about = "Train MNIST classifiers with WGSL compute shaders on wgpu, or on the CPU",
-    after_help = "Examples:\n  gpu-mnist train --device auto --save model.safetensors\n  gpu-mnist evaluate --model model.safetensors\n  gpu-mnist predict --model model.safetensors --index 0\n  gpu-mnist bench\n  gpu-mnist devices"
+    about = "Train MNIST classifiers (or Fashion-MNIST, KMNIST ones) with WGSL compute shaders on wgpu, or on the CPU",
+    after_help = "Examples:\n  gpu-mnist train --device auto --save model.safetensors\n  gpu-mnist train --dataset fashion --model convnet --save fashion.safetensors\n  gpu-mnist evaluate --model model.safetensors\n  gpu-mnist predict --model model.safetensors --index 0\n  gpu-mnist bench\n  gpu-mnist devices"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -91,10 +92,16 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     }
 }
 
-/// Where the data comes from (shared by train and evaluate).
+/// Where the data comes from (shared by train, evaluate and predict).
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Folder holding the four MNIST IDX files (.gz or raw) [default: $GPU_MNIST_DATA, then the cache]
+    /// mnist: handwritten digits; fashion: Zalando's Fashion-MNIST (clothes, shoes, bags); kmnist:
+    /// Kuzushiji-MNIST (cursive hiragana). Each downloads into its own cache folder [default: the
+    /// model's dataset for evaluate and predict, else mnist]
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetFlag>,
+    /// Folder holding the dataset's four IDX files (.gz or raw) [default: $GPU_MNIST_DATA (or
+    /// $GPU_MNIST_FASHION_DATA, $GPU_MNIST_KMNIST_DATA), then the cache]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Never download; fail with a message saying which files to put where
@@ -103,6 +110,50 @@ pub struct DataArgs {
     /// Evaluate on the first N test images only
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive)]
     pub test_limit: Option<usize>,
+}
+
+/// `--dataset`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatasetFlag {
+    Mnist,
+    Fashion,
+    Kmnist,
+}
+
+impl From<DatasetFlag> for DatasetKind {
+    fn from(f: DatasetFlag) -> Self {
+        match f {
+            DatasetFlag::Mnist => DatasetKind::Mnist,
+            DatasetFlag::Fashion => DatasetKind::Fashion,
+            DatasetFlag::Kmnist => DatasetKind::Kmnist,
+        }
+    }
+}
+
+impl DataArgs {
+    /// The dataset to use with the model in `path`, which says it was trained on `trained_on`
+    /// (`None`: it does not say). A different `--dataset` is refused: the model's classes would
+    /// be read as another dataset's.
+    pub fn dataset_for_model(&self, path: &std::path::Path, trained_on: Option<DatasetKind>) -> Result<DatasetKind> {
+        let asked = self.dataset.map(DatasetKind::from);
+        match (asked, trained_on) {
+            (Some(a), Some(t)) if a != t => Err(gpu_mnist::Error::usage(
+                "--dataset",
+                format!(
+                    "{} was trained on {t}, not {a}; leave out --dataset to use {t}",
+                    path.display()
+                ),
+            )),
+            (a, t) => Ok(t.or(a).unwrap_or_default()),
+        }
+    }
+
+    /// The folder holding `kind`'s files (downloaded into the cache when needed and allowed).
+    pub fn folder(&self, kind: DatasetKind, show_progress: bool) -> Result<PathBuf> {
+        let (dir, _) =
+            gpu_mnist::data::locate::resolve_data_dir(kind, self.data.as_deref(), self.offline, show_progress)?;
+        Ok(dir)
+    }
 }
 
 /// Which device runs the math (shared by train and evaluate).

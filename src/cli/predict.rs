@@ -1,13 +1,13 @@
 //! `gpu-mnist predict --model PATH (--index SPEC | IMAGE...)`: the ten class probabilities, the
-//! predicted digit and (for test images) the true label, as in the book.
+//! predicted class and (for test images) the true label, as in the book; classes are named as the
+//! model's dataset names them ("Sneaker" for a Fashion-MNIST model, "7" for an MNIST one).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
 use gpu_mnist::checkpoint::Checkpoint;
-use gpu_mnist::data::locate::resolve_data_dir;
-use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
+use gpu_mnist::data::{Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::open_device;
 use gpu_mnist::image::load_digit;
 use gpu_mnist::model::Graph;
@@ -25,7 +25,8 @@ pub struct PredictArgs {
     #[arg(long, allow_negative_numbers = true, value_name = "SPEC", value_parser = parse_indices)]
     pub index: Option<Indices>,
     /// Pictures of digits (PNG, JPEG, WebP, BMP, GIF, TIFF or PNM) of any size: white on black,
-    /// dark on light paper, photos; each gets its line, and an unreadable one an error line
+    /// dark on light paper, photos, converted the MNIST way (ink cropped, scaled, centred); each
+    /// gets its line, and an unreadable one an error line
     #[arg(value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
     #[command(flatten)]
@@ -56,19 +57,33 @@ fn parse_indices(text: &str) -> std::result::Result<Indices, String> {
     Ok(Indices(list))
 }
 
-fn print_prediction(what: &str, p: &Prediction, label: Option<u8>) {
+/// A class as the dataset names it: "7" for MNIST, "Sneaker (7)" for Fashion-MNIST.
+fn class_name(kind: DatasetKind, class: u8) -> String {
+    let name = kind.class_names()[class as usize % 10];
+    match kind.classes_are_digits() {
+        true => name.to_string(),
+        false => format!("{name} ({class})"),
+    }
+}
+
+fn print_prediction(kind: DatasetKind, what: &str, p: &Prediction, label: Option<u8>) {
     let truth = label
-        .map(|l| format!(", true label {l}{}", if l == p.class { "" } else { " (wrong)" }))
+        .map(|l| {
+            let wrong = if l == p.class { "" } else { " (wrong)" };
+            format!(", true label {}{wrong}", class_name(kind, l))
+        })
         .unwrap_or_default();
     println!(
         "{what}: predicted {} with probability {:.6}{truth}",
-        p.class, p.probs[p.class as usize]
+        class_name(kind, p.class),
+        p.probs[p.class as usize]
     );
+    let names = kind.class_names();
     let probs: Vec<String> = p
         .probs
         .iter()
         .enumerate()
-        .map(|(d, q)| format!("{d}: {q:.6}"))
+        .map(|(d, q)| format!("{}: {q:.6}", names[d % 10]))
         .collect();
     println!("  {}", probs.join("  "));
 }
@@ -77,15 +92,14 @@ pub fn run(args: PredictArgs) -> Result<()> {
     if args.index.is_none() && args.images.is_empty() {
         return Err(Error::usage("--index", "give --index SPEC, or one or more image files"));
     }
-    let Checkpoint { spec, params, .. } = super::load_model(&args.model)?;
+    let Checkpoint {
+        spec, params, dataset, ..
+    } = super::load_model(&args.model)?;
+    let kind = args.data.dataset_for_model(&args.model, dataset)?;
     // Load the inputs before opening a device, so that a bad file fails fast.
     let test = match &args.index {
         Some(Indices(list)) => {
-            let (dir, _) = resolve_data_dir(
-                args.data.data.as_deref(),
-                args.data.offline,
-                std::io::stderr().is_terminal(),
-            )?;
+            let dir = args.data.folder(kind, std::io::stderr().is_terminal())?;
             let test = Mnist::load(&dir)?.test;
             if let Some(&bad) = list.iter().find(|&&i| i >= test.len()) {
                 return Err(Error::usage(
@@ -132,7 +146,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
             .zip(pollster::block_on(predict(be, &mut graph, (ds, set.len())))?)
             .zip(set.labels.iter())
         {
-            print_prediction(&format!("test image {i}"), &p, Some(label));
+            print_prediction(kind, &format!("test image {i}"), &p, Some(label));
         }
     }
     let mut predictions = match failed < pictures.len() {
@@ -147,7 +161,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     // In the order given: a prediction for each readable picture, an error line for the others.
     for (path, read) in &pictures {
         match (read, read.is_ok().then(|| predictions.next()).flatten()) {
-            (Ok(_), Some(p)) => print_prediction(&path.display().to_string(), &p, None),
+            (Ok(_), Some(p)) => print_prediction(kind, &path.display().to_string(), &p, None),
             (Err(e), _) => eprintln!("error: {e}"),
             (Ok(_), None) => return Err(Error::shape("predict", "fewer predictions than pictures")),
         }

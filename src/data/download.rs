@@ -1,41 +1,34 @@
-//! Download of the MNIST files into a cache folder, verified by checksum.
+//! Download of a dataset's files into a cache folder, verified by checksum.
 //!
-//! Contract: `download_missing(dir, mirrors, ...)` fetches each of the four files missing from
+//! Contract: `download_missing(dir, files, mirrors, ...)` fetches each of `files` missing from
 //! `dir`, trying each mirror in turn. A download is streamed into a temporary file in `dir`,
-//! its decompressed content checked against the SHA-256 in `MNIST_FILES`, and only then renamed
-//! to its final name: an interrupted or corrupt download never leaves a file that looks valid.
+//! cut off past the file's pinned size, checked against its pin (see `catalog::Pin`), and only
+//! then renamed to its final name: an interrupted or corrupt download never leaves a file that
+//! looks valid.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flate2::read::MultiGzDecoder;
-
-use super::{check, file_path, MnistFile, MNIST_FILES};
+use super::{check, file_path, DataFile, DatasetKind};
 use crate::error::{Error, Result};
 
-/// Mirrors tried in order (the list torchvision uses, plus Google's copy used by TensorFlow).
-pub const DEFAULT_MIRRORS: [&str; 3] = [
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-];
-
-/// The mirror list: `$GPU_MNIST_MIRRORS` (comma-separated base URLs) or the defaults.
-pub fn mirrors_from_env() -> Vec<String> {
-    match std::env::var("GPU_MNIST_MIRRORS") {
+/// The mirror list of `kind`: its variable (`GPU_MNIST_MIRRORS` for MNIST, comma-separated base
+/// URLs) or its publishers' defaults.
+pub fn mirrors_from_env(kind: DatasetKind) -> Vec<String> {
+    match std::env::var(kind.mirrors_env()) {
         Ok(list) if !list.trim().is_empty() => list
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect(),
-        _ => DEFAULT_MIRRORS.iter().map(|s| s.to_string()).collect(),
+        _ => kind.default_mirrors().iter().map(|s| s.to_string()).collect(),
     }
 }
 
-/// Download every file missing from `dir`. `show_progress` draws a bar on stderr.
-pub fn download_missing(dir: &Path, mirrors: &[String], show_progress: bool) -> Result<()> {
+/// Download every one of `files` missing from `dir`. `show_progress` draws a bar on stderr.
+pub fn download_missing(dir: &Path, files: &[DataFile], mirrors: &[String], show_progress: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     // Partial downloads of an earlier run that was killed (never mistaken for data: hidden names).
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -50,7 +43,7 @@ pub fn download_missing(dir: &Path, mirrors: &[String], show_progress: bool) -> 
         .timeout_per_read(Some(Duration::from_secs(30)))
         .build()
         .into();
-    for file in MNIST_FILES.iter().filter(|f| !file_path(dir, f).exists()) {
+    for file in files.iter().filter(|f| !file_path(dir, f).exists()) {
         let mut failures = Vec::new();
         let mut done = false;
         for mirror in mirrors {
@@ -97,7 +90,7 @@ fn fetch_verified(
     agent: &ureq::Agent,
     url: &str,
     dir: &Path,
-    file: &MnistFile,
+    file: &DataFile,
     show_progress: bool,
 ) -> Result<(), String> {
     let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
@@ -110,6 +103,7 @@ fn fetch_verified(
     let bar = crate::progress::bytes_bar(total, &format!("{}.gz", file.name), show_progress);
     let mut reader = response.body_mut().as_reader();
     let mut buf = vec![0u8; 1 << 16];
+    let mut received = 0u64;
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -117,6 +111,13 @@ fn fetch_verified(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(format!("download interrupted: {e}")),
         };
+        received += n as u64;
+        if received > file.download_limit() {
+            return Err(format!(
+                "the mirror sent more than the {} bytes pinned for this file",
+                file.download_limit()
+            ));
+        }
         out.write_all(&buf[..n])
             .map_err(|e| format!("{}: {e}", tmp.path.display()))?;
         bar.inc(n as u64);
@@ -136,18 +137,12 @@ fn fetch_verified(
     Ok(())
 }
 
-/// Check the (decompressed) content of a downloaded file against its size and SHA-256.
-/// Returns whether the file is gzip-compressed.
-pub fn verify_content(path: &Path, file: &MnistFile) -> Result<bool, String> {
+/// Check a downloaded file against its pin (see `check::check_stored`). Returns whether the file
+/// is gzip-compressed.
+pub fn verify_content(path: &Path, file: &DataFile) -> Result<bool, String> {
     let mut head = [0u8; 2];
     let raw = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let gzip = matches!((&raw).read(&mut head), Ok(2)) && check::is_gzip(&head);
     let raw = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let reader: Box<dyn Read> = if gzip {
-        Box::new(MultiGzDecoder::new(BufReader::new(raw)))
-    } else {
-        Box::new(BufReader::new(raw))
-    };
-    check::Hashing::new(reader.take(file.size + 1)).finish(file)?;
-    Ok(gzip)
+    check::check_stored(BufReader::new(raw), gzip, file)
 }

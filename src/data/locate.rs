@@ -1,13 +1,17 @@
-//! Where the MNIST files are: `--data DIR`, then `$GPU_MNIST_DATA`, then the per-user cache
+//! Where a dataset's files are: `--data DIR`, then its variable (`$GPU_MNIST_DATA` for MNIST,
+//! `$GPU_MNIST_FASHION_DATA`, `$GPU_MNIST_KMNIST_DATA`), then its per-user cache folder
 //! (downloaded there when missing).
 //!
 //! Contract: an explicitly named folder (flag or variable) is used as it is and never written to;
 //! only the cache folder is filled by a download. `--offline` never touches the network and says
-//! which files to put where.
+//! which files to put where. Each dataset has its own cache folder, since all three use the same
+//! four file names; and a folder whose labels match another dataset's published checksum is
+//! refused (`--dataset fashion` on MNIST's files), while files that match none (a user's own
+//! IDX files) are taken as they are.
 
 use std::path::{Path, PathBuf};
 
-use super::{dir_has_all_files, download, file_path, MNIST_FILES};
+use super::{check, dir_has_all_files, download, file_path, DatasetKind, MNIST_FILES};
 use crate::error::{Error, Result};
 
 /// How the data folder was chosen (printed for the user).
@@ -18,10 +22,11 @@ pub enum DataSource {
     Cache,
 }
 
-/// The per-user cache folder: `$XDG_CACHE_HOME/gpu-mnist/mnist` or the platform's equivalent.
-pub fn cache_dir() -> Option<PathBuf> {
+/// The per-user cache folder of `kind`: `$XDG_CACHE_HOME/gpu-mnist/mnist` (or `fashion`,
+/// `kmnist`) or the platform's equivalent.
+pub fn cache_dir(kind: DatasetKind) -> Option<PathBuf> {
     if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(xdg).join("gpu-mnist").join("mnist"));
+        return Some(PathBuf::from(xdg).join("gpu-mnist").join(kind.key()));
     }
     let base = if cfg!(target_os = "windows") {
         std::env::var_os("LOCALAPPDATA").map(PathBuf::from)
@@ -30,10 +35,10 @@ pub fn cache_dir() -> Option<PathBuf> {
     } else {
         std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"))
     };
-    base.map(|b| b.join("gpu-mnist").join("mnist"))
+    base.map(|b| b.join("gpu-mnist").join(kind.key()))
 }
 
-/// The names (as .gz) of the four files that `dir` lacks.
+/// The names (as .gz) of the four files that `dir` lacks (the same names for every dataset).
 fn missing_files(dir: &Path) -> Vec<String> {
     MNIST_FILES
         .iter()
@@ -42,22 +47,53 @@ fn missing_files(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn missing_files_message(dir: &Path, why: &str) -> String {
+fn missing_files_message(kind: DatasetKind, dir: &Path, why: &str) -> String {
     let missing = missing_files(dir);
     format!(
-        "MNIST not found: {why}; put {} in {} (or pass --data DIR, or set GPU_MNIST_DATA)",
+        "{kind} not found: {why}; put {} in {} (or pass --data DIR, or set {})",
         missing.join(", "),
-        dir.display()
+        dir.display(),
+        kind.data_env()
     )
 }
 
-/// Resolve the data folder, downloading into the cache when allowed and needed.
-pub fn resolve_data_dir(flag: Option<&Path>, offline: bool, show_progress: bool) -> Result<(PathBuf, DataSource)> {
+/// Refuse a folder whose labels are another dataset's: the train and test labels (60 KB and 10 KB,
+/// so this costs nothing) are compared with every other dataset's pins.
+pub fn check_identity(kind: DatasetKind, dir: &Path) -> Result<()> {
+    for i in [1, 3] {
+        let path = file_path(dir, &kind.files()[i]);
+        for other in DatasetKind::ALL.into_iter().filter(|&k| k != kind) {
+            let pinned = &other.files()[i];
+            let Ok(mut file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let mut head = [0u8; 2];
+            let gzip = std::io::Read::read_exact(&mut file, &mut head).is_ok() && check::is_gzip(&head);
+            let Ok(file) = std::fs::File::open(&path) else { continue };
+            if check::check_stored(std::io::BufReader::new(file), gzip, pinned).is_ok() {
+                return Err(Error::bad_file(
+                    &path,
+                    format!("holds {other}'s labels (it matches {other}'s published checksum), not {kind}'s"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resolve `kind`'s data folder, downloading into its cache when allowed and needed.
+pub fn resolve_data_dir(
+    kind: DatasetKind,
+    flag: Option<&Path>,
+    offline: bool,
+    show_progress: bool,
+) -> Result<(PathBuf, DataSource)> {
+    let env = kind.data_env();
     let explicit = match flag {
         Some(dir) => Some((dir.to_path_buf(), DataSource::Flag, "--data")),
-        None => std::env::var_os("GPU_MNIST_DATA")
+        None => std::env::var_os(env)
             .filter(|v| !v.is_empty())
-            .map(|v| (PathBuf::from(v), DataSource::EnvVar, "GPU_MNIST_DATA")),
+            .map(|v| (PathBuf::from(v), DataSource::EnvVar, env)),
     };
     if let Some((dir, source, what)) = explicit {
         if !dir.is_dir() {
@@ -75,28 +111,31 @@ pub fn resolve_data_dir(flag: Option<&Path>, offline: bool, show_progress: bool)
                 missing.join(", ")
             )));
         }
+        check_identity(kind, &dir)?;
         return Ok((dir, source));
     }
-    let cache = cache_dir().ok_or_else(|| {
-        Error::DataNotFound("no --data DIR, no GPU_MNIST_DATA, and no home folder for a cache".to_string())
-    })?;
+    let cache = cache_dir(kind)
+        .ok_or_else(|| Error::DataNotFound(format!("no --data DIR, no {env}, and no home folder for a cache")))?;
     if dir_has_all_files(&cache) {
+        check_identity(kind, &cache)?;
         return Ok((cache, DataSource::Cache));
     }
     if offline {
         return Err(Error::DataNotFound(missing_files_message(
+            kind,
             &cache,
             "--offline forbids downloading",
         )));
     }
     if show_progress {
-        eprintln!("gpu-mnist: downloading MNIST into {}", cache.display());
+        eprintln!("gpu-mnist: downloading {kind} into {}", cache.display());
     }
-    download::download_missing(&cache, &download::mirrors_from_env(), show_progress).map_err(|e| {
+    let mirrors = download::mirrors_from_env(kind);
+    download::download_missing(&cache, kind.files(), &mirrors, show_progress).map_err(|e| {
         Error::DataNotFound(format!(
             "{}; {}",
             e,
-            missing_files_message(&cache, "the download failed")
+            missing_files_message(kind, &cache, "the download failed")
         ))
     })?;
     Ok((cache, DataSource::Cache))

@@ -1,9 +1,11 @@
-//! MNIST data: reading, validating, locating or downloading, and shuffled minibatch order.
+//! MNIST-shaped data (MNIST, Fashion-MNIST, KMNIST: see `catalog`): reading, validating, locating
+//! or downloading, and shuffled minibatch order.
 //!
 //! Contract: `Mnist::load(dir)` returns the train and test sets only after every file has been
 //! validated (see `idx`) and image and label counts agree. Images stay u8 in memory (47 MB for the
 //! training set); backends scale them to f32 / 255 per batch.
 
+pub mod catalog;
 pub mod check;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod download;
@@ -19,42 +21,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
+pub use catalog::{DataFile, DatasetKind, Pin, MNIST_FILES};
 pub use idx::{CLASSES, IMAGE_PIXELS, IMAGE_SIDE};
-
-/// One of the four canonical MNIST files.
-#[derive(Debug, Clone, Copy)]
-pub struct MnistFile {
-    /// Base name without `.gz`, e.g. `train-images-idx3-ubyte`.
-    pub name: &'static str,
-    /// SHA-256 of the decompressed content (from shared/data/mnist/README.md).
-    pub sha256: &'static str,
-    /// Decompressed size in bytes.
-    pub size: u64,
-}
-
-/// The four files, in the order train images, train labels, test images, test labels.
-pub const MNIST_FILES: [MnistFile; 4] = [
-    MnistFile {
-        name: "train-images-idx3-ubyte",
-        sha256: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-        size: 47_040_016,
-    },
-    MnistFile {
-        name: "train-labels-idx1-ubyte",
-        sha256: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-        size: 60_008,
-    },
-    MnistFile {
-        name: "t10k-images-idx3-ubyte",
-        sha256: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-        size: 7_840_016,
-    },
-    MnistFile {
-        name: "t10k-labels-idx1-ubyte",
-        sha256: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        size: 10_008,
-    },
-];
 
 /// Images (u8, row-major 28x28 each) and their labels. Shared, never copied per backend.
 #[derive(Debug, Clone)]
@@ -107,7 +75,7 @@ pub struct Mnist {
 
 /// Where a file of the set lives in `dir`: `NAME.gz` if present, else the raw `NAME`.
 /// When neither exists, the `.gz` path is returned so that the error names it.
-pub fn file_path(dir: &Path, file: &MnistFile) -> PathBuf {
+pub fn file_path(dir: &Path, file: &DataFile) -> PathBuf {
     let gz = dir.join(format!("{}.gz", file.name));
     let raw = dir.join(file.name);
     if !gz.exists() && raw.exists() {
@@ -117,12 +85,13 @@ pub fn file_path(dir: &Path, file: &MnistFile) -> PathBuf {
     }
 }
 
-/// True when every one of the four files exists in `dir` (gzip or raw).
+/// True when every one of the four files exists in `dir` (gzip or raw); the three datasets share
+/// the names.
 pub fn dir_has_all_files(dir: &Path) -> bool {
     MNIST_FILES.iter().all(|f| file_path(dir, f).exists())
 }
 
-fn load_pair(dir: &Path, images: &MnistFile, labels: &MnistFile) -> Result<Dataset> {
+fn load_pair(dir: &Path, images: &DataFile, labels: &DataFile) -> Result<Dataset> {
     let images_path = file_path(dir, images);
     let labels_path = file_path(dir, labels);
     let (count, pixels) = idx::read_images(&images_path)?;

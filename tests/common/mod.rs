@@ -129,7 +129,9 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], scale: &[f32],
 /// The gpu-mnist binary built for these tests.
 pub fn bin() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-mnist"));
-    cmd.env_remove("GPU_MNIST_DATA");
+    for kind in gpu_mnist::data::DatasetKind::ALL {
+        cmd.env_remove(kind.data_env()).env_remove(kind.mirrors_env());
+    }
     // Run folders (runs/...) of runs without --out land in the temporary folder, not the project.
     cmd.current_dir(std::env::temp_dir());
     cmd

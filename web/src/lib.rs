@@ -20,7 +20,7 @@ use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::wgpu::WgpuBackend;
 use gpu_mnist::backend::Backend;
 use gpu_mnist::checkpoint::{self, Checkpoint};
-use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
+use gpu_mnist::data::{Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::image::{to_mnist, Gray};
 use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
@@ -83,7 +83,8 @@ pub fn load_data(
     test_images: &[u8],
     test_labels: &[u8],
 ) -> Result<String, JsError> {
-    let mnist = Mnist::from_bytes([train_images, train_labels, test_images, test_labels]).map_err(js_error)?;
+    let files = [train_images, train_labels, test_images, test_labels];
+    let mnist = Mnist::from_bytes(DatasetKind::Mnist, files).map_err(js_error)?;
     let summary = format!(
         "MNIST checked: {} training and {} test images",
         mnist.train.len(),
@@ -321,7 +322,7 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         .await
         .map_err(|e| e.to_string())?;
     let seconds = (js_sys::Date::now() - started) / 1000.0;
-    MODEL.with_borrow_mut(|m| *m = Some(Checkpoint::model(&spec, params)));
+    MODEL.with_borrow_mut(|m| *m = Some(Checkpoint::model(&spec, params, DatasetKind::Mnist)));
     Ok(json!({
         "test_accuracy": report.accuracy, "test_loss": report.loss, "epochs": cfg.epochs,
         "images": train.len(), "seconds": seconds, "adapter": opened.adapter, "device": opened.kind,
@@ -389,6 +390,12 @@ pub fn save_model() -> Result<Vec<u8>, JsError> {
 #[wasm_bindgen]
 pub fn load_model(bytes: &[u8], file_name: &str) -> Result<String, JsError> {
     let ck = checkpoint::from_bytes(bytes).map_err(|why| js_error(format!("{file_name}: {why}")))?;
+    // The page draws and names digits: a model of another dataset would name them wrongly.
+    if let Some(other) = ck.dataset.filter(|&d| d != DatasetKind::Mnist) {
+        return Err(js_error(format!(
+            "{file_name}: was trained on {other}; this page trains and reads MNIST digits"
+        )));
+    }
     let unchecked = match ck.data_hash {
         checkpoint::DataHash::Absent => {
             " (it carries no SHA-256 of its tensor data, so damage to it can not be detected)"
@@ -396,7 +403,7 @@ pub fn load_model(bytes: &[u8], file_name: &str) -> Result<String, JsError> {
         checkpoint::DataHash::Matched => "",
     };
     let description = format!("Loaded {file_name}: model {}{unchecked}", ck.spec.describe());
-    let model = Checkpoint::model(&ck.spec, ck.params);
+    let model = Checkpoint::model(&ck.spec, ck.params, DatasetKind::Mnist);
     MODEL.with_borrow_mut(|m| *m = Some(model));
     Ok(description)
 }

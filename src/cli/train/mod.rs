@@ -13,8 +13,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::Backend;
 use gpu_mnist::checkpoint::{self, Checkpoint};
-use gpu_mnist::data::locate::resolve_data_dir;
-use gpu_mnist::data::{Dataset, Mnist};
+use gpu_mnist::data::{Dataset, DatasetKind, Mnist};
 use gpu_mnist::device::open_device;
 use gpu_mnist::model::{glorot_init, HostTensor, ModelSpec};
 use gpu_mnist::records::RunFolder;
@@ -145,7 +144,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let human = !args.json && !args.quiet;
     let interactive = std::io::stderr().is_terminal() && !args.quiet && !args.json;
 
-    let (dir, _) = resolve_data_dir(args.data.data.as_deref(), args.data.offline, interactive)?;
+    let dir = args.data.folder(settings.dataset, interactive)?;
     let mnist = Mnist::load(&dir)?;
     let (train_set, val_set) = split(
         &mnist.train.first(settings.train_limit.unwrap_or(usize::MAX)),
@@ -206,7 +205,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     match fit_with_hand_over(opened.backend, fall_back, (data, &cfg), &mut at, &mut reporter) {
         Err(Error::Numerical(msg)) => Err(with_kept_checkpoint(msg, checkpoint_dir.as_deref())),
         Err(e) => Err(e),
-        Ok((test, params)) => finish(&args, &spec, &run_dir, test, params),
+        Ok((test, params)) => finish(&args, &settings, &run_dir, test, params),
     }
 }
 
@@ -249,6 +248,21 @@ fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&
             let mut settings = r.settings.clone();
             if given("epochs") {
                 settings.epochs = args.epochs;
+            }
+            // Another dataset would make the checkpoint's classes mean other things.
+            if let Some(asked) = args
+                .data
+                .dataset
+                .map(DatasetKind::from)
+                .filter(|&d| d != settings.dataset)
+            {
+                return Err(Error::usage(
+                    "--dataset",
+                    format!(
+                        "the checkpoint trained on {}, not {asked}; leave out --dataset to continue it",
+                        settings.dataset
+                    ),
+                ));
             }
             let fixed = [
                 ("hidden", "--hidden"),
@@ -321,7 +335,8 @@ fn print_header(data: &FitData, dir: &Path, device_note: &str, settings: &Settin
         .map(|v| format!(", {} validation", v.len()))
         .unwrap_or_default();
     println!(
-        "data: {} ({} training{val}, {} test images)",
+        "data: {} in {} ({} training{val}, {} test images)",
+        settings.dataset,
         dir.display(),
         data.train.len(),
         data.test.len()
@@ -389,12 +404,18 @@ fn with_kept_checkpoint(msg: String, checkpoint_dir: Option<&Path>) -> Error {
 }
 
 /// Print the test result and save the model.
-fn finish(args: &TrainArgs, spec: &ModelSpec, run_dir: &Path, test: EvalReport, params: Vec<HostTensor>) -> Result<()> {
+fn finish(
+    args: &TrainArgs,
+    settings: &Settings,
+    run_dir: &Path,
+    test: EvalReport,
+    params: Vec<HostTensor>,
+) -> Result<()> {
     if args.json {
         let run_dir = run_dir.display().to_string();
         println!(
             "{}",
-            json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "run_dir": run_dir})
+            json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "dataset": settings.dataset.key(), "run_dir": run_dir})
         );
     } else {
         println!(
@@ -405,7 +426,7 @@ fn finish(args: &TrainArgs, spec: &ModelSpec, run_dir: &Path, test: EvalReport, 
         );
     }
     if let Some(path) = &args.save {
-        checkpoint::save(path, &Checkpoint::model(spec, params))?;
+        checkpoint::save(path, &Checkpoint::model(&settings.spec, params, settings.dataset))?;
         if !args.json && !args.quiet {
             println!("saved {}", path.display());
         }

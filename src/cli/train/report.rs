@@ -126,6 +126,7 @@ impl Reporter<'_> {
             spec: self.spec.clone(),
             params: state.0.to_vec(),
             velocities: state.1.to_vec(),
+            dataset: Some(self.settings.dataset),
             data_hash: gpu_mnist::checkpoint::DataHash::Matched,
             state: Some(checkpoint_state(
                 (self.settings, self.place),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 use gpu_mnist::checkpoint::Checkpoint;
+use gpu_mnist::data::DatasetKind;
 use gpu_mnist::model::ModelSpec;
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::records::EpochRecord;
@@ -21,6 +22,8 @@ use super::{DeviceFlag, OptimizerFlag, TrainArgs, CHECKPOINT_FILE};
 /// What defines a run, saved in config.json and in checkpoints so that --resume can continue it.
 #[derive(Debug, Clone)]
 pub(super) struct Settings {
+    /// What it trains on (MNIST unless --dataset says otherwise).
+    pub(super) dataset: DatasetKind,
     pub(super) spec: ModelSpec,
     pub(super) epochs: usize,
     pub(super) batch_size: usize,
@@ -39,6 +42,7 @@ impl Settings {
         };
         let spec = args.model.spec()?;
         Ok(Settings {
+            dataset: args.data.dataset.map(DatasetKind::from).unwrap_or_default(),
             batch_size: args.batch_size.unwrap_or_else(|| super::super::default_batch(&spec)),
             spec,
             epochs: args.epochs,
@@ -52,6 +56,7 @@ impl Settings {
 
     pub(super) fn to_json(&self) -> Value {
         json!({
+            "dataset": self.dataset.key(),
             "model": self.spec.describe(),
             "layers": self.spec.to_layers_arg(),
             "hidden": self.spec.hidden(),
@@ -98,7 +103,13 @@ impl Settings {
         if validation_split.is_some_and(|f| !(0.0..1.0).contains(&f)) {
             return Err(bad("validation_split"));
         }
+        // A run from before datasets other than MNIST existed names none.
+        let dataset = match v["dataset"].as_str() {
+            Some(key) => DatasetKind::from_key(key).ok_or_else(|| bad("dataset"))?,
+            None => DatasetKind::Mnist,
+        };
         let settings = Settings {
+            dataset,
             spec,
             epochs: usize_of("epochs", u32::MAX as u64)?,
             batch_size: usize_of("batch_size", 65_536)?,
@@ -208,6 +219,12 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
         return Err(Error::bad_file(
             &path,
             "its training state and its tensors describe different models",
+        ));
+    }
+    if checkpoint.dataset.is_some_and(|d| d != settings.dataset) {
+        return Err(Error::bad_file(
+            &path,
+            "its training state and its metadata name different datasets",
         ));
     }
     let epochs_done = state["epochs_done"].as_u64().map(|e| e as usize).unwrap_or(0);
