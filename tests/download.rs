@@ -215,7 +215,9 @@ fn write_fashion_like(dir: &Path, n_train: usize, n_test: usize) -> [DataFile; 4
 
 /// Fashion-MNIST end to end on generated files: download from a loopback mirror (past a dead one)
 /// checked by MD5, then train, evaluate with class names, predict by name, and a model that
-/// refuses another dataset. A corrupt copy never lands.
+/// refuses another dataset. A corrupt copy never lands. The download goes through the library with
+/// the generated files' own pins, since the real ones rightly refuse them; the binary's download
+/// against the real pins is the next test.
 #[test]
 fn fashion_downloads_checked_by_md5_then_trains_and_evaluates_with_class_names() {
     let served = tempfile::tempdir().unwrap();
@@ -247,73 +249,61 @@ fn fashion_downloads_checked_by_md5_then_trains_and_evaluates_with_class_names()
 
     let model = root.path().join("fashion.safetensors");
     let model_arg = model.to_str().unwrap();
-    let out = bin()
-        .args([
-            "train",
-            "--dataset",
-            "fashion",
-            "--offline",
-            "--device",
-            "cpu",
-            "--hidden",
-            "32",
-        ])
-        .args(["--epochs", "3", "--batch-size", "32", "--save", model_arg])
-        .args(["--out", root.path().join("run").to_str().unwrap()])
-        .args(["--checkpoint-dir", root.path().join("ck").to_str().unwrap()])
-        .env("XDG_CACHE_HOME", root.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let (run, ck) = (root.path().join("run"), root.path().join("ck"));
+    // The binary with the loopback download as its cache: (exit code, stdout, stderr).
+    let cached = |args: &[&str]| {
+        let out = bin().args(args).env("XDG_CACHE_HOME", root.path()).output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, stdout, stderr) = cached(&[
+        "train",
+        "--dataset",
+        "fashion",
+        "--offline",
+        "--device",
+        "cpu",
+        "--hidden",
+        "32",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--save",
+        model_arg,
+        "--out",
+        run.to_str().unwrap(),
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "stderr: {stderr}");
     assert!(
         stdout.contains("data: Fashion-MNIST in ") && stdout.contains("gpu-mnist/fashion"),
         "{stdout}"
     );
     let saved = gpu_mnist::checkpoint::load(&model).unwrap();
     assert_eq!(saved.dataset, Some(DatasetKind::Fashion));
-    let config = std::fs::read_to_string(root.path().join("run").join("config.json")).unwrap();
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
     assert!(config.contains("\"dataset\": \"fashion\""), "{config}");
-    // A resumed run keeps its dataset (and finds it in the same cache).
-    let out = bin()
-        .args([
-            "train",
-            "--resume",
-            root.path().join("ck").to_str().unwrap(),
-            "--epochs",
-            "4",
-            "--offline",
-        ])
-        .env("XDG_CACHE_HOME", root.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    // A resumed run keeps its dataset (and finds it in the same cache) ...
+    let (code, stdout, stderr) = cached(&["train", "--resume", ck.to_str().unwrap(), "--epochs", "4", "--offline"]);
+    assert_eq!(code, Some(0), "stderr: {stderr}");
     assert!(
         stdout.contains("data: Fashion-MNIST in ") && stdout.contains("epoch 4"),
         "{stdout}"
     );
     // ... and refuses to continue on another.
-    let ck = root.path().join("ck");
-    let (code, _, stderr) = run_any(&["train", "--resume", ck.to_str().unwrap(), "--dataset", "mnist"]);
+    let (code, _, stderr) = cached(&["train", "--resume", ck.to_str().unwrap(), "--dataset", "mnist"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("the checkpoint trained on Fashion-MNIST, not MNIST"),
         "{stderr}"
     );
 
-    let evaluate = |extra: &[&str]| {
-        bin()
-            .args(["evaluate", "--model", model_arg, "--device", "cpu", "--offline"])
-            .args(extra)
-            .env("XDG_CACHE_HOME", root.path())
-            .output()
-            .unwrap()
-    };
-    let out = evaluate(&[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let evaluate = ["evaluate", "--model", model_arg, "--device", "cpu", "--offline"];
+    let (code, stdout, stderr) = cached(&evaluate);
     println!("{stdout}");
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(code, Some(0), "stderr: {stderr}");
     for name in ["Fashion-MNIST test set", "T-shirt/top", "Sneaker", "Ankle boot"] {
         assert!(stdout.contains(name), "{name} missing in: {stdout}");
     }
@@ -326,30 +316,24 @@ fn fashion_downloads_checked_by_md5_then_trains_and_evaluates_with_class_names()
     assert!(accuracy > 80.0, "the bars are easy to tell apart: {accuracy}%");
 
     // Test image 7 is class 7: a Sneaker.
-    let out = bin()
-        .args([
-            "predict",
-            "--model",
-            model_arg,
-            "--index",
-            "7",
-            "--device",
-            "cpu",
-            "--offline",
-        ])
-        .env("XDG_CACHE_HOME", root.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (_, stdout, _) = cached(&[
+        "predict",
+        "--model",
+        model_arg,
+        "--index",
+        "7",
+        "--device",
+        "cpu",
+        "--offline",
+    ]);
     println!("{stdout}");
     assert!(
         stdout.contains("true label Sneaker (7)") && stdout.contains("Ankle boot: "),
         "{stdout}"
     );
 
-    let out = evaluate(&["--dataset", "mnist"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, _, stderr) = cached(&[&evaluate[..], &["--dataset", "mnist"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("was trained on Fashion-MNIST, not MNIST"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
