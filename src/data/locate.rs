@@ -132,11 +132,20 @@ pub fn resolve_data_dir(
     }
     let mirrors = download::mirrors_from_env(kind);
     download::download_missing(&cache, kind.files(), &mirrors, show_progress).map_err(|e| {
-        Error::DataNotFound(format!(
-            "{}; {}",
-            e,
-            missing_files_message(kind, &cache, "the download failed")
-        ))
+        let why = format!(
+            "the download failed (set {}=url1,url2 to try other mirrors{})",
+            kind.mirrors_env(),
+            {
+                // MNIST's mirror variable is not the others': say so to whoever set only it.
+                let mnist = DatasetKind::Mnist.mirrors_env();
+                let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+                match kind != DatasetKind::Mnist && set(mnist) && !set(kind.mirrors_env()) {
+                    true => format!("; {mnist} names MNIST's only"),
+                    false => String::new(),
+                }
+            }
+        );
+        Error::DataNotFound(format!("{}; {}", e, missing_files_message(kind, &cache, &why)))
     })?;
     Ok((cache, DataSource::Cache))
 }

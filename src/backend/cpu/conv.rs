@@ -266,9 +266,83 @@ unsafe fn direct_rows_avx2(
     direct_rows(out, operands, relu, g, at)
 }
 
-/// Output pixels first.. (as many as `out` holds) of `cpu_conv_direct`.
+/// Output pixels first.. (as many as `out` holds) of `cpu_conv_direct`: with a filter count the
+/// accumulators can be registers for (the book's 32, and 8, 16, 64), through `direct_rows_fixed`.
 #[inline(always)]
 fn direct_rows(
+    out: &mut [f32],
+    operands: (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    (first, filters): (usize, usize),
+) {
+    match filters {
+        8 => direct_rows_fixed::<8>(out, operands, relu, g, first),
+        16 => direct_rows_fixed::<16>(out, operands, relu, g, first),
+        32 => direct_rows_fixed::<32>(out, operands, relu, g, first),
+        64 => direct_rows_fixed::<64>(out, operands, relu, g, first),
+        _ => direct_rows_any(out, operands, relu, g, (first, filters)),
+    }
+}
+
+/// The patch of output pixel `row` (b, oy, ox) into `patch`, in (ky, kx, c) order
+/// (`ConvGeometry::source`), zeros over the padding.
+#[inline(always)]
+fn direct_patch(patch: &mut [f32; DIRECT_MAX_PATCH], inp: &[f32], g: &ConvGeometry, row: usize) {
+    let (ohw, ow) = (g.oh() * g.ow(), g.ow());
+    let (b, oy, ox) = (row / ohw, row % ohw / ow, row % ow);
+    let mut kk = 0;
+    for ky in 0..g.kh {
+        let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
+        for kx in 0..g.kw {
+            let x = (ox + kx).checked_sub(g.pad).filter(|&x| x < g.w);
+            let base = y.zip(x).map(|(y, x)| ((b * g.h + y) * g.w + x) * g.in_ch);
+            for c in 0..g.in_ch {
+                patch[kk] = base.map_or(0.0, |at| inp[at + c]);
+                kk += 1;
+            }
+        }
+    }
+}
+
+/// `direct_rows` for `F` filters: the same operations in the same order as `direct_rows_any`
+/// (so the same bits), with the F sums held in registers instead of the output row.
+#[inline(always)]
+fn direct_rows_fixed<const F: usize>(
+    out: &mut [f32],
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    first: usize,
+) {
+    let k = g.patch();
+    let mut patch = [0.0f32; DIRECT_MAX_PATCH];
+    for (r, o) in out.chunks_exact_mut(F).enumerate() {
+        direct_patch(&mut patch, inp, g, first + r);
+        let mut acc = [0.0f32; F];
+        for (&v, w) in patch[..k].iter().zip(weight.as_chunks::<F>().0) {
+            for j in 0..F {
+                acc[j] += v * w[j];
+            }
+        }
+        // A bias holds F values (checked with the operands by `with_out`).
+        if let Some(bias) = bias.and_then(|b| b.first_chunk::<F>()) {
+            for j in 0..F {
+                acc[j] += bias[j];
+            }
+        }
+        if relu {
+            for a in acc.iter_mut() {
+                *a = if *a > 0.0 { *a } else { 0.0 };
+            }
+        }
+        o.copy_from_slice(&acc);
+    }
+}
+
+/// `direct_rows` for any filter count, summing in the output row.
+#[inline(always)]
+fn direct_rows_any(
     out: &mut [f32],
     (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
     relu: bool,
@@ -276,24 +350,9 @@ fn direct_rows(
     (first, filters): (usize, usize),
 ) {
     let k = g.patch();
-    let (ohw, ow) = (g.oh() * g.ow(), g.ow());
     let mut patch = [0.0f32; DIRECT_MAX_PATCH];
     for (r, o) in out.chunks_exact_mut(filters).enumerate() {
-        // The patch of output pixel (b, oy, ox), in (ky, kx, c) order (`ConvGeometry::source`).
-        let row = first + r;
-        let (b, oy, ox) = (row / ohw, row % ohw / ow, row % ow);
-        let mut kk = 0;
-        for ky in 0..g.kh {
-            let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
-            for kx in 0..g.kw {
-                let x = (ox + kx).checked_sub(g.pad).filter(|&x| x < g.w);
-                let base = y.zip(x).map(|(y, x)| ((b * g.h + y) * g.w + x) * g.in_ch);
-                for c in 0..g.in_ch {
-                    patch[kk] = base.map_or(0.0, |at| inp[at + c]);
-                    kk += 1;
-                }
-            }
-        }
+        direct_patch(&mut patch, inp, g, first + r);
         o.fill(0.0);
         for (kk, &v) in patch[..k].iter().enumerate() {
             for (acc, &w) in o.iter_mut().zip(&weight[kk * filters..(kk + 1) * filters]) {
@@ -308,6 +367,69 @@ fn direct_rows(
         if relu {
             for acc in o.iter_mut() {
                 *acc = if *acc > 0.0 { *acc } else { 0.0 };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// out (pixels, filters) = relu(patch @ weight + bias) in f64, for comparison.
+    fn reference(inp: &[f32], weight: &[f32], bias: &[f32], g: &ConvGeometry, filters: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        let mut patch = [0.0f32; DIRECT_MAX_PATCH];
+        for row in 0..g.pixels() {
+            direct_patch(&mut patch, inp, g, row);
+            for f in 0..filters {
+                let sum: f64 = (0..g.patch())
+                    .map(|kk| patch[kk] as f64 * weight[kk * filters + f] as f64)
+                    .sum::<f64>()
+                    + bias[f] as f64;
+                out.push(sum.max(0.0) as f32);
+            }
+        }
+        out
+    }
+
+    /// The register-held sums give the same bits as the sums in the output row, and both agree
+    /// with an f64 reference, at every filter count with a fixed path and one without, with and
+    /// without padding, over one and three channels.
+    #[test]
+    fn direct_rows_fixed_and_any_agree_bit_for_bit() {
+        let value = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
+        for (in_ch, k, pad) in [(1, 3, 0), (1, 3, 1), (1, 1, 0), (3, 2, 1)] {
+            let g = ConvGeometry {
+                images: 3,
+                h: 7,
+                w: 5,
+                in_ch,
+                kh: k,
+                kw: k,
+                pad,
+            };
+            let inp: Vec<f32> = (0..g.image_len()).map(|i| value(i + 7)).collect();
+            for filters in [5, 8, 16, 32, 64] {
+                let weight: Vec<f32> = (0..g.patch() * filters).map(|i| value(i + 101)).collect();
+                let bias: Vec<f32> = (0..filters).map(|i| value(i + 977) / 4.0).collect();
+                let mut fixed = vec![f32::NAN; g.pixels() * filters];
+                let mut any = vec![f32::NAN; g.pixels() * filters];
+                let operands = (&inp[..], &weight[..], Some(&bias[..]));
+                direct_rows(&mut fixed, operands, true, &g, (0, filters));
+                direct_rows_any(&mut any, operands, true, &g, (0, filters));
+                let want = reference(&inp, &weight, &bias, &g, filters);
+                let diff = fixed
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                println!("in {in_ch}, k {k}, pad {pad}, filters {filters}: max diff from f64 {diff:.2e}");
+                assert!(diff < 1e-5, "filters {filters}: {diff}");
+                assert!(
+                    fixed.iter().zip(&any).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "filters {filters}"
+                );
             }
         }
     }
