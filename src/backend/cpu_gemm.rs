@@ -3,7 +3,9 @@
 //! transpose), so that every product of a layer is this one call.
 //!
 //! How: B is copied once per call into 16-wide column panels on 64-byte boundaries, kept in a
-//! per-thread buffer that grows to the largest B and is then reused; A is copied a tile at a
+//! per-thread buffer that grows to the largest B and is then reused (or, for a product cut into
+//! row pieces, once for all pieces by `PackedB::pack`, its panels copied on the pool's threads,
+//! and handed to `gemm_packed`); A is copied a tile at a
 //! time (16 rows by at most KC columns, 24 KiB, on the stack) and each tile meets every panel of
 //! B in a micro-kernel holding 16 x 16 sums in registers. `matrixmultiply` does the same, but
 //! allocates its packing buffers on every call (52 allocations a convnet step); this runs at its
@@ -72,37 +74,95 @@ pub unsafe fn gemm(shape: MatmulShape, a: *const f32, a_strides: (usize, usize),
     });
 }
 
-/// B (k, n) into `packed` as n / NR panels (rounded up), each k rows of NR contiguous floats.
-fn pack_b<'p>(k: usize, n: usize, b: &Strided, packed: &'p mut Vec<f32>) -> &'p [f32] {
-    let panels = n.div_ceil(NR);
-    // 16 floats more, so that the panels can start on a 64-byte boundary (a vector load from
-    // any other start straddles two cache lines).
-    if packed.len() < panels * k * NR + 16 {
-        packed.resize(panels * k * NR + 16, 0.0);
+/// The part of `packed` B's panels go in: n / NR panels (rounded up) of k rows of NR floats,
+/// starting on a 64-byte boundary (a vector load from any other start straddles two cache lines);
+/// `packed` grows by 16 floats more than the panels to allow for it.
+fn panel_space(k: usize, n: usize, packed: &mut Vec<f32>) -> &mut [f32] {
+    let len = n.div_ceil(NR) * k * NR;
+    if packed.len() < len + 16 {
+        packed.resize(len + 16, 0.0);
     }
     let skip = packed.as_ptr().align_offset(64).min(16);
-    for (p, panel) in packed[skip..][..panels * k * NR].chunks_exact_mut(k * NR).enumerate() {
-        let (j0, cols) = (p * NR, NR.min(n - p * NR));
-        if b.col == 1 {
-            for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-                let from = &b.data[kk * b.row + j0..][..cols];
-                row[..cols].copy_from_slice(from);
-                row[cols..].fill(0.0);
-            }
-        } else {
-            // A transposed B: read each column of B (a row in memory) in order.
-            if cols < NR {
-                panel.fill(0.0);
-            }
-            for j in 0..cols {
-                let column = b.data[(j0 + j) * b.col..].iter().step_by(b.row);
-                for (kk, &x) in column.take(k).enumerate() {
-                    panel[kk * NR + j] = x;
-                }
+    &mut packed[skip..][..len]
+}
+
+/// B (k, n) into `packed` as n / NR panels (rounded up), each k rows of NR contiguous floats.
+fn pack_b<'p>(k: usize, n: usize, b: &Strided, packed: &'p mut Vec<f32>) -> &'p [f32] {
+    let space = panel_space(k, n, packed);
+    for (p, panel) in space.chunks_exact_mut(k * NR).enumerate() {
+        pack_panel(p, k, n, b, panel);
+    }
+    space
+}
+
+/// Panel `p` of B (columns p NR.., zero-padded to NR) into `panel` (k rows of NR).
+fn pack_panel(p: usize, k: usize, n: usize, b: &Strided, panel: &mut [f32]) {
+    let (j0, cols) = (p * NR, NR.min(n - p * NR));
+    if b.col == 1 {
+        for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+            let from = &b.data[kk * b.row + j0..][..cols];
+            row[..cols].copy_from_slice(from);
+            row[cols..].fill(0.0);
+        }
+    } else {
+        // A transposed B: read each column of B (a row in memory) in order.
+        if cols < NR {
+            panel.fill(0.0);
+        }
+        for j in 0..cols {
+            let column = b.data[(j0 + j) * b.col..].iter().step_by(b.row);
+            for (kk, &x) in column.take(k).enumerate() {
+                panel[kk * NR + j] = x;
             }
         }
     }
-    &packed[skip..][..panels * k * NR]
+}
+
+/// B packed once for every row piece of a product (`gemm_packed`), instead of once per piece:
+/// the weight gradient of the convnet's second layer would otherwise copy its 2 MB B four times
+/// a step.
+pub struct PackedB<'p> {
+    panels: &'p [f32],
+    k: usize,
+    n: usize,
+}
+
+impl<'p> PackedB<'p> {
+    /// Pack B (k, n) into `buffer`, panels spread over the pool's threads.
+    pub fn pack(k: usize, n: usize, b: &Strided, buffer: &'p mut Vec<f32>) -> PackedB<'p> {
+        assert!(k > 0 && n > 0 && b.reaches(k - 1, n - 1));
+        let space = panel_space(k, n, buffer);
+        let panels_per_item = n.div_ceil(NR).div_ceil(super::cpu_sparse::MAX_CHUNKS);
+        let mut groups = space.chunks_mut(panels_per_item * k * NR).enumerate();
+        let items: [_; super::cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| groups.next());
+        super::cpu_pool::for_each(items, &|(g, group): (usize, &mut [f32])| {
+            for (i, panel) in group.chunks_exact_mut(k * NR).enumerate() {
+                pack_panel(g * panels_per_item + i, k, n, b, panel);
+            }
+        });
+        PackedB { panels: space, k, n }
+    }
+}
+
+/// C (m, n) = A @ B with B already packed for all pieces (`PackedB::pack`); the same sums, in the
+/// same order, as `gemm`.
+///
+/// # Safety
+/// `available()` must hold; `shape` must have B's k and n; every element (i, kk) of A for i < m,
+/// kk < k must lie in the allocation `a` points into; `c` must hold m rows of n.
+pub unsafe fn gemm_packed(shape: MatmulShape, a: *const f32, a_strides: (usize, usize), b: &PackedB, c: &mut [f32]) {
+    let MatmulShape { m, n, k } = shape;
+    assert!(c.len() >= m * n && (k, n) == (b.k, b.n));
+    if m == 0 {
+        return;
+    }
+    let a = Operand {
+        ptr: a,
+        row: a_strides.0,
+        col: a_strides.1,
+    };
+    // SAFETY: the caller's contract for A and C; `b.panels` holds B's panels.
+    unsafe { gemm_avx512(shape, a, b.panels, c.as_mut_ptr()) };
 }
 
 /// A tile of A copied column by column, on a cache-line boundary.
@@ -320,16 +380,30 @@ mod tests {
                             &mut c,
                         )
                     };
+                    // The same product in row pieces of 5 over B packed once for all of them.
+                    let mut buffer = Vec::new();
+                    let packed = PackedB::pack(k, n, &Strided::new(&b, b_strides.0, b_strides.1), &mut buffer);
+                    let mut pieces = vec![f32::NAN; m * n];
+                    for (p, c) in pieces.chunks_mut(5 * n).enumerate() {
+                        let rows = c.len() / n;
+                        // SAFETY: available() holds; rows 5p.. of A lie in `a`; B was packed
+                        // with this k and n.
+                        unsafe {
+                            let a0 = a.as_ptr().add(5 * p * a_strides.0);
+                            gemm_packed(MatmulShape { m: rows, n, k }, a0, a_strides, &packed, c)
+                        };
+                    }
                     for i in 0..m {
                         for j in 0..n {
                             let want = expected(&a, a_strides, &b, b_strides, k, i, j);
                             worst = worst.max((c[i * n + j] - want).abs());
+                            worst = worst.max((pieces[i * n + j] - want).abs());
                         }
                     }
                 }
             }
         }
-        eprintln!("cpu_gemm: max |gemm - fma chain| = {worst:e} (tolerance 0: the same chain)");
+        eprintln!("cpu_gemm: max |gemm - fma chain| (whole, and in pieces over B packed once) = {worst:e} (tolerance 0: the same chain)");
         assert_eq!(worst, 0.0);
     }
 }

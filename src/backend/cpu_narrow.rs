@@ -36,6 +36,8 @@ pub struct Scratch {
     c: Vec<f32>,
     /// The partial products of a K split (`products::sgemm_split_k`).
     pub partials: Vec<f32>,
+    /// B packed once for all row pieces of a product (`products::sgemm`, `cpu_gemm::PackedB`).
+    pub packed_b: Vec<f32>,
 }
 
 /// A matrix read through strides: element (i, j) at `data[i * row + j * col]`.

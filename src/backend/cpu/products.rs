@@ -448,6 +448,21 @@ fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut
     let rows = m.div_ceil(chunks);
     let mut pieces = c.chunks_mut(rows * n).enumerate();
     let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    if chunks > 1 && cpu_gemm::available() {
+        // B packed once for every piece rather than once in each.
+        let packed = cpu_gemm::PackedB::pack(k, n, &b, &mut narrow.packed_b);
+        cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
+            let first = i * rows;
+            let m = c.len() / n;
+            // SAFETY (of `gemm_packed`): rows first..first + m of A are checked to lie inside
+            // its slice, the CPU has AVX-512, B was packed with this k and n, and `c` holds this
+            // piece's m rows of n.
+            assert!(a.reaches(first + m - 1, k - 1));
+            let a0 = unsafe { a.data.as_ptr().add(first * a.row) };
+            unsafe { cpu_gemm::gemm_packed(MatmulShape { m, n, k }, a0, (a.row, a.col), &packed, c) };
+        });
+        return;
+    }
     cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
         let first = i * rows;
         let m = c.len() / n;
