@@ -115,21 +115,26 @@ fn read_checked<T>(
     if bytes.is_empty() {
         return Err(Error::bad_file(path, "is empty (0 bytes)"));
     }
-    // The stored bytes of a gzip pin are checked first: they are all in memory.
-    if let Pin::GzipMd5 { .. } = file.pin {
-        check_stored(bytes, gzip, file).map_err(|why| Error::bad_file(path, why))?;
-    }
     let content: Box<dyn Read + '_> = match gzip {
         true => Box::new(MultiGzDecoder::new(bytes)),
         false => Box::new(bytes),
     };
-    let mut reader = Hashing::<_, Sha256>::new(content.take(file.size + 1));
-    let value = parse(&mut reader, path, gzip)?;
-    if let Pin::ContentSha256(sha256) = file.pin {
-        let got = reader.finish().map_err(|why| Error::bad_file(path, why))?;
-        compare(got, (file.size, sha256), "SHA-256").map_err(|why| Error::bad_file(path, why))?;
+    let mut content = content.take(file.size + 1);
+    let bad = |why: String| Error::bad_file(path, why);
+    match file.pin {
+        // The content is hashed in the same pass that parses it.
+        Pin::ContentSha256(sha256) => {
+            let mut reader = Hashing::<_, Sha256>::new(content);
+            let value = parse(&mut reader, path, gzip)?;
+            compare(reader.finish().map_err(bad)?, (file.size, sha256), "SHA-256").map_err(bad)?;
+            Ok(value)
+        }
+        // The stored bytes are all in memory: checked before they are parsed.
+        Pin::GzipMd5 { .. } => {
+            check_stored(bytes, gzip, file).map_err(bad)?;
+            parse(&mut content, path, gzip)
+        }
     }
-    Ok(value)
 }
 
 impl Mnist {

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{check, dir_has_all_files, download, file_path, DatasetKind, MNIST_FILES};
+use super::{dir_has_all_files, download, file_path, DatasetKind, MNIST_FILES};
 use crate::error::{Error, Result};
 
 /// How the data folder was chosen (printed for the user).
@@ -58,27 +58,39 @@ fn missing_files_message(kind: DatasetKind, dir: &Path, why: &str) -> String {
 }
 
 /// Refuse a folder whose labels are another dataset's: the train and test labels (60 KB and 10 KB,
-/// so this costs nothing) are compared with every other dataset's pins.
+/// so this costs nothing) are checked against every other dataset's pins.
 pub fn check_identity(kind: DatasetKind, dir: &Path) -> Result<()> {
     for i in [1, 3] {
         let path = file_path(dir, &kind.files()[i]);
-        for other in DatasetKind::ALL.into_iter().filter(|&k| k != kind) {
-            let pinned = &other.files()[i];
-            let Ok(mut file) = std::fs::File::open(&path) else {
-                continue;
-            };
-            let mut head = [0u8; 2];
-            let gzip = std::io::Read::read_exact(&mut file, &mut head).is_ok() && check::is_gzip(&head);
-            let Ok(file) = std::fs::File::open(&path) else { continue };
-            if check::check_stored(std::io::BufReader::new(file), gzip, pinned).is_ok() {
-                return Err(Error::bad_file(
-                    &path,
-                    format!("holds {other}'s labels (it matches {other}'s published checksum), not {kind}'s"),
-                ));
-            }
+        let other = DatasetKind::ALL
+            .into_iter()
+            .filter(|&k| k != kind)
+            .find(|k| download::verify_content(&path, &k.files()[i]).is_ok());
+        if let Some(other) = other {
+            return Err(Error::bad_file(
+                &path,
+                format!("holds {other}'s labels (it matches {other}'s published checksum), not {kind}'s"),
+            ));
         }
     }
     Ok(())
+}
+
+/// What to try when `kind`'s download failed: its mirror variable, and that MNIST's variable (if
+/// that is the one set) is not the others'.
+fn mirror_hint(kind: DatasetKind) -> String {
+    let mnist = DatasetKind::Mnist.mirrors_env();
+    let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+    let only_mnist = kind != DatasetKind::Mnist && set(mnist) && !set(kind.mirrors_env());
+    format!(
+        "set {}=url1,url2 to try other mirrors{}",
+        kind.mirrors_env(),
+        if only_mnist {
+            format!("; {mnist} names MNIST's only")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// Resolve `kind`'s data folder, downloading into its cache when allowed and needed.
@@ -132,19 +144,7 @@ pub fn resolve_data_dir(
     }
     let mirrors = download::mirrors_from_env(kind);
     download::download_missing(&cache, kind.files(), &mirrors, show_progress).map_err(|e| {
-        let why = format!(
-            "the download failed (set {}=url1,url2 to try other mirrors{})",
-            kind.mirrors_env(),
-            {
-                // MNIST's mirror variable is not the others': say so to whoever set only it.
-                let mnist = DatasetKind::Mnist.mirrors_env();
-                let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
-                match kind != DatasetKind::Mnist && set(mnist) && !set(kind.mirrors_env()) {
-                    true => format!("; {mnist} names MNIST's only"),
-                    false => String::new(),
-                }
-            }
-        );
+        let why = format!("the download failed ({})", mirror_hint(kind));
         Error::DataNotFound(format!("{}; {}", e, missing_files_message(kind, &cache, &why)))
     })?;
     Ok((cache, DataSource::Cache))
