@@ -2,20 +2,24 @@
 //! with A and B read through any strides (a patch matrix, its transpose, a weight matrix or its
 //! transpose), so that every product of a layer is this one call.
 //!
-//! How: B is copied once per call into 16-wide column panels on 64-byte boundaries, kept in a
-//! per-thread buffer that grows to the largest B and is then reused (or, for a product cut into
-//! row pieces, once for all pieces by `PackedB::pack`, its panels copied on the pool's threads,
-//! and handed to `gemm_packed`); A is copied a tile at a
-//! time (16 rows by at most KC columns, 24 KiB, on the stack) and each tile meets every panel of
-//! B in a micro-kernel holding 16 x 16 sums in registers. `matrixmultiply` does the same, but
-//! allocates its packing buffers on every call (52 allocations a convnet step); this runs at its
-//! speed (benches/convnet-2026-11-30.md) without them.
+//! How: C is cut into micro-tiles of MR rows by NR (two AVX-512 vectors) columns, each holding
+//! its 2 x MR vectors of sums in registers while it runs through a run of k (at most KC long):
+//! every step loads B's two vectors and broadcasts MR values of A. A is read where it lies,
+//! through its strides (its MR values of a step are contiguous when A is a transposed patch or
+//! gradient matrix, MR rows read in step otherwise), and so is a B stored row by row (the
+//! gradients and weights); only a B read across its rows (a transposed weight matrix) is copied
+//! first, into NR-wide column panels on 64-byte boundaries, in a per-thread buffer that grows to
+//! the largest such B and is then reused (or, for a product cut into row pieces, once for all
+//! pieces by `PackedB::pack`, its panels copied on the pool's threads). Copying the large
+//! operands (a patch matrix, a batch's gradients) cost more than the products' arithmetic lost
+//! to reading them in place.
 //!
 //! Contract: each element C[i][j] is one fused multiply-add chain over k = 0, 1, ..., k - 1 in
 //! that order, whatever the tile it falls in, so results do not depend on how the caller cuts C
-//! into pieces or on the thread count. Nothing is allocated once a thread's B buffer has grown
-//! to the largest B it has multiplied. `available()` says whether this CPU (and
-//! `GPU_MNIST_CPU_SIMD`) allows the kernel; the caller falls back to `matrixmultiply` otherwise.
+//! into pieces, on the tile sizes or on the thread count. Nothing is allocated once a thread's
+//! panel buffer has grown to the largest transposed B it has multiplied. `available()` says
+//! whether this CPU (and `GPU_MNIST_CPU_SIMD`) allows the kernel; the caller falls back to
+//! `matrixmultiply` otherwise.
 
 // Elsewhere only `available()` (false) is reached.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -26,12 +30,13 @@ use super::cpu_narrow::Strided;
 use super::cpu_sparse::{simd, Simd};
 use super::ops::MatmulShape;
 
-/// Rows of C a micro-tile holds: 16 vectors of sums, half of the 32 registers.
-const MR: usize = 16;
-/// Columns of C a micro-tile holds: one AVX-512 vector.
-const NR: usize = 16;
+/// Rows of C a micro-tile holds: 2 x 12 vectors of sums, with B's two vectors and a broadcast
+/// value 27 of the 32 registers.
+const MR: usize = 12;
+/// Columns of C a micro-tile holds: two AVX-512 vectors.
+const NR: usize = 32;
 /// The longest run of k a micro-tile sums before its sums go back to C (k is cut into equal runs
-/// of at most this): a tile of A (24 KiB) stays in L1, a panel of B (24 KiB) beside it.
+/// of at most this): the run's A values of a tile (18 KiB) stay in L1 while it meets every panel.
 const KC: usize = 384;
 
 /// Whether `gemm` runs on this CPU.
@@ -40,8 +45,8 @@ pub fn available() -> bool {
 }
 
 thread_local! {
-    /// B copied into NR-wide column panels (k rows of NR each, zero-padded); grows to the
-    /// largest B this thread has multiplied and is then reused.
+    /// A transposed B copied into NR-wide column panels (k rows of NR each, zero-padded); grows
+    /// to the largest such B this thread has multiplied and is then reused.
     static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -62,15 +67,23 @@ pub unsafe fn gemm(shape: MatmulShape, a: *const f32, a_strides: (usize, usize),
         return;
     }
     assert!(b.reaches(k - 1, n - 1));
+    let a = Operand {
+        ptr: a,
+        row: a_strides.0,
+        col: a_strides.1,
+    };
+    if b.col == 1 {
+        // SAFETY: the caller's contract for A and C; B's k rows of n lie in `b.data`.
+        unsafe { gemm_avx512(shape, a, BView::rows(&b), c.as_mut_ptr()) };
+        return;
+    }
     PACKED_B.with_borrow_mut(|packed| {
-        let packed = pack_b(k, n, &b, packed);
-        let a = Operand {
-            ptr: a,
-            row: a_strides.0,
-            col: a_strides.1,
-        };
-        // SAFETY: the caller's contract for A and C; `packed` holds B's panels.
-        unsafe { gemm_avx512(shape, a, packed, c.as_mut_ptr()) };
+        let space = panel_space(k, n, packed);
+        for (p, panel) in space.chunks_exact_mut(k * NR).enumerate() {
+            pack_panel(p, k, n, &b, panel);
+        }
+        // SAFETY: the caller's contract for A and C; `space` holds B's panels.
+        unsafe { gemm_avx512(shape, a, BView::panels(space, k), c.as_mut_ptr()) };
     });
 }
 
@@ -86,51 +99,46 @@ fn panel_space(k: usize, n: usize, packed: &mut Vec<f32>) -> &mut [f32] {
     &mut packed[skip..][..len]
 }
 
-/// B (k, n) into `packed` as n / NR panels (rounded up), each k rows of NR contiguous floats.
-fn pack_b<'p>(k: usize, n: usize, b: &Strided, packed: &'p mut Vec<f32>) -> &'p [f32] {
-    let space = panel_space(k, n, packed);
-    for (p, panel) in space.chunks_exact_mut(k * NR).enumerate() {
-        pack_panel(p, k, n, b, panel);
-    }
-    space
-}
-
-/// Panel `p` of B (columns p NR.., zero-padded to NR) into `panel` (k rows of NR).
+/// Panel `p` of a transposed B (columns p NR.., zero-padded to NR) into `panel` (k rows of NR),
+/// reading each column of B (a row in memory) in order.
 fn pack_panel(p: usize, k: usize, n: usize, b: &Strided, panel: &mut [f32]) {
     let (j0, cols) = (p * NR, NR.min(n - p * NR));
-    if b.col == 1 {
-        for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-            let from = &b.data[kk * b.row + j0..][..cols];
-            row[..cols].copy_from_slice(from);
-            row[cols..].fill(0.0);
-        }
-    } else {
-        // A transposed B: read each column of B (a row in memory) in order.
-        if cols < NR {
-            panel.fill(0.0);
-        }
-        for j in 0..cols {
-            let column = b.data[(j0 + j) * b.col..].iter().step_by(b.row);
-            for (kk, &x) in column.take(k).enumerate() {
-                panel[kk * NR + j] = x;
-            }
+    if cols < NR {
+        panel.fill(0.0);
+    }
+    for j in 0..cols {
+        let column = b.data[(j0 + j) * b.col..].iter().step_by(b.row);
+        for (kk, &x) in column.take(k).enumerate() {
+            panel[kk * NR + j] = x;
         }
     }
 }
 
-/// B packed once for every row piece of a product (`gemm_packed`), instead of once per piece:
-/// the weight gradient of the convnet's second layer would otherwise copy its 2 MB B four times
-/// a step.
+/// B ready for every row piece of a product (`gemm_packed`): a B stored row by row as it is, a
+/// transposed B packed once for all pieces instead of once in each.
 pub struct PackedB<'p> {
-    panels: &'p [f32],
+    data: &'p [f32],
+    /// Floats from one step of k to the next, and from one NR-wide panel to the next.
+    row: usize,
+    panel: usize,
     k: usize,
     n: usize,
 }
 
 impl<'p> PackedB<'p> {
-    /// Pack B (k, n) into `buffer`, panels spread over the pool's threads.
-    pub fn pack(k: usize, n: usize, b: &Strided, buffer: &'p mut Vec<f32>) -> PackedB<'p> {
+    /// B (k, n) for `gemm_packed`: read in place if its rows are contiguous, else packed into
+    /// `buffer`, panels spread over the pool's threads.
+    pub fn pack(k: usize, n: usize, b: &Strided<'p>, buffer: &'p mut Vec<f32>) -> PackedB<'p> {
         assert!(k > 0 && n > 0 && b.reaches(k - 1, n - 1));
+        if b.col == 1 {
+            return PackedB {
+                data: b.data,
+                row: b.row,
+                panel: NR,
+                k,
+                n,
+            };
+        }
         let space = panel_space(k, n, buffer);
         let panels_per_item = n.div_ceil(NR).div_ceil(super::cpu_sparse::MAX_CHUNKS);
         let mut groups = space.chunks_mut(panels_per_item * k * NR).enumerate();
@@ -140,11 +148,17 @@ impl<'p> PackedB<'p> {
                 pack_panel(g * panels_per_item + i, k, n, b, panel);
             }
         });
-        PackedB { panels: space, k, n }
+        PackedB {
+            data: space,
+            row: NR,
+            panel: k * NR,
+            k,
+            n,
+        }
     }
 }
 
-/// C (m, n) = A @ B with B already packed for all pieces (`PackedB::pack`); the same sums, in the
+/// C (m, n) = A @ B with B made ready for all pieces (`PackedB::pack`); the same sums, in the
 /// same order, as `gemm`.
 ///
 /// # Safety
@@ -161,13 +175,14 @@ pub unsafe fn gemm_packed(shape: MatmulShape, a: *const f32, a_strides: (usize, 
         row: a_strides.0,
         col: a_strides.1,
     };
-    // SAFETY: the caller's contract for A and C; `b.panels` holds B's panels.
-    unsafe { gemm_avx512(shape, a, b.panels, c.as_mut_ptr()) };
+    let view = BView {
+        ptr: b.data.as_ptr(),
+        row: b.row,
+        panel: b.panel,
+    };
+    // SAFETY: the caller's contract for A and C; `b` covers B's k rows of n (checked by `pack`).
+    unsafe { gemm_avx512(shape, a, view, c.as_mut_ptr()) };
 }
-
-/// A tile of A copied column by column, on a cache-line boundary.
-#[repr(C, align(64))]
-struct ATile([f32; MR * KC]);
 
 /// A matrix read through a pointer and (row, column) strides in elements.
 #[derive(Clone, Copy)]
@@ -177,59 +192,69 @@ struct Operand {
     col: usize,
 }
 
+/// B as the micro-tiles read it: element (kk, j) of panel p (columns p NR + j) at
+/// `ptr + p * panel + kk * row + j`; columns at or past n are never loaded.
+#[derive(Clone, Copy)]
+struct BView {
+    ptr: *const f32,
+    row: usize,
+    panel: usize,
+}
+
+impl BView {
+    /// A B stored row by row, read in place.
+    fn rows(b: &Strided) -> BView {
+        BView {
+            ptr: b.data.as_ptr(),
+            row: b.row,
+            panel: NR,
+        }
+    }
+
+    /// B packed into panels of k rows of NR.
+    fn panels(space: &[f32], k: usize) -> BView {
+        BView {
+            ptr: space.as_ptr(),
+            row: NR,
+            panel: k * NR,
+        }
+    }
+}
+
 /// The loops around the micro-tile: k in runs of KC (outermost, so that C's tiles carry the
-/// chain from one run to the next), then MR-row tiles of A (copied, k-major, into a small
-/// aligned buffer), then B's NR-wide panels.
+/// chain from one run to the next), then MR-row tiles of A, then B's NR-wide panels.
 ///
 /// # Safety
-/// As `gemm`, with `packed_b` holding B's panels.
+/// As `gemm`, with `b` covering B's k rows of n.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn gemm_avx512(shape: MatmulShape, a: Operand, packed_b: &[f32], c: *mut f32) {
+unsafe fn gemm_avx512(shape: MatmulShape, a: Operand, b: BView, c: *mut f32) {
     let MatmulShape { m, n, k } = shape;
-    let mut a_tile = ATile([0.0f32; MR * KC]);
-    let a_tile = &mut a_tile.0;
     let run = k.div_ceil(k.div_ceil(KC));
     for k0 in (0..k).step_by(run) {
         let kc = run.min(k - k0);
         for i0 in (0..m).step_by(MR) {
             let rows = MR.min(m - i0);
-            // SAFETY: rows i0..i0 + rows and columns k0..k0 + kc of A lie inside it (the
-            // caller's contract).
-            unsafe {
-                let first = a.ptr.add(i0 * a.row + k0 * a.col);
-                if a.row == 1 {
-                    for kk in 0..kc {
-                        let from = std::slice::from_raw_parts(first.add(kk * a.col), rows);
-                        a_tile[kk * MR..][..rows].copy_from_slice(from);
-                    }
-                } else {
-                    for r in 0..rows {
-                        let row = first.add(r * a.row);
-                        for kk in 0..kc {
-                            a_tile[kk * MR + r] = *row.add(kk * a.col);
-                        }
-                    }
-                }
-            }
-            let (a_ptr, a_col) = (a_tile.as_ptr(), MR);
             for j0 in (0..n).step_by(NR) {
-                let panel = &packed_b[(j0 / NR) * k * NR + k0 * NR..][..kc * NR];
-                // SAFETY: the tile's rows of A are at `a_ptr` (stride 1, `a_col` per k), the
-                // panel holds kc rows of NR, and C's rows i0..i0 + rows, columns j0.. (masked to
-                // n) lie inside it.
+                let cols = NR.min(n - j0);
+                // SAFETY: rows i0..i0 + rows and columns k0..k0 + kc of A lie inside it, B's
+                // rows k0..k0 + kc and columns j0..j0 + cols in `b`, and C's rows i0..i0 + rows,
+                // columns j0..j0 + cols inside C (the caller's contract); the masks keep every
+                // load and store to those columns.
                 unsafe {
                     let tile = Tile {
-                        a: a_ptr,
-                        a_col,
-                        b: panel.as_ptr(),
+                        a: a.ptr.add(i0 * a.row + k0 * a.col),
+                        a_row: a.row,
+                        a_col: a.col,
+                        b: b.ptr.add((j0 / NR) * b.panel + k0 * b.row),
+                        b_row: b.row,
                         c: c.add(i0 * n + j0),
                         c_row: n,
                         kc,
-                        mask: column_mask(NR.min(n - j0)),
+                        masks: [column_mask(cols), column_mask(cols.saturating_sub(16))],
                         carry: k0 > 0,
                     };
-                    micro_tile(rows, &tile);
+                    micro_tile(rows, a.row == 1, &tile);
                 }
             }
         }
@@ -237,11 +262,11 @@ unsafe fn gemm_avx512(shape: MatmulShape, a: Operand, packed_b: &[f32], c: *mut 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn gemm_avx512(_: MatmulShape, _: Operand, _: &[f32], _: *mut f32) {
+unsafe fn gemm_avx512(_: MatmulShape, _: Operand, _: BView, _: *mut f32) {
     unreachable!("gemm runs only where available() holds, which is x86-64 with AVX-512")
 }
 
-/// The lane mask of a panel's vector for `cols` (1..=16) columns of C.
+/// The lane mask of a vector for `cols` (0..) of its 16 columns.
 fn column_mask(cols: usize) -> u16 {
     if cols >= 16 {
         u16::MAX
@@ -252,81 +277,82 @@ fn column_mask(cols: usize) -> u16 {
 
 /// One micro-tile's operands: `rows` (at most MR) rows of C by a panel's columns, summed over kc.
 struct Tile {
-    /// A's tile: element (r, kk) at `a + r + kk * a_col`.
+    /// A's rows: element (r, kk) at `a + r * a_row + kk * a_col`.
     a: *const f32,
+    a_row: usize,
     a_col: usize,
-    /// B's panel: kc rows of NR.
+    /// B's panel: element (kk, j) at `b + kk * b_row + j`.
     b: *const f32,
+    b_row: usize,
     c: *mut f32,
     c_row: usize,
     kc: usize,
-    /// Which of the panel's columns C has.
-    mask: u16,
+    /// Which columns of the panel's two vectors C has.
+    masks: [u16; 2],
     /// Whether C already holds the chain's earlier terms (a later run of k).
     carry: bool,
 }
 
-/// Dispatch a tile of `rows` rows to the kernel compiled for exactly that many.
+/// Dispatch a tile of `rows` rows to the kernel compiled for exactly that many, and for A's
+/// values of a step lying side by side (`packed_rows`: A's row stride is 1) or not.
 ///
 /// # Safety
 /// As `gemm_avx512`, for the tile's rows, columns and run of k.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_tile(rows: usize, t: &Tile) {
-    // SAFETY: the caller's contract; each kernel touches exactly its R rows.
-    unsafe {
-        match rows {
-            16 => micro::<16>(t),
-            15 => micro::<15>(t),
-            14 => micro::<14>(t),
-            13 => micro::<13>(t),
-            12 => micro::<12>(t),
-            11 => micro::<11>(t),
-            10 => micro::<10>(t),
-            9 => micro::<9>(t),
-            8 => micro::<8>(t),
-            7 => micro::<7>(t),
-            6 => micro::<6>(t),
-            5 => micro::<5>(t),
-            4 => micro::<4>(t),
-            3 => micro::<3>(t),
-            2 => micro::<2>(t),
-            _ => micro::<1>(t),
-        }
+unsafe fn micro_tile(rows: usize, packed_rows: bool, t: &Tile) {
+    macro_rules! dispatch {
+        ($($r:literal)*) => {
+            match (rows, packed_rows) {
+                $(($r, true) => micro::<$r, true>(t), ($r, false) => micro::<$r, false>(t),)*
+                (_, true) => micro::<1, true>(t),
+                (_, false) => micro::<1, false>(t),
+            }
+        };
     }
+    // SAFETY: the caller's contract; each kernel touches exactly its R rows.
+    unsafe { dispatch!(12 11 10 9 8 7 6 5 4 3 2) }
 }
 
-/// C[r][..] (+)= sum over kk of A[r][kk] * B[kk][..] for R rows and the panel's vector.
+/// C[r][..] (+)= sum over kk of A[r][kk] * B[kk][..] for R rows and the panel's two vectors;
+/// `PACKED_ROWS`: A's row stride is 1, so a step's R values are one run of memory.
 ///
 /// # Safety
 /// As `micro_tile`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn micro<const R: usize>(t: &Tile) {
+unsafe fn micro<const R: usize, const PACKED_ROWS: bool>(t: &Tile) {
     use std::arch::x86_64::*;
-    let m0 = t.mask;
+    let [m0, m1] = t.masks;
+    let a_row = if PACKED_ROWS { 1 } else { t.a_row };
     // SAFETY: every pointer below stays inside the tile (the caller's contract); masked-off
-    // lanes of C are neither read nor written.
+    // lanes of B and C are neither read nor written.
     unsafe {
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc0 = [_mm512_setzero_ps(); R];
+        let mut acc1 = [_mm512_setzero_ps(); R];
         if t.carry {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_maskz_loadu_ps(m0, t.c.add(r * t.c_row));
+            for r in 0..R {
+                acc0[r] = _mm512_maskz_loadu_ps(m0, t.c.add(r * t.c_row));
+                acc1[r] = _mm512_maskz_loadu_ps(m1, t.c.add(r * t.c_row + 16));
             }
         }
         let mut a = t.a;
         let mut b = t.b;
         for _ in 0..t.kc {
-            let b0 = _mm512_loadu_ps(b);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r)), b0, *acc);
+            let b0 = _mm512_maskz_loadu_ps(m0, b);
+            let b1 = _mm512_maskz_loadu_ps(m1, b.add(16));
+            for r in 0..R {
+                let x = _mm512_set1_ps(*a.add(r * a_row));
+                acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
             }
             a = a.add(t.a_col);
-            b = b.add(NR);
+            b = b.add(t.b_row);
         }
-        for (r, acc) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(t.c.add(r * t.c_row), m0, *acc);
+        for r in 0..R {
+            _mm512_mask_storeu_ps(t.c.add(r * t.c_row), m0, acc0[r]);
+            _mm512_mask_storeu_ps(t.c.add(r * t.c_row + 16), m1, acc1[r]);
         }
     }
 }
@@ -362,6 +388,10 @@ mod tests {
             (25, 17, 3),
             (7, 64, 600),
             (40, 5, 513),
+            (25, 40, 37),
+            (24, 48, 800),
+            (13, 16, 5),
+            (30, 96, 385),
         ] {
             for a_row_major in [true, false] {
                 for b_row_major in [true, false] {
