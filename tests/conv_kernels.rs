@@ -77,6 +77,11 @@ fn awkward() -> Vec<Conv> {
         conv((2, 3, 3, 1), (5, 5, 2), 1),
         // A kernel larger than the image, unpadded: no output pixel; zero gradients.
         conv((1, 2, 2, 1), (3, 3, 0), 2),
+        // 'Valid', with output rows of 8 and 15 pixels and kernel rows of 12 and 15 values: the
+        // fast CPU path reads these patch matrices from the images (tiles cut at 12 rows, a
+        // second vector of filters partly filled).
+        conv((3, 12, 17, 5), (3, 3, 0), 40),
+        conv((2, 11, 10, 4), (5, 3, 0), 33),
     ]
 }
 
@@ -126,9 +131,9 @@ fn data(c: Conv, seed: u64) -> Data {
     }
 }
 
-/// The GPU's results for `c`: forward with bias and ReLU, input gradient without and with the
+/// A backend's results for `c`: forward with bias and ReLU, input gradient without and with the
 /// mask, weight gradient and bias gradient.
-fn gpu_products(be: &mut WgpuBackend, c: Conv, d: &Data) -> [Vec<f32>; 5] {
+fn backend_products(be: &mut dyn Backend, c: Conv, d: &Data) -> [Vec<f32>; 5] {
     let (image, out, wlen) = (c.g.image_len(), c.g.pixels() * c.out_ch, c.g.patch() * c.out_ch);
     let [t_inp, t_w, t_bias, t_dout, t_mask] = [&d.inp, &d.weight, &d.bias, &d.dout, &d.mask].map(|v| upload(be, v));
     let (t_out, t_dinp, t_dinp_masked) = (output(be, out), output(be, image), output(be, image));
@@ -175,7 +180,7 @@ fn gpu_products(be: &mut WgpuBackend, c: Conv, d: &Data) -> [Vec<f32>; 5] {
     .map(|(t, n)| download(be, t, n))
 }
 
-/// The reference's results for `gpu_products`, each with the scale of its rounding error.
+/// The reference's results for `backend_products`, each with the scale of its rounding error.
 fn reference_products(c: Conv, d: &Data) -> [(Vec<f32>, Vec<f32>); 5] {
     let (g, oc) = (&c.g, c.out_ch);
     let (image, pixels, wlen) = (g.image_len(), g.pixels(), g.patch() * oc);
@@ -222,10 +227,10 @@ const PRODUCTS: [&str; 5] = [
     "conv bias gradient",
 ];
 
-/// `c`'s five results on the GPU against the reference.
-fn check_products(be: &mut WgpuBackend, c: Conv, seed: u64, tiles: &str) {
+/// `c`'s five results on a backend (the GPU, or the fast CPU path) against the reference.
+fn check_products(be: &mut dyn Backend, c: Conv, seed: u64, tiles: &str) {
     let d = data(c, seed);
-    let got = gpu_products(be, c, &d);
+    let got = backend_products(be, c, &d);
     let want = reference_products(c, &d);
     for ((name, got), (want, scale)) in PRODUCTS.iter().zip(&got).zip(&want) {
         assert_close_scaled(&format!("{name} {c}{tiles}"), got, want, scale, 1e-5, 1e-4);
@@ -242,6 +247,21 @@ fn conv_products_match_the_reference_at_awkward_shapes() {
     let mut be = gpu();
     for (i, c) in awkward().into_iter().enumerate() {
         check_products(&mut be, c, 100 + i as u64, "");
+    }
+}
+
+/// The fast CPU path's products (patch matrices written out, or read from the images, direct
+/// first layers) at the same shapes and tolerances.
+#[test]
+fn fast_cpu_conv_products_match_the_reference_at_awkward_and_book_shapes() {
+    let mut be = gpu_mnist::backend::cpu::CpuBackend::fast();
+    let shapes = awkward().into_iter().chain(book());
+    let book_64 = book().map(|c| Conv {
+        g: ConvGeometry { images: 64, ..c.g },
+        ..c
+    });
+    for (i, c) in shapes.chain(book_64).enumerate() {
+        check_products(&mut be, c, 600 + i as u64, " (fast cpu)");
     }
 }
 
@@ -485,8 +505,8 @@ fn conv_and_pool_results_are_bit_identical_across_runs() {
     let mut be = gpu();
     for (i, c) in [awkward()[3], book()[1]].into_iter().enumerate() {
         let d = data(c, 600 + i as u64);
-        let first = gpu_products(&mut be, c, &d);
-        let second = gpu_products(&mut be, c, &d);
+        let first = backend_products(&mut be, c, &d);
+        let second = backend_products(&mut be, c, &d);
         for (name, (a, b)) in PRODUCTS.iter().zip(first.iter().zip(&second)) {
             assert_bits(&format!("{name} {c}, run 2 against run 1"), b, a);
         }

@@ -67,11 +67,7 @@ pub unsafe fn gemm(shape: MatmulShape, a: *const f32, a_strides: (usize, usize),
         return;
     }
     assert!(b.reaches(k - 1, n - 1));
-    let a = Operand {
-        ptr: a,
-        row: a_strides.0,
-        col: a_strides.1,
-    };
+    let a = Operand::strided(a, a_strides, m, k);
     if b.col == 1 {
         // SAFETY: the caller's contract for A and C; B's k rows of n lie in `b.data`.
         unsafe { gemm_avx512(shape, a, BView::rows(&b), c.as_mut_ptr()) };
@@ -126,6 +122,14 @@ pub struct PackedB<'p> {
 }
 
 impl<'p> PackedB<'p> {
+    fn view(&self) -> BView {
+        BView {
+            ptr: self.data.as_ptr(),
+            row: self.row,
+            panel: self.panel,
+        }
+    }
+
     /// B (k, n) for `gemm_packed`: read in place if its rows are contiguous, else packed into
     /// `buffer`, panels spread over the pool's threads.
     pub fn pack(k: usize, n: usize, b: &Strided<'p>, buffer: &'p mut Vec<f32>) -> PackedB<'p> {
@@ -170,26 +174,121 @@ pub unsafe fn gemm_packed(shape: MatmulShape, a: *const f32, a_strides: (usize, 
     if m == 0 {
         return;
     }
-    let a = Operand {
-        ptr: a,
-        row: a_strides.0,
-        col: a_strides.1,
-    };
-    let view = BView {
-        ptr: b.data.as_ptr(),
-        row: b.row,
-        panel: b.panel,
-    };
+    let a = Operand::strided(a, a_strides, m, k);
     // SAFETY: the caller's contract for A and C; `b` covers B's k rows of n (checked by `pack`).
-    unsafe { gemm_avx512(shape, a, view, c.as_mut_ptr()) };
+    unsafe { gemm_avx512(shape, a, b.view(), c.as_mut_ptr()) };
 }
 
-/// A matrix read through a pointer and (row, column) strides in elements.
+/// C (m, n) = A @ B for rows first..first + m of an A laid out by `layout` in `a` (a patch matrix
+/// read from the images, or its transpose), with B made ready by `PackedB::pack`; the same sums,
+/// in the same order, as `gemm` over A written out.
+///
+/// # Safety
+/// `available()` must hold.
+pub unsafe fn gemm_mapped(shape: MatmulShape, a: &[f32], layout: ALayout, first: usize, b: &PackedB, c: &mut [f32]) {
+    let MatmulShape { m, n, k } = shape;
+    assert!(c.len() >= m * n && (k, n) == (b.k, b.n));
+    assert!(first + m <= layout.rows.count && k == layout.ks.count);
+    if m == 0 {
+        return;
+    }
+    assert!(layout.rows.bound() + layout.ks.bound() < a.len());
+    let a = Operand {
+        ptr: a.as_ptr(),
+        rows: layout.rows,
+        ks: layout.ks,
+        first,
+    };
+    // SAFETY: every element of A lies below the bound checked above, `b` covers B's k rows of n
+    // and `c` its m rows.
+    unsafe { gemm_avx512(shape, a, b.view(), c.as_mut_ptr()) };
+}
+
+/// Where the elements of one side of A lie: `count` indices in runs of `len`, element t of a run
+/// `stride` after the one before; run j of each group of `per_group` runs `run_stride` after the
+/// group's first, and group g `group_stride` after the first group's. A matrix's rows (or
+/// columns) are one run; the rows of a convolution's patch matrix are its output rows, runs of
+/// pixels in the images; its columns are the kernel's rows, runs of (kx, channel) values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runs {
+    pub count: usize,
+    pub len: usize,
+    pub stride: usize,
+    pub per_group: usize,
+    pub run_stride: usize,
+    pub group_stride: usize,
+}
+
+impl Runs {
+    /// `count` indices `stride` apart.
+    pub fn uniform(count: usize, stride: usize) -> Runs {
+        Runs {
+            count,
+            len: count.max(1),
+            stride,
+            per_group: 1,
+            run_stride: 0,
+            group_stride: 0,
+        }
+    }
+
+    /// The offset of index i.
+    fn offset(&self, i: usize) -> usize {
+        let (run, t) = (i / self.len, i % self.len);
+        (run / self.per_group) * self.group_stride + (run % self.per_group) * self.run_stride + t * self.stride
+    }
+
+    /// Indices from i to the end of its run.
+    fn left_in_run(&self, i: usize) -> usize {
+        self.len - i % self.len
+    }
+
+    /// An offset no index's offset exceeds.
+    fn bound(&self) -> usize {
+        if self.count == 0 {
+            return 0;
+        }
+        let runs = self.count.div_ceil(self.len);
+        let groups = runs.div_ceil(self.per_group);
+        (groups - 1) * self.group_stride
+            + (self.per_group.min(runs) - 1) * self.run_stride
+            + (self.len.min(self.count) - 1) * self.stride
+    }
+}
+
+/// A read through `Runs` for its rows and for its k: element (i, kk) at `rows(i) + ks(kk)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ALayout {
+    pub rows: Runs,
+    pub ks: Runs,
+}
+
+/// A as the loops read it: element (first + i, kk) at `ptr + rows(first + i) + ks(kk)`.
 #[derive(Clone, Copy)]
 struct Operand {
     ptr: *const f32,
-    row: usize,
-    col: usize,
+    rows: Runs,
+    ks: Runs,
+    first: usize,
+}
+
+impl Operand {
+    /// An (m, k) matrix read through (row, column) strides.
+    fn strided(ptr: *const f32, (row, col): (usize, usize), m: usize, k: usize) -> Operand {
+        Operand {
+            ptr,
+            rows: Runs::uniform(m, row),
+            ks: Runs::uniform(k, col),
+            first: 0,
+        }
+    }
+}
+
+/// A stretch of k within one run of A's k: `count` values, the first `offset` from the tile's.
+#[derive(Clone, Copy, Default)]
+struct Segment {
+    offset: usize,
+    count: usize,
 }
 
 /// B as the micro-tiles read it: element (kk, j) of panel p (columns p NR + j) at
@@ -222,41 +321,56 @@ impl BView {
 }
 
 /// The loops around the micro-tile: k in runs of KC (outermost, so that C's tiles carry the
-/// chain from one run to the next), then MR-row tiles of A, then B's NR-wide panels.
+/// chain from one run to the next; each run a list of A's stretches of k), then tiles of at most
+/// MR rows of A within one of its runs of rows, then B's NR-wide panels.
 ///
 /// # Safety
-/// As `gemm`, with `b` covering B's k rows of n.
+/// As `gemm`, with `b` covering B's k rows of n and `a` every element it maps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn gemm_avx512(shape: MatmulShape, a: Operand, b: BView, c: *mut f32) {
     let MatmulShape { m, n, k } = shape;
     let run = k.div_ceil(k.div_ceil(KC));
+    let mut segments = [Segment::default(); KC];
     for k0 in (0..k).step_by(run) {
         let kc = run.min(k - k0);
-        for i0 in (0..m).step_by(MR) {
-            let rows = MR.min(m - i0);
+        let mut used = 0;
+        let mut kk = k0;
+        while kk < k0 + kc {
+            let count = a.ks.left_in_run(kk).min(k0 + kc - kk);
+            segments[used] = Segment {
+                offset: a.ks.offset(kk),
+                count,
+            };
+            used += 1;
+            kk += count;
+        }
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = MR.min(m - i0).min(a.rows.left_in_run(a.first + i0));
             for j0 in (0..n).step_by(NR) {
                 let cols = NR.min(n - j0);
-                // SAFETY: rows i0..i0 + rows and columns k0..k0 + kc of A lie inside it, B's
+                // SAFETY: rows i0..i0 + rows and the run's stretches of k of A lie inside it, B's
                 // rows k0..k0 + kc and columns j0..j0 + cols in `b`, and C's rows i0..i0 + rows,
                 // columns j0..j0 + cols inside C (the caller's contract); the masks keep every
                 // load and store to those columns.
                 unsafe {
                     let tile = Tile {
-                        a: a.ptr.add(i0 * a.row + k0 * a.col),
-                        a_row: a.row,
-                        a_col: a.col,
+                        a: a.ptr.add(a.rows.offset(a.first + i0)),
+                        a_row: a.rows.stride,
+                        a_col: a.ks.stride,
+                        segments: &segments[..used],
                         b: b.ptr.add((j0 / NR) * b.panel + k0 * b.row),
                         b_row: b.row,
                         c: c.add(i0 * n + j0),
                         c_row: n,
-                        kc,
                         masks: [column_mask(cols), column_mask(cols.saturating_sub(16))],
                         carry: k0 > 0,
                     };
-                    micro_tile(rows, a.row == 1, &tile);
+                    micro_tile(rows, a.rows.stride == 1, &tile);
                 }
             }
+            i0 += rows;
         }
     }
 }
@@ -275,18 +389,19 @@ fn column_mask(cols: usize) -> u16 {
     }
 }
 
-/// One micro-tile's operands: `rows` (at most MR) rows of C by a panel's columns, summed over kc.
-struct Tile {
-    /// A's rows: element (r, kk) at `a + r * a_row + kk * a_col`.
+/// One micro-tile's operands: `rows` (at most MR) rows of C by a panel's columns, summed over a
+/// run of k.
+struct Tile<'s> {
+    /// A's rows: element (r, t) of a stretch at `a + r * a_row + stretch.offset + t * a_col`.
     a: *const f32,
     a_row: usize,
     a_col: usize,
+    segments: &'s [Segment],
     /// B's panel: element (kk, j) at `b + kk * b_row + j`.
     b: *const f32,
     b_row: usize,
     c: *mut f32,
     c_row: usize,
-    kc: usize,
     /// Which columns of the panel's two vectors C has.
     masks: [u16; 2],
     /// Whether C already holds the chain's earlier terms (a later run of k).
@@ -337,18 +452,20 @@ unsafe fn micro<const R: usize, const PACKED_ROWS: bool>(t: &Tile) {
                 acc1[r] = _mm512_maskz_loadu_ps(m1, t.c.add(r * t.c_row + 16));
             }
         }
-        let mut a = t.a;
         let mut b = t.b;
-        for _ in 0..t.kc {
-            let b0 = _mm512_maskz_loadu_ps(m0, b);
-            let b1 = _mm512_maskz_loadu_ps(m1, b.add(16));
-            for r in 0..R {
-                let x = _mm512_set1_ps(*a.add(r * a_row));
-                acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
+        for segment in t.segments {
+            let mut a = t.a.add(segment.offset);
+            for _ in 0..segment.count {
+                let b0 = _mm512_maskz_loadu_ps(m0, b);
+                let b1 = _mm512_maskz_loadu_ps(m1, b.add(16));
+                for r in 0..R {
+                    let x = _mm512_set1_ps(*a.add(r * a_row));
+                    acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
+                    acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
+                }
+                a = a.add(t.a_col);
+                b = b.add(t.b_row);
             }
-            a = a.add(t.a_col);
-            b = b.add(t.b_row);
         }
         for r in 0..R {
             _mm512_mask_storeu_ps(t.c.add(r * t.c_row), m0, acc0[r]);

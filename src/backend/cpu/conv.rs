@@ -1,19 +1,26 @@
 //! The CPU backends' convolutions and max pooling.
 //!
-//! Contract: a convolution's product runs as a dense product over an explicit patch matrix: the
-//! forward product and the weight gradient multiply `im2col(inp)`, kept per layer so that the
-//! weight gradient reuses the forward product's while the input is unchanged; the input gradient
-//! computes the patches' gradient into one scratch tensor and sums it back into the pixels
-//! (`col2im`), then applies the previous ReLU's mask. The tensors are allocated by the first step
-//! of each batch size and reused (one patch matrix per layer and batch size, within
-//! `spec::MAX_PATCH_VALUES` each), so later steps allocate nothing. Every dense product, its epilogue and a fused update
-//! are then exactly the dense layer's (`products`). The reference runs `reference`'s loops, the
-//! fast path `cpu_conv`'s, which give the same values bit for bit.
+//! Contract: a convolution's product runs as a dense product over its patch matrix. On the fast
+//! path with AVX-512 a 'valid' convolution with long enough rows reads that matrix (for the
+//! forward product) and its transpose (for the weight gradient) straight from the images through
+//! `cpu_gemm`'s run layouts, never writing it; otherwise the forward product and the weight
+//! gradient multiply `im2col(inp)`, kept per layer so that the weight gradient reuses the forward
+//! product's while the input is unchanged. A first layer with a patch of at most 16 values runs
+//! straight from the pixels (`direct_forward`). The input gradient computes the patches' gradient
+//! into one scratch tensor and sums it back into the pixels (`col2im`), then applies the previous
+//! ReLU's mask. The tensors are allocated by the first step of each batch size and reused (one
+//! patch matrix per layer and batch size, within `spec::MAX_PATCH_VALUES` each), so later steps
+//! allocate nothing. Every dense product, its epilogue and a fused update are then exactly the
+//! dense layer's (`products`), and a product over the mapped patches sums the same terms in the
+//! same order as over the written ones, so both give the same bits. The reference runs
+//! `reference`'s loops, the fast path `cpu_conv`'s, which give the same values bit for bit.
 
+use super::products::{Epilogue, Mapped};
 use super::{CpuBackend, CpuKind, Patches};
 use crate::backend::cpu_conv;
 use crate::backend::cpu_fast;
-use crate::backend::ops::{ConvGeometry, Matmul, MatmulKind, Pool, PoolKind, StepAt};
+use crate::backend::cpu_gemm::{self, ALayout, Runs};
+use crate::backend::ops::{run_unfused, ConvGeometry, Matmul, MatmulKind, Op, Pool, PoolKind, StepAt};
 use crate::backend::reference as r;
 use crate::backend::TensorId;
 use crate::error::{Error, Result};
@@ -43,6 +50,49 @@ impl CpuBackend {
                 relu,
             } if self.kind == CpuKind::Fast && g.patch() <= DIRECT_MAX_PATCH => {
                 self.direct_forward((out, inp, weight, bias), relu, g, m.shape.outputs)
+            }
+            MatmulKind::Forward {
+                out,
+                inp,
+                weight,
+                bias,
+                relu,
+            } if self.maps_patches(g) => {
+                let epilogue = Epilogue {
+                    bias,
+                    relu,
+                    relu_mask: None,
+                };
+                let (pixels, patch) = patch_runs(&g);
+                let mapped = Mapped {
+                    layout: ALayout {
+                        rows: pixels,
+                        ks: patch,
+                    },
+                    len: g.image_len(),
+                };
+                self.matmul_forward(m.shape, out, inp, weight, epilogue, Some(mapped))
+            }
+            // The weight step runs after the gradient, which comes back here without it.
+            MatmulKind::BackwardWeight { update: Some(_), .. } if self.maps_patches(g) => {
+                run_unfused(self, &Op::Matmul(*m), at)
+            }
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp,
+                dout,
+                update: None,
+            } if self.maps_patches(g) => {
+                let (pixels, patch) = patch_runs(&g);
+                let mapped = Mapped {
+                    layout: ALayout {
+                        rows: patch,
+                        ks: pixels,
+                    },
+                    len: g.image_len(),
+                };
+                self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout, Some(mapped))
             }
             MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } => {
                 let cols = self.patches_of(inp, g)?;
@@ -94,6 +144,14 @@ impl CpuBackend {
                 self.col2im(dinp, cols, relu_mask, g)
             }
         }
+    }
+
+    /// Whether the fast path reads this convolution's patch matrix (and its transpose) straight
+    /// from the images instead of writing it out (`cpu_gemm::gemm_mapped`): with 'valid' padding
+    /// every patch value is a pixel, and output rows of at least 8 pixels and kernel rows of at
+    /// least 12 values fill most of a micro-tile's 12 rows.
+    fn maps_patches(&self, g: ConvGeometry) -> bool {
+        self.kind == CpuKind::Fast && cpu_gemm::available() && g.pad == 0 && g.ow() >= 8 && g.kw * g.in_ch >= 12
     }
 
     /// out (pixels, filters) = relu?(patches @ weight + bias) straight from the images, for a patch
@@ -217,6 +275,32 @@ impl CpuBackend {
             }
         }
     }
+}
+
+/// Where a 'valid' convolution's patch matrix lies in its images (images, h, w, in_ch): the
+/// pixels (rows) in runs of an output row, `in_ch` apart, each output row a kernel row below the
+/// one before, each image h rows below; the patch values (columns) in runs of a kernel row (kw x
+/// in_ch contiguous values), each an image row below the one before. Value (p, kk) of the matrix
+/// is the images' value at the sum of the two offsets.
+fn patch_runs(g: &ConvGeometry) -> (Runs, Runs) {
+    let (row, image) = (g.w * g.in_ch, g.h * g.w * g.in_ch);
+    let pixels = Runs {
+        count: g.pixels(),
+        len: g.ow(),
+        stride: g.in_ch,
+        per_group: g.oh(),
+        run_stride: row,
+        group_stride: image,
+    };
+    let patch = Runs {
+        count: g.patch(),
+        len: g.kw * g.in_ch,
+        stride: 1,
+        per_group: g.kh,
+        run_stride: row,
+        group_stride: 0,
+    };
+    (pixels, patch)
 }
 
 /// Patches of at most this many values go straight from the images (`direct_forward`).

@@ -9,7 +9,7 @@
 //! buffers of its own, allocated per call).
 
 use super::super::cpu_fast;
-use super::super::cpu_gemm;
+use super::super::cpu_gemm::{self, ALayout};
 use super::super::cpu_narrow::{self, Strided};
 use super::super::cpu_pool;
 use super::super::cpu_sparse::{self, WeightStep};
@@ -23,10 +23,10 @@ use crate::optim::{Optimizer, OptimizerKind};
 /// What a matmul applies to its product before storing it: `+ bias` (broadcast over rows), then
 /// `max(., 0)`, then zeroing where `relu_mask <= 0`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Epilogue {
-    bias: Option<TensorId>,
-    relu: bool,
-    relu_mask: Option<TensorId>,
+pub(super) struct Epilogue {
+    pub bias: Option<TensorId>,
+    pub relu: bool,
+    pub relu_mask: Option<TensorId>,
 }
 
 impl CpuBackend {
@@ -45,7 +45,7 @@ impl CpuBackend {
                     relu,
                     relu_mask: None,
                 };
-                self.matmul_forward(m.shape, out, inp, weight, epilogue)
+                self.matmul_forward(m.shape, out, inp, weight, epilogue, None)
             }
             MatmulKind::BackwardInput {
                 dinp,
@@ -59,7 +59,7 @@ impl CpuBackend {
                 inp,
                 dout,
                 update: None,
-            } => self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout),
+            } => self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout, None),
             MatmulKind::BackwardWeight {
                 dbias: Some(_),
                 update: Some(_),
@@ -72,18 +72,21 @@ impl CpuBackend {
         }
     }
 
-    /// out (B, OC) = epilogue(inp (B, C) @ weight (C, OC)).
-    fn matmul_forward(
+    /// out (B, OC) = epilogue(inp (B, C) @ weight (C, OC)); with `mapped`, inp is read through
+    /// its layout (a convolution's images as their patch matrix).
+    pub(super) fn matmul_forward(
         &mut self,
         shape: DenseShape,
         out: TensorId,
         inp: TensorId,
         weight: TensorId,
         epilogue: Epilogue,
+        mapped: Option<Mapped>,
     ) -> Result<()> {
         let (b, c, oc) = shape.dims();
-        let inputs = with_epilogue_inputs([(inp, b * c), (weight, c * oc)], epilogue, b * oc, oc);
-        if self.sparse_rows("matmul forward", inp, b, c, oc)? {
+        let a_len = mapped.map_or(b * c, |m| m.len);
+        let inputs = with_epilogue_inputs([(inp, a_len), (weight, c * oc)], epilogue, b * oc, oc);
+        if mapped.is_none() && self.sparse_rows("matmul forward", inp, b, c, oc)? {
             let mut scratch = std::mem::take(&mut self.sparse);
             let result = self.with_out("matmul forward", (out, b * oc), &inputs, |o, i| {
                 let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
@@ -99,6 +102,7 @@ impl CpuBackend {
             dims: (b, c, oc),
             shape: MatmulShape { m: b, n: oc, k: c },
             strides: [(c, 1), (oc, 1)],
+            mapped: mapped.map(|m| m.layout),
         };
         self.dense_product("matmul forward", (out, b * oc, oc), &inputs, epilogue, product)
     }
@@ -124,24 +128,29 @@ impl CpuBackend {
             dims: (b, c, oc),
             shape: MatmulShape { m: b, n: c, k: oc },
             strides: [(oc, 1), (1, oc)],
+            mapped: None,
         };
         self.dense_product("matmul backward input", (dinp, b * c, c), &inputs, epilogue, product)
     }
 
-    /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC); dbias (OC) = the column sums of dout.
-    fn matmul_backward_weight(
+    /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC); dbias (OC) = the column sums of dout; with
+    /// `mapped`, inp^T is read through its layout (a convolution's images as their transposed
+    /// patch matrix).
+    pub(super) fn matmul_backward_weight(
         &mut self,
         shape: DenseShape,
         dweight: TensorId,
         dbias: Option<TensorId>,
         inp: TensorId,
         dout: TensorId,
+        mapped: Option<Mapped>,
     ) -> Result<()> {
         let (b, c, oc) = shape.dims();
         if let Some(dbias) = dbias {
             self.bias_backward(dbias, dout, b, oc)?;
         }
-        if self.sparse_rows("matmul backward weight", inp, b, c, oc)? {
+        let a_len = mapped.map_or(b * c, |m| m.len);
+        if mapped.is_none() && self.sparse_rows("matmul backward weight", inp, b, c, oc)? {
             let mut scratch = std::mem::take(&mut self.sparse);
             let result = self.with_out(
                 "matmul backward weight",
@@ -162,8 +171,9 @@ impl CpuBackend {
             dims: (b, c, oc),
             shape: MatmulShape { m: c, n: oc, k: b },
             strides: [(1, c), (oc, 1)],
+            mapped: mapped.map(|m| m.layout),
         };
-        let inputs = with_epilogue_inputs([(inp, b * c), (dout, b * oc)], Epilogue::default(), 0, 0);
+        let inputs = with_epilogue_inputs([(inp, a_len), (dout, b * oc)], Epilogue::default(), 0, 0);
         self.dense_product(
             "matmul backward weight",
             (dweight, c * oc, oc),
@@ -192,8 +202,11 @@ impl CpuBackend {
                 CpuKind::Reference => (product.reference)(o, i[0], i[1], b, c, oc),
                 CpuKind::Fast => {
                     let [(ra, ca), (rb, cb)] = product.strides;
-                    let (a, b) = (Strided::new(i[0], ra, ca), Strided::new(i[1], rb, cb));
-                    sgemm(product.shape, a, b, o, &mut narrow)
+                    let b = Strided::new(i[1], rb, cb);
+                    match product.mapped {
+                        Some(layout) => sgemm_mapped(product.shape, (i[0], layout), b, o, &mut narrow),
+                        None => sgemm(product.shape, Strided::new(i[0], ra, ca), b, o, &mut narrow),
+                    }
                 }
             }
             apply_epilogue(kind, o, &i[2..], epilogue, len / n.max(1), n);
@@ -348,12 +361,22 @@ impl CpuBackend {
 type ReferenceProduct = fn(&mut [f32], &[f32], &[f32], usize, usize, usize);
 
 /// One of a dense layer's products for `dense_product`: the reference's loop over (b, c, oc), and
-/// the (m, n, k) product with the row and column strides of a and b that sgemm runs instead.
+/// the (m, n, k) product with the row and column strides of a and b that sgemm runs instead (or
+/// A's layout, when it is mapped).
 struct Dense {
     reference: ReferenceProduct,
     dims: (usize, usize, usize),
     shape: MatmulShape,
     strides: [(usize, usize); 2],
+    mapped: Option<ALayout>,
+}
+
+/// A product's A read through a layout from a tensor of `len` values (`cpu_gemm::gemm_mapped`);
+/// only the fast path on AVX-512 is given one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Mapped {
+    pub layout: ALayout,
+    pub len: usize,
 }
 
 /// The most tensors an op reads: a matmul's two operands, its bias and its mask.
@@ -478,6 +501,37 @@ fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut
                 c,
             )
         };
+    });
+}
+
+/// C (m, n) = A @ B with A read through its layout (`cpu_gemm::gemm_mapped`): C's rows cut into
+/// pieces spread over `cpu_pool`'s threads, as `sgemm` does, over B made ready once.
+fn sgemm_mapped(
+    shape: MatmulShape,
+    (a, layout): (&[f32], ALayout),
+    b: Strided,
+    c: &mut [f32],
+    narrow: &mut cpu_narrow::Scratch,
+) {
+    let MatmulShape { m, n, k } = shape;
+    assert!(cpu_gemm::available(), "a mapped A runs only on the AVX-512 product");
+    let c = &mut c[..m * n];
+    if m == 0 || n == 0 || k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    let chunks = (m * k * n / SPLIT_MIN_MACS)
+        .clamp(1, cpu_sparse::chunk_count(m))
+        .min((m / PIECE_MIN_ROWS).max(1));
+    let rows = m.div_ceil(chunks);
+    let mut pieces = c.chunks_mut(rows * n).enumerate();
+    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    let packed = cpu_gemm::PackedB::pack(k, n, &b, &mut narrow.packed_b);
+    cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
+        let m = c.len() / n;
+        // SAFETY (of `gemm_mapped`): the CPU has AVX-512 (asserted above); the call checks A's
+        // layout against its slice, B's and C's shapes.
+        unsafe { cpu_gemm::gemm_mapped(MatmulShape { m, n, k }, a, layout, i * rows, &packed, c) };
     });
 }
 
