@@ -11,6 +11,8 @@
 //! `cpu_sparse::MAX_CHUNKS` pieces. Nothing is allocated: the caller owns every buffer, each
 //! sized as in `reference` (slices may be longer; only the leading part is read or written).
 
+use std::cell::RefCell;
+
 use super::cpu_pool;
 use super::cpu_sparse::{self, MAX_CHUNKS};
 use super::ops::{ConvGeometry, PoolShape};
@@ -56,12 +58,37 @@ pub fn im2col(cols: &mut [f32], inp: &[f32], g: &ConvGeometry) {
     });
 }
 
-/// im2col of output pixels first.. into cols (whole rows of patch values).
+/// im2col of output pixels first.. into cols (whole rows of patch values), walking the pixels'
+/// coordinates (b, oy, ox) rather than dividing for each.
 fn im2col_rows(cols: &mut [f32], inp: &[f32], g: &ConvGeometry, first: usize) {
-    let (ohw, ow, c) = (g.oh() * g.ow(), g.ow(), g.in_ch);
-    for (r, dst) in cols.chunks_exact_mut(g.patch()).enumerate() {
-        let row = first + r;
-        let (b, oy, ox) = (row / ohw, row % ohw / ow, row % ow);
+    let (ohw, oh, ow, c) = (g.oh() * g.ow(), g.oh(), g.ow(), g.in_ch);
+    let (mut b, mut oy, mut ox) = (first / ohw, first % ohw / ow, first % ow);
+    for dst in cols.chunks_exact_mut(g.patch()) {
+        if g.pad == 0 {
+            // 'Valid': every kernel row is kw x in_ch values inside the image.
+            for (ky, run) in dst.chunks_exact_mut(g.kw * c).enumerate() {
+                let start = ((b * g.h + oy + ky) * g.w + ox) * c;
+                copy_run(run, &inp[start..start + run.len()]);
+            }
+        } else {
+            im2col_padded(dst, inp, g, (b, oy, ox));
+        }
+        ox += 1;
+        if ox == ow {
+            ox = 0;
+            oy += 1;
+            if oy == oh {
+                oy = 0;
+                b += 1;
+            }
+        }
+    }
+}
+
+/// The patch of output pixel (b, oy, ox) into dst, zeros over the padding.
+fn im2col_padded(dst: &mut [f32], inp: &[f32], g: &ConvGeometry, (b, oy, ox): (usize, usize, usize)) {
+    let c = g.in_ch;
+    {
         let (kx0, kx1) = inside_columns(g, ox);
         for (ky, run) in dst.chunks_exact_mut(g.kw * c).enumerate() {
             let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
@@ -69,14 +96,37 @@ fn im2col_rows(cols: &mut [f32], inp: &[f32], g: &ConvGeometry, first: usize) {
                 Some(y) if kx1 > kx0 => {
                     // kx0 >= pad - ox, so the first column inside is x = ox + kx0 - pad >= 0.
                     let start = ((b * g.h + y) * g.w + ox + kx0 - g.pad) * c;
+                    let len = (kx1 - kx0) * c;
                     run[..kx0 * c].fill(0.0);
-                    run[kx0 * c..kx1 * c].copy_from_slice(&inp[start..start + (kx1 - kx0) * c]);
+                    copy_run(&mut run[kx0 * c..kx1 * c], &inp[start..start + len]);
                     run[kx1 * c..].fill(0.0);
                 }
                 _ => run.fill(0.0),
             }
         }
     }
+}
+
+/// dst = src, as fixed-size moves for the few values of a one-channel kernel row (LLVM turns a
+/// copy loop of unknown length into a call to memcpy, which costs more than these copies), by
+/// memcpy otherwise.
+#[inline(always)]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    macro_rules! fixed {
+        ($($n:literal)*) => {
+            match dst.len() {
+                $($n => {
+                    if let (Some(d), Some(s)) = (dst.first_chunk_mut::<$n>(), src.first_chunk::<$n>()) {
+                        *d = *s;
+                        return;
+                    }
+                })*
+                _ => {}
+            }
+        };
+    }
+    fixed!(1 2 3 4 5 6 7);
+    dst.copy_from_slice(src);
 }
 
 /// dinp (images, h, w, in_ch) = zero, plus every value of dcols (pixels, patch) added into the
@@ -94,6 +144,55 @@ pub fn col2im(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
         dcols.len() + g.image_len(),
         &|first, part| col2im_images(part, &dcols[first * per_image..], g),
     );
+}
+
+thread_local! {
+    /// A block of images' patch gradients (`input_gradient`); grows to the largest block this
+    /// thread has summed and is then reused.
+    static PATCH_GRADIENTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The patch gradients a block of `input_gradient` holds at most (256 KiB, with at least one
+/// image): written by the product and read back by col2im while they are still in L2.
+const BLOCK_VALUES: usize = 1 << 16;
+
+/// dinp (images, h, w, in_ch) = col2im(the patches' gradient), then 0 where `mask` is not > 0,
+/// with the patches' gradient computed a block of images at a time by `product(first pixel,
+/// pixels, out)` (the rows of the (pixels, patch) matrix) into a per-thread buffer: the values
+/// of `col2im` over the whole matrix and the mask epilogue, bit for bit, without writing the
+/// whole matrix out (9 MB a step for the book's second layer).
+pub fn input_gradient(
+    dinp: &mut [f32],
+    mask: Option<&[f32]>,
+    g: &ConvGeometry,
+    product: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
+    let image = g.h * g.w * g.in_ch;
+    if g.images == 0 || image == 0 {
+        return;
+    }
+    let (ohw, patch) = (g.oh() * g.ow(), g.patch());
+    let per_image = ohw * patch;
+    let block_images = (BLOCK_VALUES / per_image.max(1)).max(1);
+    let values = g.images * per_image + g.image_len();
+    split_units(&mut dinp[..g.image_len()], image, values, &|first, part| {
+        PATCH_GRADIENTS.with_borrow_mut(|buffer| {
+            if buffer.len() < block_images * per_image {
+                buffer.resize(block_images * per_image, 0.0);
+            }
+            for (b, d_block) in part.chunks_mut(block_images * image).enumerate() {
+                let (images, at) = (d_block.len() / image, first + b * block_images);
+                let dcols = &mut buffer[..images * per_image];
+                product(at * ohw, images * ohw, dcols);
+                col2im_images(d_block, dcols, g);
+                if let Some(mask) = mask {
+                    for (x, &m) in d_block.iter_mut().zip(&mask[at * image..]) {
+                        *x = if m > 0.0 { *x } else { 0.0 };
+                    }
+                }
+            }
+        })
+    });
 }
 
 /// col2im of whole images: dinp holds them, dcols starts at the first one's patches.

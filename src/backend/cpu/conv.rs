@@ -20,7 +20,8 @@ use super::{CpuBackend, CpuKind, Patches};
 use crate::backend::cpu_conv;
 use crate::backend::cpu_fast;
 use crate::backend::cpu_gemm::{self, ALayout, Runs};
-use crate::backend::ops::{run_unfused, ConvGeometry, Matmul, MatmulKind, Op, Pool, PoolKind, StepAt};
+use crate::backend::cpu_narrow::Strided;
+use crate::backend::ops::{run_unfused, ConvGeometry, Matmul, MatmulKind, MatmulShape, Op, Pool, PoolKind, StepAt};
 use crate::backend::reference as r;
 use crate::backend::TensorId;
 use crate::error::{Error, Result};
@@ -132,6 +133,14 @@ impl CpuBackend {
                 dout,
                 weight,
                 relu_mask,
+            } if self.kind == CpuKind::Fast && cpu_gemm::available() => {
+                self.blocked_input_gradient((dinp, dout, weight, relu_mask), g, m.shape.outputs)
+            }
+            MatmulKind::BackwardInput {
+                dinp,
+                dout,
+                weight,
+                relu_mask,
             } => {
                 let cols = self.gradient_scratch(g.pixels() * g.patch())?;
                 let kind = MatmulKind::BackwardInput {
@@ -175,6 +184,50 @@ impl CpuBackend {
             let bias = i.get(2).copied();
             cpu_conv_direct(o, (i[0], i[1], bias), relu, &g, filters)
         })
+    }
+
+    /// dinp (the images) = col2im(dout (pixels, oc) @ weight (patch, oc)^T), then 0 where
+    /// `relu_mask` is not > 0: the same products and sums as the patches' gradient matrix and
+    /// `col2im`, a block of images at a time on each thread (`cpu_conv::input_gradient`), so that
+    /// the matrix stays in the cache.
+    fn blocked_input_gradient(
+        &mut self,
+        (dinp, dout, weight, relu_mask): (TensorId, TensorId, TensorId, Option<TensorId>),
+        g: ConvGeometry,
+        oc: usize,
+    ) -> Result<()> {
+        let (pixels, patch) = (g.pixels(), g.patch());
+        let inputs = [
+            (dout, pixels * oc),
+            (weight, patch * oc),
+            (relu_mask.unwrap_or(dout), g.image_len()),
+        ];
+        let inputs = &inputs[..if relu_mask.is_some() { 3 } else { 2 }];
+        let mut packed_b = std::mem::take(&mut self.narrow.packed_b);
+        let result = self.with_out("matmul backward input", (dinp, g.image_len()), inputs, |o, i| {
+            let (dout, weight, mask) = (i[0], i[1], i.get(2).copied());
+            if pixels == 0 || patch == 0 || oc == 0 {
+                cpu_conv::input_gradient(o, mask, &g, &|_, _, dcols| dcols.fill(0.0));
+                return;
+            }
+            // B = weight^T (oc, patch): element (f, j) at j oc + f.
+            let b = cpu_gemm::PackedB::pack(oc, patch, &Strided::new(weight, 1, oc), &mut packed_b);
+            let product = |first: usize, rows: usize, dcols: &mut [f32]| {
+                assert!((first + rows) * oc <= dout.len() && dcols.len() >= rows * patch);
+                let shape = MatmulShape {
+                    m: rows,
+                    n: patch,
+                    k: oc,
+                };
+                // SAFETY: the CPU has AVX-512 (checked by the caller), rows first.. of dout lie
+                // inside it and dcols holds their rows of the product (asserted above); B was
+                // packed with this k and n.
+                unsafe { cpu_gemm::gemm_packed(shape, dout[first * oc..].as_ptr(), (oc, 1), &b, dcols) };
+            };
+            cpu_conv::input_gradient(o, mask, &g, &product);
+        });
+        self.narrow.packed_b = packed_b;
+        result
     }
 
     /// The patch matrix of the images in `inp`: built by `im2col` into a tensor kept for this
