@@ -111,7 +111,7 @@ fn im2col_padded(dst: &mut [f32], inp: &[f32], g: &ConvGeometry, (b, oy, ox): (u
 /// copy loop of unknown length into a call to memcpy, which costs more than these copies), by
 /// memcpy otherwise.
 #[inline(always)]
-fn copy_run(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn copy_run(dst: &mut [f32], src: &[f32]) {
     macro_rules! fixed {
         ($($n:literal)*) => {
             match dst.len() {

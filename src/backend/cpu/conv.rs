@@ -470,7 +470,7 @@ fn direct_patch(patch: &mut [f32; DIRECT_MAX_PATCH], inp: &[f32], g: &ConvGeomet
         let run = g.kw * g.in_ch;
         for ky in 0..g.kh {
             let start = ((b * g.h + oy + ky) * g.w + ox) * g.in_ch;
-            patch[kk..kk + run].copy_from_slice(&inp[start..start + run]);
+            cpu_conv::copy_run(&mut patch[kk..kk + run], &inp[start..start + run]);
             kk += run;
         }
         return;
