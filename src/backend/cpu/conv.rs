@@ -43,36 +43,23 @@ impl CpuBackend {
             conv: None,
         };
         match m.kind {
+            // A first layer straight from the pixels, or the patches read from the images.
             MatmulKind::Forward {
                 out,
                 inp,
                 weight,
                 bias,
                 relu,
-            } if self.kind == CpuKind::Fast && g.patch() <= DIRECT_MAX_PATCH => {
-                self.direct_forward((out, inp, weight, bias), relu, g, m.shape.outputs)
-            }
-            MatmulKind::Forward {
-                out,
-                inp,
-                weight,
-                bias,
-                relu,
-            } if self.maps_patches(g) => {
+            } if self.direct(g) || self.maps_patches(g) => {
+                if self.direct(g) {
+                    return self.direct_forward((out, inp, weight, bias), relu, g, m.shape.outputs);
+                }
                 let epilogue = Epilogue {
                     bias,
                     relu,
                     relu_mask: None,
                 };
-                let (pixels, patch) = patch_runs(&g);
-                let mapped = Mapped {
-                    layout: ALayout {
-                        rows: pixels,
-                        ks: patch,
-                    },
-                    len: g.image_len(),
-                };
-                self.matmul_forward(m.shape, out, inp, weight, epilogue, Some(mapped))
+                self.matmul_forward(m.shape, out, inp, weight, epilogue, Some(mapped_patches(&g, false)))
             }
             // The weight step runs after the gradient, which comes back here without it.
             MatmulKind::BackwardWeight { update: Some(_), .. } if self.maps_patches(g) => {
@@ -85,14 +72,7 @@ impl CpuBackend {
                 dout,
                 update: None,
             } if self.maps_patches(g) => {
-                let (pixels, patch) = patch_runs(&g);
-                let mapped = Mapped {
-                    layout: ALayout {
-                        rows: patch,
-                        ks: pixels,
-                    },
-                    len: g.image_len(),
-                };
+                let mapped = mapped_patches(&g, true);
                 self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout, Some(mapped))
             }
             MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } => {
@@ -153,6 +133,12 @@ impl CpuBackend {
                 self.col2im(dinp, cols, relu_mask, g)
             }
         }
+    }
+
+    /// Whether the fast path runs this convolution's forward product straight from the pixels
+    /// (`direct_forward`).
+    fn direct(&self, g: ConvGeometry) -> bool {
+        self.kind == CpuKind::Fast && g.patch() <= DIRECT_MAX_PATCH
     }
 
     /// Whether the fast path reads this convolution's patch matrix (and its transpose) straight
@@ -354,6 +340,26 @@ fn patch_runs(g: &ConvGeometry) -> (Runs, Runs) {
         group_stride: 0,
     };
     (pixels, patch)
+}
+
+/// The patch matrix of a 'valid' convolution's images, or (`transposed`) its transpose, as the
+/// products read it from the images (`patch_runs`).
+fn mapped_patches(g: &ConvGeometry, transposed: bool) -> Mapped {
+    let (pixels, patch) = patch_runs(g);
+    let layout = match transposed {
+        false => ALayout {
+            rows: pixels,
+            ks: patch,
+        },
+        true => ALayout {
+            rows: patch,
+            ks: pixels,
+        },
+    };
+    Mapped {
+        layout,
+        len: g.image_len(),
+    }
 }
 
 /// Patches of at most this many values go straight from the images (`direct_forward`).

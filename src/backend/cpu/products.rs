@@ -464,14 +464,8 @@ fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut
         sgemm_split_k(shape, (a, b), c, &mut narrow.partials);
         return;
     }
-    // A piece per SPLIT_MIN_MACS of work, up to `chunk_count`, of at least PIECE_MIN_ROWS rows.
-    let chunks = (m * k * n / SPLIT_MIN_MACS)
-        .clamp(1, cpu_sparse::chunk_count(m))
-        .min((m / PIECE_MIN_ROWS).max(1));
-    let rows = m.div_ceil(chunks);
-    let mut pieces = c.chunks_mut(rows * n).enumerate();
-    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
-    if chunks > 1 && cpu_gemm::available() {
+    let (rows, items) = row_pieces(c, shape);
+    if rows < m && cpu_gemm::available() {
         // B packed once for every piece rather than once in each.
         let packed = cpu_gemm::PackedB::pack(k, n, &b, &mut narrow.packed_b);
         cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
@@ -504,6 +498,20 @@ fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut
     });
 }
 
+/// C (m rows of n) cut into pieces of whole rows for the pool's threads: a piece per
+/// SPLIT_MIN_MACS of work, up to `chunk_count`, of at least PIECE_MIN_ROWS rows. Returns the rows
+/// a piece holds (the last may hold fewer) and the pieces, numbered.
+#[allow(clippy::type_complexity)]
+fn row_pieces(c: &mut [f32], shape: MatmulShape) -> (usize, [Option<(usize, &mut [f32])>; cpu_sparse::MAX_CHUNKS]) {
+    let MatmulShape { m, n, k } = shape;
+    let chunks = (m * k * n / SPLIT_MIN_MACS)
+        .clamp(1, cpu_sparse::chunk_count(m))
+        .min((m / PIECE_MIN_ROWS).max(1));
+    let rows = m.div_ceil(chunks);
+    let mut pieces = c.chunks_mut(rows * n).enumerate();
+    (rows, std::array::from_fn(|_| pieces.next()))
+}
+
 /// C (m, n) = A @ B with A read through its layout (`cpu_gemm::gemm_mapped`): C's rows cut into
 /// pieces spread over `cpu_pool`'s threads, as `sgemm` does, over B made ready once.
 fn sgemm_mapped(
@@ -520,12 +528,7 @@ fn sgemm_mapped(
         c.fill(0.0);
         return;
     }
-    let chunks = (m * k * n / SPLIT_MIN_MACS)
-        .clamp(1, cpu_sparse::chunk_count(m))
-        .min((m / PIECE_MIN_ROWS).max(1));
-    let rows = m.div_ceil(chunks);
-    let mut pieces = c.chunks_mut(rows * n).enumerate();
-    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    let (rows, items) = row_pieces(c, shape);
     let packed = cpu_gemm::PackedB::pack(k, n, &b, &mut narrow.packed_b);
     cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
         let m = c.len() / n;
