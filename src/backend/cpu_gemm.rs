@@ -442,15 +442,17 @@ unsafe fn micro<const R: usize, const PACKED_ROWS: bool>(t: &Tile) {
     use std::arch::x86_64::*;
     let [m0, m1] = t.masks;
     let a_row = if PACKED_ROWS { 1 } else { t.a_row };
-    // SAFETY: every pointer below stays inside the tile (the caller's contract); masked-off
-    // lanes of B and C are neither read nor written.
+    // SAFETY: every pointer read or written through stays inside the tile (the caller's
+    // contract); masked-off lanes of B and C are neither read nor written. A second vector that
+    // is wholly masked off, and the pointers stepped past a run's last step, may lie beyond the
+    // allocations: they are formed with wrapping arithmetic.
     unsafe {
         let mut acc0 = [_mm512_setzero_ps(); R];
         let mut acc1 = [_mm512_setzero_ps(); R];
         if t.carry {
             for r in 0..R {
                 acc0[r] = _mm512_maskz_loadu_ps(m0, t.c.add(r * t.c_row));
-                acc1[r] = _mm512_maskz_loadu_ps(m1, t.c.add(r * t.c_row + 16));
+                acc1[r] = _mm512_maskz_loadu_ps(m1, t.c.wrapping_add(r * t.c_row + 16));
             }
         }
         let mut b = t.b;
@@ -462,9 +464,9 @@ unsafe fn micro<const R: usize, const PACKED_ROWS: bool>(t: &Tile) {
             // still takes its steps in order.
             for _ in 0..segment.count / 2 {
                 let b0 = _mm512_maskz_loadu_ps(m0, b);
-                let b1 = _mm512_maskz_loadu_ps(m1, b.add(16));
+                let b1 = _mm512_maskz_loadu_ps(m1, b.wrapping_add(16));
                 let b2 = _mm512_maskz_loadu_ps(m0, b.add(t.b_row));
-                let b3 = _mm512_maskz_loadu_ps(m1, b.add(t.b_row + 16));
+                let b3 = _mm512_maskz_loadu_ps(m1, b.wrapping_add(t.b_row + 16));
                 for r in 0..R {
                     let row = a.add(r * a_row);
                     let x = _mm512_set1_ps(*row);
@@ -474,23 +476,23 @@ unsafe fn micro<const R: usize, const PACKED_ROWS: bool>(t: &Tile) {
                     acc0[r] = _mm512_fmadd_ps(y, b2, acc0[r]);
                     acc1[r] = _mm512_fmadd_ps(y, b3, acc1[r]);
                 }
-                a = a.add(2 * t.a_col);
-                b = b.add(2 * t.b_row);
+                a = a.wrapping_add(2 * t.a_col);
+                b = b.wrapping_add(2 * t.b_row);
             }
             if segment.count % 2 == 1 {
                 let b0 = _mm512_maskz_loadu_ps(m0, b);
-                let b1 = _mm512_maskz_loadu_ps(m1, b.add(16));
+                let b1 = _mm512_maskz_loadu_ps(m1, b.wrapping_add(16));
                 for r in 0..R {
                     let x = _mm512_set1_ps(*a.add(r * a_row));
                     acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
                     acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
                 }
-                b = b.add(t.b_row);
+                b = b.wrapping_add(t.b_row);
             }
         }
         for r in 0..R {
             _mm512_mask_storeu_ps(t.c.add(r * t.c_row), m0, acc0[r]);
-            _mm512_mask_storeu_ps(t.c.add(r * t.c_row + 16), m1, acc1[r]);
+            _mm512_mask_storeu_ps(t.c.wrapping_add(r * t.c_row + 16), m1, acc1[r]);
         }
     }
 }
