@@ -13,6 +13,7 @@
 
 use std::cell::RefCell;
 
+use super::cpu_fast;
 use super::cpu_pool;
 use super::cpu_sparse::{self, MAX_CHUNKS};
 use super::ops::{ConvGeometry, PoolShape};
@@ -58,51 +59,79 @@ pub fn im2col(cols: &mut [f32], inp: &[f32], g: &ConvGeometry) {
     });
 }
 
-/// im2col of output pixels first.. into cols (whole rows of patch values), walking the pixels'
-/// coordinates (b, oy, ox) rather than dividing for each.
+/// im2col of output pixels first.. into cols (whole rows of patch values).
 fn im2col_rows(cols: &mut [f32], inp: &[f32], g: &ConvGeometry, first: usize) {
-    let (ohw, oh, ow, c) = (g.oh() * g.ow(), g.oh(), g.ow(), g.in_ch);
-    let (mut b, mut oy, mut ox) = (first / ohw, first % ohw / ow, first % ow);
+    let mut at = PixelWalk::at(g, first);
     for dst in cols.chunks_exact_mut(g.patch()) {
-        if g.pad == 0 {
-            // 'Valid': every kernel row is kw x in_ch values inside the image.
-            for (ky, run) in dst.chunks_exact_mut(g.kw * c).enumerate() {
-                let start = ((b * g.h + oy + ky) * g.w + ox) * c;
-                copy_run(run, &inp[start..start + run.len()]);
-            }
-        } else {
-            im2col_padded(dst, inp, g, (b, oy, ox));
+        patch_into(dst, inp, g, &at);
+        at.advance();
+    }
+}
+
+/// An output pixel's coordinates (b, oy, ox), then each next pixel's, without a division per
+/// pixel.
+#[derive(Clone, Copy)]
+pub struct PixelWalk {
+    b: usize,
+    oy: usize,
+    ox: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PixelWalk {
+    /// Output pixel `row` of `g`'s (at least one output pixel).
+    pub fn at(g: &ConvGeometry, row: usize) -> PixelWalk {
+        let (oh, ow) = (g.oh(), g.ow());
+        PixelWalk {
+            b: row / (oh * ow),
+            oy: row % (oh * ow) / ow,
+            ox: row % ow,
+            oh,
+            ow,
         }
-        ox += 1;
-        if ox == ow {
-            ox = 0;
-            oy += 1;
-            if oy == oh {
-                oy = 0;
-                b += 1;
+    }
+
+    #[inline(always)]
+    pub fn advance(&mut self) {
+        self.ox += 1;
+        if self.ox == self.ow {
+            self.ox = 0;
+            self.oy += 1;
+            if self.oy == self.oh {
+                self.oy = 0;
+                self.b += 1;
             }
         }
     }
 }
 
-/// The patch of output pixel (b, oy, ox) into dst, zeros over the padding.
-fn im2col_padded(dst: &mut [f32], inp: &[f32], g: &ConvGeometry, (b, oy, ox): (usize, usize, usize)) {
-    let c = g.in_ch;
-    {
-        let (kx0, kx1) = inside_columns(g, ox);
+/// The patch of output pixel `at` into dst (`g.patch()` values, in (ky, kx, c) order as
+/// `ConvGeometry::source`), zeros over the padding: for each kernel row the kw x in_ch values
+/// inside the image are one contiguous run of the input.
+#[inline(always)]
+pub fn patch_into(dst: &mut [f32], inp: &[f32], g: &ConvGeometry, at: &PixelWalk) {
+    let (PixelWalk { b, oy, ox, .. }, c) = (*at, g.in_ch);
+    if g.pad == 0 {
+        // 'Valid': every kernel row is kw x in_ch values inside the image.
         for (ky, run) in dst.chunks_exact_mut(g.kw * c).enumerate() {
-            let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
-            match y {
-                Some(y) if kx1 > kx0 => {
-                    // kx0 >= pad - ox, so the first column inside is x = ox + kx0 - pad >= 0.
-                    let start = ((b * g.h + y) * g.w + ox + kx0 - g.pad) * c;
-                    let len = (kx1 - kx0) * c;
-                    run[..kx0 * c].fill(0.0);
-                    copy_run(&mut run[kx0 * c..kx1 * c], &inp[start..start + len]);
-                    run[kx1 * c..].fill(0.0);
-                }
-                _ => run.fill(0.0),
+            let start = ((b * g.h + oy + ky) * g.w + ox) * c;
+            copy_run(run, &inp[start..start + run.len()]);
+        }
+        return;
+    }
+    let (kx0, kx1) = inside_columns(g, ox);
+    for (ky, run) in dst.chunks_exact_mut(g.kw * c).enumerate() {
+        let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
+        match y {
+            Some(y) if kx1 > kx0 => {
+                // kx0 >= pad - ox, so the first column inside is x = ox + kx0 - pad >= 0.
+                let start = ((b * g.h + y) * g.w + ox + kx0 - g.pad) * c;
+                run[..kx0 * c].fill(0.0);
+                copy_run(&mut run[kx0 * c..kx1 * c], &inp[start..start + (kx1 - kx0) * c]);
+                run[kx1 * c..].fill(0.0);
             }
+            _ => run.fill(0.0),
         }
     }
 }
@@ -111,7 +140,7 @@ fn im2col_padded(dst: &mut [f32], inp: &[f32], g: &ConvGeometry, (b, oy, ox): (u
 /// copy loop of unknown length into a call to memcpy, which costs more than these copies), by
 /// memcpy otherwise.
 #[inline(always)]
-pub(crate) fn copy_run(dst: &mut [f32], src: &[f32]) {
+fn copy_run(dst: &mut [f32], src: &[f32]) {
     macro_rules! fixed {
         ($($n:literal)*) => {
             match dst.len() {
@@ -186,9 +215,8 @@ pub fn input_gradient(
                 product(at * ohw, images * ohw, dcols);
                 col2im_images(d_block, dcols, g);
                 if let Some(mask) = mask {
-                    for (x, &m) in d_block.iter_mut().zip(&mask[at * image..]) {
-                        *x = if m > 0.0 { *x } else { 0.0 };
-                    }
+                    let n = d_block.len();
+                    cpu_fast::matmul_epilogue(d_block, None, false, Some(&mask[at * image..][..n]), 1, n);
                 }
             }
         })

@@ -17,7 +17,7 @@
 
 use super::products::{Epilogue, Mapped};
 use super::{CpuBackend, CpuKind, Patches};
-use crate::backend::cpu_conv;
+use crate::backend::cpu_conv::{self, PixelWalk};
 use crate::backend::cpu_fast;
 use crate::backend::cpu_gemm::{self, ALayout, Runs};
 use crate::backend::cpu_narrow::Strided;
@@ -428,72 +428,6 @@ fn direct_rows(
     }
 }
 
-/// Output pixel `row`'s coordinates (b, oy, ox), then each next pixel's, without a division per
-/// pixel.
-#[derive(Clone, Copy)]
-struct PixelWalk {
-    b: usize,
-    oy: usize,
-    ox: usize,
-    oh: usize,
-    ow: usize,
-}
-
-impl PixelWalk {
-    fn at(g: &ConvGeometry, row: usize) -> PixelWalk {
-        let (oh, ow) = (g.oh(), g.ow());
-        PixelWalk {
-            b: row / (oh * ow),
-            oy: row % (oh * ow) / ow,
-            ox: row % ow,
-            oh,
-            ow,
-        }
-    }
-
-    #[inline(always)]
-    fn advance(&mut self) {
-        self.ox += 1;
-        if self.ox == self.ow {
-            self.ox = 0;
-            self.oy += 1;
-            if self.oy == self.oh {
-                self.oy = 0;
-                self.b += 1;
-            }
-        }
-    }
-}
-
-/// The patch of output pixel `at` into `patch`, in (ky, kx, c) order (`ConvGeometry::source`),
-/// zeros over the padding.
-#[inline(always)]
-fn direct_patch(patch: &mut [f32; DIRECT_MAX_PATCH], inp: &[f32], g: &ConvGeometry, at: &PixelWalk) {
-    let PixelWalk { b, oy, ox, .. } = *at;
-    let mut kk = 0;
-    if g.pad == 0 {
-        // Every value is inside the image: kw x in_ch contiguous values per kernel row.
-        let run = g.kw * g.in_ch;
-        for ky in 0..g.kh {
-            let start = ((b * g.h + oy + ky) * g.w + ox) * g.in_ch;
-            cpu_conv::copy_run(&mut patch[kk..kk + run], &inp[start..start + run]);
-            kk += run;
-        }
-        return;
-    }
-    for ky in 0..g.kh {
-        let y = (oy + ky).checked_sub(g.pad).filter(|&y| y < g.h);
-        for kx in 0..g.kw {
-            let x = (ox + kx).checked_sub(g.pad).filter(|&x| x < g.w);
-            let base = y.zip(x).map(|(y, x)| ((b * g.h + y) * g.w + x) * g.in_ch);
-            for c in 0..g.in_ch {
-                patch[kk] = base.map_or(0.0, |at| inp[at + c]);
-                kk += 1;
-            }
-        }
-    }
-}
-
 /// `direct_rows` for `F` filters: the same operations in the same order as `direct_rows_any`
 /// (so the same bits), with the F sums held in registers instead of the output row.
 #[inline(always)]
@@ -508,7 +442,7 @@ fn direct_rows_fixed<const F: usize>(
     let mut patch = [0.0f32; DIRECT_MAX_PATCH];
     let mut at = PixelWalk::at(g, first);
     for o in out.chunks_exact_mut(F) {
-        direct_patch(&mut patch, inp, g, &at);
+        cpu_conv::patch_into(&mut patch[..k], inp, g, &at);
         at.advance();
         let mut acc = [0.0f32; F];
         for (&v, w) in patch[..k].iter().zip(weight.as_chunks::<F>().0) {
@@ -544,7 +478,7 @@ fn direct_rows_any(
     let mut patch = [0.0f32; DIRECT_MAX_PATCH];
     let mut at = PixelWalk::at(g, first);
     for o in out.chunks_exact_mut(filters) {
-        direct_patch(&mut patch, inp, g, &at);
+        cpu_conv::patch_into(&mut patch[..k], inp, g, &at);
         at.advance();
         o.fill(0.0);
         for (kk, &v) in patch[..k].iter().enumerate() {
@@ -574,7 +508,7 @@ mod tests {
         let mut out = Vec::new();
         let mut patch = [0.0f32; DIRECT_MAX_PATCH];
         for row in 0..g.pixels() {
-            direct_patch(&mut patch, inp, g, &PixelWalk::at(g, row));
+            cpu_conv::patch_into(&mut patch[..g.patch()], inp, g, &PixelWalk::at(g, row));
             for f in 0..filters {
                 let sum: f64 = (0..g.patch())
                     .map(|kk| patch[kk] as f64 * weight[kk * filters + f] as f64)
