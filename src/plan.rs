@@ -11,7 +11,7 @@
 
 use crate::backend::ops::{
     weight_gradient_ops, ConvGeometry, DenseShape, Fusions, Gather, Loss, Matmul, MatmulKind, Op, OutputLayer, Pool,
-    PoolKind, PoolShape, Update,
+    PoolKind, PoolShape, PoolWeightGradient, Update,
 };
 use crate::backend::{DatasetId, ParamTensors, TensorId};
 use crate::optim::Optimizer;
@@ -204,7 +204,36 @@ pub fn fuse(ops: Vec<Op>, fusions: Fusions) -> Vec<Op> {
     } else {
         ops
     };
-    merge(ops, 4, |w| fuse_output_layer(w, fusions))
+    let mut ops = merge(ops, 4, |w| fuse_output_layer(w, fusions));
+    if fusions.pool_weight_gradient {
+        fuse_pool_weight_gradient(&mut ops);
+    }
+    ops
+}
+
+/// [max pool backward through a ReLU, the weight gradient with its update of the convolution
+/// before it] as the step's last two ops (the first layer's: nothing after them reads the pool's
+/// input gradient) -> one `PoolWeightGradient`.
+fn fuse_pool_weight_gradient(ops: &mut Vec<Op>) {
+    let n = ops.len();
+    let Some(&[Op::Pool(pool), Op::Matmul(weight)]) = ops.get(n.saturating_sub(2)..) else {
+        return;
+    };
+    let (PoolKind::Backward { dinp, relu: true, .. }, Some(g)) = (pool.kind, weight.conv) else {
+        return;
+    };
+    let MatmulKind::BackwardWeight {
+        dout, update: Some(_), ..
+    } = weight.kind
+    else {
+        return;
+    };
+    let s = pool.shape;
+    if dout != dinp || (s.images, s.h, s.w, s.ch) != (g.images, g.oh(), g.ow(), weight.shape.outputs) {
+        return;
+    }
+    ops.truncate(n - 2);
+    ops.push(Op::PoolWeightGradient(PoolWeightGradient { pool, weight }));
 }
 
 /// Replace every window of `width` ops that `rule` merges by its result, left to right.

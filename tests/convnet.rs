@@ -144,6 +144,58 @@ fn a_custom_stack_trains_on_the_cpu_paths() {
     }
 }
 
+/// The fast CPU path runs a first layer's pool backward pass and weight gradient as one op
+/// (`PoolWeightGradient`, where its CPU has AVX-512): the book's plan ends with it, a stack whose
+/// first layer is not pooled has none, and first layers the one-pass kernel does not take (16
+/// filters, a narrow product) or takes with padding (48 filters, 'same') train as the reference
+/// does.
+#[test]
+fn a_first_layer_pool_and_weight_gradient_fuse_on_the_fast_cpu_path() {
+    use gpu_mnist::backend::Op;
+    use gpu_mnist::plan::PlanKind;
+    let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
+    let data = mnist().train.first(3 * 10);
+    let fused_ops = |spec: &ModelSpec| {
+        let mut be = CpuBackend::fast();
+        let mut graph = Graph::new(&mut be, spec, 10).unwrap();
+        let ds = be.upload_dataset(&data).unwrap();
+        let plan = graph.plan(&mut be, PlanKind::Train, (ds, 10), Some(opt)).unwrap();
+        let fused: Vec<usize> = (0..plan.len())
+            .filter(|&i| matches!(plan[i], Op::PoolWeightGradient(_)))
+            .collect();
+        (fused, plan.len(), be.fusions().pool_weight_gradient)
+    };
+    let (fused, len, fuses) = fused_ops(&ModelSpec::convnet());
+    println!("the book's plan: {len} ops, fused pool + weight gradient at {fused:?}");
+    assert_eq!(fused, if fuses { vec![len - 1] } else { vec![] });
+    let (fused, _, _) =
+        fused_ops(&ModelSpec::parse("--layers", "conv:32:3,conv:32:3,pool:2,flatten,dense:10").unwrap());
+    assert!(fused.is_empty(), "a first layer without a pool after it: {fused:?}");
+    for layers in [
+        "conv:16:3,pool:2,flatten,dense:10",
+        "conv:48:3:same,pool:2,conv:8:3,flatten,dense:10",
+    ] {
+        let spec = ModelSpec::parse("--layers", layers).unwrap();
+        let (fast, fast_grads, fast_params) = run_steps(&mut CpuBackend::fast(), &spec, (&data, 10), 3);
+        let (slow, slow_grads, slow_params) = run_steps(&mut CpuBackend::reference(), &spec, (&data, 10), 3);
+        let loss = |s: &[StepStats]| s.iter().map(|x| x.loss_sum).collect::<Vec<f32>>();
+        assert_close(
+            &format!("{layers}: losses, fast vs reference"),
+            &loss(&fast),
+            &loss(&slow),
+            1e-5,
+            1e-3,
+        );
+        let pairs = fast_grads
+            .iter()
+            .zip(&slow_grads)
+            .chain(fast_params.iter().zip(&slow_params));
+        for (f, s) in pairs {
+            assert_close(&format!("{layers}: {}", f.name), &f.data, &s.data, 1e-5, 1e-3);
+        }
+    }
+}
+
 /// A batch whose activations do not fit the GPU's largest storage binding is refused before
 /// anything is allocated, with a usage error naming the layer and the limit (or, past what any
 /// device holds, the activation count).

@@ -948,6 +948,7 @@ fn train_plans_fuse_to_at_most_seven_ops() {
         weight_update: true,
         output_layer_max_rows: usize::MAX,
         output_layer_max_work: usize::MAX,
+        pool_weight_gradient: true,
     };
     let merged = plan::fuse(plain.clone(), everything);
     assert_eq!(merged.len(), plain.len() - 7, "{}", plan::describe(&merged));
@@ -994,6 +995,7 @@ fn a_fused_plan_computes_exactly_what_the_plain_one_does() {
         weight_update: true,
         output_layer_max_rows: usize::MAX,
         output_layer_max_work: usize::MAX,
+        pool_weight_gradient: true,
     };
     let mut results = Vec::new();
     for fuse in [false, true] {

@@ -5,10 +5,101 @@
 //! same inputs; only memory order and instruction selection differ (AVX2 where the CPU has it,
 //! chosen at run time; no fused multiply-add, which would change the rounding).
 
+use super::cpu_pool;
+
 /// dbias (OC) = column sums of dout (B, OC), accumulated row by row (contiguous reads) in the
 /// reference's order: ((d[0] + d[1]) + d[2]) + ...; with the sums of 16, 32, 64 or 128 columns
-/// held in registers (a sum kept in dbias waits on its own store every row).
+/// held in registers (a sum kept in dbias waits on its own store every row). A large dout (a
+/// convolution's, megabytes) is summed by the pool's threads, each over its own group of columns
+/// (whole cache lines of every row), so every column is still summed in row order.
 pub fn bias_backward(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) {
+    let groups = column_groups(b, oc);
+    if groups > 1 {
+        let width = oc / groups;
+        let mut parts = dbias[..oc].chunks_mut(width).enumerate();
+        let items: [_; MAX_COLUMN_GROUPS] = std::array::from_fn(|_| parts.next());
+        let dout = &dout[..b * oc];
+        cpu_pool::for_each(items, &|(g, part): (usize, &mut [f32])| {
+            bias_backward_columns(part, dout, oc, g * width)
+        });
+        return;
+    }
+    bias_backward_whole(dbias, dout, b, oc);
+}
+
+/// The most column groups `bias_backward` splits a gradient into (16 columns, one cache line of
+/// a row, each).
+const MAX_COLUMN_GROUPS: usize = 8;
+
+/// Values of dout worth splitting its bias gradient over threads (a 256 KiB gradient).
+const BIAS_SPLIT_MIN: usize = 1 << 16;
+
+/// Column groups for the bias gradient of dout (b, oc): one per thread, of 16, 32 or 64 columns;
+/// 1 (no split) for a small gradient, one thread or a column count that is not 32, 64 or 128.
+fn column_groups(b: usize, oc: usize) -> usize {
+    if b * oc < BIAS_SPLIT_MIN || !matches!(oc, 32 | 64 | 128) {
+        return 1;
+    }
+    let mut groups = 1;
+    while groups * 2 <= cpu_pool::threads() && groups * 2 <= oc / 16 {
+        groups *= 2;
+    }
+    groups
+}
+
+/// part (W) = the column sums of dout (rows of oc) over columns j0..j0 + W, in row order.
+fn bias_backward_columns(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { bias_columns_avx2(part, dout, oc, j0) };
+            return;
+        }
+    }
+    bias_columns_sized(part, dout, oc, j0);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bias_columns_avx2(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) {
+    bias_columns_sized(part, dout, oc, j0);
+}
+
+#[inline(always)]
+fn bias_columns_sized(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) {
+    match part.len() {
+        16 => bias_columns_fixed::<16>(part, dout, oc, j0),
+        32 => bias_columns_fixed::<32>(part, dout, oc, j0),
+        64 => bias_columns_fixed::<64>(part, dout, oc, j0),
+        w => {
+            part.fill(0.0);
+            for row in dout.chunks_exact(oc) {
+                for (acc, &d) in part.iter_mut().zip(&row[j0..j0 + w]) {
+                    *acc += d;
+                }
+            }
+        }
+    }
+}
+
+/// `bias_columns_sized` for W columns, summed in a local array.
+#[inline(always)]
+fn bias_columns_fixed<const W: usize>(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) {
+    let mut acc = [0.0f32; W];
+    for row in dout.chunks_exact(oc) {
+        let Some(cols) = row[j0..].first_chunk::<W>() else {
+            break;
+        };
+        for j in 0..W {
+            acc[j] += cols[j];
+        }
+    }
+    part[..W].copy_from_slice(&acc);
+}
+
+/// `bias_backward` on this thread.
+fn bias_backward_whole(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -115,8 +206,8 @@ mod tests {
     #[test]
     fn bit_identical_to_the_reference() {
         // Column counts with sums in registers (16 .. 128) and without (29).
-        for oc in [16, 32, 64, 128, 29] {
-            let b = 37;
+        // 37 rows on one thread; 4099 rows, split over the threads by columns where oc allows.
+        for (oc, b) in [16, 32, 64, 128, 29].into_iter().flat_map(|oc| [(oc, 37), (oc, 4099)]) {
             let dout: Vec<f32> = (0..b * oc).map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5).collect();
             let (mut fast, mut slow) = (vec![0.0; oc], vec![0.0; oc]);
             bias_backward(&mut fast, &dout, b, oc);

@@ -286,6 +286,16 @@ pub struct OutputLayer {
     pub opt: Optimizer,
 }
 
+/// A first convolution layer's last two ops of a step: the backward pass of the max pool after it
+/// (through its ReLU), then its weight gradient with the update. The pool's `dinp` is that
+/// gradient's `dout` and nothing else reads it, so a backend that runs the pair as one op may
+/// leave it unwritten.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolWeightGradient {
+    pub pool: Pool,
+    pub weight: Matmul,
+}
+
 /// An op of a step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Op {
@@ -295,6 +305,7 @@ pub enum Op {
     Loss(Loss),
     Update(Update),
     OutputLayer(OutputLayer),
+    PoolWeightGradient(PoolWeightGradient),
 }
 
 impl Op {
@@ -315,6 +326,7 @@ impl Op {
             Op::Loss(_) => "softmax cross-entropy",
             Op::Update(_) => "optimizer update",
             Op::OutputLayer(_) => "output layer step",
+            Op::PoolWeightGradient(_) => "max pool backward + weight gradient",
         }
     }
 
@@ -363,6 +375,9 @@ impl Op {
                 o.shape.inputs,
                 o.shape.outputs
             ),
+            Op::PoolWeightGradient(f) => {
+                format!("{} + {}", Op::Pool(f.pool).describe(), Op::Matmul(f.weight).describe())
+            }
         }
     }
 }
@@ -376,6 +391,8 @@ pub struct Fusions {
     /// inputs at most `output_layer_max_work` (0: never).
     pub output_layer_max_rows: usize,
     pub output_layer_max_work: usize,
+    /// `Op::PoolWeightGradient`.
+    pub pool_weight_gradient: bool,
 }
 
 impl Fusions {
@@ -438,6 +455,10 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
                 be.run(&op, at)?;
             }
             Ok(())
+        }
+        Op::PoolWeightGradient(f) => {
+            be.run(&Op::Pool(f.pool), at)?;
+            be.run(&Op::Matmul(f.weight), at)
         }
         _ => be.run(op, at),
     }

@@ -15,15 +15,18 @@
 //! same order as over the written ones, so both give the same bits. The reference runs
 //! `reference`'s loops, the fast path `cpu_conv`'s, which give the same values bit for bit.
 
-use super::products::{Epilogue, Mapped};
+use super::direct::{self, DIRECT_MAX_PATCH};
+use super::products::{self, Epilogue, Mapped};
 use super::{CpuBackend, CpuKind, Patches};
-use crate::backend::cpu_conv::{self, PixelWalk};
+use crate::backend::cpu_conv;
 use crate::backend::cpu_fast;
 use crate::backend::cpu_gemm::{self, ALayout, Runs};
-use crate::backend::cpu_narrow::Strided;
-use crate::backend::ops::{run_unfused, ConvGeometry, Matmul, MatmulKind, MatmulShape, Op, Pool, PoolKind, StepAt};
+use crate::backend::cpu_narrow::{self, Strided};
+use crate::backend::ops::{
+    run_unfused, ConvGeometry, Matmul, MatmulKind, MatmulShape, Op, Pool, PoolKind, PoolWeightGradient, StepAt,
+};
 use crate::backend::reference as r;
-use crate::backend::TensorId;
+use crate::backend::{ParamTensors, TensorId};
 use crate::error::{Error, Result};
 
 impl CpuBackend {
@@ -62,7 +65,9 @@ impl CpuBackend {
                 self.matmul_forward(m.shape, out, inp, weight, epilogue, Some(mapped_patches(&g, false)))
             }
             // The weight step runs after the gradient, which comes back here without it.
-            MatmulKind::BackwardWeight { update: Some(_), .. } if self.maps_patches(g) => {
+            MatmulKind::BackwardWeight { update: Some(_), .. }
+                if self.maps_patches(g) || self.direct_weights(g, m.shape.outputs) =>
+            {
                 run_unfused(self, &Op::Matmul(*m), at)
             }
             MatmulKind::BackwardWeight {
@@ -74,6 +79,15 @@ impl CpuBackend {
             } if self.maps_patches(g) => {
                 let mapped = mapped_patches(&g, true);
                 self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout, Some(mapped))
+            }
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp,
+                dout,
+                update: None,
+            } if self.direct_weights(g, m.shape.outputs) => {
+                self.direct_weight_gradient((dweight, dbias), (inp, dout), g, m.shape.outputs)
             }
             MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } => {
                 let cols = self.patches_of(inp, g)?;
@@ -149,6 +163,106 @@ impl CpuBackend {
         self.kind == CpuKind::Fast && cpu_gemm::available() && g.pad == 0 && g.ow() >= 8 && g.kw * g.in_ch >= 12
     }
 
+    /// Whether the fast path computes this convolution's weight and bias gradients straight from
+    /// the images (`direct_weight_gradient`): a patch of at most `DIRECT_MAX_PATCH` values, filters
+    /// in groups of 16 (up to `direct::MAX_FILTERS`), on AVX-512, where the patch matrix's product
+    /// would be `products::sgemm`'s (not a narrow one), whose bits it gives.
+    fn direct_weights(&self, g: ConvGeometry, filters: usize) -> bool {
+        self.kind == CpuKind::Fast
+            && cpu_gemm::available()
+            && g.patch() <= DIRECT_MAX_PATCH
+            && filters.is_multiple_of(16)
+            && filters <= direct::MAX_FILTERS
+            && !cpu_narrow::fits(g.pixels(), filters)
+    }
+
+    /// dweight (patch, filters) = patches^T @ dout and dbias (filters) = the column sums of dout,
+    /// straight from the images in one pass over dout (`direct::weight_gradient`): no patch
+    /// matrix, and dout (a first layer's: megabytes) read once for both.
+    fn direct_weight_gradient(
+        &mut self,
+        (dweight, dbias): (TensorId, Option<TensorId>),
+        (inp, dout): (TensorId, TensorId),
+        g: ConvGeometry,
+        filters: usize,
+    ) -> Result<()> {
+        let (patch, pixels) = (g.patch(), g.pixels());
+        let pieces = products::k_pieces(patch, pixels);
+        let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
+        let inputs = [(inp, g.image_len()), (dout, pixels * filters)];
+        self.with_out("matmul backward weight", (dweight, patch * filters), &inputs, |o, i| {
+            direct::weight_gradient((o, &mut bias_sums[..filters]), (i[0], i[1]), &g, filters, pieces)
+        })?;
+        match dbias {
+            Some(dbias) => self.with_out("matmul backward weight", (dbias, filters), &[], |o, _| {
+                o.copy_from_slice(&bias_sums[..filters])
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A first layer's pool backward pass and weight gradient with its update as one op: the
+    /// gradients straight from the pool's gradient and the layer's output (`direct`), the layer's
+    /// output gradient never written; where `direct` does not take the layer, the two ops.
+    pub(super) fn pool_weight_gradient(&mut self, f: &PoolWeightGradient, at: StepAt) -> Result<()> {
+        let unfused = |s: &mut Self| run_unfused(s, &Op::PoolWeightGradient(*f), at);
+        let (
+            PoolKind::Backward {
+                dinp,
+                dout: dpool,
+                inp: out,
+                relu: true,
+            },
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp,
+                dout,
+                update: Some(u),
+            },
+            Some(g),
+        ) = (f.pool.kind, f.weight.kind, f.weight.conv)
+        else {
+            return unfused(self);
+        };
+        let (pool, filters) = (f.pool.shape, f.weight.shape.outputs);
+        let fits = (pool.images, pool.h, pool.w, pool.ch, pool.size) == (g.images, g.oh(), g.ow(), filters, 2);
+        if dout != dinp || !fits || !self.direct_weights(g, filters) || f.weight.shape != g.dense(filters) {
+            return unfused(self);
+        }
+        let (patch, pixels) = (g.patch(), g.pixels());
+        let pieces = products::k_pieces(patch, pixels);
+        let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
+        let inputs = [(inp, g.image_len()), (out, pool.in_len()), (dpool, pool.out_len())];
+        self.with_out(
+            "max pool backward + weight gradient",
+            (dweight, patch * filters),
+            &inputs,
+            |o, i| {
+                let operands = (i[0], i[1], i[2]);
+                direct::pool_weight_gradient((o, &mut bias_sums[..filters]), operands, (&g, &pool), filters, pieces)
+            },
+        )?;
+        let weight = ParamTensors {
+            value: u.weight.value,
+            grad: dweight,
+            velocity: u.weight.velocity,
+        };
+        self.update(weight, patch * filters, &u.opt)?;
+        if let Some(dbias) = dbias {
+            self.with_out("max pool backward + weight gradient", (dbias, filters), &[], |o, _| {
+                o.copy_from_slice(&bias_sums[..filters])
+            })?;
+            let bias = ParamTensors {
+                value: u.bias.value,
+                grad: dbias,
+                velocity: u.bias.velocity,
+            };
+            self.update(bias, filters, &u.opt)?;
+        }
+        Ok(())
+    }
+
     /// out (pixels, filters) = relu?(patches @ weight + bias) straight from the images, for a patch
     /// of at most `DIRECT_MAX_PATCH` values (a first layer over one channel), where building the
     /// patch matrix would cost more than the product.
@@ -168,7 +282,7 @@ impl CpuBackend {
         let inputs = &inputs[..if bias.is_some() { 3 } else { 2 }];
         self.with_out("matmul forward", (out, g.pixels() * filters), inputs, |o, i| {
             let bias = i.get(2).copied();
-            cpu_conv_direct(o, (i[0], i[1], bias), relu, &g, filters)
+            direct::forward(o, (i[0], i[1], bias), relu, &g, filters)
         })
     }
 
@@ -359,205 +473,5 @@ fn mapped_patches(g: &ConvGeometry, transposed: bool) -> Mapped {
     Mapped {
         layout,
         len: g.image_len(),
-    }
-}
-
-/// Patches of at most this many values go straight from the images (`direct_forward`).
-const DIRECT_MAX_PATCH: usize = 16;
-
-/// `CpuBackend::direct_forward`'s arithmetic, split over the pool's threads by images: each
-/// output pixel's patch (zeros over the padding) times the weight's rows, in patch order, then
-/// + bias and ReLU, as the reference's product and epilogue do.
-fn cpu_conv_direct(
-    out: &mut [f32],
-    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
-    relu: bool,
-    g: &ConvGeometry,
-    filters: usize,
-) {
-    let per_image = g.oh() * g.ow() * filters;
-    if per_image == 0 || g.images == 0 {
-        return;
-    }
-    let chunks = crate::backend::cpu_sparse::chunk_count(g.images);
-    let images = g.images.div_ceil(chunks);
-    let mut pieces = out[..g.images * per_image].chunks_mut(images * per_image).enumerate();
-    let items: [_; crate::backend::cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
-    crate::backend::cpu_pool::for_each(items, &|(p, o): (usize, &mut [f32])| {
-        let first = p * images * g.oh() * g.ow();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                unsafe { direct_rows_avx2(o, (inp, weight, bias), relu, g, (first, filters)) };
-                return;
-            }
-        }
-        direct_rows(o, (inp, weight, bias), relu, g, (first, filters));
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn direct_rows_avx2(
-    out: &mut [f32],
-    operands: (&[f32], &[f32], Option<&[f32]>),
-    relu: bool,
-    g: &ConvGeometry,
-    at: (usize, usize),
-) {
-    direct_rows(out, operands, relu, g, at)
-}
-
-/// Output pixels first.. (as many as `out` holds) of `cpu_conv_direct`: with a filter count the
-/// accumulators can be registers for (the book's 32, and 8, 16, 64), through `direct_rows_fixed`.
-#[inline(always)]
-fn direct_rows(
-    out: &mut [f32],
-    operands: (&[f32], &[f32], Option<&[f32]>),
-    relu: bool,
-    g: &ConvGeometry,
-    (first, filters): (usize, usize),
-) {
-    match filters {
-        8 => direct_rows_fixed::<8>(out, operands, relu, g, first),
-        16 => direct_rows_fixed::<16>(out, operands, relu, g, first),
-        32 => direct_rows_fixed::<32>(out, operands, relu, g, first),
-        64 => direct_rows_fixed::<64>(out, operands, relu, g, first),
-        _ => direct_rows_any(out, operands, relu, g, (first, filters)),
-    }
-}
-
-/// `direct_rows` for `F` filters: the same operations in the same order as `direct_rows_any`
-/// (so the same bits), with the F sums held in registers instead of the output row.
-#[inline(always)]
-fn direct_rows_fixed<const F: usize>(
-    out: &mut [f32],
-    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
-    relu: bool,
-    g: &ConvGeometry,
-    first: usize,
-) {
-    let k = g.patch();
-    let mut patch = [0.0f32; DIRECT_MAX_PATCH];
-    let mut at = PixelWalk::at(g, first);
-    for o in out.chunks_exact_mut(F) {
-        cpu_conv::patch_into(&mut patch[..k], inp, g, &at);
-        at.advance();
-        let mut acc = [0.0f32; F];
-        for (&v, w) in patch[..k].iter().zip(weight.as_chunks::<F>().0) {
-            for j in 0..F {
-                acc[j] += v * w[j];
-            }
-        }
-        // A bias holds F values (checked with the operands by `with_out`).
-        if let Some(bias) = bias.and_then(|b| b.first_chunk::<F>()) {
-            for j in 0..F {
-                acc[j] += bias[j];
-            }
-        }
-        if relu {
-            for a in acc.iter_mut() {
-                *a = if *a > 0.0 { *a } else { 0.0 };
-            }
-        }
-        o.copy_from_slice(&acc);
-    }
-}
-
-/// `direct_rows` for any filter count, summing in the output row.
-#[inline(always)]
-fn direct_rows_any(
-    out: &mut [f32],
-    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
-    relu: bool,
-    g: &ConvGeometry,
-    (first, filters): (usize, usize),
-) {
-    let k = g.patch();
-    let mut patch = [0.0f32; DIRECT_MAX_PATCH];
-    let mut at = PixelWalk::at(g, first);
-    for o in out.chunks_exact_mut(filters) {
-        cpu_conv::patch_into(&mut patch[..k], inp, g, &at);
-        at.advance();
-        o.fill(0.0);
-        for (kk, &v) in patch[..k].iter().enumerate() {
-            for (acc, &w) in o.iter_mut().zip(&weight[kk * filters..(kk + 1) * filters]) {
-                *acc += v * w;
-            }
-        }
-        if let Some(bias) = bias {
-            for (acc, &b) in o.iter_mut().zip(bias) {
-                *acc += b;
-            }
-        }
-        if relu {
-            for acc in o.iter_mut() {
-                *acc = if *acc > 0.0 { *acc } else { 0.0 };
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// out (pixels, filters) = relu(patch @ weight + bias) in f64, for comparison.
-    fn reference(inp: &[f32], weight: &[f32], bias: &[f32], g: &ConvGeometry, filters: usize) -> Vec<f32> {
-        let mut out = Vec::new();
-        let mut patch = [0.0f32; DIRECT_MAX_PATCH];
-        for row in 0..g.pixels() {
-            cpu_conv::patch_into(&mut patch[..g.patch()], inp, g, &PixelWalk::at(g, row));
-            for f in 0..filters {
-                let sum: f64 = (0..g.patch())
-                    .map(|kk| patch[kk] as f64 * weight[kk * filters + f] as f64)
-                    .sum::<f64>()
-                    + bias[f] as f64;
-                out.push(sum.max(0.0) as f32);
-            }
-        }
-        out
-    }
-
-    /// The register-held sums give the same bits as the sums in the output row, and both agree
-    /// with an f64 reference, at every filter count with a fixed path and one without, with and
-    /// without padding, over one and three channels.
-    #[test]
-    fn direct_rows_fixed_and_any_agree_bit_for_bit() {
-        let value = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
-        for (in_ch, k, pad) in [(1, 3, 0), (1, 3, 1), (1, 1, 0), (3, 2, 1), (3, 2, 0)] {
-            let g = ConvGeometry {
-                images: 3,
-                h: 7,
-                w: 5,
-                in_ch,
-                kh: k,
-                kw: k,
-                pad,
-            };
-            let inp: Vec<f32> = (0..g.image_len()).map(|i| value(i + 7)).collect();
-            for filters in [5, 8, 16, 32, 64] {
-                let weight: Vec<f32> = (0..g.patch() * filters).map(|i| value(i + 101)).collect();
-                let bias: Vec<f32> = (0..filters).map(|i| value(i + 977) / 4.0).collect();
-                let mut fixed = vec![f32::NAN; g.pixels() * filters];
-                let mut any = vec![f32::NAN; g.pixels() * filters];
-                let operands = (&inp[..], &weight[..], Some(&bias[..]));
-                direct_rows(&mut fixed, operands, true, &g, (0, filters));
-                direct_rows_any(&mut any, operands, true, &g, (0, filters));
-                let want = reference(&inp, &weight, &bias, &g, filters);
-                let diff = fixed
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
-                println!("in {in_ch}, k {k}, pad {pad}, filters {filters}: max diff from f64 {diff:.2e}");
-                assert!(diff < 1e-5, "filters {filters}: {diff}");
-                assert!(
-                    fixed.iter().zip(&any).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "filters {filters}"
-                );
-            }
-        }
     }
 }

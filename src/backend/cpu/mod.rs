@@ -4,7 +4,8 @@
 //! a side is at most 16 (the output layer's, `cpu_narrow`), and a blocked GEMM on row pieces over
 //! the threads otherwise (`cpu_gemm`, or `matrixmultiply` without AVX-512). This file holds the tensors, datasets, the gather,
 //! the loss and the updates; `products` holds the matmuls, `conv` the convolutions (over patch
-//! matrices) and max pooling.
+//! matrices) and max pooling, `direct` a first layer's products straight from the pixels (and its
+//! gradients straight from its pool's).
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec), and
 //! every fused op as its composition (`ops::run_unfused`); `CpuBackend::fast()` differs only in the
@@ -12,6 +13,7 @@
 //! futures of `read` and `collect_stats` are ready at once.
 
 mod conv;
+mod direct;
 mod products;
 
 use products::MAX_INPUTS;
@@ -427,6 +429,8 @@ impl Backend for CpuBackend {
         // every fusion as its composition.
         Fusions {
             weight_update: self.kind == CpuKind::Fast,
+            // A first layer's gradients straight from its pool's gradient (`direct`), on AVX-512.
+            pool_weight_gradient: self.kind == CpuKind::Fast && cpu_gemm::available(),
             ..Fusions::default()
         }
     }
@@ -442,6 +446,7 @@ impl Backend for CpuBackend {
             Op::Update(u) => self.update(u.param, u.len, &u.opt),
             Op::Pool(p) => self.pool(p),
             Op::OutputLayer(_) => run_unfused(self, op, at),
+            Op::PoolWeightGradient(f) => self.pool_weight_gradient(f, at),
         }
     }
 

@@ -199,17 +199,28 @@ impl CpuBackend {
         let result = self.with_out(op, (out, len), inputs, |o, i| {
             let (b, c, oc) = product.dims;
             match kind {
-                CpuKind::Reference => (product.reference)(o, i[0], i[1], b, c, oc),
+                CpuKind::Reference => {
+                    (product.reference)(o, i[0], i[1], b, c, oc);
+                    let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
+                    r::matmul_epilogue(o, bias, epilogue.relu, mask, len / n.max(1), n);
+                }
                 CpuKind::Fast => {
                     let [(ra, ca), (rb, cb)] = product.strides;
                     let b = Strided::new(i[1], rb, cb);
+                    // Each piece of C's rows gets its epilogue as soon as its product is done,
+                    // on the thread that computed it, while the piece is still in its cache.
+                    let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
+                    let finish = |first: usize, piece: &mut [f32]| {
+                        let rows = piece.len() / n.max(1);
+                        let mask = mask.map(|m| &m[first * n..]);
+                        cpu_fast::matmul_epilogue(piece, bias, epilogue.relu, mask, rows, n)
+                    };
                     match product.mapped {
-                        Some(layout) => sgemm_mapped(product.shape, (i[0], layout), b, o, &mut narrow),
-                        None => sgemm(product.shape, Strided::new(i[0], ra, ca), b, o, &mut narrow),
+                        Some(layout) => sgemm_mapped(product.shape, (i[0], layout), b, o, (&mut narrow, &finish)),
+                        None => sgemm(product.shape, Strided::new(i[0], ra, ca), b, o, (&mut narrow, &finish)),
                     }
                 }
             }
-            apply_epilogue(kind, o, &i[2..], epilogue, len / n.max(1), n);
         });
         self.narrow = narrow;
         result
@@ -420,15 +431,6 @@ fn epilogue_tensors<'a>(extra: &[&'a [f32]], epilogue: Epilogue) -> (Option<&'a 
     (bias, mask)
 }
 
-/// Run the epilogue on out (b, n); `extra` holds the bias and mask slices present, in that order.
-fn apply_epilogue(kind: CpuKind, out: &mut [f32], extra: &[&[f32]], epilogue: Epilogue, b: usize, n: usize) {
-    let (bias, mask) = epilogue_tensors(extra, epilogue);
-    match kind {
-        CpuKind::Reference => r::matmul_epilogue(out, bias, epilogue.relu, mask, b, n),
-        CpuKind::Fast => cpu_fast::matmul_epilogue(out, bias, epilogue.relu, mask, b, n),
-    }
-}
-
 /// The least work, in multiply-adds, worth a piece of its own when a dense product is split over
 /// threads (a hand-off costs about a microsecond, this much work about five).
 const SPLIT_MIN_MACS: usize = 1 << 18;
@@ -444,24 +446,44 @@ const SPLIT_K_MIN: usize = 4096;
 /// The pieces of a K split: a constant, so that the sums do not depend on the thread count.
 const SPLIT_K_PIECES: usize = 8;
 
+/// The pieces `sgemm` cuts the sums of a product of m rows over k into: `SPLIT_K_PIECES` for a
+/// short, long-summed product, else 1 (each sum in one run).
+pub(super) fn k_pieces(m: usize, k: usize) -> usize {
+    if m < SPLIT_K_MAX_ROWS && k >= SPLIT_K_MIN {
+        SPLIT_K_PIECES
+    } else {
+        1
+    }
+}
+
 /// C (m, n) = A @ B with A and B read through their strides: the three products of a dense
 /// layer are this one call with different strides. A product with a narrow side (the output
 /// layer's) runs `cpu_narrow` on this thread; a short, long-summed one is split along K
 /// (`sgemm_split_k`); otherwise C's rows are cut into pieces spread over `cpu_pool`'s threads,
-/// each running a single-threaded GEMM on its share.
-fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut cpu_narrow::Scratch) {
+/// each running a single-threaded GEMM on its share. `finish(first row, rows)` is called once on
+/// every row of C after its product is done (on each piece, by the thread that computed it).
+fn sgemm(
+    shape: MatmulShape,
+    a: Strided,
+    b: Strided,
+    c: &mut [f32],
+    (narrow, finish): (&mut cpu_narrow::Scratch, &Finish),
+) {
     let MatmulShape { m, n, k } = shape;
     if cpu_narrow::fits(k, n) {
         cpu_narrow::matmul(shape, a, b, c, narrow);
+        finish(0, &mut c[..m * n]);
         return;
     }
     let c = &mut c[..m * n];
     if m == 0 || n == 0 || k == 0 {
         c.fill(0.0);
+        finish(0, c);
         return;
     }
-    if m < SPLIT_K_MAX_ROWS && k >= SPLIT_K_MIN {
+    if k_pieces(m, k) > 1 {
         sgemm_split_k(shape, (a, b), c, &mut narrow.partials);
+        finish(0, c);
         return;
     }
     let (rows, items) = row_pieces(c, shape);
@@ -477,6 +499,7 @@ fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut
             assert!(a.reaches(first + m - 1, k - 1));
             let a0 = unsafe { a.data.as_ptr().add(first * a.row) };
             unsafe { cpu_gemm::gemm_packed(MatmulShape { m, n, k }, a0, (a.row, a.col), &packed, c) };
+            finish(first, c);
         });
         return;
     }
@@ -495,8 +518,12 @@ fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], narrow: &mut
                 c,
             )
         };
+        finish(first, c);
     });
 }
+
+/// What runs on rows of C once their product is done: (index of the first row, the rows).
+type Finish<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
 
 /// C (m rows of n) cut into pieces of whole rows for the pool's threads: a piece per
 /// SPLIT_MIN_MACS of work, up to `chunk_count`, of at least PIECE_MIN_ROWS rows. Returns the rows
@@ -513,19 +540,21 @@ fn row_pieces(c: &mut [f32], shape: MatmulShape) -> (usize, [Option<(usize, &mut
 }
 
 /// C (m, n) = A @ B with A read through its layout (`cpu_gemm::gemm_mapped`): C's rows cut into
-/// pieces spread over `cpu_pool`'s threads, as `sgemm` does, over B made ready once.
+/// pieces spread over `cpu_pool`'s threads, as `sgemm` does, over B made ready once; `finish` as
+/// in `sgemm`.
 fn sgemm_mapped(
     shape: MatmulShape,
     (a, layout): (&[f32], ALayout),
     b: Strided,
     c: &mut [f32],
-    narrow: &mut cpu_narrow::Scratch,
+    (narrow, finish): (&mut cpu_narrow::Scratch, &Finish),
 ) {
     let MatmulShape { m, n, k } = shape;
     assert!(cpu_gemm::available(), "a mapped A runs only on the AVX-512 product");
     let c = &mut c[..m * n];
     if m == 0 || n == 0 || k == 0 {
         c.fill(0.0);
+        finish(0, c);
         return;
     }
     let (rows, items) = row_pieces(c, shape);
@@ -535,6 +564,7 @@ fn sgemm_mapped(
         // SAFETY (of `gemm_mapped`): the CPU has AVX-512 (asserted above); the call checks A's
         // layout against its slice, B's and C's shapes.
         unsafe { cpu_gemm::gemm_mapped(MatmulShape { m, n, k }, a, layout, i * rows, &packed, c) };
+        finish(i * rows, c);
     });
 }
 

@@ -489,6 +489,7 @@ impl Backend for WgpuBackend {
             weight_update: true,
             output_layer_max_rows: if output_layer { OUTPUT_LAYER_MAX_ROWS } else { 0 },
             output_layer_max_work: if output_layer { OUTPUT_LAYER_MAX_WORK } else { 0 },
+            pool_weight_gradient: false,
         }
     }
 
@@ -508,6 +509,8 @@ impl Backend for WgpuBackend {
             // The optimizer step runs only fused into a weight gradient (the plan fuses every
             // update): a lone update is that op's composition, which names the unfused op.
             Op::OutputLayer(_) => run_unfused(self, op, at),
+            // Only the CPU's plans fuse a pool's backward pass with a weight gradient.
+            Op::PoolWeightGradient(_) => run_unfused(self, op, at),
             Op::Pool(p) => self.pool(p),
             Op::Update(_) => Err(Error::shape(
                 "optimizer update",

@@ -1,0 +1,633 @@
+//! A first convolution layer straight from the pixels, for a patch of at most
+//! `DIRECT_MAX_PATCH` values (the book's first layer: 3 x 3 over one channel), where writing the
+//! patch matrix would cost more than the products that read it.
+//!
+//! Contract: `forward` gives the bits of the reference's product and epilogue over the patch
+//! matrix (the same multiplications and additions, in patch order, without fused multiply-adds);
+//! `weight_gradient` gives the bits of the fast path's dense products over the patch matrix (the
+//! weight gradient's fused multiply-adds in pixel order, in the same K pieces as
+//! `products::sgemm`, and the bias gradient's sums in row order, as `cpu_fast::bias_backward`),
+//! reading each pixel's patch from the images and each row of the output's gradient once for
+//! both; `pool_weight_gradient` gives the bits of the pool's backward pass then
+//! `weight_gradient`, forming the layer's output gradient from the pool's as it goes instead of
+//! reading it from memory.
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use crate::backend::cpu_conv::{self, PixelWalk};
+use crate::backend::cpu_pool;
+use crate::backend::cpu_sparse;
+use crate::backend::ops::{ConvGeometry, PoolShape};
+
+/// Patches of at most this many values go straight from the images.
+pub const DIRECT_MAX_PATCH: usize = 16;
+
+/// `CpuBackend::direct_forward`'s arithmetic, split over the pool's threads by images: each
+/// output pixel's patch (zeros over the padding) times the weight's rows, in patch order, then
+/// + bias and ReLU, as the reference's product and epilogue do.
+pub fn forward(
+    out: &mut [f32],
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    filters: usize,
+) {
+    let per_image = g.oh() * g.ow() * filters;
+    if per_image == 0 || g.images == 0 {
+        return;
+    }
+    let chunks = cpu_sparse::chunk_count(g.images);
+    let images = g.images.div_ceil(chunks);
+    let mut pieces = out[..g.images * per_image].chunks_mut(images * per_image).enumerate();
+    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    cpu_pool::for_each(items, &|(p, o): (usize, &mut [f32])| {
+        let first = p * images * g.oh() * g.ow();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                unsafe { direct_rows_avx2(o, (inp, weight, bias), relu, g, (first, filters)) };
+                return;
+            }
+        }
+        direct_rows(o, (inp, weight, bias), relu, g, (first, filters));
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn direct_rows_avx2(
+    out: &mut [f32],
+    operands: (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    at: (usize, usize),
+) {
+    direct_rows(out, operands, relu, g, at)
+}
+
+/// Output pixels first.. (as many as `out` holds) of `forward`: with a filter count the
+/// accumulators can be registers for (the book's 32, and 8, 16, 64), through `direct_rows_fixed`.
+#[inline(always)]
+fn direct_rows(
+    out: &mut [f32],
+    operands: (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    (first, filters): (usize, usize),
+) {
+    match filters {
+        8 => direct_rows_fixed::<8>(out, operands, relu, g, first),
+        16 => direct_rows_fixed::<16>(out, operands, relu, g, first),
+        32 => direct_rows_fixed::<32>(out, operands, relu, g, first),
+        64 => direct_rows_fixed::<64>(out, operands, relu, g, first),
+        _ => direct_rows_any(out, operands, relu, g, (first, filters)),
+    }
+}
+
+/// `direct_rows` for `F` filters: the same operations in the same order as `direct_rows_any`
+/// (so the same bits), with the F sums held in registers instead of the output row.
+#[inline(always)]
+fn direct_rows_fixed<const F: usize>(
+    out: &mut [f32],
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    first: usize,
+) {
+    let k = g.patch();
+    let mut patch = [0.0f32; DIRECT_MAX_PATCH];
+    let mut at = PixelWalk::at(g, first);
+    for o in out.chunks_exact_mut(F) {
+        cpu_conv::patch_into(&mut patch[..k], inp, g, &at);
+        at.advance();
+        let mut acc = [0.0f32; F];
+        for (&v, w) in patch[..k].iter().zip(weight.as_chunks::<F>().0) {
+            for j in 0..F {
+                acc[j] += v * w[j];
+            }
+        }
+        // A bias holds F values (checked with the operands by `with_out`).
+        if let Some(bias) = bias.and_then(|b| b.first_chunk::<F>()) {
+            for j in 0..F {
+                acc[j] += bias[j];
+            }
+        }
+        if relu {
+            for a in acc.iter_mut() {
+                *a = if *a > 0.0 { *a } else { 0.0 };
+            }
+        }
+        o.copy_from_slice(&acc);
+    }
+}
+
+/// `direct_rows` for any filter count, summing in the output row.
+#[inline(always)]
+fn direct_rows_any(
+    out: &mut [f32],
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    (first, filters): (usize, usize),
+) {
+    let k = g.patch();
+    let mut patch = [0.0f32; DIRECT_MAX_PATCH];
+    let mut at = PixelWalk::at(g, first);
+    for o in out.chunks_exact_mut(filters) {
+        cpu_conv::patch_into(&mut patch[..k], inp, g, &at);
+        at.advance();
+        o.fill(0.0);
+        for (kk, &v) in patch[..k].iter().enumerate() {
+            for (acc, &w) in o.iter_mut().zip(&weight[kk * filters..(kk + 1) * filters]) {
+                *acc += v * w;
+            }
+        }
+        if let Some(bias) = bias {
+            for (acc, &b) in o.iter_mut().zip(bias) {
+                *acc += b;
+            }
+        }
+        if relu {
+            for acc in o.iter_mut() {
+                *acc = if *acc > 0.0 { *acc } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Columns of the output's gradient one item of `weight_gradient` sums: an AVX-512 vector.
+const GROUP: usize = 16;
+
+/// The most filters `weight_gradient` takes: a group per item of `cpu_pool::for_each`.
+pub const MAX_FILTERS: usize = GROUP * cpu_sparse::MAX_CHUNKS;
+
+/// One group's sums: the patch's rows of the weight gradient, then the bias gradient.
+type GroupSums = [f32; (DIRECT_MAX_PATCH + 1) * GROUP];
+
+/// dweight (patch, filters) = patches^T @ dout and dbias (filters) = the column sums of dout, for
+/// dout (pixels, filters), in one pass over dout: the pool's threads each take groups of 16
+/// filters (whole cache lines of dout's rows), read every pixel's patch from the images and
+/// multiply-add it into the group's sums. Each weight sum runs in pixel order within each of
+/// `pieces` equal runs of the pixels, and the runs' sums are added in order (the split over K of
+/// `products::sgemm`); each bias sum adds the rows in order from 0.
+///
+/// The CPU must have AVX-512 (`cpu_gemm::available`), `filters` must be a multiple of 16 up to
+/// `MAX_FILTERS` and the patch at most `DIRECT_MAX_PATCH` values; otherwise this panics.
+pub fn weight_gradient(
+    (dweight, dbias): (&mut [f32], &mut [f32]),
+    (inp, dout): (&[f32], &[f32]),
+    g: &ConvGeometry,
+    filters: usize,
+    pieces: usize,
+) {
+    assert!(dout.len() >= g.pixels() * filters);
+    let source = Gradient::Rows { dout };
+    group_products((dweight, dbias), (inp, source), g, filters, pieces);
+}
+
+/// `weight_gradient` with dout the gradient that a 2 x 2 max pool (`pool`, over the layer's
+/// output `out` (pixels, filters)) passes back through the layer's ReLU: dpool (the pool's output
+/// gradient) at each window's first maximum where that maximum is > 0, 0 elsewhere, as
+/// `cpu_conv::maxpool_backward` writes it; so the same bits, without writing dout.
+///
+/// Panics as `weight_gradient` does, or where `pool` is not a 2 x 2 pool of `out`.
+pub fn pool_weight_gradient(
+    (dweight, dbias): (&mut [f32], &mut [f32]),
+    (inp, out, dpool): (&[f32], &[f32], &[f32]),
+    (g, pool): (&ConvGeometry, &PoolShape),
+    filters: usize,
+    pieces: usize,
+) {
+    assert!(pool.size == 2 && (pool.images, pool.h, pool.w, pool.ch) == (g.images, g.oh(), g.ow(), filters));
+    assert!(out.len() >= pool.in_len() && dpool.len() >= pool.out_len());
+    let source = Gradient::Pooled {
+        out,
+        dpool,
+        pool: *pool,
+    };
+    group_products((dweight, dbias), (inp, source), g, filters, pieces);
+}
+
+/// Where the layer's output gradient comes from.
+#[derive(Clone, Copy)]
+enum Gradient<'a> {
+    /// dout (pixels, filters) as it lies.
+    Rows { dout: &'a [f32] },
+    /// Routed by a 2 x 2 max pool through a ReLU (`pool_weight_gradient`).
+    Pooled {
+        out: &'a [f32],
+        dpool: &'a [f32],
+        pool: PoolShape,
+    },
+}
+
+/// `weight_gradient`'s split into groups of 16 filters over the pool's threads.
+fn group_products(
+    (dweight, dbias): (&mut [f32], &mut [f32]),
+    (inp, source): (&[f32], Gradient),
+    g: &ConvGeometry,
+    filters: usize,
+    pieces: usize,
+) {
+    let patch = g.patch();
+    assert!(crate::backend::cpu_gemm::available() && filters.is_multiple_of(GROUP) && filters <= MAX_FILTERS);
+    assert!(patch <= DIRECT_MAX_PATCH && inp.len() >= g.image_len());
+    let mut sums = [[0.0f32; (DIRECT_MAX_PATCH + 1) * GROUP]; cpu_sparse::MAX_CHUNKS];
+    let mut groups = sums.iter_mut().take(filters / GROUP).enumerate();
+    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| groups.next());
+    cpu_pool::for_each(items, &|(group, out): (usize, &mut GroupSums)| {
+        // SAFETY: the CPU has AVX-512; the gradient's rows of `filters` cover the pixels and the
+        // group's columns lie inside a row; inp holds the images (all asserted above and by the
+        // callers).
+        unsafe { group_sums(out, (inp, source), g, (filters, group * GROUP), pieces.max(1)) }
+    });
+    for (group, sums) in sums.iter().take(filters / GROUP).enumerate() {
+        let j0 = group * GROUP;
+        for (kk, row) in sums.chunks_exact(GROUP).take(patch).enumerate() {
+            dweight[kk * filters + j0..][..GROUP].copy_from_slice(row);
+        }
+        dbias[j0..j0 + GROUP].copy_from_slice(&sums[patch * GROUP..][..GROUP]);
+    }
+}
+
+/// `weight_gradient`'s sums for the group of 16 filters from `j0`, into `out`, with the patch
+/// length a constant where it is a common one (the sums then stay in registers).
+///
+/// # Safety
+/// As `group_products` asserts: AVX-512, the gradient's rows of `filters` cover the images'
+/// pixels and j0 + 16 <= filters.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn group_sums(
+    out: &mut GroupSums,
+    operands: (&[f32], Gradient),
+    g: &ConvGeometry,
+    at: (usize, usize),
+    pieces: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match g.patch() {
+            1 => group_sums_fixed::<1>(out, operands, g, at, pieces),
+            4 => group_sums_fixed::<4>(out, operands, g, at, pieces),
+            9 => group_sums_fixed::<9>(out, operands, g, at, pieces),
+            16 => group_sums_fixed::<16>(out, operands, g, at, pieces),
+            _ => group_sums_fixed::<DIRECT_MAX_PATCH>(out, operands, g, at, pieces),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn group_sums(_: &mut GroupSums, _: (&[f32], Gradient), _: &ConvGeometry, _: (usize, usize), _: usize) {
+    unreachable!("weight_gradient runs only where cpu_gemm::available() holds, which is x86-64 with AVX-512")
+}
+
+/// `group_sums` for a patch of P values (P = `DIRECT_MAX_PATCH`: of the geometry's patch, with the
+/// values past it zero and their sums unused). With 'valid' padding every patch value is a pixel
+/// at a fixed offset from the patch's first, so the FMAs read the images directly, a run of an
+/// output row at a time; with padding each patch is copied out first (`patch_into`, zeros over
+/// the padding), as the patch matrix holds it.
+///
+/// # Safety
+/// As `group_sums`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn group_sums_fixed<const P: usize>(
+    out: &mut GroupSums,
+    (inp, source): (&[f32], Gradient),
+    g: &ConvGeometry,
+    (filters, j0): (usize, usize),
+    pieces: usize,
+) {
+    use std::arch::x86_64::*;
+    let (k, pixels, (oh, ow)) = (g.patch(), g.pixels(), (g.oh(), g.ow()));
+    let span = pixels.div_ceil(pieces);
+    // Patch value kk's offset from the patch's first value in the images ('valid' padding): its
+    // kernel row's start plus its place in that row's run of kw x in_ch values.
+    let run = g.kw * g.in_ch;
+    let offsets: [usize; P] = std::array::from_fn(|kk| if kk < k { kk / run * g.w * g.in_ch + kk % run } else { 0 });
+    let mut patch = [0.0f32; P];
+    let mut row = [_mm512_setzero_ps(); ROW_RUN];
+    // SAFETY: `fill_row` reads inside the gradient's operands for a pixel p < pixels (the
+    // caller's contract); with 'valid' padding, the patch values of pixel p lie inside its image
+    // (the last at the kernel's last row and column).
+    unsafe {
+        let mut total = [_mm512_setzero_ps(); P];
+        let mut bias = _mm512_setzero_ps();
+        for piece in 0..pieces {
+            let (first, end) = ((piece * span).min(pixels), ((piece + 1) * span).min(pixels));
+            let mut sums = [_mm512_setzero_ps(); P];
+            let mut p = first;
+            while p < end {
+                // A run of output row (b, oy) from column ox, its gradients in `row`.
+                let (b, oy, ox) = (p / (oh * ow), p % (oh * ow) / ow, p % ow);
+                let len = (ow - ox).min(end - p).min(ROW_RUN);
+                fill_row(&mut row, source, (b, oy, ox, len), (oh, ow, filters, j0));
+                let mut at = PixelWalk::at(g, p);
+                let mut first_value = inp.as_ptr().add(((b * g.h + oy) * g.w + ox) * g.in_ch);
+                for &d in &row[..len] {
+                    bias = _mm512_add_ps(bias, d);
+                    if g.pad == 0 {
+                        for (sum, &offset) in sums.iter_mut().zip(&offsets) {
+                            *sum = _mm512_fmadd_ps(_mm512_set1_ps(*first_value.add(offset)), d, *sum);
+                        }
+                        first_value = first_value.add(g.in_ch);
+                    } else {
+                        cpu_conv::patch_into(&mut patch[..k], inp, g, &at);
+                        at.advance();
+                        for (sum, &v) in sums.iter_mut().zip(&patch) {
+                            *sum = _mm512_fmadd_ps(_mm512_set1_ps(v), d, *sum);
+                        }
+                    }
+                }
+                p += len;
+            }
+            for (t, s) in total.iter_mut().zip(sums) {
+                *t = if piece == 0 { s } else { _mm512_add_ps(*t, s) };
+            }
+        }
+        for (kk, t) in total.iter().enumerate().take(k) {
+            _mm512_storeu_ps(out[kk * GROUP..].as_mut_ptr(), *t);
+        }
+        _mm512_storeu_ps(out[k * GROUP..].as_mut_ptr(), bias);
+    }
+}
+
+/// The most pixels of an output row `group_sums_fixed` takes at a time.
+const ROW_RUN: usize = 32;
+
+/// row[..len] = the output gradient of pixels (b, y, x0..x0 + len) (of images of oh x ow pixels)
+/// at filters j0..j0 + 16. Pooled: each window's maximum is found as
+/// `cpu_conv::maxpool_backward` finds it (the first strictly greater value in row-major order,
+/// NaN never greater), and a pixel gets the window's gradient if it is that maximum and the
+/// maximum is > 0; pixels outside every window get 0.
+///
+/// # Safety
+/// AVX-512; the pixels lie in the images, len <= ROW_RUN and j0 + 16 <= filters.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fill_row(
+    row: &mut [std::arch::x86_64::__m512; ROW_RUN],
+    source: Gradient,
+    (b, y, x0, len): (usize, usize, usize, usize),
+    (oh, ow, filters, j0): (usize, usize, usize, usize),
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract; a window's four pixels and its gradient lie inside `out`
+    // and `dpool` (their lengths asserted by `pool_weight_gradient`).
+    unsafe {
+        match source {
+            Gradient::Rows { dout } => {
+                let mut d = dout.as_ptr().add(((b * oh + y) * ow + x0) * filters + j0);
+                for slot in &mut row[..len] {
+                    *slot = _mm512_loadu_ps(d);
+                    d = d.add(filters);
+                }
+            }
+            Gradient::Pooled { out, dpool, pool } => {
+                let (wy, (ph, pw)) = (y / 2, (pool.oh(), pool.ow()));
+                let line = pool.w * filters;
+                // The lanes whose window maximum is this row's left and right pixel, and the
+                // window's gradient where the maximum is > 0.
+                let (mut left, mut right, mut gradient) = (0u16, 0u16, _mm512_setzero_ps());
+                for (x, slot) in (x0..x0 + len).zip(row.iter_mut()) {
+                    let wx = x / 2;
+                    if wy >= ph || wx >= pw {
+                        *slot = _mm512_setzero_ps();
+                        continue;
+                    }
+                    if x == x0 || x % 2 == 0 {
+                        let top_left = out
+                            .as_ptr()
+                            .add(((b * pool.h + 2 * wy) * pool.w + 2 * wx) * filters + j0);
+                        let v = [
+                            _mm512_loadu_ps(top_left),
+                            _mm512_loadu_ps(top_left.add(filters)),
+                            _mm512_loadu_ps(top_left.add(line)),
+                            _mm512_loadu_ps(top_left.add(line + filters)),
+                        ];
+                        let mut best = v[0];
+                        let mut at: [__mmask16; 4] = [u16::MAX, 0, 0, 0];
+                        for pos in 1..4 {
+                            let more = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v[pos], best);
+                            best = _mm512_mask_mov_ps(best, more, v[pos]);
+                            for earlier in at.iter_mut().take(pos) {
+                                *earlier &= !more;
+                            }
+                            at[pos] = more;
+                        }
+                        let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(best, _mm512_setzero_ps());
+                        let g = dpool.as_ptr().add(((b * ph + wy) * pw + wx) * filters + j0);
+                        gradient = _mm512_maskz_loadu_ps(positive, g);
+                        (left, right) = if y % 2 == 0 { (at[0], at[1]) } else { (at[2], at[3]) };
+                    }
+                    let here = if x % 2 == 0 { left } else { right };
+                    *slot = _mm512_maskz_mov_ps(here, gradient);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// out (pixels, filters) = relu(patch @ weight + bias) in f64, for comparison.
+    fn reference(inp: &[f32], weight: &[f32], bias: &[f32], g: &ConvGeometry, filters: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        let mut patch = [0.0f32; DIRECT_MAX_PATCH];
+        for row in 0..g.pixels() {
+            cpu_conv::patch_into(&mut patch[..g.patch()], inp, g, &PixelWalk::at(g, row));
+            for f in 0..filters {
+                let sum: f64 = (0..g.patch())
+                    .map(|kk| patch[kk] as f64 * weight[kk * filters + f] as f64)
+                    .sum::<f64>()
+                    + bias[f] as f64;
+                out.push(sum.max(0.0) as f32);
+            }
+        }
+        out
+    }
+
+    /// The register-held sums give the same bits as the sums in the output row, and both agree
+    /// with an f64 reference, at every filter count with a fixed path and one without, with and
+    /// without padding, over one and three channels.
+    #[test]
+    fn direct_rows_fixed_and_any_agree_bit_for_bit() {
+        let value = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
+        for (in_ch, k, pad) in [(1, 3, 0), (1, 3, 1), (1, 1, 0), (3, 2, 1), (3, 2, 0)] {
+            let g = ConvGeometry {
+                images: 3,
+                h: 7,
+                w: 5,
+                in_ch,
+                kh: k,
+                kw: k,
+                pad,
+            };
+            let inp: Vec<f32> = (0..g.image_len()).map(|i| value(i + 7)).collect();
+            for filters in [5, 8, 16, 32, 64] {
+                let weight: Vec<f32> = (0..g.patch() * filters).map(|i| value(i + 101)).collect();
+                let bias: Vec<f32> = (0..filters).map(|i| value(i + 977) / 4.0).collect();
+                let mut fixed = vec![f32::NAN; g.pixels() * filters];
+                let mut any = vec![f32::NAN; g.pixels() * filters];
+                let operands = (&inp[..], &weight[..], Some(&bias[..]));
+                direct_rows(&mut fixed, operands, true, &g, (0, filters));
+                direct_rows_any(&mut any, operands, true, &g, (0, filters));
+                let want = reference(&inp, &weight, &bias, &g, filters);
+                let diff = fixed
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                println!("in {in_ch}, k {k}, pad {pad}, filters {filters}: max diff from f64 {diff:.2e}");
+                assert!(diff < 1e-5, "filters {filters}: {diff}");
+                assert!(
+                    fixed.iter().zip(&any).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "filters {filters}"
+                );
+            }
+        }
+    }
+
+    /// The weight gradient in one pass gives the bits of the patch matrix's split-K product (each
+    /// piece's sums as single-rounding multiply-adds in pixel order, the pieces added in order)
+    /// and the bias gradient the bits of the reference's row-order sums, and both agree with f64;
+    /// at patches with a register-held path (1, 4, 9, 16) and without (12), with and without
+    /// padding, over 16 to 48 filters, with one piece and eight (the last ones short or empty).
+    #[test]
+    fn weight_gradient_gives_the_patch_products_bits() {
+        if !crate::backend::cpu_gemm::available() {
+            println!("no AVX-512: the direct weight gradient is not used on this CPU");
+            return;
+        }
+        let value = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
+        for (in_ch, k, pad, images) in [
+            (1, 3, 0, 5),
+            (1, 3, 1, 3),
+            (1, 1, 0, 2),
+            (1, 4, 0, 3),
+            (3, 2, 0, 4),
+            (3, 2, 1, 1),
+        ] {
+            let g = ConvGeometry {
+                images,
+                h: 9,
+                w: 7,
+                in_ch,
+                kh: k,
+                kw: k,
+                pad,
+            };
+            let (patch, pixels) = (g.patch(), g.pixels());
+            let inp: Vec<f32> = (0..g.image_len()).map(|i| value(i + 3).abs()).collect();
+            let mut cols = vec![0.0f32; pixels * patch];
+            for (p, row) in cols.chunks_exact_mut(patch).enumerate() {
+                cpu_conv::patch_into(row, &inp, &g, &PixelWalk::at(&g, p));
+            }
+            for filters in [16, 32, 48] {
+                let dout: Vec<f32> = (0..pixels * filters).map(|i| value(i + 11)).collect();
+                let mut want_bias = vec![0.0f32; filters];
+                crate::backend::reference::bias_backward(&mut want_bias, &dout, pixels, filters);
+                for pieces in [1, 8] {
+                    let span = pixels.div_ceil(pieces);
+                    let mut want = vec![0.0f32; patch * filters];
+                    let mut diff = 0.0f64;
+                    for kk in 0..patch {
+                        for f in 0..filters {
+                            let mut total = 0.0f32;
+                            for piece in 0..pieces {
+                                let (first, end) = ((piece * span).min(pixels), ((piece + 1) * span).min(pixels));
+                                let sum = (first..end)
+                                    .fold(0.0f32, |s, p| cols[p * patch + kk].mul_add(dout[p * filters + f], s));
+                                total = if piece == 0 { sum } else { total + sum };
+                            }
+                            want[kk * filters + f] = total;
+                            let exact: f64 = (0..pixels)
+                                .map(|p| cols[p * patch + kk] as f64 * dout[p * filters + f] as f64)
+                                .sum();
+                            diff = diff.max((exact - total as f64).abs());
+                        }
+                    }
+                    let (mut dweight, mut dbias) = (vec![f32::NAN; patch * filters], vec![f32::NAN; filters]);
+                    weight_gradient((&mut dweight, &mut dbias), (&inp, &dout), &g, filters, pieces);
+                    println!(
+                        "in {in_ch}, k {k}, pad {pad}, filters {filters}, pieces {pieces}: max diff from f64 {diff:.2e}"
+                    );
+                    assert!(diff < 1e-4, "the emulated sums are off: {diff}");
+                    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same(&dweight, &want),
+                        "weight gradient, filters {filters}, pieces {pieces}"
+                    );
+                    assert!(
+                        same(&dbias, &want_bias),
+                        "bias gradient, filters {filters}, pieces {pieces}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The pooled weight gradient gives the bits of `maxpool_backward` (through the ReLU) then
+    /// `weight_gradient`: at even and odd layer outputs (rows and columns no window covers), with
+    /// ties, maxima <= 0 and a NaN in the layer's output, with and without padding, over 16 and 48
+    /// filters, in one piece and eight.
+    #[test]
+    fn pool_weight_gradient_gives_the_unfused_bits() {
+        if !crate::backend::cpu_gemm::available() {
+            println!("no AVX-512: the direct weight gradient is not used on this CPU");
+            return;
+        }
+        let value = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
+        for (h, w, pad, images) in [(10, 10, 0, 3), (9, 11, 0, 2), (8, 7, 1, 2), (28, 28, 0, 2)] {
+            let g = ConvGeometry {
+                images,
+                h,
+                w,
+                in_ch: 1,
+                kh: 3,
+                kw: 3,
+                pad,
+            };
+            let inp: Vec<f32> = (0..g.image_len()).map(|i| value(i + 5).abs()).collect();
+            for filters in [16, 48] {
+                let pool = PoolShape {
+                    images,
+                    h: g.oh(),
+                    w: g.ow(),
+                    ch: filters,
+                    size: 2,
+                };
+                // Layer outputs in steps of 0.25 (ties), half of them <= 0, and one NaN.
+                let mut out: Vec<f32> = (0..pool.in_len())
+                    .map(|i| (value(i + 17) * 4.0).round() / 4.0)
+                    .collect();
+                out[filters + 3] = f32::NAN;
+                let dpool: Vec<f32> = (0..pool.out_len()).map(|i| value(i + 29)).collect();
+                let mut dout = vec![f32::NAN; pool.in_len()];
+                cpu_conv::maxpool_backward(&mut dout, &dpool, &out, &pool, true);
+                for pieces in [1, 8] {
+                    let patch = g.patch();
+                    let mut want = (vec![0.0f32; patch * filters], vec![0.0f32; filters]);
+                    weight_gradient((&mut want.0, &mut want.1), (&inp, &dout), &g, filters, pieces);
+                    let mut got = (vec![f32::NAN; patch * filters], vec![f32::NAN; filters]);
+                    let operands = (&inp[..], &out[..], &dpool[..]);
+                    pool_weight_gradient((&mut got.0, &mut got.1), operands, (&g, &pool), filters, pieces);
+                    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    let what = format!("{h}x{w} pad {pad}, filters {filters}, pieces {pieces}");
+                    assert!(same(&got.0, &want.0), "weight gradient, {what}");
+                    assert!(same(&got.1, &want.1), "bias gradient, {what}");
+                    assert!(
+                        got.0.iter().any(|&x| x != 0.0),
+                        "{what}: an all-zero gradient proves nothing"
+                    );
+                }
+            }
+        }
+    }
+}
