@@ -10,8 +10,8 @@
 //! (its mask is the ReLU's output) or, when a pool follows, the pool's backward op.
 
 use crate::backend::ops::{
-    weight_gradient_ops, ConvGeometry, DenseShape, Fusions, Gather, Loss, Matmul, MatmulKind, Op, OutputLayer, Pool,
-    PoolKind, PoolShape, PoolWeightGradient, Update,
+    weight_gradient_ops, ConvGeometry, ConvPool, DenseShape, Fusions, Gather, Loss, Matmul, MatmulKind, Op,
+    OutputLayer, Pool, PoolKind, PoolShape, PoolWeightGradient, Update,
 };
 use crate::backend::{DatasetId, ParamTensors, TensorId};
 use crate::optim::Optimizer;
@@ -207,8 +207,52 @@ pub fn fuse(ops: Vec<Op>, fusions: Fusions) -> Vec<Op> {
     let mut ops = merge(ops, 4, |w| fuse_output_layer(w, fusions));
     if fusions.pool_weight_gradient {
         fuse_pool_weight_gradient(&mut ops);
+        fuse_conv_pool(&mut ops);
     }
     ops
+}
+
+/// [a convolution's forward product with ReLU, the max pool of its output] -> one `ConvPool`,
+/// where nothing else reads the product's output: no op but the pool reads it, except a fused
+/// `PoolWeightGradient` (whose backend keeps the pool's choices for it).
+fn fuse_conv_pool(ops: &mut Vec<Op>) {
+    let Some(i) = ops.windows(2).position(|w| {
+        matches!(
+            w,
+            [Op::Matmul(Matmul {
+                kind: MatmulKind::Forward { relu: true, out, .. },
+                conv: Some(_),
+                ..
+            }), Op::Pool(Pool {
+                kind: PoolKind::Forward { inp, .. },
+                ..
+            })] if out == inp
+        )
+    }) else {
+        return;
+    };
+    let (Op::Matmul(conv), Op::Pool(pool)) = (ops[i], ops[i + 1]) else {
+        return;
+    };
+    let PoolKind::Forward { inp: product, .. } = pool.kind else {
+        return;
+    };
+    let read_elsewhere = ops.iter().enumerate().any(|(j, op)| {
+        j != i + 1
+            && match op {
+                Op::Pool(p) => matches!(p.kind, PoolKind::Backward { inp, .. } if inp == product),
+                Op::Matmul(m) => match m.kind {
+                    MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } => inp == product,
+                    MatmulKind::BackwardInput { relu_mask, .. } => relu_mask == Some(product),
+                },
+                Op::OutputLayer(o) => o.inp == product,
+                Op::Loss(l) => l.logits == product,
+                Op::Gather(_) | Op::Update(_) | Op::PoolWeightGradient(_) | Op::ConvPool(_) => false,
+            }
+    });
+    if !read_elsewhere {
+        ops.splice(i..i + 2, [Op::ConvPool(ConvPool { conv, pool })]);
+    }
 }
 
 /// [max pool backward through a ReLU, the weight gradient with its update of the convolution

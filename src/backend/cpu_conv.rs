@@ -11,7 +11,7 @@
 //! `cpu_sparse::MAX_CHUNKS` pieces. Nothing is allocated: the caller owns every buffer, each
 //! sized as in `reference` (slices may be longer; only the leading part is read or written).
 
-use std::cell::RefCell;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use super::cpu_fast;
 use super::cpu_pool;
@@ -175,23 +175,19 @@ pub fn col2im(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
     );
 }
 
-thread_local! {
-    /// A block of images' patch gradients (`input_gradient`); grows to the largest block this
-    /// thread has summed and is then reused.
-    static PATCH_GRADIENTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// The patch gradients a block of `input_gradient` holds at most (256 KiB, with at least one
 /// image): written by the product and read back by col2im while they are still in L2.
 const BLOCK_VALUES: usize = 1 << 16;
 
 /// dinp (images, h, w, in_ch) = col2im(the patches' gradient), then 0 where `mask` is not > 0,
 /// with the patches' gradient computed a block of images at a time by `product(first pixel,
-/// pixels, out)` (the rows of the (pixels, patch) matrix) into a per-thread buffer: the values
-/// of `col2im` over the whole matrix and the mask epilogue, bit for bit, without writing the
-/// whole matrix out (9 MB a step for the book's second layer).
+/// pixels, out)` (the rows of the (pixels, patch) matrix) into a block buffer: the values of
+/// `col2im` over the whole matrix and the mask epilogue, bit for bit, without writing the whole
+/// matrix out (9 MB a step for the book's second layer). `blocks` holds one buffer per thread
+/// (grown here on the first call of a geometry); a piece borrows whichever is free, so that a
+/// thread keeps reusing a buffer that sits in its cache.
 pub fn input_gradient(
-    dinp: &mut [f32],
+    (dinp, blocks): (&mut [f32], &mut Vec<f32>),
     mask: Option<&[f32]>,
     g: &ConvGeometry,
     product: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
@@ -204,23 +200,48 @@ pub fn input_gradient(
     let per_image = ohw * patch;
     let block_images = (BLOCK_VALUES / per_image.max(1)).max(1);
     let values = g.images * per_image + g.image_len();
+    // Images a piece, as `split_units` cuts them; at most one piece a thread runs at once.
+    let per = g.images.div_ceil(pieces(g.images, values)).max(1);
+    let block = (block_images.min(per) * per_image).max(1);
+    let buffers = cpu_pool::threads().min(g.images.div_ceil(per)).min(MAX_CHUNKS);
+    if blocks.len() < buffers * block {
+        blocks.resize(buffers * block, 0.0);
+    }
+    let mut free = blocks.chunks_mut(block).take(buffers);
+    let slots: [Mutex<Option<&mut [f32]>>; MAX_CHUNKS] = std::array::from_fn(|_| Mutex::new(free.next()));
     split_units(&mut dinp[..g.image_len()], image, values, &|first, part| {
-        PATCH_GRADIENTS.with_borrow_mut(|buffer| {
-            if buffer.len() < block_images * per_image {
-                buffer.resize(block_images * per_image, 0.0);
+        let mut buffer = borrow_free(&slots);
+        let Some(buffer) = buffer.as_deref_mut() else { return };
+        for (b, d_block) in part.chunks_mut(block_images * image).enumerate() {
+            let (images, at) = (d_block.len() / image, first + b * block_images);
+            let dcols = &mut buffer[..images * per_image];
+            product(at * ohw, images * ohw, dcols);
+            col2im_images(d_block, dcols, g);
+            if let Some(mask) = mask {
+                let n = d_block.len();
+                cpu_fast::matmul_epilogue(d_block, None, false, Some(&mask[at * image..][..n]), 1, n);
             }
-            for (b, d_block) in part.chunks_mut(block_images * image).enumerate() {
-                let (images, at) = (d_block.len() / image, first + b * block_images);
-                let dcols = &mut buffer[..images * per_image];
-                product(at * ohw, images * ohw, dcols);
-                col2im_images(d_block, dcols, g);
-                if let Some(mask) = mask {
-                    let n = d_block.len();
-                    cpu_fast::matmul_epilogue(d_block, None, false, Some(&mask[at * image..][..n]), 1, n);
-                }
-            }
-        })
+        }
     });
+}
+
+/// The first buffer of `slots` no other piece holds. There is one a thread and a thread runs
+/// one piece at a time, so one is always free; the loop only covers a look that raced another
+/// thread's release. A buffer whose piece panicked is still a buffer: it is taken as it is.
+fn borrow_free<'s, 'b>(slots: &'s [Mutex<Option<&'b mut [f32]>>]) -> MutexGuard<'s, Option<&'b mut [f32]>> {
+    loop {
+        for slot in slots {
+            let guard = match slot.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => continue,
+            };
+            if guard.is_some() {
+                return guard;
+            }
+        }
+        std::hint::spin_loop();
+    }
 }
 
 /// col2im of whole images: dinp holds them, dcols starts at the first one's patches.

@@ -296,6 +296,16 @@ pub struct PoolWeightGradient {
     pub weight: Matmul,
 }
 
+/// A first convolution layer's forward product (with its ReLU) and the max pool after it, as one
+/// op: the pool's `inp` is the product's `out` and nothing but the pool's backward pass (fused
+/// into `PoolWeightGradient`) reads it, so a backend that runs the pair as one op may leave it
+/// unwritten, keeping what its backward pass needs of the pool's choices instead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConvPool {
+    pub conv: Matmul,
+    pub pool: Pool,
+}
+
 /// An op of a step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Op {
@@ -306,6 +316,7 @@ pub enum Op {
     Update(Update),
     OutputLayer(OutputLayer),
     PoolWeightGradient(PoolWeightGradient),
+    ConvPool(ConvPool),
 }
 
 impl Op {
@@ -327,6 +338,7 @@ impl Op {
             Op::Update(_) => "optimizer update",
             Op::OutputLayer(_) => "output layer step",
             Op::PoolWeightGradient(_) => "max pool backward + weight gradient",
+            Op::ConvPool(_) => "matmul forward + max pool forward",
         }
     }
 
@@ -378,6 +390,7 @@ impl Op {
             Op::PoolWeightGradient(f) => {
                 format!("{} + {}", Op::Pool(f.pool).describe(), Op::Matmul(f.weight).describe())
             }
+            Op::ConvPool(f) => format!("{} + {}", Op::Matmul(f.conv).describe(), Op::Pool(f.pool).describe()),
         }
     }
 }
@@ -391,7 +404,8 @@ pub struct Fusions {
     /// inputs at most `output_layer_max_work` (0: never).
     pub output_layer_max_rows: usize,
     pub output_layer_max_work: usize,
-    /// `Op::PoolWeightGradient`.
+    /// `Op::PoolWeightGradient`, and with it `Op::ConvPool` (whose pool's input only the fused
+    /// backward pass may read).
     pub pool_weight_gradient: bool,
 }
 
@@ -459,6 +473,10 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
         Op::PoolWeightGradient(f) => {
             be.run(&Op::Pool(f.pool), at)?;
             be.run(&Op::Matmul(f.weight), at)
+        }
+        Op::ConvPool(f) => {
+            be.run(&Op::Matmul(f.conv), at)?;
+            be.run(&Op::Pool(f.pool), at)
         }
         _ => be.run(op, at),
     }

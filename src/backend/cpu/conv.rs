@@ -17,13 +17,14 @@
 
 use super::direct::{self, DIRECT_MAX_PATCH};
 use super::products::{self, Epilogue, Mapped};
-use super::{CpuBackend, CpuKind, Patches};
+use super::{CpuBackend, CpuKind, Patches, PoolCodes};
 use crate::backend::cpu_conv;
 use crate::backend::cpu_fast;
 use crate::backend::cpu_gemm::{self, ALayout, Runs};
 use crate::backend::cpu_narrow::{self, Strided};
 use crate::backend::ops::{
-    run_unfused, ConvGeometry, Matmul, MatmulKind, MatmulShape, Op, Pool, PoolKind, PoolWeightGradient, StepAt,
+    run_unfused, ConvGeometry, ConvPool, Matmul, MatmulKind, MatmulShape, Op, Pool, PoolKind, PoolShape,
+    PoolWeightGradient, StepAt,
 };
 use crate::backend::reference as r;
 use crate::backend::{ParamTensors, TensorId};
@@ -201,11 +202,80 @@ impl CpuBackend {
         }
     }
 
+    /// Whether the fast path runs a first layer and the 2 x 2 pool after it as one op forward
+    /// (`conv_pool`, the layer's output never stored) and backward (`pool_weight_gradient`):
+    /// the same rule for both, so that a backward pass never looks for an output that was not
+    /// stored.
+    fn fuses_first_layer(&self, g: ConvGeometry, pool: &PoolShape, filters: usize) -> bool {
+        self.direct(g)
+            && self.direct_weights(g, filters)
+            && (pool.images, pool.h, pool.w, pool.ch, pool.size) == (g.images, g.oh(), g.ow(), filters, 2)
+            && 4 * pool.ow() * filters <= direct::POOL_BAND_MAX
+    }
+
+    /// A first layer's forward product and its pool as one op (`direct::forward_pool`): the pool's
+    /// output and its choices, kept in `pool_codes` for the backward pass, without storing the
+    /// layer's output; where `fuses_first_layer` does not hold, the two ops.
+    pub(super) fn conv_pool(&mut self, f: &ConvPool, at: StepAt) -> Result<()> {
+        let (
+            MatmulKind::Forward {
+                out: product,
+                inp,
+                weight,
+                bias,
+                relu: true,
+            },
+            Some(g),
+            PoolKind::Forward {
+                out: pooled,
+                inp: pooled_from,
+            },
+        ) = (f.conv.kind, f.conv.conv, f.pool.kind)
+        else {
+            return run_unfused(self, &Op::ConvPool(*f), at);
+        };
+        let (pool, filters) = (f.pool.shape, f.conv.shape.outputs);
+        if product != pooled_from || f.conv.shape != g.dense(filters) || !self.fuses_first_layer(g, &pool, filters) {
+            return run_unfused(self, &Op::ConvPool(*f), at);
+        }
+        let slot = match self.pool_codes.iter().position(|c| c.product == product) {
+            Some(slot) => slot,
+            None => {
+                self.pool_codes.push(PoolCodes {
+                    product,
+                    shape: pool,
+                    version: 0,
+                    codes: Vec::new(),
+                });
+                self.pool_codes.len() - 1
+            }
+        };
+        let mut codes = std::mem::take(&mut self.pool_codes[slot].codes);
+        if codes.len() < pool.out_len() {
+            codes.resize(pool.out_len(), 0);
+        }
+        let inputs = [
+            (inp, g.image_len()),
+            (weight, g.patch() * filters),
+            (bias.unwrap_or(weight), filters),
+        ];
+        let inputs = &inputs[..if bias.is_some() { 3 } else { 2 }];
+        let op = "matmul forward + max pool forward";
+        let result = self.with_out(op, (pooled, pool.out_len()), inputs, |o, i| {
+            let operands = (i[0], i[1], i.get(2).copied());
+            direct::forward_pool((o, &mut codes[..pool.out_len()]), operands, true, (&g, &pool), filters)
+        });
+        let kept = &mut self.pool_codes[slot];
+        (kept.codes, kept.shape, kept.version) = (codes, pool, self.writes);
+        result
+    }
+
     /// A first layer's pool backward pass and weight gradient with its update as one op: the
-    /// gradients straight from the pool's gradient and the layer's output (`direct`), the layer's
-    /// output gradient never written; where `direct` does not take the layer, the two ops.
+    /// gradients straight from the pool's gradient (`direct`) and its choices kept by `conv_pool`,
+    /// or the layer's output where that was stored since; the layer's output gradient is never
+    /// written. Where `fuses_first_layer` does not hold, the two ops.
     pub(super) fn pool_weight_gradient(&mut self, f: &PoolWeightGradient, at: StepAt) -> Result<()> {
-        let unfused = |s: &mut Self| run_unfused(s, &Op::PoolWeightGradient(*f), at);
+        let op = "max pool backward + weight gradient";
         let (
             PoolKind::Backward {
                 dinp,
@@ -223,26 +293,50 @@ impl CpuBackend {
             Some(g),
         ) = (f.pool.kind, f.weight.kind, f.weight.conv)
         else {
-            return unfused(self);
+            return run_unfused(self, &Op::PoolWeightGradient(*f), at);
         };
         let (pool, filters) = (f.pool.shape, f.weight.shape.outputs);
-        let fits = (pool.images, pool.h, pool.w, pool.ch, pool.size) == (g.images, g.oh(), g.ow(), filters, 2);
-        if dout != dinp || !fits || !self.direct_weights(g, filters) || f.weight.shape != g.dense(filters) {
-            return unfused(self);
+        let out_version = self.versions[self.view(op, out, pool.in_len())?.storage];
+        let coded = self
+            .pool_codes
+            .iter()
+            .position(|c| c.product == out && c.shape == pool && c.version >= out_version);
+        if dout != dinp || f.weight.shape != g.dense(filters) || !self.fuses_first_layer(g, &pool, filters) {
+            if coded.is_some() {
+                let reason = "the layer's output was pooled without being stored".to_string();
+                return Err(Error::shape(op, reason));
+            }
+            return run_unfused(self, &Op::PoolWeightGradient(*f), at);
         }
         let (patch, pixels) = (g.patch(), g.pixels());
         let pieces = products::k_pieces(patch, pixels);
         let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
-        let inputs = [(inp, g.image_len()), (out, pool.in_len()), (dpool, pool.out_len())];
-        self.with_out(
-            "max pool backward + weight gradient",
-            (dweight, patch * filters),
-            &inputs,
-            |o, i| {
-                let operands = (i[0], i[1], i[2]);
-                direct::pool_weight_gradient((o, &mut bias_sums[..filters]), operands, (&g, &pool), filters, pieces)
-            },
-        )?;
+        let sums = (dweight, patch * filters);
+        match coded {
+            Some(slot) => {
+                let codes = std::mem::take(&mut self.pool_codes[slot].codes);
+                let inputs = [(inp, g.image_len()), (dpool, pool.out_len())];
+                let result = self.with_out(op, sums, &inputs, |o, i| {
+                    let operands = (i[0], &codes[..], i[1]);
+                    direct::pool_weight_gradient_coded(
+                        (o, &mut bias_sums[..filters]),
+                        operands,
+                        (&g, &pool),
+                        filters,
+                        pieces,
+                    )
+                });
+                self.pool_codes[slot].codes = codes;
+                result?;
+            }
+            None => {
+                let inputs = [(inp, g.image_len()), (out, pool.in_len()), (dpool, pool.out_len())];
+                self.with_out(op, sums, &inputs, |o, i| {
+                    let operands = (i[0], i[1], i[2]);
+                    direct::pool_weight_gradient((o, &mut bias_sums[..filters]), operands, (&g, &pool), filters, pieces)
+                })?;
+            }
+        }
         let weight = ParamTensors {
             value: u.weight.value,
             grad: dweight,
@@ -250,7 +344,7 @@ impl CpuBackend {
         };
         self.update(weight, patch * filters, &u.opt)?;
         if let Some(dbias) = dbias {
-            self.with_out("max pool backward + weight gradient", (dbias, filters), &[], |o, _| {
+            self.with_out(op, (dbias, filters), &[], |o, _| {
                 o.copy_from_slice(&bias_sums[..filters])
             })?;
             let bias = ParamTensors {
@@ -288,8 +382,8 @@ impl CpuBackend {
 
     /// dinp (the images) = col2im(dout (pixels, oc) @ weight (patch, oc)^T), then 0 where
     /// `relu_mask` is not > 0: the same products and sums as the patches' gradient matrix and
-    /// `col2im`, a block of images at a time on each thread (`cpu_conv::input_gradient`), so that
-    /// the matrix stays in the cache.
+    /// `col2im`, a block of images at a time on each thread (`cpu_conv::input_gradient`, into
+    /// `gradient_blocks`), so that the matrix stays in the cache.
     fn blocked_input_gradient(
         &mut self,
         (dinp, dout, weight, relu_mask): (TensorId, TensorId, TensorId, Option<TensorId>),
@@ -304,10 +398,11 @@ impl CpuBackend {
         ];
         let inputs = &inputs[..if relu_mask.is_some() { 3 } else { 2 }];
         let mut packed_b = std::mem::take(&mut self.narrow.packed_b);
+        let mut blocks = std::mem::take(&mut self.gradient_blocks);
         let result = self.with_out("matmul backward input", (dinp, g.image_len()), inputs, |o, i| {
             let (dout, weight, mask) = (i[0], i[1], i.get(2).copied());
             if pixels == 0 || patch == 0 || oc == 0 {
-                cpu_conv::input_gradient(o, mask, &g, &|_, _, dcols| dcols.fill(0.0));
+                cpu_conv::input_gradient((o, &mut blocks), mask, &g, &|_, _, dcols| dcols.fill(0.0));
                 return;
             }
             // B = weight^T (oc, patch): element (f, j) at j oc + f.
@@ -324,9 +419,10 @@ impl CpuBackend {
                 // packed with this k and n.
                 unsafe { cpu_gemm::gemm_packed(shape, dout[first * oc..].as_ptr(), (oc, 1), &b, dcols) };
             };
-            cpu_conv::input_gradient(o, mask, &g, &product);
+            cpu_conv::input_gradient((o, &mut blocks), mask, &g, &product);
         });
         self.narrow.packed_b = packed_b;
+        self.gradient_blocks = blocks;
         result
     }
 

@@ -42,16 +42,138 @@ pub fn forward(
     let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
     cpu_pool::for_each(items, &|(p, o): (usize, &mut [f32])| {
         let first = p * images * g.oh() * g.ow();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                unsafe { direct_rows_avx2(o, (inp, weight, bias), relu, g, (first, filters)) };
-                return;
-            }
-        }
-        direct_rows(o, (inp, weight, bias), relu, g, (first, filters));
+        output_rows(o, (inp, weight, bias), relu, g, (first, filters));
     });
+}
+
+/// The most values of two output rows `forward_pool` holds at once (on each thread's stack).
+pub const POOL_BAND_MAX: usize = 4096;
+
+/// pooled (images, oh / 2, ow / 2, filters) = a 2 x 2 max pool of `forward`'s output, and codes
+/// (the same shape) each window's choice (`pool_band`), split over the pool's
+/// threads by images: the output is computed two rows at a time, as `forward` computes it, and
+/// pooled at once, never stored whole. The pool must be 2 x 2 over the layer's output, and two
+/// rows of the windows' pixels at most `POOL_BAND_MAX` values, the filters a multiple of 16 and
+/// the CPU must have AVX-512; otherwise this panics.
+pub fn forward_pool(
+    (pooled, codes): (&mut [f32], &mut [u8]),
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    (g, pool): (&ConvGeometry, &PoolShape),
+    filters: usize,
+) {
+    assert!(pool.size == 2 && (pool.images, pool.h, pool.w, pool.ch) == (g.images, g.oh(), g.ow(), filters));
+    assert!(crate::backend::cpu_gemm::available() && filters.is_multiple_of(GROUP));
+    let (ph, pw) = (pool.oh(), pool.ow());
+    // The pixels of a band's row that some window covers.
+    let width = 2 * pw;
+    assert!(2 * width * filters <= POOL_BAND_MAX);
+    let per_image = ph * pw * filters;
+    if per_image == 0 || g.images == 0 {
+        return;
+    }
+    let images = g.images.div_ceil(cpu_sparse::chunk_count(g.images));
+    let pooled = pooled[..g.images * per_image].chunks_mut(images * per_image);
+    let mut pieces = pooled
+        .zip(codes[..g.images * per_image].chunks_mut(images * per_image))
+        .enumerate();
+    let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
+    cpu_pool::for_each(items, &|(p, (o, c)): (usize, (&mut [f32], &mut [u8]))| {
+        let mut band = [0.0f32; POOL_BAND_MAX];
+        let band = &mut band[..2 * width * filters];
+        let rows = o.chunks_exact_mut(pw * filters).zip(c.chunks_exact_mut(pw * filters));
+        for (k, (o_row, c_row)) in rows.enumerate() {
+            let (image, py) = (p * images + k / ph, k % ph);
+            for (dy, band_row) in band.chunks_exact_mut(width * filters).enumerate() {
+                let first = (image * g.oh() + 2 * py + dy) * g.ow();
+                output_rows(band_row, (inp, weight, bias), relu, g, (first, filters));
+            }
+            // SAFETY: the CPU has AVX-512 (`group_products` is never reached otherwise, and
+            // `forward_pool` asserts it), the band holds two rows of `width` pixels.
+            unsafe { pool_band(o_row, c_row, band, (width * filters, filters)) };
+        }
+    });
+}
+
+/// What a 2 x 2 window's first maximum chose, one byte a channel: its position (ky 2 + kx) where
+/// the maximum is > 0, else `NOT_POSITIVE` (the ReLU before the pool passes no gradient back).
+pub const NOT_POSITIVE: u8 = 4;
+
+/// One output row of a 2 x 2 max pool over `band` (the two rows of its windows' pixels, each
+/// `row` values long, pixels of `filters` channels, a multiple of 16): out (width / 2, filters) =
+/// each window's first maximum, as `cpu_conv::maxpool_forward` selects it (the first strictly
+/// greater value in row-major order, NaN never greater), and codes its choice.
+///
+/// # Safety
+/// AVX-512; `band` holds two rows of `row` values, out and codes at most row / 2 values each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pool_band(out: &mut [f32], codes: &mut [u8], band: &[f32], (row, filters): (usize, usize)) {
+    use std::arch::x86_64::*;
+    assert!(band.len() >= 2 * row && out.len() <= row / 2 && codes.len() >= out.len() && filters % GROUP == 0);
+    // SAFETY: window (ox, channels c..c + 16) reads band values 2 ox filters + c .. + 16 of both
+    // rows, and writes out and codes at ox filters + c .. + 16, all inside (asserted above).
+    unsafe {
+        for at in (0..out.len()).step_by(GROUP) {
+            let (ox, c) = (at / filters, at % filters);
+            let top_left = band.as_ptr().add(2 * ox * filters + c);
+            let mut best = _mm512_loadu_ps(top_left);
+            let mut choice = _mm512_setzero_si512();
+            for (pos, offset) in [(1, filters), (2, row), (3, row + filters)] {
+                let value = _mm512_loadu_ps(top_left.add(offset));
+                let more = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(value, best);
+                best = _mm512_mask_mov_ps(best, more, value);
+                choice = _mm512_mask_mov_epi32(choice, more, _mm512_set1_epi32(pos));
+            }
+            let not_positive = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(best, _mm512_setzero_ps());
+            choice = _mm512_mask_mov_epi32(choice, not_positive, _mm512_set1_epi32(NOT_POSITIVE as i32));
+            _mm512_storeu_ps(out.as_mut_ptr().add(at), best);
+            _mm_storeu_si128(codes.as_mut_ptr().add(at).cast(), _mm512_cvtepi32_epi8(choice));
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pool_band(_: &mut [f32], _: &mut [u8], _: &[f32], _: (usize, usize)) {
+    unreachable!("forward_pool runs only where cpu_gemm::available() holds, which is x86-64 with AVX-512")
+}
+
+/// `direct_rows` with AVX-512 or AVX2 where the CPU has it (the same multiplications and
+/// additions, never fused, so the same bits either way; AVX-512 takes a row of 32 sums in two
+/// instructions instead of four).
+fn output_rows(
+    out: &mut [f32],
+    operands: (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    at: (usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::backend::cpu_gemm::available() {
+            // SAFETY: the CPU has AVX-512 (checked just above).
+            unsafe { direct_rows_avx512(out, operands, relu, g, at) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { direct_rows_avx2(out, operands, relu, g, at) };
+            return;
+        }
+    }
+    direct_rows(out, operands, relu, g, at);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn direct_rows_avx512(
+    out: &mut [f32],
+    operands: (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    at: (usize, usize),
+) {
+    direct_rows(out, operands, relu, g, at)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -209,6 +331,27 @@ pub fn pool_weight_gradient(
     group_products((dweight, dbias), (inp, source), g, filters, pieces);
 }
 
+/// `pool_weight_gradient` with the pool's choices as `forward_pool` kept them (`codes`, one a
+/// pool output) instead of the layer's output: the same bits.
+///
+/// Panics as `pool_weight_gradient` does.
+pub fn pool_weight_gradient_coded(
+    (dweight, dbias): (&mut [f32], &mut [f32]),
+    (inp, codes, dpool): (&[f32], &[u8], &[f32]),
+    (g, pool): (&ConvGeometry, &PoolShape),
+    filters: usize,
+    pieces: usize,
+) {
+    assert!(pool.size == 2 && (pool.images, pool.h, pool.w, pool.ch) == (g.images, g.oh(), g.ow(), filters));
+    assert!(codes.len() >= pool.out_len() && dpool.len() >= pool.out_len());
+    let source = Gradient::Coded {
+        codes,
+        dpool,
+        pool: *pool,
+    };
+    group_products((dweight, dbias), (inp, source), g, filters, pieces);
+}
+
 /// Where the layer's output gradient comes from.
 #[derive(Clone, Copy)]
 enum Gradient<'a> {
@@ -217,6 +360,12 @@ enum Gradient<'a> {
     /// Routed by a 2 x 2 max pool through a ReLU (`pool_weight_gradient`).
     Pooled {
         out: &'a [f32],
+        dpool: &'a [f32],
+        pool: PoolShape,
+    },
+    /// Routed by the choices `forward_pool` kept (`pool_weight_gradient_coded`).
+    Coded {
+        codes: &'a [u8],
         dpool: &'a [f32],
         pool: PoolShape,
     },
@@ -428,6 +577,31 @@ unsafe fn fill_row(
                     *slot = _mm512_maskz_mov_ps(here, gradient);
                 }
             }
+            Gradient::Coded { codes, dpool, pool } => {
+                let (wy, (ph, pw)) = (y / 2, (pool.oh(), pool.ow()));
+                // This row's positions in a window (ky 2 + kx), as `pool_band` codes them.
+                let (at_left, at_right) = (
+                    _mm512_set1_epi32(2 * (y % 2) as i32),
+                    _mm512_set1_epi32(2 * (y % 2) as i32 + 1),
+                );
+                let (mut left, mut right, mut gradient) = (0u16, 0u16, _mm512_setzero_ps());
+                for (x, slot) in (x0..x0 + len).zip(row.iter_mut()) {
+                    let wx = x / 2;
+                    if wy >= ph || wx >= pw {
+                        *slot = _mm512_setzero_ps();
+                        continue;
+                    }
+                    if x == x0 || x % 2 == 0 {
+                        let at = ((b * ph + wy) * pw + wx) * filters + j0;
+                        let chosen = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(at).cast()));
+                        left = _mm512_cmpeq_epi32_mask(chosen, at_left);
+                        right = _mm512_cmpeq_epi32_mask(chosen, at_right);
+                        gradient = _mm512_loadu_ps(dpool.as_ptr().add(at));
+                    }
+                    let here = if x % 2 == 0 { left } else { right };
+                    *slot = _mm512_maskz_mov_ps(here, gradient);
+                }
+            }
         }
     }
 }
@@ -627,6 +801,94 @@ mod tests {
                         "{what}: an all-zero gradient proves nothing"
                     );
                 }
+            }
+        }
+    }
+
+    /// The fused forward pass gives the bits of `forward` then `cpu_conv::maxpool_forward`, and its
+    /// choices give the backward pass the bits it gets from the stored output: with ties (weights
+    /// and pixels on a coarse grid), maxima <= 0 (a negative bias), a NaN pixel, odd outputs and
+    /// padding, over 16 and 48 filters.
+    #[test]
+    fn forward_pool_and_its_choices_give_the_unfused_bits() {
+        if !crate::backend::cpu_gemm::available() {
+            println!("no AVX-512: the fused first layer is not used on this CPU");
+            return;
+        }
+        let value = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
+        for (h, w, pad, images) in [(10, 10, 0, 3), (9, 11, 0, 2), (8, 7, 1, 2), (28, 28, 0, 2)] {
+            let g = ConvGeometry {
+                images,
+                h,
+                w,
+                in_ch: 1,
+                kh: 3,
+                kw: 3,
+                pad,
+            };
+            let mut inp: Vec<f32> = (0..g.image_len())
+                .map(|i| (value(i + 5).abs() * 2.0).round() / 2.0)
+                .collect();
+            inp[w + 2] = f32::NAN;
+            for filters in [16, 48] {
+                let pool = PoolShape {
+                    images,
+                    h: g.oh(),
+                    w: g.ow(),
+                    ch: filters,
+                    size: 2,
+                };
+                let weight: Vec<f32> = (0..g.patch() * filters)
+                    .map(|i| (value(i + 13) * 4.0).round() / 4.0)
+                    .collect();
+                let bias: Vec<f32> = (0..filters)
+                    .map(|i| (value(i + 41) * 2.0).round() / 2.0 - 0.5)
+                    .collect();
+                let operands = (&inp[..], &weight[..], Some(&bias[..]));
+                let mut out = vec![f32::NAN; pool.in_len()];
+                forward(&mut out, operands, true, &g, filters);
+                let mut want = vec![f32::NAN; pool.out_len()];
+                cpu_conv::maxpool_forward(&mut want, &out, &pool);
+                let (mut pooled, mut codes) = (vec![f32::NAN; pool.out_len()], vec![0u8; pool.out_len()]);
+                forward_pool((&mut pooled, &mut codes), operands, true, (&g, &pool), filters);
+                let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                let what = format!("{h}x{w} pad {pad}, filters {filters}");
+                assert!(same(&pooled, &want), "pooled output, {what}");
+                let ties = out
+                    .iter()
+                    .zip(&out[filters..])
+                    .filter(|(a, b)| a == b && **a > 0.0)
+                    .count();
+                let not_positive = codes.iter().filter(|&&c| c == NOT_POSITIVE).count();
+                println!(
+                    "{what}: {ties} positive values equal to their right neighbour's, {not_positive} windows <= 0"
+                );
+                assert!(
+                    ties > 0 && not_positive > 0,
+                    "{what}: the data lack ties or maxima <= 0"
+                );
+
+                let dpool: Vec<f32> = (0..pool.out_len()).map(|i| value(i + 29)).collect();
+                let mut stored = (vec![0.0f32; g.patch() * filters], vec![0.0f32; filters]);
+                pool_weight_gradient(
+                    (&mut stored.0, &mut stored.1),
+                    (&inp, &out, &dpool),
+                    (&g, &pool),
+                    filters,
+                    8,
+                );
+                let mut coded = (vec![f32::NAN; g.patch() * filters], vec![f32::NAN; filters]);
+                pool_weight_gradient_coded(
+                    (&mut coded.0, &mut coded.1),
+                    (&inp, &codes, &dpool),
+                    (&g, &pool),
+                    filters,
+                    8,
+                );
+                assert!(
+                    same(&coded.0, &stored.0) && same(&coded.1, &stored.1),
+                    "gradients from the choices, {what}"
+                );
             }
         }
     }

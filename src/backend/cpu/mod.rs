@@ -82,6 +82,21 @@ pub struct CpuBackend {
     /// gradient (see `conv`).
     patches: Vec<Patches>,
     dpatches: Option<TensorId>,
+    /// A block of images' patch gradients for each piece of a blocked input gradient.
+    gradient_blocks: Vec<f32>,
+    /// The choices of the first layer's pool, kept by `Op::ConvPool` for its backward pass.
+    pool_codes: Vec<PoolCodes>,
+}
+
+/// The 2 x 2 pool's choices over `product` (a first layer's output, not stored), one byte a pool
+/// output (`direct::pool_band`), made when the write count was `version`: they stand
+/// for `product` while its array has not been written since.
+#[derive(Debug, Clone)]
+struct PoolCodes {
+    product: TensorId,
+    shape: crate::backend::ops::PoolShape,
+    version: u64,
+    codes: Vec<u8>,
 }
 
 /// The patch matrix `cols` of input `inp` under `geometry`, built when `inp`'s array was at write
@@ -115,6 +130,8 @@ impl CpuBackend {
             sparse_products: 0,
             patches: Vec::new(),
             dpatches: None,
+            gradient_blocks: Vec::new(),
+            pool_codes: Vec::new(),
         }
     }
 
@@ -447,6 +464,7 @@ impl Backend for CpuBackend {
             Op::Pool(p) => self.pool(p),
             Op::OutputLayer(_) => run_unfused(self, op, at),
             Op::PoolWeightGradient(f) => self.pool_weight_gradient(f, at),
+            Op::ConvPool(f) => self.conv_pool(f, at),
         }
     }
 

@@ -487,8 +487,9 @@ fn sgemm(
         return;
     }
     let (rows, items) = row_pieces(c, shape);
-    if rows < m && cpu_gemm::available() {
-        // B packed once for every piece rather than once in each.
+    if cpu_gemm::available() {
+        // B packed once for every piece rather than once in each, into the backend's buffer
+        // (sized by the first step, whichever thread runs a piece).
         let packed = cpu_gemm::PackedB::pack(k, n, &b, &mut narrow.packed_b);
         cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
             let first = i * rows;

@@ -338,7 +338,7 @@ impl super::WgpuBackend {
             Op::Loss(_) => Some(Kernel::SoftmaxXent),
             Op::OutputLayer(_) => Some(Kernel::OutputLayer),
             Op::Pool(p) => Some(super::pool::kernel(p)),
-            Op::Update(_) | Op::PoolWeightGradient(_) => None,
+            Op::Update(_) | Op::PoolWeightGradient(_) | Op::ConvPool(_) => None,
         }
     }
 }

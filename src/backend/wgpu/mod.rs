@@ -509,8 +509,8 @@ impl Backend for WgpuBackend {
             // The optimizer step runs only fused into a weight gradient (the plan fuses every
             // update): a lone update is that op's composition, which names the unfused op.
             Op::OutputLayer(_) => run_unfused(self, op, at),
-            // Only the CPU's plans fuse a pool's backward pass with a weight gradient.
-            Op::PoolWeightGradient(_) => run_unfused(self, op, at),
+            // Only the CPU's plans fuse a first layer with its pool.
+            Op::PoolWeightGradient(_) | Op::ConvPool(_) => run_unfused(self, op, at),
             Op::Pool(p) => self.pool(p),
             Op::Update(_) => Err(Error::shape(
                 "optimizer update",
