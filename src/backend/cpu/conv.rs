@@ -192,7 +192,8 @@ impl CpuBackend {
         let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
         let inputs = [(inp, g.image_len()), (dout, pixels * filters)];
         self.with_out("matmul backward weight", (dweight, patch * filters), &inputs, |o, i| {
-            direct::weight_gradient((o, &mut bias_sums[..filters]), (i[0], i[1]), &g, filters, pieces)
+            let source = direct::Gradient::Rows { dout: i[1] };
+            direct::weight_gradient((o, &mut bias_sums[..filters]), (i[0], source), &g, filters, pieces)
         })?;
         match dbias {
             Some(dbias) => self.with_out("matmul backward weight", (dbias, filters), &[], |o, _| {
@@ -312,31 +313,29 @@ impl CpuBackend {
         let pieces = products::k_pieces(patch, pixels);
         let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
         let sums = (dweight, patch * filters);
-        match coded {
-            Some(slot) => {
-                let codes = std::mem::take(&mut self.pool_codes[slot].codes);
-                let inputs = [(inp, g.image_len()), (dpool, pool.out_len())];
-                let result = self.with_out(op, sums, &inputs, |o, i| {
-                    let operands = (i[0], &codes[..], i[1]);
-                    direct::pool_weight_gradient_coded(
-                        (o, &mut bias_sums[..filters]),
-                        operands,
-                        (&g, &pool),
-                        filters,
-                        pieces,
-                    )
-                });
-                self.pool_codes[slot].codes = codes;
-                result?;
-            }
-            None => {
-                let inputs = [(inp, g.image_len()), (out, pool.in_len()), (dpool, pool.out_len())];
-                self.with_out(op, sums, &inputs, |o, i| {
-                    let operands = (i[0], i[1], i[2]);
-                    direct::pool_weight_gradient((o, &mut bias_sums[..filters]), operands, (&g, &pool), filters, pieces)
-                })?;
-            }
+        // The choices kept by `conv_pool`, or the stored output.
+        let codes = coded.map(|slot| std::mem::take(&mut self.pool_codes[slot].codes));
+        let inputs = [(inp, g.image_len()), (dpool, pool.out_len()), (out, pool.in_len())];
+        let inputs = &inputs[..if codes.is_some() { 2 } else { 3 }];
+        let result = self.with_out(op, sums, inputs, |o, i| {
+            let source = match &codes {
+                Some(codes) => direct::Gradient::Coded {
+                    codes,
+                    dpool: i[1],
+                    pool,
+                },
+                None => direct::Gradient::Pooled {
+                    out: i[2],
+                    dpool: i[1],
+                    pool,
+                },
+            };
+            direct::weight_gradient((o, &mut bias_sums[..filters]), (i[0], source), &g, filters, pieces)
+        });
+        if let (Some(slot), Some(codes)) = (coded, codes) {
+            self.pool_codes[slot].codes = codes;
         }
+        result?;
         let weight = ParamTensors {
             value: u.weight.value,
             grad: dweight,
