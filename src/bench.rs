@@ -126,7 +126,8 @@ async fn time_op(be: &mut dyn Backend, cfg: &BenchConfig, op: &Op, reps: usize) 
 /// `reps` times each per timed run (more when one run would be too short to time), after one
 /// run of the whole step so that every tensor holds what a step gives it (the first layer's input
 /// the first batch of `ds`, mostly zeros for MNIST, which the CPU path exploits). A product's
-/// GFLOP/s counts a dense product's 2 M N K flops.
+/// GFLOP/s counts a dense product's 2 M N K flops; a fused op with a product in it (a first layer
+/// with its pool) counts its product's over the whole op's time.
 async fn bench_ops(
     be: &mut dyn Backend,
     graph: &mut Graph,
@@ -141,12 +142,15 @@ async fn bench_ops(
     let mut figures = Vec::new();
     for (index, op) in plan.iter().enumerate() {
         let (secs, reps) = time_op(be, cfg, op, reps).await?;
-        let (mkn, flops) = match op {
-            Op::Matmul(m) => {
-                let p = m.product();
-                ((p.m, p.k, p.n), 2.0 * (p.m * p.n * p.k) as f64)
-            }
-            _ => ((0, 0, 0), 0.0),
+        let product = match op {
+            Op::Matmul(m) => Some(m.product()),
+            Op::ConvPool(f) => Some(f.conv.product()),
+            Op::PoolWeightGradient(f) => Some(f.weight.product()),
+            _ => None,
+        };
+        let (mkn, flops) = match product {
+            Some(p) => ((p.m, p.k, p.n), 2.0 * (p.m * p.n * p.k) as f64),
+            None => ((0, 0, 0), 0.0),
         };
         figures.push(MatmulFigure {
             op: op.describe(),
