@@ -62,6 +62,27 @@ pub struct FusedUpdate {
     pub opt: Optimizer,
 }
 
+impl FusedUpdate {
+    /// The optimizer steps this update stands for after a weight gradient of `shape` into
+    /// `dweight` and `dbias`: the weight's, then the bias's (when there is one).
+    pub fn steps(&self, shape: DenseShape, (dweight, dbias): (TensorId, Option<TensorId>)) -> [Option<Op>; 2] {
+        let weight = ParamTensors {
+            value: self.weight.value,
+            grad: dweight,
+            velocity: self.weight.velocity,
+        };
+        let bias = dbias.map(|grad| ParamTensors {
+            value: self.bias.value,
+            grad,
+            velocity: self.bias.velocity,
+        });
+        [
+            Some(update(weight, shape.inputs * shape.outputs, self.opt)),
+            bias.map(|bias| update(bias, shape.outputs, self.opt)),
+        ]
+    }
+}
+
 /// Which of a dense layer's products, and what it applies on the way.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MatmulKind {
@@ -448,19 +469,8 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
                 }),
                 at,
             )?;
-            let weight = ParamTensors {
-                value: u.weight.value,
-                grad: dweight,
-                velocity: u.weight.velocity,
-            };
-            be.run(&update(weight, shape.inputs * shape.outputs, u.opt), at)?;
-            if let Some(dbias) = dbias {
-                let bias = ParamTensors {
-                    value: u.bias.value,
-                    grad: dbias,
-                    velocity: u.bias.velocity,
-                };
-                be.run(&update(bias, shape.outputs, u.opt), at)?;
+            for op in u.steps(shape, (dweight, dbias)).into_iter().flatten() {
+                be.run(&op, at)?;
             }
             Ok(())
         }

@@ -27,7 +27,7 @@ use crate::backend::ops::{
     PoolWeightGradient, StepAt,
 };
 use crate::backend::reference as r;
-use crate::backend::{ParamTensors, TensorId};
+use crate::backend::TensorId;
 use crate::error::{Error, Result};
 
 impl CpuBackend {
@@ -88,7 +88,8 @@ impl CpuBackend {
                 dout,
                 update: None,
             } if self.direct_weights(g, m.shape.outputs) => {
-                self.direct_weight_gradient((dweight, dbias), (inp, dout), g, m.shape.outputs)
+                let from = (inp, GradientFrom::Rows(dout));
+                self.direct_weight_gradient("matmul backward weight", (dweight, dbias), from, g, m.shape.outputs)
             }
             MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } => {
                 let cols = self.patches_of(inp, g)?;
@@ -179,24 +180,52 @@ impl CpuBackend {
 
     /// dweight (patch, filters) = patches^T @ dout and dbias (filters) = the column sums of dout,
     /// straight from the images in one pass over dout (`direct::weight_gradient`): no patch
-    /// matrix, and dout (a first layer's: megabytes) read once for both.
+    /// matrix, and dout (a first layer's: megabytes) read once for both; `from` says where dout
+    /// comes from.
     fn direct_weight_gradient(
         &mut self,
+        op: &'static str,
         (dweight, dbias): (TensorId, Option<TensorId>),
-        (inp, dout): (TensorId, TensorId),
+        (inp, from): (TensorId, GradientFrom),
         g: ConvGeometry,
         filters: usize,
     ) -> Result<()> {
         let (patch, pixels) = (g.patch(), g.pixels());
         let pieces = products::k_pieces(patch, pixels);
         let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
-        let inputs = [(inp, g.image_len()), (dout, pixels * filters)];
-        self.with_out("matmul backward weight", (dweight, patch * filters), &inputs, |o, i| {
-            let source = direct::Gradient::Rows { dout: i[1] };
+        let (inputs, kept) = match from {
+            GradientFrom::Rows(dout) => ([(inp, g.image_len()), (dout, pixels * filters), (dout, 0)], None),
+            GradientFrom::Pool { dpool, pool, out, kept } => (
+                [(inp, g.image_len()), (dpool, pool.out_len()), (out, pool.in_len())],
+                kept,
+            ),
+        };
+        // The choices kept by `conv_pool`, or (as the third input) the stored output.
+        let codes = kept.map(|slot| std::mem::take(&mut self.pool_codes[slot].codes));
+        let read = match from {
+            GradientFrom::Pool { kept: None, .. } => 3,
+            _ => 2,
+        };
+        let result = self.with_out(op, (dweight, patch * filters), &inputs[..read], |o, i| {
+            let source = match (from, &codes) {
+                (GradientFrom::Rows(_), _) => direct::Gradient::Rows { dout: i[1] },
+                (GradientFrom::Pool { pool, .. }, codes) => direct::Gradient::Pooled {
+                    dpool: i[1],
+                    pool,
+                    choices: match codes {
+                        Some(codes) => direct::Choices::Codes(codes),
+                        None => direct::Choices::Output(i[2]),
+                    },
+                },
+            };
             direct::weight_gradient((o, &mut bias_sums[..filters]), (i[0], source), &g, filters, pieces)
-        })?;
+        });
+        if let (Some(slot), Some(codes)) = (kept, codes) {
+            self.pool_codes[slot].codes = codes;
+        }
+        result?;
         match dbias {
-            Some(dbias) => self.with_out("matmul backward weight", (dbias, filters), &[], |o, _| {
+            Some(dbias) => self.with_out(op, (dbias, filters), &[], |o, _| {
                 o.copy_from_slice(&bias_sums[..filters])
             }),
             None => Ok(()),
@@ -309,49 +338,15 @@ impl CpuBackend {
             }
             return run_unfused(self, &Op::PoolWeightGradient(*f), at);
         }
-        let (patch, pixels) = (g.patch(), g.pixels());
-        let pieces = products::k_pieces(patch, pixels);
-        let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
-        let sums = (dweight, patch * filters);
-        // The choices kept by `conv_pool`, or the stored output.
-        let codes = coded.map(|slot| std::mem::take(&mut self.pool_codes[slot].codes));
-        let inputs = [(inp, g.image_len()), (dpool, pool.out_len()), (out, pool.in_len())];
-        let inputs = &inputs[..if codes.is_some() { 2 } else { 3 }];
-        let result = self.with_out(op, sums, inputs, |o, i| {
-            let source = match &codes {
-                Some(codes) => direct::Gradient::Coded {
-                    codes,
-                    dpool: i[1],
-                    pool,
-                },
-                None => direct::Gradient::Pooled {
-                    out: i[2],
-                    dpool: i[1],
-                    pool,
-                },
-            };
-            direct::weight_gradient((o, &mut bias_sums[..filters]), (i[0], source), &g, filters, pieces)
-        });
-        if let (Some(slot), Some(codes)) = (coded, codes) {
-            self.pool_codes[slot].codes = codes;
-        }
-        result?;
-        let weight = ParamTensors {
-            value: u.weight.value,
-            grad: dweight,
-            velocity: u.weight.velocity,
+        let from = GradientFrom::Pool {
+            dpool,
+            pool,
+            out,
+            kept: coded,
         };
-        self.update(weight, patch * filters, &u.opt)?;
-        if let Some(dbias) = dbias {
-            self.with_out(op, (dbias, filters), &[], |o, _| {
-                o.copy_from_slice(&bias_sums[..filters])
-            })?;
-            let bias = ParamTensors {
-                value: u.bias.value,
-                grad: dbias,
-                velocity: u.bias.velocity,
-            };
-            self.update(bias, filters, &u.opt)?;
+        self.direct_weight_gradient(op, (dweight, dbias), (inp, from), g, filters)?;
+        for step in u.steps(f.weight.shape, (dweight, dbias)).into_iter().flatten() {
+            crate::backend::Backend::run(self, &step, at)?;
         }
         Ok(())
     }
@@ -523,6 +518,21 @@ impl CpuBackend {
             }
         }
     }
+}
+
+/// Where `direct_weight_gradient` forms a first layer's output gradient from.
+#[derive(Debug, Clone, Copy)]
+enum GradientFrom {
+    /// The gradient as stored.
+    Rows(TensorId),
+    /// The gradient of the 2 x 2 pool after the layer (`dpool`), routed through the ReLU by the
+    /// choices kept by `conv_pool` (in `pool_codes[kept]`) or else by the stored output `out`.
+    Pool {
+        dpool: TensorId,
+        pool: PoolShape,
+        out: TensorId,
+        kept: Option<usize>,
+    },
 }
 
 /// Where a 'valid' convolution's patch matrix lies in its images (images, h, w, in_ch): the

@@ -10,9 +10,9 @@
 //! dense products over the patch matrix (the weight gradient's fused multiply-adds in pixel order,
 //! in the same K pieces as `products::sgemm`, and the bias gradient's sums in row order, as
 //! `cpu_fast::bias_backward`), reading each pixel's patch from the images and each row of the
-//! output's gradient once for both; from a pool's gradient (`Gradient::Pooled`,
-//! `Gradient::Coded`) it gives the bits of `cpu_conv::maxpool_backward` then the product, forming
-//! the layer's output gradient as it goes instead of reading it from memory.
+//! output's gradient once for both; from a pool's gradient (`Gradient::Pooled`, by the stored
+//! output or the kept choices) it gives the bits of `cpu_conv::maxpool_backward` then the
+//! product, forming the layer's output gradient as it goes instead of reading it from memory.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
@@ -90,8 +90,8 @@ pub fn forward_pool(
                 let first = (image * g.oh() + 2 * py + dy) * g.ow();
                 output_rows(band_row, (inp, weight, bias), relu, g, (first, filters));
             }
-            // SAFETY: the CPU has AVX-512 (`group_products` is never reached otherwise, and
-            // `forward_pool` asserts it), the band holds two rows of `width` pixels.
+            // SAFETY: the CPU has AVX-512 (`forward_pool` asserts it), the band holds two rows of
+            // `width` pixels.
             unsafe { pool_band(o_row, c_row, band, (width * filters, filters)) };
         }
     });
@@ -118,13 +118,9 @@ unsafe fn pool_band(out: &mut [f32], codes: &mut [u8], band: &[f32], (row, filte
     unsafe {
         for at in (0..out.len()).step_by(GROUP) {
             let (ox, c) = (at / filters, at % filters);
-            let top_left = band.as_ptr().add(2 * ox * filters + c);
-            let mut best = _mm512_loadu_ps(top_left);
+            let (best, more) = window_max(band.as_ptr().add(2 * ox * filters + c), (filters, row));
             let mut choice = _mm512_setzero_si512();
-            for (pos, offset) in [(1, filters), (2, row), (3, row + filters)] {
-                let value = _mm512_loadu_ps(top_left.add(offset));
-                let more = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(value, best);
-                best = _mm512_mask_mov_ps(best, more, value);
+            for (pos, more) in (1..).zip(more) {
                 choice = _mm512_mask_mov_epi32(choice, more, _mm512_set1_epi32(pos));
             }
             let not_positive = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(best, _mm512_setzero_ps());
@@ -132,6 +128,32 @@ unsafe fn pool_band(out: &mut [f32], codes: &mut [u8], band: &[f32], (row, filte
             _mm512_storeu_ps(out.as_mut_ptr().add(at), best);
             _mm_storeu_si128(codes.as_mut_ptr().add(at).cast(), _mm512_cvtepi32_epi8(choice));
         }
+    }
+}
+
+/// The first maxima of the 16 channels of a 2 x 2 window whose top-left values start at
+/// `top_left` (its right neighbour `right` values on, the row below `down` on), and for positions
+/// 1, 2, 3 (ky 2 + kx) the lanes where that value was strictly greater than every one before it
+/// (NaN never is): the first maximum of a lane is at the last position whose mask holds it, or
+/// at 0. The same selections as `cpu_conv::maxpool_forward`.
+///
+/// # Safety
+/// AVX-512; the window's 4 x 16 values lie inside one allocation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn window_max(top_left: *const f32, (right, down): (usize, usize)) -> (std::arch::x86_64::__m512, [u16; 3]) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut best = _mm512_loadu_ps(top_left);
+        let mut more = [0u16; 3];
+        for (mask, offset) in more.iter_mut().zip([right, down, down + right]) {
+            let value = _mm512_loadu_ps(top_left.add(offset));
+            *mask = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(value, best);
+            best = _mm512_mask_mov_ps(best, *mask, value);
+        }
+        (best, more)
     }
 }
 
@@ -307,52 +329,18 @@ pub fn weight_gradient(
     filters: usize,
     pieces: usize,
 ) {
-    let pooled = |pool: &PoolShape| {
-        pool.size == 2 && (pool.images, pool.h, pool.w, pool.ch) == (g.images, g.oh(), g.ow(), filters)
-    };
     let fits = match source {
         Gradient::Rows { dout } => dout.len() >= g.pixels() * filters,
-        Gradient::Pooled { out, dpool, pool } => {
-            pooled(&pool) && out.len() >= pool.in_len() && dpool.len() >= pool.out_len()
-        }
-        Gradient::Coded { codes, dpool, pool } => {
-            pooled(&pool) && codes.len() >= pool.out_len() && dpool.len() >= pool.out_len()
+        Gradient::Pooled { dpool, pool, choices } => {
+            let chosen = match choices {
+                Choices::Output(out) => out.len() >= pool.in_len(),
+                Choices::Codes(codes) => codes.len() >= pool.out_len(),
+            };
+            let over_layer = (pool.images, pool.h, pool.w, pool.ch) == (g.images, g.oh(), g.ow(), filters);
+            pool.size == 2 && over_layer && dpool.len() >= pool.out_len() && chosen
         }
     };
     assert!(fits, "the output gradient's operands do not fit the layer");
-    group_products((dweight, dbias), (inp, source), g, filters, pieces);
-}
-
-/// Where a first layer's output gradient dout (pixels, filters) comes from.
-#[derive(Clone, Copy)]
-pub enum Gradient<'a> {
-    /// dout as it lies.
-    Rows { dout: &'a [f32] },
-    /// The gradient dpool of a 2 x 2 max pool (`pool`) over the layer's output `out`, passed back
-    /// through the layer's ReLU: dpool at each window's first maximum where that maximum is > 0,
-    /// 0 elsewhere, as `cpu_conv::maxpool_backward` writes it.
-    Pooled {
-        out: &'a [f32],
-        dpool: &'a [f32],
-        pool: PoolShape,
-    },
-    /// As `Pooled`, with each window's choice as `forward_pool` kept it (`codes`, one a pool
-    /// output) instead of the layer's output.
-    Coded {
-        codes: &'a [u8],
-        dpool: &'a [f32],
-        pool: PoolShape,
-    },
-}
-
-/// `weight_gradient`'s split into groups of 16 filters over the pool's threads.
-fn group_products(
-    (dweight, dbias): (&mut [f32], &mut [f32]),
-    (inp, source): (&[f32], Gradient),
-    g: &ConvGeometry,
-    filters: usize,
-    pieces: usize,
-) {
     let patch = g.patch();
     assert!(crate::backend::cpu_gemm::available() && filters.is_multiple_of(GROUP) && filters <= MAX_FILTERS);
     assert!(patch <= DIRECT_MAX_PATCH && inp.len() >= g.image_len());
@@ -360,9 +348,9 @@ fn group_products(
     let mut groups = sums.iter_mut().take(filters / GROUP).enumerate();
     let items: [_; cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| groups.next());
     cpu_pool::for_each(items, &|(group, out): (usize, &mut GroupSums)| {
-        // SAFETY: the CPU has AVX-512; the gradient's rows of `filters` cover the pixels and the
-        // group's columns lie inside a row; inp holds the images (all asserted above and by the
-        // callers).
+        // SAFETY: the CPU has AVX-512; the gradient's operands cover the pixels (or the pool's
+        // windows) and the group's columns lie inside a row; inp holds the images (all asserted
+        // above).
         unsafe { group_sums(out, (inp, source), g, (filters, group * GROUP), pieces.max(1)) }
     });
     for (group, sums) in sums.iter().take(filters / GROUP).enumerate() {
@@ -374,11 +362,35 @@ fn group_products(
     }
 }
 
+/// Where a first layer's output gradient dout (pixels, filters) comes from.
+#[derive(Clone, Copy)]
+pub enum Gradient<'a> {
+    /// dout as it lies.
+    Rows { dout: &'a [f32] },
+    /// The gradient dpool of a 2 x 2 max pool (`pool`) over the layer's output, passed back
+    /// through the layer's ReLU: dpool at each window's first maximum where that maximum is > 0,
+    /// 0 elsewhere, as `cpu_conv::maxpool_backward` writes it.
+    Pooled {
+        dpool: &'a [f32],
+        pool: PoolShape,
+        choices: Choices<'a>,
+    },
+}
+
+/// How a pool's backward pass finds each window's first maximum.
+#[derive(Clone, Copy)]
+pub enum Choices<'a> {
+    /// Again, in the layer's output (pixels, filters).
+    Output(&'a [f32]),
+    /// As `forward_pool` kept them: one byte a pool output.
+    Codes(&'a [u8]),
+}
+
 /// `weight_gradient`'s sums for the group of 16 filters from `j0`, into `out`, with the patch
 /// length a constant where it is a common one (the sums then stay in registers).
 ///
 /// # Safety
-/// As `group_products` asserts: AVX-512, the gradient's rows of `filters` cover the images'
+/// As `weight_gradient` asserts: AVX-512, the gradient's rows of `filters` cover the images'
 /// pixels and j0 + 16 <= filters.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -510,9 +522,10 @@ unsafe fn fill_row(
                     d = d.add(filters);
                 }
             }
-            Gradient::Pooled { out, dpool, pool } => {
+            Gradient::Pooled { dpool, pool, choices } => {
                 let (wy, (ph, pw)) = (y / 2, (pool.oh(), pool.ow()));
-                let line = pool.w * filters;
+                // This row's positions in a window (ky 2 + kx): 0 and 1, or 2 and 3.
+                let first = 2 * (y % 2);
                 // The lanes whose window maximum is this row's left and right pixel, and the
                 // window's gradient where the maximum is > 0.
                 let (mut left, mut right, mut gradient) = (0u16, 0u16, _mm512_setzero_ps());
@@ -523,53 +536,23 @@ unsafe fn fill_row(
                         continue;
                     }
                     if x == x0 || x % 2 == 0 {
-                        let top_left = out
-                            .as_ptr()
-                            .add(((b * pool.h + 2 * wy) * pool.w + 2 * wx) * filters + j0);
-                        let v = [
-                            _mm512_loadu_ps(top_left),
-                            _mm512_loadu_ps(top_left.add(filters)),
-                            _mm512_loadu_ps(top_left.add(line)),
-                            _mm512_loadu_ps(top_left.add(line + filters)),
-                        ];
-                        let mut best = v[0];
-                        let mut at: [__mmask16; 4] = [u16::MAX, 0, 0, 0];
-                        for pos in 1..4 {
-                            let more = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v[pos], best);
-                            best = _mm512_mask_mov_ps(best, more, v[pos]);
-                            for earlier in at.iter_mut().take(pos) {
-                                *earlier &= !more;
-                            }
-                            at[pos] = more;
-                        }
-                        let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(best, _mm512_setzero_ps());
-                        let g = dpool.as_ptr().add(((b * ph + wy) * pw + wx) * filters + j0);
-                        gradient = _mm512_maskz_loadu_ps(positive, g);
-                        (left, right) = if y % 2 == 0 { (at[0], at[1]) } else { (at[2], at[3]) };
-                    }
-                    let here = if x % 2 == 0 { left } else { right };
-                    *slot = _mm512_maskz_mov_ps(here, gradient);
-                }
-            }
-            Gradient::Coded { codes, dpool, pool } => {
-                let (wy, (ph, pw)) = (y / 2, (pool.oh(), pool.ow()));
-                // This row's positions in a window (ky 2 + kx), as `pool_band` codes them.
-                let (at_left, at_right) = (
-                    _mm512_set1_epi32(2 * (y % 2) as i32),
-                    _mm512_set1_epi32(2 * (y % 2) as i32 + 1),
-                );
-                let (mut left, mut right, mut gradient) = (0u16, 0u16, _mm512_setzero_ps());
-                for (x, slot) in (x0..x0 + len).zip(row.iter_mut()) {
-                    let wx = x / 2;
-                    if wy >= ph || wx >= pw {
-                        *slot = _mm512_setzero_ps();
-                        continue;
-                    }
-                    if x == x0 || x % 2 == 0 {
                         let at = ((b * ph + wy) * pw + wx) * filters + j0;
-                        let chosen = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(at).cast()));
-                        left = _mm512_cmpeq_epi32_mask(chosen, at_left);
-                        right = _mm512_cmpeq_epi32_mask(chosen, at_right);
+                        (left, right) = match choices {
+                            Choices::Output(out) => {
+                                let top_left = ((b * pool.h + 2 * wy) * pool.w + 2 * wx) * filters + j0;
+                                let (best, more) = window_max(out.as_ptr().add(top_left), (filters, pool.w * filters));
+                                let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(best, _mm512_setzero_ps());
+                                // Position p holds the maximum where p's mask does and no later one.
+                                let (m1, m2, m3) = (more[0], more[1], more[2]);
+                                let holds = [!(m1 | m2 | m3), m1 & !(m2 | m3), m2 & !m3, m3];
+                                (holds[first] & positive, holds[first + 1] & positive)
+                            }
+                            Choices::Codes(codes) => {
+                                let chosen = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(at).cast()));
+                                let position = |p: usize| _mm512_cmpeq_epi32_mask(chosen, _mm512_set1_epi32(p as i32));
+                                (position(first), position(first + 1))
+                            }
+                        };
                         gradient = _mm512_loadu_ps(dpool.as_ptr().add(at));
                     }
                     let here = if x % 2 == 0 { left } else { right };
@@ -795,9 +778,9 @@ mod tests {
                 for pieces in [1, 8] {
                     let want = gradients(Gradient::Rows { dout: &dout }, &inp, &g, filters, pieces);
                     let source = Gradient::Pooled {
-                        out: &out,
                         dpool: &dpool,
                         pool,
+                        choices: Choices::Output(&out),
                     };
                     let got = gradients(source, &inp, &g, filters, pieces);
                     let what = format!("{h}x{w} pad {pad}, filters {filters}, pieces {pieces}");
@@ -861,15 +844,15 @@ mod tests {
 
                 let dpool: Vec<f32> = (0..pool.out_len()).map(|i| value(i + 29)).collect();
                 let source = Gradient::Pooled {
-                    out: &out,
                     dpool: &dpool,
                     pool,
+                    choices: Choices::Output(&out),
                 };
                 let stored = gradients(source, &inp, &g, filters, 8);
-                let source = Gradient::Coded {
-                    codes: &codes,
+                let source = Gradient::Pooled {
                     dpool: &dpool,
                     pool,
+                    choices: Choices::Codes(&codes),
                 };
                 let coded = gradients(source, &inp, &g, filters, 8);
                 assert!(
