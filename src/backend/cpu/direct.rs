@@ -176,6 +176,10 @@ fn output_rows(
     {
         if crate::backend::cpu_gemm::available() {
             // SAFETY: the CPU has AVX-512 (checked just above).
+            if unsafe { valid_rows_avx512(out, operands, relu, g, at) } {
+                return;
+            }
+            // SAFETY: as above.
             unsafe { direct_rows_avx512(out, operands, relu, g, at) };
             return;
         }
@@ -198,6 +202,105 @@ unsafe fn direct_rows_avx512(
     at: (usize, usize),
 ) {
     direct_rows(out, operands, relu, g, at)
+}
+
+/// `direct_rows` for a 'valid' layer over one channel with a common patch (1 x 1, 2 x 2, 3 x 3)
+/// and 16 or 32 filters, on AVX-512: each pixel's patch values are broadcast straight from the
+/// image (no patch copied out, no per-pixel walk), the weights held in registers, the same
+/// multiplications and additions in the same order as `direct_rows_fixed` (so the same bits).
+/// Returns false, having written nothing, for any other layer.
+///
+/// # Safety
+/// AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn valid_rows_avx512(
+    out: &mut [f32],
+    operands: (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    at: (usize, usize),
+) -> bool {
+    if g.pad != 0 || g.in_ch != 1 || g.kh != g.kw {
+        return false;
+    }
+    // SAFETY: the CPU has AVX-512 (the caller's contract); the geometry is the kernels' own.
+    unsafe {
+        match (g.patch(), at.1) {
+            (9, 32) => valid_rows_fixed::<9, 2>(out, operands, relu, g, at.0),
+            (9, 16) => valid_rows_fixed::<9, 1>(out, operands, relu, g, at.0),
+            (4, 32) => valid_rows_fixed::<4, 2>(out, operands, relu, g, at.0),
+            (4, 16) => valid_rows_fixed::<4, 1>(out, operands, relu, g, at.0),
+            (1, 32) => valid_rows_fixed::<1, 2>(out, operands, relu, g, at.0),
+            (1, 16) => valid_rows_fixed::<1, 1>(out, operands, relu, g, at.0),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// `valid_rows_avx512` for a patch of P values and V vectors of filters.
+///
+/// # Safety
+/// AVX-512; 'valid' padding over one channel, P = the patch, 16 V = the filters.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn valid_rows_fixed<const P: usize, const V: usize>(
+    out: &mut [f32],
+    (inp, weight, bias): (&[f32], &[f32], Option<&[f32]>),
+    relu: bool,
+    g: &ConvGeometry,
+    first: usize,
+) {
+    use std::arch::x86_64::*;
+    let filters = 16 * V;
+    let pixels = out.len() / filters;
+    let (oh, ow) = (g.oh(), g.ow());
+    // Every pixel read lies in the images, every weight and bias in its operand.
+    assert!(weight.len() >= P * filters && bias.is_none_or(|b| b.len() >= filters));
+    assert!(pixels == 0 || first + pixels <= g.pixels() && inp.len() >= g.image_len());
+    // Patch value kk's offset from the patch's first pixel.
+    let offsets: [usize; P] = std::array::from_fn(|kk| kk / g.kw * g.w + kk % g.kw);
+    // SAFETY: weight and bias hold P x filters and filters values (asserted above); pixel
+    // first + done lies in the images, so its row's run of `len` pixels and their patches
+    // ('valid') do too, and its `len` outputs in `out`.
+    unsafe {
+        let w: [[__m512; V]; P] = std::array::from_fn(|kk| {
+            std::array::from_fn(|v| _mm512_loadu_ps(weight.as_ptr().add(kk * filters + 16 * v)))
+        });
+        let b: Option<[__m512; V]> = bias.map(|b| std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(16 * v))));
+        let zero = _mm512_setzero_ps();
+        let mut dst = out.as_mut_ptr();
+        let mut done = 0;
+        while done < pixels {
+            let p = first + done;
+            let (image, oy, ox) = (p / (oh * ow), p % (oh * ow) / ow, p % ow);
+            let len = (ow - ox).min(pixels - done);
+            let mut src = inp.as_ptr().add((image * g.h + oy) * g.w + ox);
+            for _ in 0..len {
+                let mut acc = [zero; V];
+                for (kk, &offset) in offsets.iter().enumerate() {
+                    let x = _mm512_set1_ps(*src.add(offset));
+                    for v in 0..V {
+                        acc[v] = _mm512_add_ps(acc[v], _mm512_mul_ps(x, w[kk][v]));
+                    }
+                }
+                for v in 0..V {
+                    if let Some(b) = &b {
+                        acc[v] = _mm512_add_ps(acc[v], b[v]);
+                    }
+                    if relu {
+                        acc[v] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(acc[v], zero), acc[v]);
+                    }
+                    _mm512_storeu_ps(dst.add(16 * v), acc[v]);
+                }
+                src = src.add(1);
+                dst = dst.add(filters);
+            }
+            done += len;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -672,6 +775,67 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The register-held 'valid' rows (`valid_rows_avx512`) give `direct_rows_any`'s bits for every
+    /// patch and filter count they take, from a pixel inside a row through the ends of rows and
+    /// images, with and without bias and ReLU, NaN and negative zero among the pixels.
+    #[test]
+    fn valid_rows_give_the_generic_rows_bits() {
+        if !crate::backend::cpu_gemm::available() {
+            println!("no AVX-512: the register-held rows are not used on this CPU");
+            return;
+        }
+        let mut taken = 0;
+        for k in [1, 2, 3] {
+            let g = ConvGeometry {
+                images: 3,
+                h: 9,
+                w: 7,
+                in_ch: 1,
+                kh: k,
+                kw: k,
+                pad: 0,
+            };
+            let mut inp: Vec<f32> = (0..g.image_len()).map(|i| value(i + 3)).collect();
+            inp[11] = f32::NAN;
+            inp[20] = -0.0;
+            for filters in [16, 32] {
+                let weight: Vec<f32> = (0..g.patch() * filters).map(|i| value(i + 41)).collect();
+                let bias: Vec<f32> = (0..filters).map(|i| value(i + 977) / 4.0).collect();
+                for (bias, relu) in [(Some(&bias[..]), true), (None, false)] {
+                    let (first, pixels) = (g.ow() + 2, g.pixels() - g.ow() - 3);
+                    let mut fast = vec![f32::NAN; pixels * filters];
+                    let mut any = vec![f32::NAN; pixels * filters];
+                    let operands = (&inp[..], &weight[..], bias);
+                    // SAFETY: the CPU has AVX-512 (checked above).
+                    taken += usize::from(unsafe { valid_rows_avx512(&mut fast, operands, relu, &g, (first, filters)) });
+                    direct_rows_any(&mut any, operands, relu, &g, (first, filters));
+                    let what = format!("kernel {k}, filters {filters}, relu {relu}");
+                    assert!(same_bits(&fast, &any), "{what}");
+                    // A NaN pixel gives NaN sums, which a ReLU turns into 0.
+                    assert_eq!(fast.iter().any(|x| x.is_nan()), !relu, "{what}");
+                    assert!(
+                        fast.iter().any(|&x| x > 0.0) && fast.iter().any(|&x| x <= 0.0),
+                        "{what}"
+                    );
+                }
+            }
+        }
+        assert_eq!(taken, 12, "every case above has a register-held path");
+        let padded = ConvGeometry {
+            images: 1,
+            h: 5,
+            w: 5,
+            in_ch: 1,
+            kh: 3,
+            kw: 3,
+            pad: 1,
+        };
+        let mut out = vec![0.0; 16];
+        let operands = (&[0.0; 25][..], &[0.0; 9 * 16][..], None);
+        // SAFETY: as above.
+        assert!(!unsafe { valid_rows_avx512(&mut out, operands, false, &padded, (0, 16)) });
     }
 
     /// The weight gradient in one pass gives the bits of the patch matrix's split-K product (each
