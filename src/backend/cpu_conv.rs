@@ -244,8 +244,35 @@ fn borrow_free<'s, 'b>(slots: &'s [Mutex<Option<&'b mut [f32]>>]) -> MutexGuard<
     }
 }
 
-/// col2im of whole images: dinp holds them, dcols starts at the first one's patches.
+/// col2im of whole images: dinp holds them, dcols starts at the first one's patches (with the
+/// widest vectors the CPU has: the same additions, one value at a time, whatever the width).
 fn col2im_images(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
+    #[cfg(target_arch = "x86_64")]
+    match cpu_sparse::simd() {
+        // SAFETY: the CPU supports the detected level's instructions.
+        cpu_sparse::Simd::Avx512 => return unsafe { col2im_images_avx512(dinp, dcols, g) },
+        // SAFETY: as above.
+        cpu_sparse::Simd::Avx2 => return unsafe { col2im_images_avx2(dinp, dcols, g) },
+        cpu_sparse::Simd::Portable => {}
+    }
+    col2im_images_any(dinp, dcols, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn col2im_images_avx512(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
+    col2im_images_any(dinp, dcols, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn col2im_images_avx2(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
+    col2im_images_any(dinp, dcols, g)
+}
+
+/// `col2im_images`' loops, compiled for each vector width.
+#[inline(always)]
+fn col2im_images_any(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
     dinp.fill(0.0);
     let (ohw, ow, c, patch) = (g.oh() * g.ow(), g.ow(), g.in_ch, g.patch());
     if ohw == 0 || patch == 0 {
