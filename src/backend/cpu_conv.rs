@@ -244,30 +244,9 @@ fn borrow_free<'s, 'b>(slots: &'s [Mutex<Option<&'b mut [f32]>>]) -> MutexGuard<
     }
 }
 
-/// col2im of whole images: dinp holds them, dcols starts at the first one's patches (with the
-/// widest vectors the CPU has: the same additions, one value at a time, whatever the width).
-fn col2im_images(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
-    #[cfg(target_arch = "x86_64")]
-    match cpu_sparse::simd() {
-        // SAFETY: the CPU supports the detected level's instructions.
-        cpu_sparse::Simd::Avx512 => return unsafe { col2im_images_avx512(dinp, dcols, g) },
-        // SAFETY: as above.
-        cpu_sparse::Simd::Avx2 => return unsafe { col2im_images_avx2(dinp, dcols, g) },
-        cpu_sparse::Simd::Portable => {}
-    }
-    col2im_images_any(dinp, dcols, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn col2im_images_avx512(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
-    col2im_images_any(dinp, dcols, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn col2im_images_avx2(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) {
-    col2im_images_any(dinp, dcols, g)
+widest_vectors! {
+    /// col2im of whole images: dinp holds them, dcols starts at the first one's patches.
+    fn col2im_images(dinp: &mut [f32], dcols: &[f32], g: &ConvGeometry) => col2im_images_any
 }
 
 /// `col2im_images`' loops, compiled for each vector width.
@@ -364,21 +343,10 @@ macro_rules! channel_blocks {
     }};
 }
 
-/// maxpool_forward of whole images: out holds them, inp starts at the first one (with AVX2 where
-/// the CPU has it; the same selections either way).
-fn maxpool_forward_images(out: &mut [f32], inp: &[f32], p: &PoolShape) {
-    #[cfg(target_arch = "x86_64")]
-    if cpu_sparse::simd() != cpu_sparse::Simd::Portable {
-        // SAFETY: the CPU supports AVX2 (the detected level is AVX2 or AVX-512).
-        return unsafe { maxpool_forward_avx2(out, inp, p) };
-    }
-    maxpool_forward_sized(out, inp, p)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn maxpool_forward_avx2(out: &mut [f32], inp: &[f32], p: &PoolShape) {
-    maxpool_forward_sized(out, inp, p)
+widest_vectors! {
+    /// maxpool_forward of whole images: out holds them, inp starts at the first one (the same
+    /// selections at any vector width).
+    fn maxpool_forward_images(out: &mut [f32], inp: &[f32], p: &PoolShape) => maxpool_forward_sized
 }
 
 /// maxpool_forward_images, with the common 2 x 2 windows unrolled.
@@ -441,21 +409,11 @@ fn window_max<const L: usize, const S: usize>(pixels: &[f32], (s, row, ch): Wind
     (best, arg)
 }
 
-/// maxpool_backward of whole images: dinp holds them, inp and dout start at the first one (with
-/// AVX2 where the CPU has it; the same selections either way).
-fn maxpool_backward_images(dinp: &mut [f32], images: (&[f32], &[f32]), p: &PoolShape, relu: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if cpu_sparse::simd() != cpu_sparse::Simd::Portable {
-        // SAFETY: the CPU supports AVX2 (the detected level is AVX2 or AVX-512).
-        return unsafe { maxpool_backward_avx2(dinp, images, p, relu) };
-    }
-    maxpool_backward_sized(dinp, images, p, relu)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn maxpool_backward_avx2(dinp: &mut [f32], images: (&[f32], &[f32]), p: &PoolShape, relu: bool) {
-    maxpool_backward_sized(dinp, images, p, relu)
+widest_vectors! {
+    /// maxpool_backward of whole images: dinp holds them, inp and dout start at the first one
+    /// (the same selections at any vector width).
+    fn maxpool_backward_images(dinp: &mut [f32], images: (&[f32], &[f32]), p: &PoolShape, relu: bool)
+        => maxpool_backward_sized
 }
 
 /// maxpool_backward_images, with the common 2 x 2 windows unrolled.

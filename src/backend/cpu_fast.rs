@@ -47,23 +47,9 @@ fn column_groups(b: usize, oc: usize) -> usize {
     groups
 }
 
-/// part (W) = the column sums of dout (rows of oc) over columns j0..j0 + W, in row order.
-fn bias_backward_columns(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { bias_columns_avx2(part, dout, oc, j0) };
-            return;
-        }
-    }
-    bias_columns_sized(part, dout, oc, j0);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn bias_columns_avx2(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) {
-    bias_columns_sized(part, dout, oc, j0);
+widest_vectors! {
+    /// part (W) = the column sums of dout (rows of oc) over columns j0..j0 + W, in row order.
+    fn bias_backward_columns(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) => bias_columns_sized
 }
 
 #[inline(always)]
@@ -98,23 +84,9 @@ fn bias_columns_fixed<const W: usize>(part: &mut [f32], dout: &[f32], oc: usize,
     part[..W].copy_from_slice(&acc);
 }
 
-/// `bias_backward` on this thread.
-fn bias_backward_whole(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { bias_backward_avx2(dbias, dout, b, oc) };
-            return;
-        }
-    }
-    bias_backward_sized(dbias, dout, b, oc);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn bias_backward_avx2(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) {
-    bias_backward_sized(dbias, dout, b, oc);
+widest_vectors! {
+    /// `bias_backward` on this thread.
+    fn bias_backward_whole(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) => bias_backward_sized
 }
 
 #[inline(always)]
@@ -148,10 +120,22 @@ fn bias_backward_fixed<const OC: usize>(dbias: &mut [f32], dout: &[f32]) {
     dbias[..OC].copy_from_slice(&acc);
 }
 
-/// The fused epilogue of a matmul on out (B, N), as `reference::matmul_epilogue`: + bias (N),
-/// then max(., 0), then 0 where mask (B, N) is not > 0; written as selects, which vectorize (the
-/// reference's branches mispredict on a ReLU mask, which is about half zeros).
-pub fn matmul_epilogue(out: &mut [f32], bias: Option<&[f32]>, relu: bool, mask: Option<&[f32]>, b: usize, n: usize) {
+widest_vectors! {
+    /// The fused epilogue of a matmul on out (B, N), as `reference::matmul_epilogue`: + bias (N),
+    /// then max(., 0), then 0 where mask (B, N) is not > 0; written as selects, which vectorize
+    /// (the reference's branches mispredict on a ReLU mask, which is about half zeros).
+    pub fn matmul_epilogue(
+        out: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        mask: Option<&[f32]>,
+        b: usize,
+        n: usize,
+    ) => epilogue_any
+}
+
+#[inline(always)]
+fn epilogue_any(out: &mut [f32], bias: Option<&[f32]>, relu: bool, mask: Option<&[f32]>, b: usize, n: usize) {
     let out = &mut out[..b * n];
     if let Some(bias) = bias {
         for row in out.chunks_exact_mut(n) {
@@ -172,17 +156,10 @@ pub fn matmul_epilogue(out: &mut [f32], bias: Option<&[f32]>, relu: bool, mask: 
     }
 }
 
-/// Keras RMSprop, as `reference::rmsprop_update`.
-pub fn rmsprop_update(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { rmsprop_avx2(param, velocity, grad, lr, rho, eps) };
-            return;
-        }
-    }
-    rmsprop_portable(param, velocity, grad, lr, rho, eps);
+widest_vectors! {
+    /// Keras RMSprop, as `reference::rmsprop_update`.
+    pub fn rmsprop_update(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32)
+        => rmsprop_portable
 }
 
 #[inline(always)]
@@ -190,12 +167,6 @@ fn rmsprop_portable(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f
     for ((p, v), &g) in param.iter_mut().zip(velocity.iter_mut()).zip(grad) {
         super::reference::rmsprop_one(p, v, g, lr, rho, eps);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn rmsprop_avx2(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32) {
-    rmsprop_portable(param, velocity, grad, lr, rho, eps);
 }
 
 #[cfg(test)]

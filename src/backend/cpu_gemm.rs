@@ -96,9 +96,14 @@ fn panel_space(k: usize, n: usize, packed: &mut Vec<f32>) -> &mut [f32] {
     &mut packed[skip..][..len]
 }
 
-/// Panel `p` of a transposed B (columns p NR.., zero-padded to NR) into `panel` (k rows of NR),
-/// reading each column of B (a row in memory) in order.
-fn pack_panel(p: usize, k: usize, n: usize, b: &Strided, panel: &mut [f32]) {
+widest_vectors! {
+    /// Panel `p` of a transposed B (columns p NR.., zero-padded to NR) into `panel` (k rows of
+    /// NR), reading each column of B (a row in memory) in order.
+    fn pack_panel(p: usize, k: usize, n: usize, b: &Strided, panel: &mut [f32]) => pack_panel_any
+}
+
+#[inline(always)]
+fn pack_panel_any(p: usize, k: usize, n: usize, b: &Strided, panel: &mut [f32]) {
     let (j0, cols) = (p * NR, NR.min(n - p * NR));
     if cols < NR {
         panel.fill(0.0);
