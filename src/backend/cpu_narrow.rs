@@ -74,18 +74,22 @@ pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch
     let p = Product { k, n, a, rsa, csa };
     if n <= NARROW {
         // B as k rows of 16 columns, zero beyond n: every row of C is one 16-lane sum.
-        scratch.b.clear();
-        scratch.b.resize(k * NARROW, 0.0);
-        for (kk, row) in scratch.b.chunks_exact_mut(NARROW).enumerate() {
+        // Every value of the k rows is written (the padding too), so the buffers only grow.
+        if scratch.b.len() < k * NARROW {
+            scratch.b.resize(k * NARROW, 0.0);
+        }
+        for (kk, row) in scratch.b[..k * NARROW].chunks_exact_mut(NARROW).enumerate() {
             for (j, v) in row[..n].iter_mut().enumerate() {
                 *v = b[kk * rsb + j * csb];
             }
+            row[n..].fill(0.0);
         }
-        scratch.c.clear();
-        scratch.c.resize(m * NARROW, 0.0);
-        let bp = &scratch.b[..];
+        if scratch.c.len() < m * NARROW {
+            scratch.c.resize(m * NARROW, 0.0);
+        }
+        let bp = &scratch.b[..k * NARROW];
         let rows = rows_per_piece(m, k, n);
-        let mut pieces = scratch.c.chunks_mut(rows * NARROW).enumerate();
+        let mut pieces = scratch.c[..m * NARROW].chunks_mut(rows * NARROW).enumerate();
         let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
         cpu_pool::for_each(items, &|(i, cp): (usize, &mut [f32])| {
             let range = i * rows..i * rows + cp.len() / NARROW;
@@ -105,7 +109,12 @@ pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch
     } else {
         // Few terms per sum: B's k rows contiguous, each added into C's row in turn.
         scratch.b.clear();
-        scratch.b.extend((0..k * n).map(|i| b[(i / n) * rsb + (i % n) * csb]));
+        scratch.b.resize(k * n, 0.0);
+        for (kk, row) in scratch.b.chunks_exact_mut(n).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = b[kk * rsb + j * csb];
+            }
+        }
         let bt = &scratch.b[..];
         let rows = rows_per_piece(m, k, n);
         let mut pieces = c.chunks_mut(rows * n).enumerate();
@@ -177,66 +186,82 @@ fma_variants!(
     (p: &Product<'_>, rows: Range<usize>, bt: &[f32], c: &mut [f32])
 );
 
-/// Rows `rows` of cp (m, 16) = A @ bp (k, 16), into `cp` (those rows only). With A's rows
-/// contiguous, 8 rows at a time hold their sums in registers over all k; otherwise (A read down
-/// its columns, as the weight gradient's x^T) k is the outer loop and each row's sum is added to
-/// in memory, reading A contiguously.
+/// Rows `rows` of cp (m, 16) = A @ bp (k, 16), into `cp` (those rows only): 8 rows at a time
+/// hold their sums in registers over all k, whatever A's strides (the weight gradient's x^T gives
+/// a block's 8 values of a step side by side; summed in memory, k outermost, each term waited on
+/// a store and a load).
 #[inline(always)]
 fn narrow_out<const FMA: bool>(p: &Product<'_>, rows: Range<usize>, bp: &[f32], cp: &mut [f32]) {
     let first = rows.start;
     let count = rows.len();
-    if p.csa == 1 {
-        let full = count / ROWS * ROWS;
-        for (block, out) in cp[..full * NARROW].chunks_exact_mut(ROWS * NARROW).enumerate() {
-            let i0 = first + block * ROWS;
-            let mut acc = [[0.0f32; NARROW]; ROWS];
-            for kk in 0..p.k {
-                let brow = &bp[kk * NARROW..][..NARROW];
-                for (r, sum) in acc.iter_mut().enumerate() {
-                    let v = p.a(i0 + r, kk);
-                    for (s, &w) in sum.iter_mut().zip(brow) {
-                        *s = mul_add::<FMA>(v, w, *s);
-                    }
-                }
-            }
-            for (dst, sum) in out.chunks_exact_mut(NARROW).zip(&acc) {
-                dst.copy_from_slice(sum);
-            }
-        }
-        for local in full..count {
-            let mut sum = [0.0f32; NARROW];
-            for kk in 0..p.k {
-                let v = p.a(first + local, kk);
-                for (s, &w) in sum.iter_mut().zip(&bp[kk * NARROW..][..NARROW]) {
-                    *s = mul_add::<FMA>(v, w, *s);
-                }
-            }
-            cp[local * NARROW..][..NARROW].copy_from_slice(&sum);
-        }
-    } else {
+    let full = count / ROWS * ROWS;
+    for (block, out) in cp[..full * NARROW].chunks_exact_mut(ROWS * NARROW).enumerate() {
+        let i0 = first + block * ROWS;
+        let mut acc = [[0.0f32; NARROW]; ROWS];
         for kk in 0..p.k {
             let brow = &bp[kk * NARROW..][..NARROW];
-            for (local, sum) in cp[..count * NARROW].chunks_exact_mut(NARROW).enumerate() {
-                let v = p.a(first + local, kk);
+            for (r, sum) in acc.iter_mut().enumerate() {
+                let v = p.a(i0 + r, kk);
                 for (s, &w) in sum.iter_mut().zip(brow) {
                     *s = mul_add::<FMA>(v, w, *s);
                 }
             }
         }
+        for (dst, sum) in out.chunks_exact_mut(NARROW).zip(&acc) {
+            dst.copy_from_slice(sum);
+        }
+    }
+    for local in full..count {
+        let mut sum = [0.0f32; NARROW];
+        for kk in 0..p.k {
+            let v = p.a(first + local, kk);
+            for (s, &w) in sum.iter_mut().zip(&bp[kk * NARROW..][..NARROW]) {
+                *s = mul_add::<FMA>(v, w, *s);
+            }
+        }
+        cp[local * NARROW..][..NARROW].copy_from_slice(&sum);
     }
 }
 
+/// Columns of a row `narrow_terms` sums in registers at a time, over all k.
+const TERMS_COLUMNS: usize = 128;
+
 /// Rows `rows` of c (m, n) = A @ bt (k, n) for k of at most 16, into `c` (those rows only): each
-/// row gets its k scaled rows of bt in turn.
+/// row's sums, TERMS_COLUMNS at a time, get the row's k scaled rows of bt in turn while they sit
+/// in registers (summed in memory they waited on a store and a load per term), and are written
+/// once.
 #[inline(always)]
 fn narrow_terms<const FMA: bool>(p: &Product<'_>, rows: Range<usize>, bt: &[f32], c: &mut [f32]) {
+    let k = p.k.min(NARROW);
     for (i, row) in rows.zip(c.chunks_exact_mut(p.n)) {
-        row.fill(0.0);
-        for kk in 0..p.k {
-            let v = p.a(i, kk);
-            for (s, &w) in row.iter_mut().zip(&bt[kk * p.n..][..p.n]) {
-                *s = mul_add::<FMA>(v, w, *s);
+        let mut v = [0.0f32; NARROW];
+        for (kk, x) in v[..k].iter_mut().enumerate() {
+            *x = p.a(i, kk);
+        }
+        let mut j0 = 0;
+        while j0 < p.n {
+            let width = TERMS_COLUMNS.min(p.n - j0);
+            if width == TERMS_COLUMNS {
+                let mut acc = [0.0f32; TERMS_COLUMNS];
+                for (kk, &x) in v[..k].iter().enumerate() {
+                    let Some(w) = bt[kk * p.n + j0..].first_chunk::<TERMS_COLUMNS>() else {
+                        break;
+                    };
+                    for (s, &w) in acc.iter_mut().zip(w) {
+                        *s = mul_add::<FMA>(x, w, *s);
+                    }
+                }
+                row[j0..j0 + TERMS_COLUMNS].copy_from_slice(&acc);
+            } else {
+                let sums = &mut row[j0..j0 + width];
+                sums.fill(0.0);
+                for (kk, &x) in v[..k].iter().enumerate() {
+                    for (s, &w) in sums.iter_mut().zip(&bt[kk * p.n + j0..][..width]) {
+                        *s = mul_add::<FMA>(x, w, *s);
+                    }
+                }
             }
+            j0 += width;
         }
     }
 }
