@@ -506,6 +506,20 @@ unsafe fn group_sums(
 ) {
     // SAFETY: the caller's contract.
     unsafe {
+        if let (
+            inp,
+            Gradient::Pooled {
+                dpool,
+                pool,
+                choices: Choices::Codes(codes),
+            },
+        ) = operands
+        {
+            let valid_3x3 = (g.kh, g.kw, g.in_ch, g.pad) == (3, 3, 1, 0);
+            if valid_3x3 && pool.size == 2 {
+                return group_sums_coded_3x3(out, inp, (dpool, &pool, codes), g, at, pieces);
+            }
+        }
         match g.patch() {
             1 => group_sums_fixed::<1>(out, operands, g, at, pieces),
             4 => group_sums_fixed::<4>(out, operands, g, at, pieces),
@@ -519,6 +533,84 @@ unsafe fn group_sums(
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn group_sums(_: &mut GroupSums, _: (&[f32], Gradient), _: &ConvGeometry, _: (usize, usize), _: usize) {
     unreachable!("weight_gradient runs only where cpu_gemm::available() holds, which is x86-64 with AVX-512")
+}
+
+/// `group_sums` for the book's first layer (3 x 3, 'valid', one channel) under a 2 x 2 pool whose
+/// choices `forward_pool` kept: the same sums in the same order as `group_sums_fixed::<9>` over
+/// `fill_row`'s gradients, with each pixel's gradient formed as it is used (a window's choice
+/// and gradient loaded at its left pixel) and the patch read through three row pointers at fixed
+/// displacements, so that nothing goes through memory between the two.
+///
+/// # Safety
+/// As `group_sums`, with the pool over the layer's output (`weight_gradient` asserts it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn group_sums_coded_3x3(
+    out: &mut GroupSums,
+    inp: &[f32],
+    (dpool, pool, codes): (&[f32], &PoolShape, &[u8]),
+    g: &ConvGeometry,
+    (filters, j0): (usize, usize),
+    pieces: usize,
+) {
+    use std::arch::x86_64::*;
+    let (pixels, (oh, ow), (ph, pw)) = (g.pixels(), (g.oh(), g.ow()), (pool.oh(), pool.ow()));
+    let span = pixels.div_ceil(pieces);
+    // SAFETY: pixel p < pixels lies in its image, and so do the 3 x 3 pixels of its patch
+    // ('valid'); window (b, wy, wx) with wy < ph, wx < pw has its gradient and code at `at`,
+    // inside dpool and codes (the caller's contract), and j0 + 16 <= filters.
+    unsafe {
+        let zero = _mm512_setzero_ps();
+        let mut total = [zero; 9];
+        let mut bias = zero;
+        for piece in 0..pieces {
+            let (first, end) = ((piece * span).min(pixels), ((piece + 1) * span).min(pixels));
+            let mut sums = [zero; 9];
+            let mut p = first;
+            while p < end {
+                // A run of output row (b, oy) from column ox.
+                let (b, oy, ox) = (p / (oh * ow), p % (oh * ow) / ow, p % ow);
+                let len = (ow - ox).min(end - p);
+                let r0 = inp.as_ptr().add((b * g.h + oy) * g.w + ox);
+                let (r1, r2) = (r0.add(g.w), r0.add(2 * g.w));
+                let wy = oy / 2;
+                // This row's positions in a window (ky 2 + kx): 0 and 1, or 2 and 3.
+                let left_at = _mm512_set1_epi32(2 * (oy % 2) as i32);
+                let right_at = _mm512_set1_epi32(2 * (oy % 2) as i32 + 1);
+                let (mut left, mut right, mut gradient) = (0u16, 0u16, zero);
+                for i in 0..len {
+                    let x = ox + i;
+                    if i == 0 || x % 2 == 0 {
+                        let wx = x / 2;
+                        (left, right) = (0, 0);
+                        if wy < ph && wx < pw {
+                            let at = ((b * ph + wy) * pw + wx) * filters + j0;
+                            let chosen = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(at).cast()));
+                            left = _mm512_cmpeq_epi32_mask(chosen, left_at);
+                            right = _mm512_cmpeq_epi32_mask(chosen, right_at);
+                            gradient = _mm512_loadu_ps(dpool.as_ptr().add(at));
+                        }
+                    }
+                    let d = _mm512_maskz_mov_ps(if x % 2 == 0 { left } else { right }, gradient);
+                    bias = _mm512_add_ps(bias, d);
+                    for (t, row) in [r0, r1, r2].into_iter().enumerate() {
+                        for kx in 0..3 {
+                            let x = _mm512_set1_ps(*row.add(i + kx));
+                            sums[3 * t + kx] = _mm512_fmadd_ps(x, d, sums[3 * t + kx]);
+                        }
+                    }
+                }
+                p += len;
+            }
+            for (t, s) in total.iter_mut().zip(sums) {
+                *t = if piece == 0 { s } else { _mm512_add_ps(*t, s) };
+            }
+        }
+        for (kk, t) in total.iter().enumerate() {
+            _mm512_storeu_ps(out[kk * GROUP..].as_mut_ptr(), *t);
+        }
+        _mm512_storeu_ps(out[9 * GROUP..].as_mut_ptr(), bias);
+    }
 }
 
 /// `group_sums` for a patch of P values (P = `DIRECT_MAX_PATCH`: of the geometry's patch, with the
@@ -1010,19 +1102,21 @@ mod tests {
                 let source = Gradient::Pooled {
                     dpool: &dpool,
                     pool,
-                    choices: Choices::Output(&out),
-                };
-                let stored = gradients(source, &inp, &g, filters, 8);
-                let source = Gradient::Pooled {
-                    dpool: &dpool,
-                    pool,
                     choices: Choices::Codes(&codes),
                 };
-                let coded = gradients(source, &inp, &g, filters, 8);
-                assert!(
-                    same_bits(&coded.0, &stored.0) && same_bits(&coded.1, &stored.1),
-                    "gradients from the choices, {what}"
-                );
+                for pieces in [1, 3, 8] {
+                    let by_output = Gradient::Pooled {
+                        dpool: &dpool,
+                        pool,
+                        choices: Choices::Output(&out),
+                    };
+                    let stored = gradients(by_output, &inp, &g, filters, pieces);
+                    let coded = gradients(source, &inp, &g, filters, pieces);
+                    assert!(
+                        same_bits(&coded.0, &stored.0) && same_bits(&coded.1, &stored.1),
+                        "gradients from the choices, {what}, {pieces} pieces"
+                    );
+                }
             }
         }
     }
