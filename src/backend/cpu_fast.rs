@@ -2,8 +2,9 @@
 //! bit-identical results), laid out for the vector units.
 //!
 //! Contract: each function here returns exactly what its namesake in `reference` returns for the
-//! same inputs; only memory order and instruction selection differ (AVX2 where the CPU has it,
-//! chosen at run time; no fused multiply-add, which would change the rounding).
+//! same inputs; only memory order and instruction selection differ (the widest vectors the CPU
+//! has, AVX-512 or AVX2, chosen at run time by `widest_vectors!`; no fused multiply-add, which
+//! would change the rounding).
 
 use super::cpu_pool;
 

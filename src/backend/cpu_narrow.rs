@@ -19,7 +19,7 @@ use super::ops::MatmulShape;
 
 /// The widest side that counts as narrow.
 const NARROW: usize = 16;
-/// Rows of A multiplied together when A's rows are contiguous: eight independent sums in flight.
+/// Rows of A multiplied together, whatever A's strides: eight independent sums in flight.
 const ROWS: usize = 8;
 /// The least work, in multiply-adds, worth a piece of its own on another thread.
 const PIECE_MACS: usize = 1 << 17;
@@ -107,10 +107,11 @@ pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch
             row.copy_from_slice(&padded[..n]);
         }
     } else {
-        // Few terms per sum: B's k rows contiguous, each added into C's row in turn.
-        scratch.b.clear();
-        scratch.b.resize(k * n, 0.0);
-        for (kk, row) in scratch.b.chunks_exact_mut(n).enumerate() {
+        // Few terms per sum: B's k rows contiguous, read 128 columns at a time by each row of C.
+        if scratch.b.len() < k * n {
+            scratch.b.resize(k * n, 0.0);
+        }
+        for (kk, row) in scratch.b[..k * n].chunks_exact_mut(n).enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
                 *v = b[kk * rsb + j * csb];
             }
@@ -232,7 +233,9 @@ const TERMS_COLUMNS: usize = 128;
 /// once.
 #[inline(always)]
 fn narrow_terms<const FMA: bool>(p: &Product<'_>, rows: Range<usize>, bt: &[f32], c: &mut [f32]) {
-    let k = p.k.min(NARROW);
+    // `matmul` takes this path only for k <= 16 (`fits`), with bt exactly k rows of n.
+    assert!(p.k <= NARROW && bt.len() >= p.k * p.n);
+    let k = p.k;
     for (i, row) in rows.zip(c.chunks_exact_mut(p.n)) {
         let mut v = [0.0f32; NARROW];
         for (kk, x) in v[..k].iter_mut().enumerate() {
@@ -244,10 +247,7 @@ fn narrow_terms<const FMA: bool>(p: &Product<'_>, rows: Range<usize>, bt: &[f32]
             if width == TERMS_COLUMNS {
                 let mut acc = [0.0f32; TERMS_COLUMNS];
                 for (kk, &x) in v[..k].iter().enumerate() {
-                    let Some(w) = bt[kk * p.n + j0..].first_chunk::<TERMS_COLUMNS>() else {
-                        break;
-                    };
-                    for (s, &w) in acc.iter_mut().zip(w) {
+                    for (s, &w) in acc.iter_mut().zip(&bt[kk * p.n + j0..][..TERMS_COLUMNS]) {
                         *s = mul_add::<FMA>(x, w, *s);
                     }
                 }

@@ -164,7 +164,8 @@ unsafe fn pool_band(_: &mut [f32], _: &mut [u8], _: &[f32], _: (usize, usize)) {
 
 /// `direct_rows` with AVX-512 or AVX2 where the CPU has it (the same multiplications and
 /// additions, never fused, so the same bits either way; AVX-512 takes a row of 32 sums in two
-/// instructions instead of four).
+/// instructions instead of four), or `valid_rows_avx512`'s register-held rows where it takes the
+/// layer.
 fn output_rows(
     out: &mut [f32],
     operands: (&[f32], &[f32], Option<&[f32]>),
@@ -254,6 +255,8 @@ unsafe fn valid_rows_fixed<const P: usize, const V: usize>(
     first: usize,
 ) {
     use std::arch::x86_64::*;
+    // The geometry `valid_rows_avx512` chose this kernel for: the reads below rely on it.
+    assert!(g.pad == 0 && g.in_ch == 1 && g.kh == g.kw && g.kh * g.kw == P);
     let filters = 16 * V;
     let pixels = out.len() / filters;
     let (oh, ow) = (g.oh(), g.ow());
@@ -538,7 +541,7 @@ unsafe fn group_sums(_: &mut GroupSums, _: (&[f32], Gradient), _: &ConvGeometry,
 /// `group_sums` for the book's first layer (3 x 3, 'valid', one channel) under a 2 x 2 pool whose
 /// choices `forward_pool` kept: the same sums in the same order as `group_sums_fixed::<9>` over
 /// `fill_row`'s gradients, with each pixel's gradient formed as it is used (a window's choice
-/// and gradient loaded at its left pixel) and the patch read through three row pointers at fixed
+/// and gradient loaded at its left pixel, or at a run's first pixel) and the patch read through three row pointers at fixed
 /// displacements, so that nothing goes through memory between the two.
 ///
 /// # Safety
@@ -554,6 +557,11 @@ unsafe fn group_sums_coded_3x3(
     pieces: usize,
 ) {
     use std::arch::x86_64::*;
+    // The geometry `group_sums` chose this kernel for, and `weight_gradient`'s operand checks:
+    // the reads below rely on them.
+    assert!((g.kh, g.kw, g.in_ch, g.pad) == (3, 3, 1, 0) && pool.size == 2);
+    assert!((pool.images, pool.h, pool.w, pool.ch) == (g.images, g.oh(), g.ow(), filters) && j0 + GROUP <= filters);
+    assert!(dpool.len() >= pool.out_len() && codes.len() >= pool.out_len() && inp.len() >= g.image_len());
     let (pixels, (oh, ow), (ph, pw)) = (g.pixels(), (g.oh(), g.ow()), (pool.oh(), pool.ow()));
     let span = pixels.div_ceil(pieces);
     // SAFETY: pixel p < pixels lies in its image, and so do the 3 x 3 pixels of its patch
@@ -896,7 +904,8 @@ mod tests {
                 let weight: Vec<f32> = (0..g.patch() * filters).map(|i| value(i + 41)).collect();
                 let bias: Vec<f32> = (0..filters).map(|i| value(i + 977) / 4.0).collect();
                 for (bias, relu) in [(Some(&bias[..]), true), (None, false)] {
-                    let (first, pixels) = (g.ow() + 2, g.pixels() - g.ow() - 3);
+                    // From inside the first image's second row, through the batch's last pixel.
+                    let (first, pixels) = (g.ow() + 2, g.pixels() - g.ow() - 2);
                     let mut fast = vec![f32::NAN; pixels * filters];
                     let mut any = vec![f32::NAN; pixels * filters];
                     let operands = (&inp[..], &weight[..], bias);
@@ -925,9 +934,25 @@ mod tests {
             pad: 1,
         };
         let mut out = vec![0.0; 16];
-        let operands = (&[0.0; 25][..], &[0.0; 9 * 16][..], None);
-        // SAFETY: as above.
-        assert!(!unsafe { valid_rows_avx512(&mut out, operands, false, &padded, (0, 16)) });
+        let operands = (&[0.0; 100][..], &[0.0; 9 * 16][..], None);
+        // A patch of a taken size from another geometry: padding, four channels, a 1 x 4 kernel.
+        let four_channels = ConvGeometry {
+            in_ch: 4,
+            kh: 1,
+            kw: 1,
+            pad: 0,
+            ..padded
+        };
+        let one_by_four = ConvGeometry {
+            kh: 1,
+            kw: 4,
+            pad: 0,
+            ..padded
+        };
+        for g in [padded, four_channels, one_by_four] {
+            // SAFETY: as above.
+            assert!(!unsafe { valid_rows_avx512(&mut out, operands, false, &g, (0, 16)) });
+        }
     }
 
     /// The weight gradient in one pass gives the bits of the patch matrix's split-K product (each
@@ -1104,14 +1129,23 @@ mod tests {
                     pool,
                     choices: Choices::Codes(&codes),
                 };
-                for pieces in [1, 3, 8] {
+                // The NaN pixel makes most weight sums NaN, where NaN equals NaN: compare them on
+                // the same images without it too.
+                let clean: Vec<f32> = inp.iter().map(|&x| if x.is_nan() { 0.5 } else { x }).collect();
+                for (pieces, images) in [(1, &inp), (3, &inp), (8, &inp), (1, &clean), (3, &clean), (8, &clean)] {
                     let by_output = Gradient::Pooled {
                         dpool: &dpool,
                         pool,
                         choices: Choices::Output(&out),
                     };
-                    let stored = gradients(by_output, &inp, &g, filters, pieces);
-                    let coded = gradients(source, &inp, &g, filters, pieces);
+                    let stored = gradients(by_output, images, &g, filters, pieces);
+                    let coded = gradients(source, images, &g, filters, pieces);
+                    if images == &clean {
+                        assert!(
+                            coded.0.iter().all(|x| x.is_finite()),
+                            "{what}: a NaN-free input gives finite sums"
+                        );
+                    }
                     assert!(
                         same_bits(&coded.0, &stored.0) && same_bits(&coded.1, &stored.1),
                         "gradients from the choices, {what}, {pieces} pieces"
