@@ -1,15 +1,15 @@
 #!/bin/bash
 # benches/device_check.sh: the whole measurement on a machine with an NVIDIA GPU (H100/H200) and
-# no Rust toolchain, in one call that fits 15 minutes of device time with room to rerun.
+# no Rust toolchain, in one run of a few minutes.
 #
-# Contract: run from the repository root on the device machine, with `.dev/` carried (ignored by
+# Contract: run from the repository root on the GPU machine, with `.dev/` copied there (ignored by
 # git: `echo /.dev/ >> .git/info/exclude`) holding
 #   gpu-mnist       a release binary built here (`cargo build --release`, then `strip`)
 #   mnist/          the four gzip IDX files (from ../shared/data/mnist)
 #   torch_mnist.py  ../shared/bench/torch_mnist.py
 #   torch_convnet.py  ../shared/bench/torch_convnet.py
 #   *.deb           the Vulkan loader and libglvnd (libvulkan1 libegl1 libglvnd0 libopengl0 libgl1
-#                   libglx0 libgles2, downloaded for amd64 as the device README shows)
+#                   libglx0 libgles2, downloaded for amd64 with `apt-get download`)
 #   tests/          optional: the kernels and training test binaries, stripped, to run on the card
 #                   (`cargo test --release --test kernels --test training --no-run` prints their
 #                   paths; copy them as tests/kernels and tests/training)

@@ -25,8 +25,8 @@ const OC: usize = 512;
 
 /// The devices to measure; a machine without a GPU adapter measures the CPU only (and says so).
 fn devices() -> Vec<Box<dyn Backend>> {
-    let mut out: Vec<Box<dyn Backend>> = vec![Box::new(CpuBackend::fast())];
-    match WgpuBackend::open(None, false) {
+    let mut out: Vec<Box<dyn Backend>> = vec![Box::new(CpuBackend::fast(&gpu_mnist::settings::settings().cpu))];
+    match WgpuBackend::open(None, false, &gpu_mnist::settings::settings().gpu) {
         Ok(gpu) => out.push(Box::new(gpu)),
         Err(e) => eprintln!("benches: no GPU adapter ({e}); measuring the CPU only"),
     }

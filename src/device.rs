@@ -28,6 +28,7 @@ pub struct OpenedDevice {
 pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result<OpenedDevice> {
     // Any choice may end on the CPU path (auto, or a failing GPU handing over).
     crate::settings::check()?;
+    let settings = crate::settings::settings();
     let cpu = |be: CpuBackend, why: &str| OpenedDevice {
         note: format!("device: {} ({why})", be.name()),
         backend: Box::new(be),
@@ -39,21 +40,24 @@ pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result
         is_gpu: true,
     };
     match choice {
-        DeviceChoice::Cpu => Ok(cpu(CpuBackend::fast(), "--device cpu")),
+        DeviceChoice::Cpu => Ok(cpu(CpuBackend::fast(&settings.cpu), "--device cpu")),
         DeviceChoice::Reference => Ok(cpu(CpuBackend::reference(), "--device reference")),
-        DeviceChoice::Gpu => Ok(gpu(WgpuBackend::open(adapter_filter, false)?, "--device gpu")),
+        DeviceChoice::Gpu => Ok(gpu(
+            WgpuBackend::open(adapter_filter, false, &settings.gpu)?,
+            "--device gpu",
+        )),
         DeviceChoice::Auto => {
             let adapters = gpu::list_adapters();
-            let software_ok = crate::settings::settings().auto_accepts_software;
+            let software_ok = settings.auto_accepts_software;
             let usable = adapters
                 .iter()
                 .find(|a| (a.is_hardware() || software_ok) && a.matches(adapter_filter));
             match usable {
-                Some(a) => match WgpuBackend::open(adapter_filter, !software_ok) {
+                Some(a) => match WgpuBackend::open(adapter_filter, !software_ok, &settings.gpu) {
                     Ok(be) => Ok(gpu(be, &format!("--device auto: {} GPU found", a.device_type))),
                     // A GPU that is there but can not be used: the CPU path runs instead.
                     Err(e) => Ok(cpu(
-                        CpuBackend::fast(),
+                        CpuBackend::fast(&settings.cpu),
                         &format!("--device auto: '{}' could not be used ({e})", a.name),
                     )),
                 },
@@ -65,7 +69,7 @@ pub fn open_device(choice: DeviceChoice, adapter_filter: Option<&str>) -> Result
                         ),
                         None => "no GPU adapter was found".to_string(),
                     };
-                    Ok(cpu(CpuBackend::fast(), &format!("--device auto: {why}")))
+                    Ok(cpu(CpuBackend::fast(&settings.cpu), &format!("--device auto: {why}")))
                 }
             }
         }

@@ -1,5 +1,7 @@
 //! The tuning knobs and testing aids that come from the environment, read in this one place,
-//! once per process, into one `Settings` value (`bench --json` prints it).
+//! once per process, into one `Settings` value (`bench --json` prints it), whose parts are handed
+//! to the backends (`CpuBackend::fast(&settings.cpu)`, `WgpuBackend::open(.., &settings.gpu)`):
+//! nothing below this module reads the environment's knobs.
 //!
 //! Contract: `settings()` never fails: a variable whose value it can not take reads as unset, and
 //! `check()` (called before any device opens) turns such a value into a usage error naming the
@@ -10,37 +12,26 @@ use std::sync::OnceLock;
 
 use serde_json::{json, Value};
 
-use crate::backend::wgpu::TileConfig;
+use crate::backend::cpu::{CpuSettings, SimdLimit};
+use crate::backend::wgpu::{GpuSettings, TileConfig};
 use crate::error::{Error, Result};
 
 /// The most threads `GPU_MNIST_CPU_THREADS` may ask for.
 pub const MAX_CPU_THREADS: usize = 1024;
 
-/// The widest vector instructions the CPU kernels may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SimdLimit {
-    /// Whatever the CPU has (AVX-512, else AVX2, else none).
-    Best,
-    Avx2,
-    Portable,
-}
-
 /// Every knob, as read from the environment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    /// `GPU_MNIST_CPU_THREADS`: threads of the CPU path (None: one per core).
-    pub cpu_threads: Option<usize>,
-    /// `GPU_MNIST_CPU_SIMD=avx512|avx2|portable`: the widest vector instructions the CPU path
+    /// For `CpuBackend::fast`: `GPU_MNIST_CPU_THREADS`, threads of the CPU path (None: one per
+    /// core), and `GPU_MNIST_CPU_SIMD=avx512|avx2|portable`, the widest vector instructions it
     /// uses, so that every variant can be tested on one machine.
-    pub cpu_simd: SimdLimit,
-    /// `GPU_MNIST_MATMUL_TILES=TM,TN,KC,S`: one tiling for every GPU matmul (None: per shape).
-    pub matmul_tiles: Option<TileConfig>,
-    /// `GPU_MNIST_OUTPUT_FUSION=0|1`: run the output layer's step as one GPU dispatch or not
-    /// (None: the adapter's default, see `backend::wgpu`).
-    pub output_layer_fusion: Option<bool>,
-    /// `GPU_MNIST_INJECT_DEVICE_LOSS=N` (testing aid): the GPU reports a lost device from its
-    /// N-th read-back on, so that the recovery paths can be tested without a failing GPU.
-    pub inject_device_loss: Option<u64>,
+    pub cpu: CpuSettings,
+    /// For `WgpuBackend::open`: `GPU_MNIST_MATMUL_TILES=TM,TN,KC,S`, one tiling for every GPU
+    /// matmul (None: per shape); `GPU_MNIST_OUTPUT_FUSION=0|1`, run the output layer's step as one
+    /// GPU dispatch or not (None: the adapter's default); `GPU_MNIST_INJECT_DEVICE_LOSS=N`
+    /// (testing aid), the GPU reports a lost device from its N-th read-back on, so that the
+    /// recovery paths can be tested without a failing GPU.
+    pub gpu: GpuSettings,
     /// `GPU_MNIST_AUTO_ACCEPTS_SOFTWARE=1` (testing aid): `--device auto` takes a software adapter
     /// as if it were a hardware GPU, so that the GPU-to-CPU hand-over can be tested without one.
     pub auto_accepts_software: bool,
@@ -74,7 +65,7 @@ fn read(var: impl Fn(&str) -> Option<String>) -> (Settings, Vec<(&'static str, S
         }
     };
     let cpu_threads = take("GPU_MNIST_CPU_THREADS", &|v| parse_threads(v).map(|_| ()));
-    let cpu_simd = take("GPU_MNIST_CPU_SIMD", &|v| parse_simd(v).map(|_| ()));
+    let cpu_simd = take("GPU_MNIST_CPU_SIMD", &|v| SimdLimit::parse(v).map(|_| ()));
     let matmul_tiles = take("GPU_MNIST_MATMUL_TILES", &|v| TileConfig::parse(v).map(|_| ()));
     let output_layer_fusion = take("GPU_MNIST_OUTPUT_FUSION", &|v| parse_switch(v).map(|_| ()));
     let inject_device_loss = take("GPU_MNIST_INJECT_DEVICE_LOSS", &|v| {
@@ -84,11 +75,15 @@ fn read(var: impl Fn(&str) -> Option<String>) -> (Settings, Vec<(&'static str, S
     });
     let auto_accepts_software = take("GPU_MNIST_AUTO_ACCEPTS_SOFTWARE", &|v| parse_switch(v).map(|_| ()));
     let settings = Settings {
-        cpu_threads: cpu_threads.and_then(|v| parse_threads(&v).ok()),
-        cpu_simd: cpu_simd.and_then(|v| parse_simd(&v).ok()).unwrap_or(SimdLimit::Best),
-        matmul_tiles: matmul_tiles.and_then(|v| TileConfig::parse(&v).ok()),
-        output_layer_fusion: output_layer_fusion.and_then(|v| parse_switch(&v).ok()),
-        inject_device_loss: inject_device_loss.and_then(|v| v.parse().ok()),
+        cpu: CpuSettings {
+            threads: cpu_threads.and_then(|v| parse_threads(&v).ok()),
+            simd: cpu_simd.and_then(|v| SimdLimit::parse(&v).ok()).unwrap_or_default(),
+        },
+        gpu: GpuSettings {
+            matmul_tiles: matmul_tiles.and_then(|v| TileConfig::parse(&v).ok()),
+            output_layer_fusion: output_layer_fusion.and_then(|v| parse_switch(&v).ok()),
+            inject_device_loss: inject_device_loss.and_then(|v| v.parse().ok()),
+        },
         auto_accepts_software: auto_accepts_software.and_then(|v| parse_switch(&v).ok()) == Some(true),
     };
     (settings, refused)
@@ -98,15 +93,6 @@ fn parse_threads(v: &str) -> std::result::Result<usize, String> {
     match v.parse::<usize>() {
         Ok(n) if (1..=MAX_CPU_THREADS).contains(&n) => Ok(n),
         _ => Err(format!("'{v}' is not a thread count from 1 to {MAX_CPU_THREADS}")),
-    }
-}
-
-fn parse_simd(v: &str) -> std::result::Result<SimdLimit, String> {
-    match v {
-        "avx512" => Ok(SimdLimit::Best),
-        "avx2" => Ok(SimdLimit::Avx2),
-        "portable" => Ok(SimdLimit::Portable),
-        _ => Err(format!("'{v}' is not one of avx512, avx2, portable")),
     }
 }
 
@@ -121,18 +107,16 @@ fn parse_switch(v: &str) -> std::result::Result<bool, String> {
 impl Settings {
     /// Every knob by its variable's name, for `bench --json` (null: unset).
     pub fn to_json(&self) -> Value {
-        let tiles = self.matmul_tiles.map(|t| format!("{},{},{},{}", t.tm, t.tn, t.kc, t.s));
-        let simd = match self.cpu_simd {
-            SimdLimit::Best => "best",
-            SimdLimit::Avx2 => "avx2",
-            SimdLimit::Portable => "portable",
-        };
+        let tiles = self
+            .gpu
+            .matmul_tiles
+            .map(|t| format!("{},{},{},{}", t.tm, t.tn, t.kc, t.s));
         json!({
-            "GPU_MNIST_CPU_THREADS": self.cpu_threads,
-            "GPU_MNIST_CPU_SIMD": simd,
+            "GPU_MNIST_CPU_THREADS": self.cpu.threads,
+            "GPU_MNIST_CPU_SIMD": self.cpu.simd.name(),
             "GPU_MNIST_MATMUL_TILES": tiles,
-            "GPU_MNIST_OUTPUT_FUSION": self.output_layer_fusion,
-            "GPU_MNIST_INJECT_DEVICE_LOSS": self.inject_device_loss,
+            "GPU_MNIST_OUTPUT_FUSION": self.gpu.output_layer_fusion,
+            "GPU_MNIST_INJECT_DEVICE_LOSS": self.gpu.inject_device_loss,
             "GPU_MNIST_AUTO_ACCEPTS_SOFTWARE": self.auto_accepts_software,
         })
     }
@@ -151,7 +135,7 @@ mod tests {
         let (s, refused) = from(&[]);
         assert!(refused.is_empty());
         assert_eq!(
-            (s.cpu_threads, s.cpu_simd, s.output_layer_fusion),
+            (s.cpu.threads, s.cpu.simd, s.gpu.output_layer_fusion),
             (None, SimdLimit::Best, None)
         );
         let (s, refused) = from(&[
@@ -162,10 +146,13 @@ mod tests {
             ("GPU_MNIST_AUTO_ACCEPTS_SOFTWARE", "1"),
         ]);
         assert!(refused.is_empty(), "{refused:?}");
-        assert_eq!(s.cpu_threads, Some(3));
-        assert_eq!(s.cpu_simd, SimdLimit::Avx2);
-        assert_eq!(s.matmul_tiles.map(|t| (t.tm, t.tn, t.kc, t.s)), Some((32, 32, 16, 1)));
-        assert_eq!(s.output_layer_fusion, Some(false));
+        assert_eq!(s.cpu.threads, Some(3));
+        assert_eq!(s.cpu.simd, SimdLimit::Avx2);
+        assert_eq!(
+            s.gpu.matmul_tiles.map(|t| (t.tm, t.tn, t.kc, t.s)),
+            Some((32, 32, 16, 1))
+        );
+        assert_eq!(s.gpu.output_layer_fusion, Some(false));
         assert!(s.auto_accepts_software);
         let (s, refused) = from(&[
             ("GPU_MNIST_CPU_THREADS", "0"),
@@ -177,6 +164,6 @@ mod tests {
             names,
             ["GPU_MNIST_CPU_THREADS", "GPU_MNIST_CPU_SIMD", "GPU_MNIST_OUTPUT_FUSION"]
         );
-        assert_eq!((s.cpu_threads, s.cpu_simd), (None, SimdLimit::Best));
+        assert_eq!((s.cpu.threads, s.cpu.simd), (None, SimdLimit::Best));
     }
 }

@@ -11,7 +11,6 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::Backend;
 use gpu_mnist::data::{batches, epoch_order};
 use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
@@ -45,7 +44,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn a_cpu_training_step_allocates_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let data = mnist().train.first(40 * 128);
-    let mut be = CpuBackend::fast();
+    let mut be = fast_cpu();
     let spec = ModelSpec::mnist(&[512]);
     let mut graph = Graph::new(&mut be, &spec, 128).unwrap();
     graph.set_params(&mut be, &glorot_init(&spec, 3)).unwrap();
@@ -84,7 +83,7 @@ fn a_cpu_training_step_allocates_nothing() {
 fn a_cpu_convnet_step_allocates_nothing_but_foreign_gemm_packing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let data = mnist().train.first(20 * 64);
-    let mut be = CpuBackend::fast();
+    let mut be = fast_cpu();
     let spec = ModelSpec::convnet();
     let mut graph = Graph::new(&mut be, &spec, 64).unwrap();
     graph.set_params(&mut be, &glorot_init(&spec, 3)).unwrap();

@@ -254,7 +254,7 @@ fn conv_products_match_the_reference_at_awkward_shapes() {
 /// first layers) at the same shapes and tolerances.
 #[test]
 fn fast_cpu_conv_products_match_the_reference_at_awkward_and_book_shapes() {
-    let mut be = gpu_mnist::backend::cpu::CpuBackend::fast();
+    let mut be = fast_cpu();
     let shapes = awkward().into_iter().chain(book());
     let book_64 = book().map(|c| Conv {
         g: ConvGeometry { images: 64, ..c.g },

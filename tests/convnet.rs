@@ -79,7 +79,7 @@ fn one_step_matches_the_reference(what: &str, be: &mut dyn Backend, batch: usize
 
 #[test]
 fn one_fast_cpu_convnet_step_matches_the_reference() {
-    one_step_matches_the_reference("fast cpu", &mut CpuBackend::fast(), 64);
+    one_step_matches_the_reference("fast cpu", &mut fast_cpu(), 64);
 }
 
 #[test]
@@ -96,7 +96,7 @@ fn gpu_convnet_steps_track_the_cpu_path() {
     let spec = ModelSpec::convnet();
     let data = mnist().train.first(20 * 8);
     let (gpu_stats, _, _) = run_steps(&mut gpu(), &spec, (&data, 8), 20);
-    let (cpu_stats, _, _) = run_steps(&mut CpuBackend::fast(), &spec, (&data, 8), 20);
+    let (cpu_stats, _, _) = run_steps(&mut fast_cpu(), &spec, (&data, 8), 20);
     let losses = |s: &[StepStats]| s.iter().map(|x| x.loss_sum / 8.0).collect::<Vec<f32>>();
     let (g, c) = (losses(&gpu_stats), losses(&cpu_stats));
     println!("gpu losses {g:?}\ncpu losses {c:?}");
@@ -111,7 +111,7 @@ fn seeded_convnet_runs_repeat_bit_for_bit_on_each_device() {
     let spec = ModelSpec::convnet();
     let data = mnist().train.first(6 * 8);
     let bits = |s: &[StepStats]| s.iter().map(|x| (x.loss_sum.to_bits(), x.correct)).collect::<Vec<_>>();
-    let devices: [fn() -> Box<dyn Backend>; 2] = [|| Box::new(CpuBackend::fast()), || Box::new(gpu())];
+    let devices: [fn() -> Box<dyn Backend>; 2] = [|| Box::new(fast_cpu()), || Box::new(gpu())];
     for device in devices {
         let (mut a, mut b) = (device(), device());
         let name = a.name();
@@ -129,7 +129,7 @@ fn seeded_convnet_runs_repeat_bit_for_bit_on_each_device() {
 fn a_custom_stack_trains_on_the_cpu_paths() {
     let spec = ModelSpec::parse("--layers", "conv:5:5:same,pool:3,conv:7:3,flatten,dense:16,dense:10").unwrap();
     let data = mnist().train.first(3 * 10);
-    let (fast, _, fast_params) = run_steps(&mut CpuBackend::fast(), &spec, (&data, 10), 3);
+    let (fast, _, fast_params) = run_steps(&mut fast_cpu(), &spec, (&data, 10), 3);
     let (slow, _, slow_params) = run_steps(&mut CpuBackend::reference(), &spec, (&data, 10), 3);
     let loss = |s: &[StepStats]| s.iter().map(|x| x.loss_sum).collect::<Vec<f32>>();
     assert_close(
@@ -156,7 +156,7 @@ fn a_first_layer_pool_and_weight_gradient_fuse_on_the_fast_cpu_path() {
     let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
     let data = mnist().train.first(3 * 10);
     let fused_ops = |spec: &ModelSpec| {
-        let mut be = CpuBackend::fast();
+        let mut be = fast_cpu();
         let mut graph = Graph::new(&mut be, spec, 10).unwrap();
         let ds = be.upload_dataset(&data).unwrap();
         let plan = graph.plan(&mut be, PlanKind::Train, (ds, 10), Some(opt)).unwrap();
@@ -176,7 +176,7 @@ fn a_first_layer_pool_and_weight_gradient_fuse_on_the_fast_cpu_path() {
         "conv:48:3:same,pool:2,conv:8:3,flatten,dense:10",
     ] {
         let spec = ModelSpec::parse("--layers", layers).unwrap();
-        let (fast, fast_grads, fast_params) = run_steps(&mut CpuBackend::fast(), &spec, (&data, 10), 3);
+        let (fast, fast_grads, fast_params) = run_steps(&mut fast_cpu(), &spec, (&data, 10), 3);
         let (slow, slow_grads, slow_params) = run_steps(&mut CpuBackend::reference(), &spec, (&data, 10), 3);
         let loss = |s: &[StepStats]| s.iter().map(|x| x.loss_sum).collect::<Vec<f32>>();
         assert_close(

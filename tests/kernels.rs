@@ -359,7 +359,7 @@ fn cpu_optimizer_updates_match_the_reference() {
     use gpu_mnist::backend::cpu::CpuBackend;
     use gpu_mnist::backend::ParamTensors;
     let [rmsprop, sgd] = update_optimizers();
-    let devices: [Box<dyn Backend>; 2] = [Box::new(CpuBackend::fast()), Box::new(CpuBackend::reference())];
+    let devices: [Box<dyn Backend>; 2] = [Box::new(fast_cpu()), Box::new(CpuBackend::reference())];
     for mut be in devices {
         let be = be.as_mut();
         let name = be.name();
@@ -515,10 +515,7 @@ fn ops_reject_inconsistent_shapes_instead_of_panicking() {
 fn packed_tensors_update_in_one_op_and_refuse_aliasing() {
     use gpu_mnist::backend::ParamTensors;
     let [rmsprop, _] = update_optimizers();
-    let devices: [(Box<dyn Backend>, bool); 2] = [
-        (Box::new(gpu_mnist::backend::cpu::CpuBackend::fast()), true),
-        (Box::new(gpu()), false),
-    ];
+    let devices: [(Box<dyn Backend>, bool); 2] = [(Box::new(fast_cpu()), true), (Box::new(gpu()), false)];
     for (mut be, lone_updates) in devices {
         let be = be.as_mut();
         let name = be.name();
@@ -807,7 +804,7 @@ fn fused_output_layer_matches_the_reference_ops() {
     unfused.set_output_layer_fusion(false);
     // The GPU's (fused: true, or not: false); the CPU's dispatches are not counted.
     let mut devices: Vec<(Box<dyn Backend>, Option<bool>)> = vec![
-        (Box::new(CpuBackend::fast()), None),
+        (Box::new(fast_cpu()), None),
         (Box::new(unfused), Some(false)),
         (Box::new(fused), Some(true)),
     ];

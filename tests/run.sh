@@ -29,15 +29,15 @@ cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --bench kernels
 cargo test --lib --bins --tests
-# 4. The fast CPU path's sparse and narrow kernels again with the narrower vector variants (AVX2,
-#    then none), which a CPU with AVX-512 would otherwise never run, and on one thread; the thread
-#    pool's own tests with more threads than cores (so that they have helpers to hand work to).
+# 4. The fast CPU path's sparse products again with the narrower vector variants (AVX2, then
+#    none), which a CPU with AVX-512 would otherwise never run, and on one thread (the narrow
+#    products' unit test runs every variant the CPU has by itself); the thread pool's own tests
+#    alone, so that they start it with more threads than cores (helpers to hand work to).
 for simd in avx2 portable; do
     GPU_MNIST_CPU_SIMD=$simd cargo test --test sparse --quiet
-    GPU_MNIST_CPU_SIMD=$simd cargo test --lib --quiet cpu_narrow
 done
 GPU_MNIST_CPU_THREADS=1 cargo test --test sparse --quiet
-GPU_MNIST_CPU_THREADS=4 cargo test --lib --quiet cpu_pool
+cargo test --lib --quiet backend::cpu::threads
 
 # 5. The browser page (web/): built for wasm32, served on loopback, and driven in Debian's
 #    headless Chromium with WebGPU on its software adapter (SwiftShader): a short training run,

@@ -45,7 +45,7 @@ fn sparse_vec(g: &mut rand_chacha::ChaCha8Rng, n: usize, density: f64) -> Vec<f3
 
 #[test]
 fn sparse_products_match_the_reference() {
-    let mut be = CpuBackend::fast();
+    let mut be = fast_cpu();
     println!("{}", be.name());
     for (i, &(b, c, oc)) in SHAPES.iter().enumerate() {
         for (j, &density) in [0.0, 0.05, 0.19, 0.34].iter().enumerate() {
@@ -100,7 +100,7 @@ fn sparse_products_match_the_reference() {
 
 #[test]
 fn dense_inputs_and_narrow_outputs_take_the_dense_path() {
-    let mut be = CpuBackend::fast();
+    let mut be = fast_cpu();
     for (b, c, oc, density) in [(64, 100, 512, 0.5), (128, 784, 10, 0.1), (128, 512, 63, 0.0)] {
         let mut g = rng(7);
         let inp = sparse_vec(&mut g, b * c, density);
@@ -135,7 +135,7 @@ fn fused_sparse_step_matches_the_reference_ops() {
             let vels: Vec<Vec<f32>> = lens.iter().map(|&n| abs(&random_vec(&mut g, n, 1e-3))).collect();
             let inp = sparse_vec(&mut g, b * c, 0.2);
             let dout = random_vec(&mut g, b * oc, 0.1);
-            let mut fast = CpuBackend::fast();
+            let mut fast = fast_cpu();
             let want = fused_step(
                 &mut CpuBackend::reference(),
                 (&values, &vels),
@@ -172,7 +172,7 @@ fn sparse_dataset(g: &mut rand_chacha::ChaCha8Rng, n: usize, density: f64) -> Da
 /// its weight gradient from the rows kept of x; x must equal the reference's gather exactly.
 #[test]
 fn gathered_sparse_first_layer_matches_the_reference() {
-    let mut be = CpuBackend::fast();
+    let mut be = fast_cpu();
     let mut g = rng(41);
     let n = 300;
     let data = sparse_dataset(&mut g, n, 0.19);
@@ -215,7 +215,7 @@ fn gathered_sparse_first_layer_matches_the_reference() {
 #[test]
 fn rows_kept_of_an_input_are_dropped_when_it_changes() {
     let (b, c, oc) = (16, IMAGE_PIXELS, 64);
-    let mut be = CpuBackend::fast();
+    let mut be = fast_cpu();
     let mut g = rng(55);
     let data = sparse_dataset(&mut g, 64, 0.19);
     let ds = be.upload_dataset(&data).unwrap();
@@ -269,7 +269,7 @@ fn rows_kept_of_an_input_are_dropped_when_it_changes() {
 #[test]
 fn non_finite_inputs_spread_as_in_the_reference() {
     let (b, c, oc) = (6, 100, 64);
-    let mut be = CpuBackend::fast();
+    let mut be = fast_cpu();
     let mut g = rng(77);
     let mut inp = sparse_vec(&mut g, b * c, 0.2);
     inp[c + 3] = f32::NAN;

@@ -100,7 +100,7 @@ fn one_gpu_step_with_the_fused_output_layer_matches_the_cpu_reference() {
 /// GPU's step above; and it must have taken the sparse path.
 #[test]
 fn one_fast_cpu_step_matches_the_cpu_reference() {
-    let mut fast = CpuBackend::fast();
+    let mut fast = fast_cpu();
     one_step_matches_the_reference("one fast cpu step", &mut fast);
     assert_eq!(fast.sparse_products(), 2, "the first layer's products were not sparse");
 }
@@ -109,7 +109,7 @@ fn one_fast_cpu_step_matches_the_cpu_reference() {
 fn fifty_gpu_steps_lower_the_loss_and_track_the_cpu_path() {
     let data = mnist().train.first(50 * BATCH);
     let (gpu_stats, _, _) = run_steps(&mut gpu(), &data, 50);
-    let (cpu_stats, _, _) = run_steps(&mut CpuBackend::fast(), &data, 50);
+    let (cpu_stats, _, _) = run_steps(&mut fast_cpu(), &data, 50);
     let mut fused = gpu();
     fused.set_output_layer_fusion(true);
     let (fused_stats, _, _) = run_steps(&mut fused, &data, 50);
@@ -157,8 +157,8 @@ fn seeded_runs_repeat_bit_for_bit_on_each_device() {
         "fused-output gpu losses differ between identical runs"
     );
     assert_eq!(pe, pf, "fused-output gpu parameters differ between identical runs");
-    let (c, _, pc) = run_steps(&mut CpuBackend::fast(), &data, 20);
-    let (d, _, pd) = run_steps(&mut CpuBackend::fast(), &data, 20);
+    let (c, _, pc) = run_steps(&mut fast_cpu(), &data, 20);
+    let (d, _, pd) = run_steps(&mut fast_cpu(), &data, 20);
     assert_eq!(bits(&c), bits(&d), "cpu losses differ between identical runs");
     assert_eq!(pc, pd, "cpu parameters differ between identical runs");
 }

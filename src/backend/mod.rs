@@ -9,47 +9,8 @@
 //! points, which return futures (`Readback`): the one place where a caller waits for a device. A
 //! native caller blocks on them (`pollster`); a browser awaits them.
 
-/// `$vis fn $name(args)` = `$any(args)` compiled for the widest vectors this CPU has (AVX-512,
-/// AVX2, else the crate's baseline, SSE2 on x86-64), chosen at run time as `cpu_sparse::simd`
-/// says. Only for loops of element-wise IEEE operations (adds, multiplies, divisions, square
-/// roots, selects: never a fused multiply-add or a reassociated sum), which give the same bits at
-/// any vector width; `$any` must be `#[inline(always)]` so that each copy is compiled for its
-/// width.
-macro_rules! widest_vectors {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $any:path) => {
-        $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $any($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $any($($arg),*)
-                }
-                match crate::backend::cpu_sparse::simd() {
-                    // SAFETY: the CPU has the detected level's instructions.
-                    crate::backend::cpu_sparse::Simd::Avx512 => return unsafe { avx512($($arg),*) },
-                    // SAFETY: as above.
-                    crate::backend::cpu_sparse::Simd::Avx2 => return unsafe { avx2($($arg),*) },
-                    crate::backend::cpu_sparse::Simd::Portable => {}
-                }
-            }
-            $any($($arg),*)
-        }
-    };
-}
-
 mod checks;
 pub mod cpu;
-mod cpu_conv;
-mod cpu_fast;
-mod cpu_gemm;
-mod cpu_narrow;
-mod cpu_pool;
-mod cpu_sparse;
 pub mod ops;
 pub mod reference;
 pub mod wgpu;

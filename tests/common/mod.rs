@@ -10,13 +10,14 @@ use gpu_mnist::backend::wgpu::WgpuBackend;
 use gpu_mnist::backend::{Backend, Packed, ParamTensors, TensorId};
 use gpu_mnist::data::{Dataset, Mnist, IMAGE_PIXELS};
 use gpu_mnist::optim::Optimizer;
+use gpu_mnist::settings::settings;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// The wgpu device. A GPU test must fail, not skip, when there is none: CI installs Mesa's
 /// software Vulkan driver so that there always is one.
 pub fn gpu() -> WgpuBackend {
-    match WgpuBackend::open(None, false) {
+    match WgpuBackend::open(None, false, &settings().gpu) {
         Ok(be) => be,
         Err(e) => panic!(
             "no wgpu adapter for the GPU tests ({e}). Install one: apt-get install mesa-vulkan-drivers libvulkan1"
@@ -24,9 +25,15 @@ pub fn gpu() -> WgpuBackend {
     }
 }
 
+/// The fast CPU path, with the process's settings (tests/run.sh runs some tests again with
+/// `GPU_MNIST_CPU_SIMD` and `GPU_MNIST_CPU_THREADS` set).
+pub fn fast_cpu() -> CpuBackend {
+    CpuBackend::fast(&settings().cpu)
+}
+
 /// Every backend the op tests run on: the fast CPU path and the GPU, each against the reference.
 pub fn devices_under_test() -> Vec<Box<dyn Backend>> {
-    vec![Box::new(CpuBackend::fast()), Box::new(gpu())]
+    vec![Box::new(fast_cpu()), Box::new(gpu())]
 }
 
 /// Real MNIST: $GPU_MNIST_DATA or ../shared/data/mnist beside the project.

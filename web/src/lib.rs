@@ -16,8 +16,8 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use gpu_mnist::backend::cpu::CpuBackend;
-use gpu_mnist::backend::wgpu::WgpuBackend;
+use gpu_mnist::backend::cpu::{CpuBackend, CpuSettings};
+use gpu_mnist::backend::wgpu::{GpuSettings, WgpuBackend};
 use gpu_mnist::backend::Backend;
 use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::{Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
@@ -170,14 +170,14 @@ struct Opened {
 
 async fn open_device(device: &str) -> Result<Opened, String> {
     let cpu = |note: Option<String>| Opened {
-        backend: Box::new(CpuBackend::fast()),
+        backend: Box::new(CpuBackend::fast(&CpuSettings::default())),
         kind: "cpu",
         adapter: "cpu (wasm, 1 thread)".to_string(),
         note,
     };
     match device {
         "cpu" => Ok(cpu(None)),
-        "webgpu" | "auto" => match WgpuBackend::open_async(None, false).await {
+        "webgpu" | "auto" => match WgpuBackend::open_async(None, false, &GpuSettings::default()).await {
             Ok(be) => {
                 let adapter = be.adapter().name.clone();
                 Ok(Opened {
@@ -358,7 +358,7 @@ pub fn predict(gray: &[u8], width: usize, height: usize) -> Result<Vec<f32>, JsE
 /// Run the prediction plan on the CPU path for one MNIST image.
 fn predict_pixels(model: &Checkpoint, pixels: Vec<u8>) -> Result<Vec<f32>, String> {
     debug_assert_eq!(pixels.len(), IMAGE_PIXELS);
-    let mut be = CpuBackend::fast();
+    let mut be = CpuBackend::fast(&CpuSettings::default());
     let mut graph = Graph::new(&mut be, &model.spec, 1).map_err(|e| e.to_string())?;
     graph.set_params(&mut be, &model.params).map_err(|e| e.to_string())?;
     let one = Dataset::new(pixels, vec![0]).map_err(|e| e.to_string())?;
@@ -415,7 +415,7 @@ pub fn load_model(bytes: &[u8], file_name: &str) -> Result<String, JsError> {
 /// and `ok` over all; rejects when WebGPU is unavailable.
 #[wasm_bindgen]
 pub async fn kernel_check() -> Result<String, JsError> {
-    let mut gpu = WgpuBackend::open_async(None, false).await.map_err(js_error)?;
+    let mut gpu = WgpuBackend::open_async(None, false, &GpuSettings::default()).await.map_err(js_error)?;
     let adapter = gpu.adapter().name.clone();
     // (hidden widths, batch, optimizer, steps): SGD's weights are compared after the steps;
     // RMSprop divides by the root of tiny squared gradients, so its loss is compared instead.

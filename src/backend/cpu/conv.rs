@@ -1,9 +1,9 @@
-//! The CPU backends' convolutions and max pooling.
+//! The CPU backends' convolutions (max pooling, and the first layer fused with it, are in `pool`).
 //!
 //! Contract: a convolution's product runs as a dense product over its patch matrix. On the fast
 //! path with AVX-512 a 'valid' convolution with long enough rows reads that matrix (for the
 //! forward product) and its transpose (for the weight gradient) straight from the images through
-//! `cpu_gemm`'s run layouts, never writing it; otherwise the forward product and the weight
+//! `gemm`'s run layouts, never writing it; otherwise the forward product and the weight
 //! gradient multiply `im2col(inp)`, kept per layer so that the weight gradient reuses the forward
 //! product's while the input is unchanged. A first layer with a patch of at most 16 values runs
 //! straight from the pixels (`direct_forward`). The input gradient computes the patches' gradient
@@ -11,20 +11,21 @@
 //! ReLU's mask. The tensors are allocated by the first step of each batch size and reused (one
 //! patch matrix per layer and batch size, within `spec::MAX_PATCH_VALUES` each), so later steps
 //! allocate nothing. Every dense product, its epilogue and a fused update are then exactly the
-//! dense layer's (`products`), and a product over the mapped patches sums the same terms in the
+//! dense layer's (`dense`), and a product over the mapped patches sums the same terms in the
 //! same order as over the written ones, so both give the same bits. The reference runs
-//! `reference`'s loops, the fast path `cpu_conv`'s, which give the same values bit for bit.
+//! `reference`'s loops, the fast path `im2col`'s, which give the same values bit for bit.
 
-use super::direct::{self, DIRECT_MAX_PATCH};
-use super::products::{self, Epilogue, Mapped};
-use super::{CpuBackend, CpuKind, Patches, PoolCodes};
-use crate::backend::cpu_conv;
-use crate::backend::cpu_fast;
-use crate::backend::cpu_gemm::{self, ALayout, Runs};
-use crate::backend::cpu_narrow::{self, Strided};
+use super::dense::{Epilogue, Mapped};
+use super::elementwise;
+use super::kernels::direct_conv::{self, ConvOperands, DIRECT_MAX_PATCH};
+use super::kernels::gemm::{self, ALayout, Runs};
+use super::kernels::im2col;
+use super::kernels::narrow;
+use super::kernels::sgemm;
+use super::kernels::{Strided, Strides};
+use super::{CpuBackend, CpuKind, Patches};
 use crate::backend::ops::{
-    run_unfused, ConvGeometry, ConvPool, Matmul, MatmulKind, MatmulShape, Op, Pool, PoolKind, PoolShape,
-    PoolWeightGradient, StepAt,
+    run_unfused, ConvGeometry, DenseShape, Matmul, MatmulKind, MatmulShape, Op, PoolShape, StepAt,
 };
 use crate::backend::reference as r;
 use crate::backend::TensorId;
@@ -41,23 +42,47 @@ impl CpuBackend {
             );
             return Err(Error::shape("convolution", reason));
         }
-        let dense = |kind| Matmul {
-            shape: m.shape,
-            kind,
-            conv: None,
-        };
         match m.kind {
-            // A first layer straight from the pixels, or the patches read from the images.
+            MatmulKind::Forward { .. } => self.conv_forward(m, g, at),
+            MatmulKind::BackwardWeight { .. } => self.conv_backward_weight(m, g, at),
+            MatmulKind::BackwardInput {
+                dinp,
+                dout,
+                weight,
+                relu_mask,
+            } => {
+                let tensors = InputGradient {
+                    dinp,
+                    dout,
+                    weight,
+                    relu_mask,
+                };
+                self.conv_backward_input(tensors, g, m.shape, at)
+            }
+        }
+    }
+
+    /// The forward product: a first layer straight from the pixels, the patches read from the
+    /// images, or the product over the patch matrix.
+    fn conv_forward(&mut self, m: &Matmul, g: ConvGeometry, at: StepAt) -> Result<()> {
+        match m.kind {
             MatmulKind::Forward {
                 out,
                 inp,
                 weight,
                 bias,
                 relu,
-            } if self.direct(g) || self.maps_patches(g) => {
-                if self.direct(g) {
-                    return self.direct_forward((out, inp, weight, bias), relu, g, m.shape.outputs);
-                }
+            } if self.direct(g) => {
+                let tensors = DirectForward { out, inp, weight, bias };
+                self.direct_forward(tensors, relu, g, m.shape.outputs)
+            }
+            MatmulKind::Forward {
+                out,
+                inp,
+                weight,
+                bias,
+                relu,
+            } if self.maps_patches(g) => {
                 let epilogue = Epilogue {
                     bias,
                     relu,
@@ -65,9 +90,18 @@ impl CpuBackend {
                 };
                 self.matmul_forward(m.shape, out, inp, weight, epilogue, Some(mapped_patches(&g, false)))
             }
+            _ => self.over_patch_matrix(m, g, at),
+        }
+    }
+
+    /// The weight gradient (and a fused update): through the mapped patches, straight from the
+    /// images, or over the patch matrix.
+    fn conv_backward_weight(&mut self, m: &Matmul, g: ConvGeometry, at: StepAt) -> Result<()> {
+        let filters = m.shape.outputs;
+        match m.kind {
             // The weight step runs after the gradient, which comes back here without it.
             MatmulKind::BackwardWeight { update: Some(_), .. }
-                if self.maps_patches(g) || self.direct_weights(g, m.shape.outputs) =>
+                if self.maps_patches(g) || self.direct_weights(g, filters) =>
             {
                 run_unfused(self, &Op::Matmul(*m), at)
             }
@@ -87,112 +121,119 @@ impl CpuBackend {
                 inp,
                 dout,
                 update: None,
-            } if self.direct_weights(g, m.shape.outputs) => {
-                let from = (inp, GradientFrom::Rows(dout));
-                self.direct_weight_gradient("matmul backward weight", (dweight, dbias), from, g, m.shape.outputs)
+            } if self.direct_weights(g, filters) => {
+                let from = GradientFrom::Rows(dout);
+                self.direct_weight_gradient("matmul backward weight", (dweight, dbias), inp, from, g, filters)
             }
-            MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } => {
-                let cols = self.patches_of(inp, g)?;
-                let kind = match m.kind {
-                    MatmulKind::Forward {
-                        out,
-                        weight,
-                        bias,
-                        relu,
-                        ..
-                    } => MatmulKind::Forward {
-                        out,
-                        inp: cols,
-                        weight,
-                        bias,
-                        relu,
-                    },
-                    MatmulKind::BackwardWeight {
-                        dweight,
-                        dbias,
-                        dout,
-                        update,
-                        ..
-                    } => MatmulKind::BackwardWeight {
-                        dweight,
-                        dbias,
-                        inp: cols,
-                        dout,
-                        update,
-                    },
-                    other => other,
-                };
-                self.matmul(&dense(kind), at)
-            }
-            MatmulKind::BackwardInput {
-                dinp,
-                dout,
-                weight,
-                relu_mask,
-            } if self.kind == CpuKind::Fast && cpu_gemm::available() => {
-                self.blocked_input_gradient((dinp, dout, weight, relu_mask), g, m.shape.outputs)
-            }
-            MatmulKind::BackwardInput {
-                dinp,
-                dout,
-                weight,
-                relu_mask,
-            } => {
-                let cols = self.gradient_scratch(g.pixels() * g.patch())?;
-                let kind = MatmulKind::BackwardInput {
-                    dinp: cols,
-                    dout,
-                    weight,
-                    relu_mask: None,
-                };
-                self.matmul(&dense(kind), at)?;
-                self.col2im(dinp, cols, relu_mask, g)
-            }
+            _ => self.over_patch_matrix(m, g, at),
         }
+    }
+
+    /// The input gradient: a block of images at a time on AVX-512, else the patches' gradient
+    /// matrix summed back into the pixels (`col2im`).
+    fn conv_backward_input(&mut self, t: InputGradient, g: ConvGeometry, shape: DenseShape, at: StepAt) -> Result<()> {
+        if self.kind == CpuKind::Fast && gemm::available() {
+            return self.blocked_input_gradient(t, g, shape.outputs);
+        }
+        let cols = self.gradient_scratch(g.pixels() * g.patch())?;
+        let kind = MatmulKind::BackwardInput {
+            dinp: cols,
+            dout: t.dout,
+            weight: t.weight,
+            relu_mask: None,
+        };
+        let dense = Matmul {
+            shape,
+            kind,
+            conv: None,
+        };
+        self.matmul(&dense, at)?;
+        self.col2im(t.dinp, cols, t.relu_mask, g)
+    }
+
+    /// A forward product or weight gradient as the dense layer's, over the patch matrix of its
+    /// input (`patches_of`).
+    fn over_patch_matrix(&mut self, m: &Matmul, g: ConvGeometry, at: StepAt) -> Result<()> {
+        let kind = match m.kind {
+            MatmulKind::Forward {
+                out,
+                inp,
+                weight,
+                bias,
+                relu,
+            } => MatmulKind::Forward {
+                out,
+                inp: self.patches_of(inp, g)?,
+                weight,
+                bias,
+                relu,
+            },
+            MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp,
+                dout,
+                update,
+            } => MatmulKind::BackwardWeight {
+                dweight,
+                dbias,
+                inp: self.patches_of(inp, g)?,
+                dout,
+                update,
+            },
+            other => other,
+        };
+        let dense = Matmul {
+            shape: m.shape,
+            kind,
+            conv: None,
+        };
+        self.matmul(&dense, at)
     }
 
     /// Whether the fast path runs this convolution's forward product straight from the pixels
     /// (`direct_forward`).
-    fn direct(&self, g: ConvGeometry) -> bool {
+    pub(super) fn direct(&self, g: ConvGeometry) -> bool {
         self.kind == CpuKind::Fast && g.patch() <= DIRECT_MAX_PATCH
     }
 
     /// Whether the fast path reads this convolution's patch matrix (and its transpose) straight
-    /// from the images instead of writing it out (`cpu_gemm::gemm_mapped`): with 'valid' padding
+    /// from the images instead of writing it out (`gemm::gemm_mapped`): with 'valid' padding
     /// every patch value is a pixel, and output rows of at least 8 pixels and kernel rows of at
     /// least 12 values fill most of a micro-tile's 12 rows.
     fn maps_patches(&self, g: ConvGeometry) -> bool {
-        self.kind == CpuKind::Fast && cpu_gemm::available() && g.pad == 0 && g.ow() >= 8 && g.kw * g.in_ch >= 12
+        self.kind == CpuKind::Fast && gemm::available() && g.pad == 0 && g.ow() >= 8 && g.kw * g.in_ch >= 12
     }
 
     /// Whether the fast path computes this convolution's weight and bias gradients straight from
     /// the images (`direct_weight_gradient`): a patch of at most `DIRECT_MAX_PATCH` values, filters
-    /// in groups of 16 (up to `direct::MAX_FILTERS`), on AVX-512, where the patch matrix's product
+    /// in groups of 16 (up to `direct_conv::MAX_FILTERS`), on AVX-512, where the patch matrix's product
     /// would be `products::sgemm`'s (not a narrow one), whose bits it gives.
-    fn direct_weights(&self, g: ConvGeometry, filters: usize) -> bool {
+    pub(super) fn direct_weights(&self, g: ConvGeometry, filters: usize) -> bool {
         self.kind == CpuKind::Fast
-            && cpu_gemm::available()
+            && gemm::available()
             && g.patch() <= DIRECT_MAX_PATCH
             && filters.is_multiple_of(16)
-            && filters <= direct::MAX_FILTERS
-            && !cpu_narrow::fits(g.pixels(), filters)
+            && filters <= direct_conv::MAX_FILTERS
+            && !narrow::fits(g.pixels(), filters)
     }
 
     /// dweight (patch, filters) = patches^T @ dout and dbias (filters) = the column sums of dout,
-    /// straight from the images in one pass over dout (`direct::weight_gradient`): no patch
+    /// straight from the images in one pass over dout (`direct_conv::weight_gradient`): no patch
     /// matrix, and dout (a first layer's: megabytes) read once for both; `from` says where dout
     /// comes from.
-    fn direct_weight_gradient(
+    pub(super) fn direct_weight_gradient(
         &mut self,
         op: &'static str,
         (dweight, dbias): (TensorId, Option<TensorId>),
-        (inp, from): (TensorId, GradientFrom),
+        inp: TensorId,
+        from: GradientFrom,
         g: ConvGeometry,
         filters: usize,
     ) -> Result<()> {
         let (patch, pixels) = (g.patch(), g.pixels());
-        let pieces = products::k_pieces(patch, pixels);
-        let mut bias_sums = [0.0f32; direct::MAX_FILTERS];
+        let pieces = sgemm::k_pieces(patch, pixels);
+        let mut bias_sums = [0.0f32; direct_conv::MAX_FILTERS];
         let (inputs, kept) = match from {
             GradientFrom::Rows(dout) => ([(inp, g.image_len()), (dout, pixels * filters), (dout, 0)], None),
             GradientFrom::Pool { dpool, pool, out, kept } => (
@@ -208,17 +249,17 @@ impl CpuBackend {
         };
         let result = self.with_out(op, (dweight, patch * filters), &inputs[..read], |o, i| {
             let source = match (from, &codes) {
-                (GradientFrom::Rows(_), _) => direct::Gradient::Rows { dout: i[1] },
-                (GradientFrom::Pool { pool, .. }, codes) => direct::Gradient::Pooled {
+                (GradientFrom::Rows(_), _) => direct_conv::Gradient::Rows { dout: i[1] },
+                (GradientFrom::Pool { pool, .. }, codes) => direct_conv::Gradient::Pooled {
                     dpool: i[1],
                     pool,
                     choices: match codes {
-                        Some(codes) => direct::Choices::Codes(codes),
-                        None => direct::Choices::Output(i[2]),
+                        Some(codes) => direct_conv::Choices::Codes(codes),
+                        None => direct_conv::Choices::Output(i[2]),
                     },
                 },
             };
-            direct::weight_gradient((o, &mut bias_sums[..filters]), (i[0], source), &g, filters, pieces)
+            direct_conv::weight_gradient(o, &mut bias_sums[..filters], i[0], source, &g, filters, pieces)
         });
         if let (Some(slot), Some(codes)) = (kept, codes) {
             self.pool_codes[slot].codes = codes;
@@ -232,135 +273,11 @@ impl CpuBackend {
         }
     }
 
-    /// Whether the fast path runs a first layer and the 2 x 2 pool after it as one op forward
-    /// (`conv_pool`, the layer's output never stored) and backward (`pool_weight_gradient`):
-    /// the same rule for both, so that a backward pass never looks for an output that was not
-    /// stored.
-    fn fuses_first_layer(&self, g: ConvGeometry, pool: &PoolShape, filters: usize) -> bool {
-        self.direct(g)
-            && self.direct_weights(g, filters)
-            && (pool.images, pool.h, pool.w, pool.ch, pool.size) == (g.images, g.oh(), g.ow(), filters, 2)
-            && 4 * pool.ow() * filters <= direct::POOL_BAND_MAX
-    }
-
-    /// A first layer's forward product and its pool as one op (`direct::forward_pool`): the pool's
-    /// output and its choices, kept in `pool_codes` for the backward pass, without storing the
-    /// layer's output; where `fuses_first_layer` does not hold, the two ops.
-    pub(super) fn conv_pool(&mut self, f: &ConvPool, at: StepAt) -> Result<()> {
-        let (
-            MatmulKind::Forward {
-                out: product,
-                inp,
-                weight,
-                bias,
-                relu: true,
-            },
-            Some(g),
-            PoolKind::Forward {
-                out: pooled,
-                inp: pooled_from,
-            },
-        ) = (f.conv.kind, f.conv.conv, f.pool.kind)
-        else {
-            return run_unfused(self, &Op::ConvPool(*f), at);
-        };
-        let (pool, filters) = (f.pool.shape, f.conv.shape.outputs);
-        if product != pooled_from || f.conv.shape != g.dense(filters) || !self.fuses_first_layer(g, &pool, filters) {
-            return run_unfused(self, &Op::ConvPool(*f), at);
-        }
-        let slot = match self.pool_codes.iter().position(|c| c.product == product) {
-            Some(slot) => slot,
-            None => {
-                self.pool_codes.push(PoolCodes {
-                    product,
-                    shape: pool,
-                    version: 0,
-                    codes: Vec::new(),
-                });
-                self.pool_codes.len() - 1
-            }
-        };
-        let mut codes = std::mem::take(&mut self.pool_codes[slot].codes);
-        if codes.len() < pool.out_len() {
-            codes.resize(pool.out_len(), 0);
-        }
-        let inputs = [
-            (inp, g.image_len()),
-            (weight, g.patch() * filters),
-            (bias.unwrap_or(weight), filters),
-        ];
-        let inputs = &inputs[..if bias.is_some() { 3 } else { 2 }];
-        let op = "matmul forward + max pool forward";
-        let result = self.with_out(op, (pooled, pool.out_len()), inputs, |o, i| {
-            let operands = (i[0], i[1], i.get(2).copied());
-            direct::forward_pool((o, &mut codes[..pool.out_len()]), operands, true, (&g, &pool), filters)
-        });
-        let kept = &mut self.pool_codes[slot];
-        (kept.codes, kept.shape, kept.version) = (codes, pool, self.writes);
-        result
-    }
-
-    /// A first layer's pool backward pass and weight gradient with its update as one op: the
-    /// gradients straight from the pool's gradient (`direct`) and its choices kept by `conv_pool`,
-    /// or the layer's output where that was stored since; the layer's output gradient is never
-    /// written. Where `fuses_first_layer` does not hold, the two ops.
-    pub(super) fn pool_weight_gradient(&mut self, f: &PoolWeightGradient, at: StepAt) -> Result<()> {
-        let op = "max pool backward + weight gradient";
-        let (
-            PoolKind::Backward {
-                dinp,
-                dout: dpool,
-                inp: out,
-                relu: true,
-            },
-            MatmulKind::BackwardWeight {
-                dweight,
-                dbias,
-                inp,
-                dout,
-                update: Some(u),
-            },
-            Some(g),
-        ) = (f.pool.kind, f.weight.kind, f.weight.conv)
-        else {
-            return run_unfused(self, &Op::PoolWeightGradient(*f), at);
-        };
-        let (pool, filters) = (f.pool.shape, f.weight.shape.outputs);
-        let out_version = self.versions[self.view(op, out, pool.in_len())?.storage];
-        let coded = self
-            .pool_codes
-            .iter()
-            .position(|c| c.product == out && c.shape == pool && c.version >= out_version);
-        if dout != dinp || f.weight.shape != g.dense(filters) || !self.fuses_first_layer(g, &pool, filters) {
-            if coded.is_some() {
-                let reason = "the layer's output was pooled without being stored".to_string();
-                return Err(Error::shape(op, reason));
-            }
-            return run_unfused(self, &Op::PoolWeightGradient(*f), at);
-        }
-        let from = GradientFrom::Pool {
-            dpool,
-            pool,
-            out,
-            kept: coded,
-        };
-        self.direct_weight_gradient(op, (dweight, dbias), (inp, from), g, filters)?;
-        for step in u.steps(f.weight.shape, (dweight, dbias)).into_iter().flatten() {
-            crate::backend::Backend::run(self, &step, at)?;
-        }
-        Ok(())
-    }
-
     /// out (pixels, filters) = relu?(patches @ weight + bias) straight from the images, for a patch
     /// of at most `DIRECT_MAX_PATCH` values (a first layer over one channel), where building the
     /// patch matrix would cost more than the product.
-    fn direct_forward(
-        &mut self,
-        (out, inp, weight, bias): (TensorId, TensorId, TensorId, Option<TensorId>),
-        relu: bool,
-        g: ConvGeometry,
-        filters: usize,
-    ) -> Result<()> {
+    fn direct_forward(&mut self, t: DirectForward, relu: bool, g: ConvGeometry, filters: usize) -> Result<()> {
+        let DirectForward { out, inp, weight, bias } = t;
         let k = g.patch();
         let inputs = [
             (inp, g.image_len()),
@@ -369,21 +286,26 @@ impl CpuBackend {
         ];
         let inputs = &inputs[..if bias.is_some() { 3 } else { 2 }];
         self.with_out("matmul forward", (out, g.pixels() * filters), inputs, |o, i| {
-            let bias = i.get(2).copied();
-            direct::forward(o, (i[0], i[1], bias), relu, &g, filters)
+            let operands = ConvOperands {
+                inp: i[0],
+                weight: i[1],
+                bias: i.get(2).copied(),
+            };
+            direct_conv::forward(o, operands, relu, &g, filters)
         })
     }
 
     /// dinp (the images) = col2im(dout (pixels, oc) @ weight (patch, oc)^T), then 0 where
     /// `relu_mask` is not > 0: the same products and sums as the patches' gradient matrix and
-    /// `col2im`, a block of images at a time on each thread (`cpu_conv::input_gradient`, into
+    /// `col2im`, a block of images at a time on each thread (`im2col::input_gradient`, into
     /// `gradient_blocks`), so that the matrix stays in the cache.
-    fn blocked_input_gradient(
-        &mut self,
-        (dinp, dout, weight, relu_mask): (TensorId, TensorId, TensorId, Option<TensorId>),
-        g: ConvGeometry,
-        oc: usize,
-    ) -> Result<()> {
+    fn blocked_input_gradient(&mut self, t: InputGradient, g: ConvGeometry, oc: usize) -> Result<()> {
+        let InputGradient {
+            dinp,
+            dout,
+            weight,
+            relu_mask,
+        } = t;
         let (pixels, patch) = (g.pixels(), g.patch());
         let inputs = [
             (dout, pixels * oc),
@@ -391,16 +313,16 @@ impl CpuBackend {
             (relu_mask.unwrap_or(dout), g.image_len()),
         ];
         let inputs = &inputs[..if relu_mask.is_some() { 3 } else { 2 }];
-        let mut packed_b = std::mem::take(&mut self.narrow.packed_b);
+        let mut packed_b = std::mem::take(&mut self.products.packed_b);
         let mut blocks = std::mem::take(&mut self.gradient_blocks);
         let result = self.with_out("matmul backward input", (dinp, g.image_len()), inputs, |o, i| {
             let (dout, weight, mask) = (i[0], i[1], i.get(2).copied());
             if pixels == 0 || patch == 0 || oc == 0 {
-                cpu_conv::input_gradient((o, &mut blocks), mask, &g, &|_, _, dcols| dcols.fill(0.0));
+                im2col::input_gradient((o, &mut blocks), mask, &g, &|_, _, dcols| dcols.fill(0.0));
                 return;
             }
             // B = weight^T (oc, patch): element (f, j) at j oc + f.
-            let b = cpu_gemm::PackedB::pack(oc, patch, &Strided::new(weight, 1, oc), &mut packed_b);
+            let b = gemm::PackedB::pack(oc, patch, &Strided::new(weight, 1, oc), &mut packed_b);
             let product = |first: usize, rows: usize, dcols: &mut [f32]| {
                 assert!((first + rows) * oc <= dout.len() && dcols.len() >= rows * patch);
                 let shape = MatmulShape {
@@ -411,11 +333,19 @@ impl CpuBackend {
                 // SAFETY: the CPU has AVX-512 (checked by the caller), rows first.. of dout lie
                 // inside it and dcols holds their rows of the product (asserted above); B was
                 // packed with this k and n.
-                unsafe { cpu_gemm::gemm_packed(shape, dout[first * oc..].as_ptr(), (oc, 1), &b, dcols) };
+                unsafe {
+                    gemm::gemm_packed(
+                        shape,
+                        dout[first * oc..].as_ptr(),
+                        Strides { row: oc, col: 1 },
+                        &b,
+                        dcols,
+                    )
+                };
             };
-            cpu_conv::input_gradient((o, &mut blocks), mask, &g, &product);
+            im2col::input_gradient((o, &mut blocks), mask, &g, &product);
         });
-        self.narrow.packed_b = packed_b;
+        self.products.packed_b = packed_b;
         self.gradient_blocks = blocks;
         result
     }
@@ -470,7 +400,7 @@ impl CpuBackend {
             &[(inp, g.image_len())],
             |o, i| match kind {
                 CpuKind::Reference => r::im2col(o, i[0], &g),
-                CpuKind::Fast => cpu_conv::im2col(o, i[0], &g),
+                CpuKind::Fast => im2col::im2col(o, i[0], &g),
             },
         )
     }
@@ -485,44 +415,39 @@ impl CpuBackend {
         self.with_out("col2im", (dinp, n), inputs, |o, i| {
             match kind {
                 CpuKind::Reference => r::col2im(o, i[0], &g),
-                CpuKind::Fast => cpu_conv::col2im(o, i[0], &g),
+                CpuKind::Fast => im2col::col2im(o, i[0], &g),
             }
             if let Some(mask) = i.get(1) {
                 match kind {
                     CpuKind::Reference => r::matmul_epilogue(o, None, false, Some(mask), 1, n),
-                    CpuKind::Fast => cpu_fast::matmul_epilogue(o, None, false, Some(mask), 1, n),
+                    CpuKind::Fast => elementwise::matmul_epilogue(o, None, false, Some(mask), 1, n),
                 }
             }
         })
     }
+}
 
-    /// Max pooling forward or backward.
-    pub(super) fn pool(&mut self, p: &Pool) -> Result<()> {
-        let (kind, s) = (self.kind, p.shape);
-        match p.kind {
-            PoolKind::Forward { out, inp } => self.with_out(
-                "max pool forward",
-                (out, s.out_len()),
-                &[(inp, s.in_len())],
-                |o, i| match kind {
-                    CpuKind::Reference => r::maxpool_forward(o, i[0], &s),
-                    CpuKind::Fast => cpu_conv::maxpool_forward(o, i[0], &s),
-                },
-            ),
-            PoolKind::Backward { dinp, dout, inp, relu } => {
-                let inputs = [(dout, s.out_len()), (inp, s.in_len())];
-                self.with_out("max pool backward", (dinp, s.in_len()), &inputs, |o, i| match kind {
-                    CpuKind::Reference => r::maxpool_backward(o, i[0], i[1], &s, relu),
-                    CpuKind::Fast => cpu_conv::maxpool_backward(o, i[0], i[1], &s, relu),
-                })
-            }
-        }
-    }
+/// The tensors of a first layer's forward product straight from the pixels.
+#[derive(Debug, Clone, Copy)]
+struct DirectForward {
+    out: TensorId,
+    inp: TensorId,
+    weight: TensorId,
+    bias: Option<TensorId>,
+}
+
+/// The tensors of a convolution's input gradient (`MatmulKind::BackwardInput`'s).
+#[derive(Debug, Clone, Copy)]
+struct InputGradient {
+    dinp: TensorId,
+    dout: TensorId,
+    weight: TensorId,
+    relu_mask: Option<TensorId>,
 }
 
 /// Where `direct_weight_gradient` forms a first layer's output gradient from.
 #[derive(Debug, Clone, Copy)]
-enum GradientFrom {
+pub(super) enum GradientFrom {
     /// The gradient as stored.
     Rows(TensorId),
     /// The gradient of the 2 x 2 pool after the layer (`dpool`), routed through the ReLU by the

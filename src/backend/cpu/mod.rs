@@ -1,44 +1,58 @@
 //! The CPU backends: the plain-loop reference, and the fast path that replaces its three matmuls
 //! with sparse products that skip the zeros and fuse the optimizer step into the weight gradient
-//! when the input matrix is mostly zeros (the first layer's pixels, `cpu_sparse`), small loops when
-//! a side is at most 16 (the output layer's, `cpu_narrow`), and a blocked GEMM on row pieces over
-//! the threads otherwise (`cpu_gemm`, or `matrixmultiply` without AVX-512). This file holds the tensors, datasets, the gather,
+//! when the input matrix is mostly zeros (the first layer's pixels, `sparse`), small loops when
+//! a side is at most 16 (the output layer's, `narrow`), and a blocked GEMM on row pieces over
+//! the threads otherwise (`gemm`, or `matrixmultiply` without AVX-512). This file holds the tensors, datasets, the gather,
 //! the loss and the updates; `products` holds the matmuls, `conv` the convolutions (over patch
 //! matrices) and max pooling, `direct` a first layer's products straight from the pixels (and its
 //! gradients straight from its pool's).
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec), and
-//! every fused op as its composition (`ops::run_unfused`); `CpuBackend::fast()` differs only in the
+//! every fused op as its composition (`ops::run_unfused`); `CpuBackend::fast` differs only in the
 //! summation order of the matmuls, and is tested against the reference. Ops run immediately; the
 //! futures of `read` and `collect_stats` are ready at once.
 
+#[macro_use]
+pub mod simd;
 mod conv;
-mod direct;
-mod products;
+mod dense;
+mod elementwise;
+mod kernels;
+mod pool;
+pub mod threads;
 
-use products::MAX_INPUTS;
+use dense::MAX_INPUTS;
 
 use std::collections::VecDeque;
 
 use super::checks;
-use super::cpu_fast;
-use super::cpu_gemm;
-use super::cpu_narrow;
-use super::cpu_pool;
-use super::cpu_sparse::{self, Source};
 use super::ops::{run_unfused, Fusions, Gather, Loss, Op, StepAt};
 use super::reference as r;
 use super::{ready, Backend, Counters, DatasetId, Packed, ParamTensors, Readback, StepStats, TensorId};
 use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
 use crate::optim::{Optimizer, OptimizerKind};
+use kernels::gemm;
+use kernels::sgemm::ProductScratch;
+use kernels::sparse::{self, Source};
+pub use simd::SimdLimit;
+
+/// The fast CPU path's knobs for this process, read from the environment by the caller
+/// (`settings`) and handed to `CpuBackend::fast`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuSettings {
+    /// Threads of the parallel loops (None: one per core).
+    pub threads: Option<usize>,
+    /// The widest vector instructions the kernels may use.
+    pub simd: SimdLimit,
+}
 
 /// Which implementation of the matmuls to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuKind {
     /// The plain loops of `reference`: slow, obviously right.
     Reference,
-    /// A blocked GEMM on all cores, or `cpu_sparse` on mostly-zero inputs.
+    /// A blocked GEMM on all cores, or `sparse` on mostly-zero inputs.
     Fast,
 }
 
@@ -74,9 +88,9 @@ pub struct CpuBackend {
     losses: Vec<f32>,
     labels: Vec<u8>,
     preds: Vec<u8>,
-    /// Buffers of the sparse products, and how many have run; buffers of the narrow ones.
-    sparse: cpu_sparse::Scratch,
-    narrow: cpu_narrow::Scratch,
+    /// Buffers of the sparse products, and how many have run; buffers of the other products.
+    sparse: sparse::Scratch,
+    products: ProductScratch,
     sparse_products: u64,
     /// The convolutions' patch matrices, one per (input, geometry), and the scratch of their
     /// gradient (see `conv`).
@@ -89,7 +103,7 @@ pub struct CpuBackend {
 }
 
 /// The 2 x 2 pool's choices over `product` (a first layer's output, not stored), one byte a pool
-/// output (`direct::pool_band`), made when the write count was `version`: they stand
+/// output (`direct_conv::pool_band`), made when the write count was `version`: they stand
 /// for `product` while its array has not been written since.
 #[derive(Debug, Clone)]
 struct PoolCodes {
@@ -125,8 +139,8 @@ impl CpuBackend {
             losses: Vec::new(),
             labels: Vec::new(),
             preds: Vec::new(),
-            sparse: cpu_sparse::Scratch::default(),
-            narrow: cpu_narrow::Scratch::default(),
+            sparse: sparse::Scratch::default(),
+            products: ProductScratch::default(),
             sparse_products: 0,
             patches: Vec::new(),
             dpatches: None,
@@ -139,11 +153,15 @@ impl CpuBackend {
         Self::new(CpuKind::Reference)
     }
 
-    pub fn fast() -> Self {
+    /// The fast path. Its threads and vector width are the process's: the first backend's
+    /// `settings` fix them (before any loop has run), later ones share them.
+    pub fn fast(settings: &CpuSettings) -> Self {
+        threads::configure(settings.threads);
+        simd::configure(settings.simd);
         Self::new(CpuKind::Fast)
     }
 
-    /// Products the fast path has run as sparse ones (`cpu_sparse`), for tests and `--verbose`.
+    /// Products the fast path has run as sparse ones (`sparse`), for tests and `--verbose`.
     pub fn sparse_products(&self) -> u64 {
         self.sparse_products
     }
@@ -323,7 +341,7 @@ impl CpuBackend {
         let kind = self.kind;
         let result = self.with_out(op, (param, n), &[(grad, n)], |p, g| match kind {
             CpuKind::Reference => r::rmsprop_update(p, v, g[0], lr, rho, eps),
-            CpuKind::Fast => cpu_fast::rmsprop_update(p, v, g[0], lr, rho, eps),
+            CpuKind::Fast => elementwise::rmsprop_update(p, v, g[0], lr, rho, eps),
         });
         self.storage[vv.storage] = varray;
         result
@@ -345,8 +363,8 @@ impl Backend for CpuBackend {
         match self.kind {
             CpuKind::Reference => "cpu reference (plain loops, 1 thread)".to_string(),
             CpuKind::Fast => {
-                let threads = cpu_pool::threads();
-                let gemm = if cpu_gemm::available() {
+                let threads = threads::threads();
+                let gemm = if gemm::available() {
                     "avx512 gemm"
                 } else {
                     "matrixmultiply"
@@ -447,7 +465,7 @@ impl Backend for CpuBackend {
         Fusions {
             weight_update: self.kind == CpuKind::Fast,
             // A first layer's gradients straight from its pool's gradient (`direct`), on AVX-512.
-            pool_weight_gradient: self.kind == CpuKind::Fast && cpu_gemm::available(),
+            pool_weight_gradient: self.kind == CpuKind::Fast && gemm::available(),
             ..Fusions::default()
         }
     }

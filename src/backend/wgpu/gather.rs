@@ -3,8 +3,8 @@
 //! Contract: `gather` checks the rows against the dataset and the tensor's length, then records
 //! one dispatch of one invocation per word (4 pixels) of the batch.
 
-use super::kernels::{grid_1d, Kernel};
 use super::params::{GatherParams, KernelParams};
+use super::pipelines::{grid_1d, Kernel};
 use super::{Bound, WgpuBackend};
 use crate::backend::ops::Gather;
 use crate::data::IMAGE_PIXELS;

@@ -14,8 +14,9 @@
 //! pixels, out channels and patch, or for the input gradient its input pixels, in channels and
 //! kh * kw * out channels).
 
-use super::kernels::{expand_unrolls, fill_placeholders, Kernel};
 use super::params::{matmul_flags, KernelParams, MatmulParams};
+use super::pipelines::Kernel;
+use super::shader_text::{expand_unrolls, fill_placeholders};
 use super::{Bound, WgpuBackend};
 use crate::backend::ops::{ConvGeometry, FusedUpdate, Matmul, MatmulKind, Op};
 use crate::backend::TensorId;
@@ -105,7 +106,7 @@ impl TileConfig {
     }
 
     /// The tiling for an (m, n, k) product on a hardware GPU, from a sweep of every tiling
-    /// (benches/h200-2026-11-27.md):
+    /// (benches/gpu.md):
     /// - n <= 16 (the output layer): 16x16 tiles, K in chunks of 8 spread over 16 slices (also when
     ///   K is short, so that an epoch's last, partial batch needs no pipeline of its own);
     /// - outputs of 256 or more 32x32 tiles (a weight gradient): 32x64 tiles, 2 slices;

@@ -11,32 +11,38 @@
 //! (4 pixels a word) with labels as u32; per epoch only the shuffled order is uploaded. All wgpu
 //! calls of the crate live in this module and its children.
 
+// Infrastructure: the device, buffers, pipelines, the recording of a chunk, profiling, the
+// shaders' parameter blocks and text.
 mod buffers;
 mod context;
+pub mod params;
+mod pipelines;
+mod profile;
+mod recording;
+mod shader_text;
+
+// One host module per shader family, named after its file in `shaders/`.
 mod gather;
-mod kernels;
-mod loss;
 mod matmul;
 mod optimizer;
 mod output_layer;
-pub mod params;
 mod pool;
-mod profile;
+mod softmax_xent;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::list_adapters;
 pub use context::AdapterSummary;
-pub use kernels::{expand_unrolls, fill_placeholders};
 pub use matmul::TileConfig;
+pub use shader_text::{expand_unrolls, fill_placeholders};
 
 use std::collections::VecDeque;
 use std::rc::Rc;
 
 use buffers::{GpuBuffer, PendingRead, Slice};
 use context::GpuContext;
-use kernels::{Kernel, Kernels};
-use params::ParamWords;
+use pipelines::{Kernel, Pipelines};
 use profile::Profile;
+use recording::{Bound, Recording};
 
 use super::checks;
 use super::ops::{run_unfused, Fusions, Op, StepAt};
@@ -54,7 +60,7 @@ const OUTPUT_LAYER_MAX_WORK: usize = 4 * 128 * 512;
 
 /// Whether the output layer's step runs as one dispatch when `GPU_MNIST_OUTPUT_FUSION` does not
 /// say: on software adapters, where it is faster than the four dispatches it replaces
-/// (benches/llvmpipe-2026-11-30.md); not on hardware GPUs, where it has not been timed yet.
+/// (benches/llvmpipe.md); not on hardware GPUs, where it has not been timed yet.
 fn default_output_layer_fusion(adapter: &AdapterSummary) -> bool {
     !adapter.is_hardware()
 }
@@ -84,15 +90,9 @@ struct GpuDataset {
     len: usize,
 }
 
-/// The encoder being recorded and its open compute pass.
-struct Recording {
-    encoder: wgpu::CommandEncoder,
-    pass: Option<wgpu::ComputePass<'static>>,
-}
-
 pub struct WgpuBackend {
     ctx: GpuContext,
-    kernels: Kernels,
+    pipelines: Pipelines,
     tensors: Vec<GpuTensor>,
     datasets: Vec<GpuDataset>,
     stats: Option<GpuBuffer>,
@@ -105,9 +105,9 @@ pub struct WgpuBackend {
     dummy_out: Vec<GpuBuffer>,
     recording: Option<Recording>,
     counters: Counters,
-    /// From `settings`: every `request_stats` from this read-back on reports a lost device.
+    /// From `GpuSettings`: every `request_stats` from this read-back on reports a lost device.
     inject_loss_at: Option<u64>,
-    /// Every matmul uses this tiling instead of `TileConfig::for_shape`'s (`settings`, or
+    /// Every matmul uses this tiling instead of `TileConfig::for_shape`'s (`GpuSettings`, or
     /// `set_matmul_tiles`).
     tiles_override: Option<TileConfig>,
     /// While set, each dispatch runs in a pass of its own that writes timestamps.
@@ -121,17 +121,30 @@ pub struct WgpuBackend {
     free_staging: Vec<wgpu::Buffer>,
 }
 
+/// The GPU path's knobs, read from the environment by the caller (`settings`) and handed to
+/// `WgpuBackend::open`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GpuSettings {
+    /// One tiling for every matmul instead of `TileConfig::for_shape`'s.
+    pub matmul_tiles: Option<TileConfig>,
+    /// Run the output layer's step as one dispatch or not (None: the adapter's default, see
+    /// `default_output_layer_fusion`).
+    pub output_layer_fusion: Option<bool>,
+    /// Testing aid: report a lost device from this read-back on, so that the recovery paths can
+    /// be tested without a failing GPU.
+    pub inject_device_loss: Option<u64>,
+}
+
 impl WgpuBackend {
     /// Open the best adapter matching `filter` (see `GpuContext::open_async`).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn open(filter: Option<&str>, hardware_only: bool) -> Result<Self> {
-        pollster::block_on(Self::open_async(filter, hardware_only))
+    pub fn open(filter: Option<&str>, hardware_only: bool, settings: &GpuSettings) -> Result<Self> {
+        pollster::block_on(Self::open_async(filter, hardware_only, settings))
     }
 
     /// `open`, awaiting the device (what a browser must do).
-    pub async fn open_async(filter: Option<&str>, hardware_only: bool) -> Result<Self> {
+    pub async fn open_async(filter: Option<&str>, hardware_only: bool, settings: &GpuSettings) -> Result<Self> {
         let ctx = GpuContext::open_async(filter, hardware_only).await?;
-        let settings = crate::settings::settings();
         let fuse_output_layer = settings
             .output_layer_fusion
             .unwrap_or_else(|| default_output_layer_fusion(&ctx.summary));
@@ -141,7 +154,7 @@ impl WgpuBackend {
             .collect::<Result<Vec<_>>>()?;
         Ok(WgpuBackend {
             ctx,
-            kernels: Kernels::default(),
+            pipelines: Pipelines::default(),
             tensors: Vec::new(),
             datasets: Vec::new(),
             stats: None,
@@ -216,112 +229,6 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// Record one dispatch, opening an encoder and pass if none is open.
-    fn record(
-        &mut self,
-        kernel: Kernel,
-        params: ParamWords,
-        bind: &[(u32, Bound)],
-        grid: (u32, u32, u32),
-    ) -> Result<()> {
-        let recording = self.recording.get_or_insert_with(|| Recording {
-            encoder: self
-                .ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("steps") }),
-            pass: None,
-        });
-        if recording.pass.is_none() || self.profile.is_some() {
-            // One pass for everything, or, while profiling, one pass per dispatch.
-            drop(recording.pass.take());
-            let timestamp_writes = self.profile.as_mut().and_then(|p| p.next(kernel.label()));
-            let pass = recording
-                .encoder
-                .begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("steps"),
-                    timestamp_writes,
-                })
-                .forget_lifetime();
-            recording.pass = Some(pass);
-        }
-        let buffers: Vec<(u32, Slice)> = bind
-            .iter()
-            .map(|&(binding, b)| -> Result<(u32, Slice)> {
-                let slice = match b {
-                    Bound::Tensor(t) => self.tensors[t.0].slice(),
-                    Bound::Images(d) => self.datasets[d.0].images.whole(),
-                    Bound::Labels(d) => self.datasets[d.0].labels.whole(),
-                    Bound::Order(d) => self.datasets[d.0].order.whole(),
-                    // Callers check the slot against stats_slots, so stats exists here.
-                    Bound::Stats => self.stats.as_ref().unwrap_or(&self.dummy).whole(),
-                    Bound::Dummy => self.dummy.whole(),
-                    Bound::DummyOut => match self.dummy_out.get(binding as usize) {
-                        Some(buffer) => buffer.whole(),
-                        None => return Err(Error::Gpu(format!("binding {binding} is past the unused outputs"))),
-                    },
-                    Bound::BufferOf(t) => self.tensors[t.0].buf.whole(),
-                };
-                Ok((binding, slice))
-            })
-            .collect::<Result<_>>()?;
-        let pass = recording
-            .pass
-            .as_mut()
-            .ok_or_else(|| Error::Gpu("no open compute pass".to_string()))?;
-        self.kernels.dispatch(&self.ctx, pass, kernel, params, &buffers, grid)?;
-        self.counters.dispatches += 1;
-        Ok(())
-    }
-
-    /// Close the pass, let `copy` add copies, and submit everything recorded.
-    fn submit(&mut self, copy: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder)) -> Result<wgpu::SubmissionIndex> {
-        let mut encoder = match self.recording.take() {
-            Some(mut r) => {
-                drop(r.pass.take());
-                r.encoder
-            }
-            None => self
-                .ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("copy") }),
-        };
-        copy(self, &mut encoder);
-        let index = self.ctx.queue.submit([encoder.finish()]);
-        self.counters.submits += 1;
-        self.ctx.errors.check("running the recorded GPU work")?;
-        Ok(index)
-    }
-
-    /// Submit pending work (if any) so that a queue write lands after it.
-    fn flush(&mut self) -> Result<()> {
-        if self.recording.is_some() {
-            self.submit(|_, _| {})?;
-        }
-        Ok(())
-    }
-
-    /// A free read-back buffer of at least `bytes`, or a new one.
-    fn take_staging(&mut self, bytes: u64) -> wgpu::Buffer {
-        match self.free_staging.iter().position(|b| b.size() >= bytes) {
-            Some(i) => self.free_staging.swap_remove(i),
-            None => buffers::create_staging(&self.ctx, bytes),
-        }
-    }
-
-    /// Submit pending work with a copy of the first `bytes` of tensor `t`; wait and return them.
-    async fn read_bytes(&mut self, t: TensorId, bytes: u64) -> Result<Vec<u8>> {
-        let bytes = bytes.max(4);
-        let staging = self.take_staging(bytes);
-        let index = self.submit(|me, encoder| {
-            let src = me.tensors[t.0].slice();
-            encoder.copy_buffer_to_buffer(&src.buf.buffer, src.offset, &staging, 0, bytes.min(src.size));
-        })?;
-        let (data, staging) = PendingRead::start(staging, bytes, index).finish(&self.ctx).await?;
-        self.free_staging.push(staging);
-        self.counters.readbacks += 1;
-        Ok(data)
-    }
-
     fn max_groups(&self) -> u32 {
         self.ctx.limits.max_compute_workgroups_per_dimension
     }
@@ -329,20 +236,6 @@ impl WgpuBackend {
     fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
         u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} = {v} does not fit the GPU's 32-bit indices")))
     }
-}
-
-/// What a binding of a dispatch refers to.
-#[derive(Clone, Copy)]
-enum Bound {
-    Tensor(TensorId),
-    Images(DatasetId),
-    Labels(DatasetId),
-    Order(DatasetId),
-    Stats,
-    Dummy,
-    DummyOut,
-    /// The whole buffer that holds this tensor (a packed group).
-    BufferOf(TensorId),
 }
 
 impl Backend for WgpuBackend {
@@ -497,7 +390,7 @@ impl Backend for WgpuBackend {
         let mut kernels: Vec<Kernel> = ops.iter().filter_map(|op| self.kernel_of(op)).collect();
         kernels.sort_by_key(|k| k.label());
         kernels.dedup();
-        self.kernels.prepare(&self.ctx, &kernels)
+        self.pipelines.prepare(&self.ctx, &kernels)
     }
 
     fn run(&mut self, op: &Op, at: StepAt) -> Result<()> {

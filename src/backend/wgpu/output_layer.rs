@@ -5,8 +5,8 @@
 //! buffer, and that no written buffer is bound twice; then records one dispatch of one workgroup.
 //! The backend calls it only for shapes `Fusions::output_layer` admits.
 
-use super::kernels::Kernel;
 use super::params::{KernelParams, LossParams};
+use super::pipelines::Kernel;
 use super::{checks, Bound, WgpuBackend};
 use crate::backend::ops::{OutputLayer, ParamState, StepAt};
 use crate::error::Result;

@@ -173,7 +173,7 @@ pub const FLAGS: &[Flags] = &[
 
 #[cfg(test)]
 mod tests {
-    use super::super::kernels::shader_file;
+    use super::super::shader_text::shader_file;
     use super::*;
 
     /// (name, type) of each field of the WGSL `struct Params`, in order.

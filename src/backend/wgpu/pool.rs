@@ -7,8 +7,8 @@
 //! gradient, zeros included). A window size of 0 pools 1 x 1 windows, as `PoolShape` and the
 //! reference do.
 
-use super::kernels::{grid_1d, Kernel};
 use super::params::{pool_flags, KernelParams, PoolParams};
+use super::pipelines::{grid_1d, Kernel};
 use super::{Bound, WgpuBackend};
 use crate::backend::ops::{Op, Pool, PoolKind};
 use crate::error::Result;

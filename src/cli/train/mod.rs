@@ -231,7 +231,7 @@ fn fit_with_hand_over(
                 );
                 // `at` holds the weights, velocities and position (whole epochs and any resumed
                 // part of the next) of the same moment, so the CPU continues exactly from there.
-                backend = Box::new(CpuBackend::fast());
+                backend = Box::new(CpuBackend::fast(&gpu_mnist::settings::settings().cpu));
                 fall_back = false;
             }
             other => return other,

@@ -9,7 +9,7 @@
 use std::ops::Range;
 
 #[cfg(target_arch = "x86_64")]
-use super::{simd, Simd};
+use crate::backend::cpu::simd::{simd, Simd};
 
 /// A sparse matrix stored line by line: the rows of a matrix (CSR) or its columns (CSC), each
 /// line cut into segments of `segment` positions (so that a kernel can walk a cache-sized

@@ -6,7 +6,7 @@
 //! apart, do not each pay for waking a thread (tens of microseconds, against a few hundred of work).
 //! A caller waiting for a helper spins 20 us, then sleeps until woken, so that two threads sharing
 //! one core (as a virtual machine's two cores sometimes behave) do not hold the core each other
-//! needs. The timings behind these choices are in benches/cpu-2026-11-27.md.
+//! needs. The timings behind these choices are in benches/cpu.md.
 //!
 //! Contract: `for_each` returns after every item has been processed and every helper that took
 //! part has finished; a helper that had not started by the time the caller ran out of items is
@@ -68,12 +68,23 @@ struct Helper {
 unsafe impl Sync for Helper {}
 unsafe impl Send for Job {}
 
-/// The process's helpers: one fewer than the cores (none on one core).
+/// The thread count handed to `configure` (None: one per core), read when the helpers start.
+static REQUESTED: OnceLock<Option<usize>> = OnceLock::new();
+
+/// Set the threads of this process's loops (None: one per core); the first call before any loop
+/// runs wins, since the helpers live as long as the process.
+pub fn configure(threads: Option<usize>) {
+    let _ = REQUESTED.set(threads);
+}
+
+/// The process's helpers: one fewer than the threads asked for, or than the cores (none on one).
 fn helpers() -> &'static [&'static Helper] {
     static HELPERS: OnceLock<Vec<&'static Helper>> = OnceLock::new();
     HELPERS.get_or_init(|| {
-        let cores = crate::settings::settings()
-            .cpu_threads
+        let cores = REQUESTED
+            .get()
+            .copied()
+            .flatten()
             .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()));
         (1..cores.min(MAX_HELPERS + 1)).filter_map(start_helper).collect()
     })
@@ -101,6 +112,15 @@ fn start_helper(i: usize) -> Option<&'static Helper> {
 /// Number of threads a loop can spread over: the caller and the helpers.
 pub fn threads() -> usize {
     1 + helpers().len()
+}
+
+/// The most pieces a parallel loop is cut into.
+pub const MAX_CHUNKS: usize = 16;
+
+/// Pieces to cut `units` of work into: about 4 per thread (so that a thread that falls behind
+/// takes fewer), one per unit at most.
+pub fn chunk_count(units: usize) -> usize {
+    (4 * threads()).min(MAX_CHUNKS).min(units).max(1)
 }
 
 /// The helper's loop: wait for a posted job, take it, run it, report.
@@ -252,9 +272,35 @@ pub fn for_each<T: Send, const N: usize>(items: [Option<T>; N], work: &(dyn Fn(T
     }
 }
 
+/// The least number of values moved worth a piece of its own when a loop is split over threads
+/// (a hand-off costs about a microsecond, copying this many values some ten).
+const SPLIT_MIN_VALUES: usize = 1 << 15;
+
+/// Pieces to cut `units` (rows or images) into, for `values` values moved in all.
+pub fn pieces(units: usize, values: usize) -> usize {
+    (values / SPLIT_MIN_VALUES).clamp(1, chunk_count(units))
+}
+
+/// Run `work(first unit, its part of out)` over `out` cut into pieces of whole units of
+/// `unit_len` values each (`unit_len` > 0), spread over the threads.
+pub fn split_units(out: &mut [f32], unit_len: usize, values: usize, work: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let units = out.len() / unit_len;
+    let per = units.div_ceil(pieces(units, values)).max(1);
+    let mut parts = out.chunks_mut(per * unit_len).enumerate();
+    let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| parts.next());
+    for_each(items, &|(i, part): (usize, &mut [f32])| work(i * per, part));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ask for more threads than a small machine's cores, so that the loops have helpers to hand
+    /// work to (it takes effect when these tests are the first loops of the process, as
+    /// tests/run.sh runs them alone; otherwise they run on the helpers already started).
+    fn more_threads_than_cores() {
+        configure(Some(4));
+    }
 
     /// Split v into 16 chunks (the last ones empty when v is short).
     fn chunks(v: &mut [u64]) -> [Option<&mut [u64]>; 16] {
@@ -265,6 +311,7 @@ mod tests {
 
     #[test]
     fn every_item_is_processed_once() {
+        more_threads_than_cores();
         let mut v = vec![0u64; 1000];
         for round in 0..300u64 {
             for_each(chunks(&mut v), &|c: &mut [u64]| c.iter_mut().for_each(|x| *x += round));
@@ -275,6 +322,7 @@ mod tests {
 
     #[test]
     fn nested_and_concurrent_loops_finish() {
+        more_threads_than_cores();
         fn add_one(v: &mut [u64], depth: u32) {
             if depth == 0 {
                 v.iter_mut().for_each(|x| *x += 1);
@@ -297,6 +345,7 @@ mod tests {
 
     #[test]
     fn a_panic_reaches_the_caller_after_every_item_is_done() {
+        more_threads_than_cores();
         let done = AtomicUsize::new(0);
         let items: [Option<usize>; 8] = std::array::from_fn(Some);
         let outcome = catch_unwind(AssertUnwindSafe(|| {

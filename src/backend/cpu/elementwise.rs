@@ -3,10 +3,10 @@
 //!
 //! Contract: each function here returns exactly what its namesake in `reference` returns for the
 //! same inputs; only memory order and instruction selection differ (the widest vectors the CPU
-//! has, AVX-512 or AVX2, chosen at run time by `widest_vectors!`; no fused multiply-add, which
+//! has, AVX-512 or AVX2, chosen at run time by `simd_variants!`; no fused multiply-add, which
 //! would change the rounding).
 
-use super::cpu_pool;
+use super::threads;
 
 /// dbias (OC) = column sums of dout (B, OC), accumulated row by row (contiguous reads) in the
 /// reference's order: ((d[0] + d[1]) + d[2]) + ...; with the sums of 16, 32, 64 or 128 columns
@@ -20,7 +20,7 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) {
         let mut parts = dbias[..oc].chunks_mut(width).enumerate();
         let items: [_; MAX_COLUMN_GROUPS] = std::array::from_fn(|_| parts.next());
         let dout = &dout[..b * oc];
-        cpu_pool::for_each(items, &|(g, part): (usize, &mut [f32])| {
+        threads::for_each(items, &|(g, part): (usize, &mut [f32])| {
             bias_backward_columns(part, dout, oc, g * width)
         });
         return;
@@ -42,13 +42,13 @@ fn column_groups(b: usize, oc: usize) -> usize {
         return 1;
     }
     let mut groups = 1;
-    while groups * 2 <= cpu_pool::threads() && groups * 2 <= oc / 16 {
+    while groups * 2 <= threads::threads() && groups * 2 <= oc / 16 {
         groups *= 2;
     }
     groups
 }
 
-widest_vectors! {
+simd_variants! {
     /// part (W) = the column sums of dout (rows of oc) over columns j0..j0 + W, in row order.
     fn bias_backward_columns(part: &mut [f32], dout: &[f32], oc: usize, j0: usize) => bias_columns_sized
 }
@@ -85,7 +85,7 @@ fn bias_columns_fixed<const W: usize>(part: &mut [f32], dout: &[f32], oc: usize,
     part[..W].copy_from_slice(&acc);
 }
 
-widest_vectors! {
+simd_variants! {
     /// `bias_backward` on this thread.
     fn bias_backward_whole(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) => bias_backward_sized
 }
@@ -121,7 +121,7 @@ fn bias_backward_fixed<const OC: usize>(dbias: &mut [f32], dout: &[f32]) {
     dbias[..OC].copy_from_slice(&acc);
 }
 
-widest_vectors! {
+simd_variants! {
     /// The fused epilogue of a matmul on out (B, N), as `reference::matmul_epilogue`: + bias (N),
     /// then max(., 0), then 0 where mask (B, N) is not > 0; written as selects, which vectorize
     /// (the reference's branches mispredict on a ReLU mask, which is about half zeros).
@@ -157,7 +157,7 @@ fn epilogue_any(out: &mut [f32], bias: Option<&[f32]>, relu: bool, mask: Option<
     }
 }
 
-widest_vectors! {
+simd_variants! {
     /// Keras RMSprop, as `reference::rmsprop_update`.
     pub fn rmsprop_update(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32)
         => rmsprop_portable
@@ -166,7 +166,7 @@ widest_vectors! {
 #[inline(always)]
 fn rmsprop_portable(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32) {
     for ((p, v), &g) in param.iter_mut().zip(velocity.iter_mut()).zip(grad) {
-        super::reference::rmsprop_one(p, v, g, lr, rho, eps);
+        crate::backend::reference::rmsprop_one(p, v, g, lr, rho, eps);
     }
 }
 

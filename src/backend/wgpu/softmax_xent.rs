@@ -4,8 +4,8 @@
 //! and the tensors, then records one dispatch of one workgroup. Without `dlogits` the kernel
 //! writes only the statistics (an unused output is bound in its place).
 
-use super::kernels::Kernel;
 use super::params::{KernelParams, LossParams};
+use super::pipelines::Kernel;
 use super::{checks, Bound, WgpuBackend};
 use crate::backend::ops::{Loss, StepAt};
 use crate::error::Result;

@@ -2,20 +2,19 @@
 //! layer's forward product and weight gradient, 10 classes) or at most 16 terms per sum (its input
 //! gradient). At these sizes a blocked GEMM spends more on packing and thread hand-offs than on
 //! arithmetic, and allocates a packing buffer per call; these repack B once into buffers kept
-//! between calls and split C's rows over `cpu_pool`.
+//! between calls and split C's rows over `threads`.
 //!
 //! Contract: `matmul` returns C (m, n) = A (m, k) @ B (k, n), with A and B read through (row,
 //! column) strides as in `cpu`'s sgemm, equal to the reference's products up to rounding: each value
 //! sums its k terms in increasing order of k, with fused multiply-adds where the CPU has them.
-//! Nothing is allocated once `Scratch` has grown to the largest product.
+//! Nothing is allocated once `NarrowScratch` has grown to the largest product.
 
 use std::ops::Range;
 
-use super::cpu_pool;
-#[cfg(target_arch = "x86_64")]
-use super::cpu_sparse::Simd;
-use super::cpu_sparse::{chunk_count, mul_add, simd, MAX_CHUNKS};
-use super::ops::MatmulShape;
+use super::Strided;
+use crate::backend::cpu::simd::{mul_add, simd, Simd};
+use crate::backend::cpu::threads::{self, chunk_count, MAX_CHUNKS};
+use crate::backend::ops::MatmulShape;
 
 /// The widest side that counts as narrow.
 const NARROW: usize = 16;
@@ -31,36 +30,18 @@ pub fn fits(k: usize, n: usize) -> bool {
 
 /// B repacked (k rows of 16 zero-padded columns, or transposed k x n), and C's padded rows.
 #[derive(Debug, Default)]
-pub struct Scratch {
+pub struct NarrowScratch {
     b: Vec<f32>,
     c: Vec<f32>,
-    /// The partial products of a K split (`products::sgemm_split_k`).
-    pub partials: Vec<f32>,
-    /// B packed once for all row pieces of a product (`products::sgemm`, `cpu_gemm::PackedB`).
-    pub packed_b: Vec<f32>,
-}
-
-/// A matrix read through strides: element (i, j) at `data[i * row + j * col]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Strided<'a> {
-    pub data: &'a [f32],
-    pub row: usize,
-    pub col: usize,
-}
-
-impl<'a> Strided<'a> {
-    pub fn new(data: &'a [f32], row: usize, col: usize) -> Self {
-        Strided { data, row, col }
-    }
-
-    /// Whether element (i, j) lies inside `data`.
-    pub fn reaches(&self, i: usize, j: usize) -> bool {
-        self.data.len() > i * self.row + j * self.col
-    }
 }
 
 /// C (m, n) = A (m, k) @ B (k, n); `fits(k, n)` must hold.
-pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch: &mut Scratch) {
+pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch: &mut NarrowScratch) {
+    matmul_at(simd(), shape, a, b, c, scratch);
+}
+
+/// `matmul` with the vector instructions of `level` (at most `simd()`'s).
+fn matmul_at(level: Simd, shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch: &mut NarrowScratch) {
     let MatmulShape { m, n, k } = shape;
     let (a, rsa, csa) = (a.data, a.row, a.col);
     let (b, rsb, csb) = (b.data, b.row, b.col);
@@ -91,17 +72,9 @@ pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch
         let rows = rows_per_piece(m, k, n);
         let mut pieces = scratch.c[..m * NARROW].chunks_mut(rows * NARROW).enumerate();
         let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
-        cpu_pool::for_each(items, &|(i, cp): (usize, &mut [f32])| {
+        threads::for_each(items, &|(i, cp): (usize, &mut [f32])| {
             let range = i * rows..i * rows + cp.len() / NARROW;
-            match simd() {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` found AVX-512F, AVX-512VL and FMA.
-                Simd::Avx512 => unsafe { narrow_out_avx512(&p, range, bp, cp) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` found AVX2 and FMA.
-                Simd::Avx2 => unsafe { narrow_out_avx2(&p, range, bp, cp) },
-                _ => narrow_out::<false>(&p, range, bp, cp),
-            }
+            narrow_out_simd(level, &p, range, bp, cp)
         });
         for (row, padded) in c.chunks_exact_mut(n).zip(scratch.c.chunks_exact(NARROW)) {
             row.copy_from_slice(&padded[..n]);
@@ -120,17 +93,9 @@ pub fn matmul(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch
         let rows = rows_per_piece(m, k, n);
         let mut pieces = c.chunks_mut(rows * n).enumerate();
         let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| pieces.next());
-        cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
+        threads::for_each(items, &|(i, c): (usize, &mut [f32])| {
             let range = i * rows..i * rows + c.len() / n;
-            match simd() {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` found AVX-512F, AVX-512VL and FMA.
-                Simd::Avx512 => unsafe { narrow_terms_avx512(&p, range, bt, c) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` found AVX2 and FMA.
-                Simd::Avx2 => unsafe { narrow_terms_avx2(&p, range, bt, c) },
-                _ => narrow_terms::<false>(&p, range, bt, c),
-            }
+            narrow_terms_simd(level, &p, range, bt, c)
         });
     }
 }
@@ -157,35 +122,23 @@ impl Product<'_> {
     }
 }
 
-/// `$avx512` and `$avx2`: `$generic::<true>` compiled for AVX-512 and for AVX2, both with FMA.
-macro_rules! fma_variants {
-    ($avx512:ident, $avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx512vl,fma")]
-        unsafe fn $avx512($($arg: $ty),*) {
-            $generic::<true>($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $avx2($($arg: $ty),*) {
-            $generic::<true>($($arg),*)
-        }
-    };
+simd_variants! {
+    /// `narrow_out` at `level`: fused multiply-adds on AVX-512 and AVX2, separate ones otherwise.
+    fn narrow_out_simd(level: Simd, p: &Product<'_>, rows: Range<usize>, bp: &[f32], cp: &mut [f32]) => {
+        avx512: narrow_out::<true>,
+        avx2: narrow_out::<true>,
+        portable: narrow_out::<false>,
+    }
 }
 
-fma_variants!(
-    narrow_out_avx512,
-    narrow_out_avx2,
-    narrow_out,
-    (p: &Product<'_>, rows: Range<usize>, bp: &[f32], cp: &mut [f32])
-);
-fma_variants!(
-    narrow_terms_avx512,
-    narrow_terms_avx2,
-    narrow_terms,
-    (p: &Product<'_>, rows: Range<usize>, bt: &[f32], c: &mut [f32])
-);
+simd_variants! {
+    /// `narrow_terms` at `level`, as `narrow_out_simd`.
+    fn narrow_terms_simd(level: Simd, p: &Product<'_>, rows: Range<usize>, bt: &[f32], c: &mut [f32]) => {
+        avx512: narrow_terms::<true>,
+        avx2: narrow_terms::<true>,
+        portable: narrow_terms::<false>,
+    }
+}
 
 /// Rows `rows` of cp (m, 16) = A @ bp (k, 16), into `cp` (those rows only): 8 rows at a time
 /// hold their sums in registers over all k, whatever A's strides (the weight gradient's x^T gives
@@ -272,21 +225,37 @@ mod tests {
     use crate::backend::reference as r;
 
     /// Every layout the CPU backend passes (forward, input gradient, weight gradient) at narrow
-    /// shapes, with rows left over from the blocks of 8, against the reference.
+    /// shapes, with rows left over from the blocks of 8, against the reference, at every vector
+    /// width this CPU has. A NaN anywhere fails.
     #[test]
     fn narrow_products_match_the_reference() {
-        let mut scratch = Scratch::default();
+        for level in crate::backend::cpu::simd::levels() {
+            println!("{level:?}");
+            narrow_products_match_the_reference_at(level);
+        }
+    }
+
+    fn narrow_products_match_the_reference_at(level: Simd) {
+        let mut scratch = NarrowScratch::default();
         for &(b, c, oc) in &[(1, 1, 1), (9, 16, 16), (130, 512, 10), (13, 40, 3), (17, 5, 300)] {
             let inp: Vec<f32> = (0..b * c).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
             let w: Vec<f32> = (0..c * oc).map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0).collect();
             let dout: Vec<f32> = (0..b * oc).map(|i| ((i * 29) % 89) as f32 / 44.0 - 1.0).collect();
             let close = |got: &[f32], want: &[f32], what: &str| {
-                let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max);
+                let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, |m, d| {
+                    if m.is_nan() || d.is_nan() {
+                        f32::NAN
+                    } else {
+                        m.max(d)
+                    }
+                });
+                println!("{what} {b}x{c}x{oc}: max |diff| {worst}");
                 assert!(worst <= 1e-4, "{what} {b}x{c}x{oc}: max |diff| {worst}");
             };
             if fits(c, oc) {
                 let (mut got, mut want) = (vec![0.0; b * oc], vec![0.0; b * oc]);
-                matmul(
+                matmul_at(
+                    level,
                     MatmulShape { m: b, n: oc, k: c },
                     Strided::new(&inp, c, 1),
                     Strided::new(&w, oc, 1),
@@ -298,7 +267,8 @@ mod tests {
             }
             if fits(oc, c) {
                 let (mut got, mut want) = (vec![0.0; b * c], vec![0.0; b * c]);
-                matmul(
+                matmul_at(
+                    level,
                     MatmulShape { m: b, n: c, k: oc },
                     Strided::new(&dout, oc, 1),
                     Strided::new(&w, 1, oc),
@@ -310,7 +280,8 @@ mod tests {
             }
             if fits(b, oc) {
                 let (mut got, mut want) = (vec![0.0; c * oc], vec![0.0; c * oc]);
-                matmul(
+                matmul_at(
+                    level,
                     MatmulShape { m: c, n: oc, k: b },
                     Strided::new(&inp, 1, c),
                     Strided::new(&dout, oc, 1),

@@ -8,10 +8,10 @@
 //! `reference::matmul_backward_weight` returns, up to the summation order (zero terms are left out,
 //! the others are added in the reference's order, fused multiply-add where the CPU has it). The
 //! optimizer step fused into `matmul_backward_weight` is `reference::rmsprop_one` /
-//! `reference::sgd_one` per value, as in `cpu_fast` (bit-identical for the same gradient). A non-finite input value is kept as a non-zero, so NaN
+//! `reference::sgd_one` per value, as in `elementwise` (bit-identical for the same gradient). A non-finite input value is kept as a non-zero, so NaN
 //! and infinity in the input spread as in a dense product; a non-finite weight meets only the
 //! non-zero inputs (a dense product would also multiply it by the zeros, making NaN). Work is
-//! split over rows on `cpu_pool`, each output value summed whole by one thread, so results do
+//! split over rows on `threads`, each output value summed whole by one thread, so results do
 //! not depend on the thread count; nothing is allocated once the scratch has grown to the
 //! largest batch.
 //!
@@ -24,58 +24,11 @@ mod lines;
 
 use std::ops::Range;
 
-use super::cpu_pool;
-#[cfg(target_arch = "x86_64")]
-use crate::settings::SimdLimit;
-pub(super) use kernels::mul_add;
-use kernels::{dweight_rows, forward_rows};
-#[cfg(target_arch = "x86_64")]
-use kernels::{dweight_rows_avx2, dweight_rows_avx512, forward_rows_avx2, forward_rows_avx512};
+use crate::backend::cpu::simd::{simd, Simd};
+use crate::backend::cpu::threads::{self, chunk_count, MAX_CHUNKS};
+use kernels::{dweight_rows_simd, forward_rows_simd};
 use kernels::{Panels, RowParts, Update, WIDE, WIDE_AVX512};
 use lines::SparseLines;
-
-/// The vector instructions the kernels use, chosen once at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(super) enum Simd {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-impl Simd {
-    /// The best this CPU has, or less when the settings (`GPU_MNIST_CPU_SIMD`) ask for AVX2 or
-    /// none (so that the tests can check every variant on one machine).
-    fn detect() -> Simd {
-        let limit = crate::settings::settings().cpu_simd;
-        #[cfg(target_arch = "x86_64")]
-        {
-            let fma = std::is_x86_feature_detected!("fma");
-            let allowed = |level: &str| match limit {
-                SimdLimit::Portable => false,
-                SimdLimit::Avx2 => level == "avx2",
-                SimdLimit::Best => true,
-            };
-            let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl");
-            if fma && avx512 && allowed("avx512") {
-                return Simd::Avx512;
-            }
-            if fma && std::is_x86_feature_detected!("avx2") && allowed("avx2") {
-                return Simd::Avx2;
-            }
-        }
-        let _ = limit;
-        Simd::Portable
-    }
-
-    /// The width of the wide column blocks.
-    fn wide(self) -> usize {
-        match self {
-            Simd::Avx512 => WIDE_AVX512,
-            _ => WIDE,
-        }
-    }
-}
 
 /// Input columns per segment of the forward product (the weight's panel rows per stretch: 64 rows
 /// of a 64-wide panel are 16 KB, half the L1 cache), and batch rows per segment of the weight
@@ -99,15 +52,6 @@ pub fn pays(nonzeros: usize, rows: usize, cols: usize, out_cols: usize) -> bool 
 /// Whether the sparse products can pay for a product with `out_cols` columns, whatever the input.
 pub fn may_pay(out_cols: usize) -> bool {
     out_cols >= MIN_COLUMNS
-}
-
-/// The most pieces a parallel loop is cut into.
-pub const MAX_CHUNKS: usize = 16;
-
-/// Pieces to cut `units` of work into: about 4 per thread (so that a thread that falls behind
-/// takes fewer), one per unit at most.
-pub fn chunk_count(units: usize) -> usize {
-    (4 * cpu_pool::threads()).min(MAX_CHUNKS).min(units).max(1)
 }
 
 /// The optimizer step fused into the weight gradient, applied to each gradient value as soon as it
@@ -198,23 +142,15 @@ pub fn matmul_forward(
     // lines either way.
     let x = &scratch.rows;
     let weight = &weight[..c * oc];
-    let simd = simd();
+    let level = simd();
     let parts = RowParts {
         first: out,
         second: None,
         third: None,
         width: oc,
     };
-    cpu_pool::for_each(split_lines(0..b, parts, x), &|(rows, mut parts)| {
-        match simd {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` found AVX-512F and FMA.
-            Simd::Avx512 => unsafe { forward_rows_avx512(&mut parts, rows, x, weight, (bias, relu), oc) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` found AVX2 and FMA.
-            Simd::Avx2 => unsafe { forward_rows_avx2(&mut parts, rows, x, weight, (bias, relu), oc) },
-            _ => forward_rows::<false, WIDE>(&mut parts, rows, x, weight, (bias, relu), oc),
-        }
+    threads::for_each(split_lines(0..b, parts, x), &|(rows, mut parts)| {
+        forward_rows_simd(level, &mut parts, rows, x, weight, (bias, relu), oc)
     });
 }
 
@@ -230,8 +166,8 @@ pub fn matmul_backward_weight(
     assert!(dweight.len() >= c * oc && dout.len() >= b * oc);
     assert!(scratch.rows_of.is_some_and(|s| (s.rows, s.cols) == (b, c)));
     scratch.columns.set_columns(&scratch.rows, b, c, DWEIGHT_SEGMENT);
-    let simd = simd();
-    scratch.panels.pack(dout, b, oc, simd.wide());
+    let level = simd();
+    scratch.panels.pack(dout, b, oc, wide(level));
     let (x, dout) = (&scratch.columns, &scratch.panels);
     let (second, third, update) = match step {
         WeightStep::None => (None, None, Update::None),
@@ -252,23 +188,17 @@ pub fn matmul_backward_weight(
         third,
         width: oc,
     };
-    cpu_pool::for_each(split_lines(0..c, parts, x), &|(rows, mut parts)| {
-        match simd {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` found AVX-512F and FMA.
-            Simd::Avx512 => unsafe { dweight_rows_avx512(&mut parts, rows, x, dout, update, b, oc) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` found AVX2 and FMA.
-            Simd::Avx2 => unsafe { dweight_rows_avx2(&mut parts, rows, x, dout, update, b, oc) },
-            _ => dweight_rows::<false, WIDE>(&mut parts, rows, x, dout, update, b, oc),
-        }
+    threads::for_each(split_lines(0..c, parts, x), &|(rows, mut parts)| {
+        dweight_rows_simd(level, &mut parts, rows, x, dout, update, b)
     });
 }
 
-/// The vector instructions of this CPU (detected once).
-pub(super) fn simd() -> Simd {
-    static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-    *SIMD.get_or_init(Simd::detect)
+/// The width of the wide column blocks at `level`.
+fn wide(level: Simd) -> usize {
+    match level {
+        Simd::Avx512 => WIDE_AVX512,
+        _ => WIDE,
+    }
 }
 
 /// `lines` of x and their `parts`, cut into `chunk_count` ranges of about equal work (each

@@ -1,7 +1,7 @@
 //! The sparse products' kernels: each cuts the output into blocks of columns (`column_blocks`)
 //! and sums one block of a range of rows in registers, over the non-zeros of `SparseLines`
 //! segment by segment; `simd_variants!` compiles each kernel for AVX-512 and for AVX2 (both with
-//! FMA). Also the packed dense operand (`Panels`) and the output rows a kernel writes (`RowParts`).
+//! FMA) and for the baseline without. Also the packed dense operand (`Panels`) and the output rows a kernel writes (`RowParts`).
 //!
 //! Guarantees: every output value is summed whole by one call, over the non-zeros in increasing
 //! position order, starting from zero; the forward kernel then adds the bias and applies ReLU, the
@@ -11,8 +11,8 @@
 use std::ops::Range;
 
 use super::lines::SparseLines;
-use super::{chunk_count, MAX_CHUNKS};
-use crate::backend::cpu_pool;
+use crate::backend::cpu::simd::mul_add;
+use crate::backend::cpu::threads::{self, chunk_count, MAX_CHUNKS};
 use crate::backend::reference::{rmsprop_one, sgd_one};
 
 /// Columns of the output handled by one register block: 8 vectors (128 columns with AVX-512, 64
@@ -34,7 +34,7 @@ pub struct Panels {
 
 impl Panels {
     /// Pack x (rows, cols) in blocks of `wide` columns (then 8, then 1), the wide blocks spread
-    /// over `cpu_pool`'s threads.
+    /// over `threads`'s threads.
     pub(super) fn pack(&mut self, x: &[f32], rows: usize, cols: usize, wide_cols: usize) {
         let w = wide_cols;
         let x = &x[..rows * cols];
@@ -47,7 +47,7 @@ impl Panels {
         let per_chunk = blocks.div_ceil(chunk_count(blocks)).max(1);
         let mut panels = head.chunks_mut((rows * w * per_chunk).max(1)).enumerate();
         let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| panels.next());
-        cpu_pool::for_each(items, &|(i, panels): (usize, &mut [f32])| {
+        threads::for_each(items, &|(i, panels): (usize, &mut [f32])| {
             for (j, panel) in panels.chunks_exact_mut((rows * w).max(1)).enumerate() {
                 pack_block(panel, x, cols, (i * per_chunk + j) * w, w);
             }
@@ -147,47 +147,23 @@ impl<'a> RowParts<'a> {
     }
 }
 
-/// a + x * y, fused where the CPU has FMA (a call to a software fma would be far slower).
-#[inline(always)]
-pub(in crate::backend) fn mul_add<const FMA: bool>(x: f32, y: f32, a: f32) -> f32 {
-    if FMA {
-        x.mul_add(y, a)
-    } else {
-        a + x * y
-    }
-}
-
-/// `$avx512` and `$avx2`: `$generic::<true, W>` compiled for AVX-512 (W = 128) and for AVX2
-/// (W = 64), both with FMA; callers check the CPU first (`simd()`).
-macro_rules! simd_variants {
-    ($avx512:ident, $avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx512vl,fma")]
-        pub(super) unsafe fn $avx512($($arg: $ty),*) {
-            $generic::<true, WIDE_AVX512>($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) unsafe fn $avx2($($arg: $ty),*) {
-            $generic::<true, WIDE>($($arg),*)
-        }
-    };
-}
-
-simd_variants!(
-    forward_rows_avx512,
-    forward_rows_avx2,
-    forward_rows,
-    (
+simd_variants! {
+    /// `forward_rows` at `level`: with FMA and 128-column blocks on AVX-512, FMA and 64-column
+    /// blocks on AVX2, separate multiplies and adds otherwise.
+    pub(super) fn forward_rows_simd(
+        level: Simd,
         parts: &mut RowParts<'_>,
         rows: Range<usize>,
         x: &SparseLines,
         weight: &[f32],
         epilogue: (Option<&[f32]>, bool),
         oc: usize
-    )
-);
+    ) => {
+        avx512: forward_rows::<true, WIDE_AVX512>,
+        avx2: forward_rows::<true, WIDE>,
+        portable: forward_rows::<false, WIDE>,
+    }
+}
 
 /// Rows `rows` of the forward product into parts.first (which starts at row rows.start), one
 /// block of columns at a time, so that the block's panel of the weight stays in cache.
@@ -290,20 +266,22 @@ fn accumulate<const W: usize, const FMA: bool>(sum: &mut [f32], index: &[u32], v
     sum[..W].copy_from_slice(&acc);
 }
 
-simd_variants!(
-    dweight_rows_avx512,
-    dweight_rows_avx2,
-    dweight_rows,
-    (
+simd_variants! {
+    /// `dweight_rows` at `level`, as `forward_rows_simd`.
+    pub(super) fn dweight_rows_simd(
+        level: Simd,
         parts: &mut RowParts<'_>,
         rows: Range<usize>,
         x: &SparseLines,
         dout: &Panels,
         update: Update,
-        b: usize,
-        oc: usize
-    )
-);
+        b: usize
+    ) => {
+        avx512: dweight_rows::<true, WIDE_AVX512>,
+        avx2: dweight_rows::<true, WIDE>,
+        portable: dweight_rows::<false, WIDE>,
+    }
+}
 
 /// Rows `rows` of the weight gradient (and of the step on the weight) into `parts`, one block of
 /// columns at a time (dout's panel of the block stays in cache).
@@ -315,8 +293,8 @@ pub(super) fn dweight_rows<const FMA: bool, const W: usize>(
     dout: &Panels,
     update: Update,
     b: usize,
-    oc: usize,
 ) {
+    let oc = parts.width;
     for (col, width) in column_blocks(oc, W) {
         let panel = dout.block(b, col, width);
         match width {

@@ -1,22 +1,22 @@
 //! The CPU backends' matmuls: a dense layer's three products with their fused epilogues, as the
-//! reference's plain loops, as sparse products (`cpu_sparse`) when the input is mostly zeros, as
-//! small loops when a side is narrow (`cpu_narrow`), or as a GEMM on row pieces over the threads
-//! (`cpu_gemm` on AVX-512, `matrixmultiply`'s sgemm elsewhere).
+//! reference's plain loops, as sparse products (`sparse`) when the input is mostly zeros, as
+//! small loops when a side is narrow (`narrow`), or as a GEMM on row pieces over the threads
+//! (`gemm` on AVX-512, `matrixmultiply`'s sgemm elsewhere).
 //!
 //! Contract: every product here computes what `reference` does for the same op; the fast
 //! variants differ only in the summation order. Nothing is allocated once the scratch buffers have
 //! grown to the largest batch (on CPUs without AVX-512, matrixmultiply packs its operands in
 //! buffers of its own, allocated per call).
 
-use super::super::cpu_fast;
-use super::super::cpu_gemm::{self, ALayout};
-use super::super::cpu_narrow::{self, Strided};
-use super::super::cpu_pool;
-use super::super::cpu_sparse::{self, WeightStep};
-use super::super::ops::{run_unfused, DenseShape, Matmul, MatmulKind, MatmulShape, Op, StepAt};
-use super::super::reference as r;
-use super::super::{ParamTensors, TensorId};
+use super::elementwise;
+use super::kernels::gemm::ALayout;
+use super::kernels::sgemm::{sgemm, sgemm_mapped};
+use super::kernels::sparse::{self, WeightStep};
+use super::kernels::Strided;
 use super::{CpuBackend, CpuKind, View};
+use crate::backend::ops::{run_unfused, DenseShape, Matmul, MatmulKind, MatmulShape, Op, StepAt};
+use crate::backend::reference as r;
+use crate::backend::{ParamTensors, TensorId};
 use crate::error::{Error, Result};
 use crate::optim::{Optimizer, OptimizerKind};
 
@@ -90,8 +90,8 @@ impl CpuBackend {
             let mut scratch = std::mem::take(&mut self.sparse);
             let result = self.with_out("matmul forward", (out, b * oc), &inputs, |o, i| {
                 let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
-                cpu_sparse::matmul_forward(o, &mut scratch, i[1], (bias, epilogue.relu), (b, c, oc));
-                cpu_fast::matmul_epilogue(o, None, false, mask, b, oc);
+                sparse::matmul_forward(o, &mut scratch, i[1], (bias, epilogue.relu), (b, c, oc));
+                elementwise::matmul_epilogue(o, None, false, mask, b, oc);
             });
             self.sparse = scratch;
             self.sparse_products += 1;
@@ -158,7 +158,7 @@ impl CpuBackend {
                 &[(inp, b * c), (dout, b * oc)],
                 |o, i| {
                     let step = WeightStep::None;
-                    cpu_sparse::matmul_backward_weight(o, &mut scratch, i[1], step, (b, c, oc));
+                    sparse::matmul_backward_weight(o, &mut scratch, i[1], step, (b, c, oc));
                 },
             );
             self.sparse = scratch;
@@ -184,7 +184,7 @@ impl CpuBackend {
     }
 
     /// A dense product into `out` (its length and columns): the reference's loop or sgemm (with
-    /// `cpu_narrow` for a narrow side), then the epilogue, whose tensors follow the operands in
+    /// `narrow` for a narrow side), then the epilogue, whose tensors follow the operands in
     /// `inputs`.
     fn dense_product(
         &mut self,
@@ -195,7 +195,7 @@ impl CpuBackend {
         product: Dense,
     ) -> Result<()> {
         let kind = self.kind;
-        let mut narrow = std::mem::take(&mut self.narrow);
+        let mut scratch = std::mem::take(&mut self.products);
         let result = self.with_out(op, (out, len), inputs, |o, i| {
             let (b, c, oc) = product.dims;
             match kind {
@@ -213,16 +213,16 @@ impl CpuBackend {
                     let finish = |first: usize, piece: &mut [f32]| {
                         let rows = piece.len() / n.max(1);
                         let mask = mask.map(|m| &m[first * n..]);
-                        cpu_fast::matmul_epilogue(piece, bias, epilogue.relu, mask, rows, n)
+                        elementwise::matmul_epilogue(piece, bias, epilogue.relu, mask, rows, n)
                     };
                     match product.mapped {
-                        Some(layout) => sgemm_mapped(product.shape, (i[0], layout), b, o, (&mut narrow, &finish)),
-                        None => sgemm(product.shape, Strided::new(i[0], ra, ca), b, o, (&mut narrow, &finish)),
+                        Some(layout) => sgemm_mapped(product.shape, i[0], layout, b, o, &mut scratch, &finish),
+                        None => sgemm(product.shape, Strided::new(i[0], ra, ca), b, o, &mut scratch, &finish),
                     }
                 }
             }
         });
-        self.narrow = narrow;
+        self.products = scratch;
         result
     }
 
@@ -267,7 +267,7 @@ impl CpuBackend {
             &[(dout, b * oc)],
             |o, i| match kind {
                 CpuKind::Reference => r::bias_backward(o, i[0], b, oc),
-                CpuKind::Fast => cpu_fast::bias_backward(o, i[0], b, oc),
+                CpuKind::Fast => elementwise::bias_backward(o, i[0], b, oc),
             },
         )
     }
@@ -285,7 +285,7 @@ impl CpuBackend {
         // A convolution's patch matrix runs the dense products: the sparse ones are laid out for
         // a layer's pixels and wide outputs.
         let patches = self.patches.iter().any(|p| p.cols == inp);
-        if self.kind != CpuKind::Fast || !cpu_sparse::may_pay(out_cols) || patches {
+        if self.kind != CpuKind::Fast || !sparse::may_pay(out_cols) || patches {
             return Ok(false);
         }
         let v = self.view(op, inp, rows * cols)?;
@@ -295,7 +295,7 @@ impl CpuBackend {
     }
 
     /// The weight gradient of a dense layer with a sparse input and the optimizer step of its
-    /// weight in one pass (`cpu_sparse::matmul_backward_weight`): dweight (C, OC) = inp (B, C)^T @
+    /// weight in one pass (`sparse::matmul_backward_weight`): dweight (C, OC) = inp (B, C)^T @
     /// dout (B, OC), each value applied to the weight as soon as it is summed.
     fn sparse_weight_update(
         &mut self,
@@ -355,7 +355,7 @@ impl CpuBackend {
                 lr: opt.lr,
             },
         };
-        cpu_sparse::matmul_backward_weight(&mut grad[range(grad_v)], &mut scratch, d, step, (b, c, oc));
+        sparse::matmul_backward_weight(&mut grad[range(grad_v)], &mut scratch, d, step, (b, c, oc));
         self.storage[grad_v.storage] = grad;
         self.storage[value_v.storage] = value;
         if let Some((array, v)) = velocity {
@@ -382,7 +382,7 @@ struct Dense {
     mapped: Option<ALayout>,
 }
 
-/// A product's A read through a layout from a tensor of `len` values (`cpu_gemm::gemm_mapped`);
+/// A product's A read through a layout from a tensor of `len` values (`gemm::gemm_mapped`);
 /// only the fast path on AVX-512 is given one.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Mapped {
@@ -429,210 +429,4 @@ fn epilogue_tensors<'a>(extra: &[&'a [f32]], epilogue: Epilogue) -> (Option<&'a 
     let bias = epilogue.bias.and_then(|_| extra.next().copied());
     let mask = epilogue.relu_mask.and_then(|_| extra.next().copied());
     (bias, mask)
-}
-
-/// The least work, in multiply-adds, worth a piece of its own when a dense product is split over
-/// threads (a hand-off costs about a microsecond, this much work about five).
-const SPLIT_MIN_MACS: usize = 1 << 18;
-
-/// Rows of C a piece gets at least, so that packing B (k x n, once per piece) stays a small share
-/// of a piece's work.
-const PIECE_MIN_ROWS: usize = 64;
-
-/// Products with fewer rows than this and a sum at least `SPLIT_K_MIN` long (a convolution's
-/// weight gradient: a few patch values, summed over every pixel of the batch) are split along K.
-const SPLIT_K_MAX_ROWS: usize = 32;
-const SPLIT_K_MIN: usize = 4096;
-/// The pieces of a K split: a constant, so that the sums do not depend on the thread count.
-const SPLIT_K_PIECES: usize = 8;
-
-/// The pieces `sgemm` cuts the sums of a product of m rows over k into: `SPLIT_K_PIECES` for a
-/// short, long-summed product, else 1 (each sum in one run).
-pub(super) fn k_pieces(m: usize, k: usize) -> usize {
-    if m < SPLIT_K_MAX_ROWS && k >= SPLIT_K_MIN {
-        SPLIT_K_PIECES
-    } else {
-        1
-    }
-}
-
-/// C (m, n) = A @ B with A and B read through their strides: the three products of a dense
-/// layer are this one call with different strides. A product with a narrow side (the output
-/// layer's) runs `cpu_narrow` on this thread; a short, long-summed one is split along K
-/// (`sgemm_split_k`); otherwise C's rows are cut into pieces spread over `cpu_pool`'s threads,
-/// each running a single-threaded GEMM on its share. `finish(first row, rows)` is called once on
-/// every row of C after its product is done (on each piece, by the thread that computed it).
-fn sgemm(
-    shape: MatmulShape,
-    a: Strided,
-    b: Strided,
-    c: &mut [f32],
-    (narrow, finish): (&mut cpu_narrow::Scratch, &Finish),
-) {
-    let MatmulShape { m, n, k } = shape;
-    if cpu_narrow::fits(k, n) {
-        cpu_narrow::matmul(shape, a, b, c, narrow);
-        finish(0, &mut c[..m * n]);
-        return;
-    }
-    let c = &mut c[..m * n];
-    if m == 0 || n == 0 || k == 0 {
-        c.fill(0.0);
-        finish(0, c);
-        return;
-    }
-    if k_pieces(m, k) > 1 {
-        sgemm_split_k(shape, (a, b), c, &mut narrow.partials);
-        finish(0, c);
-        return;
-    }
-    let (rows, items) = row_pieces(c, shape);
-    if cpu_gemm::available() {
-        // B packed once for every piece rather than once in each, into the backend's buffer
-        // (sized by the first step, whichever thread runs a piece).
-        let packed = cpu_gemm::PackedB::pack(k, n, &b, &mut narrow.packed_b);
-        cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
-            let first = i * rows;
-            let m = c.len() / n;
-            // SAFETY (of `gemm_packed`): rows first..first + m of A are checked to lie inside
-            // its slice, the CPU has AVX-512, B was packed with this k and n, and `c` holds this
-            // piece's m rows of n.
-            assert!(a.reaches(first + m - 1, k - 1));
-            let a0 = unsafe { a.data.as_ptr().add(first * a.row) };
-            unsafe { cpu_gemm::gemm_packed(MatmulShape { m, n, k }, a0, (a.row, a.col), &packed, c) };
-            finish(first, c);
-        });
-        return;
-    }
-    cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
-        let first = i * rows;
-        let m = c.len() / n;
-        // SAFETY (of `sgemm_unchecked`): rows first..first + m of A and all of B are checked to
-        // lie inside their slices; `c` holds this piece's m rows of n.
-        assert!(a.reaches(first + m - 1, k - 1) && b.reaches(k - 1, n - 1));
-        unsafe {
-            sgemm_unchecked(
-                MatmulShape { m, n, k },
-                a.data.as_ptr().add(first * a.row),
-                (a.row, a.col),
-                b,
-                c,
-            )
-        };
-        finish(first, c);
-    });
-}
-
-/// What runs on rows of C once their product is done: (index of the first row, the rows).
-type Finish<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
-
-/// C (m rows of n) cut into pieces of whole rows for the pool's threads: a piece per
-/// SPLIT_MIN_MACS of work, up to `chunk_count`, of at least PIECE_MIN_ROWS rows. Returns the rows
-/// a piece holds (the last may hold fewer) and the pieces, numbered.
-#[allow(clippy::type_complexity)]
-fn row_pieces(c: &mut [f32], shape: MatmulShape) -> (usize, [Option<(usize, &mut [f32])>; cpu_sparse::MAX_CHUNKS]) {
-    let MatmulShape { m, n, k } = shape;
-    let chunks = (m * k * n / SPLIT_MIN_MACS)
-        .clamp(1, cpu_sparse::chunk_count(m))
-        .min((m / PIECE_MIN_ROWS).max(1));
-    let rows = m.div_ceil(chunks);
-    let mut pieces = c.chunks_mut(rows * n).enumerate();
-    (rows, std::array::from_fn(|_| pieces.next()))
-}
-
-/// C (m, n) = A @ B with A read through its layout (`cpu_gemm::gemm_mapped`): C's rows cut into
-/// pieces spread over `cpu_pool`'s threads, as `sgemm` does, over B made ready once; `finish` as
-/// in `sgemm`.
-fn sgemm_mapped(
-    shape: MatmulShape,
-    (a, layout): (&[f32], ALayout),
-    b: Strided,
-    c: &mut [f32],
-    (narrow, finish): (&mut cpu_narrow::Scratch, &Finish),
-) {
-    let MatmulShape { m, n, k } = shape;
-    assert!(cpu_gemm::available(), "a mapped A runs only on the AVX-512 product");
-    let c = &mut c[..m * n];
-    if m == 0 || n == 0 || k == 0 {
-        c.fill(0.0);
-        finish(0, c);
-        return;
-    }
-    let (rows, items) = row_pieces(c, shape);
-    let packed = cpu_gemm::PackedB::pack(k, n, &b, &mut narrow.packed_b);
-    cpu_pool::for_each(items, &|(i, c): (usize, &mut [f32])| {
-        let m = c.len() / n;
-        // SAFETY (of `gemm_mapped`): the CPU has AVX-512 (asserted above); the call checks A's
-        // layout against its slice, B's and C's shapes.
-        unsafe { cpu_gemm::gemm_mapped(MatmulShape { m, n, k }, a, layout, i * rows, &packed, c) };
-        finish(i * rows, c);
-    });
-}
-
-/// C (m, n) = A @ B for a few rows of C and a long K: K is cut into `SPLIT_K_PIECES` fixed
-/// pieces, each summed into its own partial C on the pool's threads, then the partials are added
-/// in piece order (deterministic, whatever the thread count).
-fn sgemm_split_k(shape: MatmulShape, (a, b): (Strided, Strided), c: &mut [f32], partials: &mut Vec<f32>) {
-    let MatmulShape { m, n, k } = shape;
-    let span = k.div_ceil(SPLIT_K_PIECES);
-    if partials.len() < SPLIT_K_PIECES * m * n {
-        partials.resize(SPLIT_K_PIECES * m * n, 0.0);
-    }
-    assert!(a.reaches(m - 1, k - 1) && b.reaches(k - 1, n - 1));
-    let mut pieces = partials.chunks_mut(m * n).enumerate();
-    let items: [_; SPLIT_K_PIECES] = std::array::from_fn(|_| pieces.next());
-    cpu_pool::for_each(items, &|(p, part): (usize, &mut [f32])| {
-        let (k0, k1) = (p * span, ((p + 1) * span).min(k));
-        if k0 >= k1 {
-            part.fill(0.0);
-            return;
-        }
-        let piece = Strided::new(&b.data[k0 * b.row..], b.row, b.col);
-        // SAFETY (of `sgemm_unchecked`): A's columns k0..k1 and B's rows k0..k1 lie inside their
-        // slices (asserted for the whole product above); `part` holds m rows of n.
-        unsafe {
-            let a0 = a.data.as_ptr().add(k0 * a.col);
-            sgemm_unchecked(MatmulShape { m, n, k: k1 - k0 }, a0, (a.row, a.col), piece, part)
-        };
-    });
-    c.copy_from_slice(&partials[..m * n]);
-    for part in partials[m * n..SPLIT_K_PIECES * m * n].chunks_exact(m * n) {
-        for (x, &y) in c.iter_mut().zip(part) {
-            *x += y;
-        }
-    }
-}
-
-/// C (m, n) = A @ B on one thread, A at `a` with (row, column) strides `a_strides`: `cpu_gemm`
-/// where the CPU has AVX-512, `matrixmultiply`'s sgemm otherwise.
-///
-/// # Safety
-/// Every element (i, kk) of A for i < m, kk < k must lie in the allocation `a` points into, and
-/// B's first k rows of n in `b.data`; `c` must hold m rows of n.
-unsafe fn sgemm_unchecked(shape: MatmulShape, a: *const f32, a_strides: (usize, usize), b: Strided, c: &mut [f32]) {
-    if cpu_gemm::available() {
-        // SAFETY: the caller's contract is `gemm`'s, and the CPU has AVX-512.
-        unsafe { cpu_gemm::gemm(shape, a, a_strides, b, c) };
-        return;
-    }
-    let MatmulShape { m, n, k } = shape;
-    // SAFETY: the caller's contract.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a,
-            a_strides.0 as isize,
-            a_strides.1 as isize,
-            b.data.as_ptr(),
-            b.row as isize,
-            b.col as isize,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
 }

@@ -27,9 +27,10 @@
 
 use std::cell::RefCell;
 
-use super::cpu_narrow::Strided;
-use super::cpu_sparse::{simd, Simd};
-use super::ops::MatmulShape;
+use super::{Strided, Strides};
+use crate::backend::cpu::simd::{simd, Simd};
+use crate::backend::cpu::threads::{self, MAX_CHUNKS};
+use crate::backend::ops::MatmulShape;
 
 /// Rows of C a micro-tile holds: 2 x 12 vectors of sums, with B's two vectors and a broadcast
 /// value 27 of the 32 registers.
@@ -55,9 +56,9 @@ thread_local! {
 ///
 /// # Safety
 /// `available()` must hold; every element (i, kk) of A for i < m, kk < k must lie in the
-/// allocation `a` points into (at `a + i * a_strides.0 + kk * a_strides.1`); B's first k rows of
+/// allocation `a` points into (at `a + i * a_strides.row + kk * a_strides.col`); B's first k rows of
 /// n must lie in `b.data`; `c` must hold m rows of n.
-pub unsafe fn gemm(shape: MatmulShape, a: *const f32, a_strides: (usize, usize), b: Strided, c: &mut [f32]) {
+pub unsafe fn gemm(shape: MatmulShape, a: *const f32, a_strides: Strides, b: Strided, c: &mut [f32]) {
     let MatmulShape { m, n, k } = shape;
     assert!(c.len() >= m * n);
     if m == 0 || n == 0 {
@@ -96,7 +97,7 @@ fn panel_space(k: usize, n: usize, packed: &mut Vec<f32>) -> &mut [f32] {
     &mut packed[skip..][..len]
 }
 
-widest_vectors! {
+simd_variants! {
     /// Panel `p` of a transposed B (columns p NR.., zero-padded to NR) into `panel` (k rows of
     /// NR), reading each column of B (a row in memory) in order.
     fn pack_panel(p: usize, k: usize, n: usize, b: &Strided, panel: &mut [f32]) => pack_panel_any
@@ -150,10 +151,10 @@ impl<'p> PackedB<'p> {
             };
         }
         let space = panel_space(k, n, buffer);
-        let panels_per_item = n.div_ceil(NR).div_ceil(super::cpu_sparse::MAX_CHUNKS);
+        let panels_per_item = n.div_ceil(NR).div_ceil(MAX_CHUNKS);
         let mut groups = space.chunks_mut(panels_per_item * k * NR).enumerate();
-        let items: [_; super::cpu_sparse::MAX_CHUNKS] = std::array::from_fn(|_| groups.next());
-        super::cpu_pool::for_each(items, &|(g, group): (usize, &mut [f32])| {
+        let items: [_; MAX_CHUNKS] = std::array::from_fn(|_| groups.next());
+        threads::for_each(items, &|(g, group): (usize, &mut [f32])| {
             for (i, panel) in group.chunks_exact_mut(k * NR).enumerate() {
                 pack_panel(g * panels_per_item + i, k, n, b, panel);
             }
@@ -174,7 +175,7 @@ impl<'p> PackedB<'p> {
 /// # Safety
 /// `available()` must hold; `shape` must have B's k and n; every element (i, kk) of A for i < m,
 /// kk < k must lie in the allocation `a` points into; `c` must hold m rows of n.
-pub unsafe fn gemm_packed(shape: MatmulShape, a: *const f32, a_strides: (usize, usize), b: &PackedB, c: &mut [f32]) {
+pub unsafe fn gemm_packed(shape: MatmulShape, a: *const f32, a_strides: Strides, b: &PackedB, c: &mut [f32]) {
     let MatmulShape { m, n, k } = shape;
     assert!(c.len() >= m * n && (k, n) == (b.k, b.n));
     if m == 0 {
@@ -280,7 +281,7 @@ struct Operand {
 
 impl Operand {
     /// An (m, k) matrix read through (row, column) strides.
-    fn strided(ptr: *const f32, (row, col): (usize, usize), m: usize, k: usize) -> Operand {
+    fn strided(ptr: *const f32, Strides { row, col }: Strides, m: usize, k: usize) -> Operand {
         Operand {
             ptr,
             rows: Runs::uniform(m, row),
@@ -503,188 +504,4 @@ unsafe fn micro<const R: usize, const PACKED_ROWS: bool>(t: &Tile) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The chain of the contract, in f32 with mul_add, for one element.
-    fn expected(
-        a: &[f32],
-        (ar, ac): (usize, usize),
-        b: &[f32],
-        (br, bc): (usize, usize),
-        k: usize,
-        i: usize,
-        j: usize,
-    ) -> f32 {
-        (0..k).fold(0.0f32, |s, kk| a[i * ar + kk * ac].mul_add(b[kk * br + j * bc], s))
-    }
-
-    #[test]
-    fn every_element_is_the_same_fma_chain_at_awkward_shapes() {
-        if !available() {
-            eprintln!("cpu_gemm: no AVX-512 on this CPU, nothing to check");
-            return;
-        }
-        let mut worst = 0.0f32;
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (13, 33, 257),
-            (12, 32, 256),
-            (25, 17, 3),
-            (7, 64, 600),
-            (40, 5, 513),
-            (25, 40, 37),
-            (24, 48, 800),
-            (13, 16, 5),
-            (30, 96, 385),
-            (17, 64, 2),
-        ] {
-            for a_row_major in [true, false] {
-                for b_row_major in [true, false] {
-                    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0).collect();
-                    let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 991) as f32 / 491.0 - 1.0).collect();
-                    let a_strides = if a_row_major { (k, 1) } else { (1, m) };
-                    let b_strides = if b_row_major { (n, 1) } else { (1, k) };
-                    let mut c = vec![f32::NAN; m * n];
-                    // SAFETY: available() holds, and the strides cover exactly the vectors.
-                    unsafe {
-                        gemm(
-                            MatmulShape { m, n, k },
-                            a.as_ptr(),
-                            a_strides,
-                            Strided::new(&b, b_strides.0, b_strides.1),
-                            &mut c,
-                        )
-                    };
-                    // The same product in row pieces of 5 over B packed once for all of them.
-                    let mut buffer = Vec::new();
-                    let packed = PackedB::pack(k, n, &Strided::new(&b, b_strides.0, b_strides.1), &mut buffer);
-                    let mut pieces = vec![f32::NAN; m * n];
-                    for (p, c) in pieces.chunks_mut(5 * n).enumerate() {
-                        let rows = c.len() / n;
-                        // SAFETY: available() holds; rows 5p.. of A lie in `a`; B was packed
-                        // with this k and n.
-                        unsafe {
-                            let a0 = a.as_ptr().add(5 * p * a_strides.0);
-                            gemm_packed(MatmulShape { m: rows, n, k }, a0, a_strides, &packed, c)
-                        };
-                    }
-                    for i in 0..m {
-                        for j in 0..n {
-                            let want = expected(&a, a_strides, &b, b_strides, k, i, j);
-                            worst = worst.max((c[i * n + j] - want).abs());
-                            worst = worst.max((pieces[i * n + j] - want).abs());
-                        }
-                    }
-                }
-            }
-        }
-        eprintln!("cpu_gemm: max |gemm - fma chain| (whole, and in pieces over B packed once) = {worst:e} (tolerance 0: the same chain)");
-        assert_eq!(worst, 0.0);
-    }
-
-    /// A patch matrix read through run layouts (rows: pixels in runs of an output row; k: patch
-    /// values in runs of a kernel row), and its transpose, give the same bits as the matrix
-    /// written out, in row pieces over B made ready once, at awkward sizes.
-    #[test]
-    fn mapped_patches_give_the_bits_of_the_written_matrix() {
-        if !available() {
-            eprintln!("cpu_gemm: no AVX-512 on this CPU, nothing to check");
-            return;
-        }
-        // (images, h, w, channels, kernel side, filters).
-        for &(images, h, w, ch, kside, filters) in &[(2, 7, 9, 5, 3, 40), (3, 13, 13, 32, 3, 64), (1, 6, 14, 4, 2, 17)]
-        {
-            let (oh, ow) = (h - kside + 1, w - kside + 1);
-            let (pixels, patch) = (images * oh * ow, kside * kside * ch);
-            let image: Vec<f32> = (0..images * h * w * ch)
-                .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
-                .collect();
-            let mut cols = vec![0.0f32; pixels * patch];
-            for p in 0..pixels {
-                let (b, oy, ox) = (p / (oh * ow), p % (oh * ow) / ow, p % ow);
-                for kk in 0..patch {
-                    let (ky, kx, c) = (kk / (kside * ch), kk / ch % kside, kk % ch);
-                    cols[p * patch + kk] = image[((b * h + oy + ky) * w + ox + kx) * ch + c];
-                }
-            }
-            let runs_of_pixels = Runs {
-                count: pixels,
-                len: ow,
-                stride: ch,
-                per_group: oh,
-                run_stride: w * ch,
-                group_stride: h * w * ch,
-            };
-            let runs_of_patch = Runs {
-                count: patch,
-                len: kside * ch,
-                stride: 1,
-                per_group: kside,
-                run_stride: w * ch,
-                group_stride: 0,
-            };
-            let weight: Vec<f32> = (0..patch * filters)
-                .map(|i| ((i * 104_729) % 991) as f32 / 491.0 - 1.0)
-                .collect();
-            let dout: Vec<f32> = (0..pixels * filters)
-                .map(|i| ((i * 31) % 89) as f32 / 44.0 - 1.0)
-                .collect();
-            // Forward: (pixels, patch) @ (patch, filters); weight gradient: (patch, pixels) @
-            // (pixels, filters).
-            let products = [
-                (
-                    MatmulShape {
-                        m: pixels,
-                        n: filters,
-                        k: patch,
-                    },
-                    (patch, 1),
-                    &weight,
-                    ALayout {
-                        rows: runs_of_pixels,
-                        ks: runs_of_patch,
-                    },
-                ),
-                (
-                    MatmulShape {
-                        m: patch,
-                        n: filters,
-                        k: pixels,
-                    },
-                    (1, patch),
-                    &dout,
-                    ALayout {
-                        rows: runs_of_patch,
-                        ks: runs_of_pixels,
-                    },
-                ),
-            ];
-            for (shape, a_strides, b, layout) in products {
-                let b = Strided::new(b, shape.n, 1);
-                let mut written = vec![f32::NAN; shape.m * shape.n];
-                // SAFETY: available() holds and the strides cover exactly the matrices.
-                unsafe {
-                    gemm(
-                        shape,
-                        cols.as_ptr(),
-                        a_strides,
-                        Strided::new(b.data, b.row, b.col),
-                        &mut written,
-                    )
-                };
-                let mut buffer = Vec::new();
-                let packed = PackedB::pack(shape.k, shape.n, &b, &mut buffer);
-                let mut mapped = vec![f32::NAN; shape.m * shape.n];
-                for (p, c) in mapped.chunks_mut(7 * shape.n).enumerate() {
-                    let rows = c.len() / shape.n;
-                    // SAFETY: available() holds; the call checks the layout against the images.
-                    unsafe { gemm_mapped(MatmulShape { m: rows, ..shape }, &image, layout, 7 * p, &packed, c) };
-                }
-                let same = written.iter().zip(&mapped).all(|(x, y)| x.to_bits() == y.to_bits());
-                eprintln!("cpu_gemm: mapped {shape:?}: the same bits as written out: {same}");
-                assert!(same, "{shape:?}");
-            }
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,37 @@
+//! Test inputs shared by the kernels' tests: values that show a change of summation order, ties
+//! and NaN for the selecting kernels, and a bit-for-bit comparison.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Values of very different magnitudes (so that a change of summation order shows).
+pub fn spread(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-4..4)))
+        .collect()
+}
+
+/// Small integers (many ties, zeros of both signs, negatives), with a NaN now and then.
+pub fn tied(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| match rng.random_range(0..40) {
+            0 => f32::NAN,
+            1 => -0.0,
+            k => (k % 7) as f32 - 3.0,
+        })
+        .collect()
+}
+
+/// The number of values whose bits differ, and the largest difference among the numbers.
+pub fn compare(fast: &[f32], reference: &[f32]) -> (usize, f32) {
+    assert_eq!(fast.len(), reference.len());
+    let pairs = fast.iter().zip(reference);
+    let differ = pairs.clone().filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let max = pairs
+        .map(|(a, b)| (a - b).abs())
+        .filter(|d| !d.is_nan())
+        .fold(0.0, f32::max);
+    (differ, max)
+}
