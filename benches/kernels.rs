@@ -16,7 +16,7 @@ use gpu_mnist::backend::ops::{
 use gpu_mnist::backend::wgpu::WgpuBackend;
 use gpu_mnist::backend::{Backend, ParamTensors};
 use gpu_mnist::data::{epoch_order, Dataset, IMAGE_PIXELS};
-use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
+use gpu_mnist::model::{glorot_init, Batch, Graph, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 
 const B: usize = 128;
@@ -213,7 +213,7 @@ fn training_step(c: &mut Criterion) {
         group.bench_function("train_step 784-512-10 batch 128", |bench| {
             bench.iter(|| {
                 graph
-                    .train_step(be, (ds, B), StepAt { start, slot: 0 }, &opt)
+                    .train_step(be, Batch { ds, rows: B }, StepAt { start, slot: 0 }, &opt)
                     .expect("step");
                 wait(be.sync());
                 start = (start + B) % (data.len() - B);

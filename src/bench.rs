@@ -12,7 +12,7 @@ use crate::backend::{Backend, Counters, DatasetId, Op};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::device::OpenedDevice;
 use crate::error::Result;
-use crate::model::{glorot_init, Graph, ModelSpec};
+use crate::model::{glorot_init, Batch, Graph, ModelSpec};
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::plan::PlanKind;
 
@@ -135,7 +135,9 @@ async fn bench_ops(
     (ds, opt): (DatasetId, Optimizer),
     reps: usize,
 ) -> Result<Vec<MatmulFigure>> {
-    let plan = graph.plan(be, PlanKind::Train, (ds, cfg.batch), Some(opt))?.to_vec();
+    let plan = graph
+        .plan(be, PlanKind::Train, Batch { ds, rows: cfg.batch }, Some(opt))?
+        .to_vec();
     for op in &plan {
         be.run(op, StepAt::default())?;
     }
@@ -190,7 +192,7 @@ pub async fn bench_device(
         start: steps[0].0,
         slot: 0,
     };
-    graph.train_step(be, (ds, steps[0].1), first, &opt)?;
+    graph.train_step(be, Batch { ds, rows: steps[0].1 }, first, &opt)?;
     be.sync().await?;
     let startup_s = t_open.elapsed().as_secs_f64();
 
@@ -199,7 +201,9 @@ pub async fn bench_device(
         slot: 0,
     };
     let step_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
-        graph.train_step(be, (ds, cfg.batch), second, &opt).map(|_| false)
+        graph
+            .train_step(be, Batch { ds, rows: cfg.batch }, second, &opt)
+            .map(|_| false)
     })
     .await?;
     let before = be.counters();
@@ -207,7 +211,7 @@ pub async fn bench_device(
     let run_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
         let t0 = Instant::now();
         for (slot, &(start, rows)) in steps[..n_steps].iter().enumerate() {
-            graph.train_step(be, (ds, rows), StepAt { start, slot }, &opt)?;
+            graph.train_step(be, Batch { ds, rows }, StepAt { start, slot }, &opt)?;
         }
         record_s.push(t0.elapsed().as_secs_f64());
         be.request_stats(0, n_steps).map(|_| true)
@@ -227,7 +231,7 @@ pub async fn bench_device(
 
     // GPU time of each dispatch of one step, where the device can tell.
     let profile = if be.start_profile(64)? {
-        graph.train_step(be, (ds, steps[0].1), first, &opt)?;
+        graph.train_step(be, Batch { ds, rows: steps[0].1 }, first, &opt)?;
         be.finish_profile().await?
     } else {
         Vec::new()

@@ -105,6 +105,13 @@ struct PlanKey {
     opt: Option<Optimizer>,
 }
 
+/// The rows a step takes from a resident dataset: `rows` of `ds`, from the step's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    pub ds: DatasetId,
+    pub rows: usize,
+}
+
 /// The network on a backend, with buffers for batches of up to `max_batch` rows.
 pub struct Graph {
     pub spec: ModelSpec,
@@ -152,26 +159,32 @@ impl Graph {
         // gradient with respect to it.
         let mut inp = be.alloc(max_batch * crate::data::IMAGE_PIXELS)?;
         let mut layers: Vec<LayerTensors> = Vec::with_capacity(resolved.len());
-        let mut next_param = 0;
+        // Each conv and dense layer takes the next weight and bias, in order.
+        let mut weights_and_biases = params.chunks_exact(2).map(|wb| (wb[0].tensors(), wb[1].tensors()));
         for layer in resolved {
             let n = max_batch * layer.out_len();
             let (out, dout) = (be.alloc(n)?, be.alloc(n)?);
+            let mut next = || {
+                weights_and_biases
+                    .next()
+                    .ok_or_else(|| Error::shape("graph", "a layer without its parameters".to_string()))
+            };
             let op = match layer {
                 Layer::Pool { shape } => LayerOp::Pool { shape },
                 Layer::Conv { geometry, filters } => {
-                    next_param += 2;
+                    let (weight, bias) = next()?;
                     LayerOp::Conv {
-                        weight: params[next_param - 2].tensors(),
-                        bias: params[next_param - 1].tensors(),
+                        weight,
+                        bias,
                         geometry,
                         filters,
                     }
                 }
                 Layer::Dense { inputs, outputs, .. } => {
-                    next_param += 2;
+                    let (weight, bias) = next()?;
                     LayerOp::Dense {
-                        weight: params[next_param - 2].tensors(),
-                        bias: params[next_param - 1].tensors(),
+                        weight,
+                        bias,
                         inputs,
                         outputs,
                     }
@@ -277,7 +290,7 @@ impl Graph {
         &mut self,
         be: &mut dyn Backend,
         kind: PlanKind,
-        (ds, rows): (DatasetId, usize),
+        Batch { ds, rows }: Batch,
         opt: Option<Optimizer>,
     ) -> Result<&[Op]> {
         let index = self.plan_index(be, PlanKey { kind, ds, rows, opt })?;
@@ -312,7 +325,7 @@ impl Graph {
         &mut self,
         be: &mut dyn Backend,
         kind: PlanKind,
-        (ds, rows): (DatasetId, usize),
+        Batch { ds, rows }: Batch,
         at: StepAt,
         opt: Option<Optimizer>,
     ) -> Result<()> {
@@ -325,19 +338,13 @@ impl Graph {
 
     /// One training step on rows start..start+rows of `ds` (in its current order): forward, the
     /// loss (statistics into `slot`), backward and the optimizer step.
-    pub fn train_step(
-        &mut self,
-        be: &mut dyn Backend,
-        (ds, rows): (DatasetId, usize),
-        at: StepAt,
-        opt: &Optimizer,
-    ) -> Result<()> {
-        self.step(be, PlanKind::Train, (ds, rows), at, Some(*opt))
+    pub fn train_step(&mut self, be: &mut dyn Backend, batch: Batch, at: StepAt, opt: &Optimizer) -> Result<()> {
+        self.step(be, PlanKind::Train, batch, at, Some(*opt))
     }
 
     /// Forward and loss only (statistics into `at.slot`), for evaluation.
-    pub fn eval_step(&mut self, be: &mut dyn Backend, (ds, rows): (DatasetId, usize), at: StepAt) -> Result<()> {
-        self.step(be, PlanKind::Evaluate, (ds, rows), at, None)
+    pub fn eval_step(&mut self, be: &mut dyn Backend, batch: Batch, at: StepAt) -> Result<()> {
+        self.step(be, PlanKind::Evaluate, batch, at, None)
     }
 
     /// The layers' tensors, in order.

@@ -10,8 +10,8 @@
 //! (its mask is the ReLU's output) or, when a pool follows, the pool's backward op.
 
 use crate::backend::ops::{
-    weight_gradient_ops, ConvGeometry, ConvPool, DenseShape, Fusions, Gather, Loss, Matmul, MatmulKind, Op,
-    OutputLayer, Pool, PoolKind, PoolShape, PoolWeightGradient, Update,
+    weight_gradient_ops, ConvGeometry, ConvPool, DenseShape, Fusions, Gather, LayerGradient, Loss, Matmul, MatmulKind,
+    Op, OutputLayer, Pool, PoolKind, PoolShape, PoolWeightGradient, Update,
 };
 use crate::backend::{DatasetId, ParamTensors, TensorId};
 use crate::optim::Optimizer;
@@ -143,13 +143,15 @@ pub fn train_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, opt: Optim
                 conv,
             }));
         }
-        ops.extend(weight_gradient_ops(
-            (shape, conv),
-            (weight, bias),
-            (l.inp, l.dout),
-            opt,
-            false,
-        ));
+        let layer = LayerGradient {
+            shape,
+            conv,
+            weight,
+            bias,
+            inp: l.inp,
+            dout: l.dout,
+        };
+        ops.extend(weight_gradient_ops(layer, opt, false));
     }
     ops
 }
@@ -320,7 +322,15 @@ fn fuse_weight_update(w: &[Op]) -> Option<Op> {
     if weight.grad != dweight || bias.grad != dbias || opt != bias_opt {
         return None;
     }
-    weight_gradient_ops((shape, conv), (weight, bias), (inp, dout), opt, true).pop()
+    let layer = LayerGradient {
+        shape,
+        conv,
+        weight,
+        bias,
+        inp,
+        dout,
+    };
+    weight_gradient_ops(layer, opt, true).pop()
 }
 
 /// [forward with bias, loss with dlogits, input gradient through the ReLU, weight gradient with

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::*;
 use gpu_mnist::backend::Backend;
 use gpu_mnist::data::{batches, epoch_order};
-use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
+use gpu_mnist::model::{glorot_init, Batch, Graph, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 
 /// Counts every allocation and reallocation, on any thread.
@@ -55,14 +55,24 @@ fn a_cpu_training_step_allocates_nothing() {
     let steps: Vec<(usize, usize)> = batches(data.len(), 128).collect();
     for &(start, rows) in &steps[..5] {
         graph
-            .train_step(&mut be, (ds, rows), gpu_mnist::backend::StepAt { start, slot: 0 }, &opt)
+            .train_step(
+                &mut be,
+                Batch { ds, rows },
+                gpu_mnist::backend::StepAt { start, slot: 0 },
+                &opt,
+            )
             .unwrap();
     }
     let counted = 30;
     let before = ALLOCATIONS.load(Ordering::SeqCst);
     for &(start, rows) in &steps[5..5 + counted] {
         graph
-            .train_step(&mut be, (ds, rows), gpu_mnist::backend::StepAt { start, slot: 0 }, &opt)
+            .train_step(
+                &mut be,
+                Batch { ds, rows },
+                gpu_mnist::backend::StepAt { start, slot: 0 },
+                &opt,
+            )
             .unwrap();
     }
     let per_step = (ALLOCATIONS.load(Ordering::SeqCst) - before) as f64 / counted as f64;
@@ -96,7 +106,12 @@ fn a_cpu_convnet_step_allocates_nothing_but_foreign_gemm_packing() {
     for (i, &(start, rows)) in steps.iter().enumerate() {
         let before = ALLOCATIONS.load(Ordering::SeqCst);
         graph
-            .train_step(&mut be, (ds, rows), gpu_mnist::backend::StepAt { start, slot: 0 }, &opt)
+            .train_step(
+                &mut be,
+                Batch { ds, rows },
+                gpu_mnist::backend::StepAt { start, slot: 0 },
+                &opt,
+            )
             .unwrap();
         if i >= 3 {
             per_step.push(ALLOCATIONS.load(Ordering::SeqCst) - before);

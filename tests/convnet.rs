@@ -9,7 +9,7 @@ use common::*;
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::{read_stats, Backend, StepAt, StepStats};
 use gpu_mnist::data::{batches, epoch_order, Dataset};
-use gpu_mnist::model::{glorot_init, Graph, HostTensor, ModelSpec};
+use gpu_mnist::model::{glorot_init, Batch, Graph, HostTensor, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 
 /// Run `steps` training steps of `spec` in batches of `batch` on `data` (epoch 0's order of seed
@@ -27,7 +27,9 @@ fn run_steps(
     be.reserve_stats(steps).unwrap();
     let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
     for (slot, (start, rows)) in batches(data.len(), batch).take(steps).enumerate() {
-        graph.train_step(be, (ds, rows), StepAt { start, slot }, &opt).unwrap();
+        graph
+            .train_step(be, Batch { ds, rows }, StepAt { start, slot }, &opt)
+            .unwrap();
     }
     let stats = pollster::block_on(read_stats(be, steps)).unwrap();
     (
@@ -159,7 +161,9 @@ fn a_first_layer_pool_and_weight_gradient_fuse_on_the_fast_cpu_path() {
         let mut be = fast_cpu();
         let mut graph = Graph::new(&mut be, spec, 10).unwrap();
         let ds = be.upload_dataset(&data).unwrap();
-        let plan = graph.plan(&mut be, PlanKind::Train, (ds, 10), Some(opt)).unwrap();
+        let plan = graph
+            .plan(&mut be, PlanKind::Train, Batch { ds, rows: 10 }, Some(opt))
+            .unwrap();
         let fused: Vec<usize> = (0..plan.len())
             .filter(|&i| matches!(plan[i], Op::PoolWeightGradient(_) | Op::ConvPool(_)))
             .collect();

@@ -15,6 +15,7 @@ use gpu_mnist::backend::reference as r;
 use gpu_mnist::backend::wgpu::TileConfig;
 use gpu_mnist::backend::Backend;
 use gpu_mnist::data::IMAGE_PIXELS;
+use gpu_mnist::model::Batch;
 
 /// (B, C, OC): awkward shapes (1, odd, prime, just under a tile) and the real layer-1 shape.
 const SHAPES: [(usize, usize, usize); 5] = [(1, 1, 1), (3, 5, 7), (61, 100, 36), (127, 784, 65), (128, 784, 512)];
@@ -908,7 +909,7 @@ fn train_plans_fuse_to_at_most_seven_ops() {
     let (mut graph, ds) = reference_graph(&mut be, 1);
     let opt = rmsprop();
     let fused = graph
-        .plan(&mut be, PlanKind::Train, (ds, PLAN_ROWS), Some(opt))
+        .plan(&mut be, PlanKind::Train, Batch { ds, rows: PLAN_ROWS }, Some(opt))
         .unwrap()
         .to_vec();
     println!("{} on {}", plan::describe(&fused), be.name());
@@ -1000,7 +1001,7 @@ fn a_fused_plan_computes_exactly_what_the_plain_one_does() {
         assert_eq!(be.fusions(), Fusions::default());
         let (mut graph, ds) = reference_graph(&mut be, steps);
         let plain = graph
-            .plan(&mut be, PlanKind::Train, (ds, PLAN_ROWS), Some(opt))
+            .plan(&mut be, PlanKind::Train, Batch { ds, rows: PLAN_ROWS }, Some(opt))
             .unwrap()
             .to_vec();
         assert_eq!(plain, plan::train_ops(graph.layers(), ds, PLAN_ROWS, opt));
@@ -1062,7 +1063,7 @@ fn a_gpu_training_step_takes_at_most_seven_dispatches() {
         let (mut graph, ds) = reference_graph(&mut be, 1);
         let opt = rmsprop();
         let planned = graph
-            .plan(&mut be, PlanKind::Train, (ds, PLAN_ROWS), Some(opt))
+            .plan(&mut be, PlanKind::Train, Batch { ds, rows: PLAN_ROWS }, Some(opt))
             .unwrap();
         let planned_len = planned.len();
         println!("{}", plan::describe(planned));
@@ -1070,7 +1071,7 @@ fn a_gpu_training_step_takes_at_most_seven_dispatches() {
         graph
             .train_step(
                 &mut be,
-                (ds, PLAN_ROWS),
+                Batch { ds, rows: PLAN_ROWS },
                 StepAt {
                     start: PLAN_ROWS,
                     slot: 0,

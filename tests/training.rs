@@ -7,7 +7,7 @@ use common::*;
 use gpu_mnist::backend::cpu::CpuBackend;
 use gpu_mnist::backend::{Backend, StepStats};
 use gpu_mnist::data::{batches, epoch_order, Dataset};
-use gpu_mnist::model::{glorot_init, Graph, HostTensor, ModelSpec};
+use gpu_mnist::model::{glorot_init, Batch, Graph, HostTensor, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 
 const BATCH: usize = 128;
@@ -24,7 +24,7 @@ fn run_steps(be: &mut dyn Backend, data: &Dataset, steps: usize) -> (Vec<StepSta
     let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
     for (slot, (start, rows)) in batches(data.len(), BATCH).take(steps).enumerate() {
         graph
-            .train_step(be, (ds, rows), gpu_mnist::backend::StepAt { start, slot }, &opt)
+            .train_step(be, Batch { ds, rows }, gpu_mnist::backend::StepAt { start, slot }, &opt)
             .unwrap();
     }
     let stats = pollster::block_on(gpu_mnist::backend::read_stats(be, steps)).unwrap();

@@ -65,7 +65,7 @@ pub struct FusedUpdate {
 impl FusedUpdate {
     /// The optimizer steps this update stands for after a weight gradient of `shape` into
     /// `dweight` and `dbias`: the weight's, then the bias's (when there is one).
-    pub fn steps(&self, shape: DenseShape, (dweight, dbias): (TensorId, Option<TensorId>)) -> [Option<Op>; 2] {
+    pub fn steps(&self, shape: DenseShape, dweight: TensorId, dbias: Option<TensorId>) -> [Option<Op>; 2] {
         let weight = ParamTensors {
             value: self.weight.value,
             grad: dweight,
@@ -469,7 +469,7 @@ pub fn run_unfused<B: Backend + ?Sized>(be: &mut B, op: &Op, at: StepAt) -> Resu
                 }),
                 at,
             )?;
-            for op in u.steps(shape, (dweight, dbias)).into_iter().flatten() {
+            for op in u.steps(shape, dweight, dbias).into_iter().flatten() {
                 be.run(&op, at)?;
             }
             Ok(())
@@ -526,27 +526,34 @@ fn output_layer_ops(o: &OutputLayer) -> Vec<Op> {
             conv: None,
         }),
     ];
-    let params = (o.weight, o.bias);
-    ops.extend(weight_gradient_ops(
-        (o.shape, None),
-        params,
-        (o.inp, o.dlogits),
-        o.opt,
-        true,
-    ));
+    let layer = LayerGradient {
+        shape: o.shape,
+        conv: None,
+        weight: o.weight,
+        bias: o.bias,
+        inp: o.inp,
+        dout: o.dlogits,
+    };
+    ops.extend(weight_gradient_ops(layer, o.opt, true));
     ops
 }
 
+/// A layer's weight gradient: its product's shape and, for a convolution, its geometry; its
+/// parameters; the layer's input and its output's gradient.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerGradient {
+    pub shape: DenseShape,
+    pub conv: Option<ConvGeometry>,
+    pub weight: ParamTensors,
+    pub bias: ParamTensors,
+    pub inp: TensorId,
+    pub dout: TensorId,
+}
+
 /// A layer's weight gradient and the optimizer step of its weight and bias: one op with a fused
-/// update, or the gradient and two `Update`s. `layer` is the product's shape and, for a
-/// convolution, its geometry.
-pub fn weight_gradient_ops(
-    (shape, conv): (DenseShape, Option<ConvGeometry>),
-    (weight, bias): (ParamTensors, ParamTensors),
-    (inp, dout): (TensorId, TensorId),
-    opt: Optimizer,
-    fuse_update: bool,
-) -> Vec<Op> {
+/// update, or the gradient and two `Update`s.
+pub fn weight_gradient_ops(layer: LayerGradient, opt: Optimizer, fuse_update: bool) -> Vec<Op> {
+    let (weight, bias, shape) = (layer.weight, layer.bias, layer.shape);
     let fused = FusedUpdate {
         weight: ParamState {
             value: weight.value,
@@ -564,11 +571,11 @@ pub fn weight_gradient_ops(
             kind: MatmulKind::BackwardWeight {
                 dweight: weight.grad,
                 dbias: Some(bias.grad),
-                inp,
-                dout,
+                inp: layer.inp,
+                dout: layer.dout,
                 update,
             },
-            conv,
+            conv: layer.conv,
         })
     };
     if fuse_update {

@@ -11,7 +11,7 @@ use gpu_mnist::data::{DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::open_device;
 use gpu_mnist::image::digit_grid_png;
 use gpu_mnist::model::Graph;
-use gpu_mnist::train::{evaluate, predict};
+use gpu_mnist::train::{evaluate, predict, EvalSet};
 use gpu_mnist::Result;
 
 use super::{check_output_path, parse_batch, parse_positive, DataArgs, DeviceArgs};
@@ -57,7 +57,15 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let mut graph = Graph::new(be, &spec, args.batch_size.min(test_set.len()))?;
     graph.set_params(be, &params)?;
     let ds = be.upload_dataset(&test_set)?;
-    let report = pollster::block_on(evaluate(be, &mut graph, (ds, test_set.len()), 64))?;
+    let report = pollster::block_on(evaluate(
+        be,
+        &mut graph,
+        EvalSet {
+            ds,
+            len: test_set.len(),
+        },
+        64,
+    ))?;
     println!(
         "test: loss {:.4}, accuracy {:.2}% ({} images)",
         report.loss,
@@ -65,7 +73,14 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         report.examples
     );
 
-    let predictions = pollster::block_on(predict(be, &mut graph, (ds, test_set.len())))?;
+    let predictions = pollster::block_on(predict(
+        be,
+        &mut graph,
+        EvalSet {
+            ds,
+            len: test_set.len(),
+        },
+    ))?;
     let mut confusion = [[0usize; 10]; 10];
     for (p, &label) in predictions.iter().zip(test_set.labels.iter()) {
         confusion[label as usize][p.class as usize] += 1;

@@ -11,7 +11,7 @@ use gpu_mnist::data::{Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::open_device;
 use gpu_mnist::image::load_digit;
 use gpu_mnist::model::Graph;
-use gpu_mnist::train::{predict, Prediction};
+use gpu_mnist::train::{predict, EvalSet, Prediction};
 use gpu_mnist::{Error, Result};
 
 use super::{DataArgs, DeviceArgs};
@@ -143,7 +143,11 @@ pub fn run(args: PredictArgs) -> Result<()> {
         let ds = be.upload_dataset(&set)?;
         for ((i, p), &label) in list
             .iter()
-            .zip(pollster::block_on(predict(be, &mut graph, (ds, set.len())))?)
+            .zip(pollster::block_on(predict(
+                be,
+                &mut graph,
+                EvalSet { ds, len: set.len() },
+            ))?)
             .zip(set.labels.iter())
         {
             print_prediction(kind, &format!("test image {i}"), &p, Some(label));
@@ -153,7 +157,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
         true => {
             let set = Dataset::new(readable, vec![0; pictures.len() - failed])?;
             let ds = be.upload_dataset(&set)?;
-            pollster::block_on(predict(be, &mut graph, (ds, set.len())))?
+            pollster::block_on(predict(be, &mut graph, EvalSet { ds, len: set.len() }))?
         }
         false => Vec::new(),
     }

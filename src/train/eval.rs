@@ -10,7 +10,7 @@ use crate::backend::reference as r;
 use crate::backend::{read_stats, Backend, DatasetId};
 use crate::data::batches;
 use crate::error::Result;
-use crate::model::Graph;
+use crate::model::{Batch, Graph};
 use crate::plan::PlanKind;
 
 /// Loss and accuracy over a dataset.
@@ -21,12 +21,19 @@ pub struct EvalReport {
     pub examples: usize,
 }
 
+/// A resident dataset evaluated or predicted whole: its `len` examples of `ds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalSet {
+    pub ds: DatasetId,
+    pub len: usize,
+}
+
 /// Evaluate `graph` on the `len` examples of resident dataset `ds` (in its current order) in
 /// batches of the graph's size, reading statistics back once per `chunk_steps` batches.
 pub async fn evaluate(
     be: &mut dyn Backend,
     graph: &mut Graph,
-    (ds, len): (DatasetId, usize),
+    EvalSet { ds, len }: EvalSet,
     chunk_steps: usize,
 ) -> Result<EvalReport> {
     let steps: Vec<(usize, usize)> = batches(len, graph.max_batch()).collect();
@@ -35,7 +42,7 @@ pub async fn evaluate(
     let mut totals = EpochProgress::default();
     for chunk_steps in steps.chunks(chunk) {
         for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
-            graph.eval_step(be, (ds, rows), StepAt { start, slot })?;
+            graph.eval_step(be, Batch { ds, rows }, StepAt { start, slot })?;
         }
         let stats = read_stats(be, chunk_steps.len()).await?;
         // A bad model may have a huge loss; only a non-finite one is an error here.
@@ -61,15 +68,17 @@ pub struct Prediction {
 
 /// Predict the `len` examples of resident dataset `ds`, in its current order, in batches of the
 /// graph's size (one read-back each).
-pub async fn predict(
-    be: &mut dyn Backend,
-    graph: &mut Graph,
-    (ds, len): (DatasetId, usize),
-) -> Result<Vec<Prediction>> {
+pub async fn predict(be: &mut dyn Backend, graph: &mut Graph, EvalSet { ds, len }: EvalSet) -> Result<Vec<Prediction>> {
     let v = crate::data::CLASSES;
     let mut out = Vec::with_capacity(len);
     for (start, rows) in batches(len, graph.max_batch()) {
-        graph.step(be, PlanKind::Predict, (ds, rows), StepAt { start, slot: 0 }, None)?;
+        graph.step(
+            be,
+            PlanKind::Predict,
+            Batch { ds, rows },
+            StepAt { start, slot: 0 },
+            None,
+        )?;
         let logits = be.read(graph.logits()).await?;
         let logits = &logits[..rows * v];
         let (mut probs, mut losses, mut classes) = (vec![0.0; rows * v], vec![0.0; rows], vec![0u8; rows]);

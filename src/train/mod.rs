@@ -13,7 +13,7 @@
 mod eval;
 mod fit;
 
-pub use eval::{evaluate, predict, EvalReport, Prediction};
+pub use eval::{evaluate, predict, EvalReport, EvalSet, Prediction};
 pub use fit::{fit, EpochStart, FitData, HostState, Observer, Position};
 
 use web_time::Instant;
@@ -22,7 +22,7 @@ use crate::backend::ops::StepAt;
 use crate::backend::{Backend, DatasetId, StepStats};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::error::{Error, Result};
-use crate::model::{Graph, HostTensor, ModelSpec, ParamPart};
+use crate::model::{Batch, Graph, HostTensor, ModelSpec, ParamPart};
 use crate::optim::Optimizer;
 use crate::plan::PlanKind;
 
@@ -164,7 +164,7 @@ impl<'b> Trainer<'b> {
                     slot: first_slot + slot,
                 };
                 self.graph
-                    .train_step(self.be, (self.train, rows), at, &self.cfg.optimizer)?;
+                    .train_step(self.be, Batch { ds: self.train, rows }, at, &self.cfg.optimizer)?;
             }
             self.be.request_stats(first_slot, chunk_steps.len())?;
             if let Some(prev) = in_flight.replace(chunk_steps) {
@@ -222,12 +222,15 @@ impl<'b> Trainer<'b> {
     }
 
     /// Make an evaluation set resident (once); pass the id to `evaluate`.
-    pub fn upload_eval_set(&mut self, data: &Dataset) -> Result<(DatasetId, usize)> {
-        Ok((self.be.upload_dataset(data)?, data.len()))
+    pub fn upload_eval_set(&mut self, data: &Dataset) -> Result<EvalSet> {
+        Ok(EvalSet {
+            ds: self.be.upload_dataset(data)?,
+            len: data.len(),
+        })
     }
 
     /// Loss and accuracy of the current parameters on a resident evaluation set.
-    pub async fn evaluate(&mut self, set: (DatasetId, usize)) -> Result<EvalReport> {
+    pub async fn evaluate(&mut self, set: EvalSet) -> Result<EvalReport> {
         evaluate(self.be, &mut self.graph, set, self.cfg.chunk_steps).await
     }
 
@@ -244,9 +247,12 @@ impl<'b> Trainer<'b> {
     /// The training plan of a full batch, as `train --verbose` prints it.
     pub fn describe_plan(&mut self) -> Result<String> {
         let rows = self.cfg.batch_size.min(self.train_len).max(1);
-        let ops = self
-            .graph
-            .plan(self.be, PlanKind::Train, (self.train, rows), Some(self.cfg.optimizer))?;
+        let ops = self.graph.plan(
+            self.be,
+            PlanKind::Train,
+            Batch { ds: self.train, rows },
+            Some(self.cfg.optimizer),
+        )?;
         Ok(crate::plan::describe(ops))
     }
 }

@@ -22,7 +22,7 @@ use gpu_mnist::backend::Backend;
 use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::{Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::image::{to_mnist, Gray};
-use gpu_mnist::model::{glorot_init, Graph, ModelSpec};
+use gpu_mnist::model::{glorot_init, Batch, Graph, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::train::{fit, ChunkProgress, EpochProgress, EpochStart, FitData, Observer, Position, TrainConfig};
 use serde_json::{json, Value};
@@ -363,7 +363,12 @@ fn predict_pixels(model: &Checkpoint, pixels: Vec<u8>) -> Result<Vec<f32>, Strin
     graph.set_params(&mut be, &model.params).map_err(|e| e.to_string())?;
     let one = Dataset::new(pixels, vec![0]).map_err(|e| e.to_string())?;
     let ds = be.upload_dataset(&one).map_err(|e| e.to_string())?;
-    let predictions = now(gpu_mnist::train::predict(&mut be, &mut graph, (ds, 1)))?.map_err(|e| e.to_string())?;
+    let predictions = now(gpu_mnist::train::predict(
+        &mut be,
+        &mut graph,
+        gpu_mnist::train::EvalSet { ds, len: 1 },
+    ))?
+    .map_err(|e| e.to_string())?;
     Ok(predictions.into_iter().next().map(|p| p.probs).unwrap_or_default())
 }
 
@@ -415,7 +420,9 @@ pub fn load_model(bytes: &[u8], file_name: &str) -> Result<String, JsError> {
 /// and `ok` over all; rejects when WebGPU is unavailable.
 #[wasm_bindgen]
 pub async fn kernel_check() -> Result<String, JsError> {
-    let mut gpu = WgpuBackend::open_async(None, false, &GpuSettings::default()).await.map_err(js_error)?;
+    let mut gpu = WgpuBackend::open_async(None, false, &GpuSettings::default())
+        .await
+        .map_err(js_error)?;
     let adapter = gpu.adapter().name.clone();
     // (hidden widths, batch, optimizer, steps): SGD's weights are compared after the steps;
     // RMSprop divides by the root of tiny squared gradients, so its loss is compared instead.
@@ -487,7 +494,7 @@ async fn run_steps(
             start: step * batch,
             slot: 0,
         };
-        graph.train_step(be, (ds, batch), at, &optimizer)?;
+        graph.train_step(be, Batch { ds, rows: batch }, at, &optimizer)?;
         let stats = gpu_mnist::backend::read_stats(be, 1).await?;
         loss = stats[0].loss_sum as f64 / batch as f64;
     }

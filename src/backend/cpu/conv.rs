@@ -65,65 +65,57 @@ impl CpuBackend {
     /// The forward product: a first layer straight from the pixels, the patches read from the
     /// images, or the product over the patch matrix.
     fn conv_forward(&mut self, m: &Matmul, g: ConvGeometry, at: StepAt) -> Result<()> {
-        match m.kind {
-            MatmulKind::Forward {
-                out,
-                inp,
-                weight,
-                bias,
-                relu,
-            } if self.direct(g) => {
-                let tensors = DirectForward { out, inp, weight, bias };
-                self.direct_forward(tensors, relu, g, m.shape.outputs)
-            }
-            MatmulKind::Forward {
-                out,
-                inp,
-                weight,
-                bias,
-                relu,
-            } if self.maps_patches(g) => {
-                let epilogue = Epilogue {
-                    bias,
-                    relu,
-                    relu_mask: None,
-                };
-                self.matmul_forward(m.shape, out, inp, weight, epilogue, Some(mapped_patches(&g, false)))
-            }
-            _ => self.over_patch_matrix(m, g, at),
+        let MatmulKind::Forward {
+            out,
+            inp,
+            weight,
+            bias,
+            relu,
+        } = m.kind
+        else {
+            return self.over_patch_matrix(m, g, at);
+        };
+        if self.direct(g) {
+            let tensors = DirectForward { out, inp, weight, bias };
+            return self.direct_forward(tensors, relu, g, m.shape.outputs);
         }
+        if !self.maps_patches(g) {
+            return self.over_patch_matrix(m, g, at);
+        }
+        let epilogue = Epilogue {
+            bias,
+            relu,
+            relu_mask: None,
+        };
+        self.matmul_forward(m.shape, out, inp, weight, epilogue, Some(mapped_patches(&g, false)))
     }
 
     /// The weight gradient (and a fused update): through the mapped patches, straight from the
     /// images, or over the patch matrix.
     fn conv_backward_weight(&mut self, m: &Matmul, g: ConvGeometry, at: StepAt) -> Result<()> {
+        let MatmulKind::BackwardWeight {
+            dweight,
+            dbias,
+            inp,
+            dout,
+            update,
+        } = m.kind
+        else {
+            return self.over_patch_matrix(m, g, at);
+        };
         let filters = m.shape.outputs;
-        match m.kind {
+        let (mapped, direct) = (self.maps_patches(g), self.direct_weights(g, filters));
+        match update {
             // The weight step runs after the gradient, which comes back here without it.
-            MatmulKind::BackwardWeight { update: Some(_), .. }
-                if self.maps_patches(g) || self.direct_weights(g, filters) =>
-            {
-                run_unfused(self, &Op::Matmul(*m), at)
+            Some(_) if mapped || direct => run_unfused(self, &Op::Matmul(*m), at),
+            None if mapped => {
+                let layout = Some(mapped_patches(&g, true));
+                self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout, layout)
             }
-            MatmulKind::BackwardWeight {
-                dweight,
-                dbias,
-                inp,
-                dout,
-                update: None,
-            } if self.maps_patches(g) => {
-                let mapped = mapped_patches(&g, true);
-                self.matmul_backward_weight(m.shape, dweight, dbias, inp, dout, Some(mapped))
-            }
-            MatmulKind::BackwardWeight {
-                dweight,
-                dbias,
-                inp,
-                dout,
-                update: None,
-            } if self.direct_weights(g, filters) => {
+            None if direct => {
+                let out = WeightGradients { dweight, dbias };
                 let from = GradientFrom::Rows(dout);
-                self.direct_weight_gradient("matmul backward weight", (dweight, dbias), inp, from, g, filters)
+                self.direct_weight_gradient("matmul backward weight", out, inp, from, g, filters)
             }
             _ => self.over_patch_matrix(m, g, at),
         }
@@ -154,40 +146,10 @@ impl CpuBackend {
     /// A forward product or weight gradient as the dense layer's, over the patch matrix of its
     /// input (`patches_of`).
     fn over_patch_matrix(&mut self, m: &Matmul, g: ConvGeometry, at: StepAt) -> Result<()> {
-        let kind = match m.kind {
-            MatmulKind::Forward {
-                out,
-                inp,
-                weight,
-                bias,
-                relu,
-            } => MatmulKind::Forward {
-                out,
-                inp: self.patches_of(inp, g)?,
-                weight,
-                bias,
-                relu,
-            },
-            MatmulKind::BackwardWeight {
-                dweight,
-                dbias,
-                inp,
-                dout,
-                update,
-            } => MatmulKind::BackwardWeight {
-                dweight,
-                dbias,
-                inp: self.patches_of(inp, g)?,
-                dout,
-                update,
-            },
-            other => other,
-        };
-        let dense = Matmul {
-            shape: m.shape,
-            kind,
-            conv: None,
-        };
+        let mut dense = Matmul { conv: None, ..*m };
+        if let MatmulKind::Forward { inp, .. } | MatmulKind::BackwardWeight { inp, .. } = &mut dense.kind {
+            *inp = self.patches_of(*inp, g)?;
+        }
         self.matmul(&dense, at)
     }
 
@@ -225,12 +187,13 @@ impl CpuBackend {
     pub(super) fn direct_weight_gradient(
         &mut self,
         op: &'static str,
-        (dweight, dbias): (TensorId, Option<TensorId>),
+        out: WeightGradients,
         inp: TensorId,
         from: GradientFrom,
         g: ConvGeometry,
         filters: usize,
     ) -> Result<()> {
+        let WeightGradients { dweight, dbias } = out;
         let (patch, pixels) = (g.patch(), g.pixels());
         let pieces = sgemm::k_pieces(patch, pixels);
         let mut bias_sums = [0.0f32; direct_conv::MAX_FILTERS];
@@ -318,7 +281,7 @@ impl CpuBackend {
         let result = self.with_out("matmul backward input", (dinp, g.image_len()), inputs, |o, i| {
             let (dout, weight, mask) = (i[0], i[1], i.get(2).copied());
             if pixels == 0 || patch == 0 || oc == 0 {
-                im2col::input_gradient((o, &mut blocks), mask, &g, &|_, _, dcols| dcols.fill(0.0));
+                im2col::input_gradient(o, &mut blocks, mask, &g, &|_, _, dcols| dcols.fill(0.0));
                 return;
             }
             // B = weight^T (oc, patch): element (f, j) at j oc + f.
@@ -343,7 +306,7 @@ impl CpuBackend {
                     )
                 };
             };
-            im2col::input_gradient((o, &mut blocks), mask, &g, &product);
+            im2col::input_gradient(o, &mut blocks, mask, &g, &product);
         });
         self.products.packed_b = packed_b;
         self.gradient_blocks = blocks;
@@ -425,6 +388,13 @@ impl CpuBackend {
             }
         })
     }
+}
+
+/// Where a layer's weight gradient (patch, filters) and bias gradient (filters), if any, go.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WeightGradients {
+    pub dweight: TensorId,
+    pub dbias: Option<TensorId>,
 }
 
 /// The tensors of a first layer's forward product straight from the pixels.

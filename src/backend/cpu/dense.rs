@@ -11,7 +11,7 @@
 use super::elementwise;
 use super::kernels::gemm::ALayout;
 use super::kernels::sgemm::{sgemm, sgemm_mapped};
-use super::kernels::sparse::{self, WeightStep};
+use super::kernels::sparse::{self, BiasRelu, WeightStep};
 use super::kernels::Strided;
 use super::{CpuBackend, CpuKind, View};
 use crate::backend::ops::{run_unfused, DenseShape, Matmul, MatmulKind, MatmulShape, Op, StepAt};
@@ -90,7 +90,11 @@ impl CpuBackend {
             let mut scratch = std::mem::take(&mut self.sparse);
             let result = self.with_out("matmul forward", (out, b * oc), &inputs, |o, i| {
                 let (bias, mask) = epilogue_tensors(&i[2..], epilogue);
-                sparse::matmul_forward(o, &mut scratch, i[1], (bias, epilogue.relu), (b, c, oc));
+                let bias_relu = BiasRelu {
+                    bias,
+                    relu: epilogue.relu,
+                };
+                sparse::matmul_forward(o, &mut scratch, i[1], bias_relu, shape);
                 elementwise::matmul_epilogue(o, None, false, mask, b, oc);
             });
             self.sparse = scratch;
@@ -104,7 +108,7 @@ impl CpuBackend {
             strides: [(c, 1), (oc, 1)],
             mapped: mapped.map(|m| m.layout),
         };
-        self.dense_product("matmul forward", (out, b * oc, oc), &inputs, epilogue, product)
+        self.dense_product("matmul forward", out, &inputs, epilogue, product)
     }
 
     /// dinp (B, C) = (dout (B, OC) @ weight (C, OC)^T) * (relu_mask > 0).
@@ -130,7 +134,7 @@ impl CpuBackend {
             strides: [(oc, 1), (1, oc)],
             mapped: None,
         };
-        self.dense_product("matmul backward input", (dinp, b * c, c), &inputs, epilogue, product)
+        self.dense_product("matmul backward input", dinp, &inputs, epilogue, product)
     }
 
     /// dweight (C, OC) = inp (B, C)^T @ dout (B, OC); dbias (OC) = the column sums of dout; with
@@ -158,7 +162,7 @@ impl CpuBackend {
                 &[(inp, b * c), (dout, b * oc)],
                 |o, i| {
                     let step = WeightStep::None;
-                    sparse::matmul_backward_weight(o, &mut scratch, i[1], step, (b, c, oc));
+                    sparse::matmul_backward_weight(o, &mut scratch, i[1], step, shape);
                 },
             );
             self.sparse = scratch;
@@ -174,26 +178,22 @@ impl CpuBackend {
             mapped: mapped.map(|m| m.layout),
         };
         let inputs = with_epilogue_inputs([(inp, a_len), (dout, b * oc)], Epilogue::default(), 0, 0);
-        self.dense_product(
-            "matmul backward weight",
-            (dweight, c * oc, oc),
-            &inputs,
-            Epilogue::default(),
-            product,
-        )
+        self.dense_product("matmul backward weight", dweight, &inputs, Epilogue::default(), product)
     }
 
-    /// A dense product into `out` (its length and columns): the reference's loop or sgemm (with
-    /// `narrow` for a narrow side), then the epilogue, whose tensors follow the operands in
+    /// A dense product into `out` (product.shape's m rows of n): the reference's loop or sgemm
+    /// (with `narrow` for a narrow side), then the epilogue, whose tensors follow the operands in
     /// `inputs`.
     fn dense_product(
         &mut self,
         op: &'static str,
-        (out, len, n): (TensorId, usize, usize),
+        out: TensorId,
         inputs: &Inputs,
         epilogue: Epilogue,
         product: Dense,
     ) -> Result<()> {
+        let n = product.shape.n;
+        let len = product.shape.m * n;
         let kind = self.kind;
         let mut scratch = std::mem::take(&mut self.products);
         let result = self.with_out(op, (out, len), inputs, |o, i| {
@@ -355,7 +355,7 @@ impl CpuBackend {
                 lr: opt.lr,
             },
         };
-        sparse::matmul_backward_weight(&mut grad[range(grad_v)], &mut scratch, d, step, (b, c, oc));
+        sparse::matmul_backward_weight(&mut grad[range(grad_v)], &mut scratch, d, step, shape);
         self.storage[grad_v.storage] = grad;
         self.storage[value_v.storage] = value;
         if let Some((array, v)) = velocity {

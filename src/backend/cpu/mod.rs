@@ -83,13 +83,13 @@ pub struct CpuBackend {
     /// Statistics copied by `request_stats`, oldest first, until `collect_stats` takes them.
     requested: VecDeque<Vec<StepStats>>,
     counters: Counters,
-    /// Scratch for the loss op: probabilities, per-row losses, labels, predictions.
+    /// SparseScratch for the loss op: probabilities, per-row losses, labels, predictions.
     probs: Vec<f32>,
     losses: Vec<f32>,
     labels: Vec<u8>,
     preds: Vec<u8>,
     /// Buffers of the sparse products, and how many have run; buffers of the other products.
-    sparse: sparse::Scratch,
+    sparse: sparse::SparseScratch,
     products: ProductScratch,
     sparse_products: u64,
     /// The convolutions' patch matrices, one per (input, geometry), and the scratch of their
@@ -139,7 +139,7 @@ impl CpuBackend {
             losses: Vec::new(),
             labels: Vec::new(),
             preds: Vec::new(),
-            sparse: sparse::Scratch::default(),
+            sparse: sparse::SparseScratch::default(),
             products: ProductScratch::default(),
             sparse_products: 0,
             patches: Vec::new(),

@@ -7,7 +7,7 @@
 //! weight and bias gradients from the pool's gradient and those choices. Each gives the bits of
 //! the two ops it replaces (`ops::run_unfused`), which run wherever the rule does not hold.
 
-use super::conv::GradientFrom;
+use super::conv::{GradientFrom, WeightGradients};
 use super::kernels::direct_conv::{self, ConvOperands};
 use super::kernels::maxpool;
 use super::{CpuBackend, CpuKind, PoolCodes};
@@ -157,8 +157,8 @@ impl CpuBackend {
             out,
             kept: coded,
         };
-        self.direct_weight_gradient(op, (dweight, dbias), inp, from, g, filters)?;
-        for step in u.steps(f.weight.shape, (dweight, dbias)).into_iter().flatten() {
+        self.direct_weight_gradient(op, WeightGradients { dweight, dbias }, inp, from, g, filters)?;
+        for step in u.steps(f.weight.shape, dweight, dbias).into_iter().flatten() {
             crate::backend::Backend::run(self, &step, at)?;
         }
         Ok(())

@@ -154,6 +154,8 @@ macro_rules! simd_variants {
                 Simd::Portable => {}
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = $level;
         $portable($($arg),*)
     }};
 }

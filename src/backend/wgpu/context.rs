@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::matmul::WORKGROUP_BYTES;
+use super::tiling::WORKGROUP_BYTES;
 use crate::error::{Error, Result};
 
 /// A summary of one adapter, for `devices` and for choosing.

@@ -20,6 +20,7 @@ mod pipelines;
 mod profile;
 mod recording;
 mod shader_text;
+mod tiling;
 
 // One host module per shader family, named after its file in `shaders/`.
 mod gather;
@@ -32,8 +33,8 @@ mod softmax_xent;
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::list_adapters;
 pub use context::AdapterSummary;
-pub use matmul::TileConfig;
 pub use shader_text::{expand_unrolls, fill_placeholders};
+pub use tiling::TileConfig;
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -235,6 +236,20 @@ impl WgpuBackend {
 
     fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
         u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} = {v} does not fit the GPU's 32-bit indices")))
+    }
+}
+
+impl WgpuBackend {
+    /// The kernel an op dispatches (None for an op the device never runs alone).
+    fn kernel_of(&self, op: &Op) -> Option<Kernel> {
+        match op {
+            Op::Gather(_) => Some(Kernel::Gather),
+            Op::Matmul(m) => self.matmul_kernel(m).ok(),
+            Op::Loss(_) => Some(Kernel::SoftmaxXent),
+            Op::OutputLayer(_) => Some(Kernel::OutputLayer),
+            Op::Pool(p) => Some(pool::kernel(p)),
+            Op::Update(_) | Op::PoolWeightGradient(_) | Op::ConvPool(_) => None,
+        }
     }
 }
 

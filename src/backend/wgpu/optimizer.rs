@@ -30,7 +30,8 @@ impl WgpuBackend {
     pub(super) fn step_words(
         &self,
         op: &'static str,
-        (weight, bias): (ParamState, ParamState),
+        weight: ParamState,
+        bias: ParamState,
         (c, n): (usize, usize),
         opt: &Optimizer,
     ) -> Result<StepWords> {

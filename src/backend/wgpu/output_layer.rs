@@ -27,7 +27,7 @@ impl WgpuBackend {
             value: p.value,
             velocity: p.velocity,
         };
-        let step = self.step_words(op, (state(o.weight), state(o.bias)), (c, k), &o.opt)?;
+        let step = self.step_words(op, state(o.weight), state(o.bias), (c, k), &o.opt)?;
         let grad = self.packed_pair(op, o.weight.grad, o.bias.grad, c, k)?;
         // Each written buffer once, and none of them the input (wgpu refuses a buffer bound twice
         // when one binding writes it); SGD binds no velocity.

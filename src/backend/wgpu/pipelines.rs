@@ -12,10 +12,9 @@ use std::collections::HashMap;
 
 use super::buffers::Slice;
 use super::context::GpuContext;
-use super::matmul::{ConvProduct, TileConfig};
 use super::params::ParamWords;
 use super::shader_text::{expand_includes, expand_unrolls, select_variants, shader};
-use crate::backend::Op;
+use super::tiling::{ConvProduct, TileConfig};
 use crate::error::Result;
 
 /// matmul.wgsl's operand maps (`//!variant` blocks) of a dense layer's products.
@@ -216,20 +215,6 @@ impl Pipelines {
         pass.set_bind_group(0, &self.bind_groups[&key], &[]);
         pass.dispatch_workgroups(grid.0, grid.1, grid.2);
         Ok(())
-    }
-}
-
-impl super::WgpuBackend {
-    /// The kernel an op dispatches (None for an op the device never runs alone).
-    pub(super) fn kernel_of(&self, op: &Op) -> Option<Kernel> {
-        match op {
-            Op::Gather(_) => Some(Kernel::Gather),
-            Op::Matmul(m) => self.matmul_kernel(m).ok(),
-            Op::Loss(_) => Some(Kernel::SoftmaxXent),
-            Op::OutputLayer(_) => Some(Kernel::OutputLayer),
-            Op::Pool(p) => Some(super::pool::kernel(p)),
-            Op::Update(_) | Op::PoolWeightGradient(_) | Op::ConvPool(_) => None,
-        }
     }
 }
 

@@ -23,7 +23,7 @@ use serde_json::json;
 use web_time::Instant;
 
 use report::{interrupt_flag, Reporter};
-use resume::{load_resume, Resumed, RunPlace, Settings};
+use resume::{load_resume, Resumed, RunPlace, RunSettings};
 
 use super::{
     check_output_path, parse_batch, parse_chunk, parse_lr, parse_positive, DataArgs, DeviceArgs, DeviceFlag, ModelArgs,
@@ -202,7 +202,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     // Under --device auto, a GPU that fails (lost, out of memory) hands over to the CPU path,
     // which continues from the end of the last completed epoch.
     let fall_back = args.device.device == DeviceFlag::Auto && opened.is_gpu;
-    match fit_with_hand_over(opened.backend, fall_back, (data, &cfg), &mut at, &mut reporter) {
+    match fit_with_hand_over(opened.backend, fall_back, data, &cfg, &mut at, &mut reporter) {
         Err(Error::Numerical(msg)) => Err(with_kept_checkpoint(msg, checkpoint_dir.as_deref())),
         Err(e) => Err(e),
         Ok((test, params)) => finish(&args, &settings, &run_dir, test, params),
@@ -214,7 +214,8 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
 fn fit_with_hand_over(
     mut backend: Box<dyn Backend>,
     mut fall_back: bool,
-    (data, cfg): (FitData, &TrainConfig),
+    data: FitData,
+    cfg: &TrainConfig,
     at: &mut Position,
     reporter: &mut Reporter,
 ) -> Result<(EvalReport, Vec<HostTensor>)> {
@@ -241,7 +242,7 @@ fn fit_with_hand_over(
 
 /// The settings of the run: a resumed run keeps its checkpoint's, except --epochs, which may
 /// extend or shorten it (other training flags are ignored, with a warning).
-fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&str) -> bool) -> Result<Settings> {
+fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&str) -> bool) -> Result<RunSettings> {
     let settings = match resumed {
         Some(r) => {
             // A resumed run keeps its settings, except --epochs, which may extend or shorten it.
@@ -289,7 +290,7 @@ fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&
             }
             settings
         }
-        None => Settings::from_args(args)?,
+        None => RunSettings::from_args(args)?,
     };
     Ok(settings)
 }
@@ -329,7 +330,7 @@ fn check_outputs(args: &TrainArgs) -> Result<()> {
 }
 
 /// What the run is about to do, in four lines.
-fn print_header(data: &FitData, dir: &Path, device_note: &str, settings: &Settings, run_dir: &Path) {
+fn print_header(data: &FitData, dir: &Path, device_note: &str, settings: &RunSettings, run_dir: &Path) {
     let val = data
         .val
         .map(|v| format!(", {} validation", v.len()))
@@ -360,7 +361,7 @@ fn print_header(data: &FitData, dir: &Path, device_note: &str, settings: &Settin
 fn start_position(
     resumed: Option<Resumed>,
     spec: &ModelSpec,
-    settings: &Settings,
+    settings: &RunSettings,
     human: bool,
     from: Option<&Path>,
 ) -> Position {
@@ -406,7 +407,7 @@ fn with_kept_checkpoint(msg: String, checkpoint_dir: Option<&Path>) -> Error {
 /// Print the test result and save the model.
 fn finish(
     args: &TrainArgs,
-    settings: &Settings,
+    settings: &RunSettings,
     run_dir: &Path,
     test: EvalReport,
     params: Vec<HostTensor>,

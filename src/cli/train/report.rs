@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 use web_time::Instant;
 
-use super::resume::{checkpoint_state, record_to_json, RunPlace, Settings};
+use super::resume::{checkpoint_state, record_to_json, RunPlace, RunSettings};
 use super::CHECKPOINT_FILE;
 
 fn epoch_bar(steps: usize, show: bool) -> ProgressBar {
@@ -80,7 +80,7 @@ pub(super) fn interrupt_flag() -> Arc<AtomicBool> {
 
 /// Where and how a run reports.
 pub(super) struct Reporter<'a> {
-    pub settings: &'a Settings,
+    pub settings: &'a RunSettings,
     pub place: &'a RunPlace,
     pub spec: &'a ModelSpec,
     pub run_dir: &'a Path,
@@ -129,7 +129,8 @@ impl Reporter<'_> {
             dataset: Some(self.settings.dataset),
             data_hash: gpu_mnist::checkpoint::DataHash::Matched,
             state: Some(checkpoint_state(
-                (self.settings, self.place),
+                self.settings,
+                self.place,
                 epochs_done,
                 partial,
                 history,

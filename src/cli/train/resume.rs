@@ -21,7 +21,7 @@ use super::{DeviceFlag, OptimizerFlag, TrainArgs, CHECKPOINT_FILE};
 
 /// What defines a run, saved in config.json and in checkpoints so that --resume can continue it.
 #[derive(Debug, Clone)]
-pub(super) struct Settings {
+pub(super) struct RunSettings {
     /// What it trains on (MNIST unless --dataset says otherwise).
     pub(super) dataset: DatasetKind,
     pub(super) spec: ModelSpec,
@@ -34,14 +34,14 @@ pub(super) struct Settings {
     pub(super) chunk_steps: usize,
 }
 
-impl Settings {
+impl RunSettings {
     pub(super) fn from_args(args: &TrainArgs) -> Result<Self> {
         let kind = match args.optimizer {
             OptimizerFlag::Rmsprop => OptimizerKind::RmsProp,
             OptimizerFlag::Sgd => OptimizerKind::Sgd,
         };
         let spec = args.model.spec()?;
-        Ok(Settings {
+        Ok(RunSettings {
             dataset: args.data.dataset.map(DatasetKind::from).unwrap_or_default(),
             batch_size: args.batch_size.unwrap_or_else(|| super::super::default_batch(&spec)),
             spec,
@@ -108,7 +108,7 @@ impl Settings {
             Some(key) => DatasetKind::from_key(key).ok_or_else(|| bad("dataset"))?,
             None => DatasetKind::Mnist,
         };
-        let settings = Settings {
+        let settings = RunSettings {
             dataset,
             spec,
             epochs: usize_of("epochs", u32::MAX as u64)?,
@@ -140,7 +140,7 @@ pub(super) struct Resumed {
     pub(super) partial: EpochProgress,
     pub(super) history: Vec<EpochRecord>,
     pub(super) run_dir: Option<PathBuf>,
-    pub(super) settings: Settings,
+    pub(super) settings: RunSettings,
     /// Where and on what the run ran; reused unless the command line says otherwise.
     pub(super) place: RunPlace,
 }
@@ -214,7 +214,7 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
     if checkpoint.velocities.is_empty() {
         return Err(Error::bad_file(&path, "holds no optimizer state"));
     }
-    let settings = Settings::from_json(&state["settings"], &path)?;
+    let settings = RunSettings::from_json(&state["settings"], &path)?;
     if settings.spec != checkpoint.spec {
         return Err(Error::bad_file(
             &path,
@@ -275,7 +275,8 @@ fn record_from_json(v: &Value) -> Option<EpochRecord> {
 /// The training state a checkpoint carries besides its tensors: whole epochs done, how far into
 /// the next, the settings, where it ran, the history and the run folder.
 pub(super) fn checkpoint_state(
-    run: (&Settings, &RunPlace),
+    settings: &RunSettings,
+    place: &RunPlace,
     epochs_done: usize,
     partial: EpochProgress,
     history: &[EpochRecord],
@@ -287,8 +288,8 @@ pub(super) fn checkpoint_state(
             "steps_done": partial.steps_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
             "examples": partial.examples, "seconds": partial.seconds,
         },
-        "settings": run.0.to_json(),
-        "place": run.1.to_json(),
+        "settings": settings.to_json(),
+        "place": place.to_json(),
         "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
         // Absolute, so that a resume from another working folder writes to the same place.
         "run_dir": std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_path_buf()).display().to_string(),

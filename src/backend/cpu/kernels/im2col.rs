@@ -167,7 +167,8 @@ const BLOCK_VALUES: usize = 1 << 16;
 /// (grown here on the first call of a geometry); a piece borrows whichever is free, so that a
 /// thread keeps reusing a buffer that sits in its cache.
 pub fn input_gradient(
-    (dinp, blocks): (&mut [f32], &mut Vec<f32>),
+    dinp: &mut [f32],
+    blocks: &mut Vec<f32>,
     mask: Option<&[f32]>,
     g: &ConvGeometry,
     product: &(dyn Fn(usize, usize, &mut [f32]) + Sync),

@@ -33,13 +33,29 @@ pub fn maxpool_backward(dinp: &mut [f32], dout: &[f32], inp: &[f32], p: &PoolSha
     let (inp, out_image) = (&inp[..p.in_len()], p.oh() * p.ow() * p.ch);
     let dout = &dout[..p.out_len()];
     split_units(&mut dinp[..p.in_len()], in_image, 2 * p.in_len(), &|first, part| {
-        let images = (&inp[first * in_image..], &dout[first * out_image..]);
-        maxpool_backward_images(part, images, p, relu)
+        maxpool_backward_images(part, &inp[first * in_image..], &dout[first * out_image..], p, relu)
     });
 }
 
-/// A window's layout in an image: (size, values from one input row to the next, channels).
-type Window = (usize, usize, usize);
+/// A window's layout in an image: its side, the values from one input row to the next, and the
+/// channels (the values from one pixel to the next).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    size: usize,
+    row: usize,
+    ch: usize,
+}
+
+impl Window {
+    /// The windows of pool `p`.
+    fn of(p: &PoolShape) -> Window {
+        Window {
+            size: p.size.max(1),
+            row: p.w * p.ch,
+            ch: p.ch,
+        }
+    }
+}
 
 /// `$body` for each block of channels of one window, in blocks of 16, 8, 4 and then 1 channels
 /// covering 0..$ch: `$c` is the block's first channel and `$l` its width, a constant, so that
@@ -90,11 +106,11 @@ fn maxpool_forward_sized(out: &mut [f32], inp: &[f32], p: &PoolShape) {
 #[inline(always)]
 fn maxpool_forward_loops<const S: usize>(out: &mut [f32], inp: &[f32], p: &PoolShape) {
     let (s, ow, ch) = (p.size.max(1), p.ow(), p.ch);
-    let window: Window = (s, p.w * ch, ch);
-    let band = s * window.1;
+    let window = Window::of(p);
+    let band = s * window.row;
     for (o_img, img) in out
         .chunks_exact_mut(p.oh() * ow * ch)
-        .zip(inp.chunks_exact(p.h * window.1))
+        .zip(inp.chunks_exact(p.h * window.row))
     {
         // One band of s input rows per output row; the rows below the last band are dropped.
         for (o_row, band) in o_img.chunks_exact_mut(ow * ch).zip(img.chunks_exact(band)) {
@@ -112,7 +128,10 @@ fn maxpool_forward_loops<const S: usize>(out: &mut [f32], inp: &[f32], p: &PoolS
 /// The first maxima of channels c..c + L of one window of S x S (S = 0: of the window's size) and
 /// their positions in it (ky s + kx): `pixels` starts at channel c of the window's first pixel.
 #[inline(always)]
-fn window_max<const L: usize, const S: usize>(pixels: &[f32], (s, row, ch): Window) -> ([f32; L], [u32; L]) {
+fn window_max<const L: usize, const S: usize>(
+    pixels: &[f32],
+    Window { size: s, row, ch }: Window,
+) -> ([f32; L], [u32; L]) {
     let s = if S > 0 { S } else { s };
     let pixels = &pixels[..(s - 1) * (row + ch) + L];
     // Every window holds its L channels (`pixels` was cut to the window above), so the chunks
@@ -140,16 +159,16 @@ fn window_max<const L: usize, const S: usize>(pixels: &[f32], (s, row, ch): Wind
 simd_variants! {
     /// maxpool_backward of whole images: dinp holds them, inp and dout start at the first one
     /// (the same selections at any vector width).
-    fn maxpool_backward_images(dinp: &mut [f32], images: (&[f32], &[f32]), p: &PoolShape, relu: bool)
+    fn maxpool_backward_images(dinp: &mut [f32], inp: &[f32], dout: &[f32], p: &PoolShape, relu: bool)
         => maxpool_backward_sized
 }
 
 /// maxpool_backward_images, with the common 2 x 2 windows unrolled.
 #[inline(always)]
-fn maxpool_backward_sized(dinp: &mut [f32], images: (&[f32], &[f32]), p: &PoolShape, relu: bool) {
+fn maxpool_backward_sized(dinp: &mut [f32], inp: &[f32], dout: &[f32], p: &PoolShape, relu: bool) {
     match p.size {
-        2 => maxpool_backward_loops::<2>(dinp, images, p, relu),
-        _ => maxpool_backward_loops::<0>(dinp, images, p, relu),
+        2 => maxpool_backward_loops::<2>(dinp, inp, dout, p, relu),
+        _ => maxpool_backward_loops::<0>(dinp, inp, dout, p, relu),
     }
 }
 
@@ -157,15 +176,15 @@ fn maxpool_backward_sized(dinp: &mut [f32], images: (&[f32], &[f32]), p: &PoolSh
 /// once: a window's pixels get their gradient or 0 as the window is handled, the dropped edge
 /// rows and columns 0 (no separate pass clearing dinp).
 #[inline(always)]
-fn maxpool_backward_loops<const S: usize>(dinp: &mut [f32], (inp, dout): (&[f32], &[f32]), p: &PoolShape, relu: bool) {
+fn maxpool_backward_loops<const S: usize>(dinp: &mut [f32], inp: &[f32], dout: &[f32], p: &PoolShape, relu: bool) {
     let (s, oh, ow, ch) = (p.size.max(1), p.oh(), p.ow(), p.ch);
     let out_image = oh * ow * ch;
     if out_image == 0 {
         dinp.fill(0.0);
         return;
     }
-    let window: Window = (s, p.w * ch, ch);
-    let (row, band) = (window.1, s * window.1);
+    let window = Window::of(p);
+    let (row, band) = (window.row, s * window.row);
     let images = dinp.chunks_exact_mut(p.h * row).zip(inp.chunks_exact(p.h * row));
     for ((d_img, img), d_out) in images.zip(dout.chunks_exact(out_image)) {
         let (d_bands, d_dropped) = d_img.split_at_mut(oh * band);
@@ -196,7 +215,7 @@ fn window_backward<const L: usize, const S: usize>(
     window: Window,
     relu: bool,
 ) {
-    let (s, row, ch) = window;
+    let Window { size: s, row, ch } = window;
     let s = if S > 0 { S } else { s };
     let (best, arg) = window_max::<L, S>(pixels, window);
     let Some(&(mut g)) = g.first_chunk::<L>() else {
@@ -223,11 +242,10 @@ fn window_backward<const L: usize, const S: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_values::{compare, spread, tied};
+    use super::super::test_values::{best_seconds, compare, spread, tied};
     use super::*;
     use crate::backend::cpu::threads;
     use crate::backend::reference as r;
-    use std::time::Instant;
 
     /// (images, h, w, ch, size): odd sides (dropped edges), sizes 1 to 3 and one larger than the
     /// image, channels that take every mix of `channel_blocks`' blocks of 16, 8, 4 and 1.
@@ -294,17 +312,8 @@ mod tests {
         let inp = spread(p.in_len(), 1);
         let dout = spread(p.out_len(), 2);
         let (mut out, mut dinp) = (vec![0.0f32; p.out_len()], vec![0.0f32; p.in_len()]);
-        let best = |work: &mut dyn FnMut()| {
-            (0..50)
-                .map(|_| {
-                    let t = Instant::now();
-                    work();
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
-        let forward = best(&mut || maxpool_forward(&mut out, &inp, &p));
-        let backward = best(&mut || maxpool_backward(&mut dinp, &dout, &inp, &p, true));
+        let forward = best_seconds(50, &mut || maxpool_forward(&mut out, &inp, &p));
+        let backward = best_seconds(50, &mut || maxpool_backward(&mut dinp, &dout, &inp, &p, true));
         println!(
             "maxpool {p:?} ({} threads): forward best {:.3} ms, backward best {:.3} ms",
             threads::threads(),

@@ -235,61 +235,65 @@ mod tests {
         }
     }
 
+    /// A product as the backend passes it: (what, C (m, n) = A @ B, the reference's loop).
+    type Case<'a> = (&'a str, MatmulShape, Strided<'a>, Strided<'a>, &'a dyn Fn(&mut [f32]));
+
     fn narrow_products_match_the_reference_at(level: Simd) {
         let mut scratch = NarrowScratch::default();
         for &(b, c, oc) in &[(1, 1, 1), (9, 16, 16), (130, 512, 10), (13, 40, 3), (17, 5, 300)] {
             let inp: Vec<f32> = (0..b * c).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
             let w: Vec<f32> = (0..c * oc).map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0).collect();
             let dout: Vec<f32> = (0..b * oc).map(|i| ((i * 29) % 89) as f32 / 44.0 - 1.0).collect();
-            let close = |got: &[f32], want: &[f32], what: &str| {
-                let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, |m, d| {
-                    if m.is_nan() || d.is_nan() {
-                        f32::NAN
-                    } else {
-                        m.max(d)
-                    }
-                });
-                println!("{what} {b}x{c}x{oc}: max |diff| {worst}");
-                assert!(worst <= 1e-4, "{what} {b}x{c}x{oc}: max |diff| {worst}");
-            };
-            if fits(c, oc) {
-                let (mut got, mut want) = (vec![0.0; b * oc], vec![0.0; b * oc]);
-                matmul_at(
-                    level,
+            let forward = |o: &mut [f32]| r::matmul_forward(o, &inp, &w, b, c, oc);
+            let input_gradient = |o: &mut [f32]| r::matmul_backward_input(o, &dout, &w, b, c, oc);
+            let weight_gradient = |o: &mut [f32]| r::matmul_backward_weight(o, &inp, &dout, b, c, oc);
+            let products: [Case; 3] = [
+                (
+                    "forward",
                     MatmulShape { m: b, n: oc, k: c },
                     Strided::new(&inp, c, 1),
                     Strided::new(&w, oc, 1),
-                    &mut got,
-                    &mut scratch,
-                );
-                r::matmul_forward(&mut want, &inp, &w, b, c, oc);
-                close(&got, &want, "forward");
-            }
-            if fits(oc, c) {
-                let (mut got, mut want) = (vec![0.0; b * c], vec![0.0; b * c]);
-                matmul_at(
-                    level,
+                    &forward,
+                ),
+                (
+                    "input gradient",
                     MatmulShape { m: b, n: c, k: oc },
                     Strided::new(&dout, oc, 1),
                     Strided::new(&w, 1, oc),
-                    &mut got,
-                    &mut scratch,
-                );
-                r::matmul_backward_input(&mut want, &dout, &w, b, c, oc);
-                close(&got, &want, "input gradient");
-            }
-            if fits(b, oc) {
-                let (mut got, mut want) = (vec![0.0; c * oc], vec![0.0; c * oc]);
-                matmul_at(
-                    level,
+                    &input_gradient,
+                ),
+                (
+                    "weight gradient",
                     MatmulShape { m: c, n: oc, k: b },
                     Strided::new(&inp, 1, c),
                     Strided::new(&dout, oc, 1),
-                    &mut got,
-                    &mut scratch,
-                );
-                r::matmul_backward_weight(&mut want, &inp, &dout, b, c, oc);
-                close(&got, &want, "weight gradient");
+                    &weight_gradient,
+                ),
+            ];
+            for (what, shape, a, bm, reference) in products {
+                if !fits(shape.k, shape.n) {
+                    continue;
+                }
+                let (mut got, mut expected) = (vec![f32::NAN; shape.m * shape.n], vec![0.0; shape.m * shape.n]);
+                matmul_at(level, shape, a, bm, &mut got, &mut scratch);
+                reference(&mut expected);
+                // NaN-aware: a value never written stays NaN and fails.
+                let worst = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(
+                        0.0f32,
+                        |m, d| {
+                            if m.is_nan() || d.is_nan() {
+                                f32::NAN
+                            } else {
+                                m.max(d)
+                            }
+                        },
+                    );
+                println!("{what} {b}x{c}x{oc}: max |diff| {worst}");
+                assert!(worst <= 1e-4, "{what} {b}x{c}x{oc}: max |diff| {worst}");
             }
         }
     }

@@ -3,6 +3,7 @@
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
 
 /// Values of very different magnitudes (so that a change of summation order shows).
 pub fn spread(n: usize, seed: u64) -> Vec<f32> {
@@ -34,4 +35,15 @@ pub fn compare(fast: &[f32], reference: &[f32]) -> (usize, f32) {
         .filter(|d| !d.is_nan())
         .fold(0.0, f32::max);
     (differ, max)
+}
+
+/// The fastest of `reps` runs of `work`, in seconds (for the printed timings).
+pub fn best_seconds(reps: usize, work: &mut dyn FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            work();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
 }

@@ -29,10 +29,13 @@ use crate::backend::cpu::threads::{self, chunk_count, MAX_CHUNKS};
 use crate::backend::ops::{ConvGeometry, PoolShape};
 use pool::pool_band;
 use rows::{output_rows, OutputPixels};
-use weight_gradient::GROUP;
 
 /// Patches of at most this many values go straight from the images.
 pub const DIRECT_MAX_PATCH: usize = 16;
+
+/// Filters the AVX-512 kernels take at a time: one vector (the pool's channels, a weight
+/// gradient's columns).
+const GROUP: usize = 16;
 
 /// A layer's operands: the images (images, h, w, in_ch), the weight (patch, filters) and the
 /// bias (filters), if any.

@@ -7,7 +7,8 @@
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
-use super::weight_gradient::GROUP;
+#[cfg(target_arch = "x86_64")]
+use super::GROUP;
 
 /// What a 2 x 2 window's first maximum chose, one byte a channel: its position (ky 2 + kx) where
 /// the maximum is > 0, else `NOT_POSITIVE` (the ReLU before the pool passes no gradient back).

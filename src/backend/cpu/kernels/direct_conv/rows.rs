@@ -8,6 +8,7 @@
 
 use super::{ConvOperands, DIRECT_MAX_PATCH};
 use crate::backend::cpu::kernels::im2col::{self, PixelWalk};
+#[cfg(target_arch = "x86_64")]
 use crate::backend::cpu::simd::{simd, Simd};
 use crate::backend::ops::ConvGeometry;
 

@@ -12,7 +12,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::pool::window_max;
-use super::DIRECT_MAX_PATCH;
+use super::{DIRECT_MAX_PATCH, GROUP};
 use crate::backend::cpu::kernels::gemm;
 #[cfg(target_arch = "x86_64")]
 use crate::backend::cpu::kernels::im2col::{self, PixelWalk};
@@ -26,6 +26,13 @@ struct FilterGroup {
     j0: usize,
 }
 
+/// The images (images, h, w, in_ch) and where the layer's output gradient comes from.
+#[derive(Clone, Copy)]
+struct GroupOperands<'a> {
+    inp: &'a [f32],
+    source: Gradient<'a>,
+}
+
 /// `len` output pixels of image `image`'s row `y` from column `x0`, in images of oh x ow pixels.
 #[derive(Debug, Clone, Copy)]
 struct RowRun {
@@ -36,9 +43,6 @@ struct RowRun {
     oh: usize,
     ow: usize,
 }
-
-/// Columns of the output's gradient one item of `weight_gradient` sums: an AVX-512 vector.
-pub(super) const GROUP: usize = 16;
 
 /// The most filters `weight_gradient` takes: a group per item of `threads::for_each`.
 pub const MAX_FILTERS: usize = GROUP * MAX_CHUNKS;
@@ -92,7 +96,7 @@ pub fn weight_gradient(
         // SAFETY: the CPU has AVX-512; the gradient's operands cover the pixels (or the pool's
         // windows) and the group's columns lie inside a row; inp holds the images (all asserted
         // above).
-        unsafe { group_sums(out, inp, source, g, columns, pieces.max(1)) }
+        unsafe { group_sums(out, GroupOperands { inp, source }, g, columns, pieces.max(1)) }
     });
     for (group, sums) in sums.iter().take(filters / GROUP).enumerate() {
         let j0 = group * GROUP;
@@ -145,12 +149,12 @@ pub enum Choices<'a> {
 #[target_feature(enable = "avx512f")]
 unsafe fn group_sums(
     out: &mut GroupSums,
-    inp: &[f32],
-    source: Gradient,
+    operands: GroupOperands,
     g: &ConvGeometry,
     group: FilterGroup,
     pieces: usize,
 ) {
+    let GroupOperands { inp, source } = operands;
     // SAFETY: the caller's contract.
     unsafe {
         if let Gradient::Pooled {
@@ -176,17 +180,17 @@ unsafe fn group_sums(
             }
         }
         match g.patch() {
-            1 => group_sums_fixed::<1>(out, inp, source, g, group, pieces),
-            4 => group_sums_fixed::<4>(out, inp, source, g, group, pieces),
-            9 => group_sums_fixed::<9>(out, inp, source, g, group, pieces),
-            16 => group_sums_fixed::<16>(out, inp, source, g, group, pieces),
-            _ => group_sums_fixed::<DIRECT_MAX_PATCH>(out, inp, source, g, group, pieces),
+            1 => group_sums_fixed::<1>(out, operands, g, group, pieces),
+            4 => group_sums_fixed::<4>(out, operands, g, group, pieces),
+            9 => group_sums_fixed::<9>(out, operands, g, group, pieces),
+            16 => group_sums_fixed::<16>(out, operands, g, group, pieces),
+            _ => group_sums_fixed::<DIRECT_MAX_PATCH>(out, operands, g, group, pieces),
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn group_sums(_: &mut GroupSums, _: &[f32], _: Gradient, _: &ConvGeometry, _: FilterGroup, _: usize) {
+unsafe fn group_sums(_: &mut GroupSums, _: GroupOperands, _: &ConvGeometry, _: FilterGroup, _: usize) {
     unreachable!("weight_gradient runs only where gemm::available() holds, which is x86-64 with AVX-512")
 }
 
@@ -286,8 +290,7 @@ unsafe fn group_sums_coded_3x3(
 #[inline]
 unsafe fn group_sums_fixed<const P: usize>(
     out: &mut GroupSums,
-    inp: &[f32],
-    source: Gradient,
+    GroupOperands { inp, source }: GroupOperands,
     g: &ConvGeometry,
     group: FilterGroup,
     pieces: usize,

@@ -1,6 +1,6 @@
 //! im2col and col2im against the reference, bit for bit, at awkward geometries; im2col's timing.
 
-use super::super::test_values::{compare, spread};
+use super::super::test_values::{best_seconds, compare, spread};
 use super::*;
 use crate::backend::reference as r;
 use std::time::Instant;
@@ -51,18 +51,24 @@ fn geometries() -> impl Iterator<Item = ConvGeometry> {
     all.into_iter()
 }
 
+/// `fast` and `reference` each fill a slice of n values from the same input: the same bits, and
+/// nothing written past the n values.
+fn check_bits(what: &str, g: &ConvGeometry, n: usize, fast: &dyn Fn(&mut [f32]), reference: &dyn Fn(&mut [f32])) {
+    let (mut got, mut expected) = (vec![f32::NAN; n + 3], vec![0.0f32; n]);
+    fast(&mut got);
+    reference(&mut expected);
+    assert!(got[n..].iter().all(|v| v.is_nan()), "{what} {g:?}: wrote past the end");
+    let (differ, max) = compare(&got[..n], &expected);
+    println!("{what} {g:?}: {n} values, {differ} differ, max difference {max:e}");
+    assert_eq!(differ, 0, "{what} {g:?}");
+}
+
 #[test]
 fn im2col_matches_reference() {
     for (i, g) in geometries().enumerate() {
         let inp = spread(g.image_len(), i as u64);
         let n = g.pixels() * g.patch();
-        let (mut fast, mut expected) = (vec![f32::NAN; n + 3], vec![0.0f32; n]);
-        im2col(&mut fast, &inp, &g);
-        r::im2col(&mut expected, &inp, &g);
-        assert!(fast[n..].iter().all(|v| v.is_nan()), "{g:?}: wrote past the end");
-        let (differ, max) = compare(&fast[..n], &expected);
-        println!("im2col {g:?}: {n} values, {differ} differ, max difference {max:e}");
-        assert_eq!(differ, 0, "{g:?}");
+        check_bits("im2col", &g, n, &|o| im2col(o, &inp, &g), &|o| r::im2col(o, &inp, &g));
     }
 }
 
@@ -71,13 +77,9 @@ fn col2im_matches_reference_bit_for_bit() {
     for (i, g) in geometries().enumerate() {
         let dcols = spread(g.pixels() * g.patch(), 100 + i as u64);
         let n = g.image_len();
-        let (mut fast, mut expected) = (vec![f32::NAN; n + 3], vec![0.0f32; n]);
-        col2im(&mut fast, &dcols, &g);
-        r::col2im(&mut expected, &dcols, &g);
-        assert!(fast[n..].iter().all(|v| v.is_nan()), "{g:?}: wrote past the end");
-        let (differ, max) = compare(&fast[..n], &expected);
-        println!("col2im {g:?}: {n} values, {differ} differ, max difference {max:e}");
-        assert_eq!(differ, 0, "{g:?}");
+        check_bits("col2im", &g, n, &|o| col2im(o, &dcols, &g), &|o| {
+            r::col2im(o, &dcols, &g)
+        });
     }
 }
 
@@ -97,15 +99,9 @@ fn im2col_timing() {
     let inp = spread(g.image_len(), 7);
     let mut cols = vec![0.0f32; g.pixels() * g.patch()];
     im2col(&mut cols, &inp, &g);
-    let reps = 50;
-    let mut best = f64::INFINITY;
     let start = Instant::now();
-    for _ in 0..reps {
-        let t = Instant::now();
-        im2col(&mut cols, &inp, &g);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    let mean = start.elapsed().as_secs_f64() / reps as f64;
+    let best = best_seconds(50, &mut || im2col(&mut cols, &inp, &g));
+    let mean = start.elapsed().as_secs_f64() / 50.0;
     let mb = (cols.len() * 4) as f64 / 1e6;
     println!(
         "im2col {g:?} ({} threads): {mb:.1} MB of columns, mean {:.3} ms, best {:.3} ms ({:.1} GB/s)",

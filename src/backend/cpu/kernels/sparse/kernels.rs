@@ -98,9 +98,17 @@ fn column_blocks(cols: usize, w: usize) -> impl Iterator<Item = (usize, usize)> 
         .chain((narrow..cols).map(|c| (c, 1)))
 }
 
+/// What the forward product applies to its sums: + bias (OC) when given, then max(., 0) when
+/// `relu`.
+#[derive(Debug, Clone, Copy)]
+pub struct BiasRelu<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
 /// The optimizer step's hyper-parameters (its tensors travel in `RowParts`).
 #[derive(Clone, Copy)]
-pub(super) enum Update {
+pub(super) enum UpdateRule {
     None,
     RmsProp { lr: f32, rho: f32, eps: f32 },
     Sgd { lr: f32 },
@@ -156,7 +164,7 @@ simd_variants! {
         rows: Range<usize>,
         x: &SparseLines,
         weight: &[f32],
-        epilogue: (Option<&[f32]>, bool),
+        epilogue: BiasRelu,
         oc: usize
     ) => {
         avx512: forward_rows::<true, WIDE_AVX512>,
@@ -167,14 +175,13 @@ simd_variants! {
 
 /// Rows `rows` of the forward product into parts.first (which starts at row rows.start), one
 /// block of columns at a time, so that the block's panel of the weight stays in cache.
-/// `epilogue` is (bias, relu): + bias (OC) when given, then max(., 0) when relu.
 #[inline(always)]
 pub(super) fn forward_rows<const FMA: bool, const W: usize>(
     parts: &mut RowParts<'_>,
     rows: Range<usize>,
     x: &SparseLines,
     weight: &[f32],
-    (bias, relu): (Option<&[f32]>, bool),
+    BiasRelu { bias, relu }: BiasRelu,
     oc: usize,
 ) {
     for (col, width) in column_blocks(oc, W) {
@@ -183,7 +190,7 @@ pub(super) fn forward_rows<const FMA: bool, const W: usize>(
             stride: oc,
         };
         let bias = bias.map(|bias| &bias[col..col + width]);
-        let out = Strided {
+        let out = ColumnBlock {
             data: &mut *parts.first,
             first_row: rows.start,
             stride: oc,
@@ -199,14 +206,14 @@ pub(super) fn forward_rows<const FMA: bool, const W: usize>(
 }
 
 /// Columns col.. of a row-major matrix (`stride` columns) whose slice starts at row `first_row`.
-struct Strided<'a> {
+struct ColumnBlock<'a> {
     data: &'a mut [f32],
     first_row: usize,
     stride: usize,
     col: usize,
 }
 
-impl Strided<'_> {
+impl ColumnBlock<'_> {
     /// The w values of row `row` from column `col`.
     fn row(&mut self, row: usize, w: usize) -> &mut [f32] {
         let at = (row - self.first_row) * self.stride + self.col;
@@ -219,7 +226,7 @@ impl Strided<'_> {
 /// weight's block, `bias` (W) its bias.
 #[inline(always)]
 fn forward_block<const W: usize, const FMA: bool>(
-    mut out: Strided<'_>,
+    mut out: ColumnBlock<'_>,
     rows: Range<usize>,
     x: &SparseLines,
     panel: Block<'_>,
@@ -274,7 +281,7 @@ simd_variants! {
         rows: Range<usize>,
         x: &SparseLines,
         dout: &Panels,
-        update: Update,
+        update: UpdateRule,
         b: usize
     ) => {
         avx512: dweight_rows::<true, WIDE_AVX512>,
@@ -291,7 +298,7 @@ pub(super) fn dweight_rows<const FMA: bool, const W: usize>(
     rows: Range<usize>,
     x: &SparseLines,
     dout: &Panels,
-    update: Update,
+    update: UpdateRule,
     b: usize,
 ) {
     let oc = parts.width;
@@ -315,7 +322,7 @@ fn dweight_block<const W: usize, const FMA: bool>(
     rows: Range<usize>,
     x: &SparseLines,
     panel: Block<'_>,
-    update: Update,
+    update: UpdateRule,
     oc: usize,
     col: usize,
 ) {
@@ -334,13 +341,13 @@ fn dweight_block<const W: usize, const FMA: bool>(
     for row in rows.clone() {
         let (at, grad) = (at(row), &parts.first[at(row)..at(row) + W]);
         match (update, parts.second.as_deref_mut(), parts.third.as_deref_mut()) {
-            (Update::RmsProp { lr, rho, eps }, Some(value), Some(velocity)) => {
+            (UpdateRule::RmsProp { lr, rho, eps }, Some(value), Some(velocity)) => {
                 let (p, vel) = (&mut value[at..at + W], &mut velocity[at..at + W]);
                 for ((p, vel), &g) in p.iter_mut().zip(vel.iter_mut()).zip(grad) {
                     rmsprop_one(p, vel, g, lr, rho, eps);
                 }
             }
-            (Update::Sgd { lr }, Some(value), _) => {
+            (UpdateRule::Sgd { lr }, Some(value), _) => {
                 for (p, &g) in value[at..at + W].iter_mut().zip(grad) {
                     sgd_one(p, g, lr);
                 }

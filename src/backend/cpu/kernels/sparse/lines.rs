@@ -11,6 +11,14 @@ use std::ops::Range;
 #[cfg(target_arch = "x86_64")]
 use crate::backend::cpu::simd::{simd, Simd};
 
+/// The images of a batch: images[order[start + r]] for each row r.
+#[derive(Debug, Clone, Copy)]
+pub struct GatherBatch<'a> {
+    pub images: &'a [u8],
+    pub order: &'a [u32],
+    pub start: usize,
+}
+
 /// A sparse matrix stored line by line: the rows of a matrix (CSR) or its columns (CSC), each
 /// line cut into segments of `segment` positions (so that a kernel can walk a cache-sized
 /// stretch of the other operand for every line before it moves to the next stretch). Segment s of
@@ -55,8 +63,9 @@ impl SparseLines {
     pub fn set_rows_gathered(
         &mut self,
         x: &mut [f32],
-        (images, order): (&[u8], &[u32]),
-        (start, rows, pixels): (usize, usize, usize),
+        GatherBatch { images, order, start }: GatherBatch,
+        rows: usize,
+        pixels: usize,
         segment: usize,
     ) {
         let scale = (1.0f64 / 255.0) as f32;

@@ -16,8 +16,8 @@
 //! largest batch.
 //!
 //! Layout: `lines` holds the sparse input (`SparseLines`), `kernels` the per-block products; this
-//! file holds the entry points, the decision whether a product pays, the run-time choice of
-//! vector instructions, and the split of the work over threads.
+//! file holds the entry points, the decision whether a product pays, and the split of the work
+//! over threads.
 
 mod kernels;
 mod lines;
@@ -26,8 +26,11 @@ use std::ops::Range;
 
 use crate::backend::cpu::simd::{simd, Simd};
 use crate::backend::cpu::threads::{self, chunk_count, MAX_CHUNKS};
+use crate::backend::ops::DenseShape;
+pub use kernels::BiasRelu;
 use kernels::{dweight_rows_simd, forward_rows_simd};
-use kernels::{Panels, RowParts, Update, WIDE, WIDE_AVX512};
+use kernels::{Panels, RowParts, UpdateRule, WIDE, WIDE_AVX512};
+use lines::GatherBatch;
 use lines::SparseLines;
 
 /// Input columns per segment of the forward product (the weight's panel rows per stretch: 64 rows
@@ -71,7 +74,7 @@ pub enum WeightStep<'a> {
     Sgd { value: &'a mut [f32], lr: f32 },
 }
 
-/// Names the dense matrix whose rows a `Scratch` holds: any key that changes whenever the matrix
+/// Names the dense matrix whose rows a `SparseScratch` holds: any key that changes whenever the matrix
 /// may have changed (the CPU backend gives its array, offset and write count), and the shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Source {
@@ -85,19 +88,19 @@ pub struct Source {
 /// The first layer's input is turned into rows once, as it is gathered, and the weight gradient
 /// builds its columns from those rows.
 #[derive(Debug, Default)]
-pub struct Scratch {
+pub struct SparseScratch {
     rows: SparseLines,
     rows_of: Option<Source>,
     columns: SparseLines,
     panels: Panels,
 }
 
-impl Scratch {
+impl SparseScratch {
     /// Gather x (source.rows, source.cols) = images[order[start + r]] / 255 and hold its rows.
     pub fn gather(&mut self, x: &mut [f32], images: &[u8], order: &[u32], start: usize, source: Source) {
         let (rows, pixels) = (source.rows, source.cols);
         self.rows
-            .set_rows_gathered(x, (images, order), (start, rows, pixels), FORWARD_SEGMENT);
+            .set_rows_gathered(x, GatherBatch { images, order, start }, rows, pixels, FORWARD_SEGMENT);
         self.rows_of = Some(source);
     }
 
@@ -127,14 +130,16 @@ impl Scratch {
 }
 
 /// out (B, OC) = x (B, C) @ weight (C, OC), + bias (OC) when given, then max(., 0) when `relu`,
-/// where x's rows are those `scratch` holds (`Scratch::gather` or `Scratch::rows_if_sparse`).
+/// where x's rows are those `scratch` holds (`SparseScratch::gather` or `SparseScratch::rows_if_sparse`).
 pub fn matmul_forward(
     out: &mut [f32],
-    scratch: &mut Scratch,
+    scratch: &mut SparseScratch,
     weight: &[f32],
-    (bias, relu): (Option<&[f32]>, bool),
-    (b, c, oc): (usize, usize, usize),
+    epilogue: BiasRelu,
+    shape: DenseShape,
 ) {
+    let (b, c, oc) = shape.dims();
+    let bias = epilogue.bias;
     assert!(out.len() >= b * oc && weight.len() >= c * oc);
     assert!(bias.is_none_or(|bias| bias.len() >= oc));
     assert!(scratch.rows_of.is_some_and(|s| (s.rows, s.cols) == (b, c)));
@@ -150,7 +155,7 @@ pub fn matmul_forward(
         width: oc,
     };
     threads::for_each(split_lines(0..b, parts, x), &|(rows, mut parts)| {
-        forward_rows_simd(level, &mut parts, rows, x, weight, (bias, relu), oc)
+        forward_rows_simd(level, &mut parts, rows, x, weight, epilogue, oc)
     });
 }
 
@@ -158,11 +163,12 @@ pub fn matmul_forward(
 /// those `scratch` holds.
 pub fn matmul_backward_weight(
     dweight: &mut [f32],
-    scratch: &mut Scratch,
+    scratch: &mut SparseScratch,
     dout: &[f32],
     step: WeightStep<'_>,
-    (b, c, oc): (usize, usize, usize),
+    shape: DenseShape,
 ) {
+    let (b, c, oc) = shape.dims();
     assert!(dweight.len() >= c * oc && dout.len() >= b * oc);
     assert!(scratch.rows_of.is_some_and(|s| (s.rows, s.cols) == (b, c)));
     scratch.columns.set_columns(&scratch.rows, b, c, DWEIGHT_SEGMENT);
@@ -170,15 +176,15 @@ pub fn matmul_backward_weight(
     scratch.panels.pack(dout, b, oc, wide(level));
     let (x, dout) = (&scratch.columns, &scratch.panels);
     let (second, third, update) = match step {
-        WeightStep::None => (None, None, Update::None),
+        WeightStep::None => (None, None, UpdateRule::None),
         WeightStep::RmsProp {
             value,
             velocity,
             lr,
             rho,
             eps,
-        } => (Some(value), Some(velocity), Update::RmsProp { lr, rho, eps }),
-        WeightStep::Sgd { value, lr } => (Some(value), None, Update::Sgd { lr }),
+        } => (Some(value), Some(velocity), UpdateRule::RmsProp { lr, rho, eps }),
+        WeightStep::Sgd { value, lr } => (Some(value), None, UpdateRule::Sgd { lr }),
     };
     assert!(second.as_ref().is_none_or(|v| v.len() >= c * oc));
     assert!(third.as_ref().is_none_or(|v| v.len() >= c * oc));
