@@ -57,7 +57,7 @@
 // with c, bias, mask and the optimizer step as for a dense layer (c and mask of the input
 // gradient are images).
 //
-// Tiling (the host writes the constants below per pipeline; see matmul.rs TileConfig):
+// Tiling (the host writes the constants below per pipeline; see tiling.rs TileConfig):
 // a workgroup computes a TM x TN tile of c. Its threads form S slices of (TM/4) x (TN/4); each
 // thread of a slice holds a 4x4 block of the tile in registers. K is cut into chunks of KC; chunk q
 // belongs to slice q % S (split-K inside the workgroup, so that small outputs still fill a GPU).

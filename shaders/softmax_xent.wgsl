@@ -17,7 +17,7 @@
 // then a fixed-order tree reduction in workgroup memory sums the per-invocation partials
 // (add_up_stats).
 // Rows hold at most 16 classes (the host asks for MNIST's 10): the host unrolls the per-class
-// lines (`//!unroll`, see kernels.rs), so all of a row's logits are requested at once.
+// lines (`//!unroll`, see shader_text.rs), so all of a row's logits are requested at once.
 
 struct Params {
     rows: u32,

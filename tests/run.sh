@@ -29,12 +29,14 @@ cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --bench kernels
 cargo test --lib --bins --tests
-# 4. The fast CPU path's sparse products again with the narrower vector variants (AVX2, then
-#    none), which a CPU with AVX-512 would otherwise never run, and on one thread (the narrow
-#    products' unit test runs every variant the CPU has by itself); the thread pool's own tests
-#    alone, so that they start it with more threads than cores (helpers to hand work to).
+# 4. The fast CPU path's sparse products and convolutions again with the narrower vector variants
+#    (AVX2, then none), which a CPU with AVX-512 would otherwise never run, and the sparse ones on
+#    one thread (the narrow products' unit test runs every variant the CPU has by itself); the
+#    thread pool's own tests alone, so that they start it with more threads than cores (helpers
+#    to hand work to).
 for simd in avx2 portable; do
     GPU_MNIST_CPU_SIMD=$simd cargo test --test sparse --quiet
+    GPU_MNIST_CPU_SIMD=$simd cargo test --test convnet --test conv_kernels --quiet fast_cpu
 done
 GPU_MNIST_CPU_THREADS=1 cargo test --test sparse --quiet
 cargo test --lib --quiet backend::cpu::threads

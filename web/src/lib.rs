@@ -447,7 +447,11 @@ pub async fn kernel_check() -> Result<String, JsError> {
                     .iter()
                     .zip(&ref_params)
                     .flat_map(|(g, r)| g.data.iter().zip(&r.data).map(|(a, b)| (a - b).abs()))
-                    .fold(0.0f32, f32::max);
+                    // NaN-aware: NaN weights on either side fail the check.
+                    .fold(
+                        0.0f32,
+                        |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) },
+                    );
                 ("weights", diff as f64, 1e-4)
             }
             OptimizerKind::RmsProp => ("loss", (gpu_loss - ref_loss).abs() / ref_loss.abs().max(1e-6), 1e-3),

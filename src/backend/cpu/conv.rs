@@ -170,7 +170,7 @@ impl CpuBackend {
     /// Whether the fast path computes this convolution's weight and bias gradients straight from
     /// the images (`direct_weight_gradient`): a patch of at most `DIRECT_MAX_PATCH` values, filters
     /// in groups of 16 (up to `direct_conv::MAX_FILTERS`), on AVX-512, where the patch matrix's product
-    /// would be `products::sgemm`'s (not a narrow one), whose bits it gives.
+    /// would be `sgemm::sgemm`'s (not a narrow one), whose bits it gives.
     pub(super) fn direct_weights(&self, g: ConvGeometry, filters: usize) -> bool {
         self.kind == CpuKind::Fast
             && gemm::available()

@@ -11,7 +11,7 @@ use super::threads;
 /// dbias (OC) = column sums of dout (B, OC), accumulated row by row (contiguous reads) in the
 /// reference's order: ((d[0] + d[1]) + d[2]) + ...; with the sums of 16, 32, 64 or 128 columns
 /// held in registers (a sum kept in dbias waits on its own store every row). A large dout (a
-/// convolution's, megabytes) is summed by the pool's threads, each over its own group of columns
+/// convolution's, megabytes) is summed by the threads of `threads`, each over its own group of columns
 /// (whole cache lines of every row), so every column is still summed in row order.
 pub fn bias_backward(dbias: &mut [f32], dout: &[f32], b: usize, oc: usize) {
     let groups = column_groups(b, oc);

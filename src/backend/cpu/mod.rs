@@ -1,11 +1,15 @@
 //! The CPU backends: the plain-loop reference, and the fast path that replaces its three matmuls
 //! with sparse products that skip the zeros and fuse the optimizer step into the weight gradient
-//! when the input matrix is mostly zeros (the first layer's pixels, `sparse`), small loops when
-//! a side is at most 16 (the output layer's, `narrow`), and a blocked GEMM on row pieces over
-//! the threads otherwise (`gemm`, or `matrixmultiply` without AVX-512). This file holds the tensors, datasets, the gather,
-//! the loss and the updates; `products` holds the matmuls, `conv` the convolutions (over patch
-//! matrices) and max pooling, `direct` a first layer's products straight from the pixels (and its
-//! gradients straight from its pool's).
+//! when the input matrix is mostly zeros (the first layer's pixels, `kernels::sparse`), small
+//! loops when a side is at most 16 (the output layer's, `kernels::narrow`), and a blocked GEMM on
+//! row pieces over the threads otherwise (`kernels::sgemm` over `kernels::gemm`, or
+//! `matrixmultiply` without AVX-512).
+//!
+//! Layout: this file holds the tensors, datasets, the gather, the loss and the updates; `dense`
+//! the dense layers' products, `conv` the convolutions' (over patch matrices, mapped or written,
+//! or a first layer straight from the pixels), `pool` max pooling and a first layer fused with
+//! its pool, `elementwise` the element-wise loops; `threads` is the thread pool, `simd` the
+//! run-time choice of vector instructions, and `kernels` the loops over plain slices.
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec), and
 //! every fused op as its composition (`ops::run_unfused`); `CpuBackend::fast` differs only in the
@@ -83,7 +87,7 @@ pub struct CpuBackend {
     /// Statistics copied by `request_stats`, oldest first, until `collect_stats` takes them.
     requested: VecDeque<Vec<StepStats>>,
     counters: Counters,
-    /// SparseScratch for the loss op: probabilities, per-row losses, labels, predictions.
+    /// Scratch for the loss op: probabilities, per-row losses, labels, predictions.
     probs: Vec<f32>,
     losses: Vec<f32>,
     labels: Vec<u8>,
@@ -464,7 +468,7 @@ impl Backend for CpuBackend {
         // every fusion as its composition.
         Fusions {
             weight_update: self.kind == CpuKind::Fast,
-            // A first layer's gradients straight from its pool's gradient (`direct`), on AVX-512.
+            // A first layer's gradients straight from its pool's gradient (`kernels::direct_conv`), on AVX-512.
             pool_weight_gradient: self.kind == CpuKind::Fast && gemm::available(),
             ..Fusions::default()
         }

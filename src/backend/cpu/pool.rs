@@ -114,7 +114,7 @@ impl CpuBackend {
     }
 
     /// A first layer's pool backward pass and weight gradient with its update as one op: the
-    /// gradients straight from the pool's gradient (`direct`) and its choices kept by `conv_pool`,
+    /// gradients straight from the pool's gradient (`kernels::direct_conv`) and its choices kept by `conv_pool`,
     /// or the layer's output where that was stored since; the layer's output gradient is never
     /// written. Where `fuses_first_layer` does not hold, the two ops.
     pub(super) fn pool_weight_gradient(&mut self, f: &PoolWeightGradient, at: StepAt) -> Result<()> {

@@ -3,16 +3,16 @@
 //! Contract: implements `Backend` on one wgpu device. Ops are recorded into one command encoder
 //! and one compute pass and submitted only at a synchronisation point (`read`, `request_stats`)
 //! or before an upload, so a chunk of training steps is one submit with one read-back. Each op
-//! family has a host module that checks an op's tensors and records its dispatch: `gather`,
-//! `matmul` (every product of a dense or convolution layer, with its epilogue and the fused
-//! optimizer step, whose encoding is in `optimizer`), `pool` (max pooling), `loss` and
-//! `output_layer` (the output layer's whole step in one dispatch, used where the device binds 9
-//! storage buffers). Datasets are uploaded once as u8
+//! family has a host module, named after its shader file, that checks an op's tensors and records
+//! its dispatch: `gather`, `matmul` (every product of a dense or convolution layer, with its
+//! epilogue and the fused optimizer step, whose encoding is in `optimizer`), `pool` (max pooling),
+//! `softmax_xent` (the loss) and `output_layer` (the output layer's whole step in one dispatch,
+//! used where the device binds 9 storage buffers). Datasets are uploaded once as u8
 //! (4 pixels a word) with labels as u32; per epoch only the shuffled order is uploaded. All wgpu
 //! calls of the crate live in this module and its children.
 
 // Infrastructure: the device, buffers, pipelines, the recording of a chunk, profiling, the
-// shaders' parameter blocks and text.
+// shaders' parameter blocks and text, and the matmul's tilings.
 mod buffers;
 mod context;
 pub mod params;

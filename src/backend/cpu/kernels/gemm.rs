@@ -12,7 +12,7 @@
 //! read across its rows (a transposed weight matrix) is copied first, into NR-wide column panels
 //! on 64-byte boundaries, in a per-thread buffer that grows to the largest such B and is then
 //! reused (or, for a product cut into row pieces, once for all pieces by `PackedB::pack`, its
-//! panels copied on the pool's threads). Copying the large operands (a patch matrix, a batch's
+//! panels copied on the threads of `threads`). Copying the large operands (a patch matrix, a batch's
 //! gradients) cost more than the products' arithmetic lost to reading them in place.
 //!
 //! Contract: each element C[i][j] is one fused multiply-add chain over k = 0, 1, ..., k - 1 in
@@ -138,7 +138,7 @@ impl<'p> PackedB<'p> {
     }
 
     /// B (k, n) for `gemm_packed`: read in place if its rows are contiguous, else packed into
-    /// `buffer`, panels spread over the pool's threads.
+    /// `buffer`, panels spread over the threads of `threads`.
     pub fn pack(k: usize, n: usize, b: &Strided<'p>, buffer: &'p mut Vec<f32>) -> PackedB<'p> {
         assert!(k > 0 && n > 0 && b.reaches(k - 1, n - 1));
         if b.col == 1 {

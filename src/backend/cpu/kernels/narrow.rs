@@ -5,7 +5,7 @@
 //! between calls and split C's rows over `threads`.
 //!
 //! Contract: `matmul` returns C (m, n) = A (m, k) @ B (k, n), with A and B read through (row,
-//! column) strides as in `cpu`'s sgemm, equal to the reference's products up to rounding: each value
+//! column) strides as in `sgemm`, equal to the reference's products up to rounding: each value
 //! sums its k terms in increasing order of k, with fused multiply-adds where the CPU has them.
 //! Nothing is allocated once `NarrowScratch` has grown to the largest product.
 

@@ -117,7 +117,7 @@ pub fn sgemm(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], scratch:
     });
 }
 
-/// C (m rows of n) cut into pieces of whole rows for the pool's threads: a piece per
+/// C (m rows of n) cut into pieces of whole rows for the threads of `threads`: a piece per
 /// SPLIT_MIN_MACS of work, up to `chunk_count`, of at least PIECE_MIN_ROWS rows. Returns the rows
 /// a piece holds (the last may hold fewer) and the pieces, numbered.
 #[allow(clippy::type_complexity)]
@@ -163,7 +163,7 @@ pub fn sgemm_mapped(
 }
 
 /// C (m, n) = A @ B for a few rows of C and a long K: K is cut into `SPLIT_K_PIECES` fixed
-/// pieces, each summed into its own partial C on the pool's threads, then the partials are added
+/// pieces, each summed into its own partial C on the threads of `threads`, then the partials are added
 /// in piece order (deterministic, whatever the thread count).
 fn sgemm_split_k(shape: MatmulShape, a: Strided, b: Strided, c: &mut [f32], partials: &mut Vec<f32>) {
     let MatmulShape { m, n, k } = shape;

@@ -46,7 +46,7 @@ pub struct ConvOperands<'a> {
     pub bias: Option<&'a [f32]>,
 }
 
-/// `CpuBackend::direct_forward`'s arithmetic, split over the pool's threads by images: each
+/// `CpuBackend::direct_forward`'s arithmetic, split over the threads of `threads` by images: each
 /// output pixel's patch (zeros over the padding) times the weight's rows, in patch order, then
 /// + bias and ReLU, as the reference's product and epilogue do.
 pub fn forward(out: &mut [f32], operands: ConvOperands, relu: bool, g: &ConvGeometry, filters: usize) {

@@ -9,6 +9,10 @@ use super::*;
 use crate::backend::cpu::kernels::im2col::{self, PixelWalk};
 use crate::backend::cpu::kernels::maxpool;
 
+/// A NaN other than `f32::NAN`, for a buffer compared bit for bit with one filled with that: a
+/// value left unwritten on both sides then differs.
+const UNWRITTEN: f32 = f32::from_bits(0x7fc0_0001);
+
 /// A fixed, irregular value in [-1, 1) for index i.
 fn value(i: usize) -> f32 {
     ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0
@@ -89,8 +93,9 @@ fn direct_rows_fixed_and_any_agree_bit_for_bit() {
         for filters in [5, 8, 16, 32, 64] {
             let weight: Vec<f32> = (0..g.patch() * filters).map(|i| value(i + 101)).collect();
             let bias: Vec<f32> = (0..filters).map(|i| value(i + 977) / 4.0).collect();
+            // Two different NaNs: a value both kernels leave unwritten differs in its bits.
             let mut fixed = vec![f32::NAN; g.pixels() * filters];
-            let mut any = vec![f32::NAN; g.pixels() * filters];
+            let mut any = vec![UNWRITTEN; g.pixels() * filters];
             let operands = ConvOperands {
                 inp: &inp[..],
                 weight: &weight[..],
@@ -99,11 +104,15 @@ fn direct_rows_fixed_and_any_agree_bit_for_bit() {
             direct_rows(&mut fixed, operands, true, &g, OutputPixels { first: 0, filters });
             direct_rows_any(&mut any, operands, true, &g, OutputPixels { first: 0, filters });
             let want = reference(&inp, &weight, &bias, &g, filters);
+            // NaN-aware: a value never written stays NaN, and fails.
             let diff = fixed
                 .iter()
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+                .fold(
+                    0.0f32,
+                    |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) },
+                );
             println!("in {in_ch}, k {k}, pad {pad}, filters {filters}: max diff from f64 {diff:.2e}");
             assert!(diff < 1e-5, "filters {filters}: {diff}");
             assert!(
@@ -144,7 +153,7 @@ fn valid_rows_give_the_generic_rows_bits() {
                 // From inside the first image's second row, through the batch's last pixel.
                 let (first, pixels) = (g.ow() + 2, g.pixels() - g.ow() - 2);
                 let mut fast = vec![f32::NAN; pixels * filters];
-                let mut any = vec![f32::NAN; pixels * filters];
+                let mut any = vec![UNWRITTEN; pixels * filters];
                 let operands = ConvOperands {
                     inp: &inp[..],
                     weight: &weight[..],

@@ -51,7 +51,7 @@ pub const MAX_FILTERS: usize = GROUP * MAX_CHUNKS;
 type GroupSums = [f32; (DIRECT_MAX_PATCH + 1) * GROUP];
 
 /// dweight (patch, filters) = patches^T @ dout and dbias (filters) = the column sums of dout, for
-/// dout (pixels, filters) as `source` gives it, in one pass: the pool's threads each take groups
+/// dout (pixels, filters) as `source` gives it, in one pass: the threads of `threads` each take groups
 /// of 16 filters (whole cache lines of dout's rows), read every pixel's patch from the images and
 /// multiply-add it into the group's sums. Each weight sum runs in pixel order within each of
 /// `pieces` equal runs of the pixels, and the runs' sums are added in order (the split over K of
