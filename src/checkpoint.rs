@@ -12,7 +12,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -177,7 +177,31 @@ pub fn to_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
         .map(|(name, shape, bytes)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(unwritable)?;
-    safetensors::serialize(views, Some(meta)).map_err(unwritable)
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(unwritable)?;
+    with_sorted_header(bytes).map_err(|why| Error::shape("writing a model file", why))
+}
+
+/// `bytes`, a safetensors file, with every key of its header in sorted order, so that the same
+/// model gives the same file byte for byte (the crate writes the metadata in a hash map's order,
+/// which changes from run to run). The header is padded with spaces to a multiple of 8 bytes as
+/// the crate pads it; the tensor data, and so its offsets, are unchanged.
+fn with_sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("the header just serialised does not read back ({e})");
+    let len = bytes
+        .first_chunk::<8>()
+        .map(|n| u64::from_le_bytes(*n) as usize)
+        .filter(|&n| n <= bytes.len() - 8)
+        .ok_or_else(|| bad(&"no header length"))?;
+    // Two levels, both sorted: the tensors (and `__metadata__`), then each one's fields.
+    let header: BTreeMap<String, BTreeMap<String, Value>> =
+        serde_json::from_slice(&bytes[8..8 + len]).map_err(|e| bad(&e))?;
+    let mut text = serde_json::to_vec(&header).map_err(|e| bad(&e))?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - len);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    Ok(out)
 }
 
 /// Lowercase hex of a digest.

@@ -19,6 +19,26 @@ fn a_write_into_a_vanished_folder_says_the_write_failed() {
     assert!(!base.exists());
 }
 
+/// The same model gives the same file byte for byte (the metadata's order included), and the
+/// crate reads the re-ordered header back.
+#[test]
+fn the_same_model_gives_the_same_bytes() -> std::result::Result<(), String> {
+    let spec = ModelSpec::convnet();
+    let ck = Checkpoint::model(&spec, glorot_init(&spec, 1), DatasetKind::Mnist);
+    let first = to_bytes(&ck).map_err(|e| e.to_string())?;
+    for _ in 0..8 {
+        assert!(to_bytes(&ck).map_err(|e| e.to_string())? == first, "two writes differ");
+    }
+    let len = u64::from_le_bytes(first[..8].try_into().map_err(|_| "short")?) as usize;
+    assert_eq!(len % 8, 0);
+    let header = std::str::from_utf8(&first[8..8 + len]).map_err(|e| e.to_string())?;
+    let keys = ["activation", "dataset", "format", "layers", "tensor_data_sha256"];
+    let at: Vec<usize> = keys.iter().filter_map(|k| header.find(&format!("\"{k}\""))).collect();
+    assert!(at.len() == keys.len() && at.is_sorted(), "metadata keys out of order: {header}");
+    assert_eq!(from_bytes(&first)?, ck);
+    Ok(())
+}
+
 #[test]
 fn round_trip_and_rejections() -> std::result::Result<(), String> {
     let spec = ModelSpec::mnist(&[5]);
