@@ -34,7 +34,10 @@ fn the_same_model_gives_the_same_bytes() -> std::result::Result<(), String> {
     let header = std::str::from_utf8(&first[8..8 + len]).map_err(|e| e.to_string())?;
     let keys = ["activation", "dataset", "format", "layers", "tensor_data_sha256"];
     let at: Vec<usize> = keys.iter().filter_map(|k| header.find(&format!("\"{k}\""))).collect();
-    assert!(at.len() == keys.len() && at.is_sorted(), "metadata keys out of order: {header}");
+    assert!(
+        at.len() == keys.len() && at.is_sorted(),
+        "metadata keys out of order: {header}"
+    );
     assert_eq!(from_bytes(&first)?, ck);
     Ok(())
 }
