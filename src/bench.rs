@@ -132,7 +132,8 @@ async fn bench_ops(
     be: &mut dyn Backend,
     graph: &mut Graph,
     cfg: &BenchConfig,
-    (ds, opt): (DatasetId, Optimizer),
+    ds: DatasetId,
+    opt: Optimizer,
     reps: usize,
 ) -> Result<Vec<MatmulFigure>> {
     let plan = graph
@@ -237,7 +238,7 @@ pub async fn bench_device(
         Vec::new()
     };
     let reps = if device.contains("reference") { 1 } else { 10 };
-    let matmuls = bench_ops(be, &mut graph, cfg, (ds, opt), reps).await?;
+    let matmuls = bench_ops(be, &mut graph, cfg, ds, opt, reps).await?;
     let device_mib = be.counters().allocated_bytes as f64 / (1 << 20) as f64;
     Ok(DeviceBench {
         device,

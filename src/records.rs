@@ -203,17 +203,35 @@ fn draw_panel(svg: &mut String, x0: f64, p: &Panel, epochs: usize) {
         (py0 + py1) / 2.0,
         p.y_label
     );
-    draw_series(svg, p, (&sx, &sy), (px1, py0, py1));
+    let area = PlotArea {
+        x: &sx,
+        y: &sy,
+        right: px1,
+        top: py0,
+        bottom: py1,
+    };
+    draw_series(svg, p, &area);
 }
 
-/// Each series of `p` as a line with dots and its legend entry; `sx` and `sy` map an epoch and a
-/// value into the plot area, whose right, top and bottom edges are `px1`, `py0` and `py1`.
-fn draw_series(
-    svg: &mut String,
-    p: &Panel,
-    (sx, sy): (&dyn Fn(f64) -> f64, &dyn Fn(f64) -> f64),
-    (px1, py0, py1): (f64, f64, f64),
-) {
+/// A panel's plot area: `x` and `y` map an epoch and a value into it; its right, top and bottom
+/// edges.
+struct PlotArea<'a> {
+    x: &'a dyn Fn(f64) -> f64,
+    y: &'a dyn Fn(f64) -> f64,
+    right: f64,
+    top: f64,
+    bottom: f64,
+}
+
+/// Each series of `p` as a line with dots and its legend entry, in `area`.
+fn draw_series(svg: &mut String, p: &Panel, area: &PlotArea) {
+    let PlotArea {
+        x: sx,
+        y: sy,
+        right: px1,
+        top: py0,
+        bottom: py1,
+    } = *area;
     for (i, (label, colour, points)) in p.series.iter().enumerate() {
         let pts: Vec<String> = points
             .iter()

@@ -68,16 +68,12 @@ fn round_trip_and_rejections() -> std::result::Result<(), String> {
         .iter()
         .map(|t| (t.name.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
-    let views: Vec<_> = data
+    let views = data
         .iter()
         .zip(&params)
-        .map(|((name, bytes), t)| {
-            (
-                name.as_str(),
-                TensorView::new(Dtype::F32, t.shape.clone(), bytes).unwrap(),
-            )
-        })
-        .collect();
+        .map(|((name, bytes), t)| Ok((name.as_str(), TensorView::new(Dtype::F32, t.shape.clone(), bytes)?)))
+        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| e.to_string())?;
     let foreign = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
     let err = from_bytes(&foreign).unwrap_err();
     assert!(
@@ -89,16 +85,18 @@ fn round_trip_and_rejections() -> std::result::Result<(), String> {
 
 /// Any flipped byte of the tensor data is caught by the stored SHA-256.
 #[test]
-fn a_damaged_tensor_byte_is_refused() {
+fn a_damaged_tensor_byte_is_refused() -> std::result::Result<(), String> {
     let spec = ModelSpec::mnist(&[3]);
-    let bytes = to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 5), DatasetKind::Mnist)).unwrap();
-    let head = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let bytes =
+        to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 5), DatasetKind::Mnist)).map_err(|e| e.to_string())?;
+    let head = 8 + u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "no header length")?) as usize;
     for at in [head, head + 1, (head + bytes.len()) / 2, bytes.len() - 1] {
         let mut damaged = bytes.clone();
         damaged[at] ^= 0x01;
         let err = from_bytes(&damaged).unwrap_err();
         assert!(err.contains("is damaged"), "byte {at}: {err}");
     }
+    Ok(())
 }
 
 /// A file as Python's `safetensors` would write it (its own tensor order, extra metadata,

@@ -222,6 +222,7 @@ fn narrow_terms<const FMA: bool>(p: &Product<'_>, rows: Range<usize>, bt: &[f32]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::kernels::test_values::max_abs_diff;
     use crate::backend::reference as r;
 
     /// Every layout the CPU backend passes (forward, input gradient, weight gradient) at narrow
@@ -278,20 +279,7 @@ mod tests {
                 matmul_at(level, shape, a, bm, &mut got, &mut scratch);
                 reference(&mut expected);
                 // NaN-aware: a value never written stays NaN and fails.
-                let worst = got
-                    .iter()
-                    .zip(&expected)
-                    .map(|(g, w)| (g - w).abs())
-                    .fold(
-                        0.0f32,
-                        |m, d| {
-                            if m.is_nan() || d.is_nan() {
-                                f32::NAN
-                            } else {
-                                m.max(d)
-                            }
-                        },
-                    );
+                let worst = max_abs_diff(&got, &expected);
                 println!("{what} {b}x{c}x{oc}: max |diff| {worst}");
                 assert!(worst <= 1e-4, "{what} {b}x{c}x{oc}: max |diff| {worst}");
             }

@@ -47,3 +47,16 @@ pub fn best_seconds(reps: usize, work: &mut dyn FnMut()) -> f64 {
         })
         .fold(f64::INFINITY, f64::min)
 }
+
+/// The largest |a - b| over the pairs, NaN when either side holds a NaN (a value never written
+/// into a NaN-filled buffer then fails any tolerance).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |worst, d| {
+        if worst.is_nan() || d.is_nan() {
+            f32::NAN
+        } else {
+            worst.max(d)
+        }
+    })
+}

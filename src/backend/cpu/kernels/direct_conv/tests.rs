@@ -8,6 +8,7 @@ use super::rows::{direct_rows, direct_rows_any, OutputPixels};
 use super::*;
 use crate::backend::cpu::kernels::im2col::{self, PixelWalk};
 use crate::backend::cpu::kernels::maxpool;
+use crate::backend::cpu::kernels::test_values::max_abs_diff;
 
 /// A NaN other than `f32::NAN`, for a buffer compared bit for bit with one filled with that: a
 /// value left unwritten on both sides then differs.
@@ -105,14 +106,7 @@ fn direct_rows_fixed_and_any_agree_bit_for_bit() {
             direct_rows_any(&mut any, operands, true, &g, OutputPixels { first: 0, filters });
             let want = reference(&inp, &weight, &bias, &g, filters);
             // NaN-aware: a value never written stays NaN, and fails.
-            let diff = fixed
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(
-                    0.0f32,
-                    |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) },
-                );
+            let diff = max_abs_diff(&fixed, &want);
             println!("in {in_ch}, k {k}, pad {pad}, filters {filters}: max diff from f64 {diff:.2e}");
             assert!(diff < 1e-5, "filters {filters}: {diff}");
             assert!(
