@@ -265,6 +265,23 @@ fn bad_cpu_tuning_variables_are_usage_errors() {
         assert_clean_failure(&format!("{var}={value}"), &o, 2, &[var, value]);
         assert_eq!(snapshot(cwd.path()), vec![], "{var}={value}: a run folder was written");
     }
+    // Before the data is looked for: no download, no "files missing" first.
+    let cache = tempfile::tempdir().unwrap();
+    let o = Outcome::from(
+        bin()
+            .args(["train", "--device", "cpu", "--offline"])
+            .env_remove("GPU_MNIST_DATA")
+            .env("XDG_CACHE_HOME", cache.path())
+            .env("GPU_MNIST_CPU_SIMD", "avx3")
+            .output()
+            .unwrap(),
+    );
+    assert_clean_failure(
+        "GPU_MNIST_CPU_SIMD=avx3 without data",
+        &o,
+        2,
+        &["GPU_MNIST_CPU_SIMD", "avx3"],
+    );
 }
 
 #[test]

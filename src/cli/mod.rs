@@ -83,6 +83,9 @@ pub fn exit_with_usage_error(e: clap::Error) -> ! {
 }
 
 pub fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
+    // A GPU_MNIST_* value that can not be taken is a usage error before anything is downloaded
+    // or read.
+    gpu_mnist::settings::check()?;
     match cli.command {
         Command::Train(args) => train::run(args, matches.subcommand_matches("train").unwrap_or(matches)),
         Command::Evaluate(args) => evaluate::run(args),
