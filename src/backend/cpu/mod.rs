@@ -17,13 +17,13 @@
 //! futures of `read` and `collect_stats` are ready at once.
 
 #[macro_use]
-pub mod simd;
+mod simd;
 mod conv;
 mod dense;
 mod elementwise;
 mod kernels;
 mod pool;
-pub mod threads;
+mod threads;
 
 use dense::MAX_INPUTS;
 
