@@ -4,7 +4,7 @@
 //! Layout: `data` (IDX files, download, shuffling), `model` (the layer graph and its cached
 //! plans), `plan` (a step's ops and the fusion pass), `backend` (the `Backend` trait, the typed
 //! ops of a step, and the CPU and wgpu implementations), `train` (the training loop as a library:
-//! `fit` with an `Observer`, evaluation, prediction), `settings` (the environment's knobs, read
+//! `fit` with an `Observer`, evaluation, prediction), `schedule` (learning-rate schedules), `settings` (the environment's knobs, read
 //! once), `checkpoint` (safetensors), `records` (the run folder), `device` (choosing a backend),
 //! `bench` (the measurements behind `gpu-mnist bench`). The library also builds for
 //! wasm32 (the browser page in `web/`), without the downloader, progress bars, `device` (the
@@ -25,6 +25,7 @@ pub mod plan;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod progress;
 pub mod records;
+pub mod schedule;
 pub mod settings;
 pub mod spec;
 pub mod train;
