@@ -6,24 +6,33 @@
 //
 // Bindings (group 0):
 //   0 params  uniform  { m, n, k, a_row_stride, a_col_stride, b_row_stride, b_col_stride, flags,
-//                        lr, rho, eps, w_value, w_velocity, b_value, b_velocity,
+//                        slot, rho, eps, beta1, beta2, momentum, l2, w_value, w_velocity,
+//                        w_momentum, b_value, b_velocity, b_momentum,
 //                        h, w, in_ch, out_ch, kh, kw, pad, oh, ow }
 //   1 a       storage read   array<f32>  element (i, kk) at i * a_row_stride + kk * a_col_stride
 //                                        (dense; a convolution's maps are below)
 //   2 b       storage read   array<f32>  element (kk, j) at kk * b_row_stride + j * b_col_stride
 //   3 c       storage rw     array<f32>  (M, N) row-major, assigned (not accumulated)
-//   4 bias    storage read   array<f32>  (N,): added when flags & ADD_BIAS (else any buffer)
-//   5 mask    storage read   array<f32>  (M, N): c is zeroed where mask <= 0 when flags & MASK
-//   6 colsum  storage rw     array<f32>  when flags & COLSUM: (N,) the column sums of b over its
+//   4 side    storage read   array<f32>  one of three, never two at once (so that the kernel
+//                                        stays within 8 storage buffers):
+//                                        the bias (N,), added when flags & ADD_BIAS;
+//                                        the mask (M, N): c is zeroed where mask <= 0 (MASK);
+//                                        with an optimizer flag, the step table: word 0 holds
+//                                        (as u32 bits) the row of slot 0, and row r at words
+//                                        4 + 4 r the scalars (lr, adam_step, adam_norm, decay)
+//                                        of a step; this step's row is word 0 + params.slot
+//   5 colsum  storage rw     array<f32>  when flags & COLSUM: (N,) the column sums of b over its
 //                                        K rows (a dense layer's bias gradient)
-//   7 param     storage rw   array<f32>  with an optimizer flag: the packed parameter values; the
+//   6 param     storage rw   array<f32>  with an optimizer flag: the packed parameter values; the
 //                                        weight's value (i, j) is at w_value + i * N + j, the
 //                                        bias's value j at b_value + j
-//   8 velocity  storage rw   array<f32>  with RMSPROP: RMSprop's velocities, at w_velocity + ...
-//                                        and b_velocity + j
+//   7 velocity  storage rw   array<f32>  the packed second moments (RMSPROP, ADAM), at
+//                                        w_velocity + ... and b_velocity + j
+//   8 momentum  storage rw   array<f32>  the packed first moments (MOMENTUM, ADAM), at
+//                                        w_momentum + ... and b_momentum + j
 // Epilogue, in this order: + bias[j] (ADD_BIAS), max(., 0) (RELU), mask (MASK); then the
-// optimizer step (optimizer.wgsl's RMSPROP or SGD) with the stored value (and the column sum) as
-// the gradient.
+// optimizer step (optimizer.wgsl's flags) with the stored value (and the column sum) as the
+// gradient.
 // Uses of it (dense layer with inp (B, C), weight (C, OC), dout (B, OC)):
 //   forward          out  = relu(inp @ weight + bias)  M=B, N=OC, K=C,  a=(C,1),  b=(OC,1)
 //                                                      flags ADD_BIAS | RELU
@@ -98,13 +107,19 @@ struct Params {
     b_row_stride: u32,
     b_col_stride: u32,
     flags: u32,
-    lr: f32,
+    slot: u32,
     rho: f32,
     eps: f32,
+    beta1: f32,
+    beta2: f32,
+    momentum: f32,
+    l2: f32,
     w_value: u32,
     w_velocity: u32,
+    w_momentum: u32,
     b_value: u32,
     b_velocity: u32,
+    b_momentum: u32,
     h: u32,
     w: u32,
     in_ch: u32,
@@ -114,17 +129,19 @@ struct Params {
     pad: u32,
     oh: u32,
     ow: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
-@group(0) @binding(5) var<storage, read> mask: array<f32>;
-@group(0) @binding(6) var<storage, read_write> colsum: array<f32>;
-@group(0) @binding(7) var<storage, read_write> param: array<f32>;
-@group(0) @binding(8) var<storage, read_write> velocity: array<f32>;
+@group(0) @binding(4) var<storage, read> side: array<f32>;
+@group(0) @binding(5) var<storage, read_write> colsum: array<f32>;
+@group(0) @binding(6) var<storage, read_write> param: array<f32>;
+@group(0) @binding(7) var<storage, read_write> velocity: array<f32>;
+@group(0) @binding(8) var<storage, read_write> momentum: array<f32>;
 
 const ADD_BIAS: u32 = 1u;
 const RELU: u32 = 2u;
@@ -405,13 +422,35 @@ fn finish(e: u32, row0: u32, col0: u32) {
 fn store_colsum(col: u32, g: f32) {
     if (col < params.n) {
         colsum[col] = g;
-        step(params.b_value + col, params.b_velocity + col, g);
+        step(params.b_value + col, params.b_velocity + col, params.b_momentum + col, g);
     }
 }
 
-// The optimizer step (if the flags ask for one) of the parameter at param[p] (velocity[v]).
-fn step(p: u32, v: u32, g: f32) {
-    optimizer_step(params.flags, p, v, g, params.lr, params.rho, params.eps);
+// The optimizer step (if the flags ask for one) of the parameter at param[p] (velocity[v],
+// momentum[m]) with gradient g, at this step's row of the step table.
+fn step(p: u32, v: u32, m: u32, g: f32) {
+    let flags = params.flags;
+    if (!steps_at_all(flags)) {
+        return;
+    }
+    let row = 4u + 4u * (bitcast<u32>(side[0]) + params.slot);
+    let k = vec4<f32>(side[row], side[row + 1u], side[row + 2u], side[row + 3u]);
+    var s = Moments(param[p], 0.0, 0.0);
+    if (uses_velocity(flags)) {
+        s.v = velocity[v];
+    }
+    if (uses_momentum(flags)) {
+        s.m = momentum[m];
+    }
+    let h = Hyper(params.rho, params.eps, params.beta1, params.beta2, params.momentum, params.l2);
+    let out = optimizer_step(flags, s, g, k, h);
+    param[p] = out.p;
+    if (uses_velocity(flags)) {
+        velocity[v] = out.v;
+    }
+    if (uses_momentum(flags)) {
+        momentum[m] = out.m;
+    }
 }
 
 //!include optimizer.wgsl
@@ -422,14 +461,14 @@ fn store_one(at: u32, col: u32, value: f32) {
     }
     var x = value;
     if ((params.flags & ADD_BIAS) != 0u) {
-        x = x + bias[col];
+        x = x + side[col];
     }
     if ((params.flags & RELU) != 0u) {
         x = max(x, 0.0);
     }
-    if ((params.flags & MASK) != 0u && !(mask[at] > 0.0)) {
+    if ((params.flags & MASK) != 0u && !(side[at] > 0.0)) {
         x = 0.0;
     }
     c[at] = x;
-    step(params.w_value + at, params.w_velocity + at, x);
+    step(params.w_value + at, params.w_velocity + at, params.w_momentum + at, x);
 }

@@ -10,6 +10,7 @@
 //   params  { rows = B, classes = 10, start, slot, write_dlogits = 1, c = C, flags, w_value,
 //             b_value, w_velocity, b_velocity, w_grad, b_grad, lr, rho, eps }: the offsets are
 //             f32 indices into the packed buffers below; flags: optimizer.wgsl's RMSPROP or SGD
+//             (at the constant rate lr: the host fuses no other optimizer or schedule here)
 //   4 dlogits  storage rw  (B, 10): first the logits, then (softmax - onehot) / B
 //   6 inp      storage read   array<f32>  (B, C): the previous layer's ReLU output (also its mask)
 //   7 param    storage rw     array<f32>  packed values: W (k, j) at w_value + k * 10 + j, the
@@ -68,9 +69,20 @@ fn masked_dinp(r: u32, k: u32, w: array<f32, V>) -> f32 {
     return select(0.0, d, inp[r * params.c + k] > 0.0);
 }
 
-// The optimizer step of the parameter value at packed index `p` (velocity at `vel`) with gradient g.
+// The optimizer step of the parameter value at packed index `p` (velocity at `vel`) with gradient
+// g: RMSprop or plain SGD at the constant rate params.lr (the host fuses no other optimizer here).
 fn step_param(p: u32, vel: u32, g: f32) {
-    optimizer_step(params.flags, p, vel, g, params.lr, params.rho, params.eps);
+    var s = Moments(param[p], 0.0, 0.0);
+    let rmsprop = (params.flags & RMSPROP) != 0u;
+    if (rmsprop) {
+        s.v = velocity[vel];
+    }
+    let k = vec4<f32>(params.lr, 0.0, 0.0, 0.0);
+    let out = optimizer_step(params.flags, s, g, k, Hyper(params.rho, params.eps, 0.0, 0.0, 0.0, 0.0));
+    param[p] = out.p;
+    if (rmsprop) {
+        velocity[vel] = out.v;
+    }
 }
 
 //!include optimizer.wgsl

@@ -13,7 +13,7 @@ use crate::data::{batches, epoch_order, Dataset};
 use crate::device::OpenedDevice;
 use crate::error::Result;
 use crate::model::{glorot_init, Batch, Graph, ModelSpec};
-use crate::optim::{Optimizer, OptimizerKind};
+use crate::optim::Optimizer;
 use crate::plan::PlanKind;
 
 /// How much to measure.
@@ -21,6 +21,8 @@ use crate::plan::PlanKind;
 pub struct BenchConfig {
     /// The model benchmarked.
     pub spec: ModelSpec,
+    /// The optimizer (with its schedule) each timed step applies.
+    pub optimizer: Optimizer,
     pub batch: usize,
     /// Steps per timed throughput run.
     pub steps: usize,
@@ -179,7 +181,7 @@ pub async fn bench_device(
     let be = backend.as_mut();
     let device = be.name();
     let spec = cfg.spec.clone();
-    let opt = Optimizer::new(OptimizerKind::RmsProp, None)?;
+    let opt = cfg.optimizer;
     let mut graph = Graph::new(be, &spec, cfg.batch)?;
     graph.set_params(be, &glorot_init(&spec, 0))?;
     let ds = be.upload_dataset(data)?;
@@ -192,6 +194,7 @@ pub async fn bench_device(
     let first = StepAt {
         start: steps[0].0,
         slot: 0,
+        step: 0,
     };
     graph.train_step(be, Batch { ds, rows: steps[0].1 }, first, &opt)?;
     be.sync().await?;
@@ -200,6 +203,7 @@ pub async fn bench_device(
     let second = StepAt {
         start: steps[1 % steps.len()].0,
         slot: 0,
+        step: 1,
     };
     let step_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
         graph
@@ -212,7 +216,16 @@ pub async fn bench_device(
     let run_s = time_median(be, cfg.warmup, cfg.repeats, &mut |be| {
         let t0 = Instant::now();
         for (slot, &(start, rows)) in steps[..n_steps].iter().enumerate() {
-            graph.train_step(be, Batch { ds, rows }, StepAt { start, slot }, &opt)?;
+            graph.train_step(
+                be,
+                Batch { ds, rows },
+                StepAt {
+                    start,
+                    slot,
+                    step: slot,
+                },
+                &opt,
+            )?;
         }
         record_s.push(t0.elapsed().as_secs_f64());
         be.request_stats(0, n_steps).map(|_| true)

@@ -5,8 +5,10 @@
 //! `layers = "784,512,10"` (the widths), `activation = relu` and `dataset = mnist` (or `fashion`,
 //! `kmnist`: what it was trained on); through a temporary file in the
 //! same folder, fsync, then rename, so an interrupted save never leaves a half-written model.
-//! A training checkpoint adds RMSprop's velocities as `optimizer.dense_0.kernel.velocity` ... and
-//! its training state as JSON in metadata key `training_state`. `load` validates the header
+//! A training checkpoint adds the optimizer's moments of each parameter, the second as
+//! `optimizer.dense_0.kernel.velocity` (RMSprop, Adam) and the first as
+//! `optimizer.dense_0.kernel.momentum` (SGD with momentum, Adam), and its training state as JSON
+//! in metadata key `training_state` (settings, position, the optimizer's step count). `load` validates the header
 //! (length, JSON, dtypes, shapes, offsets, finiteness) before it trusts any of it.
 
 use std::io::Write;
@@ -21,12 +23,12 @@ use sha2::{Digest, Sha256};
 
 use crate::data::DatasetKind;
 use crate::error::{Error, Result};
-use crate::model::{HostTensor, ModelSpec};
+use crate::model::{HostTensor, ModelSpec, OptimizerState};
 
 /// The largest header we accept (a real one is under 1 KB).
 const MAX_HEADER: u64 = 1 << 20;
-/// The largest file we read: the parameters, velocities and header of the largest model allowed.
-const MAX_FILE: u64 = 2 * 4 * crate::model::MAX_PARAMS as u64 + MAX_HEADER + 8;
+/// The largest file we read: the parameters, both moments and header of the largest model allowed.
+const MAX_FILE: u64 = 3 * 4 * crate::model::MAX_PARAMS as u64 + MAX_HEADER + 8;
 
 /// Write `data` to `path` atomically: temporary file beside it, fsync, rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
@@ -69,9 +71,9 @@ pub struct Checkpoint {
     pub spec: ModelSpec,
     /// `dense_{i}.kernel` (in, out) and `dense_{i}.bias` (out), in layer order.
     pub params: Vec<HostTensor>,
-    /// RMSprop's velocities, one per parameter, stored as `optimizer.{name}.velocity`; empty for a
-    /// plain model file.
-    pub velocities: Vec<HostTensor>,
+    /// The optimizer's moments, each one per parameter, stored as `optimizer.{name}.velocity` and
+    /// `optimizer.{name}.momentum`; empty for a plain model file.
+    pub optimizer: OptimizerState,
     /// The training state of a `--checkpoint-dir` checkpoint (JSON in metadata key `training_state`).
     pub state: Option<Value>,
     /// The dataset it was trained on (metadata key `dataset`); `None` for a file that does not
@@ -103,7 +105,7 @@ impl Checkpoint {
         Checkpoint {
             spec: spec.clone(),
             params,
-            velocities: Vec::new(),
+            optimizer: OptimizerState::default(),
             state: None,
             dataset: Some(dataset),
             data_hash: DataHash::Matched,
@@ -111,8 +113,9 @@ impl Checkpoint {
     }
 }
 
-const VELOCITY_PREFIX: &str = "optimizer.";
+const OPTIMIZER_PREFIX: &str = "optimizer.";
 const VELOCITY_SUFFIX: &str = ".velocity";
+const MOMENTUM_SUFFIX: &str = ".momentum";
 
 /// The model that metadata `layers` names: an MLP's widths ("784,512,10") or a --layers spec.
 fn spec_of(layers: &str) -> std::result::Result<ModelSpec, String> {
@@ -141,15 +144,20 @@ pub fn to_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
         true => spec.describe().replace('-', ","),
         false => spec.to_layers_arg(),
     };
-    let velocities = ck.velocities.iter().map(|v| HostTensor {
-        name: format!("{VELOCITY_PREFIX}{}{VELOCITY_SUFFIX}", v.name),
-        ..v.clone()
-    });
+    let moment = |suffix: &'static str| {
+        move |v: &HostTensor| HostTensor {
+            name: format!("{OPTIMIZER_PREFIX}{}{suffix}", v.name),
+            ..v.clone()
+        }
+    };
+    let velocities = ck.optimizer.velocities.iter().map(moment(VELOCITY_SUFFIX));
+    let momenta = ck.optimizer.momenta.iter().map(moment(MOMENTUM_SUFFIX));
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = ck
         .params
         .iter()
         .cloned()
         .chain(velocities)
+        .chain(momenta)
         .map(|t| (t.name, t.shape, t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
     // The order `serialize` writes them in (one dtype: by name), so that the hash below is the
@@ -307,18 +315,28 @@ fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
         None => None,
     };
     let mut params = Vec::new();
-    let mut velocities = Vec::new();
-    let has_velocities = file.names().iter().any(|k| k.starts_with(VELOCITY_PREFIX));
+    let mut optimizer = OptimizerState::default();
+    let has = |suffix: &str| {
+        file.names()
+            .iter()
+            .any(|k| k.starts_with(OPTIMIZER_PREFIX) && k.ends_with(suffix))
+    };
+    let (has_velocities, has_momenta) = (has(VELOCITY_SUFFIX), has(MOMENTUM_SUFFIX));
     let shapes = spec.param_shapes().map_err(|e| e.to_string())?;
     for (name, shape) in shapes {
         params.push(tensor(&file, &name, &shape)?);
-        if has_velocities {
-            let mut v = tensor(&file, &format!("{VELOCITY_PREFIX}{name}{VELOCITY_SUFFIX}"), &shape)?;
-            v.name = name;
-            velocities.push(v);
+        for (wanted, suffix, into) in [
+            (has_velocities, VELOCITY_SUFFIX, &mut optimizer.velocities),
+            (has_momenta, MOMENTUM_SUFFIX, &mut optimizer.momenta),
+        ] {
+            if wanted {
+                let mut v = tensor(&file, &format!("{OPTIMIZER_PREFIX}{name}{suffix}"), &shape)?;
+                v.name = name.clone();
+                into.push(v);
+            }
         }
     }
-    let expected = params.len() + velocities.len();
+    let expected = params.len() + optimizer.velocities.len() + optimizer.momenta.len();
     if file.len() != expected {
         return bad(format!(
             "holds {} tensors, a {} model has {expected}",
@@ -345,7 +363,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     Ok(Checkpoint {
         spec,
         params,
-        velocities,
+        optimizer,
         state,
         dataset,
         data_hash,

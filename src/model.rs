@@ -15,7 +15,8 @@ use crate::plan::{self, LayerOp, LayerTensors, PlanKind};
 
 pub use crate::spec::{glorot_init, HostTensor, Layer, LayerSpec, ModelSpec, MAX_ACTIVATIONS, MAX_PARAMS};
 
-/// A parameter on the backend: value, gradient and optimizer state (RMSprop's velocity).
+/// A parameter on the backend: value, gradient and optimizer state (the moments of its
+/// gradient, `ParamTensors`).
 #[derive(Debug, Clone)]
 pub struct Param {
     pub name: String,
@@ -23,6 +24,7 @@ pub struct Param {
     pub value: TensorId,
     pub grad: TensorId,
     pub velocity: TensorId,
+    pub momentum: TensorId,
 }
 
 impl Param {
@@ -32,6 +34,7 @@ impl Param {
             value: self.value,
             grad: self.grad,
             velocity: self.velocity,
+            momentum: self.momentum,
         }
     }
 
@@ -44,12 +47,22 @@ impl Param {
     }
 }
 
-/// Which tensor of a parameter: its value, its gradient, or RMSprop's velocity.
+/// The optimizer's state of every parameter on the host: the second and first moments of the
+/// gradients (`ParamTensors`), each named like its parameter; empty where the optimizer keeps none
+/// (RMSprop has no momenta).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OptimizerState {
+    pub velocities: Vec<HostTensor>,
+    pub momenta: Vec<HostTensor>,
+}
+
+/// Which tensor of a parameter: its value, its gradient, or a moment of the gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamPart {
     Value,
     Grad,
     Velocity,
+    Momentum,
 }
 
 impl ParamPart {
@@ -118,9 +131,9 @@ pub struct Graph {
     pub params: Vec<Param>,
     /// Each layer's tensors (dense, convolution, pooling), in order.
     layers: Vec<LayerTensors>,
-    /// The packed allocations of the values, gradients and velocities (in `ParamPart` order), so
-    /// that reading or writing one part of every parameter is one transfer.
-    packed: [Packed; 3],
+    /// The packed allocations of the values, gradients, velocities and momenta (in `ParamPart`
+    /// order), so that reading or writing one part of every parameter is one transfer.
+    packed: [Packed; 4],
     /// The plans built so far, fused for the backend.
     plans: Vec<(PlanKey, Vec<Op>)>,
     max_batch: usize,
@@ -134,12 +147,13 @@ impl Graph {
         }
         let resolved = spec.resolve()?;
         check_fits(be, spec, &resolved, max_batch)?;
-        // Values, gradients and velocities each live in one packed allocation, in layer order
-        // (each layer's kernel, then its bias), so that a GPU kernel updating a layer's weight
-        // and bias binds one buffer of each.
+        // Values, gradients, velocities and momenta each live in one packed allocation, in layer
+        // order (each layer's kernel, then its bias), so that a GPU kernel updating a layer's
+        // weight and bias binds one buffer of each.
         let shapes = spec.param_shapes()?;
         let lens: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
         let packed = [
+            be.alloc_packed(&lens)?,
             be.alloc_packed(&lens)?,
             be.alloc_packed(&lens)?,
             be.alloc_packed(&lens)?,
@@ -153,6 +167,7 @@ impl Graph {
                 value: packed[0].parts[k],
                 grad: packed[1].parts[k],
                 velocity: packed[2].parts[k],
+                momentum: packed[3].parts[k],
             })
             .collect();
         // Activations: the batch (max_batch, 28, 28, 1), then each layer's output and the
@@ -238,7 +253,7 @@ impl Graph {
         self.read_part(be, ParamPart::Grad).await
     }
 
-    /// Copy one part (values, gradients or velocities) of every parameter to the backend, in one
+    /// Copy one part (values, gradients, velocities or momenta) of every parameter to the backend, in one
     /// write of the packed allocation.
     pub fn write_part(&self, be: &mut dyn Backend, part: ParamPart, values: &[HostTensor]) -> Result<()> {
         if values.len() != self.params.len() {
@@ -257,7 +272,7 @@ impl Graph {
         be.write(packed.whole, &whole)
     }
 
-    /// Read one part (values, gradients or velocities) of every parameter back from the backend,
+    /// Read one part (values, gradients, velocities or momenta) of every parameter back from the backend,
     /// in one read of the packed allocation.
     pub async fn read_part(&self, be: &mut dyn Backend, part: ParamPart) -> Result<Vec<HostTensor>> {
         let packed = &self.packed[part.index()];

@@ -385,21 +385,13 @@ fn fuse_output_layer(w: &[Op], fusions: Fusions) -> Option<Op> {
         && weight_inp == inp
         && u.weight.value == weight
         && u.bias.value == bias;
-    if !same_layer || !fusions.output_layer(shape) {
+    if !same_layer || !fusions.output_layer(shape, &u.opt) {
         return None;
     }
     Some(Op::OutputLayer(OutputLayer {
         shape,
-        weight: ParamTensors {
-            value: weight,
-            grad: dweight,
-            velocity: u.weight.velocity,
-        },
-        bias: ParamTensors {
-            value: bias,
-            grad: dbias,
-            velocity: u.bias.velocity,
-        },
+        weight: u.weight.with_grad(dweight),
+        bias: u.bias.with_grad(dbias),
         inp,
         logits,
         dlogits,

@@ -21,6 +21,8 @@ pub struct EpochRecord {
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
     pub seconds: f64,
+    /// The learning rate of the epoch's last step (None in a history written before it was kept).
+    pub lr: Option<f64>,
     /// The device that ran the epoch (it changes when --device auto falls back to the CPU).
     pub device: String,
 }
@@ -69,14 +71,16 @@ fn opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
 }
 
-/// epoch,train_loss,train_accuracy,val_loss,val_accuracy,seconds,device
+/// epoch,train_loss,train_accuracy,val_loss,val_accuracy,seconds,lr,device (lr: the rate of the
+/// epoch's last step).
 pub fn metrics_csv(epochs: &[EpochRecord]) -> String {
-    let mut out = String::from("epoch,train_loss,train_accuracy,val_loss,val_accuracy,seconds,device\n");
+    let mut out = String::from("epoch,train_loss,train_accuracy,val_loss,val_accuracy,seconds,lr,device\n");
     for e in epochs {
         let device = e.device.replace('"', "'");
+        let lr = e.lr.map_or(String::new(), |lr| format!("{lr:e}"));
         let _ = writeln!(
             out,
-            "{},{:.6},{:.6},{},{},{:.3},\"{}\"",
+            "{},{:.6},{:.6},{},{},{:.3},{lr},\"{}\"",
             e.epoch,
             e.train_loss,
             e.train_accuracy,
@@ -289,17 +293,30 @@ pub fn learning_curve_svg(epochs: &[EpochRecord]) -> String {
         acc.series
             .push(("validation", orange, pts(&|e| e.val_accuracy.map(|a| 100.0 * a))));
     }
+    // A third panel when the rate changes from epoch to epoch (a schedule).
+    let rates = pts(&|e| e.lr);
+    let scheduled = rates.windows(2).any(|w| w[0].1 != w[1].1);
+    let rate = Panel {
+        title: "Learning rate",
+        y_label: "rate at the epoch's last step",
+        legend_top: true,
+        series: vec![("learning rate", "#2ca02c", rates)],
+    };
+    let panels = if scheduled { 3.0 } else { 2.0 };
     let n = epochs.iter().map(|e| e.epoch).max().unwrap_or(1);
     let mut svg = String::new();
     let _ = writeln!(
         svg,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{:.0}" height="{H:.0}" viewBox="0 0 {:.0} {H:.0}" font-family="sans-serif">"##,
-        2.0 * W,
-        2.0 * W
+        panels * W,
+        panels * W
     );
     let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="#fafafa"/>"##);
     draw_panel(&mut svg, 0.0, &loss, n);
     draw_panel(&mut svg, W, &acc, n);
+    if scheduled {
+        draw_panel(&mut svg, 2.0 * W, &rate, n);
+    }
     svg.push_str("</svg>\n");
     svg
 }
@@ -333,6 +350,7 @@ mod tests {
                 val_loss: Some(1.1 / e as f64),
                 val_accuracy: Some(0.89),
                 seconds: 1.5,
+                lr: Some(0.01 / e as f64),
                 device: "cpu".to_string(),
             })
             .collect();
@@ -343,8 +361,16 @@ mod tests {
             .nth(2)
             .is_some_and(|l| l.starts_with("2,0.500000,0.920000,0.550000,0.890000,1.500,")));
         let svg = learning_curve_svg(&epochs);
-        assert_eq!(svg.matches("<polyline").count(), 4);
-        for label in ["epoch", "accuracy (%)", "cross-entropy", "validation", "training"] {
+        assert_eq!(svg.matches("<polyline").count(), 5);
+        assert!(csv.lines().nth(2).is_some_and(|l| l.contains(",5e-3,")), "{csv}");
+        for label in [
+            "epoch",
+            "accuracy (%)",
+            "cross-entropy",
+            "validation",
+            "training",
+            "learning rate",
+        ] {
             assert!(svg.contains(label), "{label}");
         }
         assert_eq!(utc_stamp().len(), 15);

@@ -91,9 +91,127 @@ impl Schedule {
         }
     }
 
+    /// The schedule in the words `parse` reads, every parameter given: "constant",
+    /// "step:every=500,gamma=0.1", "exponential:gamma=0.999", "cosine:warmup=100,total=2345,
+    /// floor=0", "one-cycle:total=235,pct_start=0.3,div_factor=25,final_div_factor=10000".
+    pub fn describe(&self) -> String {
+        match *self {
+            Schedule::Constant => "constant".to_string(),
+            Schedule::Step { every, gamma } => format!("step:every={every},gamma={gamma}"),
+            Schedule::Exponential { gamma } => format!("exponential:gamma={gamma}"),
+            Schedule::WarmupCosine { warmup, total, floor } => {
+                format!("cosine:warmup={warmup},total={total},floor={floor}")
+            }
+            Schedule::OneCycle {
+                total,
+                pct_start,
+                div_factor,
+                final_div_factor,
+            } => format!(
+                "one-cycle:total={total},pct_start={pct_start},div_factor={div_factor},final_div_factor={final_div_factor}"
+            ),
+        }
+    }
+
+    /// A schedule as `describe` writes it or as a user gives it (`--schedule`): a name, then
+    /// optionally `:` and `key=value` pairs separated by commas. What is left out takes its
+    /// default for a run of `total` steps: `total` itself; step decay every third of the run
+    /// by gamma 0.1 (PyTorch's StepLR default); exponential decay to 1 % of the rate over the
+    /// run; cosine without warm-up down to 0; one-cycle with PyTorch's defaults.
+    pub fn parse(text: &str, total: usize) -> std::result::Result<Schedule, String> {
+        let (name, rest) = text.trim().split_once(':').unwrap_or((text.trim(), ""));
+        let mut pairs: Vec<(String, f64)> = Vec::new();
+        for pair in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            let value: f64 = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| format!("{key} = {value:?} is not a number of 0 or more"))?;
+            pairs.push((key.trim().to_string(), value));
+        }
+        let known: &[&str] = match name {
+            "constant" => &[],
+            "step" => &["every", "gamma"],
+            "exponential" => &["gamma"],
+            "cosine" => &["warmup", "total", "floor"],
+            "one-cycle" => &["total", "pct_start", "div_factor", "final_div_factor"],
+            _ => {
+                return Err(format!(
+                    "{name:?} is not one of constant, step, exponential, cosine, one-cycle"
+                ))
+            }
+        };
+        if let Some((key, _)) = pairs.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            return Err(format!("{name} takes {}, not {key:?}", words(known)));
+        }
+        let get = |key: &str, default: f64| pairs.iter().find(|(k, _)| k == key).map_or(default, |p| p.1);
+        let count = |key: &str, default: usize| -> std::result::Result<usize, String> {
+            let v = get(key, default as f64);
+            match v.fract() == 0.0 && v <= u32::MAX as f64 {
+                true => Ok(v as usize),
+                false => Err(format!("{key} = {v} is not a whole number of steps")),
+            }
+        };
+        let total = count("total", total)?.max(1);
+        let schedule = match name {
+            "constant" => Schedule::Constant,
+            "step" => Schedule::Step {
+                every: count("every", total.div_ceil(3))?.max(1),
+                gamma: get("gamma", 0.1),
+            },
+            "exponential" => Schedule::Exponential {
+                gamma: get("gamma", 0.01f64.powf(1.0 / total as f64)),
+            },
+            "cosine" => Schedule::WarmupCosine {
+                warmup: count("warmup", 0)?,
+                total,
+                floor: get("floor", 0.0),
+            },
+            _ => Schedule::OneCycle {
+                total,
+                pct_start: get("pct_start", 0.3),
+                div_factor: get("div_factor", 25.0),
+                final_div_factor: get("final_div_factor", 1e4),
+            },
+        };
+        schedule.check()?;
+        Ok(schedule)
+    }
+
+    /// Refuse parameters that give no usable rate.
+    fn check(&self) -> std::result::Result<(), String> {
+        match *self {
+            Schedule::Step { gamma, .. } | Schedule::Exponential { gamma } if !(gamma > 0.0 && gamma <= 1.0) => {
+                Err(format!("gamma = {gamma} must be above 0 and at most 1"))
+            }
+            Schedule::WarmupCosine { floor, .. } if floor > 1.0 => Err(format!("floor = {floor} must be at most 1")),
+            Schedule::OneCycle {
+                pct_start,
+                div_factor,
+                final_div_factor,
+                ..
+            } if !(pct_start > 0.0 && pct_start < 1.0) || div_factor < 1.0 || final_div_factor < 1.0 => Err(
+                "one-cycle needs pct_start above 0 and below 1, and div_factor and final_div_factor of 1 or more"
+                    .to_string(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// The rates of steps 0..steps.
     pub fn rates(&self, base: f32, steps: usize) -> Vec<f32> {
         (0..steps).map(|step| self.rate(base, step)).collect()
+    }
+}
+
+fn words(keys: &[&str]) -> String {
+    match keys {
+        [] => "no parameters".to_string(),
+        _ => keys.join(", "),
     }
 }
 
@@ -138,6 +256,34 @@ mod tests {
         close("cosine, after the last", w.rate(base, 500), b * 0.1);
         assert!(w.rates(base, 111).windows(2).take(10).all(|p| p[0] < p[1]));
         assert!(w.rates(base, 111)[10..].windows(2).all(|p| p[0] >= p[1]));
+    }
+
+    #[test]
+    fn a_schedule_reads_back_what_describe_writes() {
+        for text in [
+            "constant",
+            "step",
+            "exponential",
+            "cosine:warmup=10",
+            "one-cycle",
+            "step:every=7,gamma=0.5",
+        ] {
+            let s = Schedule::parse(text, 235).unwrap();
+            assert_eq!(Schedule::parse(&s.describe(), 1).unwrap(), s, "{text}");
+        }
+        assert_eq!(Schedule::parse("one-cycle", 235).unwrap(), Schedule::one_cycle(235));
+        let e = Schedule::parse("exponential", 100).unwrap();
+        assert!((e.rate_f64(1.0, 100) - 0.01).abs() < 1e-12);
+        for bad in [
+            "linear",
+            "step:gamma",
+            "step:gamma=2",
+            "cosine:warmup=1.5",
+            "one-cycle:pct_start=1",
+            "constant:x=1",
+        ] {
+            assert!(Schedule::parse(bad, 10).is_err(), "{bad}");
+        }
     }
 
     /// PyTorch's OneCycleLR as the fastest MNIST recipe sets it (total 235, max 0.01): the first

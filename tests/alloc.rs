@@ -58,7 +58,11 @@ fn a_cpu_training_step_allocates_nothing() {
             .train_step(
                 &mut be,
                 Batch { ds, rows },
-                gpu_mnist::backend::StepAt { start, slot: 0 },
+                gpu_mnist::backend::StepAt {
+                    start,
+                    slot: 0,
+                    step: 0,
+                },
                 &opt,
             )
             .unwrap();
@@ -70,7 +74,11 @@ fn a_cpu_training_step_allocates_nothing() {
             .train_step(
                 &mut be,
                 Batch { ds, rows },
-                gpu_mnist::backend::StepAt { start, slot: 0 },
+                gpu_mnist::backend::StepAt {
+                    start,
+                    slot: 0,
+                    step: 0,
+                },
                 &opt,
             )
             .unwrap();
@@ -109,7 +117,11 @@ fn a_cpu_convnet_step_allocates_nothing_but_foreign_gemm_packing() {
             .train_step(
                 &mut be,
                 Batch { ds, rows },
-                gpu_mnist::backend::StepAt { start, slot: 0 },
+                gpu_mnist::backend::StepAt {
+                    start,
+                    slot: 0,
+                    step: 0,
+                },
                 &opt,
             )
             .unwrap();

@@ -12,9 +12,7 @@
 mod common;
 
 use common::*;
-use gpu_mnist::backend::ops::{
-    ConvGeometry, FusedUpdate, Matmul, MatmulKind, Op, ParamState, Pool, PoolKind, PoolShape, StepAt,
-};
+use gpu_mnist::backend::ops::{ConvGeometry, FusedUpdate, Matmul, MatmulKind, Op, Pool, PoolKind, PoolShape, StepAt};
 use gpu_mnist::backend::reference as r;
 use gpu_mnist::backend::wgpu::{TileConfig, WgpuBackend};
 use gpu_mnist::backend::{Backend, TensorId};
@@ -323,10 +321,6 @@ fn conv_weight_gradient_with_a_fused_rmsprop_step_matches_the_reference() {
         let dout = random_vec(&mut g, pixels * oc, 1e-2);
         let packed = packed_two_layers(&mut be, (&values, &vels), (patch, oc));
         let (w, b) = (param_of(&packed, 2), param_of(&packed, 3));
-        let state = |p: gpu_mnist::backend::ParamTensors| ParamState {
-            value: p.value,
-            velocity: p.velocity,
-        };
         let (t_inp, t_dout) = (upload(&mut be, &inp), upload(&mut be, &dout));
         let kind = MatmulKind::BackwardWeight {
             dweight: w.grad,
@@ -334,8 +328,8 @@ fn conv_weight_gradient_with_a_fused_rmsprop_step_matches_the_reference() {
             inp: t_inp,
             dout: t_dout,
             update: Some(FusedUpdate {
-                weight: state(w),
-                bias: state(b),
+                weight: w.state(),
+                bias: b.state(),
                 opt,
             }),
         };

@@ -28,7 +28,16 @@ fn run_steps(
     let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
     for (slot, (start, rows)) in batches(data.len(), batch).take(steps).enumerate() {
         graph
-            .train_step(be, Batch { ds, rows }, StepAt { start, slot }, &opt)
+            .train_step(
+                be,
+                Batch { ds, rows },
+                StepAt {
+                    start,
+                    slot,
+                    step: slot,
+                },
+                &opt,
+            )
             .unwrap();
     }
     let stats = pollster::block_on(read_stats(be, steps)).unwrap();

@@ -52,24 +52,41 @@ fn a_diverging_run_stops_at_the_first_infinite_loss() {
 
 #[test]
 fn ctrl_c_checkpoints_exits_130_and_resume_finishes_with_the_same_weights() {
+    interrupt_and_resume(&[]);
+}
+
+/// The same with Adam and a one-cycle schedule: the resumed run continues the optimizer's moments,
+/// its step count (Adam's bias corrections) and the schedule's rates exactly.
+#[test]
+fn ctrl_c_and_resume_with_adam_and_one_cycle_end_with_the_same_weights() {
+    interrupt_and_resume(&["--optimizer", "adam", "--schedule", "one-cycle"]);
+}
+
+/// Train 3 epochs uninterrupted, and again interrupted by SIGINT in the second epoch and resumed:
+/// the weights and every epoch's loss and accuracy must be the same.
+fn interrupt_and_resume(optimizer: &[&str]) {
     let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
     let common = [
-        "train",
-        "--device",
-        "cpu",
-        "--data",
-        &d,
-        "--epochs",
-        "3",
-        "--train-limit",
-        "40000",
-        "--seed",
-        "9",
-        "--chunk-steps",
-        "16",
-    ];
+        &[
+            "train",
+            "--device",
+            "cpu",
+            "--data",
+            &d,
+            "--epochs",
+            "3",
+            "--train-limit",
+            "40000",
+            "--seed",
+            "9",
+            "--chunk-steps",
+            "16",
+        ][..],
+        optimizer,
+    ]
+    .concat();
     run_ok(
         &[
             &common[..],

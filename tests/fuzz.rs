@@ -213,7 +213,10 @@ fn checkpoint_loader() {
     let spec = ModelSpec::mnist(&[3]);
     let model = checkpoint::to_bytes(&Checkpoint::model(&spec, glorot_init(&spec, 1), DatasetKind::Mnist)).unwrap();
     let full = checkpoint::to_bytes(&Checkpoint {
-        velocities: glorot_init(&spec, 2),
+        optimizer: gpu_mnist::model::OptimizerState {
+            velocities: glorot_init(&spec, 2),
+            momenta: glorot_init(&spec, 3),
+        },
         state: Some(serde_json::json!({"epochs_done": 1})),
         ..Checkpoint::model(&spec, glorot_init(&spec, 1), DatasetKind::Mnist)
     })

@@ -376,13 +376,15 @@ fn cpu_optimizer_updates_match_the_reference() {
                 upload(be, &param),
                 upload(be, &velocity),
             );
-            let p = |value, velocity| ParamTensors {
+            let (t_m, t_sgd_m) = (upload(be, &velocity), upload(be, &velocity));
+            let p = |value, velocity, momentum| ParamTensors {
                 value,
                 grad: t_g,
                 velocity,
+                momentum,
             };
-            ops::update(be, p(t_p, t_v), n, &rmsprop).unwrap();
-            ops::update(be, p(t_sgd, t_sgd_v), n, &sgd).unwrap();
+            ops::update(be, p(t_p, t_v, t_m), n, &rmsprop).unwrap();
+            ops::update(be, p(t_sgd, t_sgd_v, t_sgd_m), n, &sgd).unwrap();
             let (mut want_p, mut want_v, mut want_sgd) = (param.clone(), velocity.clone(), param.clone());
             r::rmsprop_update(&mut want_p, &mut want_v, &grad, rmsprop.lr, rmsprop.rho, rmsprop.eps);
             r::sgd_update(&mut want_sgd, &grad, sgd.lr);
@@ -451,6 +453,7 @@ fn gpu_optimizer_updates_match_the_reference_through_the_fused_weight_gradient()
                         assert_close(&format!("{what} param"), got_value, &want_p, 1e-7, 1e-6);
                         assert_eq!(got_vel, &want_v, "{what}: SGD changed the velocity");
                     }
+                    other => panic!("{other:?} is not one of update_optimizers"),
                 }
             }
             assert_eq!(other, &values[0], "{name}: the other layer's weight changed");
@@ -521,7 +524,8 @@ fn packed_tensors_update_in_one_op_and_refuse_aliasing() {
         let be = be.as_mut();
         let name = be.name();
         let lens = [7usize, 1, 300, 10];
-        let (params, grads, vels) = (
+        let (params, grads, vels, moms) = (
+            be.alloc_packed(&lens).unwrap(),
             be.alloc_packed(&lens).unwrap(),
             be.alloc_packed(&lens).unwrap(),
             be.alloc_packed(&lens).unwrap(),
@@ -542,6 +546,7 @@ fn packed_tensors_update_in_one_op_and_refuse_aliasing() {
                 value: params.whole,
                 grad: grads.whole,
                 velocity: vels.whole,
+                momentum: moms.whole,
             };
             ops::update(be, whole, params.len, &rmsprop).unwrap();
             for (k, &len) in lens.iter().enumerate() {
@@ -692,7 +697,8 @@ fn fused_ops_refuse_writing_what_they_read() {
     let mut be = gpu();
     let (b, c, oc) = (4, 6, 3);
     let values = be.alloc_packed(&[b * c, c * oc, oc]).unwrap();
-    let (grads, vels) = (
+    let (grads, vels, moms) = (
+        be.alloc_packed(&[c * oc, oc]).unwrap(),
         be.alloc_packed(&[c * oc, oc]).unwrap(),
         be.alloc_packed(&[c * oc, oc]).unwrap(),
     );
@@ -701,6 +707,7 @@ fn fused_ops_refuse_writing_what_they_read() {
         value: values.parts[k + 1],
         grad: grads.parts[k],
         velocity: vels.parts[k],
+        momentum: moms.parts[k],
     };
     let [rmsprop, _] = update_optimizers();
     let err = ops::backward_weight_update(
@@ -770,11 +777,20 @@ fn output_layer(
         opt: *opt,
     };
     let before = be.counters().dispatches;
-    ops::output_layer(be, step, StepAt { start, slot: 0 }).unwrap();
+    ops::output_layer(
+        be,
+        step,
+        StepAt {
+            start,
+            ..StepAt::default()
+        },
+    )
+    .unwrap();
     let dispatches = be.counters().dispatches - before;
     let stats = ops::stats(be, 1).unwrap()[0];
     let mut parts = vec![dlogits, dinp];
-    for p in &packed {
+    // Values, gradients, velocities (neither optimizer here keeps momenta).
+    for p in &packed[..3] {
         parts.extend(&p.parts);
     }
     (
@@ -1016,7 +1032,15 @@ fn a_fused_plan_computes_exactly_what_the_plain_one_does() {
         for slot in 0..steps {
             let start = slot % 2 * PLAN_ROWS;
             for op in &step {
-                be.run(op, StepAt { start, slot }).unwrap();
+                be.run(
+                    op,
+                    StepAt {
+                        start,
+                        slot,
+                        step: slot,
+                    },
+                )
+                .unwrap();
             }
         }
         let stats = ops::stats(&mut be, steps).unwrap();
@@ -1075,6 +1099,7 @@ fn a_gpu_training_step_takes_at_most_seven_dispatches() {
                 StepAt {
                     start: PLAN_ROWS,
                     slot: 0,
+                    step: 0,
                 },
                 &opt,
             )

@@ -24,7 +24,16 @@ fn run_steps(be: &mut dyn Backend, data: &Dataset, steps: usize) -> (Vec<StepSta
     let opt = Optimizer::new(OptimizerKind::RmsProp, None).unwrap();
     for (slot, (start, rows)) in batches(data.len(), BATCH).take(steps).enumerate() {
         graph
-            .train_step(be, Batch { ds, rows }, gpu_mnist::backend::StepAt { start, slot }, &opt)
+            .train_step(
+                be,
+                Batch { ds, rows },
+                gpu_mnist::backend::StepAt {
+                    start,
+                    slot,
+                    step: slot,
+                },
+                &opt,
+            )
             .unwrap();
     }
     let stats = pollster::block_on(gpu_mnist::backend::read_stats(be, steps)).unwrap();

@@ -43,12 +43,15 @@ pub struct Packed {
     pub offsets: Vec<usize>,
 }
 
-/// The tensors of one parameter: its value, its gradient and RMSprop's velocity of it.
+/// The tensors of one parameter: its value, its gradient and the optimizer's state of it: the
+/// second moment of the gradient (`velocity`: RMSprop's, Adam's v) and the first (`momentum`:
+/// SGD's momentum buffer, Adam's m), named as Keras names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParamTensors {
     pub value: TensorId,
     pub grad: TensorId,
     pub velocity: TensorId,
+    pub momentum: TensorId,
 }
 
 /// Loss and accuracy of one batch, summed over its rows (written by the fused loss op).

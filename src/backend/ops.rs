@@ -12,14 +12,17 @@
 
 use super::{Backend, DatasetId, ParamTensors, TensorId};
 use crate::error::Result;
-use crate::optim::Optimizer;
+use crate::optim::{Optimizer, OptimizerKind};
+use crate::schedule::Schedule;
 
-/// Where a step is: its batch is rows `start..start + rows` of the dataset's current order, and
-/// its loss and correct count go to statistics slot `slot`.
+/// Where a step is: its batch is rows `start..start + rows` of the dataset's current order, its
+/// loss and correct count go to statistics slot `slot`, and it is optimizer step `step` of the
+/// run (from 0, over every epoch: what its learning rate and Adam's bias corrections depend on).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepAt {
     pub start: usize,
     pub slot: usize,
+    pub step: usize,
 }
 
 /// A dense layer's three products: a batch of `rows`, `inputs` in, `outputs` out.
@@ -46,11 +49,36 @@ pub struct Gather {
     pub rows: usize,
 }
 
-/// The state of a parameter the optimizer changes: its value and RMSprop's velocity of it.
+/// The state of a parameter the optimizer changes: its value and the moments of its gradient
+/// (see `ParamTensors`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParamState {
     pub value: TensorId,
     pub velocity: TensorId,
+    pub momentum: TensorId,
+}
+
+impl ParamState {
+    /// The parameter's tensors with gradient `grad`.
+    pub fn with_grad(self, grad: TensorId) -> ParamTensors {
+        ParamTensors {
+            value: self.value,
+            grad,
+            velocity: self.velocity,
+            momentum: self.momentum,
+        }
+    }
+}
+
+impl ParamTensors {
+    /// What the optimizer changes.
+    pub fn state(self) -> ParamState {
+        ParamState {
+            value: self.value,
+            velocity: self.velocity,
+            momentum: self.momentum,
+        }
+    }
 }
 
 /// The optimizer step a weight gradient applies as it stores the gradients: `opt` on the weight
@@ -66,16 +94,8 @@ impl FusedUpdate {
     /// The optimizer steps this update stands for after a weight gradient of `shape` into
     /// `dweight` and `dbias`: the weight's, then the bias's (when there is one).
     pub fn steps(&self, shape: DenseShape, dweight: TensorId, dbias: Option<TensorId>) -> [Option<Op>; 2] {
-        let weight = ParamTensors {
-            value: self.weight.value,
-            grad: dweight,
-            velocity: self.weight.velocity,
-        };
-        let bias = dbias.map(|grad| ParamTensors {
-            value: self.bias.value,
-            grad,
-            velocity: self.bias.velocity,
-        });
+        let weight = self.weight.with_grad(dweight);
+        let bias = dbias.map(|grad| self.bias.with_grad(grad));
         [
             Some(update(weight, shape.inputs * shape.outputs, self.opt)),
             bias.map(|bias| update(bias, shape.outputs, self.opt)),
@@ -431,9 +451,20 @@ pub struct Fusions {
 }
 
 impl Fusions {
-    /// Whether `Op::OutputLayer` of `shape` runs natively.
-    pub fn output_layer(&self, shape: DenseShape) -> bool {
-        shape.rows <= self.output_layer_max_rows && shape.rows * shape.inputs <= self.output_layer_max_work
+    /// Whether `Op::OutputLayer` of `shape` stepping `opt` runs natively: its kernel steps
+    /// RMSprop and plain SGD at a constant rate (output_layer.wgsl); other optimizers run it as
+    /// its composition.
+    pub fn output_layer(&self, shape: DenseShape, opt: &Optimizer) -> bool {
+        let steps = match opt.kind {
+            OptimizerKind::RmsProp => true,
+            OptimizerKind::Sgd => opt.momentum == 0.0,
+            OptimizerKind::Adam | OptimizerKind::AdamW => false,
+        };
+        steps
+            && opt.schedule == Schedule::Constant
+            && opt.weight_decay == 0.0
+            && shape.rows <= self.output_layer_max_rows
+            && shape.rows * shape.inputs <= self.output_layer_max_work
     }
 }
 
@@ -555,14 +586,8 @@ pub struct LayerGradient {
 pub fn weight_gradient_ops(layer: LayerGradient, opt: Optimizer, fuse_update: bool) -> Vec<Op> {
     let (weight, bias, shape) = (layer.weight, layer.bias, layer.shape);
     let fused = FusedUpdate {
-        weight: ParamState {
-            value: weight.value,
-            velocity: weight.velocity,
-        },
-        bias: ParamState {
-            value: bias.value,
-            velocity: bias.velocity,
-        },
+        weight: weight.state(),
+        bias: bias.state(),
         opt,
     };
     let gradient = |update| {

@@ -8,6 +8,7 @@
 //! `bias_add_forward`, which adds in place.
 
 use super::ops::{ConvGeometry, PoolShape};
+use crate::optim::{Optimizer, OptimizerKind, StepScalars};
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 /// The float operations the reference needs (implemented for f32 and f64).
@@ -245,6 +246,94 @@ pub fn rmsprop_one<T: Real>(param: &mut T, velocity: &mut T, g: T, lr: T, rho: T
 #[inline(always)]
 pub fn sgd_one<T: Real>(param: &mut T, g: T, lr: T) {
     *param = *param - lr * g;
+}
+
+/// One optimizer step's hyper-parameters and step scalars (`optim::StepScalars`) in `T`.
+#[derive(Debug, Clone, Copy)]
+pub struct OptimizerStep<T> {
+    pub kind: OptimizerKind,
+    pub lr: T,
+    pub rho: T,
+    pub eps: T,
+    pub beta1: T,
+    pub beta2: T,
+    pub momentum: T,
+    pub nesterov: bool,
+    /// L2: l2 p is added to the gradient first (0: none).
+    pub l2: T,
+    pub adam_step: T,
+    pub adam_norm: T,
+    pub decay: T,
+}
+
+impl<T: Real> OptimizerStep<T> {
+    /// The step of `opt` whose scalars (rate, bias corrections) are `s`.
+    pub fn new(opt: &Optimizer, s: StepScalars) -> Self {
+        let t = |x: f32| T::from_f64(x as f64);
+        OptimizerStep {
+            kind: opt.kind,
+            lr: t(s.lr),
+            rho: t(opt.rho),
+            eps: t(opt.eps),
+            beta1: t(opt.beta1),
+            beta2: t(opt.beta2),
+            momentum: t(opt.momentum),
+            nesterov: opt.nesterov,
+            l2: t(opt.l2()),
+            adam_step: t(s.adam_step),
+            adam_norm: t(s.adam_norm),
+            decay: t(s.decay),
+        }
+    }
+}
+
+/// Every optimizer's step of one value, the one place the formulas are written in Rust (every
+/// CPU path calls it; shaders/optimizer.wgsl is the same sequence of f32 operations). `velocity`
+/// is the second moment (RMSprop, Adam), `momentum` the first (SGD's momentum buffer, Adam's m);
+/// an optimizer leaves the one it does not use untouched.
+///
+/// - L2 (all but AdamW, when l2 > 0): g += l2 p
+/// - RMSprop (Keras): v = rho v + (1 - rho) g^2; p -= lr g / sqrt(v + eps)
+/// - SGD (PyTorch): p -= lr g; with momentum mu: m = mu m + g, p -= lr m (Nesterov: lr (g + mu m))
+/// - Adam (PyTorch), AdamW: p -= decay p (AdamW: lr wd; Adam: 0); m = b1 m + (1 - b1) g;
+///   v = b2 v + (1 - b2) g^2; p -= adam_step m / (sqrt(v) adam_norm + eps), where
+///   adam_step = lr / (1 - b1^t) and adam_norm = 1 / sqrt(1 - b2^t) at step t (from 1).
+#[inline(always)]
+pub fn optimizer_one<T: Real>(param: &mut T, velocity: &mut T, momentum: &mut T, g: T, k: &OptimizerStep<T>) {
+    let g = if k.l2 != T::ZERO { g + k.l2 * *param } else { g };
+    match k.kind {
+        OptimizerKind::RmsProp => rmsprop_one(param, velocity, g, k.lr, k.rho, k.eps),
+        OptimizerKind::Sgd if k.momentum == T::ZERO => sgd_one(param, g, k.lr),
+        OptimizerKind::Sgd => {
+            *momentum = k.momentum * *momentum + g;
+            let d = if k.nesterov {
+                g + k.momentum * *momentum
+            } else {
+                *momentum
+            };
+            *param = *param - k.lr * d;
+        }
+        OptimizerKind::Adam | OptimizerKind::AdamW => {
+            *param = *param - k.decay * *param;
+            *momentum = k.beta1 * *momentum + (T::ONE - k.beta1) * g;
+            *velocity = k.beta2 * *velocity + (T::ONE - k.beta2) * g * g;
+            *param = *param - k.adam_step * *momentum / (velocity.sqrt() * k.adam_norm + k.eps);
+        }
+    }
+}
+
+/// `optimizer_one` on every value.
+pub fn optimizer_update<T: Real>(
+    param: &mut [T],
+    velocity: &mut [T],
+    momentum: &mut [T],
+    grad: &[T],
+    k: &OptimizerStep<T>,
+) {
+    let values = param.iter_mut().zip(velocity.iter_mut()).zip(momentum.iter_mut());
+    for (((p, v), m), &g) in values.zip(grad) {
+        optimizer_one(p, v, m, g, k);
+    }
 }
 
 /// RMSprop on every value (`rmsprop_one`).

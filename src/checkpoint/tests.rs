@@ -51,7 +51,10 @@ fn round_trip_and_rejections() -> std::result::Result<(), String> {
     assert_eq!(from_bytes(&bytes)?, ck);
     assert_eq!(from_bytes(&bytes)?.dataset, Some(DatasetKind::Fashion));
     let full = Checkpoint {
-        velocities: glorot_init(&spec, 4),
+        optimizer: OptimizerState {
+            velocities: glorot_init(&spec, 4),
+            momenta: glorot_init(&spec, 5),
+        },
         state: Some(serde_json::json!({"epochs_done": 2})),
         ..ck
     };

@@ -12,6 +12,8 @@ use gpu_mnist::bench::{bench_device, memory, BenchConfig, DeviceBench};
 use gpu_mnist::data::locate::{cache_dir, check_identity};
 use gpu_mnist::data::{dir_has_all_files, Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::{open_device, DeviceChoice};
+use gpu_mnist::optim::{Optimizer, OptimizerKind};
+use gpu_mnist::schedule::Schedule;
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
 
@@ -40,8 +42,10 @@ pub struct BenchArgs {
     /// Timed runs per figure (the median is reported)
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_positive)]
     pub repeats: usize,
-    /// A command that runs a baseline and prints `RESULT {json}` with `median_epoch_s`, e.g.
-    /// "python3 ../shared/bench/torch_mnist.py --device cpu"; run once, compared by ratio
+    /// A command that runs a baseline and prints `RESULT {json}` with `median_epoch_s` (or
+    /// `train_seconds` over `epochs`), e.g. "python3 ../shared/bench/torch_mnist.py --device
+    /// cpu" or, for --model fast, "python3 ../shared/bench/torch_fast99.py --data DIR"; run
+    /// once, compared by ratio
     #[arg(long, value_name = "CMD")]
     pub baseline: Option<String>,
     /// Print one JSON object instead of the table
@@ -211,7 +215,12 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
         );
     }
     if let Some(base) = baseline {
-        let base_epoch = base["median_epoch_s"].as_f64().unwrap_or(f64::NAN);
+        // The dense and convnet scripts print a median epoch; torch_fast99.py its whole training
+        // (model build and its epochs), `train_seconds`.
+        let per_epoch = base["train_seconds"]
+            .as_f64()
+            .map(|s| s / base["epochs"].as_f64().unwrap_or(1.0));
+        let base_epoch = base["median_epoch_s"].as_f64().or(per_epoch).unwrap_or(f64::NAN);
         let label = format!(
             "{} on {}",
             base["framework"].as_str().unwrap_or("baseline"),
@@ -234,14 +243,33 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
 pub fn run(args: BenchArgs) -> Result<()> {
     let (data, source) = bench_data(args.data.as_deref(), args.dataset.into())?;
     let spec = args.model.spec()?;
-    let batch = args.batch_size.unwrap_or_else(|| super::default_batch(&spec));
+    let recipe = args.model.recipe()?;
+    let batch = args
+        .batch_size
+        .unwrap_or_else(|| super::default_batch(&spec, recipe.as_ref()));
+    // The recipe's optimizer and schedule over one epoch of these images, else RMSprop.
+    let optimizer = match &recipe {
+        Some(r) => {
+            let steps = data.len().div_ceil(batch.max(1)) * r.epochs;
+            let schedule = Schedule::parse(r.schedule, steps).map_err(|why| Error::usage("--model", why))?;
+            Optimizer {
+                schedule,
+                ..r.optimizer
+            }
+        }
+        None => Optimizer::new(OptimizerKind::RmsProp, None)?,
+    };
     if batch > data.len() {
         let reason = format!("{batch} is larger than the {} training images", data.len());
         return Err(Error::usage("--batch-size", reason));
     }
     spec.check_size(batch)?;
     if !args.json {
-        println!("data: {source}; batch {batch}, model {}", spec.describe());
+        println!(
+            "data: {source}; batch {batch}, model {}, {}",
+            spec.describe(),
+            optimizer.describe()
+        );
     }
     let mut results = Vec::new();
     for (choice, adapter, kind) in plan(&args.device) {
@@ -253,6 +281,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let repeats = if kind == "reference" { 1 } else { args.repeats };
         let cfg = BenchConfig {
             spec: spec.clone(),
+            optimizer,
             batch,
             steps,
             repeats,

@@ -42,7 +42,7 @@ pub async fn evaluate(
     let mut totals = EpochProgress::default();
     for chunk_steps in steps.chunks(chunk) {
         for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
-            graph.eval_step(be, Batch { ds, rows }, StepAt { start, slot })?;
+            graph.eval_step(be, Batch { ds, rows }, StepAt { start, slot, step: 0 })?;
         }
         let stats = read_stats(be, chunk_steps.len()).await?;
         // A bad model may have a huge loss; only a non-finite one is an error here.
@@ -76,7 +76,11 @@ pub async fn predict(be: &mut dyn Backend, graph: &mut Graph, EvalSet { ds, len 
             be,
             PlanKind::Predict,
             Batch { ds, rows },
-            StepAt { start, slot: 0 },
+            StepAt {
+                start,
+                slot: 0,
+                step: 0,
+            },
             None,
         )?;
         let logits = be.read(graph.logits()).await?;

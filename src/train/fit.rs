@@ -3,7 +3,7 @@
 //! folder and checkpoints are observers; the CLI's `train` is flags and wiring around `fit`).
 //!
 //! Contract: `fit` changes `at` only at the end of a completed epoch (its record, and with
-//! `keep_host` the weights and velocities read back), so that after any error `at` describes a
+//! `keep_host` the weights and optimizer state read back), so that after any error `at` describes a
 //! whole, consistent moment from which another backend can continue. Every device failure
 //! happens before an epoch is recorded. `fit` is `async` and waits for the device only by
 //! awaiting the backend's read-backs.
@@ -14,7 +14,7 @@ use super::{ChunkProgress, EpochEnd, EpochProgress, EvalReport, TrainConfig, Tra
 use crate::backend::{Backend, Counters};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::model::HostTensor;
+use crate::model::{HostTensor, OptimizerState};
 use crate::records::EpochRecord;
 
 /// The datasets of a run.
@@ -32,9 +32,9 @@ pub struct Position {
     pub epoch: usize,
     pub partial: EpochProgress,
     pub history: Vec<EpochRecord>,
-    /// Parameters and optimizer velocities as of `epoch` (None: fresh velocities).
+    /// Parameters and the optimizer's state as of `epoch` (None: a fresh optimizer).
     pub params: Vec<HostTensor>,
-    pub velocities: Option<Vec<HostTensor>>,
+    pub optimizer: Option<OptimizerState>,
 }
 
 /// An epoch that starts: `Observer::epoch_started`.
@@ -49,8 +49,8 @@ pub struct EpochStart {
     pub counters: Counters,
 }
 
-/// The weights and the optimizer's velocities, read back from the device.
-pub type HostState<'a> = (&'a [HostTensor], &'a [HostTensor]);
+/// The weights and the optimizer's state, read back from the device.
+pub type HostState<'a> = (&'a [HostTensor], &'a OptimizerState);
 
 /// What a run tells as it goes. Every method has a default that does nothing.
 pub trait Observer {
@@ -69,12 +69,12 @@ pub trait Observer {
         let _ = progress;
     }
     /// An epoch is done and recorded (the last record of `at.history`); `state` is the weights
-    /// and velocities of that moment when `wants_state` said so.
+    /// and optimizer state of that moment when `wants_state` said so.
     fn epoch_done(&mut self, at: &Position, state: Option<HostState<'_>>, counters: Counters) -> Result<()> {
         let _ = (at, state, counters);
         Ok(())
     }
-    /// Whether `epoch_done` and `interrupted` need the weights and velocities (checkpoints).
+    /// Whether `epoch_done` and `interrupted` need the weights and optimizer state (checkpoints).
     fn wants_state(&self) -> bool {
         false
     }
@@ -96,7 +96,7 @@ pub trait Observer {
 
 /// Train on `be` from `at` to epoch `cfg.epochs`, then evaluate on the test set: returns its
 /// report and the trained weights. With `keep_host`, `at` follows every completed epoch (one
-/// read-back of the weights and one of the velocities an epoch), so that another backend can take
+/// read-back of the weights and one of the optimizer state an epoch), so that another backend can take
 /// over after a failure.
 pub async fn fit(
     be: &mut dyn Backend,
@@ -107,7 +107,7 @@ pub async fn fit(
     observer: &mut dyn Observer,
 ) -> Result<(EvalReport, Vec<HostTensor>)> {
     let device = be.name();
-    let mut trainer = Trainer::with_params(be, data.train, cfg.clone(), &at.params, at.velocities.as_deref())?;
+    let mut trainer = Trainer::with_params(be, data.train, cfg.clone(), &at.params, at.optimizer.as_ref())?;
     let val_set = data.val.map(|v| trainer.upload_eval_set(v)).transpose()?;
     let test_set = trainer.upload_eval_set(data.test)?;
     observer.started(&mut trainer)?;
@@ -130,10 +130,10 @@ pub async fn fit(
             EpochEnd::Finished(report) => report,
             EpochEnd::Interrupted(stopped) => {
                 let state = match observer.wants_state() {
-                    true => Some((trainer.params().await?, trainer.velocities().await?)),
+                    true => Some((trainer.params().await?, trainer.optimizer_state().await?)),
                     false => None,
                 };
-                let state = state.as_ref().map(|(p, v)| (p.as_slice(), v.as_slice()));
+                let state = state.as_ref().map(|(p, o)| (p.as_slice(), o));
                 return Err(observer.interrupted(at, stopped, state));
             }
         };
@@ -142,7 +142,7 @@ pub async fn fit(
             None => None,
         };
         let state = match want_state {
-            true => Some((trainer.params().await?, trainer.velocities().await?)),
+            true => Some((trainer.params().await?, trainer.optimizer_state().await?)),
             false => None,
         };
         at.history.push(EpochRecord {
@@ -152,15 +152,16 @@ pub async fn fit(
             val_loss: val.as_ref().map(|v| v.loss),
             val_accuracy: val.as_ref().map(|v| v.accuracy),
             seconds: report.seconds,
+            lr: Some(cfg.optimizer.scalars(((epoch + 1) * steps).saturating_sub(1)).lr as f64),
             device: device.clone(),
         });
         at.partial = EpochProgress::default();
         at.epoch = epoch + 1;
-        if let Some((params, velocities)) = state.as_ref().filter(|_| keep_host) {
+        if let Some((params, optimizer)) = state.as_ref().filter(|_| keep_host) {
             at.params = params.clone();
-            at.velocities = Some(velocities.clone());
+            at.optimizer = Some(optimizer.clone());
         }
-        let view = state.as_ref().map(|(p, v)| (p.as_slice(), v.as_slice()));
+        let view = state.as_ref().map(|(p, o)| (p.as_slice(), o));
         observer.epoch_done(at, view, trainer.be.counters())?;
     }
     let test = trainer.evaluate(test_set).await?;

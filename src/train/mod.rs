@@ -22,7 +22,7 @@ use crate::backend::ops::StepAt;
 use crate::backend::{Backend, DatasetId, StepStats};
 use crate::data::{batches, epoch_order, Dataset};
 use crate::error::{Error, Result};
-use crate::model::{Batch, Graph, HostTensor, ModelSpec, ParamPart};
+use crate::model::{Batch, Graph, HostTensor, ModelSpec, OptimizerState, ParamPart};
 use crate::optim::Optimizer;
 use crate::plan::PlanKind;
 
@@ -101,21 +101,26 @@ pub struct Trainer<'b> {
 
 impl<'b> Trainer<'b> {
     /// Upload the training set and the given parameters (Glorot-initialised by `glorot_init` for a
-    /// new run) and, when resuming, the optimizer's velocities.
+    /// new run) and, when resuming, the optimizer's state (its moments; those it lacks start at 0).
     pub fn with_params(
         be: &'b mut dyn Backend,
         train: &Dataset,
         cfg: TrainConfig,
         params: &[HostTensor],
-        velocities: Option<&[HostTensor]>,
+        state: Option<&OptimizerState>,
     ) -> Result<Self> {
         if cfg.batch_size == 0 {
             return Err(Error::usage("--batch-size", "must be at least 1"));
         }
         let graph = Graph::new(be, &cfg.spec, cfg.batch_size)?;
         graph.set_params(be, params)?;
-        if let Some(v) = velocities {
-            graph.write_part(be, ParamPart::Velocity, v)?;
+        if let Some(state) = state {
+            if !state.velocities.is_empty() {
+                graph.write_part(be, ParamPart::Velocity, &state.velocities)?;
+            }
+            if !state.momenta.is_empty() {
+                graph.write_part(be, ParamPart::Momentum, &state.momenta)?;
+            }
         }
         let train_id = be.upload_dataset(train)?;
         // Two chunks' statistics: one being read back while the next is recorded.
@@ -158,10 +163,13 @@ impl<'b> Trainer<'b> {
                 return Ok(EpochEnd::Interrupted(done));
             }
             let first_slot = (i % 2) * chunk;
+            // The run's optimizer step of the chunk's first step.
+            let first_step = epoch * steps.len() + from.steps_done.min(steps.len()) + i * chunk;
             for (slot, &(start, rows)) in chunk_steps.iter().enumerate() {
                 let at = StepAt {
                     start,
                     slot: first_slot + slot,
+                    step: first_step + slot,
                 };
                 self.graph
                     .train_step(self.be, Batch { ds: self.train, rows }, at, &self.cfg.optimizer)?;
@@ -239,9 +247,18 @@ impl<'b> Trainer<'b> {
         self.graph.params_to_host(self.be).await
     }
 
-    /// The optimizer's velocities, read back from the backend (for a checkpoint).
-    pub async fn velocities(&mut self) -> Result<Vec<HostTensor>> {
-        self.graph.read_part(self.be, ParamPart::Velocity).await
+    /// The optimizer's state, read back from the backend (for a checkpoint): the moments its
+    /// optimizer keeps.
+    pub async fn optimizer_state(&mut self) -> Result<OptimizerState> {
+        let opt = self.cfg.optimizer;
+        let mut state = OptimizerState::default();
+        if opt.kind.uses_velocity() {
+            state.velocities = self.graph.read_part(self.be, ParamPart::Velocity).await?;
+        }
+        if opt.uses_momentum() {
+            state.momenta = self.graph.read_part(self.be, ParamPart::Momentum).await?;
+        }
+        Ok(state)
     }
 
     /// The training plan of a full batch, as `train --verbose` prints it.

@@ -241,7 +241,7 @@ pub fn fused_step(
     opt: &Optimizer,
 ) -> [Vec<f32>; 7] {
     let packed = packed_two_layers(be, (values, vels), (c, oc));
-    let [p, gr, v] = &packed;
+    let [p, gr, v, _] = &packed;
     let (t_inp, t_dout) = (upload(be, inp), upload(be, dout));
     let params = (param_of(&packed, 2), param_of(&packed, 3));
     ops::backward_weight_update(be, params, (t_inp, t_dout), (b, c, oc), opt).unwrap();
@@ -257,30 +257,41 @@ pub fn fused_step(
     parts.map(|t| ops::read(be, t).unwrap())
 }
 
-/// The packed values, gradients and velocities of two dense layers, parts of lengths
+/// The packed values, gradients, velocities and momenta of two dense layers, parts of lengths
 /// [11, 3, C*OC, OC] (so that the second layer's parameters sit at non-zero offsets): the values
-/// and velocities as given, the gradients filled with the values (what an op must overwrite).
+/// and velocities as given, the momenta `momentum_of` the velocities, the gradients filled with
+/// the values (what an op must overwrite).
 pub fn packed_two_layers(
     be: &mut dyn Backend,
     (values, vels): (&[Vec<f32>], &[Vec<f32>]),
     (c, oc): (usize, usize),
-) -> [Packed; 3] {
+) -> [Packed; 4] {
     let lens = [11, 3, c * oc, oc];
-    let packed = [(); 3].map(|_| be.alloc_packed(&lens).unwrap());
+    let packed = [(); 4].map(|_| be.alloc_packed(&lens).unwrap());
     for k in 0..lens.len() {
         be.write(packed[0].parts[k], &values[k]).unwrap();
         be.write(packed[1].parts[k], &values[k]).unwrap();
         be.write(packed[2].parts[k], &vels[k]).unwrap();
+        be.write(packed[3].parts[k], &momentum_of(&vels[k])).unwrap();
     }
     packed
 }
 
+/// The starting momenta of `packed_two_layers`: of both signs, unlike the velocities.
+pub fn momentum_of(vels: &[f32]) -> Vec<f32> {
+    vels.iter()
+        .enumerate()
+        .map(|(i, v)| if i % 3 == 0 { -v } else { 0.5 * v })
+        .collect()
+}
+
 /// The tensors of parameter `k` in `packed_two_layers`' allocations.
-pub fn param_of(packed: &[Packed; 3], k: usize) -> ParamTensors {
+pub fn param_of(packed: &[Packed; 4], k: usize) -> ParamTensors {
     ParamTensors {
         value: packed[0].parts[k],
         grad: packed[1].parts[k],
         velocity: packed[2].parts[k],
+        momentum: packed[3].parts[k],
     }
 }
 

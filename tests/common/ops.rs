@@ -2,7 +2,7 @@
 //! op at a time: each helper builds the typed op and runs it at `StepAt { start, slot }`.
 
 use gpu_mnist::backend::ops::{
-    DenseShape, FusedUpdate, Gather, Loss, Matmul, MatmulKind, Op, OutputLayer, ParamState, StepAt, Update,
+    DenseShape, FusedUpdate, Gather, Loss, Matmul, MatmulKind, Op, OutputLayer, StepAt, Update,
 };
 use gpu_mnist::backend::{Backend, DatasetId, ParamTensors, TensorId};
 use gpu_mnist::optim::Optimizer;
@@ -23,7 +23,13 @@ pub fn read(be: &mut dyn Backend, t: TensorId) -> Result<Vec<f32>> {
 }
 
 pub fn gather(be: &mut dyn Backend, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
-    be.run(&Op::Gather(Gather { x, ds, rows }), StepAt { start, slot: 0 })
+    be.run(
+        &Op::Gather(Gather { x, ds, rows }),
+        StepAt {
+            start,
+            ..StepAt::default()
+        },
+    )
 }
 
 /// out = relu?(inp @ weight + bias?).
@@ -97,26 +103,35 @@ pub fn backward_weight(
     )
 }
 
-/// The weight gradient with `opt`'s step of the weight and bias fused in.
+/// The weight gradient with `opt`'s step of the weight and bias fused in, as the run's first step.
 pub fn backward_weight_update(
+    be: &mut dyn Backend,
+    params: (ParamTensors, ParamTensors),
+    tensors: (TensorId, TensorId),
+    dims: (usize, usize, usize),
+    opt: &Optimizer,
+) -> Result<()> {
+    backward_weight_update_at(be, params, tensors, dims, opt, StepAt::default())
+}
+
+/// `backward_weight_update` as the step at `at` (its rate and bias corrections are step
+/// `at.step`'s, its row of the GPU's step table that of slot `at.slot`).
+pub fn backward_weight_update_at(
     be: &mut dyn Backend,
     (weight, bias): (ParamTensors, ParamTensors),
     (inp, dout): (TensorId, TensorId),
     (b, c, oc): (usize, usize, usize),
     opt: &Optimizer,
+    at: StepAt,
 ) -> Result<()> {
-    let state = |p: ParamTensors| ParamState {
-        value: p.value,
-        velocity: p.velocity,
-    };
     let kind = MatmulKind::BackwardWeight {
         dweight: weight.grad,
         dbias: Some(bias.grad),
         inp,
         dout,
         update: Some(FusedUpdate {
-            weight: state(weight),
-            bias: state(bias),
+            weight: weight.state(),
+            bias: bias.state(),
             opt: *opt,
         }),
     };
@@ -126,7 +141,7 @@ pub fn backward_weight_update(
             kind,
             conv: None,
         }),
-        StepAt::default(),
+        at,
     )
 }
 
@@ -145,7 +160,7 @@ pub fn loss(
         rows,
         classes,
     });
-    be.run(&op, StepAt { start, slot })
+    be.run(&op, StepAt { start, slot, step: 0 })
 }
 
 /// `opt`'s step of n values of a parameter.

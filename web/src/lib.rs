@@ -24,6 +24,7 @@ use gpu_mnist::data::{Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::image::{to_mnist, Gray};
 use gpu_mnist::model::{glorot_init, Batch, Graph, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
+use gpu_mnist::schedule::Schedule;
 use gpu_mnist::train::{fit, ChunkProgress, EpochProgress, EpochStart, FitData, Observer, Position, TrainConfig};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
@@ -155,8 +156,34 @@ impl TrainOptions {
         match self.model.as_str() {
             "mlp" => Ok(ModelSpec::mnist(&[512])),
             "convnet" => Ok(ModelSpec::convnet()),
+            "fast" => Ok(self.recipe()?.map_or_else(ModelSpec::convnet, |r| r.spec)),
             other => ModelSpec::parse("model", other).map_err(|e| e.to_string()),
         }
+    }
+
+    /// The recipe of the model chosen ("fast": the fastest published MNIST recipe, as
+    /// `gpu-mnist train --model fast`), whose optimizer, schedule and batch the run takes
+    /// unless the options give a rate or a batch.
+    fn recipe(&self) -> Result<Option<gpu_mnist::recipe::Recipe>, String> {
+        match self.model.as_str() {
+            "fast" => gpu_mnist::recipe::fast().map(Some).map_err(|e| e.to_string()),
+            _ => Ok(None),
+        }
+    }
+
+    /// The optimizer of a run of `steps` steps: the recipe's with its schedule, else RMSprop.
+    fn optimizer(&self, steps: usize) -> Result<Optimizer, String> {
+        let Some(recipe) = self.recipe()? else {
+            return Optimizer::new(OptimizerKind::RmsProp, self.lr).map_err(|e| e.to_string());
+        };
+        let schedule = Schedule::parse(recipe.schedule, steps)?;
+        let optimizer = Optimizer {
+            lr: self.lr.unwrap_or(recipe.optimizer.lr),
+            schedule,
+            ..recipe.optimizer
+        };
+        optimizer.validate().map_err(|e| e.to_string())?;
+        Ok(optimizer)
     }
 }
 
@@ -288,10 +315,14 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         .ok_or("No data yet: load the four MNIST files first.")?;
     let train = mnist.train.first(opts.train_limit.unwrap_or(usize::MAX));
     let test = mnist.test.first(opts.test_limit.unwrap_or(usize::MAX));
-    let batch_size = opts.batch_size.unwrap_or(if spec.is_mlp() { 128 } else { 64 });
+    let recipe_batch = opts.recipe()?.map(|r| r.batch_size);
+    let batch_size = opts
+        .batch_size
+        .or(recipe_batch)
+        .unwrap_or(if spec.is_mlp() { 128 } else { 64 });
     // A model or batch too large is refused before anything is allocated, as on the command line.
     spec.check_size(batch_size).map_err(|e| e.to_string())?;
-    let optimizer = Optimizer::new(OptimizerKind::RmsProp, opts.lr).map_err(|e| e.to_string())?;
+    let optimizer = opts.optimizer(opts.epochs * train.len().div_ceil(batch_size))?;
     let cfg = TrainConfig {
         spec: spec.clone(),
         epochs: opts.epochs,
@@ -309,7 +340,7 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         partial: EpochProgress::default(),
         history: Vec::new(),
         params: glorot_init(&spec, opts.seed),
-        velocities: None,
+        optimizer: None,
     };
     let started = js_sys::Date::now();
     let mut observer = PageObserver { on_event, started };
@@ -425,12 +456,14 @@ pub async fn kernel_check() -> Result<String, JsError> {
         .map_err(js_error)?;
     let adapter = gpu.adapter().name.clone();
     // (hidden widths, batch, optimizer, steps): SGD's weights are compared after the steps;
-    // RMSprop divides by the root of tiny squared gradients, so its loss is compared instead.
-    let cases: [(&[usize], usize, OptimizerKind, usize); 4] = [
+    // RMSprop and Adam divide by the root of tiny squared gradients, so their loss is compared
+    // instead.
+    let cases: [(&[usize], usize, OptimizerKind, usize); 5] = [
         (&[37], 13, OptimizerKind::Sgd, 2),
         (&[64], 128, OptimizerKind::Sgd, 2),
         (&[33, 17], 1, OptimizerKind::Sgd, 3),
         (&[50], 61, OptimizerKind::RmsProp, 3),
+        (&[40], 29, OptimizerKind::Adam, 3),
     ];
     let mut results = Vec::new();
     let mut all_ok = true;
@@ -454,7 +487,7 @@ pub async fn kernel_check() -> Result<String, JsError> {
                     );
                 ("weights", diff as f64, 1e-4)
             }
-            OptimizerKind::RmsProp => ("loss", (gpu_loss - ref_loss).abs() / ref_loss.abs().max(1e-6), 1e-3),
+            _ => ("loss", (gpu_loss - ref_loss).abs() / ref_loss.abs().max(1e-6), 1e-3),
         };
         let ok = diff <= tolerance;
         all_ok &= ok;
@@ -497,6 +530,7 @@ async fn run_steps(
         let at = gpu_mnist::backend::StepAt {
             start: step * batch,
             slot: 0,
+            step,
         };
         graph.train_step(be, Batch { ds, rows: batch }, at, &optimizer)?;
         let stats = gpu_mnist::backend::read_stats(be, 1).await?;

@@ -240,22 +240,20 @@ impl CpuBackend {
             return run_unfused(self, &Op::Matmul(*m), at);
         };
         let (b, c, oc) = m.shape.dims();
-        if !self.sparse_rows("matmul backward weight + update", inp, b, c, oc)? {
+        // The sparse pass applies RMSprop and plain SGD as it sums; the others step afterwards.
+        let fusable = match u.opt.kind {
+            OptimizerKind::RmsProp => true,
+            OptimizerKind::Sgd => u.opt.momentum == 0.0,
+            OptimizerKind::Adam | OptimizerKind::AdamW => false,
+        };
+        if !fusable || u.opt.l2() != 0.0 || !self.sparse_rows("matmul backward weight + update", inp, b, c, oc)? {
             return run_unfused(self, &Op::Matmul(*m), at);
         }
-        let weight = ParamTensors {
-            value: u.weight.value,
-            grad: dweight,
-            velocity: u.weight.velocity,
-        };
-        let bias = ParamTensors {
-            value: u.bias.value,
-            grad: dbias,
-            velocity: u.bias.velocity,
-        };
+        let (weight, bias) = (u.weight.with_grad(dweight), u.bias.with_grad(dbias));
         self.bias_backward(dbias, dout, b, oc)?;
-        self.sparse_weight_update(m.shape, weight, inp, dout, &u.opt)?;
-        self.update(bias, oc, &u.opt)
+        let rate = u.opt.scalars(at.step).lr;
+        self.sparse_weight_update(m.shape, weight, inp, dout, &Optimizer { lr: rate, ..u.opt })?;
+        self.update(bias, oc, &u.opt, at)
     }
 
     /// dbias (OC) = column sums of dout (B, OC).

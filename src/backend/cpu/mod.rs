@@ -287,7 +287,7 @@ impl CpuBackend {
             rows,
             classes,
         } = *l;
-        let StepAt { start, slot } = at;
+        let StepAt { start, slot, .. } = at;
         let op = "softmax cross-entropy";
         checks::loss(op, classes, slot, self.stats.len())?;
         self.dataset(op, ds, start, rows)?;
@@ -322,43 +322,35 @@ impl CpuBackend {
         Ok(())
     }
 
-    /// RMSprop on n values of a parameter.
-    fn rmsprop_update(&mut self, p: ParamTensors, n: usize, opt: &Optimizer) -> Result<()> {
-        let ParamTensors {
-            value: param,
-            grad,
-            velocity,
-        } = p;
-        let (lr, rho, eps) = (opt.lr, opt.rho, opt.eps);
+    /// `opt`'s step `at.step` of the n values of parameter `p` with its stored gradient
+    /// (`reference::optimizer_one` on every value; RMSprop through `elementwise` on the fast path,
+    /// the same bits).
+    fn update(&mut self, p: ParamTensors, n: usize, opt: &Optimizer, at: StepAt) -> Result<()> {
         let op = "optimizer update";
-        // The velocity's array is taken out too: it is written, and must alias nothing.
-        let vv = self.view(op, velocity, n)?;
-        if vv.storage == self.view(op, param, n)?.storage || vv.storage == self.view(op, grad, n)?.storage {
+        let step = r::OptimizerStep::<f32>::new(opt, opt.scalars(at.step));
+        // The moments are written too, so their arrays are taken out: each must alias nothing.
+        let (vv, mv) = (self.view(op, p.velocity, n)?, self.view(op, p.momentum, n)?);
+        let others = [self.view(op, p.value, n)?.storage, self.view(op, p.grad, n)?.storage];
+        if others.contains(&vv.storage) || others.contains(&mv.storage) || vv.storage == mv.storage {
             return Err(Error::shape(
                 op,
-                "velocity shares its array with the parameter or gradient".to_string(),
+                "an optimizer moment shares its array with the parameter, its gradient or the other moment".to_string(),
             ));
         }
         self.written(vv.storage);
+        self.written(mv.storage);
         let mut varray = std::mem::take(&mut self.storage[vv.storage]);
+        let mut marray = std::mem::take(&mut self.storage[mv.storage]);
         let v = &mut varray[vv.offset..vv.offset + n];
-        let kind = self.kind;
-        let result = self.with_out(op, (param, n), &[(grad, n)], |p, g| match kind {
-            CpuKind::Reference => r::rmsprop_update(p, v, g[0], lr, rho, eps),
-            CpuKind::Fast => elementwise::rmsprop_update(p, v, g[0], lr, rho, eps),
+        let m = &mut marray[mv.offset..mv.offset + n];
+        let fast_rmsprop = self.kind == CpuKind::Fast && opt.kind == OptimizerKind::RmsProp && step.l2 == 0.0;
+        let result = self.with_out(op, (p.value, n), &[(p.grad, n)], |value, g| match fast_rmsprop {
+            true => elementwise::rmsprop_update(value, v, g[0], step.lr, step.rho, step.eps),
+            false => r::optimizer_update(value, v, m, g[0], &step),
         });
         self.storage[vv.storage] = varray;
+        self.storage[mv.storage] = marray;
         result
-    }
-
-    /// `opt`'s step of the n values of parameter `p` with its stored gradient.
-    fn update(&mut self, p: ParamTensors, n: usize, opt: &Optimizer) -> Result<()> {
-        match opt.kind {
-            OptimizerKind::RmsProp => self.rmsprop_update(p, n, opt),
-            OptimizerKind::Sgd => self.with_out("optimizer update", (p.value, n), &[(p.grad, n)], |v, g| {
-                r::sgd_update(v, g[0], opt.lr)
-            }),
-        }
     }
 }
 
@@ -482,7 +474,7 @@ impl Backend for CpuBackend {
                 None => self.matmul(m, at),
             },
             Op::Loss(l) => self.loss(l, at),
-            Op::Update(u) => self.update(u.param, u.len, &u.opt),
+            Op::Update(u) => self.update(u.param, u.len, &u.opt, at),
             Op::Pool(p) => self.pool(p),
             Op::OutputLayer(_) => run_unfused(self, op, at),
             Op::PoolWeightGradient(f) => self.pool_weight_gradient(f, at),

@@ -161,3 +161,97 @@ fn maxpool_channels_and_images_are_separate() {
         assert_eq!(o, window.fold(f32::MIN, f32::max));
     }
 }
+
+/// An optimizer's f64 step from its hyper-parameters, with the scalars of step `step` (from 0)
+/// computed here in f64 from their definitions (not through `Optimizer::scalars`).
+fn f64_step(opt: &Optimizer, lr: f64, step: usize) -> OptimizerStep<f64> {
+    let t = step as i32 + 1;
+    let (b1, b2) = (opt.beta1 as f64, opt.beta2 as f64);
+    let adam = matches!(opt.kind, OptimizerKind::Adam | OptimizerKind::AdamW);
+    OptimizerStep {
+        kind: opt.kind,
+        lr,
+        rho: opt.rho as f64,
+        eps: opt.eps as f64,
+        beta1: b1,
+        beta2: b2,
+        momentum: opt.momentum as f64,
+        nesterov: opt.nesterov,
+        l2: opt.l2() as f64,
+        adam_step: if adam { lr / (1.0 - b1.powi(t)) } else { 0.0 },
+        adam_norm: if adam { 1.0 / (1.0 - b2.powi(t)).sqrt() } else { 0.0 },
+        decay: if opt.kind == OptimizerKind::AdamW {
+            lr * opt.weight_decay as f64
+        } else {
+            0.0
+        },
+    }
+}
+
+/// `steps` f64 steps of one value from p0 with the constant gradient g: (p, v, m) at the end.
+fn run_f64(opt: &Optimizer, p0: f64, g: f64, steps: usize) -> (f64, f64, f64) {
+    let (mut p, mut v, mut m) = (p0, 0.0, 0.0);
+    for step in 0..steps {
+        optimizer_one(&mut p, &mut v, &mut m, g, &f64_step(opt, 0.01, step));
+    }
+    (p, v, m)
+}
+
+/// The f64 reference against each formula's closed form under a constant gradient.
+#[test]
+fn optimizer_formulas_have_their_closed_forms() {
+    let new = |kind| Optimizer::new(kind, Some(0.01)).unwrap();
+    let (lr, g, p0) = (0.01f64, 0.3f64, 1.5f64);
+    let close = |what: &str, got: f64, want: f64| {
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+            "{what}: {got} against {want}"
+        );
+    };
+    for t in [1usize, 2, 7, 50] {
+        // Adam: the bias-corrected moments of a constant gradient are g and g^2, so every step
+        // moves p by lr g / (|g| + eps).
+        let mut adam = new(OptimizerKind::Adam);
+        (adam.beta1, adam.beta2) = (0.7, 0.9);
+        let (p, v, m) = run_f64(&adam, p0, g, t);
+        let (b1, b2) = (0.7f32 as f64, 0.9f32 as f64);
+        close("adam m", m, (1.0 - b1.powi(t as i32)) * g);
+        close("adam v", v, (1.0 - b2.powi(t as i32)) * g * g);
+        close("adam p", p, p0 - t as f64 * lr * g / (g.abs() + 1e-8f32 as f64));
+        // AdamW with no gradient: only the decoupled decay, (1 - lr wd)^t.
+        let mut adamw = new(OptimizerKind::AdamW);
+        adamw.weight_decay = 0.1;
+        let wd = 0.1f32 as f64;
+        close(
+            "adamw decay",
+            run_f64(&adamw, p0, 0.0, t).0,
+            p0 * (1.0 - lr * wd).powi(t as i32),
+        );
+        // SGD with momentum mu: m_k = g (1 - mu^k) / (1 - mu); p moves by lr m_k each step, or
+        // with Nesterov's by lr (g + mu m_k).
+        let mut sgd = new(OptimizerKind::Sgd);
+        sgd.momentum = 0.9;
+        let mu = 0.9f32 as f64;
+        let m_k = |k: usize| g * (1.0 - mu.powi(k as i32)) / (1.0 - mu);
+        let (p, _, m) = run_f64(&sgd, p0, g, t);
+        close("momentum m", m, m_k(t));
+        close("momentum p", p, p0 - lr * (1..=t).map(m_k).sum::<f64>());
+        sgd.nesterov = true;
+        let p = run_f64(&sgd, p0, g, t).0;
+        close("nesterov p", p, p0 - lr * (1..=t).map(|k| g + mu * m_k(k)).sum::<f64>());
+        // L2 on plain SGD with no gradient: p (1 - lr wd)^t.
+        let mut l2 = new(OptimizerKind::Sgd);
+        l2.weight_decay = 0.1;
+        close(
+            "sgd l2",
+            run_f64(&l2, p0, 0.0, t).0,
+            p0 * (1.0 - lr * wd).powi(t as i32),
+        );
+    }
+    // The f32 path takes the same steps: Adam's first step from Optimizer::scalars.
+    let mut adam = new(OptimizerKind::Adam);
+    (adam.beta1, adam.beta2) = (0.7, 0.9);
+    let (mut p, mut v, mut m) = (1.5f32, 0.0f32, 0.0f32);
+    optimizer_one(&mut p, &mut v, &mut m, 0.3, &OptimizerStep::new(&adam, adam.scalars(0)));
+    assert!((p as f64 - (1.5 - 0.01 * 0.3 / (0.3 + 1e-8))).abs() < 1e-6, "{p}");
+}

@@ -19,10 +19,9 @@ use super::params::{matmul_flags, KernelParams, MatmulParams};
 use super::pipelines::Kernel;
 use super::tiling::{ConvProduct, TileConfig};
 use super::{Bound, WgpuBackend};
-use crate::backend::ops::{ConvGeometry, FusedUpdate, Matmul, MatmulKind, Op};
+use crate::backend::ops::{ConvGeometry, FusedUpdate, Matmul, MatmulKind, Op, StepAt};
 use crate::backend::TensorId;
 use crate::error::{Error, Result};
-use crate::optim::OptimizerKind;
 
 /// One dispatch of matmul.wgsl: c (M, N) = epilogue(a @ b) through strides or a convolution's
 /// operand maps, and what it does besides.
@@ -195,12 +194,17 @@ impl WgpuBackend {
         }
     }
 
-    /// Record one of a dense or a convolution layer's products.
-    pub(super) fn matmul(&mut self, mm: &Matmul) -> Result<()> {
+    /// Record one of a dense or a convolution layer's products (a fused update steps as step
+    /// `at.step` of the run).
+    pub(super) fn matmul(&mut self, mm: &Matmul, at: StepAt) -> Result<()> {
         let op = Op::Matmul(*mm).name();
         let call = Call::of(op, mm)?;
         let kernel = self.matmul_kernel(mm)?;
-        self.record_matmul(op, &call, kernel)
+        self.check_matmul(op, &call)?;
+        if let Some(u) = call.update {
+            self.select_step(op, &u.opt, at)?;
+        }
+        self.record_matmul(op, &call, kernel, at.slot)
     }
 
     /// The pipeline `mm` runs: its operand maps and the tiling of the product it computes (for
@@ -215,9 +219,11 @@ impl WgpuBackend {
         })
     }
 
-    fn record_matmul(&mut self, op: &'static str, call: &Call, kernel: Kernel) -> Result<()> {
-        self.check_matmul(op, call)?;
-        let params = self.matmul_params(op, call)?;
+    fn record_matmul(&mut self, op: &'static str, call: &Call, kernel: Kernel, slot: usize) -> Result<()> {
+        let mut params = self.matmul_params(op, call)?;
+        if call.update.is_some() {
+            params.slot = Self::u32_of(op, "slot", slot)?;
+        }
         let (m, n) = (call.dims[0], call.dims[1]);
         let (Kernel::Matmul(tiles) | Kernel::Conv(tiles, _)) = kernel else {
             return Err(Error::Gpu(format!("{op}: {} is not a matmul pipeline", kernel.label())));
@@ -235,20 +241,32 @@ impl WgpuBackend {
         }
         let velocity = call
             .update
-            .filter(|u| u.opt.kind == OptimizerKind::RmsProp)
+            .filter(|u| u.opt.kind.uses_velocity())
             .map_or(Bound::DummyOut, |u| Bound::BufferOf(u.weight.velocity));
+        let momentum = call
+            .update
+            .filter(|u| u.opt.uses_momentum())
+            .map_or(Bound::DummyOut, |u| Bound::BufferOf(u.weight.momentum));
+        // Binding 4 holds whichever of the bias, the mask and the step table the dispatch uses
+        // (`check_matmul` refuses two).
+        let side = match (call.bias, call.relu_mask, call.update) {
+            (Some(bias), ..) => Bound::Tensor(bias),
+            (_, Some(mask), _) => Bound::Tensor(mask),
+            (.., Some(_)) => Bound::StepTable,
+            _ => Bound::Dummy,
+        };
         let bind = [
             (1, Bound::Tensor(call.a)),
             (2, Bound::Tensor(call.b)),
             (3, Bound::Tensor(call.c)),
-            (4, call.bias.map_or(Bound::Dummy, Bound::Tensor)),
-            (5, call.relu_mask.map_or(Bound::Dummy, Bound::Tensor)),
-            (6, call.colsum.map_or(Bound::DummyOut, Bound::Tensor)),
+            (4, side),
+            (5, call.colsum.map_or(Bound::DummyOut, Bound::Tensor)),
             (
-                7,
+                6,
                 call.update.map_or(Bound::DummyOut, |u| Bound::BufferOf(u.weight.value)),
             ),
-            (8, velocity),
+            (7, velocity),
+            (8, momentum),
         ];
         self.record(kernel, params.words(), &bind, grid)
     }
@@ -269,11 +287,22 @@ impl WgpuBackend {
         if call.update.is_some() && call.colsum.is_none() {
             return Err(Error::shape(op, "a fused update needs the bias gradient".to_string()));
         }
+        let sides = [call.bias.is_some(), call.relu_mask.is_some(), call.update.is_some()];
+        if sides.into_iter().filter(|&s| s).count() > 1 {
+            return Err(Error::shape(
+                op,
+                "one product takes at most one of a bias, a mask and an update".to_string(),
+            ));
+        }
         let read = [Some(call.b), call.bias, call.relu_mask, Some(call.a)];
         let velocity = call
             .update
-            .and_then(|u| (u.opt.kind == OptimizerKind::RmsProp).then_some(u.weight.velocity));
-        let written = [Some(call.c), call.colsum, call.update.map(|u| u.weight.value), velocity];
+            .and_then(|u| u.opt.kind.uses_velocity().then_some(u.weight.velocity));
+        let momentum = call
+            .update
+            .and_then(|u| u.opt.uses_momentum().then_some(u.weight.momentum));
+        let value = call.update.map(|u| u.weight.value);
+        let written = [Some(call.c), call.colsum, value, velocity, momentum];
         for w in written.into_iter().flatten() {
             for r in read.into_iter().flatten() {
                 self.distinct(op, &[w, r])?;
@@ -310,9 +339,11 @@ impl WgpuBackend {
         if let Some(u) = call.update {
             let step = self.step_words(op, u.weight, u.bias, (call.dims[0], call.dims[1]), &u.opt)?;
             params.flags |= step.flags;
-            (params.lr, params.rho, params.eps) = (step.lr, step.rho, step.eps);
+            (params.rho, params.eps, params.l2) = (step.rho, step.eps, step.l2);
+            (params.beta1, params.beta2, params.momentum) = (step.beta1, step.beta2, step.momentum);
             [params.w_value, params.b_value] = step.value;
             [params.w_velocity, params.b_velocity] = step.velocity;
+            [params.w_momentum, params.b_momentum] = step.moment;
         }
         if let Some((_, g, out_ch)) = call.conv {
             let v = |what: &str, v: usize| Self::u32_of(op, what, v);

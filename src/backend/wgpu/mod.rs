@@ -118,6 +118,8 @@ pub struct WgpuBackend {
     fuse_output_layer: bool,
     /// Statistics read-backs on their way (oldest first) and how many slots each holds.
     pending_stats: VecDeque<(buffers::PendingRead, usize)>,
+    /// The optimizer's scalars of the steps around the current one (`optimizer::select_step`).
+    step_table: Option<optimizer::StepTable>,
     /// Read-back buffers no read is using, reused by the next one.
     free_staging: Vec<wgpu::Buffer>,
 }
@@ -170,6 +172,7 @@ impl WgpuBackend {
             fuse_output_layer,
             pending_stats: VecDeque::new(),
             free_staging: Vec::new(),
+            step_table: None,
         })
     }
 
@@ -411,9 +414,9 @@ impl Backend for WgpuBackend {
     fn run(&mut self, op: &Op, at: StepAt) -> Result<()> {
         match op {
             Op::Gather(g) => self.gather(g, at.start),
-            Op::Matmul(m) => self.matmul(m),
+            Op::Matmul(m) => self.matmul(m, at),
             Op::Loss(l) => self.loss(l, at),
-            Op::OutputLayer(o) if self.fusions().output_layer(o.shape) => self.output_layer(o, at),
+            Op::OutputLayer(o) if self.fusions().output_layer(o.shape, &o.opt) => self.output_layer(o, at),
             // The optimizer step runs only fused into a weight gradient (the plan fuses every
             // update): a lone update is that op's composition, which names the unfused op.
             Op::OutputLayer(_) => run_unfused(self, op, at),

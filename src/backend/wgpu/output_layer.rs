@@ -8,7 +8,7 @@
 use super::params::{KernelParams, LossParams};
 use super::pipelines::Kernel;
 use super::{checks, Bound, WgpuBackend};
-use crate::backend::ops::{OutputLayer, ParamState, StepAt};
+use crate::backend::ops::{OutputLayer, StepAt};
 use crate::error::Result;
 use crate::optim::OptimizerKind;
 
@@ -23,11 +23,7 @@ impl WgpuBackend {
             self.tensor(op, t, len)?;
         }
         Self::u32_of(op, "rows * inputs", b * c)?;
-        let state = |p: crate::backend::ParamTensors| ParamState {
-            value: p.value,
-            velocity: p.velocity,
-        };
-        let step = self.step_words(op, state(o.weight), state(o.bias), (c, k), &o.opt)?;
+        let step = self.step_words(op, o.weight.state(), o.bias.state(), (c, k), &o.opt)?;
         let grad = self.packed_pair(op, o.weight.grad, o.bias.grad, c, k)?;
         // Each written buffer once, and none of them the input (wgpu refuses a buffer bound twice
         // when one binding writes it); SGD binds no velocity.

@@ -61,7 +61,8 @@ kernel_params! {
 
 kernel_params! {
     /// matmul.wgsl: c (m, n) = epilogue(a @ b) through strides or a convolution's operand maps,
-    /// and the optimizer step of a weight and bias at word offsets of their packed buffers. The
+    /// and the optimizer step of a weight and bias at word offsets of their packed buffers (its
+    /// rate and bias corrections from the step table's row of `slot`). The
     /// convolution's geometry (`ConvGeometry`, its filters and its output size) follows; a dense
     /// product leaves it 0.
     MatmulParams in "matmul.wgsl" {
@@ -73,13 +74,20 @@ kernel_params! {
         b_row_stride: u32,
         b_col_stride: u32,
         flags: u32,
-        lr: f32,
+        /// The step's statistics slot: its row of the step table is the table's word 0 + slot.
+        slot: u32,
         rho: f32,
         eps: f32,
+        beta1: f32,
+        beta2: f32,
+        momentum: f32,
+        l2: f32,
         w_value: u32,
         w_velocity: u32,
+        w_momentum: u32,
         b_value: u32,
         b_velocity: u32,
+        b_momentum: u32,
         h: u32,
         w: u32,
         in_ch: u32,
@@ -89,6 +97,8 @@ kernel_params! {
         pad: u32,
         oh: u32,
         ow: u32,
+        _pad0: u32,
+        _pad1: u32,
     }
 }
 
@@ -142,6 +152,9 @@ pub mod matmul_flags {
 pub mod optimizer_flags {
     pub const RMSPROP: u32 = 16;
     pub const SGD: u32 = 32;
+    pub const MOMENTUM: u32 = 128;
+    pub const NESTEROV: u32 = 256;
+    pub const ADAM: u32 = 512;
 }
 
 /// pool.wgsl's flags.
@@ -163,7 +176,13 @@ pub const FLAGS: &[Flags] = &[
     },
     Flags {
         file: "optimizer.wgsl",
-        bits: &[("RMSPROP", optimizer_flags::RMSPROP), ("SGD", optimizer_flags::SGD)],
+        bits: &[
+            ("RMSPROP", optimizer_flags::RMSPROP),
+            ("SGD", optimizer_flags::SGD),
+            ("MOMENTUM", optimizer_flags::MOMENTUM),
+            ("NESTEROV", optimizer_flags::NESTEROV),
+            ("ADAM", optimizer_flags::ADAM),
+        ],
     },
     Flags {
         file: "pool.wgsl",

@@ -30,6 +30,8 @@ pub(super) enum Bound {
     DummyOut,
     /// The whole buffer that holds this tensor (a packed group).
     BufferOf(TensorId),
+    /// The optimizer's step table (`optimizer::select_step` made it).
+    StepTable,
 }
 
 impl WgpuBackend {
@@ -77,6 +79,10 @@ impl WgpuBackend {
                         None => return Err(Error::Gpu(format!("binding {binding} is past the unused outputs"))),
                     },
                     Bound::BufferOf(t) => self.tensors[t.0].buf.whole(),
+                    Bound::StepTable => match &self.step_table {
+                        Some(table) => table.buf.whole(),
+                        None => return Err(Error::Gpu("no optimizer step table to bind".to_string())),
+                    },
                 };
                 Ok((binding, slice))
             })

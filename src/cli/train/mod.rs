@@ -16,7 +16,9 @@ use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::{Dataset, DatasetKind, Mnist};
 use gpu_mnist::device::open_device;
 use gpu_mnist::model::{glorot_init, HostTensor, ModelSpec};
+use gpu_mnist::optim::OptimizerKind;
 use gpu_mnist::records::RunFolder;
+use gpu_mnist::schedule::Schedule;
 use gpu_mnist::train::{fit, EpochProgress, EvalReport, FitData, Position, TrainConfig};
 use gpu_mnist::{Error, Result};
 use serde_json::json;
@@ -40,19 +42,48 @@ pub struct TrainArgs {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Passes over the training set
-    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "5", value_parser = parse_epochs)]
-    pub epochs: usize,
+    /// Passes over the training set [default: 5; 1 for --model fast]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_epochs)]
+    pub epochs: Option<usize>,
     /// Examples per step (the last batch of an epoch keeps the remainder) [default: 128 for an
-    /// mlp, 64 for a convnet, as in the book]
+    /// mlp, 64 for a convnet, as in the book; 256 for --model fast]
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_batch)]
     pub batch_size: Option<usize>,
-    /// Learning rate [default: 0.001 for rmsprop, 0.01 for sgd]
+    /// Learning rate: the base of --schedule (one-cycle's peak) [default: 0.001 for rmsprop,
+    /// adam and adamw, 0.01 for sgd and --model fast]
     #[arg(long, allow_negative_numbers = true, value_name = "LR", value_parser = parse_lr)]
     pub lr: Option<f32>,
-    /// rmsprop (Keras's: rho 0.9, eps 1e-7) or plain sgd
-    #[arg(long, value_enum, default_value = "rmsprop")]
-    pub optimizer: OptimizerFlag,
+    /// rmsprop (Keras's: rho 0.9, eps 1e-7 inside the square root), sgd (PyTorch's, with
+    /// --momentum and --nesterov), adam or adamw (PyTorch's: betas 0.9 0.999, eps 1e-8 outside
+    /// the square root, bias-corrected; adamw with decoupled --weight-decay 0.01) [default:
+    /// rmsprop; adam for --model fast]
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerFlag>,
+    /// Adam's decay of the gradient's mean [default: 0.9; 0.7 for --model fast]
+    #[arg(long, allow_negative_numbers = true, value_name = "B", value_parser = parse_unit)]
+    pub beta1: Option<f32>,
+    /// Adam's decay of the gradient's mean square [default: 0.999; 0.9 for --model fast]
+    #[arg(long, allow_negative_numbers = true, value_name = "B", value_parser = parse_unit)]
+    pub beta2: Option<f32>,
+    /// Epsilon of rmsprop (inside the square root) or adam (outside) [default: 1e-7, adam 1e-8]
+    #[arg(long, allow_negative_numbers = true, value_name = "EPS", value_parser = parse_lr)]
+    pub eps: Option<f32>,
+    /// SGD's momentum (PyTorch's: m = mu m + g, p -= lr m) [default: 0]
+    #[arg(long, allow_negative_numbers = true, value_name = "MU", value_parser = parse_unit)]
+    pub momentum: Option<f32>,
+    /// Nesterov momentum for sgd (p -= lr (g + mu m)); needs --momentum
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Weight decay: decoupled for adamw (p -= lr wd p), L2 (wd p added to the gradient) for
+    /// the others [default: 0.01 for adamw, else 0]
+    #[arg(long, allow_negative_numbers = true, value_name = "WD", value_parser = parse_decay)]
+    pub weight_decay: Option<f32>,
+    /// The learning rate of each step, from --lr: constant, step[:every=N,gamma=G],
+    /// exponential[:gamma=G], cosine[:warmup=N,floor=F] (linear warm-up, then cosine to
+    /// floor x lr) or one-cycle[:pct_start=P,div_factor=D,final_div_factor=F] (PyTorch's
+    /// OneCycleLR); steps count over the whole run [default: constant; one-cycle for --model fast]
+    #[arg(long, value_name = "NAME[:K=V,...]", value_parser = parse_schedule)]
+    pub schedule: Option<String>,
     /// Seed of the initial weights and of every epoch's shuffle
     #[arg(long, allow_negative_numbers = true, default_value = "0")]
     pub seed: u64,
@@ -94,6 +125,40 @@ pub struct TrainArgs {
 pub enum OptimizerFlag {
     Rmsprop,
     Sgd,
+    Adam,
+    Adamw,
+}
+
+impl From<OptimizerFlag> for OptimizerKind {
+    fn from(flag: OptimizerFlag) -> OptimizerKind {
+        match flag {
+            OptimizerFlag::Rmsprop => OptimizerKind::RmsProp,
+            OptimizerFlag::Sgd => OptimizerKind::Sgd,
+            OptimizerFlag::Adam => OptimizerKind::Adam,
+            OptimizerFlag::Adamw => OptimizerKind::AdamW,
+        }
+    }
+}
+
+/// A decay or momentum: from 0 up to (not including) 1.
+fn parse_unit(text: &str) -> std::result::Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("must be a number from 0 up to (not including) 1, such as 0.9".to_string()),
+    }
+}
+
+/// A weight decay: finite, 0 or more.
+fn parse_decay(text: &str) -> std::result::Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err("must be a number of 0 or more, such as 0.01".to_string()),
+    }
+}
+
+/// A schedule's words, checked now (its steps are counted once the data is known).
+fn parse_schedule(text: &str) -> std::result::Result<String, String> {
+    Schedule::parse(text, 1).map(|_| text.trim().to_string())
 }
 
 /// Epochs: 1 to 1,000,000.
@@ -137,7 +202,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     if let Some(r) = &resumed {
         r.place.fill(&mut args, given);
     }
-    let settings = merged_settings(&args, resumed.as_ref(), given)?;
+    let mut settings = merged_settings(&args, resumed.as_ref(), given)?;
     settings.spec.check_size(settings.batch_size)?;
     check_outputs(&args)?;
     let checkpoint_dir = args.resume.clone().or_else(|| args.checkpoint_dir.clone());
@@ -151,6 +216,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         settings.validation_split,
     )?;
     let test_set = mnist.test.first(args.data.test_limit.unwrap_or(usize::MAX));
+    settings.resolve_schedule(train_set.len())?;
     let spec = settings.spec.clone();
     let run_dir = args
         .out
@@ -247,8 +313,8 @@ fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&
         Some(r) => {
             // A resumed run keeps its settings, except --epochs, which may extend or shorten it.
             let mut settings = r.settings.clone();
-            if given("epochs") {
-                settings.epochs = args.epochs;
+            if let Some(epochs) = args.epochs {
+                settings.epochs = epochs;
             }
             // Another dataset would make the checkpoint's classes mean other things.
             if let Some(asked) = args
@@ -272,6 +338,13 @@ fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&
                 ("batch_size", "--batch-size"),
                 ("lr", "--lr"),
                 ("optimizer", "--optimizer"),
+                ("beta1", "--beta1"),
+                ("beta2", "--beta2"),
+                ("eps", "--eps"),
+                ("momentum", "--momentum"),
+                ("nesterov", "--nesterov"),
+                ("weight_decay", "--weight-decay"),
+                ("schedule", "--schedule"),
                 ("seed", "--seed"),
                 ("train_limit", "--train-limit"),
                 ("validation_split", "--validation-split"),
@@ -371,7 +444,7 @@ fn start_position(
             partial: EpochProgress::default(),
             history: Vec::new(),
             params: glorot_init(spec, settings.seed),
-            velocities: None,
+            optimizer: None,
         };
     };
     if human {
@@ -390,7 +463,7 @@ fn start_position(
         partial: r.partial,
         history: r.history,
         params: r.checkpoint.params,
-        velocities: Some(r.checkpoint.velocities),
+        optimizer: Some(r.checkpoint.optimizer),
     }
 }
 

@@ -46,7 +46,8 @@ fn counters_delta(now: Counters, before: Counters) -> String {
     )
 }
 
-fn epoch_line(r: &EpochRecord, epochs: usize) -> String {
+/// An epoch's line; with `rate`, the rate of its last step too (a run with a schedule).
+fn epoch_line(r: &EpochRecord, epochs: usize, rate: bool) -> String {
     let mut line = format!(
         "epoch {}/{}: loss {:.4}, accuracy {:.2}%",
         r.epoch,
@@ -56,6 +57,9 @@ fn epoch_line(r: &EpochRecord, epochs: usize) -> String {
     );
     if let (Some(l), Some(a)) = (r.val_loss, r.val_accuracy) {
         line.push_str(&format!(", val_loss {l:.4}, val_accuracy {:.2}%", 100.0 * a));
+    }
+    if let Some(lr) = r.lr.filter(|_| rate) {
+        line.push_str(&format!(", lr {lr:.3e}"));
     }
     // Three significant digits: a GPU epoch takes a few hundredths of a second.
     let decimals = if r.seconds < 1.0 { 3 } else { 2 };
@@ -125,7 +129,7 @@ impl Reporter<'_> {
         let ck = Checkpoint {
             spec: self.spec.clone(),
             params: state.0.to_vec(),
-            velocities: state.1.to_vec(),
+            optimizer: state.1.clone(),
             dataset: Some(self.settings.dataset),
             data_hash: gpu_mnist::checkpoint::DataHash::Matched,
             state: Some(checkpoint_state(
@@ -194,7 +198,8 @@ impl Observer for Reporter<'_> {
         if self.json {
             println!("{}", record_to_json(record));
         } else if !self.quiet {
-            println!("{}", epoch_line(record, self.settings.epochs));
+            let scheduled = self.settings.optimizer.schedule != gpu_mnist::schedule::Schedule::Constant;
+            println!("{}", epoch_line(record, self.settings.epochs, scheduled));
         }
         if self.verbose {
             let before = self.epoch.map(|e| e.counters).unwrap_or_default();

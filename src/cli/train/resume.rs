@@ -13,11 +13,12 @@ use gpu_mnist::data::DatasetKind;
 use gpu_mnist::model::ModelSpec;
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::records::EpochRecord;
+use gpu_mnist::schedule::Schedule;
 use gpu_mnist::train::EpochProgress;
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
 
-use super::{DeviceFlag, OptimizerFlag, TrainArgs, CHECKPOINT_FILE};
+use super::{DeviceFlag, TrainArgs, CHECKPOINT_FILE};
 
 /// What defines a run, saved in config.json and in checkpoints so that --resume can continue it.
 #[derive(Debug, Clone)]
@@ -27,7 +28,10 @@ pub(super) struct RunSettings {
     pub(super) spec: ModelSpec,
     pub(super) epochs: usize,
     pub(super) batch_size: usize,
+    /// Its schedule is resolved against the run's steps by `resolve_schedule`.
     pub(super) optimizer: Optimizer,
+    /// `--schedule`'s words (or the recipe's), until `resolve_schedule` counts the run's steps.
+    pub(super) schedule: String,
     pub(super) seed: u64,
     pub(super) train_limit: Option<usize>,
     pub(super) validation_split: Option<f64>,
@@ -36,17 +40,42 @@ pub(super) struct RunSettings {
 
 impl RunSettings {
     pub(super) fn from_args(args: &TrainArgs) -> Result<Self> {
-        let kind = match args.optimizer {
-            OptimizerFlag::Rmsprop => OptimizerKind::RmsProp,
-            OptimizerFlag::Sgd => OptimizerKind::Sgd,
-        };
         let spec = args.model.spec()?;
+        let recipe = args.model.recipe()?;
+        // The recipe's optimizer unless --optimizer names another; then each flag given.
+        let mut optimizer = match (args.optimizer.map(OptimizerKind::from), &recipe) {
+            (None, Some(r)) => r.optimizer,
+            (kind, _) => Optimizer::new(kind.unwrap_or(OptimizerKind::RmsProp), None)?,
+        };
+        let flags = [
+            (&mut optimizer.lr, args.lr),
+            (&mut optimizer.beta1, args.beta1),
+            (&mut optimizer.beta2, args.beta2),
+            (&mut optimizer.eps, args.eps),
+            (&mut optimizer.momentum, args.momentum),
+            (&mut optimizer.weight_decay, args.weight_decay),
+        ];
+        for (field, flag) in flags {
+            if let Some(value) = flag {
+                *field = value;
+            }
+        }
+        optimizer.nesterov = args.nesterov;
+        optimizer.validate()?;
+        let schedule = match (&args.schedule, &recipe) {
+            (Some(text), _) => text.clone(),
+            (None, Some(r)) => r.schedule.to_string(),
+            (None, None) => "constant".to_string(),
+        };
         Ok(RunSettings {
             dataset: args.data.dataset.map(DatasetKind::from).unwrap_or_default(),
-            batch_size: args.batch_size.unwrap_or_else(|| super::super::default_batch(&spec)),
+            batch_size: args
+                .batch_size
+                .unwrap_or_else(|| super::super::default_batch(&spec, recipe.as_ref())),
             spec,
-            epochs: args.epochs,
-            optimizer: Optimizer::new(kind, args.lr)?,
+            epochs: args.epochs.or(recipe.as_ref().map(|r| r.epochs)).unwrap_or(5),
+            optimizer,
+            schedule,
             seed: args.seed,
             train_limit: args.train_limit,
             validation_split: args.validation_split,
@@ -62,10 +91,16 @@ impl RunSettings {
             "hidden": self.spec.hidden(),
             "epochs": self.epochs,
             "batch_size": self.batch_size,
-            "optimizer": match self.optimizer.kind { OptimizerKind::RmsProp => "rmsprop", OptimizerKind::Sgd => "sgd" },
+            "optimizer": self.optimizer.kind.key(),
             "lr": f32_json(self.optimizer.lr),
             "rho": f32_json(self.optimizer.rho),
             "eps": f32_json(self.optimizer.eps),
+            "beta1": f32_json(self.optimizer.beta1),
+            "beta2": f32_json(self.optimizer.beta2),
+            "momentum": f32_json(self.optimizer.momentum),
+            "nesterov": self.optimizer.nesterov,
+            "weight_decay": f32_json(self.optimizer.weight_decay),
+            "schedule": self.schedule,
             "seed": self.seed,
             "train_limit": self.train_limit,
             "validation_split": self.validation_split,
@@ -93,12 +128,29 @@ impl RunSettings {
                 ModelSpec::mnist(&hidden)
             }
         };
-        let kind = match v["optimizer"].as_str() {
-            Some("rmsprop") => OptimizerKind::RmsProp,
-            Some("sgd") => OptimizerKind::Sgd,
-            _ => return Err(bad("optimizer")),
-        };
+        let kind = v["optimizer"]
+            .as_str()
+            .and_then(OptimizerKind::from_key)
+            .ok_or_else(|| bad("optimizer"))?;
         let lr = v["lr"].as_f64().ok_or_else(|| bad("lr"))? as f32;
+        // Hyper-parameters a run from before they existed does not name take their defaults.
+        let mut optimizer = Optimizer::new(kind, Some(lr)).map_err(|_| bad("lr"))?;
+        for (key, field) in [
+            ("rho", &mut optimizer.rho),
+            ("eps", &mut optimizer.eps),
+            ("beta1", &mut optimizer.beta1),
+            ("beta2", &mut optimizer.beta2),
+            ("momentum", &mut optimizer.momentum),
+            ("weight_decay", &mut optimizer.weight_decay),
+        ] {
+            if !v[key].is_null() {
+                *field = v[key].as_f64().ok_or_else(|| bad(key))? as f32;
+            }
+        }
+        optimizer.nesterov = v["nesterov"].as_bool().unwrap_or(false);
+        optimizer.validate().map_err(|_| bad("optimizer setting"))?;
+        let schedule = v["schedule"].as_str().unwrap_or("constant").to_string();
+        optimizer.schedule = Schedule::parse(&schedule, 1).map_err(|_| bad("schedule"))?;
         let validation_split = v["validation_split"].as_f64();
         if validation_split.is_some_and(|f| !(0.0..1.0).contains(&f)) {
             return Err(bad("validation_split"));
@@ -113,7 +165,8 @@ impl RunSettings {
             spec,
             epochs: usize_of("epochs", u32::MAX as u64)?,
             batch_size: usize_of("batch_size", 65_536)?,
-            optimizer: Optimizer::new(kind, Some(lr)).map_err(|_| bad("lr"))?,
+            optimizer,
+            schedule,
             seed: v["seed"].as_u64().ok_or_else(|| bad("seed"))?,
             train_limit: v["train_limit"].as_u64().map(|x| x as usize),
             validation_split,
@@ -124,6 +177,19 @@ impl RunSettings {
             .check_size(settings.batch_size)
             .map_err(|_| bad("model size (layers and batch size)"))?;
         Ok(settings)
+    }
+}
+
+impl RunSettings {
+    /// Count the run's steps (epochs x batches of a training set of `train_len` images) into
+    /// its schedule; the schedule's words from then on name them, so that a resumed run, even
+    /// one given more --epochs, keeps the rates of the run it continues.
+    pub(super) fn resolve_schedule(&mut self, train_len: usize) -> Result<()> {
+        let total = self.epochs.saturating_mul(train_len.div_ceil(self.batch_size.max(1)));
+        let schedule = Schedule::parse(&self.schedule, total).map_err(|why| Error::usage("--schedule", why))?;
+        self.optimizer.schedule = schedule;
+        self.schedule = schedule.describe();
+        Ok(())
     }
 }
 
@@ -211,10 +277,15 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
         .state
         .clone()
         .ok_or_else(|| Error::bad_file(&path, "is a model file, not a training checkpoint (no training state)"))?;
-    if checkpoint.velocities.is_empty() {
-        return Err(Error::bad_file(&path, "holds no optimizer state"));
-    }
     let settings = RunSettings::from_json(&state["settings"], &path)?;
+    let opt = &settings.optimizer;
+    let kept = &checkpoint.optimizer;
+    if (opt.kind.uses_velocity() && kept.velocities.is_empty()) || (opt.uses_momentum() && kept.momenta.is_empty()) {
+        return Err(Error::bad_file(
+            &path,
+            format!("holds no optimizer state for its {}", opt.kind.key()),
+        ));
+    }
     if settings.spec != checkpoint.spec {
         return Err(Error::bad_file(
             &path,
@@ -256,7 +327,7 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
 pub(super) fn record_to_json(r: &EpochRecord) -> Value {
     json!({
         "epoch": r.epoch, "loss": r.train_loss, "accuracy": r.train_accuracy,
-        "val_loss": r.val_loss, "val_accuracy": r.val_accuracy, "seconds": r.seconds, "device": r.device,
+        "val_loss": r.val_loss, "val_accuracy": r.val_accuracy, "seconds": r.seconds, "lr": r.lr, "device": r.device,
     })
 }
 
@@ -268,6 +339,7 @@ fn record_from_json(v: &Value) -> Option<EpochRecord> {
         val_loss: v["val_loss"].as_f64(),
         val_accuracy: v["val_accuracy"].as_f64(),
         seconds: v["seconds"].as_f64()?,
+        lr: v["lr"].as_f64(),
         device: v["device"].as_str().unwrap_or("").to_string(),
     })
 }
