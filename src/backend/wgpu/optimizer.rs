@@ -10,7 +10,10 @@
 //! optimizer (`Optimizer::scalars`, the numbers every backend uses), written when a run starts,
 //! when it reaches the end of the rows, or when the optimizer changes; between chunks of steps
 //! only word 0 (the row of slot 0) changes, one 4-byte upload, so that the recorded dispatches
-//! and their bind groups are the same every chunk and nothing waits for the host.
+//! and their bind groups are the same every chunk and nothing waits for the host. An optimizer
+//! whose scalars are the same every step (a constant rate, no bias corrections) never moves it.
+//! A write lands before the next submit: work already recorded that reads the table is
+//! submitted first, other recorded work (the chunk's gather) need not be.
 
 use super::buffers::{self, GpuBuffer};
 use super::params::optimizer_flags;
@@ -19,6 +22,7 @@ use crate::backend::ops::{ParamState, StepAt};
 use crate::backend::TensorId;
 use crate::error::{Error, Result};
 use crate::optim::{Optimizer, OptimizerKind, StepScalars};
+use crate::schedule::Schedule;
 
 /// Steps the table holds: more than the statistics slots of two chunks of the longest chunk
 /// (2 x 4096), so that a chunk never crosses the table's end.
@@ -51,6 +55,13 @@ pub(super) struct StepTable {
     first: usize,
     /// Word 0 as written: the row of slot 0 (wrapping, so that slot + word 0 is the step's row).
     slot0_row: u32,
+    /// Whether a dispatch recorded since the last submit reads the table.
+    pub(super) read_pending: bool,
+}
+
+/// Whether every step of `opt` has the same scalars (any row of its table is right).
+fn same_every_step(opt: &Optimizer) -> bool {
+    opt.schedule == Schedule::Constant && !matches!(opt.kind, OptimizerKind::Adam | OptimizerKind::AdamW)
 }
 
 /// optimizer.wgsl's flag for `opt`.
@@ -102,14 +113,16 @@ impl WgpuBackend {
     /// the module contract). Work recorded before a change of the table is submitted first, so
     /// that it reads the table as it was.
     pub(super) fn select_step(&mut self, op: &'static str, opt: &Optimizer, at: StepAt) -> Result<()> {
-        let covered = self
-            .step_table
-            .as_ref()
-            .is_some_and(|t| t.opt == *opt && (t.first..t.first + STEP_TABLE_ROWS).contains(&at.step));
+        let covered = self.step_table.as_ref().is_some_and(|t| {
+            t.opt == *opt && (same_every_step(opt) || (t.first..t.first + STEP_TABLE_ROWS).contains(&at.step))
+        });
+        if covered && same_every_step(opt) {
+            return Ok(());
+        }
         // The row of slot 0: step - slot - first, modulo 2^32 (a step may be below its slot).
         let slot0_row = |first: usize| (at.step.wrapping_sub(at.slot).wrapping_sub(first)) as u32;
         if !covered {
-            self.flush()?;
+            self.flush_table_readers()?;
             let first = at.step.saturating_sub(at.slot);
             let rows: Vec<StepScalars> = (first..first + STEP_TABLE_ROWS).map(|s| opt.scalars(s)).collect();
             let mut words: Vec<f32> = vec![f32::from_bits(slot0_row(first)), 0.0, 0.0, 0.0];
@@ -127,6 +140,7 @@ impl WgpuBackend {
                 opt: *opt,
                 first,
                 slot0_row: slot0_row(first),
+                read_pending: false,
             });
             return self.ctx.errors.check(op);
         }
@@ -135,7 +149,7 @@ impl WgpuBackend {
         };
         let row = slot0_row(table.first);
         if row != table.slot0_row {
-            self.flush()?;
+            self.flush_table_readers()?;
             let Some(table) = self.step_table.as_mut() else {
                 return Err(Error::Gpu(format!("{op}: no step table")));
             };
@@ -144,6 +158,14 @@ impl WgpuBackend {
                 .write_buffer(&table.buf.buffer, 0, bytemuck::bytes_of(&row));
             table.slot0_row = row;
             self.counters.uploads += 1;
+        }
+        Ok(())
+    }
+
+    /// Submit the recorded work if some of it reads the step table (about to be written).
+    fn flush_table_readers(&mut self) -> Result<()> {
+        if self.step_table.as_ref().is_some_and(|t| t.read_pending) {
+            self.flush()?;
         }
         Ok(())
     }

@@ -63,6 +63,7 @@ impl WgpuBackend {
                 .forget_lifetime();
             recording.pass = Some(pass);
         }
+        let mut table_read = false;
         let buffers: Vec<(u32, Slice)> = bind
             .iter()
             .map(|&(binding, b)| -> Result<(u32, Slice)> {
@@ -80,7 +81,10 @@ impl WgpuBackend {
                     },
                     Bound::BufferOf(t) => self.tensors[t.0].buf.whole(),
                     Bound::StepTable => match &self.step_table {
-                        Some(table) => table.buf.whole(),
+                        Some(table) => {
+                            table_read = true;
+                            table.buf.whole()
+                        }
                         None => return Err(Error::Gpu("no optimizer step table to bind".to_string())),
                     },
                 };
@@ -94,6 +98,9 @@ impl WgpuBackend {
         self.pipelines
             .dispatch(&self.ctx, pass, kernel, params, &buffers, grid)?;
         self.counters.dispatches += 1;
+        if let Some(table) = self.step_table.as_mut().filter(|_| table_read) {
+            table.read_pending = true;
+        }
         Ok(())
     }
 
@@ -114,6 +121,9 @@ impl WgpuBackend {
         };
         copy(self, &mut encoder);
         let index = self.ctx.queue.submit([encoder.finish()]);
+        if let Some(table) = self.step_table.as_mut() {
+            table.read_pending = false;
+        }
         self.counters.submits += 1;
         self.ctx.errors.check("running the recorded GPU work")?;
         Ok(index)
