@@ -8,6 +8,7 @@
 #   mnist/          the four gzip IDX files (from ../shared/data/mnist)
 #   torch_mnist.py  ../shared/bench/torch_mnist.py
 #   torch_convnet.py  ../shared/bench/torch_convnet.py
+#   torch_fast99.py   ../shared/bench/torch_fast99.py
 #   *.deb           the Vulkan loader and libglvnd (libvulkan1 libegl1 libglvnd0 libopengl0 libgl1
 #                   libglx0 libgles2, downloaded for amd64 with `apt-get download`)
 #   tests/          optional: the kernels and training test binaries, stripped, to run on the card
@@ -16,7 +17,9 @@
 # and writes at most 12 files to $OUT: the card, `devices`, the reference job with the output
 # layer unfused (GPU_MNIST_OUTPUT_FUSION=0; cold driver cache: the start-up figure) and fused (=1),
 # `bench --device gpu` both ways, the convnet (`train --model convnet` and `bench --model convnet`),
-# PyTorch CUDA's reference job and convnet, and the tests' summary.
+# PyTorch CUDA's reference job and convnet, the fastest published recipe in one file (`train
+# --model fast`, `bench --model fast` and PyTorch CUDA's run of it, `torch_fast99.py`, seeds 0-2:
+# the goal is under 0.25 s of training), and the tests' summary.
 # TRAIN_ARGS adds arguments to both training runs (a dry run on llvmpipe here:
 # VK_DRIVER_FILES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json TRAIN_ARGS="--train-limit 2560
 # --epochs 1" BENCH_ARGS="--steps 5 --repeats 1" OUT=/tmp/out bash benches/device_check.sh).
@@ -55,6 +58,16 @@ if [ -z "$train_args" ]; then
     PYTHONUNBUFFERED=1 python3 .dev/torch_mnist.py --device cuda --data .dev/mnist >"$out/torch_cuda.txt" 2>&1
     PYTHONUNBUFFERED=1 python3 .dev/torch_convnet.py --device cuda --data .dev/mnist >"$out/torch_convnet_cuda.txt" 2>&1
 fi
+# shellcheck disable=SC2086
+{
+    time "$bin" train --model fast --device gpu --verbose --out /tmp/run-fast $train_args
+    "$bin" bench --model fast --device gpu $bench_args
+    if [ -z "$train_args" ]; then
+        for seed in 0 1 2; do
+            PYTHONUNBUFFERED=1 python3 .dev/torch_fast99.py --device cuda --data .dev/mnist --seed "$seed"
+        done
+    fi
+} >"$out/fast.txt" 2>&1
 for t in .dev/tests/*; do
     [ -x "$t" ] || continue
     echo "== $t"
@@ -62,5 +75,6 @@ for t in .dev/tests/*; do
 done >"$out/tests.txt" 2>&1
 grep -H -E "epoch|test:|first chunk|dispatches a step" "$out"/train_*.txt | head -40
 grep -H -E "step|epoch|samples" "$out"/bench_*.txt | head -20
+grep -E "epoch|test:|step|RESULT" "$out/fast.txt" | head -20
 tail -n 3 "$out/torch_cuda.txt" "$out/torch_convnet_cuda.txt" 2>/dev/null
 grep -E "test result" "$out/tests.txt"

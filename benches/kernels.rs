@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gpu_mnist::backend::cpu::CpuBackend;
-use gpu_mnist::backend::ops::{
-    DenseShape, FusedUpdate, Gather, Loss, Matmul, MatmulKind, Op, ParamState, StepAt, Update,
-};
+use gpu_mnist::backend::ops::{DenseShape, FusedUpdate, Gather, Loss, Matmul, MatmulKind, Op, StepAt, Update};
 use gpu_mnist::backend::wgpu::WgpuBackend;
 use gpu_mnist::backend::{Backend, ParamTensors};
 use gpu_mnist::data::{epoch_order, Dataset, IMAGE_PIXELS};
@@ -77,8 +75,9 @@ fn ops(c: &mut Criterion) {
             id
         };
         let (inp, out, dinp) = (t(be, B * C, 0.5), t(be, B * OC, 0.1), t(be, B * C, 0.0));
-        // The layer's parameters as the graph keeps them: packed values, gradients, velocities.
-        let packed = [0.01, 1e-3, 0.0].map(|v| {
+        // The layer's parameters as the graph keeps them: packed values, gradients, velocities,
+        // momenta.
+        let packed = [0.01, 1e-3, 0.0, 0.0].map(|v| {
             let p = be.alloc_packed(&[C * OC, OC]).expect("alloc");
             let whole = vec![v; p.len];
             be.write(p.whole, &whole).expect("write");
@@ -88,6 +87,7 @@ fn ops(c: &mut Criterion) {
             value: packed[0].parts[k],
             grad: packed[1].parts[k],
             velocity: packed[2].parts[k],
+            momentum: packed[3].parts[k],
         };
         let (weight, bias) = (param(0), param(1));
         let data = synthetic(1024);
@@ -120,13 +120,9 @@ fn ops(c: &mut Criterion) {
                 update,
             })
         };
-        let state = |p: ParamTensors| ParamState {
-            value: p.value,
-            velocity: p.velocity,
-        };
         let fused_update = FusedUpdate {
-            weight: state(weight),
-            bias: state(bias),
+            weight: weight.state(),
+            bias: bias.state(),
             opt,
         };
         let gather = Op::Gather(Gather { x: inp, ds, rows: B });
@@ -213,7 +209,15 @@ fn training_step(c: &mut Criterion) {
         group.bench_function("train_step 784-512-10 batch 128", |bench| {
             bench.iter(|| {
                 graph
-                    .train_step(be, Batch { ds, rows: B }, StepAt { start, slot: 0 }, &opt)
+                    .train_step(
+                        be,
+                        Batch { ds, rows: B },
+                        StepAt {
+                            start,
+                            ..StepAt::default()
+                        },
+                        &opt,
+                    )
                     .expect("step");
                 wait(be.sync());
                 start = (start + B) % (data.len() - B);

@@ -27,7 +27,10 @@ pub struct Recipe {
 
 /// The fastest published MNIST recipe: Adam (lr 0.01, betas 0.7 and 0.9, PyTorch's eps 1e-8),
 /// PyTorch's OneCycleLR with its defaults (peak 0.01 after 30 % of the steps, from 0.01 / 25 down
-/// to 0.01 / 25 / 1e4, cosine), batch 256, one epoch.
+/// to 0.01 / 25 / 1e4, cosine), one epoch; with batches of 128 instead of the published 256.
+/// Twice the steps cost the CPU path no time (4.24 s against 4.27 s an epoch) and lift the mean
+/// test accuracy over seeds 0-9 from 99.00 % (lowest 98.89 %) to 99.07 % (lowest 98.94 %):
+/// benches/fast99.md.
 pub fn fast() -> Result<Recipe> {
     let mut optimizer = Optimizer::new(OptimizerKind::Adam, Some(0.01))?;
     optimizer.beta1 = 0.7;
@@ -36,7 +39,7 @@ pub fn fast() -> Result<Recipe> {
         spec: ModelSpec::parse("--model", FAST_LAYERS)?,
         optimizer,
         schedule: "one-cycle",
-        batch_size: 256,
+        batch_size: 128,
         epochs: 1,
     })
 }

@@ -54,6 +54,38 @@ pub struct ParamTensors {
     pub momentum: TensorId,
 }
 
+/// The state of a parameter the optimizer changes: its value and the moments of its gradient
+/// (see `ParamTensors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamState {
+    pub value: TensorId,
+    pub velocity: TensorId,
+    pub momentum: TensorId,
+}
+
+impl ParamState {
+    /// The parameter's tensors with gradient `grad`.
+    pub fn with_grad(self, grad: TensorId) -> ParamTensors {
+        ParamTensors {
+            value: self.value,
+            grad,
+            velocity: self.velocity,
+            momentum: self.momentum,
+        }
+    }
+}
+
+impl ParamTensors {
+    /// What the optimizer changes.
+    pub fn state(self) -> ParamState {
+        ParamState {
+            value: self.value,
+            velocity: self.velocity,
+            momentum: self.momentum,
+        }
+    }
+}
+
 /// Loss and accuracy of one batch, summed over its rows (written by the fused loss op).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepStats {

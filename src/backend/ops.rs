@@ -10,6 +10,7 @@
 //! gradient with its update. A backend runs a fused op natively only when its `Fusions` say so;
 //! `plan::fuse` merges ops only then.
 
+pub use super::ParamState;
 use super::{Backend, DatasetId, ParamTensors, TensorId};
 use crate::error::Result;
 use crate::optim::{Optimizer, OptimizerKind};
@@ -47,38 +48,6 @@ pub struct Gather {
     pub x: TensorId,
     pub ds: DatasetId,
     pub rows: usize,
-}
-
-/// The state of a parameter the optimizer changes: its value and the moments of its gradient
-/// (see `ParamTensors`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ParamState {
-    pub value: TensorId,
-    pub velocity: TensorId,
-    pub momentum: TensorId,
-}
-
-impl ParamState {
-    /// The parameter's tensors with gradient `grad`.
-    pub fn with_grad(self, grad: TensorId) -> ParamTensors {
-        ParamTensors {
-            value: self.value,
-            grad,
-            velocity: self.velocity,
-            momentum: self.momentum,
-        }
-    }
-}
-
-impl ParamTensors {
-    /// What the optimizer changes.
-    pub fn state(self) -> ParamState {
-        ParamState {
-            value: self.value,
-            velocity: self.velocity,
-            momentum: self.momentum,
-        }
-    }
 }
 
 /// The optimizer step a weight gradient applies as it stores the gradients: `opt` on the weight

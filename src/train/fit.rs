@@ -152,7 +152,9 @@ pub async fn fit(
             val_loss: val.as_ref().map(|v| v.loss),
             val_accuracy: val.as_ref().map(|v| v.accuracy),
             seconds: report.seconds,
-            lr: Some(cfg.optimizer.scalars(((epoch + 1) * steps).saturating_sub(1)).lr as f64),
+            lr: Some(shortest_f64(
+                cfg.optimizer.scalars(((epoch + 1) * steps).saturating_sub(1)).lr,
+            )),
             device: device.clone(),
         });
         at.partial = EpochProgress::default();
@@ -166,4 +168,9 @@ pub async fn fit(
     }
     let test = trainer.evaluate(test_set).await?;
     Ok((test, trainer.params().await?))
+}
+
+/// An f32 as the f64 of its shortest decimal (4e-8, not 3.999999975690116e-8), for the records.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
 }

@@ -7,6 +7,8 @@
 //! would change the rounding).
 
 use super::threads;
+use crate::backend::reference::{optimizer_one, OptimizerStep};
+use crate::optim::OptimizerKind;
 
 /// dbias (OC) = column sums of dout (B, OC), accumulated row by row (contiguous reads) in the
 /// reference's order: ((d[0] + d[1]) + d[2]) + ...; with the sums of 16, 32, 64 or 128 columns
@@ -170,6 +172,57 @@ fn rmsprop_portable(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f
     }
 }
 
+simd_variants! {
+    /// Every optimizer's step, as `reference::optimizer_update` (the same bits).
+    pub fn optimizer_update(
+        param: &mut [f32],
+        velocity: &mut [f32],
+        momentum: &mut [f32],
+        grad: &[f32],
+        k: &OptimizerStep<f32>,
+    ) => optimizer_portable
+}
+
+/// `reference::optimizer_one` over the values, in one loop per optimizer, so that each loop
+/// knows its formula and compiles to straight vector code.
+#[inline(always)]
+fn optimizer_portable(
+    param: &mut [f32],
+    velocity: &mut [f32],
+    momentum: &mut [f32],
+    grad: &[f32],
+    k: &OptimizerStep<f32>,
+) {
+    let k = *k;
+    let values = param
+        .iter_mut()
+        .zip(velocity.iter_mut())
+        .zip(momentum.iter_mut())
+        .zip(grad);
+    match (k.kind, k.l2 == 0.0) {
+        (OptimizerKind::Adam | OptimizerKind::AdamW, true) => {
+            let k = OptimizerStep { l2: 0.0, ..k };
+            for (((p, v), m), &g) in values {
+                optimizer_one(
+                    p,
+                    v,
+                    m,
+                    g,
+                    &OptimizerStep {
+                        kind: OptimizerKind::Adam,
+                        ..k
+                    },
+                );
+            }
+        }
+        _ => {
+            for (((p, v), m), &g) in values {
+                optimizer_one(p, v, m, g, &k);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +264,24 @@ mod tests {
         rmsprop_update(&mut p1, &mut v1, &grad, 1e-3, 0.9, 1e-7);
         r::rmsprop_update(&mut p2, &mut v2, &grad, 1e-3, 0.9, 1e-7);
         assert_eq!((p1, v1), (p2, v2));
+        // Every optimizer, with and without L2, from non-zero moments.
+        for kind in [
+            OptimizerKind::Adam,
+            OptimizerKind::AdamW,
+            OptimizerKind::Sgd,
+            OptimizerKind::RmsProp,
+        ] {
+            for wd in [0.0, 1e-2] {
+                let mut opt = crate::optim::Optimizer::new(kind, Some(1e-2)).unwrap();
+                (opt.momentum, opt.weight_decay) = (if kind == OptimizerKind::Sgd { 0.9 } else { 0.0 }, wd);
+                let k = OptimizerStep::new(&opt, opt.scalars(3));
+                let start = |x: f32| (0..n).map(|i| x * (1.0 + (i % 7) as f32)).collect::<Vec<f32>>();
+                let mut fast = (start(0.3), start(1e-4), start(-1e-3));
+                let mut slow = fast.clone();
+                optimizer_update(&mut fast.0, &mut fast.1, &mut fast.2, &grad, &k);
+                r::optimizer_update(&mut slow.0, &mut slow.1, &mut slow.2, &grad, &k);
+                assert_eq!(fast, slow, "{kind:?}, weight decay {wd}");
+            }
+        }
     }
 }

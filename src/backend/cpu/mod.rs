@@ -343,10 +343,12 @@ impl CpuBackend {
         let mut marray = std::mem::take(&mut self.storage[mv.storage]);
         let v = &mut varray[vv.offset..vv.offset + n];
         let m = &mut marray[mv.offset..mv.offset + n];
-        let fast_rmsprop = self.kind == CpuKind::Fast && opt.kind == OptimizerKind::RmsProp && step.l2 == 0.0;
-        let result = self.with_out(op, (p.value, n), &[(p.grad, n)], |value, g| match fast_rmsprop {
-            true => elementwise::rmsprop_update(value, v, g[0], step.lr, step.rho, step.eps),
-            false => r::optimizer_update(value, v, m, g[0], &step),
+        let fast_rmsprop = opt.kind == OptimizerKind::RmsProp && step.l2 == 0.0;
+        let kind = self.kind;
+        let result = self.with_out(op, (p.value, n), &[(p.grad, n)], |value, g| match kind {
+            CpuKind::Reference => r::optimizer_update(value, v, m, g[0], &step),
+            CpuKind::Fast if fast_rmsprop => elementwise::rmsprop_update(value, v, g[0], step.lr, step.rho, step.eps),
+            CpuKind::Fast => elementwise::optimizer_update(value, v, m, g[0], &step),
         });
         self.storage[vv.storage] = varray;
         self.storage[mv.storage] = marray;

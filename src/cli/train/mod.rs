@@ -46,7 +46,7 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_epochs)]
     pub epochs: Option<usize>,
     /// Examples per step (the last batch of an epoch keeps the remainder) [default: 128 for an
-    /// mlp, 64 for a convnet, as in the book; 256 for --model fast]
+    /// mlp, 64 for a convnet, as in the book; 128 for --model fast]
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_batch)]
     pub batch_size: Option<usize>,
     /// Learning rate: the base of --schedule (one-cycle's peak) [default: 0.001 for rmsprop,
