@@ -220,7 +220,16 @@ fn inconsistent_headers_and_contents() {
 
 #[test]
 fn bad_flag_values_are_usage_errors() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 17] = [
+        (&["--optimizer", "lamb"], "--optimizer"),
+        (&["--beta1", "1"], "--beta1"),
+        (&["--beta2", "-0.1"], "--beta2"),
+        (&["--eps", "0"], "--eps"),
+        (&["--weight-decay", "-1"], "--weight-decay"),
+        (&["--optimizer", "adam", "--momentum", "0.9"], "--momentum"),
+        (&["--optimizer", "sgd", "--nesterov"], "--nesterov"),
+        (&["--schedule", "linear"], "--schedule"),
+        (&["--schedule", "cosine:warmup=1.5"], "--schedule"),
         (&["--batch-size", "0"], "--batch-size"),
         (&["--epochs", "0"], "--epochs"),
         (&["--lr", "-1"], "--lr"),
