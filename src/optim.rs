@@ -189,7 +189,7 @@ impl Optimizer {
             s => format!(", {}", s.describe()),
         };
         let body = match self.kind {
-            OptimizerKind::RmsProp => format!("rmsprop (lr {}, rho {}, eps {}", self.lr, self.rho, self.eps),
+            OptimizerKind::RmsProp => format!("rmsprop (lr {}, rho {}, eps {:e}", self.lr, self.rho, self.eps),
             OptimizerKind::Sgd if self.momentum > 0.0 => format!(
                 "sgd (lr {}, {}momentum {}",
                 self.lr,
@@ -198,7 +198,7 @@ impl Optimizer {
             ),
             OptimizerKind::Sgd => format!("sgd (lr {}", self.lr),
             OptimizerKind::Adam | OptimizerKind::AdamW => format!(
-                "{} (lr {}, betas {} {}, eps {}",
+                "{} (lr {}, betas {} {}, eps {:e}",
                 self.kind.key(),
                 self.lr,
                 self.beta1,

@@ -57,6 +57,13 @@ impl RunFolder {
         write_atomic(&self.dir.join("config.json"), format!("{text}\n").as_bytes())
     }
 
+    /// result.json: the run's test result and what it ended with (the epoch whose weights early
+    /// stopping kept).
+    pub fn write_result(&self, result: &serde_json::Value) -> Result<()> {
+        let text = serde_json::to_string_pretty(result).unwrap_or_else(|_| result.to_string());
+        write_atomic(&self.dir.join("result.json"), format!("{text}\n").as_bytes())
+    }
+
     /// Rewrite metrics.csv and learning_curve.svg from all epochs so far.
     pub fn write_epochs(&self, epochs: &[EpochRecord]) -> Result<()> {
         write_atomic(&self.dir.join("metrics.csv"), metrics_csv(epochs).as_bytes())?;

@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 
+use super::early_stop::Watch;
 use super::{ChunkProgress, EpochEnd, EpochProgress, EvalReport, TrainConfig, Trainer};
 use crate::backend::{Backend, Counters};
 use crate::data::Dataset;
@@ -35,6 +36,17 @@ pub struct Position {
     /// Parameters and the optimizer's state as of `epoch` (None: a fresh optimizer).
     pub params: Vec<HostTensor>,
     pub optimizer: Option<OptimizerState>,
+    /// With early stopping: the best epoch so far and its weights.
+    pub best: Option<BestEpoch>,
+}
+
+/// Early stopping's state: the watch over the epochs so far and the best epoch's weights.
+#[derive(Debug, Clone)]
+pub struct BestEpoch {
+    pub watch: Watch,
+    pub params: Vec<HostTensor>,
+    /// Whether the run stopped before its last epoch.
+    pub stopped: bool,
 }
 
 /// An epoch that starts: `Observer::epoch_started`.
@@ -145,7 +157,7 @@ pub async fn fit(
             true => Some((trainer.params().await?, trainer.optimizer_state().await?)),
             false => None,
         };
-        at.history.push(EpochRecord {
+        let record = EpochRecord {
             epoch: report.epoch,
             train_loss: report.loss,
             train_accuracy: report.accuracy,
@@ -156,15 +168,42 @@ pub async fn fit(
                 cfg.optimizer.scalars(((epoch + 1) * steps).saturating_sub(1)).lr,
             )),
             device: device.clone(),
-        });
+        };
+        // Early stopping: a best epoch's weights are kept (one more read-back, unless the state
+        // was read already), and the run stops once the figure has not improved for long enough.
+        let mut best = at.best.clone().or(cfg.early_stop.map(|rule| BestEpoch {
+            watch: Watch::new(rule),
+            params: Vec::new(),
+            stopped: false,
+        }));
+        if let Some(b) = best.as_mut() {
+            let verdict = b.watch.observe(&record);
+            if verdict.best {
+                b.params = match &state {
+                    Some((params, _)) => params.clone(),
+                    None => trainer.params().await?,
+                };
+            }
+            b.stopped = verdict.stop && epoch + 1 < cfg.epochs;
+        }
+        at.history.push(record);
         at.partial = EpochProgress::default();
         at.epoch = epoch + 1;
         if let Some((params, optimizer)) = state.as_ref().filter(|_| keep_host) {
             at.params = params.clone();
             at.optimizer = Some(optimizer.clone());
         }
+        at.best = best;
         let view = state.as_ref().map(|(p, o)| (p.as_slice(), o));
         observer.epoch_done(at, view, trainer.be.counters())?;
+        if at.best.as_ref().is_some_and(|b| b.stopped) {
+            break;
+        }
+    }
+    // With early stopping the run ends with the best epoch's weights (Keras's
+    // restore_best_weights), whether it stopped early or ran out of epochs.
+    if let Some(b) = at.best.as_ref().filter(|b| !b.params.is_empty()) {
+        trainer.graph.set_params(trainer.be, &b.params)?;
     }
     let test = trainer.evaluate(test_set).await?;
     Ok((test, trainer.params().await?))

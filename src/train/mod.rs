@@ -10,11 +10,12 @@
 //! the device only by awaiting the backend's `Readback` futures, so a native caller drives it with
 //! `pollster::block_on` and a browser with its event loop.
 
+pub mod early_stop;
 mod eval;
 mod fit;
 
 pub use eval::{evaluate, predict, EvalReport, EvalSet, Prediction};
-pub use fit::{fit, EpochStart, FitData, HostState, Observer, Position};
+pub use fit::{fit, BestEpoch, EpochStart, FitData, HostState, Observer, Position};
 
 use web_time::Instant;
 
@@ -36,6 +37,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Steps recorded between two read-backs of the statistics.
     pub chunk_steps: usize,
+    /// Stop when the validation figure stops improving, ending with the best epoch's weights.
+    pub early_stop: Option<early_stop::EarlyStop>,
 }
 
 /// Metrics of one epoch.

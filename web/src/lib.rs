@@ -330,6 +330,7 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         optimizer,
         seed: opts.seed,
         chunk_steps: CHUNK_STEPS,
+        early_stop: None,
     };
     let opened = open_device(&opts.device).await?;
     let event = json!({"type": "device", "device": opened.kind, "adapter": opened.adapter, "note": opened.note});
@@ -341,6 +342,7 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         history: Vec::new(),
         params: glorot_init(&spec, opts.seed),
         optimizer: None,
+        best: None,
     };
     let started = js_sys::Date::now();
     let mut observer = PageObserver { on_event, started };

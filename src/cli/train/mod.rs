@@ -19,7 +19,8 @@ use gpu_mnist::model::{glorot_init, HostTensor, ModelSpec};
 use gpu_mnist::optim::OptimizerKind;
 use gpu_mnist::records::RunFolder;
 use gpu_mnist::schedule::Schedule;
-use gpu_mnist::train::{fit, EpochProgress, EvalReport, FitData, Position, TrainConfig};
+use gpu_mnist::train::early_stop::Monitor;
+use gpu_mnist::train::{fit, BestEpoch, EpochProgress, EvalReport, FitData, Position, TrainConfig};
 use gpu_mnist::{Error, Result};
 use serde_json::json;
 use web_time::Instant;
@@ -93,6 +94,15 @@ pub struct TrainArgs {
     /// Hold out the last fraction F of the training images for validation (as Keras does)
     #[arg(long, allow_negative_numbers = true, value_name = "F", value_parser = parse_split)]
     pub validation_split: Option<f64>,
+    /// Stop once the validation figure (--monitor) has not improved for N epochs in a row, and end
+    /// with the best epoch's weights, as Keras's EarlyStopping(restore_best_weights=True) (which
+    /// restores them only when it stops early); needs --validation-split
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive,
+          requires = "validation_split", conflicts_with_all = ["checkpoint_dir", "resume"])]
+    pub early_stop: Option<usize>,
+    /// What --early-stop watches [default: val-loss]
+    #[arg(long, value_enum, requires = "early_stop")]
+    pub monitor: Option<MonitorFlag>,
     /// Steps recorded between two read-backs of loss and accuracy
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value = "64", value_parser = parse_chunk)]
     pub chunk_steps: usize,
@@ -136,6 +146,22 @@ impl From<OptimizerFlag> for OptimizerKind {
             OptimizerFlag::Sgd => OptimizerKind::Sgd,
             OptimizerFlag::Adam => OptimizerKind::Adam,
             OptimizerFlag::Adamw => OptimizerKind::AdamW,
+        }
+    }
+}
+
+/// `--monitor`.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum MonitorFlag {
+    ValLoss,
+    ValAccuracy,
+}
+
+impl From<MonitorFlag> for Monitor {
+    fn from(flag: MonitorFlag) -> Monitor {
+        match flag {
+            MonitorFlag::ValLoss => Monitor::ValLoss,
+            MonitorFlag::ValAccuracy => Monitor::ValAccuracy,
         }
     }
 }
@@ -244,6 +270,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         optimizer: settings.optimizer,
         seed: settings.seed,
         chunk_steps: settings.chunk_steps,
+        early_stop: settings.early_stop,
     };
     let place = RunPlace::of(&dir, &args);
     let mut reporter = Reporter {
@@ -271,7 +298,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     match fit_with_hand_over(opened.backend, fall_back, data, &cfg, &mut at, &mut reporter) {
         Err(Error::Numerical(msg)) => Err(with_kept_checkpoint(msg, checkpoint_dir.as_deref())),
         Err(e) => Err(e),
-        Ok((test, params)) => finish(&args, &settings, &run_dir, test, params),
+        Ok((test, params)) => finish(&args, &settings, &run_dir, (test, params), at.best.as_ref()),
     }
 }
 
@@ -445,6 +472,7 @@ fn start_position(
             history: Vec::new(),
             params: glorot_init(spec, settings.seed),
             optimizer: None,
+            best: None,
         };
     };
     if human {
@@ -464,6 +492,7 @@ fn start_position(
         history: r.history,
         params: r.checkpoint.params,
         optimizer: Some(r.checkpoint.optimizer),
+        best: None,
     }
 }
 
@@ -477,20 +506,38 @@ fn with_kept_checkpoint(msg: String, checkpoint_dir: Option<&Path>) -> Error {
     }
 }
 
-/// Print the test result and save the model.
+/// Print the test result (and with early stopping the epoch whose weights were kept, also in the
+/// run folder's result.json) and save the model.
 fn finish(
     args: &TrainArgs,
     settings: &RunSettings,
     run_dir: &Path,
-    test: EvalReport,
-    params: Vec<HostTensor>,
+    (test, params): (EvalReport, Vec<HostTensor>),
+    best: Option<&BestEpoch>,
 ) -> Result<()> {
+    let kept = best.and_then(|b| b.watch.best_epoch().map(|epoch| (b, epoch)));
+    let mut result = json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "dataset": settings.dataset.key(), "run_dir": run_dir.display().to_string()});
+    if let Some((b, epoch)) = kept {
+        result["kept_epoch"] = json!(epoch);
+        result["stopped_early"] = json!(b.stopped);
+        result["monitor"] = json!(b.watch.rule.monitor.key());
+        if !args.json && !args.quiet {
+            let (monitor, patience) = (b.watch.rule.monitor.key(), b.watch.rule.patience);
+            let why = match b.stopped {
+                true => format!(
+                    "{monitor} did not improve for {patience} epochs; stopped after epoch {} and ",
+                    epoch + b.watch.waited
+                ),
+                false => String::new(),
+            };
+            println!("early stop: {why}kept the weights of epoch {epoch} (the best {monitor})");
+        }
+    }
+    if kept.is_some() {
+        RunFolder::create(run_dir)?.write_result(&result)?;
+    }
     if args.json {
-        let run_dir = run_dir.display().to_string();
-        println!(
-            "{}",
-            json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "examples": test.examples, "dataset": settings.dataset.key(), "run_dir": run_dir})
-        );
+        println!("{result}");
     } else {
         println!(
             "test: loss {:.4}, accuracy {:.2}% ({} images)",

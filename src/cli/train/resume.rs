@@ -14,6 +14,7 @@ use gpu_mnist::model::ModelSpec;
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::records::EpochRecord;
 use gpu_mnist::schedule::Schedule;
+use gpu_mnist::train::early_stop::{EarlyStop, Monitor};
 use gpu_mnist::train::EpochProgress;
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
@@ -36,6 +37,8 @@ pub(super) struct RunSettings {
     pub(super) train_limit: Option<usize>,
     pub(super) validation_split: Option<f64>,
     pub(super) chunk_steps: usize,
+    /// `--early-stop` and `--monitor` (never with a checkpoint: its best weights live in memory).
+    pub(super) early_stop: Option<EarlyStop>,
 }
 
 impl RunSettings {
@@ -62,6 +65,16 @@ impl RunSettings {
         }
         optimizer.nesterov = args.nesterov;
         optimizer.validate()?;
+        let early_stop = args.early_stop.map(|patience| EarlyStop {
+            patience,
+            monitor: args.monitor.map_or(Monitor::ValLoss, Monitor::from),
+        });
+        if early_stop.is_some() && args.validation_split.is_none_or(|f| f <= 0.0) {
+            return Err(Error::usage(
+                "--early-stop",
+                "watches the validation set: give --validation-split above 0",
+            ));
+        }
         let schedule = match (&args.schedule, &recipe) {
             (Some(text), _) => text.clone(),
             (None, Some(r)) => r.schedule.to_string(),
@@ -80,6 +93,7 @@ impl RunSettings {
             train_limit: args.train_limit,
             validation_split: args.validation_split,
             chunk_steps: args.chunk_steps,
+            early_stop,
         })
     }
 
@@ -105,6 +119,7 @@ impl RunSettings {
             "train_limit": self.train_limit,
             "validation_split": self.validation_split,
             "chunk_steps": self.chunk_steps,
+            "early_stop": self.early_stop.map(|e| json!({"patience": e.patience, "monitor": e.monitor.key()})),
         })
     }
 
@@ -171,6 +186,7 @@ impl RunSettings {
             train_limit: v["train_limit"].as_u64().map(|x| x as usize),
             validation_split,
             chunk_steps: usize_of("chunk_steps", 4096)?,
+            early_stop: None,
         };
         settings
             .spec
