@@ -226,10 +226,11 @@ fn print_table(results: &[DeviceBench], baseline: Option<&Value>) {
             base["framework"].as_str().unwrap_or("baseline"),
             base["device"].as_str().unwrap_or("?")
         );
-        println!(
-            "baseline {label}: median epoch {base_epoch:.3} s, peak RSS {} MiB",
-            base["peak_rss_mib"]
-        );
+        let rss = match &base["peak_rss_mib"] {
+            Value::Null => String::new(),
+            mib => format!(", peak RSS {mib} MiB"),
+        };
+        println!("baseline {label}: median epoch {base_epoch:.3} s{rss}");
         for b in results {
             println!(
                 "  {:<44} epoch time {:.2}x the baseline's",
