@@ -30,8 +30,52 @@ const MAX_HEADER: u64 = 1 << 20;
 /// The largest file we read: the parameters, both moments and header of the largest model allowed.
 const MAX_FILE: u64 = 3 * 4 * crate::model::MAX_PARAMS as u64 + MAX_HEADER + 8;
 
-/// Write `data` to `path` atomically: temporary file beside it, fsync, rename.
+/// Why `path` can not be written as a regular file (a device, FIFO, socket or folder is never
+/// replaced), or None where it can: it does not exist, or it is a regular file, or a link to one.
+pub fn not_writable(path: &Path) -> Option<String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        // A link to nothing is not replaced either: where would the file go?
+        Err(_) if path.symlink_metadata().is_ok() => return Some("is a symbolic link to nothing".to_string()),
+        Err(_) => return None,
+    };
+    let kind = meta.file_type();
+    if kind.is_file() {
+        return None;
+    }
+    if kind.is_dir() {
+        return Some("is a directory".to_string());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Some(format!("is {what}; gpu-mnist writes regular files only"));
+    }
+    #[allow(unreachable_code)]
+    Some("is not a regular file; gpu-mnist writes regular files only".to_string())
+}
+
+/// Write `data` to `path` atomically: temporary file beside it, fsync, rename. A symbolic link is
+/// followed (the file it points to is replaced, the link stays); anything but a regular file is
+/// refused, untouched (`not_writable`).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    if let Some(why) = not_writable(path) {
+        return Err(Error::bad_file(path, why));
+    }
+    let target = match path.symlink_metadata() {
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?,
+        _ => path.to_path_buf(),
+    };
+    let path = target.as_path();
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),

@@ -20,6 +20,8 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod image;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod lock;
 pub mod model;
 pub mod optim;
 pub mod plan;

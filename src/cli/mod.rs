@@ -314,8 +314,8 @@ pub fn parse_hidden(text: &str) -> std::result::Result<Hidden, String> {
 /// Fail before any work if an output file could not be written where asked.
 pub fn check_output_path(flag: &str, path: &std::path::Path) -> gpu_mnist::Result<()> {
     use gpu_mnist::Error;
-    if path.is_dir() {
-        return Err(Error::usage(flag, format!("{} is a directory", path.display())));
+    if let Some(why) = gpu_mnist::checkpoint::not_writable(path) {
+        return Err(Error::usage(flag, format!("{} {why}", path.display())));
     }
     let parent = path
         .parent()

@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn stops_after_patience_epochs_without_improvement_and_names_the_best() {
-        let losses = [0.5, 0.4, 0.45, 0.41, 0.39, 0.6, 0.7];
+        let losses = [0.5, 0.4, 0.45, 0.39, 0.6, 0.7, 0.8];
         let mut w = Watch::new(EarlyStop {
             patience: 2,
             monitor: Monitor::ValLoss,
@@ -129,10 +129,10 @@ mod tests {
             .map(|(i, &l)| w.observe(&record(i + 1, l, 0.0)))
             .collect();
         let best: Vec<bool> = verdicts.iter().map(|v| v.best).collect();
-        assert_eq!(best, [true, true, false, false, true, false, false]);
+        assert_eq!(best, [true, true, false, true, false, false, false]);
         let stop = verdicts.iter().position(|v| v.stop);
-        assert_eq!(stop, Some(6), "stops after epoch 7, two epochs past epoch 5");
-        assert_eq!(w.best_epoch(), Some(5));
+        assert_eq!(stop, Some(5), "stops after epoch 6, two epochs past epoch 4");
+        assert_eq!(w.best_epoch(), Some(4));
         // Accuracy: higher is better; a tie is no improvement.
         let mut w = Watch::new(EarlyStop {
             patience: 1,

@@ -291,6 +291,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         epoch_t0: Instant::now(),
         epoch: None,
         first_chunk_told: false,
+        locks: Vec::new(),
     };
     // Under --device auto, a GPU that fails (lost, out of memory) hands over to the CPU path,
     // which continues from the end of the last completed epoch.
@@ -418,6 +419,20 @@ fn check_outputs(args: &TrainArgs) -> Result<()> {
     }
     if let Some(path) = &args.save {
         check_output_path("--save", path)?;
+    }
+    // The files a run writes into its folders: each a regular file or nothing yet.
+    let mut written: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(out) = args.out.as_deref() {
+        let files = ["config.json", "metrics.csv", "learning_curve.svg", "result.json"];
+        written.extend(files.map(|f| ("--out", out.join(f))));
+    }
+    if let Some(dir) = args.resume.as_deref().or(args.checkpoint_dir.as_deref()) {
+        written.push(("--checkpoint-dir", dir.join(CHECKPOINT_FILE)));
+    }
+    for (flag, path) in written {
+        if let Some(why) = gpu_mnist::checkpoint::not_writable(&path) {
+            return Err(Error::usage(flag, format!("{} {why}", path.display())));
+        }
     }
     let checkpoint_dir = args.resume.as_deref().or(args.checkpoint_dir.as_deref());
     if let Some(dir) = checkpoint_dir.filter(|d| d.exists() && !d.is_dir()) {

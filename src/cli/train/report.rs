@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use gpu_mnist::backend::Counters;
 use gpu_mnist::checkpoint::{self, Checkpoint};
+use gpu_mnist::lock::FolderLock;
 use gpu_mnist::model::ModelSpec;
 use gpu_mnist::records::{EpochRecord, RunFolder};
 use gpu_mnist::train::{ChunkProgress, EpochProgress, EpochStart, HostState, Observer, Position, Trainer};
@@ -105,6 +106,8 @@ pub(super) struct Reporter<'a> {
     pub epoch_t0: Instant,
     pub epoch: Option<EpochStart>,
     pub first_chunk_told: bool,
+    /// The locks on the run folder and the checkpoint folder, held until the run ends.
+    pub locks: Vec<FolderLock>,
 }
 
 impl Reporter<'_> {
@@ -155,8 +158,14 @@ impl Observer for Reporter<'_> {
             if let Some(dir) = self.checkpoint_dir {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| Error::bad_file(dir, format!("could not create the checkpoint folder ({e})")))?;
+                self.locks.push(FolderLock::acquire(dir)?);
             }
             let folder = RunFolder::create(self.run_dir)?;
+            // One run per folder: a folder that is both is locked once.
+            let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+            if !self.checkpoint_dir.is_some_and(|c| same(c, self.run_dir)) {
+                self.locks.push(FolderLock::acquire(self.run_dir)?);
+            }
             folder.write_config(self.config)?;
             self.folder = Some(folder);
         }
