@@ -268,6 +268,12 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
 
 /// Load and validate a file written by `save` (or any safetensors file of the same layout).
 pub fn load(path: &Path) -> Result<Checkpoint> {
+    load_as(path, None)
+}
+
+/// `load`, also of a file without gpu-mnist's metadata (`foreign`): its layers from its shapes
+/// (a dense stack) or from `layers` (the user's --layers), which a file with metadata must match.
+pub fn load_as(path: &Path, layers: Option<&ModelSpec>) -> Result<Checkpoint> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Err(Error::bad_file(
@@ -285,7 +291,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    from_bytes(&bytes).map_err(|reason| Error::bad_file(path, reason))
+    from_bytes_as(&bytes, layers).map_err(|reason| Error::bad_file(path, reason))
 }
 
 fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
@@ -324,10 +330,15 @@ fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> std::result::R
 /// and the SHA-256 of the tensor data where the file carries one. Errors are plain one-line
 /// reasons (the caller names the file; names and text from the file may hold line breaks).
 pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
-    parse(bytes).map_err(|why| why.split_whitespace().collect::<Vec<_>>().join(" "))
+    from_bytes_as(bytes, None)
 }
 
-fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
+/// `from_bytes`, also of a file without gpu-mnist's metadata (see `load_as`).
+pub fn from_bytes_as(bytes: &[u8], layers: Option<&ModelSpec>) -> std::result::Result<Checkpoint, String> {
+    parse(bytes, layers).map_err(|why| why.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+fn parse(bytes: &[u8], given: Option<&ModelSpec>) -> std::result::Result<Checkpoint, String> {
     if bytes.len() < 8 {
         return bad(format!("too short for a safetensors file ({} bytes)", bytes.len()));
     }
@@ -343,14 +354,30 @@ fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file ({e})"))?;
     let empty = HashMap::new();
     let meta = header.metadata().as_ref().unwrap_or(&empty);
-    let layers = meta
-        .get("layers")
-        .ok_or("no `layers` in the metadata: not a gpu-mnist model")?;
+    let Some(layers) = meta.get("layers") else {
+        // Written by another tool: Keras's or PyTorch's layout, read by `foreign`.
+        let (spec, params) = foreign::read(&file, given)?;
+        return Ok(Checkpoint {
+            spec,
+            params,
+            optimizer: OptimizerState::default(),
+            state: None,
+            dataset: None,
+            data_hash: DataHash::Absent,
+        });
+    };
     match meta.get("activation").map(String::as_str) {
         None | Some("relu") => {}
         Some(other) => return bad(format!("its activation is {other:?}; gpu-mnist models use relu")),
     }
     let spec = spec_of(layers)?;
+    if let Some(given) = given.filter(|g| **g != spec) {
+        return bad(format!(
+            "its metadata says the model is {}, not the {} given",
+            spec.describe(),
+            given.describe()
+        ));
+    }
     let dataset = match meta.get(DATASET_KEY) {
         Some(key) => Some(DatasetKind::from_key(key).ok_or_else(|| {
             let known: Vec<&str> = DatasetKind::ALL.iter().map(|d| d.key()).collect();
@@ -414,5 +441,6 @@ fn parse(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     })
 }
 
+mod foreign;
 #[cfg(test)]
 mod tests;

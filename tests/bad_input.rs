@@ -414,7 +414,7 @@ fn bad_checkpoints() {
                     &[0; 8],
                 ),
             ),
-            vec!["not a gpu-mnist model"],
+            vec!["no gpu-mnist metadata", "--layers"],
         ),
         (
             "wrong dtype",

@@ -18,9 +18,14 @@ use super::{check_output_path, parse_batch, parse_positive, DataArgs, DeviceArgs
 
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
-    /// The model file written by `train --save` (or a --checkpoint-dir checkpoint)
+    /// The model file written by `train --save` (or a --checkpoint-dir checkpoint), or a
+    /// safetensors file of Keras's or PyTorch's weights without gpu-mnist's metadata
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
+    /// The model's layers (as train --layers), for a file without gpu-mnist's metadata that is
+    /// not a stack of dense layers, e.g. a PyTorch convnet's state_dict
+    #[arg(long, value_name = "SPEC")]
+    pub layers: Option<String>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -43,7 +48,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     }
     let Checkpoint {
         spec, params, dataset, ..
-    } = super::load_model(&args.model)?;
+    } = super::load_model(&args.model, args.layers.as_deref())?;
     let kind = args.data.dataset_for_model(&args.model, dataset)?;
     let dir = args.data.folder(kind, std::io::stderr().is_terminal())?;
     let mnist = Mnist::load(&dir)?;

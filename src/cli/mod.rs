@@ -332,8 +332,12 @@ pub fn check_output_path(flag: &str, path: &std::path::Path) -> gpu_mnist::Resul
 
 /// Load a model file or checkpoint; a file that carries no SHA-256 of its tensor data (written by
 /// another tool) loads with a one-line note on stderr, since damage to it can not be detected.
-pub fn load_model(path: &std::path::Path) -> gpu_mnist::Result<gpu_mnist::checkpoint::Checkpoint> {
-    let ck = gpu_mnist::checkpoint::load(path)?;
+pub fn load_model(
+    path: &std::path::Path,
+    layers: Option<&str>,
+) -> gpu_mnist::Result<gpu_mnist::checkpoint::Checkpoint> {
+    let given = layers.map(|l| ModelSpec::parse("--layers", l)).transpose()?;
+    let ck = gpu_mnist::checkpoint::load_as(path, given.as_ref())?;
     if ck.data_hash == gpu_mnist::checkpoint::DataHash::Absent {
         eprintln!(
             "note: {} carries no SHA-256 of its tensor data (metadata {}), so damage to it can not be detected",

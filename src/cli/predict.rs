@@ -18,9 +18,14 @@ use super::{DataArgs, DeviceArgs};
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
-    /// The model file written by `train --save`
+    /// The model file written by `train --save`, or a safetensors file of Keras's or PyTorch's
+    /// weights without gpu-mnist's metadata
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
+    /// The model's layers (as train --layers), for a file without gpu-mnist's metadata that is
+    /// not a stack of dense layers, e.g. a PyTorch convnet's state_dict
+    #[arg(long, value_name = "SPEC")]
+    pub layers: Option<String>,
     /// Test images by index: 0, 0..10 (end excluded) or 3,5,8
     #[arg(long, allow_negative_numbers = true, value_name = "SPEC", value_parser = parse_indices)]
     pub index: Option<Indices>,
@@ -94,7 +99,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     }
     let Checkpoint {
         spec, params, dataset, ..
-    } = super::load_model(&args.model)?;
+    } = super::load_model(&args.model, args.layers.as_deref())?;
     let kind = args.data.dataset_for_model(&args.model, dataset)?;
     // Load the inputs before opening a device, so that a bad file fails fast.
     let test = match &args.index {

@@ -288,7 +288,7 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
     if !dir.is_dir() {
         return Err(Error::usage("--resume", format!("{} is not a folder", dir.display())));
     }
-    let checkpoint = crate::cli::load_model(&path)?;
+    let checkpoint = crate::cli::load_model(&path, None)?;
     let state = checkpoint
         .state
         .clone()
