@@ -3,12 +3,16 @@
 //!
 //! Contract: `load_digit(path)` returns 784 u8 pixels, white digit on black, as MNIST has them,
 //! from a PNG, JPEG (turned as its EXIF orientation says), WebP, BMP, GIF, TIFF or PNM picture of
-//! any size and colour type. In a picture that is not 28x28 the ink is the side that reaches far
-//! from the median grey (dark on light paper, or light on dark); the paper's level (a percentile
-//! of each of 4 x 4 blocks, interpolated) is subtracted, so that uneven lighting and grey paper
-//! become black; Otsu's threshold cuts the ink's faint rest away; then the ink is cropped, scaled
-//! so its longer side is 20 pixels, and centred by its centre of mass in a 28x28 frame. A picture with no ink that
-//! stands out (blank, lighting alone, noise) is refused, not guessed at. A 28x28 picture is taken as MNIST-like as it is
+//! any size and colour type. A picture that is not 28x28 is read one of two ways. A scan or a
+//! drawing (smooth: no camera noise, with strokes' edges; `scan_of`) may be cropped tightly to
+//! its ink, low-resolution and blurred: its ink is every level away from its paper, unthresholded,
+//! as MNIST's grey edges are (`scan_ink`). A photo's ink is the side that reaches far from the
+//! median grey; the paper's level (a percentile of each of 4 x 4 blocks, interpolated) is
+//! subtracted, so that uneven lighting and grey paper become black, and Otsu's threshold cuts the
+//! ink's faint rest away (`photo_ink`; a quiet picture with strokes that it finds no digit in is
+//! read as a scan). Either way the ink is then cropped, scaled so its longer side is 20 pixels,
+//! and centred by its centre of mass in a 28x28 frame. A picture with no ink that stands out
+//! (blank, lighting alone, noise) is refused, not guessed at. A 28x28 picture is taken as MNIST-like as it is
 //! (inverted when its border is light). Sizes are checked before any pixel is decoded; every
 //! failure names the file.
 
@@ -226,12 +230,133 @@ fn paper_level(img: &Gray, dark_ink: bool) -> Vec<f32> {
     out
 }
 
+/// A scan is smooth: the median bend between three pixels in a row (|a - 2b + c|) is at most this
+/// share of the picture's range (paper and strokes, even blurred and enlarged, bend little;
+/// a camera's noise bends every pixel).
+const SCAN_MAX_BEND: f32 = 0.01;
+/// A picture is quiet: the median step between neighbouring pixels is at most this share of the
+/// range (uniform noise steps a third of it).
+const SCAN_MAX_STEP: f32 = 0.05;
+/// A picture has strokes: a twentieth of its neighbouring steps at least this share of the range
+/// (a stroke's edge is steep, even blurred; a lamp's gradient is not).
+const SCAN_MIN_EDGE: f32 = 0.04;
+
+/// The least difference, in grey levels, between a scan's ink and its paper: a noiseless picture's
+/// faint stroke (a thin digit shrunk and blurred) is still ink.
+const SCAN_MIN_CONTRAST: f32 = 12.0;
+
+/// What a picture is, to `separate_ink`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Scan {
+    /// Smooth, with strokes: a scan or a drawing, read as it is.
+    clean: bool,
+    /// Quiet, with strokes: read as a scan when the photo path finds no digit in it.
+    readable: bool,
+    /// Dark ink on light paper (else light on dark).
+    dark_ink: bool,
+    /// The paper's level: the lightest level (dark ink) or the darkest.
+    paper: f32,
+}
+
+/// The value at quantile `q` of `values` (sorted here).
+fn quantile(values: &mut [f32], q: f64) -> f32 {
+    values.sort_by(f32::total_cmp);
+    values
+        .get(((values.len() as f64 - 1.0) * q) as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// A picture's smoothness, noise, strokes, paper and polarity (see `Scan`).
+fn scan_of(img: &Gray) -> Scan {
+    let (w, h) = (img.width, img.height);
+    let px = |x: usize, y: usize| img.pixels[y * w + x] as f32;
+    let (lo, hi) = img
+        .pixels
+        .iter()
+        .fold((255u8, 0u8), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    let range = (hi as f32 - lo as f32).max(1.0);
+    let (mut steps, mut bends) = (Vec::with_capacity(2 * w * h), Vec::with_capacity(2 * w * h));
+    for y in 0..h {
+        for x in 0..w {
+            if x + 1 < w {
+                steps.push((px(x + 1, y) - px(x, y)).abs());
+            }
+            if y + 1 < h {
+                steps.push((px(x, y + 1) - px(x, y)).abs());
+            }
+            if x + 2 < w {
+                bends.push((px(x, y) - 2.0 * px(x + 1, y) + px(x + 2, y)).abs());
+            }
+            if y + 2 < h {
+                bends.push((px(x, y) - 2.0 * px(x, y + 1) + px(x, y + 2)).abs());
+            }
+        }
+    }
+    let strokes = quantile(&mut steps, 0.95) >= SCAN_MIN_EDGE * range;
+    // Whole grey levels: a faint picture's rounding alone bends and steps by a level or two.
+    let quiet = quantile(&mut steps, 0.5) <= (SCAN_MAX_STEP * range).max(3.0);
+    let smooth = quantile(&mut bends, 0.5) <= (SCAN_MAX_BEND * range).max(2.0);
+    // The border is mostly paper, even when the ink touches it: dark ink on light paper unless
+    // the border is clearly dark.
+    let border: Vec<f32> = (0..w)
+        .flat_map(|x| [px(x, 0), px(x, h - 1)])
+        .chain((0..h).flat_map(|y| [px(0, y), px(w - 1, y)]))
+        .collect();
+    let border_mean = border.iter().sum::<f32>() / border.len().max(1) as f32;
+    let dark_ink = border_mean >= lo as f32 + 0.3 * range;
+    Scan {
+        clean: smooth && strokes,
+        readable: quiet && strokes,
+        dark_ink,
+        paper: if dark_ink { hi as f32 } else { lo as f32 },
+    }
+}
+
+/// The ink of a scan or drawing (`Scan`): every level away from its paper,
+/// unthresholded, as MNIST's grey edges are, scaled so that the darkest ink is 255. Such a
+/// picture may be mostly ink (a digit cropped tightly, its strokes touching the edges) and its
+/// strokes faint (a blurred, low-resolution scan).
+fn scan_ink(img: &Gray, scan: Scan) -> std::result::Result<Vec<u8>, String> {
+    let ink: Vec<f32> = img
+        .pixels
+        .iter()
+        .map(|&p| {
+            (if scan.dark_ink {
+                scan.paper - p as f32
+            } else {
+                p as f32 - scan.paper
+            })
+            .max(0.0)
+        })
+        .collect();
+    let top = ink.iter().copied().fold(0.0f32, f32::max);
+    if top < SCAN_MIN_CONTRAST {
+        return Err("the picture is blank: no ink found, so there is no digit to read".to_string());
+    }
+    Ok(ink.iter().map(|&v| (v * 255.0 / top).round() as u8).collect())
+}
+
 /// Separate the ink from the paper. The paper is most of the picture, so its median is paper;
 /// the ink is the side that reaches far from it (dark ink on light paper, or light on dark). The
 /// paper's level under each pixel (`paper_level`) is subtracted, so that uneven lighting and grey
 /// paper count as nothing, and Otsu's threshold of what remains cuts the faint rest away.
 /// Returns the ink as white on black (0 to 255), or why the picture holds no digit.
 fn separate_ink(img: &Gray) -> std::result::Result<Vec<u8>, String> {
+    // A clean scan on even paper is read as it is; a picture the photo path below refuses is
+    // still a digit when it is clean (tightly cropped, mostly ink).
+    let scan = scan_of(img);
+    if scan.clean {
+        return scan_ink(img, scan);
+    }
+    match photo_ink(img) {
+        Err(_) if scan.readable => scan_ink(img, scan),
+        other => other,
+    }
+}
+
+/// The ink of a photo: see `separate_ink`.
+fn photo_ink(img: &Gray) -> std::result::Result<Vec<u8>, String> {
     let no_digit = |why: String| format!("no digit found: {why}");
     let mut histogram = [0u32; 256];
     for &p in &img.pixels {
