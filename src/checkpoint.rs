@@ -298,17 +298,10 @@ fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
     Err(reason.into())
 }
 
-/// One F32 tensor of the given name and shape, with finite values.
-fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> std::result::Result<HostTensor, String> {
-    let view = file.tensor(name).map_err(|_| format!("tensor {name} is missing"))?;
+/// The values of an F32 tensor, all finite.
+fn f32_values(name: &str, view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     if view.dtype() != Dtype::F32 {
         return bad(format!("tensor {name} has dtype {}, expected F32", view.dtype()));
-    }
-    if view.shape() != shape {
-        return bad(format!(
-            "tensor {name} has shape {:?}, the layers need {shape:?}",
-            view.shape()
-        ));
     }
     let values: Vec<f32> = view
         .data()
@@ -318,10 +311,22 @@ fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> std::result::R
     if values.iter().any(|v| !v.is_finite()) {
         return bad(format!("tensor {name} holds NaN or infinite values"));
     }
+    Ok(values)
+}
+
+/// One F32 tensor of the given name and shape, with finite values.
+fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> std::result::Result<HostTensor, String> {
+    let view = file.tensor(name).map_err(|_| format!("tensor {name} is missing"))?;
+    if view.dtype() == Dtype::F32 && view.shape() != shape {
+        return bad(format!(
+            "tensor {name} has shape {:?}, the layers need {shape:?}",
+            view.shape()
+        ));
+    }
     Ok(HostTensor {
         name: name.to_string(),
         shape: shape.to_vec(),
-        data: values,
+        data: f32_values(name, &view)?,
     })
 }
 

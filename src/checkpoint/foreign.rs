@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
 use crate::model::{HostTensor, Layer, ModelSpec};
 
@@ -28,17 +28,7 @@ struct Raw {
 fn tensors(file: &SafeTensors<'_>) -> Result<BTreeMap<String, Raw>, Reason> {
     let mut out = BTreeMap::new();
     for (name, view) in file.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(format!("tensor {name} has dtype {}, expected F32", view.dtype()));
-        }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if data.iter().any(|v| !v.is_finite()) {
-            return Err(format!("tensor {name} holds NaN or infinite values"));
-        }
+        let data = super::f32_values(&name, &view)?;
         out.insert(
             name,
             Raw {
