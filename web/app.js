@@ -88,9 +88,9 @@ function setState(state) {
 /** Timings a harness can read: state changes, and the last run's Train press and first chunk. */
 window.gpuMnistTimings = { states: {}, run: null };
 
-// An error nobody caught still reaches the page, not only the console.
+// An error nobody caught reaches the page, and the console too (where tests look for it).
 window.addEventListener('unhandledrejection', (event) => {
-  event.preventDefault();
+  console.error('unhandled rejection:', errorText(event.reason));
   showMessage(errorText(event.reason));
 });
 window.addEventListener('error', (event) => {

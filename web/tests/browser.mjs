@@ -292,6 +292,11 @@ async function main() {
     await drawStroke(page, [[0.5, 0.15], [0.5, 0.85]]);
     const again = await readProbabilities(page, 'a drawn 1 after the bad inputs');
     log(`the previous model still reads a drawn 1: [${again.map((p) => p.toFixed(4)).join(', ')}]`);
+    const kept = await page.evaluate(() => window.gpuMnistSaveModel());
+    if (!Buffer.from(kept).equals(Buffer.from(modelBytes))) {
+      fail(`the page's model changed while bad files were refused (${kept.length} bytes, was ${modelBytes.length})`);
+    }
+    log('the page kept its model byte for byte through the bad files');
 
     // A model file written by `gpu-mnist train --save` works in the page.
     if (process.env.NATIVE_MODEL) {
@@ -370,7 +375,10 @@ async function withoutWebGpu() {
     const noteShown = await page.isVisible('#device-note');
     if (result.device !== 'cpu') fail(`without WebGPU the page trained on "${result.device}"`);
     if (!noteShown || !/WebGPU/.test(note)) fail(`without WebGPU the page did not say so (#device-note "${note}")`);
-    if (result.test_accuracy < MIN_ACCURACY) fail(`the CPU path reached only ${result.test_accuracy} on 2,000 images`);
+    // Written so that a missing or NaN accuracy (null in JSON) fails too.
+    if (!(result.test_accuracy >= MIN_ACCURACY)) {
+      fail(`the CPU path reached only ${result.test_accuracy} on 2,000 images`);
+    }
     if (errors.length > 0) fail(`console errors without WebGPU:\n  ${errors.join('\n  ')}`);
     log(`without WebGPU: "${note}"`);
     log(`without WebGPU: result ${line}`);
