@@ -5,9 +5,10 @@
 //! Contract: a `Recipe` is plain data; the caller resolves its schedule against the run's step
 //! count (`Schedule::parse`) once the training set's size is known.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::optim::{Optimizer, OptimizerKind};
+use crate::schedule::Schedule;
 
 /// The network of the fastest published MNIST recipe (tuomaso/train_mnist_fast: 99 % test
 /// accuracy in one epoch): conv 5x5 24 filters, max pool 2, conv 3x3 32, max pool 2, dense 256,
@@ -23,6 +24,17 @@ pub struct Recipe {
     pub schedule: &'static str,
     pub batch_size: usize,
     pub epochs: usize,
+}
+
+impl Recipe {
+    /// The recipe's optimizer with its schedule counted over a run of `steps` steps.
+    pub fn optimizer_over(&self, steps: usize) -> Result<Optimizer> {
+        let schedule = Schedule::parse(self.schedule, steps).map_err(|why| Error::usage("--model", why))?;
+        Ok(Optimizer {
+            schedule,
+            ..self.optimizer
+        })
+    }
 }
 
 /// The fastest published MNIST recipe: Adam (lr 0.01, betas 0.7 and 0.9, PyTorch's eps 1e-8),

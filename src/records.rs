@@ -74,6 +74,12 @@ impl RunFolder {
     }
 }
 
+/// An f32 as the f64 of its shortest decimal (0.001, not 0.0010000000474974513), for records and
+/// settings written as text.
+pub fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
 fn opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
 }

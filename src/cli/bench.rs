@@ -13,7 +13,6 @@ use gpu_mnist::data::locate::{cache_dir, check_identity};
 use gpu_mnist::data::{dir_has_all_files, Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::device::{open_device, DeviceChoice};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
-use gpu_mnist::schedule::Schedule;
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
 
@@ -248,16 +247,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let batch = args
         .batch_size
         .unwrap_or_else(|| super::default_batch(&spec, recipe.as_ref()));
-    // The recipe's optimizer and schedule over one epoch of these images, else RMSprop.
+    // The recipe's optimizer, its schedule over the recipe's epochs of these images, else RMSprop.
     let optimizer = match &recipe {
-        Some(r) => {
-            let steps = data.len().div_ceil(batch.max(1)) * r.epochs;
-            let schedule = Schedule::parse(r.schedule, steps).map_err(|why| Error::usage("--model", why))?;
-            Optimizer {
-                schedule,
-                ..r.optimizer
-            }
-        }
+        Some(r) => r.optimizer_over(data.len().div_ceil(batch.max(1)) * r.epochs)?,
         None => Optimizer::new(OptimizerKind::RmsProp, None)?,
     };
     if batch > data.len() {

@@ -117,11 +117,10 @@ struct Scan {
     paper: f32,
 }
 
-/// The value at quantile `q` of `values` (sorted here).
-fn quantile(values: &mut [f32], q: f64) -> f32 {
-    values.sort_by(f32::total_cmp);
-    values
-        .get(((values.len() as f64 - 1.0) * q) as usize)
+/// The value at quantile `q` of sorted `values`.
+fn quantile(sorted: &[f32], q: f64) -> f32 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q) as usize)
         .copied()
         .unwrap_or(0.0)
 }
@@ -152,10 +151,12 @@ fn scan_of(img: &Gray) -> Scan {
             }
         }
     }
-    let strokes = quantile(&mut steps, 0.95) >= SCAN_MIN_EDGE * range;
+    steps.sort_by(f32::total_cmp);
+    bends.sort_by(f32::total_cmp);
+    let strokes = quantile(&steps, 0.95) >= SCAN_MIN_EDGE * range;
     // Whole grey levels: a faint picture's rounding alone bends and steps by a level or two.
-    let quiet = quantile(&mut steps, 0.5) <= (SCAN_MAX_STEP * range).max(3.0);
-    let smooth = quantile(&mut bends, 0.5) <= (SCAN_MAX_BEND * range).max(2.0);
+    let quiet = quantile(&steps, 0.5) <= (SCAN_MAX_STEP * range).max(3.0);
+    let smooth = quantile(&bends, 0.5) <= (SCAN_MAX_BEND * range).max(2.0);
     // The border is mostly paper, even when the ink touches it: dark ink on light paper unless
     // the border is clearly dark.
     let border: Vec<f32> = (0..w)

@@ -164,28 +164,22 @@ pub async fn fit(
             val_loss: val.as_ref().map(|v| v.loss),
             val_accuracy: val.as_ref().map(|v| v.accuracy),
             seconds: report.seconds,
-            lr: Some(shortest_f64(
+            lr: Some(crate::records::shortest_f64(
                 cfg.optimizer.scalars(((epoch + 1) * steps).saturating_sub(1)).lr,
             )),
             device: device.clone(),
         };
         // Early stopping: a best epoch's weights are kept (one more read-back, unless the state
         // was read already), and the run stops once the figure has not improved for long enough.
-        let mut best = at.best.clone().or(cfg.early_stop.map(|rule| BestEpoch {
-            watch: Watch::new(rule),
-            params: Vec::new(),
-            stopped: false,
-        }));
-        if let Some(b) = best.as_mut() {
-            let verdict = b.watch.observe(&record);
-            if verdict.best {
-                b.params = match &state {
-                    Some((params, _)) => params.clone(),
-                    None => trainer.params().await?,
-                };
-            }
-            b.stopped = verdict.stop && epoch + 1 < cfg.epochs;
-        }
+        // The watch is judged on a copy; `at.best` (and its weights) changes only below, with the
+        // rest of `at`.
+        let watch = at.best.as_ref().map(|b| b.watch).or(cfg.early_stop.map(Watch::new));
+        let judged = watch.map(|mut w| (w.observe(&record), w));
+        let best_params = match (judged, &state) {
+            (Some((verdict, _)), Some((params, _))) if verdict.best => Some(params.clone()),
+            (Some((verdict, _)), None) if verdict.best => Some(trainer.params().await?),
+            _ => None,
+        };
         at.history.push(record);
         at.partial = EpochProgress::default();
         at.epoch = epoch + 1;
@@ -193,7 +187,14 @@ pub async fn fit(
             at.params = params.clone();
             at.optimizer = Some(optimizer.clone());
         }
-        at.best = best;
+        if let Some((verdict, watch)) = judged {
+            let kept = at.best.take().map(|b| b.params).unwrap_or_default();
+            at.best = Some(BestEpoch {
+                watch,
+                params: best_params.unwrap_or(kept),
+                stopped: verdict.stop && epoch + 1 < cfg.epochs,
+            });
+        }
         let view = state.as_ref().map(|(p, o)| (p.as_slice(), o));
         observer.epoch_done(at, view, trainer.be.counters())?;
         if at.best.as_ref().is_some_and(|b| b.stopped) {
@@ -207,9 +208,4 @@ pub async fn fit(
     }
     let test = trainer.evaluate(test_set).await?;
     Ok((test, trainer.params().await?))
-}
-
-/// An f32 as the f64 of its shortest decimal (4e-8, not 3.999999975690116e-8), for the records.
-fn shortest_f64(x: f32) -> f64 {
-    x.to_string().parse().unwrap_or(x as f64)
 }

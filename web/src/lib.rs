@@ -24,7 +24,6 @@ use gpu_mnist::data::{Dataset, DatasetKind, Mnist, IMAGE_PIXELS};
 use gpu_mnist::image::{to_mnist, Gray};
 use gpu_mnist::model::{glorot_init, Batch, Graph, ModelSpec};
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
-use gpu_mnist::schedule::Schedule;
 use gpu_mnist::train::{fit, ChunkProgress, EpochProgress, EpochStart, FitData, Observer, Position, TrainConfig};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
@@ -176,11 +175,10 @@ impl TrainOptions {
         let Some(recipe) = self.recipe()? else {
             return Optimizer::new(OptimizerKind::RmsProp, self.lr).map_err(|e| e.to_string());
         };
-        let schedule = Schedule::parse(recipe.schedule, steps)?;
+        let recipe_optimizer = recipe.optimizer_over(steps).map_err(|e| e.to_string())?;
         let optimizer = Optimizer {
-            lr: self.lr.unwrap_or(recipe.optimizer.lr),
-            schedule,
-            ..recipe.optimizer
+            lr: self.lr.unwrap_or(recipe_optimizer.lr),
+            ..recipe_optimizer
         };
         optimizer.validate().map_err(|e| e.to_string())?;
         Ok(optimizer)

@@ -7,7 +7,7 @@
 //! would change the rounding).
 
 use super::threads;
-use crate::backend::reference::{optimizer_one, OptimizerStep};
+use crate::backend::reference::{optimizer_one, rmsprop_one, OptimizerStep};
 use crate::optim::OptimizerKind;
 
 /// dbias (OC) = column sums of dout (B, OC), accumulated row by row (contiguous reads) in the
@@ -160,19 +160,6 @@ fn epilogue_any(out: &mut [f32], bias: Option<&[f32]>, relu: bool, mask: Option<
 }
 
 simd_variants! {
-    /// Keras RMSprop, as `reference::rmsprop_update`.
-    pub fn rmsprop_update(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32)
-        => rmsprop_portable
-}
-
-#[inline(always)]
-fn rmsprop_portable(param: &mut [f32], velocity: &mut [f32], grad: &[f32], lr: f32, rho: f32, eps: f32) {
-    for ((p, v), &g) in param.iter_mut().zip(velocity.iter_mut()).zip(grad) {
-        crate::backend::reference::rmsprop_one(p, v, g, lr, rho, eps);
-    }
-}
-
-simd_variants! {
     /// Every optimizer's step, as `reference::optimizer_update` (the same bits).
     pub fn optimizer_update(
         param: &mut [f32],
@@ -194,6 +181,13 @@ fn optimizer_portable(
     k: &OptimizerStep<f32>,
 ) {
     let k = *k;
+    if k.kind == OptimizerKind::RmsProp && k.l2 == 0.0 {
+        // The reference job's optimizer: no first moment to walk.
+        for ((p, v), &g) in param.iter_mut().zip(velocity.iter_mut()).zip(grad) {
+            rmsprop_one(p, v, g, k.lr, k.rho, k.eps);
+        }
+        return;
+    }
     let values = param
         .iter_mut()
         .zip(velocity.iter_mut())
@@ -261,7 +255,9 @@ mod tests {
         let grad: Vec<f32> = (0..n).map(|i| ((i * 31) % 101) as f32 * 1e-3 - 0.05).collect();
         let (mut p1, mut v1) = (vec![0.3f32; n], vec![1e-4f32; n]);
         let (mut p2, mut v2) = (p1.clone(), v1.clone());
-        rmsprop_update(&mut p1, &mut v1, &grad, 1e-3, 0.9, 1e-7);
+        let rmsprop = crate::optim::Optimizer::new(OptimizerKind::RmsProp, Some(1e-3)).unwrap();
+        let k = OptimizerStep::new(&rmsprop, rmsprop.scalars(0));
+        optimizer_update(&mut p1, &mut v1, &mut vec![0.0; n], &grad, &k);
         r::rmsprop_update(&mut p2, &mut v2, &grad, 1e-3, 0.9, 1e-7);
         assert_eq!((p1, v1), (p2, v2));
         // Every optimizer, with and without L2, from non-zero moments.

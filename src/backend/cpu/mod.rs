@@ -35,7 +35,7 @@ use super::reference as r;
 use super::{ready, Backend, Counters, DatasetId, Packed, ParamTensors, Readback, StepStats, TensorId};
 use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::error::{Error, Result};
-use crate::optim::{Optimizer, OptimizerKind};
+use crate::optim::Optimizer;
 use kernels::gemm;
 use kernels::sgemm::ProductScratch;
 use kernels::sparse::{self, Source};
@@ -323,8 +323,8 @@ impl CpuBackend {
     }
 
     /// `opt`'s step `at.step` of the n values of parameter `p` with its stored gradient
-    /// (`reference::optimizer_one` on every value; RMSprop through `elementwise` on the fast path,
-    /// the same bits).
+    /// (`reference::optimizer_one` on every value; through `elementwise` on the fast path, the
+    /// same bits).
     fn update(&mut self, p: ParamTensors, n: usize, opt: &Optimizer, at: StepAt) -> Result<()> {
         let op = "optimizer update";
         let step = r::OptimizerStep::<f32>::new(opt, opt.scalars(at.step));
@@ -343,11 +343,9 @@ impl CpuBackend {
         let mut marray = std::mem::take(&mut self.storage[mv.storage]);
         let v = &mut varray[vv.offset..vv.offset + n];
         let m = &mut marray[mv.offset..mv.offset + n];
-        let fast_rmsprop = opt.kind == OptimizerKind::RmsProp && step.l2 == 0.0;
         let kind = self.kind;
         let result = self.with_out(op, (p.value, n), &[(p.grad, n)], |value, g| match kind {
             CpuKind::Reference => r::optimizer_update(value, v, m, g[0], &step),
-            CpuKind::Fast if fast_rmsprop => elementwise::rmsprop_update(value, v, g[0], step.lr, step.rho, step.eps),
             CpuKind::Fast => elementwise::optimizer_update(value, v, m, g[0], &step),
         });
         self.storage[vv.storage] = varray;

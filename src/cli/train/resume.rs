@@ -211,7 +211,7 @@ impl RunSettings {
 
 /// An f32 as the shortest decimal that reads back as the same f32 (0.001, not 0.0010000000474974513).
 fn f32_json(x: f32) -> Value {
-    x.to_string().parse::<f64>().map_or(Value::Null, |v| json!(v))
+    json!(gpu_mnist::records::shortest_f64(x))
 }
 
 /// Where a resumed run stands.
