@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::optim::Optimizer;
 use crate::plan::{self, LayerOp, LayerTensors, PlanKind};
 
-pub use crate::spec::{glorot_init, HostTensor, Layer, LayerSpec, ModelSpec, MAX_ACTIVATIONS, MAX_PARAMS};
+pub use crate::spec::{glorot_init, layer_names, HostTensor, Layer, LayerSpec, ModelSpec, MAX_ACTIVATIONS, MAX_PARAMS};
+use crate::backend::ops::dropout;
 
 /// A parameter on the backend: value, gradient and optimizer state (the moments of its
 /// gradient, `ParamTensors`).
@@ -76,19 +77,7 @@ impl ParamPart {
 /// one tensor, its products' rows in one grid), before anything is allocated.
 fn check_fits(be: &dyn Backend, spec: &ModelSpec, layers: &[Layer], max_batch: usize) -> Result<()> {
     let limits = be.limits();
-    let names = spec.param_shapes()?;
-    let (mut params, mut pools) = (0, 0);
-    for layer in layers {
-        let name = match layer {
-            Layer::Pool { .. } => {
-                pools += 1;
-                format!("max_pooling_{}", pools - 1)
-            }
-            _ => {
-                params += 2;
-                names[params - 2].0.trim_end_matches(".kernel").to_string()
-            }
-        };
+    for (layer, name) in layers.iter().zip(layer_names(layers)) {
         // Rows of the layer's largest product: a convolution's input gradient (a row per input
         // pixel), a dense layer's batch.
         let rows = match layer {
@@ -174,19 +163,39 @@ impl Graph {
         // gradient with respect to it.
         let mut inp = be.alloc(max_batch * crate::data::IMAGE_PIXELS)?;
         let mut layers: Vec<LayerTensors> = Vec::with_capacity(resolved.len());
-        // Each conv and dense layer takes the next weight and bias, in order.
-        let mut weights_and_biases = params.chunks_exact(2).map(|wb| (wb[0].tensors(), wb[1].tensors()));
-        for layer in resolved {
+        // Each layer takes its parameters in order: a conv or dense layer its weight and bias,
+        // a batch normalisation its four.
+        let mut next_params = params.iter().map(Param::tensors);
+        for (index, layer) in resolved.into_iter().enumerate() {
             let n = max_batch * layer.out_len();
             let (out, dout) = (be.alloc(n)?, be.alloc(n)?);
-            let mut next = || {
-                weights_and_biases
+            let mut take = || {
+                next_params
                     .next()
                     .ok_or_else(|| Error::shape("graph", "a layer without its parameters".to_string()))
             };
+            let mut next = || Ok::<_, Error>((take()?, take()?));
             let op = match layer {
                 Layer::Pool { shape } => LayerOp::Pool { shape },
-                Layer::Conv { geometry, filters } => {
+                Layer::BatchNorm { channels, len, .. } => {
+                    let (gamma, beta) = next()?;
+                    let (moving_mean, moving_variance) = next()?;
+                    LayerOp::BatchNorm {
+                        gamma,
+                        beta,
+                        moving_mean: moving_mean.value,
+                        moving_variance: moving_variance.value,
+                        stats: be.alloc(2 * channels)?,
+                        channels,
+                        len,
+                    }
+                }
+                Layer::Dropout { len, rate } => LayerOp::Dropout {
+                    len,
+                    rate,
+                    key: dropout::layer_key(0, index),
+                },
+                Layer::Conv { geometry, filters, .. } => {
                     let (weight, bias) = next()?;
                     LayerOp::Conv {
                         weight,
@@ -207,7 +216,7 @@ impl Graph {
             };
             // A layer's input gradient is the gradient of the previous layer's output.
             let dinp = layers.last().map(|l| l.dout);
-            let relu = matches!(layer, Layer::Conv { .. } | Layer::Dense { relu: true, .. });
+            let relu = layer.relu();
             layers.push(LayerTensors {
                 op,
                 inp,
@@ -226,6 +235,17 @@ impl Graph {
             plans: Vec::new(),
             max_batch,
         })
+    }
+
+    /// Draw dropout's masks from `seed` (they start from seed 0): the run's seed, so that a
+    /// seeded run drops the same values every time.
+    pub fn set_seed(&mut self, seed: u64) {
+        for (index, l) in self.layers.iter_mut().enumerate() {
+            if let LayerOp::Dropout { key, .. } = &mut l.op {
+                *key = dropout::layer_key(seed, index);
+            }
+        }
+        self.plans.clear();
     }
 
     /// The input batch tensor (max_batch, 784).

@@ -10,8 +10,9 @@
 //! (its mask is the ReLU's output) or, when a pool follows, the pool's backward op.
 
 use crate::backend::ops::{
-    weight_gradient_ops, ConvGeometry, ConvPool, DenseShape, Fusions, Gather, LayerGradient, Loss, Matmul, MatmulKind,
-    Op, OutputLayer, Pool, PoolKind, PoolShape, PoolWeightGradient, Update,
+    weight_gradient_ops, BatchNorm, BatchNormKind, ConvGeometry, ConvPool, DenseShape, Dropout, DropoutKind, Fusions,
+    Gather, LayerGradient, Loss, Matmul, MatmulKind, NormParams, Op, OutputLayer, Pool, PoolKind, PoolShape,
+    PoolWeightGradient, Update,
 };
 use crate::backend::{DatasetId, ParamTensors, TensorId};
 use crate::optim::Optimizer;
@@ -35,6 +36,21 @@ pub enum LayerOp {
     },
     /// out = the maximum of each window of inp; `shape.images` is 1.
     Pool { shape: PoolShape },
+    /// out = inp normalised per channel (`channels` of them in the `len` values of an image) and
+    /// scaled; `stats` (2, channels) keeps a training step's batch statistics for its backward
+    /// pass.
+    BatchNorm {
+        gamma: ParamTensors,
+        beta: ParamTensors,
+        moving_mean: TensorId,
+        moving_variance: TensorId,
+        stats: TensorId,
+        channels: usize,
+        len: usize,
+    },
+    /// out = inp with values dropped at `rate` in training (`len` values an image; `key` from
+    /// the run's seed and the layer, `ops::dropout::layer_key`).
+    Dropout { len: usize, rate: f32, key: u32 },
 }
 
 /// A layer's tensors in the graph: `out = activation(op(inp))`.
@@ -79,7 +95,7 @@ impl LayerTensors {
                 };
                 Some((g.dense(filters), Some(g), weight, bias))
             }
-            LayerOp::Pool { .. } => None,
+            LayerOp::Pool { .. } | LayerOp::BatchNorm { .. } | LayerOp::Dropout { .. } => None,
         }
     }
 
@@ -89,7 +105,87 @@ impl LayerTensors {
             LayerOp::Dense { outputs, .. } => outputs,
             LayerOp::Conv { filters, .. } => filters,
             LayerOp::Pool { shape } => shape.ch,
+            LayerOp::BatchNorm { channels, .. } => channels,
+            LayerOp::Dropout { len, .. } => len,
         }
+    }
+
+    /// A batch normalisation layer's forward op over a batch of `rows` images.
+    fn batch_norm_forward(&self, rows: usize, kind: PlanKind) -> Option<Op> {
+        let LayerOp::BatchNorm {
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            stats,
+            channels,
+            len,
+        } = self.op
+        else {
+            return None;
+        };
+        let (out, inp, relu) = (self.out, self.inp, self.relu);
+        let params = NormParams {
+            gamma: gamma.value,
+            beta: beta.value,
+            moving_mean,
+            moving_variance,
+        };
+        let kind = match kind {
+            PlanKind::Train => BatchNormKind::ForwardTrain {
+                out,
+                inp,
+                params,
+                stats,
+                relu,
+            },
+            _ => BatchNormKind::ForwardEval {
+                out,
+                inp,
+                params,
+                relu,
+            },
+        };
+        Some(Op::BatchNorm(BatchNorm {
+            rows: rows * len / channels,
+            channels,
+            kind,
+        }))
+    }
+
+    /// A batch normalisation layer's backward op and the updates of its scale and offset.
+    fn batch_norm_backward(&self, rows: usize, opt: Optimizer) -> Vec<Op> {
+        let LayerOp::BatchNorm {
+            gamma,
+            beta,
+            stats,
+            channels,
+            len,
+            ..
+        } = self.op
+        else {
+            return Vec::new();
+        };
+        // dout (rows, channels) -> dinp, dgamma, dbeta (channels)
+        let backward = Op::BatchNorm(BatchNorm {
+            rows: rows * len / channels,
+            channels,
+            kind: BatchNormKind::Backward {
+                dinp: self.dinp,
+                dout: self.dout,
+                inp: self.inp,
+                gamma: gamma.value,
+                stats,
+                dgamma: gamma.grad,
+                dbeta: beta.grad,
+            },
+        });
+        let update = |param| Op::Update(Update {
+            param,
+            len: channels,
+            opt,
+        });
+        vec![backward, update(gamma), update(beta)]
     }
 }
 
@@ -113,6 +209,30 @@ pub fn train_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, opt: Optim
         // A ReLU before this layer whose gradient this layer's input gradient applies: the
         // previous layer's, read from its output, unless a pool between applies it.
         let prev_relu = i > 0 && layers[i - 1].relu;
+        match l.op {
+            LayerOp::BatchNorm { .. } => {
+                // Resolving a model moves the ReLU before a batch normalisation after it.
+                debug_assert!(!prev_relu, "a ReLU before a batch normalisation");
+                ops.extend(l.batch_norm_backward(rows, opt));
+                continue;
+            }
+            LayerOp::Dropout { len, rate, key } => {
+                if let Some(dinp) = l.dinp {
+                    ops.push(Op::Dropout(Dropout {
+                        len: rows * len,
+                        rate,
+                        key,
+                        kind: DropoutKind::Backward {
+                            dinp,
+                            dout: l.dout,
+                            relu_mask: prev_relu.then_some(l.inp),
+                        },
+                    }));
+                }
+                continue;
+            }
+            _ => {}
+        }
         if let LayerOp::Pool { shape } = l.op {
             if let Some(dinp) = l.dinp {
                 ops.push(Op::Pool(Pool {
@@ -169,6 +289,17 @@ pub fn eval_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, kind: PlanK
             (LayerOp::Pool { shape }, _) => ops.push(Op::Pool(Pool {
                 shape: PoolShape { images: rows, ..shape },
                 kind: PoolKind::Forward { out: l.out, inp: l.inp },
+            })),
+            (LayerOp::BatchNorm { .. }, _) => ops.extend(l.batch_norm_forward(rows, kind)),
+            (LayerOp::Dropout { len, rate, key }, _) => ops.push(Op::Dropout(Dropout {
+                len: rows * len,
+                rate,
+                key,
+                kind: DropoutKind::Forward {
+                    out: l.out,
+                    inp: l.inp,
+                    train: kind == PlanKind::Train,
+                },
             })),
             (_, Some((shape, conv, weight, bias))) => ops.push(Op::Matmul(Matmul {
                 shape,
@@ -249,6 +380,15 @@ fn fuse_conv_pool(ops: &mut Vec<Op>) {
                 },
                 Op::OutputLayer(o) => o.inp == product,
                 Op::Loss(l) => l.logits == product,
+                Op::Dropout(d) => match d.kind {
+                    DropoutKind::Forward { inp, .. } => inp == product,
+                    DropoutKind::Backward { relu_mask, .. } => relu_mask == Some(product),
+                },
+                Op::BatchNorm(b) => match b.kind {
+                    BatchNormKind::ForwardTrain { inp, .. }
+                    | BatchNormKind::ForwardEval { inp, .. }
+                    | BatchNormKind::Backward { inp, .. } => inp == product,
+                },
                 Op::Gather(_) | Op::Update(_) | Op::PoolWeightGradient(_) | Op::ConvPool(_) => false,
             }
     });

@@ -23,7 +23,7 @@ pub const INPUT: (usize, usize, usize) = (28, 28, 1);
 pub const CONVNET: &str = "conv:32:3,pool:2,conv:64:3,pool:2,conv:128:3,flatten,dense:10";
 
 /// A layer as a user names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LayerSpec {
     /// `conv:FILTERS:KERNEL[:same]`: Conv2D(filters, kernel x kernel), ReLU, stride 1, 'valid'
     /// padding (or 'same', odd kernels only).
@@ -34,16 +34,24 @@ pub enum LayerSpec {
     Flatten,
     /// `dense:UNITS`: Dense(units), ReLU unless it is the last layer.
     Dense { units: usize },
+    /// `batchnorm`: BatchNormalization over the channels of an image (or the values of a flat
+    /// input), Keras's defaults (momentum 0.99, epsilon 1e-3); the ReLU of the convolution or
+    /// dense layer before it moves after it (conv -> batch norm -> ReLU).
+    BatchNorm,
+    /// `dropout:RATE`: Dropout(rate), 0 < rate < 1: in training each value is zeroed with
+    /// probability `rate` and the others scaled by 1 / (1 - rate); nothing in evaluation.
+    Dropout { rate: f32 },
 }
 
 /// A network: its layers, the last a `dense:10`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub layers: Vec<LayerSpec>,
 }
 
-/// A layer with its shapes, per image (a batch scales `images` and the rows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A layer with its shapes, per image (a batch scales `images` and the rows). `relu`: a ReLU
+/// follows the layer's op.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Layer {
     Dense {
         inputs: usize,
@@ -54,10 +62,23 @@ pub enum Layer {
     Conv {
         geometry: ConvGeometry,
         filters: usize,
+        relu: bool,
     },
     /// `shape.images` is 1.
     Pool {
         shape: PoolShape,
+    },
+    /// Per-channel normalisation of `len` values an image with `channels` channels (the last
+    /// axis: an image's channels, or every value of a flat input).
+    BatchNorm {
+        channels: usize,
+        len: usize,
+        relu: bool,
+    },
+    /// `len` values an image, each dropped with probability `rate` in training.
+    Dropout {
+        len: usize,
+        rate: f32,
     },
 }
 
@@ -66,19 +87,80 @@ impl Layer {
     pub fn out_len(&self) -> usize {
         match *self {
             Layer::Dense { outputs, .. } => outputs,
-            Layer::Conv { geometry, filters } => geometry.oh() * geometry.ow() * filters,
+            Layer::Conv { geometry, filters, .. } => geometry.oh() * geometry.ow() * filters,
             Layer::Pool { shape } => shape.out_len(),
+            Layer::BatchNorm { len, .. } | Layer::Dropout { len, .. } => len,
         }
     }
 
-    /// (kernel shape, bias length) of a layer with parameters.
+    /// (kernel shape, bias length) of a convolution or dense layer.
     pub fn params(&self) -> Option<(Vec<usize>, usize)> {
         match *self {
             Layer::Dense { inputs, outputs, .. } => Some((vec![inputs, outputs], outputs)),
-            Layer::Conv { geometry: g, filters } => Some((vec![g.kh, g.kw, g.in_ch, filters], filters)),
-            Layer::Pool { .. } => None,
+            Layer::Conv {
+                geometry: g, filters, ..
+            } => Some((vec![g.kh, g.kw, g.in_ch, filters], filters)),
+            _ => None,
         }
     }
+
+    /// Whether a ReLU follows the layer's op.
+    pub fn relu(&self) -> bool {
+        match *self {
+            Layer::Dense { relu, .. } | Layer::Conv { relu, .. } | Layer::BatchNorm { relu, .. } => relu,
+            Layer::Pool { .. } | Layer::Dropout { .. } => false,
+        }
+    }
+
+    /// The layer's parameters as Keras names their suffixes, with their shapes: a kernel and a
+    /// bias, or batch normalisation's scale, offset and moving statistics.
+    pub fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        match *self {
+            Layer::BatchNorm { channels, .. } => BATCH_NORM_PARAMS.iter().map(|&n| (n, vec![channels])).collect(),
+            _ => match self.params() {
+                Some((kernel, bias)) => vec![("kernel", kernel), ("bias", vec![bias])],
+                None => Vec::new(),
+            },
+        }
+    }
+
+    /// Keras's name of the layer kind, numbered per kind in a model: conv2d, max_pooling,
+    /// dense, batch_normalization, dropout.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Layer::Dense { .. } => "dense",
+            Layer::Conv { .. } => "conv2d",
+            Layer::Pool { .. } => "max_pooling",
+            Layer::BatchNorm { .. } => "batch_normalization",
+            Layer::Dropout { .. } => "dropout",
+        }
+    }
+}
+
+/// A batch normalisation layer's parameters, in order: the trained scale and offset, then the
+/// moving averages that evaluation normalises with (Keras's names).
+pub const BATCH_NORM_PARAMS: [&str; 4] = ["gamma", "beta", "moving_mean", "moving_variance"];
+
+/// Every layer's name (`conv2d_0`, `max_pooling_0`, `dense_1`, ...), numbered per kind.
+pub fn layer_names(layers: &[Layer]) -> Vec<String> {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    layers
+        .iter()
+        .map(|l| {
+            let kind = l.kind_name();
+            let n = match counts.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n - 1
+                }
+                None => {
+                    counts.push((kind, 1));
+                    0
+                }
+            };
+            format!("{kind}_{n}")
+        })
+        .collect()
 }
 
 /// The most parameters a model may have (values, gradients and velocities: 3 GiB in f32).
@@ -191,7 +273,11 @@ impl ModelSpec {
                         ));
                     }
                     (h, w, c) = (geometry.oh(), geometry.ow(), filters);
-                    out.push(Layer::Conv { geometry, filters });
+                    out.push(Layer::Conv {
+                        geometry,
+                        filters,
+                        relu: true,
+                    });
                 }
                 LayerSpec::Pool { size } => {
                     if flat.is_some() {
@@ -220,6 +306,22 @@ impl ModelSpec {
                     });
                     flat = Some(units);
                 }
+                LayerSpec::BatchNorm => {
+                    // The ReLU of the layer before moves after the normalisation.
+                    let relu = match out.last_mut() {
+                        Some(Layer::Conv { relu, .. } | Layer::Dense { relu, .. }) => std::mem::take(relu),
+                        _ => false,
+                    };
+                    let (channels, len) = match flat {
+                        Some(n) => (n, n),
+                        None => (c, h * w * c),
+                    };
+                    out.push(Layer::BatchNorm { channels, len, relu });
+                }
+                LayerSpec::Dropout { rate } => out.push(Layer::Dropout {
+                    len: flat.unwrap_or(h * w * c),
+                    rate,
+                }),
             }
             if last && *layer != (LayerSpec::Dense { units: CLASSES }) {
                 return Err(bad(
@@ -246,6 +348,8 @@ impl ModelSpec {
             LayerSpec::Pool { size } => format!("pool:{size}"),
             LayerSpec::Flatten => "flatten".to_string(),
             LayerSpec::Dense { units } => format!("dense:{units}"),
+            LayerSpec::BatchNorm => "batchnorm".to_string(),
+            LayerSpec::Dropout { rate } => format!("dropout:{rate}"),
         }
     }
 
@@ -269,24 +373,15 @@ impl ModelSpec {
         }
     }
 
-    /// (name, shape) of every parameter, in order: each layer's kernel, then its bias.
+    /// (name, shape) of every parameter, in order: each layer's kernel, then its bias (batch
+    /// normalisation: `BATCH_NORM_PARAMS`), named `layer.suffix` (`layer_names`).
     pub fn param_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
-        let (mut convs, mut denses) = (0, 0);
+        let layers = self.resolve()?;
         let mut out = Vec::new();
-        for layer in self.resolve()? {
-            let Some((kernel, bias)) = layer.params() else { continue };
-            let name = match layer {
-                Layer::Conv { .. } => {
-                    convs += 1;
-                    format!("conv2d_{}", convs - 1)
-                }
-                _ => {
-                    denses += 1;
-                    format!("dense_{}", denses - 1)
-                }
-            };
-            out.push((format!("{name}.kernel"), kernel));
-            out.push((format!("{name}.bias"), vec![bias]));
+        for (layer, name) in layers.iter().zip(layer_names(&layers)) {
+            for (suffix, shape) in layer.param_shapes() {
+                out.push((format!("{name}.{suffix}"), shape));
+            }
         }
         Ok(out)
     }
@@ -302,14 +397,15 @@ impl ModelSpec {
     /// 2^28 parameters (each also has a gradient and a velocity) and 2^30 activation values.
     pub fn check_size(&self, max_batch: usize) -> Result<()> {
         let layers = self.resolve()?;
-        let params = layers.iter().try_fold(0usize, |acc, l| match l.params() {
-            Some((kernel, bias)) => kernel
-                .iter()
-                .try_fold(1usize, |p, &d| p.checked_mul(d))
-                .and_then(|k| k.checked_add(bias))
-                .and_then(|n| acc.checked_add(n)),
-            None => Some(acc),
-        });
+        let params = layers
+            .iter()
+            .flat_map(|l| l.param_shapes())
+            .try_fold(0usize, |acc, (_, shape)| {
+                shape
+                    .iter()
+                    .try_fold(1usize, |p, &d| p.checked_mul(d))
+                    .and_then(|n| acc.checked_add(n))
+            });
         if !matches!(params, Some(n) if n <= MAX_PARAMS) {
             let reason = format!("{} has more than {MAX_PARAMS} parameters", self.describe());
             let flag = if self.is_mlp() { "--hidden" } else { "--layers" };
@@ -382,7 +478,17 @@ fn parse_item(item: &str) -> std::result::Result<LayerSpec, String> {
             units: number(units, "the unit count", 1 << 20)?,
         }),
         ["dense", ..] => Err("write dense:UNITS".to_string()),
-        _ => Err("not one of conv:FILTERS:KERNEL[:same], pool:SIZE, flatten, dense:UNITS".to_string()),
+        ["batchnorm"] => Ok(LayerSpec::BatchNorm),
+        ["batchnorm", ..] => Err("write batchnorm (it takes no values)".to_string()),
+        ["dropout", rate] => match rate.parse::<f32>() {
+            Ok(r) if r > 0.0 && r < 1.0 => Ok(LayerSpec::Dropout { rate: r }),
+            _ => Err(format!("the rate '{rate}' is not a number between 0 and 1 (both excluded)")),
+        },
+        ["dropout", ..] => Err("write dropout:RATE, e.g. dropout:0.25".to_string()),
+        _ => Err(
+            "not one of conv:FILTERS:KERNEL[:same], pool:SIZE, flatten, dense:UNITS, batchnorm, dropout:RATE"
+                .to_string(),
+        ),
     }
 }
 
@@ -396,15 +502,18 @@ pub struct HostTensor {
 }
 
 /// Glorot-uniform kernels (limit sqrt(6 / (fan_in + fan_out)), where a convolution's fans are its
-/// kernel's area times its input and output channels, as Keras counts them) and zero biases,
+/// kernel's area times its input and output channels, as Keras counts them), zero biases, and
+/// batch normalisation as Keras starts it (gamma and moving variance 1, beta and moving mean 0),
 /// seeded. An invalid spec gives no tensors (`ModelSpec::parse` refuses those).
 pub fn glorot_init(spec: &ModelSpec, seed: u64) -> Vec<HostTensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
     for (name, shape) in spec.param_shapes().unwrap_or_default() {
         let n: usize = shape.iter().product();
+        // Batch normalisation starts as the identity: scale 1, offset 0, moving variance 1.
+        let ones = name.ends_with(".gamma") || name.ends_with(".moving_variance");
         let data = match shape.len() {
-            1 => vec![0.0; n],
+            1 => vec![if ones { 1.0 } else { 0.0 }; n],
             rank => {
                 let area: usize = shape[..rank - 2].iter().product();
                 let (fan_in, fan_out) = (area * shape[rank - 2], area * shape[rank - 1]);

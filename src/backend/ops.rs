@@ -10,8 +10,15 @@
 //! gradient with its update. A backend runs a fused op natively only when its `Fusions` say so;
 //! `plan::fuse` merges ops only then.
 
+mod batch_norm;
+pub mod dropout;
+mod pool;
+
 pub use super::ParamState;
 use super::{Backend, DatasetId, ParamTensors, TensorId};
+pub use batch_norm::{BatchNorm, BatchNormKind, NormParams, EPSILON as BATCH_NORM_EPSILON, MOMENTUM as BATCH_NORM_MOMENTUM};
+pub use dropout::{Dropout, DropoutKind};
+pub use pool::{Pool, PoolKind, PoolShape};
 use crate::error::Result;
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::schedule::Schedule;
@@ -172,57 +179,6 @@ impl ConvGeometry {
     }
 }
 
-/// Max pooling over non-overlapping size x size windows (stride = size, 'valid': a partial
-/// window at the right or bottom edge is dropped) of a batch of h x w x ch images (NHWC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PoolShape {
-    pub images: usize,
-    pub h: usize,
-    pub w: usize,
-    pub ch: usize,
-    pub size: usize,
-}
-
-impl PoolShape {
-    pub fn oh(&self) -> usize {
-        self.h / self.size.max(1)
-    }
-    pub fn ow(&self) -> usize {
-        self.w / self.size.max(1)
-    }
-    pub fn in_len(&self) -> usize {
-        self.images * self.h * self.w * self.ch
-    }
-    pub fn out_len(&self) -> usize {
-        self.images * self.oh() * self.ow() * self.ch
-    }
-}
-
-/// Max pooling, forward or backward. The maximum of a window is its first largest value in
-/// row-major order (ky, then kx); the backward pass routes each output's gradient to that one
-/// input, everywhere the same.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PoolKind {
-    /// out (images, oh, ow, ch) = the maximum of each window of inp (images, h, w, ch).
-    Forward { out: TensorId, inp: TensorId },
-    /// dinp (images, h, w, ch) = dout at each window's maximum of `inp` (the forward input),
-    /// zero elsewhere; with `relu`, also zero where inp <= 0 (the gradient of a ReLU before the
-    /// pool, from its output).
-    Backward {
-        dinp: TensorId,
-        dout: TensorId,
-        inp: TensorId,
-        relu: bool,
-    },
-}
-
-/// A max-pooling op.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Pool {
-    pub shape: PoolShape,
-    pub kind: PoolKind,
-}
-
 impl DenseShape {
     /// (rows, inputs, outputs).
     pub fn dims(&self) -> (usize, usize, usize) {
@@ -327,6 +283,8 @@ pub enum Op {
     OutputLayer(OutputLayer),
     PoolWeightGradient(PoolWeightGradient),
     ConvPool(ConvPool),
+    Dropout(Dropout),
+    BatchNorm(BatchNorm),
 }
 
 impl Op {
@@ -349,6 +307,15 @@ impl Op {
             Op::OutputLayer(_) => "output layer step",
             Op::PoolWeightGradient(_) => "max pool backward + weight gradient",
             Op::ConvPool(_) => "matmul forward + max pool forward",
+            Op::Dropout(d) => match d.kind {
+                DropoutKind::Forward { .. } => "dropout forward",
+                DropoutKind::Backward { .. } => "dropout backward",
+            },
+            Op::BatchNorm(b) => match b.kind {
+                BatchNormKind::ForwardTrain { .. } => "batch norm forward (batch statistics)",
+                BatchNormKind::ForwardEval { .. } => "batch norm forward (moving statistics)",
+                BatchNormKind::Backward { .. } => "batch norm backward",
+            },
         }
     }
 
@@ -401,6 +368,8 @@ impl Op {
                 format!("{} + {}", Op::Pool(f.pool).describe(), Op::Matmul(f.weight).describe())
             }
             Op::ConvPool(f) => format!("{} + {}", Op::Matmul(f.conv).describe(), Op::Pool(f.pool).describe()),
+            Op::Dropout(d) => format!("{} of {} values, rate {}", self.name(), d.len, d.rate),
+            Op::BatchNorm(b) => format!("{} {}x{}", self.name(), b.rows, b.channels),
         }
     }
 }

@@ -7,6 +7,10 @@
 //! runs the very same code in f64. Every function assigns its outputs (never accumulates), except
 //! `bias_add_forward`, which adds in place.
 
+mod layers;
+
+pub use layers::*;
+
 use super::ops::{ConvGeometry, PoolShape};
 use crate::optim::{Optimizer, OptimizerKind, StepScalars};
 use std::ops::{Add, Div, Mul, Neg, Sub};

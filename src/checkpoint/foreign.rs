@@ -169,10 +169,14 @@ fn torch_params(raw: &mut BTreeMap<String, Raw>, spec: &ModelSpec) -> Result<Vec
                 image = Some((shape.oh(), shape.ow(), shape.ch));
                 continue;
             }
-            Layer::Conv { geometry: g, filters } => {
-                (vec![filters, g.in_ch, g.kh, g.kw], Some((g.oh(), g.ow(), filters)))
-            }
+            Layer::Conv {
+                geometry: g, filters, ..
+            } => (vec![filters, g.in_ch, g.kh, g.kw], Some((g.oh(), g.ow(), filters))),
             Layer::Dense { inputs, outputs, .. } => (vec![outputs, inputs], None),
+            Layer::Dropout { .. } => continue,
+            Layer::BatchNorm { .. } => {
+                return Err("batch normalisation layers are not read from PyTorch files".to_string())
+            }
         };
         let (kernel_name, _) = &names[params.len()];
         let at = weights

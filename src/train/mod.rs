@@ -115,7 +115,8 @@ impl<'b> Trainer<'b> {
         if cfg.batch_size == 0 {
             return Err(Error::usage("--batch-size", "must be at least 1"));
         }
-        let graph = Graph::new(be, &cfg.spec, cfg.batch_size)?;
+        let mut graph = Graph::new(be, &cfg.spec, cfg.batch_size)?;
+        graph.set_seed(cfg.seed);
         graph.set_params(be, params)?;
         if let Some(state) = state {
             if !state.velocities.is_empty() {

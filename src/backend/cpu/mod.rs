@@ -8,8 +8,9 @@
 //! Layout: this file holds the tensors, datasets, the gather, the loss and the updates; `dense`
 //! the dense layers' products, `conv` the convolutions' (over patch matrices, mapped or written,
 //! or a first layer straight from the pixels), `pool` max pooling and a first layer fused with
-//! its pool, `elementwise` the element-wise loops; `threads` is the thread pool, `simd` the
-//! run-time choice of vector instructions, and `kernels` the loops over plain slices.
+//! its pool, `layers` batch normalisation and dropout, `elementwise` the element-wise loops;
+//! `threads` is the thread pool, `simd` the run-time choice of vector instructions, and
+//! `kernels` the loops over plain slices.
 //!
 //! Contract: `CpuBackend::reference()` runs exactly the functions of `reference` (the spec), and
 //! every fused op as its composition (`ops::run_unfused`); `CpuBackend::fast` differs only in the
@@ -22,6 +23,7 @@ mod conv;
 mod dense;
 mod elementwise;
 mod kernels;
+mod layers;
 mod pool;
 mod threads;
 
@@ -479,6 +481,8 @@ impl Backend for CpuBackend {
             Op::OutputLayer(_) => run_unfused(self, op, at),
             Op::PoolWeightGradient(f) => self.pool_weight_gradient(f, at),
             Op::ConvPool(f) => self.conv_pool(f, at),
+            Op::Dropout(d) => self.dropout(d, at),
+            Op::BatchNorm(b) => self.batch_norm(b),
         }
     }
 

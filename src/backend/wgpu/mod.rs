@@ -23,12 +23,15 @@ mod shader_text;
 mod tiling;
 
 // One host module per shader family, named after its file in `shaders/`.
+mod batch_norm;
+mod dropout;
 mod gather;
 mod matmul;
 mod optimizer;
 mod output_layer;
 mod pool;
 mod softmax_xent;
+mod update;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::list_adapters;
@@ -46,7 +49,7 @@ use profile::Profile;
 use recording::{Bound, Recording};
 
 use super::checks;
-use super::ops::{run_unfused, Fusions, Op, StepAt};
+use super::ops::{self, run_unfused, Fusions, Op, StepAt};
 use super::{Backend, Counters, DatasetId, DeviceLimits, Packed, Readback, StepStats, TensorId};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -120,6 +123,8 @@ pub struct WgpuBackend {
     pending_stats: VecDeque<(buffers::PendingRead, usize)>,
     /// The optimizer's scalars of the steps around the current one (`optimizer::select_step`).
     step_table: Option<optimizer::StepTable>,
+    /// Dropout's step of statistics slot 0 (`dropout::select_step_base`).
+    step_base: Option<dropout::StepBase>,
     /// Read-back buffers no read is using, reused by the next one.
     free_staging: Vec<wgpu::Buffer>,
 }
@@ -173,6 +178,7 @@ impl WgpuBackend {
             pending_stats: VecDeque::new(),
             free_staging: Vec::new(),
             step_table: None,
+            step_base: None,
         })
     }
 
@@ -251,7 +257,13 @@ impl WgpuBackend {
             Op::Loss(_) => Some(Kernel::SoftmaxXent),
             Op::OutputLayer(_) => Some(Kernel::OutputLayer),
             Op::Pool(p) => Some(pool::kernel(p)),
-            Op::Update(_) | Op::PoolWeightGradient(_) | Op::ConvPool(_) => None,
+            Op::Update(_) => Some(Kernel::Update),
+            Op::Dropout(_) => Some(Kernel::Dropout),
+            Op::BatchNorm(b) => Some(match b.kind {
+                ops::BatchNormKind::Backward { .. } => Kernel::BatchNormBackwardInput,
+                _ => Kernel::BatchNormForward,
+            }),
+            Op::PoolWeightGradient(_) | Op::ConvPool(_) => None,
         }
     }
 }
@@ -417,17 +429,16 @@ impl Backend for WgpuBackend {
             Op::Matmul(m) => self.matmul(m, at),
             Op::Loss(l) => self.loss(l, at),
             Op::OutputLayer(o) if self.fusions().output_layer(o.shape, &o.opt) => self.output_layer(o, at),
-            // The optimizer step runs only fused into a weight gradient (the plan fuses every
-            // update): a lone update is that op's composition, which names the unfused op.
+            // An output layer the device does not run as one dispatch runs as its composition.
             Op::OutputLayer(_) => run_unfused(self, op, at),
             // Only the CPU's plans fuse a first layer with its pool.
             Op::PoolWeightGradient(_) | Op::ConvPool(_) => run_unfused(self, op, at),
             Op::Pool(p) => self.pool(p),
-            Op::Update(_) => Err(Error::shape(
-                "optimizer update",
-                "the GPU applies updates inside the weight gradient's kernel; fuse the plan for this device"
-                    .to_string(),
-            )),
+            // Weights step inside their gradient's kernel (the plan fuses those updates); a lone
+            // update (batch normalisation's scale and offset) has a kernel of its own.
+            Op::Update(u) => self.update(u, at),
+            Op::Dropout(d) => self.dropout(d, at),
+            Op::BatchNorm(b) => self.batch_norm(b),
         }
     }
 

@@ -140,6 +140,63 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// dropout.wgsl: `count` values, kept where the step's word is at least `threshold` (the
+    /// step is the step base's word plus `slot`).
+    DropoutParams in "dropout.wgsl" {
+        count: u32,
+        key: u32,
+        threshold: u32,
+        scale: f32,
+        slot: u32,
+        flags: u32,
+        _pad0: u32,
+        _pad1: u32,
+    }
+}
+
+kernel_params! {
+    /// batch_norm.wgsl: (rows, channels), the parameters' word offsets in the packed values
+    /// (gamma, beta, moving averages) and gradients (dgamma, dbeta).
+    BatchNormParams in "batch_norm.wgsl" {
+        rows: u32,
+        channels: u32,
+        count: u32,
+        flags: u32,
+        gamma: u32,
+        beta: u32,
+        moving_mean: u32,
+        moving_variance: u32,
+        dgamma: u32,
+        dbeta: u32,
+        momentum: f32,
+        eps: f32,
+    }
+}
+
+kernel_params! {
+    /// update.wgsl: `count` values of a parameter at word offsets of the packed value, gradient
+    /// and moments, stepped with the step table's row of `slot`.
+    UpdateParams in "update.wgsl" {
+        count: u32,
+        flags: u32,
+        slot: u32,
+        value: u32,
+        grad: u32,
+        velocity: u32,
+        moment: u32,
+        rho: f32,
+        eps: f32,
+        beta1: f32,
+        beta2: f32,
+        momentum: f32,
+        l2: f32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
+}
+
 /// matmul.wgsl's epilogue flags.
 pub mod matmul_flags {
     pub const ADD_BIAS: u32 = 1;
@@ -161,6 +218,21 @@ pub mod optimizer_flags {
 pub mod pool_flags {
     /// Backward: the pool's input is a ReLU's output; also zero the gradient where it is <= 0.
     pub const RELU_BEFORE: u32 = 64;
+}
+
+/// dropout.wgsl's flags.
+pub mod dropout_flags {
+    /// Apply the step's mask (else copy: evaluation).
+    pub const TRAIN: u32 = 1024;
+    /// Also zero where the forward input is not > 0.
+    pub const RELU_MASK: u32 = 2048;
+}
+
+/// batch_norm.wgsl's flags.
+pub mod batch_norm_flags {
+    pub const RELU: u32 = 4096;
+    /// Normalise with the moving averages.
+    pub const EVAL: u32 = 8192;
 }
 
 /// Every flag constant, by the shader file that declares it.
@@ -187,6 +259,14 @@ pub const FLAGS: &[Flags] = &[
     Flags {
         file: "pool.wgsl",
         bits: &[("RELU_BEFORE", pool_flags::RELU_BEFORE)],
+    },
+    Flags {
+        file: "dropout.wgsl",
+        bits: &[("TRAIN", dropout_flags::TRAIN), ("RELU_MASK", dropout_flags::RELU_MASK)],
+    },
+    Flags {
+        file: "batch_norm.wgsl",
+        bits: &[("RELU", batch_norm_flags::RELU), ("EVAL", batch_norm_flags::EVAL)],
     },
 ];
 
@@ -232,6 +312,9 @@ mod tests {
         check::<MatmulParams>();
         check::<LossParams>();
         check::<PoolParams>();
+        check::<DropoutParams>();
+        check::<BatchNormParams>();
+        check::<UpdateParams>();
     }
 
     #[test]

@@ -33,6 +33,13 @@ pub enum Kernel {
     OutputLayer,
     MaxPoolForward,
     MaxPoolBackward,
+    Dropout,
+    BatchNormStats,
+    BatchNormForward,
+    BatchNormBackwardParams,
+    BatchNormBackwardInput,
+    /// A lone optimizer step (update.wgsl, with optimizer.wgsl included).
+    Update,
 }
 
 impl Kernel {
@@ -44,6 +51,12 @@ impl Kernel {
             Kernel::SoftmaxXent => "softmax_xent.wgsl",
             Kernel::OutputLayer => "output_layer.wgsl",
             Kernel::MaxPoolForward | Kernel::MaxPoolBackward => "pool.wgsl",
+            Kernel::Dropout => "dropout.wgsl",
+            Kernel::BatchNormStats
+            | Kernel::BatchNormForward
+            | Kernel::BatchNormBackwardParams
+            | Kernel::BatchNormBackwardInput => "batch_norm.wgsl",
+            Kernel::Update => "update.wgsl",
         }
     }
 
@@ -80,6 +93,12 @@ impl Kernel {
             Kernel::OutputLayer => "output_layer_step",
             Kernel::MaxPoolForward => "maxpool_forward",
             Kernel::MaxPoolBackward => "maxpool_backward",
+            Kernel::Dropout => "dropout",
+            Kernel::BatchNormStats => "bn_stats",
+            Kernel::BatchNormForward => "bn_forward",
+            Kernel::BatchNormBackwardParams => "bn_backward_params",
+            Kernel::BatchNormBackwardInput => "bn_backward_input",
+            Kernel::Update => "update",
         }
     }
 }

@@ -32,6 +32,8 @@ pub(super) enum Bound {
     BufferOf(TensorId),
     /// The optimizer's step table (`optimizer::select_step` made it).
     StepTable,
+    /// Dropout's step base (`dropout::select_step_base` made it).
+    StepBase,
 }
 
 impl WgpuBackend {
@@ -63,7 +65,7 @@ impl WgpuBackend {
                 .forget_lifetime();
             recording.pass = Some(pass);
         }
-        let mut table_read = false;
+        let (mut table_read, mut base_read) = (false, false);
         let buffers: Vec<(u32, Slice)> = bind
             .iter()
             .map(|&(binding, b)| -> Result<(u32, Slice)> {
@@ -87,6 +89,13 @@ impl WgpuBackend {
                         }
                         None => return Err(Error::Gpu("no optimizer step table to bind".to_string())),
                     },
+                    Bound::StepBase => match &self.step_base {
+                        Some(base) => {
+                            base_read = true;
+                            base.buf.whole()
+                        }
+                        None => return Err(Error::Gpu("no dropout step base to bind".to_string())),
+                    },
                 };
                 Ok((binding, slice))
             })
@@ -100,6 +109,9 @@ impl WgpuBackend {
         self.counters.dispatches += 1;
         if let Some(table) = self.step_table.as_mut().filter(|_| table_read) {
             table.read_pending = true;
+        }
+        if let Some(base) = self.step_base.as_mut().filter(|_| base_read) {
+            base.read_pending = true;
         }
         Ok(())
     }
@@ -123,6 +135,9 @@ impl WgpuBackend {
         let index = self.ctx.queue.submit([encoder.finish()]);
         if let Some(table) = self.step_table.as_mut() {
             table.read_pending = false;
+        }
+        if let Some(base) = self.step_base.as_mut() {
+            base.read_pending = false;
         }
         self.counters.submits += 1;
         self.ctx.errors.check("running the recorded GPU work")?;

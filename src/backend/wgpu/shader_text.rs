@@ -10,12 +10,15 @@
 
 /// Every file of `shaders/`, by name.
 const SHADERS: &[(&str, &str)] = &[
+    ("batch_norm.wgsl", include_str!("../../../shaders/batch_norm.wgsl")),
+    ("dropout.wgsl", include_str!("../../../shaders/dropout.wgsl")),
     ("gather.wgsl", include_str!("../../../shaders/gather.wgsl")),
     ("matmul.wgsl", include_str!("../../../shaders/matmul.wgsl")),
     ("optimizer.wgsl", include_str!("../../../shaders/optimizer.wgsl")),
     ("output_layer.wgsl", include_str!("../../../shaders/output_layer.wgsl")),
     ("pool.wgsl", include_str!("../../../shaders/pool.wgsl")),
     ("softmax_xent.wgsl", include_str!("../../../shaders/softmax_xent.wgsl")),
+    ("update.wgsl", include_str!("../../../shaders/update.wgsl")),
 ];
 
 /// The text of shader file `name` as written.
