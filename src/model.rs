@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::optim::Optimizer;
 use crate::plan::{self, LayerOp, LayerTensors, PlanKind};
 
-pub use crate::spec::{glorot_init, layer_names, HostTensor, Layer, LayerSpec, ModelSpec, MAX_ACTIVATIONS, MAX_PARAMS};
 use crate::backend::ops::dropout;
+pub use crate::spec::{glorot_init, layer_names, HostTensor, Layer, LayerSpec, ModelSpec, MAX_ACTIVATIONS, MAX_PARAMS};
 
 /// A parameter on the backend: value, gradient and optimizer state (the moments of its
 /// gradient, `ParamTensors`).

@@ -139,12 +139,7 @@ impl LayerTensors {
                 stats,
                 relu,
             },
-            _ => BatchNormKind::ForwardEval {
-                out,
-                inp,
-                params,
-                relu,
-            },
+            _ => BatchNormKind::ForwardEval { out, inp, params, relu },
         };
         Some(Op::BatchNorm(BatchNorm {
             rows: rows * len / channels,
@@ -180,11 +175,13 @@ impl LayerTensors {
                 dbeta: beta.grad,
             },
         });
-        let update = |param| Op::Update(Update {
-            param,
-            len: channels,
-            opt,
-        });
+        let update = |param| {
+            Op::Update(Update {
+                param,
+                len: channels,
+                opt,
+            })
+        };
         vec![backward, update(gamma), update(beta)]
     }
 }

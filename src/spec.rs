@@ -482,7 +482,9 @@ fn parse_item(item: &str) -> std::result::Result<LayerSpec, String> {
         ["batchnorm", ..] => Err("write batchnorm (it takes no values)".to_string()),
         ["dropout", rate] => match rate.parse::<f32>() {
             Ok(r) if r > 0.0 && r < 1.0 => Ok(LayerSpec::Dropout { rate: r }),
-            _ => Err(format!("the rate '{rate}' is not a number between 0 and 1 (both excluded)")),
+            _ => Err(format!(
+                "the rate '{rate}' is not a number between 0 and 1 (both excluded)"
+            )),
         },
         ["dropout", ..] => Err("write dropout:RATE, e.g. dropout:0.25".to_string()),
         _ => Err(

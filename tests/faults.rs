@@ -62,6 +62,19 @@ fn ctrl_c_and_resume_with_adam_and_one_cycle_end_with_the_same_weights() {
     interrupt_and_resume(&["--optimizer", "adam", "--schedule", "one-cycle"]);
 }
 
+/// The same with batch normalisation (its moving averages are saved with the weights) and
+/// dropout (its masks follow the run's step, so the resumed steps drop what the uninterrupted
+/// run's did).
+#[test]
+fn ctrl_c_and_resume_with_batch_norm_and_dropout_end_with_the_same_weights() {
+    interrupt_and_resume(&[
+        "--layers",
+        "dense:64,batchnorm,dropout:0.3,dense:10",
+        "--optimizer",
+        "adam",
+    ]);
+}
+
 /// Train 3 epochs uninterrupted, and again interrupted by SIGINT in the second epoch and resumed:
 /// the weights and every epoch's loss and accuracy must be the same.
 fn interrupt_and_resume(optimizer: &[&str]) {

@@ -414,10 +414,10 @@ fn cpu_optimizer_updates_match_the_reference() {
     }
 }
 
-/// The GPU runs the optimizer step only fused into the weight gradient: the step of a layer's
+/// The GPU runs a weight's optimizer step fused into the weight gradient: the step of a layer's
 /// weight (n values) and bias against the reference's `rmsprop_update` and `sgd_update` applied
 /// to the gradients the same op stored (so that only the update is judged, with the CPU test's
-/// tolerances), the other layer of the packed buffers untouched; a lone `Op::Update` is refused.
+/// tolerances), the other layer of the packed buffers untouched (a lone `Op::Update`: tests/layers.rs).
 #[test]
 fn gpu_optimizer_updates_match_the_reference_through_the_fused_weight_gradient() {
     let mut be = gpu();
@@ -459,18 +459,6 @@ fn gpu_optimizer_updates_match_the_reference_through_the_fused_weight_gradient()
             assert_eq!(other, &values[0], "{name}: the other layer's weight changed");
         }
     }
-    // A lone update is an error by design: the GPU applies updates inside the weight gradient.
-    let packed = packed_two_layers(
-        &mut be,
-        (
-            &[vec![0.5; 11], vec![0.5; 3], vec![0.5; 2], vec![0.5; 2]],
-            &[vec![0.0; 11], vec![0.0; 3], vec![0.0; 2], vec![0.0; 2]],
-        ),
-        (1, 2),
-    );
-    let err = ops::update(&mut be, param_of(&packed, 2), 2, &update_optimizers()[0]).unwrap_err();
-    println!("{name}: a lone update: {err}");
-    assert!(err.to_string().contains("optimizer update"), "{err}");
 }
 
 /// A product whose output is short, one whose output aliases an input, a loss into a statistics
@@ -512,15 +500,13 @@ fn ops_reject_inconsistent_shapes_instead_of_panicking() {
 }
 
 /// Packed tensors (how the graph keeps its parameters): parts read and write at their offsets, one
-/// update over the whole equals the updates of the parts (on the CPU backends, which run a lone
-/// update), and an op that would write one part while reading another of the same allocation is
+/// update over the whole equals the updates of the parts, and an op that would write one part while reading another of the same allocation is
 /// refused (wgpu forbids it within a dispatch).
 #[test]
 fn packed_tensors_update_in_one_op_and_refuse_aliasing() {
     use gpu_mnist::backend::ParamTensors;
     let [rmsprop, _] = update_optimizers();
-    let devices: [(Box<dyn Backend>, bool); 2] = [(Box::new(fast_cpu()), true), (Box::new(gpu()), false)];
-    for (mut be, lone_updates) in devices {
+    for mut be in devices_under_test() {
         let be = be.as_mut();
         let name = be.name();
         let lens = [7usize, 1, 300, 10];
@@ -541,7 +527,7 @@ fn packed_tensors_update_in_one_op_and_refuse_aliasing() {
             r::rmsprop_update(&mut wp, &mut wv, &gr, rmsprop.lr, rmsprop.rho, rmsprop.eps);
             want.push((wp, wv));
         }
-        if lone_updates {
+        {
             let whole = ParamTensors {
                 value: params.whole,
                 grad: grads.whole,

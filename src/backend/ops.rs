@@ -16,12 +16,14 @@ mod pool;
 
 pub use super::ParamState;
 use super::{Backend, DatasetId, ParamTensors, TensorId};
-pub use batch_norm::{BatchNorm, BatchNormKind, NormParams, EPSILON as BATCH_NORM_EPSILON, MOMENTUM as BATCH_NORM_MOMENTUM};
-pub use dropout::{Dropout, DropoutKind};
-pub use pool::{Pool, PoolKind, PoolShape};
 use crate::error::Result;
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::schedule::Schedule;
+pub use batch_norm::{
+    BatchNorm, BatchNormKind, NormParams, EPSILON as BATCH_NORM_EPSILON, MOMENTUM as BATCH_NORM_MOMENTUM,
+};
+pub use dropout::{Dropout, DropoutKind};
+pub use pool::{Pool, PoolKind, PoolShape};
 
 /// Where a step is: its batch is rows `start..start + rows` of the dataset's current order, its
 /// loss and correct count go to statistics slot `slot`, and it is optimizer step `step` of the

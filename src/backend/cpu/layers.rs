@@ -61,19 +61,22 @@ impl CpuBackend {
                 s[..c].copy_from_slice(&mean);
                 s[c..].copy_from_slice(&invstd);
                 r::batchnorm_moving(self.tensor_mut(op, params.moving_mean, c)?, &mean, BATCH_NORM_MOMENTUM);
-                r::batchnorm_moving(self.tensor_mut(op, params.moving_variance, c)?, &var, BATCH_NORM_MOMENTUM);
+                r::batchnorm_moving(
+                    self.tensor_mut(op, params.moving_variance, c)?,
+                    &var,
+                    BATCH_NORM_MOMENTUM,
+                );
                 Ok(())
             }
-            BatchNormKind::ForwardEval {
-                out,
-                inp,
-                params,
-                relu,
-            } => {
+            BatchNormKind::ForwardEval { out, inp, params, relu } => {
                 let (gamma, beta) = self.scale_offset(op, params, c)?;
                 let mean = self.tensor(op, params.moving_mean, c)?.to_vec();
                 let mut invstd = vec![0.0f32; c];
-                r::batchnorm_invstd(&mut invstd, self.tensor(op, params.moving_variance, c)?, BATCH_NORM_EPSILON);
+                r::batchnorm_invstd(
+                    &mut invstd,
+                    self.tensor(op, params.moving_variance, c)?,
+                    BATCH_NORM_EPSILON,
+                );
                 self.with_out(op, (out, n), &[(inp, n)], |out, ins| {
                     r::batchnorm_forward(out, ins[0], (&gamma, &beta), (&mean, &invstd), rows, relu);
                 })
@@ -106,6 +109,9 @@ impl CpuBackend {
 
     /// Copies of a batch normalisation's gamma and beta.
     fn scale_offset(&self, op: &'static str, p: NormParams, c: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok((self.tensor(op, p.gamma, c)?.to_vec(), self.tensor(op, p.beta, c)?.to_vec()))
+        Ok((
+            self.tensor(op, p.gamma, c)?.to_vec(),
+            self.tensor(op, p.beta, c)?.to_vec(),
+        ))
     }
 }

@@ -145,7 +145,11 @@ pub fn batchnorm_backward_input<T: Real>(
     rows: usize,
 ) {
     let c = channels.len();
-    for ((d_row, dy_row), x_row) in dx[..rows * c].chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c)) {
+    for ((d_row, dy_row), x_row) in dx[..rows * c]
+        .chunks_exact_mut(c)
+        .zip(dy.chunks_exact(c))
+        .zip(x.chunks_exact(c))
+    {
         for ch in 0..c {
             d_row[ch] = batchnorm_dx_one(dy_row[ch], x_row[ch], channels[ch]);
         }
@@ -161,13 +165,7 @@ pub fn dropout_keeps(step_key: u32, i: usize, threshold: u32) -> bool {
 /// out (n) = inp x scale where the mask keeps the value, else 0 (and dropout's backward pass,
 /// with dout for inp: the same mask, the same product). With `relu_mask`, also 0 where it is not
 /// > 0.
-pub fn dropout_apply<T: Real>(
-    out: &mut [T],
-    inp: &[T],
-    relu_mask: Option<&[T]>,
-    step_key: u32,
-    rate: f32,
-) {
+pub fn dropout_apply<T: Real>(out: &mut [T], inp: &[T], relu_mask: Option<&[T]>, step_key: u32, rate: f32) {
     let (threshold, scale) = (dropout::threshold(rate), T::from_f64(dropout::scale(rate) as f64));
     for (i, (o, &x)) in out.iter_mut().zip(inp).enumerate() {
         let masked = relu_mask.is_some_and(|m| !(m[i] > T::ZERO));
