@@ -5,9 +5,11 @@
 //! why; `ModelSpec::resolve` turns a valid spec into `Layer`s with every shape known (the input of
 //! a layer is the output of the one before; `flatten`, a view in channels-last order, has no layer
 //! of its own, and a dense layer flattens an image it is given). ReLU follows every convolution
-//! and every dense layer but the last, which gives the logits of the 10 classes. Parameters are
-//! named as Keras names them (`conv2d_0.kernel` (kh, kw, in, out), `conv2d_0.bias`,
-//! `dense_0.kernel` (in, out), ...), in layer order.
+//! and every dense layer but the last, which gives the logits of the 10 classes; a batch
+//! normalisation right after one takes its ReLU (conv -> batch norm -> ReLU, as Keras models are
+//! written). Parameters are named as Keras names them (`conv2d_0.kernel` (kh, kw, in, out),
+//! `conv2d_0.bias`, `dense_0.kernel` (in, out), `batch_normalization_0.gamma`, ...), in layer
+//! order.
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -569,6 +571,65 @@ mod tests {
     }
 
     #[test]
+    fn batch_norm_takes_the_relu_of_the_layer_before_and_has_kerass_names() {
+        let spec = ModelSpec::parse(
+            "--layers",
+            "conv:8:3,batchnorm,pool:2,dropout:0.25,flatten,dense:16,batchnorm,dense:10",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.to_layers_arg(),
+            "conv:8:3,batchnorm,pool:2,dropout:0.25,flatten,dense:16,batchnorm,dense:10"
+        );
+        let layers = spec.resolve().unwrap();
+        let relus: Vec<bool> = layers.iter().map(Layer::relu).collect();
+        assert_eq!(relus, [false, true, false, false, false, true, false]);
+        assert_eq!(
+            layers[1],
+            Layer::BatchNorm {
+                channels: 8,
+                len: 26 * 26 * 8,
+                relu: true
+            }
+        );
+        assert_eq!(
+            layers[3],
+            Layer::Dropout {
+                len: 13 * 13 * 8,
+                rate: 0.25
+            }
+        );
+        assert_eq!(
+            layers[5],
+            Layer::BatchNorm {
+                channels: 16,
+                len: 16,
+                relu: true
+            }
+        );
+        let names: Vec<String> = spec.param_shapes().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names[2..6],
+            [
+                "batch_normalization_0.gamma",
+                "batch_normalization_0.beta",
+                "batch_normalization_0.moving_mean",
+                "batch_normalization_0.moving_variance"
+            ]
+        );
+        assert_eq!(names[8], "batch_normalization_1.gamma");
+        assert_eq!(
+            spec.param_count(),
+            8 * 9 + 8 + 4 * 8 + 13 * 13 * 8 * 16 + 16 + 4 * 16 + 16 * 10 + 10
+        );
+        // Batch normalisation starts as the identity.
+        let init = glorot_init(&spec, 0);
+        assert_eq!(init[2].data, vec![1.0; 8]);
+        assert_eq!(init[3].data, vec![0.0; 8]);
+        assert_eq!(init[5].data, vec![1.0; 8]);
+    }
+
+    #[test]
     fn sizes_past_the_limits_are_refused() {
         assert!(ModelSpec::convnet().check_size(64).is_ok());
         let huge_patches = ModelSpec::parse("--layers", "conv:32:3,conv:1:27:same,flatten,dense:10").unwrap();
@@ -602,6 +663,14 @@ mod tests {
             ("dense:10,flatten", "item 2 'flatten'"),
             ("conv:3:3,,dense:10", "item 2 ''"),
             ("relu,dense:10", "not one of"),
+            (
+                "dropout:1,dense:10",
+                "item 1 'dropout:1': the rate '1' is not a number between 0 and 1",
+            ),
+            ("dropout:nan,dense:10", "the rate 'nan'"),
+            ("dropout,dense:10", "write dropout:RATE"),
+            ("batchnorm:2,dense:10", "write batchnorm"),
+            ("dense:10,batchnorm", "last layer must be dense:10"),
             ("", "item 1 ''"),
         ] {
             let err = ModelSpec::parse("--layers", spec).unwrap_err().to_string();

@@ -245,8 +245,9 @@ pub struct ModelArgs {
     pub hidden: Option<Hidden>,
     /// Any stack of layers instead of --model: comma-separated conv:FILTERS:KERNEL[:same]
     /// (ReLU, stride 1, 'valid' padding unless :same), pool:SIZE (max pooling), flatten,
-    /// dense:UNITS (ReLU but the last, which must be dense:10), e.g.
-    /// conv:32:3,pool:2,conv:64:3,pool:2,conv:128:3,flatten,dense:10
+    /// dense:UNITS (ReLU but the last, which must be dense:10), batchnorm (per channel, Keras's
+    /// momentum 0.99 and epsilon 1e-3; the ReLU of the layer before moves after it), dropout:RATE
+    /// (in training only), e.g. conv:32:3,pool:2,conv:64:3,pool:2,conv:128:3,flatten,dense:10
     #[arg(long, value_name = "SPEC", conflicts_with_all = ["hidden", "model"])]
     pub layers: Option<String>,
 }
