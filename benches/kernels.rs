@@ -125,7 +125,12 @@ fn ops(c: &mut Criterion) {
             bias: bias.state(),
             opt,
         };
-        let gather = Op::Gather(Gather { x: inp, ds, rows: B });
+        let gather = Op::Gather(Gather {
+            x: inp,
+            ds,
+            rows: B,
+            augment: None,
+        });
         let loss = Op::Loss(Loss {
             logits,
             dlogits: Some(dlogits),

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::optim::Optimizer;
 use crate::plan::{self, LayerOp, LayerTensors, PlanKind};
 
-use crate::backend::ops::dropout;
+use crate::backend::ops::{dropout, Augment};
 pub use crate::spec::{glorot_init, layer_names, HostTensor, Layer, LayerSpec, ModelSpec, MAX_ACTIVATIONS, MAX_PARAMS};
 
 /// A parameter on the backend: value, gradient and optimizer state (the moments of its
@@ -125,6 +125,8 @@ pub struct Graph {
     packed: [Packed; 4],
     /// The plans built so far, fused for the backend.
     plans: Vec<(PlanKey, Vec<Op>)>,
+    /// How training batches are augmented (None: as they are).
+    augment: Option<Augment>,
     max_batch: usize,
 }
 
@@ -233,6 +235,7 @@ impl Graph {
             layers,
             packed,
             plans: Vec::new(),
+            augment: None,
             max_batch,
         })
     }
@@ -245,6 +248,12 @@ impl Graph {
                 *key = dropout::layer_key(seed, index);
             }
         }
+        self.plans.clear();
+    }
+
+    /// Augment every training batch with `augment` from now on (evaluation never is).
+    pub fn set_augment(&mut self, augment: Option<Augment>) {
+        self.augment = augment;
         self.plans.clear();
     }
 
@@ -343,7 +352,13 @@ impl Graph {
             return Ok(i);
         }
         let ops = match (key.kind, key.opt) {
-            (PlanKind::Train, Some(opt)) => plan::train_ops(&self.layers, key.ds, key.rows, opt),
+            (PlanKind::Train, Some(opt)) => {
+                let ops = plan::train_ops(&self.layers, key.ds, key.rows, opt);
+                match self.augment {
+                    Some(augment) => plan::augmented(ops, augment),
+                    None => ops,
+                }
+            }
             (PlanKind::Train, None) => {
                 return Err(Error::shape("graph", "a training plan needs an optimizer".to_string()))
             }

@@ -10,8 +10,8 @@
 //! (its mask is the ReLU's output) or, when a pool follows, the pool's backward op.
 
 use crate::backend::ops::{
-    weight_gradient_ops, BatchNorm, BatchNormKind, ConvGeometry, ConvPool, DenseShape, Dropout, DropoutKind, Fusions,
-    Gather, LayerGradient, Loss, Matmul, MatmulKind, NormParams, Op, OutputLayer, Pool, PoolKind, PoolShape,
+    weight_gradient_ops, Augment, BatchNorm, BatchNormKind, ConvGeometry, ConvPool, DenseShape, Dropout, DropoutKind,
+    Fusions, Gather, LayerGradient, Loss, Matmul, MatmulKind, NormParams, Op, OutputLayer, Pool, PoolKind, PoolShape,
     PoolWeightGradient, Update,
 };
 use crate::backend::{DatasetId, ParamTensors, TensorId};
@@ -279,7 +279,12 @@ pub fn eval_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, kind: PlanK
     let (Some(first), Some(last)) = (layers.first(), layers.last()) else {
         return Vec::new();
     };
-    let mut ops = vec![Op::Gather(Gather { x: first.inp, ds, rows })];
+    let mut ops = vec![Op::Gather(Gather {
+        x: first.inp,
+        ds,
+        rows,
+        augment: None,
+    })];
     for l in layers {
         // inp -> out = activation(op(inp))
         match (l.op, l.product(rows)) {
@@ -321,6 +326,16 @@ pub fn eval_ops(layers: &[LayerTensors], ds: DatasetId, rows: usize, kind: PlanK
             rows: rows_out,
             classes: last.outputs(),
         }));
+    }
+    ops
+}
+
+/// A training plan whose gather moves each image by `augment`'s random transforms.
+pub fn augmented(mut ops: Vec<Op>, augment: Augment) -> Vec<Op> {
+    for op in &mut ops {
+        if let Op::Gather(g) = op {
+            g.augment = Some(augment);
+        }
     }
     ops
 }

@@ -5,6 +5,7 @@
 //! Contract: a `Recipe` is plain data; the caller resolves its schedule against the run's step
 //! count (`Schedule::parse`) once the training set's size is known.
 
+use crate::backend::ops::Augment;
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::optim::{Optimizer, OptimizerKind};
@@ -24,6 +25,8 @@ pub struct Recipe {
     pub schedule: &'static str,
     pub batch_size: usize,
     pub epochs: usize,
+    /// How training images are moved (`--augment`), if at all.
+    pub augment: Option<Augment>,
 }
 
 impl Recipe {
@@ -53,5 +56,6 @@ pub fn fast() -> Result<Recipe> {
         schedule: "one-cycle",
         batch_size: 128,
         epochs: 1,
+        augment: None,
     })
 }

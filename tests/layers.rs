@@ -493,3 +493,89 @@ fn training_steps_with_batch_norm_and_dropout_match_the_reference() {
         }
     }
 }
+
+/// The augmented gather on every device against the reference's `gather_augmented` (atol 1e-5:
+/// the same f32 operations, a GPU may fuse a multiply-add), at a slot other than 0 and a step
+/// past 2^31; it moves the pictures, and without movement it is the plain gather exactly.
+#[test]
+fn the_augmented_batch_is_the_same_on_every_device() {
+    use gpu_mnist::backend::ops::{augment, Augment, Gather};
+    let data = mnist().train.first(40);
+    let (start, rows) = (3usize, 29usize);
+    let order: Vec<u32> = (0..40u32).rev().collect();
+    let aug = Augment {
+        key: augment::key_of(11),
+        ..Augment::parse("shift:2.5,rotate:15,scale:0.15").unwrap()
+    };
+    let at = StepAt {
+        start,
+        slot: 6,
+        step: 2_200_000_006,
+    };
+    let mut want = vec![0.0f32; rows * 784];
+    r::gather_augmented(&mut want, &data.images, &order, (start, rows), &aug, at.step as u32);
+    let mut plain = vec![0.0f32; rows * 784];
+    r::gather_batch(&mut plain, &data.images, &order, start, rows, 784);
+    let moved = want.iter().zip(&plain).filter(|(a, b)| (*a - *b).abs() > 0.1).count();
+    println!(
+        "augmented batch: {moved} of {} pixels moved by more than 0.1",
+        want.len()
+    );
+    assert!(moved > want.len() / 50, "the augmentation hardly moved the pictures");
+    let still = Augment {
+        shift: 0.0,
+        rotate: 0.0,
+        scale: 0.0,
+        ..aug
+    };
+    let mut devices = devices_under_test();
+    devices.push(Box::new(gpu_mnist::backend::cpu::CpuBackend::reference()));
+    for be in devices.iter_mut() {
+        let be = be.as_mut();
+        let ds = be.upload_dataset(&data).unwrap();
+        be.set_order(ds, &order).unwrap();
+        let x = be.alloc(rows * 784).unwrap();
+        for (augment, expected, tol) in [(aug, &want, 1e-5f32), (still, &plain, 0.0)] {
+            let gather = Gather {
+                x,
+                ds,
+                rows,
+                augment: Some(augment),
+            };
+            be.run(&Op::Gather(gather), at).unwrap();
+            let what = format!("{} gather with {}", be.name(), augment.describe());
+            assert_close(&what, &download(be, x, rows * 784), expected, tol, 0.0);
+        }
+    }
+}
+
+/// With --augment, a training plan gathers augmented batches and evaluation and prediction
+/// plans (validation and test images) never do.
+#[test]
+fn only_training_batches_are_augmented() {
+    use gpu_mnist::backend::ops::Augment;
+    use gpu_mnist::model::{Batch, Graph, ModelSpec};
+    use gpu_mnist::plan::PlanKind;
+    let mut be = gpu_mnist::backend::cpu::CpuBackend::reference();
+    let spec = ModelSpec::parse("--layers", "conv:4:3,pool:2,flatten,dense:10").unwrap();
+    let mut graph = Graph::new(&mut be, &spec, 8).unwrap();
+    graph.set_augment(Some(Augment::parse("shift:2").unwrap()));
+    let ds = be.upload_dataset(&mnist().test.first(8)).unwrap();
+    let opt = Optimizer::new(OptimizerKind::Adam, None).unwrap();
+    for (kind, augmented) in [
+        (PlanKind::Train, true),
+        (PlanKind::Evaluate, false),
+        (PlanKind::Predict, false),
+    ] {
+        let opt = (kind == PlanKind::Train).then_some(opt);
+        let plan = graph.plan(&mut be, kind, Batch { ds, rows: 8 }, opt).unwrap();
+        let gathers: Vec<bool> = plan
+            .iter()
+            .filter_map(|op| match op {
+                Op::Gather(g) => Some(g.augment.is_some()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gathers, [augmented], "{kind:?}: {}", gpu_mnist::plan::describe(plan));
+    }
+}

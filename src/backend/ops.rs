@@ -10,6 +10,7 @@
 //! gradient with its update. A backend runs a fused op natively only when its `Fusions` say so;
 //! `plan::fuse` merges ops only then.
 
+pub mod augment;
 mod batch_norm;
 pub mod dropout;
 mod pool;
@@ -19,6 +20,7 @@ use super::{Backend, DatasetId, ParamTensors, TensorId};
 use crate::error::Result;
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::schedule::Schedule;
+pub use augment::Augment;
 pub use batch_norm::{
     BatchNorm, BatchNormKind, NormParams, EPSILON as BATCH_NORM_EPSILON, MOMENTUM as BATCH_NORM_MOMENTUM,
 };
@@ -51,12 +53,14 @@ pub struct MatmulShape {
     pub k: usize,
 }
 
-/// x (rows, 784) = images[order[start..start + rows]] / 255.
+/// x (rows, 784) = images[order[start..start + rows]] / 255; with `augment` (training only), each
+/// image moved by its own random transform of the step (`augment`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gather {
     pub x: TensorId,
     pub ds: DatasetId,
     pub rows: usize,
+    pub augment: Option<Augment>,
 }
 
 /// The optimizer step a weight gradient applies as it stores the gradients: `opt` on the weight
@@ -324,7 +328,11 @@ impl Op {
     /// One line: the op and its shape, e.g. "matmul forward 128x512x784 +bias relu".
     pub fn describe(&self) -> String {
         match self {
-            Op::Gather(g) => format!("gather {}x784 from the u8 dataset", g.rows),
+            Op::Gather(g) => format!(
+                "gather {}x784 from the u8 dataset{}",
+                g.rows,
+                if g.augment.is_some() { " (augmented)" } else { "" }
+            ),
             Op::Matmul(m) => {
                 let MatmulShape { m: rows, n, k } = m.product();
                 let extra = match m.kind {

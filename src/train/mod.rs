@@ -19,6 +19,7 @@ pub use fit::{fit, BestEpoch, EpochStart, FitData, HostState, Observer, Position
 
 use web_time::Instant;
 
+use crate::backend::ops::augment::{self, Augment};
 use crate::backend::ops::StepAt;
 use crate::backend::{Backend, DatasetId, StepStats};
 use crate::data::{batches, epoch_order, Dataset};
@@ -39,6 +40,8 @@ pub struct TrainConfig {
     pub chunk_steps: usize,
     /// Stop when the validation figure stops improving, ending with the best epoch's weights.
     pub early_stop: Option<early_stop::EarlyStop>,
+    /// Move each training image by a random transform (its key is drawn from `seed`).
+    pub augment: Option<Augment>,
 }
 
 /// Metrics of one epoch.
@@ -117,6 +120,10 @@ impl<'b> Trainer<'b> {
         }
         let mut graph = Graph::new(be, &cfg.spec, cfg.batch_size)?;
         graph.set_seed(cfg.seed);
+        graph.set_augment(cfg.augment.map(|a| Augment {
+            key: augment::key_of(cfg.seed),
+            ..a
+        }));
         graph.set_params(be, params)?;
         if let Some(state) = state {
             if !state.velocities.is_empty() {

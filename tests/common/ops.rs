@@ -24,7 +24,12 @@ pub fn read(be: &mut dyn Backend, t: TensorId) -> Result<Vec<f32>> {
 
 pub fn gather(be: &mut dyn Backend, x: TensorId, ds: DatasetId, start: usize, rows: usize) -> Result<()> {
     be.run(
-        &Op::Gather(Gather { x, ds, rows }),
+        &Op::Gather(Gather {
+            x,
+            ds,
+            rows,
+            augment: None,
+        }),
         StepAt {
             start,
             ..StepAt::default()

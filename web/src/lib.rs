@@ -329,6 +329,7 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         seed: opts.seed,
         chunk_steps: CHUNK_STEPS,
         early_stop: None,
+        augment: opts.recipe()?.and_then(|r| r.augment),
     };
     let opened = open_device(&opts.device).await?;
     let event = json!({"type": "device", "device": opened.kind, "adapter": opened.adapter, "note": opened.note});

@@ -211,10 +211,12 @@ impl CpuBackend {
         }
     }
 
-    /// x (rows, 784) = images[order[start..start + rows]] / 255 (`reference::gather_batch`), and,
-    /// on the fast path, x's rows held for the sparse products, built in the same pass.
-    fn gather(&mut self, g: &Gather, start: usize) -> Result<()> {
-        let Gather { x, ds, rows } = *g;
+    /// x (rows, 784) = images[order[start..start + rows]] / 255 (`reference::gather_batch`, or
+    /// `gather_augmented` for a training batch with augmentation), and, on the fast path, x's
+    /// rows held for the sparse products, built in the same pass.
+    fn gather(&mut self, g: &Gather, at: StepAt) -> Result<()> {
+        let Gather { x, ds, rows, augment } = *g;
+        let start = at.start;
         let op = "gather";
         // On the fast path the pixels become x and the rows of the sparse products in one pass.
         let sparse_rows = self.kind == CpuKind::Fast;
@@ -224,7 +226,12 @@ impl CpuBackend {
         let source = self.source(v, rows, IMAGE_PIXELS);
         let d = &self.datasets[ds.0];
         let xs = &mut self.storage[v.storage][v.offset..v.offset + v.len];
-        if sparse_rows {
+        if let Some(aug) = augment {
+            r::gather_augmented(xs, &d.data.images, &d.order, (start, rows), &aug, at.step as u32);
+            if sparse_rows {
+                self.sparse.hold_rows(xs, source);
+            }
+        } else if sparse_rows {
             self.sparse.gather(xs, &d.data.images, &d.order, start, source);
         } else {
             r::gather_batch(xs, &d.data.images, &d.order, start, rows, IMAGE_PIXELS);
@@ -470,7 +477,7 @@ impl Backend for CpuBackend {
 
     fn run(&mut self, op: &Op, at: StepAt) -> Result<()> {
         match op {
-            Op::Gather(g) => self.gather(g, at.start),
+            Op::Gather(g) => self.gather(g, at),
             Op::Matmul(m) => match m.conv {
                 Some(g) => self.conv(m, g, at),
                 None => self.matmul(m, at),

@@ -1,4 +1,4 @@
-//! The reference of batch normalisation and dropout: plain loops, generic over `Real` so that
+//! The reference of batch normalisation, dropout and the augmented gather: plain loops, generic over `Real` so that
 //! the gradient check runs them in f64 (`reference` conventions: outputs first, gradients
 //! prefixed `d`, row-major (rows, channels) with the channel last).
 //!
@@ -7,6 +7,7 @@
 //! of `T` operations, which the fast CPU path repeats.
 
 use super::Real;
+use crate::backend::ops::augment::{self, Augment};
 use crate::backend::ops::dropout;
 
 /// mean (C) and var (C), the biased variance, of x (rows, C): two passes, the second over
@@ -174,5 +175,27 @@ pub fn dropout_apply<T: Real>(out: &mut [T], inp: &[T], relu_mask: Option<&[T]>,
         } else {
             T::ZERO
         };
+    }
+}
+
+/// x (rows, 784) = image order[start + r] of `images` (N, 28 x 28 u8) under its transform of
+/// step `step` (`ops::augment`): bilinear, zero outside, / 255.
+pub fn gather_augmented(
+    x: &mut [f32],
+    images: &[u8],
+    order: &[u32],
+    (start, rows): (usize, usize),
+    aug: &Augment,
+    step: u32,
+) {
+    const SIDE: usize = 28;
+    for r in 0..rows {
+        let src = &images[order[start + r] as usize * SIDE * SIDE..][..SIDE * SIDE];
+        let t = augment::transform(aug, step, r as u32);
+        for oy in 0..SIDE {
+            for ox in 0..SIDE {
+                x[(r * SIDE + oy) * SIDE + ox] = augment::sample(&t, ox, oy, |sx, sy| src[sy * SIDE + sx]);
+            }
+        }
     }
 }

@@ -62,7 +62,7 @@ impl WgpuBackend {
     }
 
     /// Make the step base hold the step of slot 0 for `at` (step - slot, wrapping at 2^32).
-    fn select_step_base(&mut self, at: StepAt) -> Result<()> {
+    pub(super) fn select_step_base(&mut self, at: StepAt) -> Result<()> {
         let value = (at.step as u32).wrapping_sub(at.slot as u32);
         if self.step_base.as_ref().is_some_and(|b| b.value == value) {
             return Ok(());

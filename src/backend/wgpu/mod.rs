@@ -252,6 +252,7 @@ impl WgpuBackend {
     /// The kernel an op dispatches (None for an op the device never runs alone).
     fn kernel_of(&self, op: &Op) -> Option<Kernel> {
         match op {
+            Op::Gather(g) if g.augment.is_some() => Some(Kernel::GatherAugmented),
             Op::Gather(_) => Some(Kernel::Gather),
             Op::Matmul(m) => self.matmul_kernel(m).ok(),
             Op::Loss(_) => Some(Kernel::SoftmaxXent),
@@ -425,7 +426,7 @@ impl Backend for WgpuBackend {
 
     fn run(&mut self, op: &Op, at: StepAt) -> Result<()> {
         match op {
-            Op::Gather(g) => self.gather(g, at.start),
+            Op::Gather(g) => self.gather(g, at),
             Op::Matmul(m) => self.matmul(m, at),
             Op::Loss(l) => self.loss(l, at),
             Op::OutputLayer(o) if self.fusions().output_layer(o.shape, &o.opt) => self.output_layer(o, at),

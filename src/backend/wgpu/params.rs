@@ -50,12 +50,17 @@ pub struct Flags {
 }
 
 kernel_params! {
-    /// gather.wgsl: x (rows, 4 * words_per_image) from images[order[start + r]].
+    /// gather.wgsl: x (rows, 4 * words_per_image) from images[order[start + r]]; augmented, each
+    /// image under its transform of the step (step base + `slot`) drawn with `key`.
     GatherParams in "gather.wgsl" {
         start: u32,
         rows: u32,
         words_per_image: u32,
-        _pad: u32,
+        slot: u32,
+        key: u32,
+        shift: f32,
+        rotate: f32,
+        scale: f32,
     }
 }
 

@@ -24,6 +24,7 @@ const DENSE_OPERANDS: [&str; 2] = ["a_dense", "b_dense"];
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Gather,
+    GatherAugmented,
     /// A dense layer's product (matmul.wgsl with the strided operand maps).
     Matmul(TileConfig),
     /// A convolution's product (matmul.wgsl with the product's operand maps).
@@ -46,7 +47,7 @@ impl Kernel {
     /// The shader file that holds this kernel's entry point.
     fn file(self) -> &'static str {
         match self {
-            Kernel::Gather => "gather.wgsl",
+            Kernel::Gather | Kernel::GatherAugmented => "gather.wgsl",
             Kernel::Matmul(_) | Kernel::Conv(..) => "matmul.wgsl",
             Kernel::SoftmaxXent => "softmax_xent.wgsl",
             Kernel::OutputLayer => "output_layer.wgsl",
@@ -88,6 +89,7 @@ impl Kernel {
     fn entry_point(self) -> &'static str {
         match self {
             Kernel::Gather => "gather_batch",
+            Kernel::GatherAugmented => "gather_augmented",
             Kernel::Matmul(_) | Kernel::Conv(..) => "matmul",
             Kernel::SoftmaxXent => "softmax_xent_forward_backward",
             Kernel::OutputLayer => "output_layer_step",

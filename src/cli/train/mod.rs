@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use gpu_mnist::backend::cpu::CpuBackend;
+use gpu_mnist::backend::ops::Augment;
 use gpu_mnist::backend::Backend;
 use gpu_mnist::checkpoint::{self, Checkpoint};
 use gpu_mnist::data::{Dataset, DatasetKind, Mnist};
@@ -85,7 +86,12 @@ pub struct TrainArgs {
     /// OneCycleLR); steps count over the whole run [default: constant; one-cycle for --model fast]
     #[arg(long, value_name = "NAME[:K=V,...]", value_parser = parse_schedule)]
     pub schedule: Option<String>,
-    /// Seed of the initial weights and of every epoch's shuffle
+    /// Move every training image by its own random shift, rotation and scale as the batch is
+    /// gathered on the device (bilinear; never the validation or test images):
+    /// shift:PIXELS,rotate:DEGREES,scale:FRACTION, any of them, e.g. shift:2,rotate:10,scale:0.1
+    #[arg(long, value_name = "SPEC", value_parser = parse_augment)]
+    pub augment: Option<Augment>,
+    /// Seed of the initial weights, of every epoch's shuffle, and of dropout and --augment
     #[arg(long, allow_negative_numbers = true, default_value = "0")]
     pub seed: u64,
     /// Train on the first N training images only
@@ -182,6 +188,11 @@ fn parse_decay(text: &str) -> std::result::Result<f32, String> {
     }
 }
 
+/// `--augment`'s words.
+fn parse_augment(text: &str) -> std::result::Result<Augment, String> {
+    Augment::parse(text)
+}
+
 /// A schedule's words, checked now (its steps are counted once the data is known).
 fn parse_schedule(text: &str) -> std::result::Result<String, String> {
     Schedule::parse(text, 1).map(|_| text.trim().to_string())
@@ -271,6 +282,7 @@ pub fn run(mut args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         seed: settings.seed,
         chunk_steps: settings.chunk_steps,
         early_stop: settings.early_stop,
+        augment: settings.augment,
     };
     let place = RunPlace::of(&dir, &args);
     let mut reporter = Reporter {

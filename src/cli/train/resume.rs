@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
+use gpu_mnist::backend::ops::Augment;
 use gpu_mnist::checkpoint::Checkpoint;
 use gpu_mnist::data::DatasetKind;
 use gpu_mnist::model::ModelSpec;
@@ -39,6 +40,8 @@ pub(super) struct RunSettings {
     pub(super) chunk_steps: usize,
     /// `--early-stop` and `--monitor` (never with a checkpoint: its best weights live in memory).
     pub(super) early_stop: Option<EarlyStop>,
+    /// `--augment` (or the recipe's).
+    pub(super) augment: Option<Augment>,
 }
 
 impl RunSettings {
@@ -94,6 +97,7 @@ impl RunSettings {
             validation_split: args.validation_split,
             chunk_steps: args.chunk_steps,
             early_stop,
+            augment: args.augment.or(recipe.as_ref().and_then(|r| r.augment)),
         })
     }
 
@@ -120,6 +124,7 @@ impl RunSettings {
             "validation_split": self.validation_split,
             "chunk_steps": self.chunk_steps,
             "early_stop": self.early_stop.map(|e| json!({"patience": e.patience, "monitor": e.monitor.key()})),
+            "augment": self.augment.map(|a| a.describe()),
         })
     }
 
@@ -187,6 +192,10 @@ impl RunSettings {
             validation_split,
             chunk_steps: usize_of("chunk_steps", 4096)?,
             early_stop: None,
+            augment: match v["augment"].as_str() {
+                Some(text) => Some(Augment::parse(text).map_err(|_| bad("augment"))?),
+                None => None,
+            },
         };
         settings
             .spec
