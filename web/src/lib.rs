@@ -155,7 +155,7 @@ impl TrainOptions {
         match self.model.as_str() {
             "mlp" => Ok(ModelSpec::mnist(&[512])),
             "convnet" => Ok(ModelSpec::convnet()),
-            "fast" => Ok(self.recipe()?.map_or_else(ModelSpec::convnet, |r| r.spec)),
+            "fast" | "accurate" => Ok(self.recipe()?.map_or_else(ModelSpec::convnet, |r| r.spec)),
             other => ModelSpec::parse("model", other).map_err(|e| e.to_string()),
         }
     }
@@ -166,6 +166,7 @@ impl TrainOptions {
     fn recipe(&self) -> Result<Option<gpu_mnist::recipe::Recipe>, String> {
         match self.model.as_str() {
             "fast" => gpu_mnist::recipe::fast().map(Some).map_err(|e| e.to_string()),
+            "accurate" => gpu_mnist::recipe::accurate().map(Some).map_err(|e| e.to_string()),
             _ => Ok(None),
         }
     }
