@@ -326,6 +326,7 @@ async function main() {
 
   await withoutWebGpu();
   await fastPresetOnTheCpuPath();
+  await accuratePresetAndNewLayers();
   log('all checks passed');
 }
 
@@ -351,6 +352,37 @@ async function fastPresetOnTheCpuPath() {
     const shown = (await page.textContent('#accuracy')).trim();
     if (!/reached in [0-9.]+ s/.test(shown)) fail(`the page does not show the time to its accuracy: "${shown}"`);
     log(`fast preset on the CPU path: ${shown}`);
+  } finally {
+    await browser.close();
+  }
+}
+
+/**
+ * The "accurate" preset fills in its 8 epochs and rate, and trains on the CPU path (one epoch of
+ * 3,000 images: batch normalisation, whose moving averages have not settled after 24 steps,
+ * and augmented batches); a --layers spec with batch normalisation and dropout trains too. Both
+ * must end with a number above chance (a NaN accuracy, written null, fails).
+ */
+async function accuratePresetAndNewLayers() {
+  const browser = await launch(NO_WEBGPU);
+  try {
+    const page = await browser.newPage();
+    await page.goto(new URL('?model=accurate&train_limit=3000&test_limit=500&device=cpu', base).href);
+    await waitFor(page, 'the page ready', () => document.body.dataset.state === 'ready', undefined, 60_000);
+    const [epochs, lr] = [await page.inputValue('#epochs'), await page.inputValue('#lr')];
+    if (epochs !== '8' || lr !== '0.01') fail(`the accurate preset set epochs ${epochs} and rate ${lr}, not 8 and 0.01`);
+    await page.fill('#epochs', '1');
+    await page.click('#train');
+    await waitForResult(page, 'a result of the accurate preset on the CPU path', 5 * 60_000);
+    const preset = JSON.parse((await page.textContent('#result')).trim());
+    if (preset.device !== 'cpu' || !(preset.test_accuracy >= 0.2)) fail(`the accurate preset ran ${JSON.stringify(preset)}`);
+    log(`accurate preset, 1 epoch of 3,000 images on the CPU path: ${preset.test_accuracy}`);
+    const spec = 'conv:8:3,batchnorm,pool:2,dropout:0.25,flatten,dense:32,batchnorm,dense:10';
+    await page.goto(new URL(`?model=${spec}&train_limit=3000&test_limit=500&epochs=2&device=cpu&autostart=1`, base).href);
+    await waitForResult(page, 'a result of a model with batch norm and dropout', 5 * 60_000);
+    const layers = JSON.parse((await page.textContent('#result')).trim());
+    if (!(layers.test_accuracy >= 0.2)) fail(`${spec} reached ${layers.test_accuracy}: ${await pageSays(page)}`);
+    log(`${spec}, 2 epochs of 3,000 images on the CPU path: ${layers.test_accuracy}`);
   } finally {
     await browser.close();
   }

@@ -1,8 +1,9 @@
 //! Batch normalisation and dropout on the CPU: both paths run the reference's loops
 //! (`reference::layers`), whose cost is a few passes over a layer's output, small beside the
-//! products around them.
+//! products around them; and the fast path's augmented gather (the reference's bits).
 
 use super::{r, CpuBackend};
+use crate::backend::ops::augment::{self, Augment};
 use crate::backend::ops::{
     dropout, BatchNorm, BatchNormKind, Dropout, DropoutKind, NormParams, StepAt, BATCH_NORM_EPSILON,
     BATCH_NORM_MOMENTUM,
@@ -113,5 +114,52 @@ impl CpuBackend {
             self.tensor(op, p.gamma, c)?.to_vec(),
             self.tensor(op, p.beta, c)?.to_vec(),
         ))
+    }
+}
+
+/// `reference::gather_augmented` without its per-pixel bounds checks: each source image is
+/// copied into a zero-bordered 30 x 30 f32 frame once, so a sample whose four taps fall in the
+/// frame reads them without a test, and one farther out is 0. The same f32 operations in the
+/// same order as `augment::sample`, so the same bits.
+pub(super) fn gather_augmented_fast(
+    x: &mut [f32],
+    images: &[u8],
+    order: &[u32],
+    (start, rows): (usize, usize),
+    aug: &Augment,
+    step: u32,
+) {
+    const SIDE: usize = 28;
+    const FRAME: usize = SIDE + 2;
+    let mut frame = [0.0f32; FRAME * FRAME];
+    for (r, out) in x[..rows * SIDE * SIDE].chunks_exact_mut(SIDE * SIDE).enumerate() {
+        let src = &images[order[start + r] as usize * SIDE * SIDE..][..SIDE * SIDE];
+        for (y, line) in src.chunks_exact(SIDE).enumerate() {
+            for (cell, &p) in frame[(y + 1) * FRAME + 1..][..SIDE].iter_mut().zip(line) {
+                *cell = p as f32;
+            }
+        }
+        let t = augment::transform(aug, step, r as u32);
+        for (oy, out_line) in out.chunks_exact_mut(SIDE).enumerate() {
+            let v = oy as f32 - augment::CENTRE - t.ty;
+            let (bv, dv) = (t.b * v, t.d * v);
+            for (ox, o) in out_line.iter_mut().enumerate() {
+                let u = ox as f32 - augment::CENTRE - t.tx;
+                let sx = t.a * u + bv + augment::CENTRE;
+                let sy = t.c * u + dv + augment::CENTRE;
+                let (x0, y0) = (sx.floor(), sy.floor());
+                // Taps x0, x0 + 1 (and y0, y0 + 1) in the frame when -1 <= x0 <= 27; farther
+                // out both are outside the picture.
+                if !(-1.0..=27.0).contains(&x0) || !(-1.0..=27.0).contains(&y0) {
+                    *o = 0.0;
+                    continue;
+                }
+                let (fx, fy) = (sx - x0, sy - y0);
+                let at = (y0 + 1.0) as usize * FRAME + (x0 + 1.0) as usize;
+                let top = (1.0 - fx) * frame[at] + fx * frame[at + 1];
+                let bottom = (1.0 - fx) * frame[at + FRAME] + fx * frame[at + FRAME + 1];
+                *o = ((1.0 - fy) * top + fy * bottom) * (1.0 / 255.0);
+            }
+        }
     }
 }

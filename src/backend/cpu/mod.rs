@@ -227,9 +227,12 @@ impl CpuBackend {
         let d = &self.datasets[ds.0];
         let xs = &mut self.storage[v.storage][v.offset..v.offset + v.len];
         if let Some(aug) = augment {
-            r::gather_augmented(xs, &d.data.images, &d.order, (start, rows), &aug, at.step as u32);
+            let step = at.step as u32;
             if sparse_rows {
+                layers::gather_augmented_fast(xs, &d.data.images, &d.order, (start, rows), &aug, step);
                 self.sparse.hold_rows(xs, source);
+            } else {
+                r::gather_augmented(xs, &d.data.images, &d.order, (start, rows), &aug, step);
             }
         } else if sparse_rows {
             self.sparse.gather(xs, &d.data.images, &d.order, start, source);

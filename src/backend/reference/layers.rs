@@ -10,6 +10,12 @@ use super::Real;
 use crate::backend::ops::augment::{self, Augment};
 use crate::backend::ops::dropout;
 
+/// Whether v > 0 (false for a NaN, so that a ReLU zeroes it).
+#[inline(always)]
+fn positive<T: Real>(v: T) -> bool {
+    v.partial_cmp(&T::ZERO) == Some(std::cmp::Ordering::Greater)
+}
+
 /// mean (C) and var (C), the biased variance, of x (rows, C): two passes, the second over
 /// (x - mean)^2.
 pub fn batchnorm_stats<T: Real>(mean: &mut [T], var: &mut [T], x: &[T], rows: usize, c: usize) {
@@ -52,7 +58,7 @@ pub fn batchnorm_moving<T: Real>(moving: &mut [T], batch: &[T], momentum: T) {
 #[inline(always)]
 pub fn batchnorm_one<T: Real>(x: T, gamma: T, beta: T, mean: T, invstd: T, relu: bool) -> T {
     let y = gamma * ((x - mean) * invstd) + beta;
-    if relu && !(y > T::ZERO) {
+    if relu && !positive(y) {
         T::ZERO
     } else {
         y
@@ -169,7 +175,7 @@ pub fn dropout_keeps(step_key: u32, i: usize, threshold: u32) -> bool {
 pub fn dropout_apply<T: Real>(out: &mut [T], inp: &[T], relu_mask: Option<&[T]>, step_key: u32, rate: f32) {
     let (threshold, scale) = (dropout::threshold(rate), T::from_f64(dropout::scale(rate) as f64));
     for (i, (o, &x)) in out.iter_mut().zip(inp).enumerate() {
-        let masked = relu_mask.is_some_and(|m| !(m[i] > T::ZERO));
+        let masked = relu_mask.is_some_and(|m| !positive(m[i]));
         *o = if !masked && dropout_keeps(step_key, i, threshold) {
             x * scale
         } else {
