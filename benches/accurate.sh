@@ -1,6 +1,6 @@
 #!/bin/bash
 # benches/accurate.sh: `gpu-mnist train --model accurate --device cpu` (99.5 %: batch
-# normalisation, augmentation, 8 epochs) against PyTorch's run of the same recipe
+# normalisation, dropout, augmentation, 10 epochs) against PyTorch's run of the same recipe
 # (benches/torch_accurate.py), interleaved run by run so that the machine's drift hits both alike.
 #
 # Contract: run from the repository root after `cargo build --release`, with PyTorch installed

@@ -358,7 +358,7 @@ async function fastPresetOnTheCpuPath() {
 }
 
 /**
- * The "accurate" preset fills in its 8 epochs and rate, and trains on the CPU path (one epoch of
+ * The "accurate" preset fills in its 10 epochs and rate, and trains on the CPU path (one epoch of
  * 3,000 images: batch normalisation, whose moving averages have not settled after 24 steps,
  * and augmented batches); a --layers spec with batch normalisation and dropout trains too. Both
  * must end with a number above chance (a NaN accuracy, written null, fails).
@@ -370,7 +370,7 @@ async function accuratePresetAndNewLayers() {
     await page.goto(new URL('?model=accurate&train_limit=3000&test_limit=500&device=cpu', base).href);
     await waitFor(page, 'the page ready', () => document.body.dataset.state === 'ready', undefined, 60_000);
     const [epochs, lr] = [await page.inputValue('#epochs'), await page.inputValue('#lr')];
-    if (epochs !== '8' || lr !== '0.01') fail(`the accurate preset set epochs ${epochs} and rate ${lr}, not 8 and 0.01`);
+    if (epochs !== '10' || lr !== '0.01') fail(`the accurate preset set epochs ${epochs} and rate ${lr}, not 10 and 0.01`);
     await page.fill('#epochs', '1');
     await page.click('#train');
     await waitForResult(page, 'a result of the accurate preset on the CPU path', 5 * 60_000);

@@ -44,27 +44,27 @@ pub struct TrainArgs {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Passes over the training set [default: 5; 1 for --model fast]
+    /// Passes over the training set [default: 5; 1 for --model fast, 10 for --model accurate]
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_epochs)]
     pub epochs: Option<usize>,
     /// Examples per step (the last batch of an epoch keeps the remainder) [default: 128 for an
-    /// mlp, 64 for a convnet, as in the book; 128 for --model fast]
+    /// mlp, 64 for a convnet, as in the book; 128 for --model fast and accurate]
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_batch)]
     pub batch_size: Option<usize>,
     /// Learning rate: the base of --schedule (one-cycle's peak) [default: 0.001 for rmsprop,
-    /// adam and adamw, 0.01 for sgd and --model fast]
+    /// adam and adamw, 0.01 for sgd and --model fast and accurate]
     #[arg(long, allow_negative_numbers = true, value_name = "LR", value_parser = parse_lr)]
     pub lr: Option<f32>,
     /// rmsprop (Keras's: rho 0.9, eps 1e-7 inside the square root), sgd (PyTorch's, with
     /// --momentum and --nesterov), adam or adamw (PyTorch's: betas 0.9 0.999, eps 1e-8 outside
     /// the square root, bias-corrected; adamw with decoupled --weight-decay 0.01) [default:
-    /// rmsprop; adam for --model fast]
+    /// rmsprop; adam for --model fast and accurate]
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerFlag>,
-    /// Adam's decay of the gradient's mean [default: 0.9; 0.7 for --model fast]
+    /// Adam's decay of the gradient's mean [default: 0.9; 0.7 for --model fast and accurate]
     #[arg(long, allow_negative_numbers = true, value_name = "B", value_parser = parse_unit)]
     pub beta1: Option<f32>,
-    /// Adam's decay of the gradient's mean square [default: 0.999; 0.9 for --model fast]
+    /// Adam's decay of the gradient's mean square [default: 0.999; 0.9 for --model fast and accurate]
     #[arg(long, allow_negative_numbers = true, value_name = "B", value_parser = parse_unit)]
     pub beta2: Option<f32>,
     /// Epsilon of rmsprop (inside the square root) or adam (outside) [default: 1e-7, adam 1e-8]
@@ -83,7 +83,7 @@ pub struct TrainArgs {
     /// The learning rate of each step, from --lr: constant, step[:every=N,gamma=G],
     /// exponential[:gamma=G], cosine[:warmup=N,floor=F] (linear warm-up, then cosine to
     /// floor x lr) or one-cycle[:pct_start=P,div_factor=D,final_div_factor=F] (PyTorch's
-    /// OneCycleLR); steps count over the whole run [default: constant; one-cycle for --model fast]
+    /// OneCycleLR); steps count over the whole run [default: constant; one-cycle for --model fast and accurate]
     #[arg(long, value_name = "NAME[:K=V,...]", value_parser = parse_schedule)]
     pub schedule: Option<String>,
     /// Move every training image by its own random shift, rotation and scale as the batch is
