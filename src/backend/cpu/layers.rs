@@ -1,8 +1,8 @@
-//! Batch normalisation and dropout on the CPU: both paths run the reference's loops
-//! (`reference::layers`), whose cost is a few passes over a layer's output, small beside the
-//! products around them; and the fast path's augmented gather (the reference's bits).
+//! Batch normalisation and dropout on the CPU, through the reference's loops (`reference::layers`),
+//! which the fast path runs over row pieces on the threads where they are element-wise (the same
+//! bits); and the fast path's augmented gather (the reference's values).
 
-use super::{r, CpuBackend};
+use super::{r, threads, CpuBackend, CpuKind};
 use crate::backend::ops::augment::{self, Augment};
 use crate::backend::ops::{
     dropout, BatchNorm, BatchNormKind, Dropout, DropoutKind, NormParams, StepAt, BATCH_NORM_EPSILON,
@@ -40,6 +40,7 @@ impl CpuBackend {
         let op = "batch norm";
         let (rows, c) = (b.rows, b.channels);
         let n = rows * c;
+        let kind = self.kind;
         match b.kind {
             BatchNormKind::ForwardTrain {
                 out,
@@ -55,8 +56,11 @@ impl CpuBackend {
                 self.tensor(op, stats, 2 * c)?;
                 self.tensor(op, params.moving_mean, c)?;
                 self.tensor(op, params.moving_variance, c)?;
-                self.with_out(op, (out, n), &[(inp, n)], |out, ins| {
-                    r::batchnorm_forward(out, ins[0], (&gamma, &beta), (&mean, &invstd), rows, relu);
+                self.with_out(op, (out, n), &[(inp, n)], |out, ins| match kind {
+                    CpuKind::Reference => {
+                        r::batchnorm_forward(out, ins[0], (&gamma, &beta), (&mean, &invstd), rows, relu)
+                    }
+                    CpuKind::Fast => batchnorm_forward_fast(out, ins[0], (&gamma, &beta), (&mean, &invstd), relu),
                 })?;
                 let s = self.tensor_mut(op, stats, 2 * c)?;
                 s[..c].copy_from_slice(&mean);
@@ -78,8 +82,11 @@ impl CpuBackend {
                     self.tensor(op, params.moving_variance, c)?,
                     BATCH_NORM_EPSILON,
                 );
-                self.with_out(op, (out, n), &[(inp, n)], |out, ins| {
-                    r::batchnorm_forward(out, ins[0], (&gamma, &beta), (&mean, &invstd), rows, relu);
+                self.with_out(op, (out, n), &[(inp, n)], |out, ins| match kind {
+                    CpuKind::Reference => {
+                        r::batchnorm_forward(out, ins[0], (&gamma, &beta), (&mean, &invstd), rows, relu)
+                    }
+                    CpuKind::Fast => batchnorm_forward_fast(out, ins[0], (&gamma, &beta), (&mean, &invstd), relu),
                 })
             }
             BatchNormKind::Backward {
@@ -101,8 +108,9 @@ impl CpuBackend {
                 self.tensor_mut(op, dbeta, c)?.copy_from_slice(&db);
                 let Some(dinp) = dinp else { return Ok(()) };
                 let channels = r::batchnorm_channels(&gamma, (mean, invstd), (&dg, &db), rows);
-                self.with_out(op, (dinp, n), &[(dout, n), (inp, n)], |dx, ins| {
-                    r::batchnorm_backward_input(dx, ins[0], ins[1], &channels, rows);
+                self.with_out(op, (dinp, n), &[(dout, n), (inp, n)], |dx, ins| match kind {
+                    CpuKind::Reference => r::batchnorm_backward_input(dx, ins[0], ins[1], &channels, rows),
+                    CpuKind::Fast => batchnorm_backward_input_fast(dx, ins[0], ins[1], &channels),
                 })
             }
         }
@@ -117,10 +125,10 @@ impl CpuBackend {
     }
 }
 
-/// `reference::gather_augmented` without its per-pixel bounds checks: each source image is
-/// copied into a zero-bordered 30 x 30 f32 frame once, so a sample whose four taps fall in the
-/// frame reads them without a test, and one farther out is 0. The same f32 operations in the
-/// same order as `augment::sample`, so the same bits.
+/// `reference::gather_augmented` without its per-pixel bounds checks, over row pieces on the
+/// threads: each source image is copied into a zero-bordered 30 x 30 f32 frame once, so a sample
+/// whose four taps fall in the frame reads them without a test, and one farther out is 0. The
+/// same f32 operations in the same order as `augment::sample`, so the same values.
 pub(super) fn gather_augmented_fast(
     x: &mut [f32],
     images: &[u8],
@@ -130,10 +138,24 @@ pub(super) fn gather_augmented_fast(
     step: u32,
 ) {
     const SIDE: usize = 28;
+    threads::split_units(
+        &mut x[..rows * SIDE * SIDE],
+        SIDE * SIDE,
+        rows * SIDE * SIDE,
+        &|first, part| {
+            gather_augmented_rows(part, images, &order[start..start + rows], first, aug, step);
+        },
+    );
+}
+
+/// Rows first.. of the batch into x (those rows only).
+fn gather_augmented_rows(x: &mut [f32], images: &[u8], order: &[u32], first: usize, aug: &Augment, step: u32) {
+    const SIDE: usize = 28;
     const FRAME: usize = SIDE + 2;
     let mut frame = [0.0f32; FRAME * FRAME];
-    for (r, out) in x[..rows * SIDE * SIDE].chunks_exact_mut(SIDE * SIDE).enumerate() {
-        let src = &images[order[start + r] as usize * SIDE * SIDE..][..SIDE * SIDE];
+    for (i, out) in x.chunks_exact_mut(SIDE * SIDE).enumerate() {
+        let r = first + i;
+        let src = &images[order[r] as usize * SIDE * SIDE..][..SIDE * SIDE];
         for (y, line) in src.chunks_exact(SIDE).enumerate() {
             for (cell, &p) in frame[(y + 1) * FRAME + 1..][..SIDE].iter_mut().zip(line) {
                 *cell = p as f32;
@@ -147,7 +169,7 @@ pub(super) fn gather_augmented_fast(
                 let u = ox as f32 - augment::CENTRE - t.tx;
                 let sx = t.a * u + bv + augment::CENTRE;
                 let sy = t.c * u + dv + augment::CENTRE;
-                let (x0, y0) = (sx.floor(), sy.floor());
+                let (x0, y0) = (floor(sx), floor(sy));
                 // Taps x0, x0 + 1 (and y0, y0 + 1) in the frame when -1 <= x0 <= 27; farther
                 // out both are outside the picture.
                 if !(-1.0..=27.0).contains(&x0) || !(-1.0..=27.0).contains(&y0) {
@@ -162,4 +184,35 @@ pub(super) fn gather_augmented_fast(
             }
         }
     }
+}
+
+/// floor(v) for |v| < 2^31 (a sample's coordinate is far inside that) without the library
+/// call that a CPU without SSE4.1's rounding instruction makes.
+#[inline(always)]
+fn floor(v: f32) -> f32 {
+    let t = v as i32 as f32;
+    if t > v {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
+/// `reference::batchnorm_forward` over row pieces on the threads (the same bits).
+fn batchnorm_forward_fast(out: &mut [f32], x: &[f32], params: (&[f32], &[f32]), stats: (&[f32], &[f32]), relu: bool) {
+    let c = params.0.len();
+    threads::split_units(out, c, out.len(), &|first, part| {
+        let rows = part.len() / c;
+        r::batchnorm_forward(part, &x[first * c..(first + rows) * c], params, stats, rows, relu);
+    });
+}
+
+/// `reference::batchnorm_backward_input` over row pieces on the threads (the same bits).
+fn batchnorm_backward_input_fast(dx: &mut [f32], dy: &[f32], x: &[f32], channels: &[r::BatchNormChannel<f32>]) {
+    let c = channels.len();
+    threads::split_units(dx, c, dx.len(), &|first, part| {
+        let rows = part.len() / c;
+        let piece = first * c..(first + rows) * c;
+        r::batchnorm_backward_input(part, &dy[piece.clone()], &x[piece], channels, rows);
+    });
 }
