@@ -9,17 +9,19 @@
 #   torch_mnist.py  ../shared/bench/torch_mnist.py
 #   torch_convnet.py  ../shared/bench/torch_convnet.py
 #   torch_fast99.py   ../shared/bench/torch_fast99.py
+#   torch_accurate.py benches/torch_accurate.py
 #   *.deb           the Vulkan loader and libglvnd (libvulkan1 libegl1 libglvnd0 libopengl0 libgl1
 #                   libglx0 libgles2, downloaded for amd64 with `apt-get download`)
 #   tests/          optional: the kernels and training test binaries, stripped, to run on the card
 #                   (`cargo test --release --test kernels --test training --no-run` prints their
 #                   paths; copy them as tests/kernels and tests/training)
-# and writes at most 12 files to $OUT: the card, `devices`, the reference job with the output
+# and writes at most 13 files to $OUT: the card, `devices`, the reference job with the output
 # layer unfused (GPU_MNIST_OUTPUT_FUSION=0; cold driver cache: the start-up figure) and fused (=1),
 # `bench --device gpu` both ways, the convnet (`train --model convnet` and `bench --model convnet`),
 # PyTorch CUDA's reference job and convnet, the fastest published recipe in one file (`train
 # --model fast`, `bench --model fast` and PyTorch CUDA's run of it, `torch_fast99.py`, seeds 0-2:
-# the goal is under 0.25 s of training), and the tests' summary.
+# the goal is under 0.25 s of training), `--model accurate` (batch norm, dropout, augmentation on
+# the device) against `torch_accurate.py --device cuda` in another, and the tests' summary.
 # TRAIN_ARGS adds arguments to both training runs (a dry run on llvmpipe here:
 # VK_DRIVER_FILES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json TRAIN_ARGS="--train-limit 2560
 # --epochs 1" BENCH_ARGS="--steps 5 --repeats 1" OUT=/tmp/out bash benches/device_check.sh).
@@ -68,6 +70,13 @@ fi
         done
     fi
 } >"$out/fast.txt" 2>&1
+# shellcheck disable=SC2086
+{
+    time "$bin" train --model accurate --device gpu --out /tmp/run-accurate $train_args
+    if [ -z "$train_args" ]; then
+        PYTHONUNBUFFERED=1 python3 .dev/torch_accurate.py --device cuda --data .dev/mnist --seed 0
+    fi
+} >"$out/accurate.txt" 2>&1
 for t in .dev/tests/*; do
     [ -x "$t" ] || continue
     echo "== $t"
@@ -76,5 +85,6 @@ done >"$out/tests.txt" 2>&1
 grep -H -E "epoch|test:|first chunk|dispatches a step" "$out"/train_*.txt | head -40
 grep -H -E "step|epoch|samples" "$out"/bench_*.txt | head -20
 grep -E "epoch|test:|step|RESULT" "$out/fast.txt" | head -20
+grep -E "epoch 10|test:|RESULT|real" "$out/accurate.txt" | head -8
 tail -n 3 "$out/torch_cuda.txt" "$out/torch_convnet_cuda.txt" 2>/dev/null
 grep -E "test result" "$out/tests.txt"

@@ -1,6 +1,7 @@
 //! Batch normalisation and dropout on the CPU, through the reference's loops (`reference::layers`),
-//! which the fast path runs over row pieces on the threads where they are element-wise (the same
-//! bits); and the fast path's augmented gather (the reference's values).
+//! which the fast path runs over row pieces on the threads: the element-wise passes give the same
+//! bits, the per-channel sums differ by f64 rounding (`sums_by_pieces`); and the fast path's
+//! augmented gather (the reference's values).
 
 use super::{r, threads, CpuBackend, CpuKind};
 use crate::backend::ops::augment::{self, Augment};
@@ -50,7 +51,11 @@ impl CpuBackend {
                 relu,
             } => {
                 let (mut mean, mut var, mut invstd) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
-                r::batchnorm_stats(&mut mean, &mut var, self.tensor(op, inp, n)?, rows, c);
+                let x = self.tensor(op, inp, n)?;
+                match kind {
+                    CpuKind::Reference => r::batchnorm_stats(&mut mean, &mut var, x, rows, c),
+                    CpuKind::Fast => batchnorm_stats_fast(&mut mean, &mut var, x, rows),
+                }
                 r::batchnorm_invstd(&mut invstd, &var, BATCH_NORM_EPSILON);
                 let (gamma, beta) = self.scale_offset(op, params, c)?;
                 self.tensor(op, stats, 2 * c)?;
@@ -103,7 +108,10 @@ impl CpuBackend {
                 let gamma = self.tensor(op, gamma, c)?.to_vec();
                 let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
                 let (dy, x) = (self.tensor(op, dout, n)?, self.tensor(op, inp, n)?);
-                r::batchnorm_backward_params((&mut dg, &mut db), dy, x, (mean, invstd), rows);
+                match kind {
+                    CpuKind::Reference => r::batchnorm_backward_params((&mut dg, &mut db), dy, x, (mean, invstd), rows),
+                    CpuKind::Fast => batchnorm_backward_params_fast((&mut dg, &mut db), dy, x, (mean, invstd), rows),
+                }
                 self.tensor_mut(op, dgamma, c)?.copy_from_slice(&dg);
                 self.tensor_mut(op, dbeta, c)?.copy_from_slice(&db);
                 let Some(dinp) = dinp else { return Ok(()) };
@@ -215,4 +223,75 @@ fn batchnorm_backward_input_fast(dx: &mut [f32], dy: &[f32], x: &[f32], channels
         let piece = first * c..(first + rows) * c;
         r::batchnorm_backward_input(part, &dy[piece.clone()], &x[piece], channels, rows);
     });
+}
+
+/// Per-channel sums over `rows` rows, cut into a fixed 8 pieces of rows (whatever the thread
+/// count, so that a run's numbers do not depend on it) summed on the threads, each in f64 in row
+/// order, the pieces then added in order: `add_row(row, sums)` adds one row's terms to `sums`
+/// (`width` values). The reference sums all rows in one f64 run: the two differ by f64 rounding.
+fn sums_by_pieces(rows: usize, width: usize, add_row: &(dyn Fn(usize, &mut [f64]) + Sync)) -> Vec<f64> {
+    const PIECES: usize = 8;
+    let per = rows.div_ceil(PIECES).max(1);
+    let mut partial = vec![0.0f64; PIECES * width];
+    let mut parts = partial.chunks_mut(width.max(1)).enumerate();
+    let items: [_; threads::MAX_CHUNKS] = std::array::from_fn(|_| parts.next());
+    threads::for_each(items, &|(piece, sums): (usize, &mut [f64])| {
+        for row in piece * per..((piece + 1) * per).min(rows) {
+            add_row(row, sums);
+        }
+    });
+    let mut total = vec![0.0f64; width];
+    for sums in partial.chunks(width.max(1)) {
+        for (t, s) in total.iter_mut().zip(sums) {
+            *t += s;
+        }
+    }
+    total
+}
+
+/// `reference::batchnorm_stats` with its sums over pieces on the threads (`sums_by_pieces`).
+fn batchnorm_stats_fast(mean: &mut [f32], var: &mut [f32], x: &[f32], rows: usize) {
+    let c = mean.len();
+    let sums = sums_by_pieces(rows, c, &|row, sums| {
+        for (s, &v) in sums.iter_mut().zip(&x[row * c..(row + 1) * c]) {
+            *s += v as f64;
+        }
+    });
+    for (m, s) in mean.iter_mut().zip(&sums) {
+        *m = (s / rows as f64) as f32;
+    }
+    let mean: &[f32] = mean;
+    let squares = sums_by_pieces(rows, c, &|row, sums| {
+        for ((s, &v), &m) in sums.iter_mut().zip(&x[row * c..(row + 1) * c]).zip(mean) {
+            let d = (v - m) as f64;
+            *s += d * d;
+        }
+    });
+    for (v, s) in var.iter_mut().zip(&squares) {
+        *v = (s / rows as f64) as f32;
+    }
+}
+
+/// `reference::batchnorm_backward_params` with its sums over pieces on the threads.
+fn batchnorm_backward_params_fast(
+    (dgamma, dbeta): (&mut [f32], &mut [f32]),
+    dy: &[f32],
+    x: &[f32],
+    (mean, invstd): (&[f32], &[f32]),
+    rows: usize,
+) {
+    let c = mean.len();
+    let sums = sums_by_pieces(rows, 2 * c, &|row, sums| {
+        let (sg, sb) = sums.split_at_mut(c);
+        let (dy_row, x_row) = (&dy[row * c..(row + 1) * c], &x[row * c..(row + 1) * c]);
+        for ch in 0..c {
+            let xhat = (x_row[ch] - mean[ch]) * invstd[ch];
+            sg[ch] += (dy_row[ch] * xhat) as f64;
+            sb[ch] += dy_row[ch] as f64;
+        }
+    });
+    for ch in 0..c {
+        dgamma[ch] = sums[ch] as f32;
+        dbeta[ch] = sums[c + ch] as f32;
+    }
 }
