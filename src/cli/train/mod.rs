@@ -88,9 +88,10 @@ pub struct TrainArgs {
     pub schedule: Option<String>,
     /// Move every training image by its own random shift, rotation and scale as the batch is
     /// gathered on the device (bilinear; never the validation or test images):
-    /// shift:PIXELS,rotate:DEGREES,scale:FRACTION, any of them, e.g. shift:2,rotate:10,scale:0.1
+    /// shift:PIXELS,rotate:DEGREES,scale:FRACTION, any of them, e.g. shift:2,rotate:10,scale:0.1, or
+    /// none [default: none; shift:2,rotate:10,scale:0.1 for --model accurate]
     #[arg(long, value_name = "SPEC", value_parser = parse_augment)]
-    pub augment: Option<Augment>,
+    pub augment: Option<AugmentArg>,
     /// Seed of the initial weights, of every epoch's shuffle, and of dropout and --augment
     #[arg(long, allow_negative_numbers = true, default_value = "0")]
     pub seed: u64,
@@ -188,9 +189,16 @@ fn parse_decay(text: &str) -> std::result::Result<f32, String> {
     }
 }
 
-/// `--augment`'s words.
-fn parse_augment(text: &str) -> std::result::Result<Augment, String> {
-    Augment::parse(text)
+/// `--augment`: an augmentation, or `none` (to train a preset without its own).
+#[derive(Debug, Clone, Copy)]
+pub struct AugmentArg(pub Option<Augment>);
+
+/// `--augment`'s words, or `none`.
+fn parse_augment(text: &str) -> std::result::Result<AugmentArg, String> {
+    match text.trim() {
+        "none" => Ok(AugmentArg(None)),
+        words => Augment::parse(words).map(|a| AugmentArg(Some(a))),
+    }
 }
 
 /// A schedule's words, checked now (its steps are counted once the data is known).

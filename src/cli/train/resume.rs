@@ -97,7 +97,10 @@ impl RunSettings {
             validation_split: args.validation_split,
             chunk_steps: args.chunk_steps,
             early_stop,
-            augment: args.augment.or(recipe.as_ref().and_then(|r| r.augment)),
+            augment: match args.augment {
+                Some(flag) => flag.0,
+                None => recipe.as_ref().and_then(|r| r.augment),
+            },
         })
     }
 
