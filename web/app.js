@@ -224,6 +224,14 @@ async function loadPickedData(fileList) {
     showMessage(`Missing ${missing.join(', ')}: pick all four MNIST files at once (names containing train-images, train-labels, t10k-images and t10k-labels).`);
     return false;
   }
+  // Each file checked by its size before it is read: a larger one is not MNIST's.
+  const limits = wasm.data_file_limits();
+  const tooLarge = picked.findIndex((file, i) => file.size > limits[i]);
+  if (tooLarge >= 0) {
+    const file = picked[tooLarge];
+    showMessage(`${file.name} is ${file.size.toLocaleString('en')} bytes, more than MNIST's ${DATA_FILES[tooLarge].name} (at most ${limits[tooLarge].toLocaleString('en')} bytes): pick the four MNIST files.`);
+    return false;
+  }
   clearMessage();
   $('data-status').textContent = 'Reading the picked files…';
   let bytes;
@@ -261,6 +269,17 @@ async function onTrain() {
   await startRun();
 }
 
+/** "vendor architecture description" of the browser's WebGPU adapter, or '' without one. */
+async function webGpuAdapterInfo() {
+  try {
+    const adapter = navigator.gpu ? await navigator.gpu.requestAdapter() : null;
+    const info = adapter && (adapter.info || (adapter.requestAdapterInfo ? await adapter.requestAdapterInfo() : null));
+    return info ? [info.vendor, info.architecture, info.description].filter(Boolean).join(' ') : '';
+  } catch (error) {
+    return '';
+  }
+}
+
 async function startRun() {
   const options = readOptions();
   run = {
@@ -285,6 +304,9 @@ async function startRun() {
   drawChart();
 
   try {
+    // The browser's own words for its WebGPU adapter (wgpu passes on only the description,
+    // which browsers mostly leave empty).
+    if (options.device !== 'cpu') options.adapter_info = await webGpuAdapterInfo();
     const line = await wasm.train(JSON.stringify(options), onTrainEvent);
     const result = JSON.parse(line);
     $('result').textContent = line;
@@ -738,6 +760,12 @@ function downloadModel() {
 }
 
 async function loadModelFile(file) {
+  // Checked by its size before it is read, so that a huge file is refused in one sentence.
+  const limit = wasm.model_file_limit();
+  if (file.size > limit) {
+    showMessage(`${file.name} is ${file.size.toLocaleString('en')} bytes, more than the ${limit / 2 ** 20} MiB model files this page reads.`);
+    return;
+  }
   let bytes;
   try {
     bytes = new Uint8Array(await file.arrayBuffer());
@@ -770,22 +798,46 @@ function wireControls() {
     predictDrawing();
   });
   $('download').addEventListener('click', downloadModel);
+  // Files picked while the WebAssembly module is still loading wait for it (`pendingPicks`).
   $('model-file').addEventListener('change', async (event) => {
     const input = event.target;
     const file = input.files && input.files[0];
-    if (file && wasm) await loadModelFile(file);
     input.value = ''; // the same file can be picked again
+    if (!file) return;
+    if (wasm) await loadModelFile(file);
+    else queuePick('model', [file]);
   });
   $('data-files').addEventListener('change', async (event) => {
     const input = event.target;
-    if (input.files && input.files.length > 0 && wasm) await loadPickedData(input.files);
+    const files = input.files ? [...input.files] : [];
     input.value = '';
+    if (files.length === 0) return;
+    if (wasm) await loadPickedData(files);
+    else queuePick('data', files);
   });
   if (typeof ResizeObserver === 'function') {
     new ResizeObserver(() => scheduleChart()).observe($('chart'));
   } else {
     window.addEventListener('resize', scheduleChart);
   }
+}
+
+/** Files picked before the WebAssembly module was ready, by kind ('model', 'data'): the last of each. */
+const pendingPicks = new Map();
+
+function queuePick(kind, files) {
+  pendingPicks.set(kind, files);
+  showMessage('The page is still loading its WebAssembly module: the picked files will be read once it is ready.', 'info');
+}
+
+/** Read what was picked while the module loaded. */
+async function takePendingPicks() {
+  const model = pendingPicks.get('model');
+  const data = pendingPicks.get('data');
+  pendingPicks.clear();
+  if (model) await loadModelFile(model[0]);
+  if (data) return loadPickedData(data);
+  return false;
 }
 
 async function main() {
@@ -798,8 +850,10 @@ async function main() {
   drawChart();
 
   try {
-    wasm = await import('./pkg/gpu_mnist_web.js');
-    await wasm.default();
+    // `wasm` is set only once the module is ready: until then picked files wait (`queuePick`).
+    const module = await import('./pkg/gpu_mnist_web.js');
+    await module.default();
+    wasm = module;
   } catch (error) {
     wasm = null;
     showMessage(`Could not start the WebAssembly module pkg/gpu_mnist_web.js (${errorText(error)}).`);
@@ -811,7 +865,8 @@ async function main() {
   window.gpuMnistKernelCheck = () => wasm.kernel_check();
   refreshModel();
 
-  const loaded = await loadDefaultData();
+  const picked = await takePendingPicks();
+  const loaded = picked || (await loadDefaultData());
   if (loaded && params.get('autostart') === '1' && !run) await startRun();
 }
 

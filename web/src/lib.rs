@@ -95,6 +95,25 @@ pub fn load_data(
 }
 
 /// Ask a running `train` to stop after its current chunk of steps.
+/// The most bytes each of the four MNIST files may have, in `load_data`'s order (its size
+/// decompressed: a gzip of it is smaller), so that the page refuses a larger file before reading
+/// it.
+#[wasm_bindgen]
+pub fn data_file_limits() -> Vec<f64> {
+    DatasetKind::Mnist
+        .files()
+        .iter()
+        .map(|f| f.download_limit() as f64)
+        .collect()
+}
+
+/// The largest model file the page reads: 256 MiB (64 million parameters, far more than any
+/// model the page trains, a sixteenth of the WebAssembly memory it is copied into).
+#[wasm_bindgen]
+pub fn model_file_limit() -> f64 {
+    (256u64 << 20) as f64
+}
+
 #[wasm_bindgen]
 pub fn stop() {
     STOP.set(true);
@@ -117,6 +136,9 @@ struct TrainOptions {
     test_limit: Option<usize>,
     /// "auto" (WebGPU, else the CPU), "webgpu" or "cpu".
     device: String,
+    /// The browser's words for its WebGPU adapter (vendor, architecture, description), read by
+    /// the page: wgpu passes on only the description, which browsers mostly leave empty.
+    adapter_info: String,
 }
 
 impl TrainOptions {
@@ -148,6 +170,7 @@ impl TrainOptions {
             train_limit: count("train_limit")?,
             test_limit: count("test_limit")?,
             device: text_of("device", "auto"),
+            adapter_info: text_of("adapter_info", ""),
         })
     }
 
@@ -194,7 +217,7 @@ struct Opened {
     note: Option<String>,
 }
 
-async fn open_device(device: &str) -> Result<Opened, String> {
+async fn open_device(device: &str, adapter_info: &str) -> Result<Opened, String> {
     let cpu = |note: Option<String>| Opened {
         backend: Box::new(CpuBackend::fast(&CpuSettings::default())),
         kind: "cpu",
@@ -209,10 +232,10 @@ async fn open_device(device: &str) -> Result<Opened, String> {
                 Ok(Opened {
                     backend: Box::new(be),
                     kind: "webgpu",
-                    adapter: if adapter.is_empty() {
-                        "WebGPU adapter".to_string()
-                    } else {
-                        adapter
+                    adapter: match (adapter.is_empty(), adapter_info.trim()) {
+                        (false, _) => adapter,
+                        (true, "") => "WebGPU adapter (the browser does not name it)".to_string(),
+                        (true, info) => info.to_string(),
                     },
                     note: None,
                 })
@@ -332,7 +355,7 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         early_stop: None,
         augment: opts.recipe()?.and_then(|r| r.augment),
     };
-    let opened = open_device(&opts.device).await?;
+    let opened = open_device(&opts.device, &opts.adapter_info).await?;
     let event = json!({"type": "device", "device": opened.kind, "adapter": opened.adapter, "note": opened.note});
     let _ = on_event.call1(&JsValue::NULL, &JsValue::from_str(&event.to_string()));
     let mut be = Yielding::new(opened.backend);
@@ -427,6 +450,13 @@ pub fn save_model() -> Result<Vec<u8>, JsError> {
 /// the native reader's checks. Returns a one-line description.
 #[wasm_bindgen]
 pub fn load_model(bytes: &[u8], file_name: &str) -> Result<String, JsError> {
+    if bytes.len() as f64 > model_file_limit() {
+        return Err(js_error(format!(
+            "{file_name}: {} bytes, more than the {} MiB model files this page reads",
+            bytes.len(),
+            model_file_limit() as u64 >> 20
+        )));
+    }
     let ck = checkpoint::from_bytes(bytes).map_err(|why| js_error(format!("{file_name}: {why}")))?;
     // The page draws and names digits: a model of another dataset would name them wrongly.
     if let Some(other) = ck.dataset.filter(|&d| d != DatasetKind::Mnist) {

@@ -206,22 +206,56 @@ fn floor(v: f32) -> f32 {
     }
 }
 
-/// `reference::batchnorm_forward` over row pieces on the threads (the same bits).
+/// `reference::batchnorm_forward` over row pieces on the threads, each row one zipped loop over
+/// the channels (no index checks: the compiler vectorises it); the same per-value operations
+/// (`batchnorm_one`), so the same bits.
 fn batchnorm_forward_fast(out: &mut [f32], x: &[f32], params: (&[f32], &[f32]), stats: (&[f32], &[f32]), relu: bool) {
     let c = params.0.len();
+    let ((gamma, beta), (mean, invstd)) = (params, stats);
     threads::split_units(out, c, out.len(), &|first, part| {
-        let rows = part.len() / c;
-        r::batchnorm_forward(part, &x[first * c..(first + rows) * c], params, stats, rows, relu);
+        for (o_row, x_row) in part.chunks_exact_mut(c).zip(x[first * c..].chunks_exact(c)) {
+            let lanes = o_row.iter_mut().zip(x_row).zip(gamma).zip(beta).zip(mean).zip(invstd);
+            for (((((o, &x), &g), &b), &m), &s) in lanes {
+                *o = r::batchnorm_one(x, g, b, m, s, relu);
+            }
+        }
     });
 }
 
-/// `reference::batchnorm_backward_input` over row pieces on the threads (the same bits).
+/// `reference::batchnorm_backward_input` over row pieces on the threads, the channels' numbers
+/// laid out as one array each and every slice cut to the channel count, so that each row is one
+/// loop without index checks (vectorised); the same per-value operations (`batchnorm_dx_one`),
+/// so the same bits.
 fn batchnorm_backward_input_fast(dx: &mut [f32], dy: &[f32], x: &[f32], channels: &[r::BatchNormChannel<f32>]) {
     let c = channels.len();
+    let column = |f: fn(&r::BatchNormChannel<f32>) -> f32| channels.iter().map(f).collect::<Vec<f32>>();
+    let (gamma, mean, invstd) = (column(|k| k.gamma), column(|k| k.mean), column(|k| k.invstd));
+    let (mean_dbeta, mean_dgamma) = (column(|k| k.mean_dbeta), column(|k| k.mean_dgamma));
     threads::split_units(dx, c, dx.len(), &|first, part| {
-        let rows = part.len() / c;
-        let piece = first * c..(first + rows) * c;
-        r::batchnorm_backward_input(part, &dy[piece.clone()], &x[piece], channels, rows);
+        let (g, m, s, mb, mg) = (
+            &gamma[..c],
+            &mean[..c],
+            &invstd[..c],
+            &mean_dbeta[..c],
+            &mean_dgamma[..c],
+        );
+        let rows = part
+            .chunks_exact_mut(c)
+            .zip(dy[first * c..].chunks_exact(c))
+            .zip(x[first * c..].chunks_exact(c));
+        for ((d_row, dy_row), x_row) in rows {
+            let (d_row, dy_row, x_row) = (&mut d_row[..c], &dy_row[..c], &x_row[..c]);
+            for ch in 0..c {
+                let k = r::BatchNormChannel {
+                    gamma: g[ch],
+                    mean: m[ch],
+                    invstd: s[ch],
+                    mean_dbeta: mb[ch],
+                    mean_dgamma: mg[ch],
+                };
+                d_row[ch] = r::batchnorm_dx_one(dy_row[ch], x_row[ch], k);
+            }
+        }
     });
 }
 
@@ -284,6 +318,7 @@ fn batchnorm_backward_params_fast(
     let sums = sums_by_pieces(rows, 2 * c, &|row, sums| {
         let (sg, sb) = sums.split_at_mut(c);
         let (dy_row, x_row) = (&dy[row * c..(row + 1) * c], &x[row * c..(row + 1) * c]);
+        let (mean, invstd) = (&mean[..c], &invstd[..c]);
         for ch in 0..c {
             let xhat = (x_row[ch] - mean[ch]) * invstd[ch];
             sg[ch] += (dy_row[ch] * xhat) as f64;
