@@ -145,7 +145,6 @@ pub(super) fn gather_augmented_fast(
     aug: &Augment,
     step: u32,
 ) {
-    const SIDE: usize = 28;
     threads::split_units(
         &mut x[..rows * SIDE * SIDE],
         SIDE * SIDE,
@@ -158,8 +157,6 @@ pub(super) fn gather_augmented_fast(
 
 /// Rows first.. of the batch into x (those rows only).
 fn gather_augmented_rows(x: &mut [f32], images: &[u8], order: &[u32], first: usize, aug: &Augment, step: u32) {
-    const SIDE: usize = 28;
-    const FRAME: usize = SIDE + 2;
     let mut frame = [0.0f32; FRAME * FRAME];
     for (i, out) in x.chunks_exact_mut(SIDE * SIDE).enumerate() {
         let r = first + i;
@@ -170,26 +167,42 @@ fn gather_augmented_rows(x: &mut [f32], images: &[u8], order: &[u32], first: usi
             }
         }
         let t = augment::transform(aug, step, r as u32);
-        for (oy, out_line) in out.chunks_exact_mut(SIDE).enumerate() {
-            let v = oy as f32 - augment::CENTRE - t.ty;
-            let (bv, dv) = (t.b * v, t.d * v);
-            for (ox, o) in out_line.iter_mut().enumerate() {
-                let u = ox as f32 - augment::CENTRE - t.tx;
-                let sx = t.a * u + bv + augment::CENTRE;
-                let sy = t.c * u + dv + augment::CENTRE;
-                let (x0, y0) = (floor(sx), floor(sy));
-                // Taps x0, x0 + 1 (and y0, y0 + 1) in the frame when -1 <= x0 <= 27; farther
-                // out both are outside the picture.
-                if !(-1.0..=27.0).contains(&x0) || !(-1.0..=27.0).contains(&y0) {
-                    *o = 0.0;
-                    continue;
-                }
-                let (fx, fy) = (sx - x0, sy - y0);
-                let at = (y0 + 1.0) as usize * FRAME + (x0 + 1.0) as usize;
-                let top = (1.0 - fx) * frame[at] + fx * frame[at + 1];
-                let bottom = (1.0 - fx) * frame[at + FRAME] + fx * frame[at + FRAME + 1];
-                *o = ((1.0 - fy) * top + fy * bottom) * (1.0 / 255.0);
-            }
+        sample_image(out, &frame, &t);
+    }
+}
+
+/// The side of an image, and of its zero-bordered frame.
+const SIDE: usize = 28;
+const FRAME: usize = SIDE + 2;
+
+simd_variants! {
+    /// out (28 x 28) = `augment::sample` of every pixel of the image in `frame` under `t`.
+    fn sample_image(out: &mut [f32], frame: &[f32; FRAME * FRAME], t: &augment::Transform) => sample_image_any
+}
+
+/// `sample_image` written without a branch or an index check inside the row (a sample whose
+/// taps leave the frame is computed at the clamped place and then replaced by 0), so that the
+/// compiler vectorises it (gathers on AVX-512); the same operations on every kept value.
+#[inline(always)]
+fn sample_image_any(out: &mut [f32], frame: &[f32; FRAME * FRAME], t: &augment::Transform) {
+    for (oy, out_line) in out.chunks_exact_mut(SIDE).enumerate() {
+        let v = oy as f32 - augment::CENTRE - t.ty;
+        let (bv, dv) = (t.b * v, t.d * v);
+        for (ox, o) in out_line.iter_mut().enumerate() {
+            let u = ox as f32 - augment::CENTRE - t.tx;
+            let sx = t.a * u + bv + augment::CENTRE;
+            let sy = t.c * u + dv + augment::CENTRE;
+            let (x0, y0) = (floor(sx), floor(sy));
+            // Taps x0, x0 + 1 (and y0, y0 + 1) in the frame when -1 <= x0 <= 27; farther out
+            // both are outside the picture.
+            let inside = (-1.0..=27.0).contains(&x0) && (-1.0..=27.0).contains(&y0);
+            let (cx, cy) = (x0.clamp(-1.0, 27.0), y0.clamp(-1.0, 27.0));
+            let at = ((cy + 1.0) as usize * FRAME + (cx + 1.0) as usize).min(FRAME * FRAME - FRAME - 2);
+            let (fx, fy) = (sx - x0, sy - y0);
+            let top = (1.0 - fx) * frame[at] + fx * frame[at + 1];
+            let bottom = (1.0 - fx) * frame[at + FRAME] + fx * frame[at + FRAME + 1];
+            let value = ((1.0 - fy) * top + fy * bottom) * (1.0 / 255.0);
+            *o = if inside { value } else { 0.0 };
         }
     }
 }
