@@ -23,6 +23,8 @@ pub struct BenchConfig {
     pub spec: ModelSpec,
     /// The optimizer (with its schedule) each timed step applies.
     pub optimizer: Optimizer,
+    /// How the timed steps augment their batches (a recipe's `--augment`), if at all.
+    pub augment: Option<crate::backend::ops::Augment>,
     pub batch: usize,
     /// Steps per timed throughput run.
     pub steps: usize,
@@ -183,6 +185,7 @@ pub async fn bench_device(
     let spec = cfg.spec.clone();
     let opt = cfg.optimizer;
     let mut graph = Graph::new(be, &spec, cfg.batch)?;
+    graph.set_augment(cfg.augment);
     graph.set_params(be, &glorot_init(&spec, 0))?;
     let ds = be.upload_dataset(data)?;
     be.set_order(ds, &epoch_order(data.len(), 0, 0))?;

@@ -275,6 +275,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let cfg = BenchConfig {
             spec: spec.clone(),
             optimizer,
+            augment: recipe
+                .as_ref()
+                .and_then(|r| r.augment)
+                .map(|a| gpu_mnist::backend::ops::Augment {
+                    key: gpu_mnist::backend::ops::augment::key_of(0),
+                    ..a
+                }),
             batch,
             steps,
             repeats,
