@@ -209,6 +209,61 @@ impl TrainOptions {
     }
 }
 
+/// The most WebAssembly memory a module can have: 4 GiB (wasm32's 65,536 pages of 64 KiB).
+const WASM_MEMORY_BYTES: u64 = 1 << 32;
+
+/// About how many bytes a run of `spec` in batches of `batch` allocates at its peak (f32 each):
+/// seven copies of every parameter (the backend's four packed parts: values, gradients, two
+/// moments; the initial values, the packed copy written to the backend, and one to spare for the
+/// read-back), every layer's output and its gradient, and each convolution's patch matrix and its
+/// gradient.
+fn run_bytes(spec: &ModelSpec, batch: usize) -> Result<u64, String> {
+    let layers = spec.resolve().map_err(|e| e.to_string())?;
+    let params = spec.param_count() as u64;
+    let outputs: u64 = std::iter::once(IMAGE_PIXELS as u64)
+        .chain(layers.iter().map(|l| l.out_len() as u64))
+        .sum();
+    let patches: u64 = layers
+        .iter()
+        .map(|l| match l {
+            gpu_mnist::model::Layer::Conv { geometry: g, .. } => (g.oh() * g.ow() * g.patch()) as u64,
+            _ => 0,
+        })
+        .sum();
+    let batch = batch as u64;
+    Ok(4 * (7 * params + 2 * outputs * batch + 2 * patches * batch))
+}
+
+/// Refuse, in one sentence, a run that needs more memory than this module can still grow to
+/// (the native limits are far above wasm32's 4 GiB), before anything is allocated: the run would
+/// otherwise abort inside the module.
+fn check_wasm_memory(spec: &ModelSpec, batch: usize) -> Result<(), String> {
+    let need = run_bytes(spec, batch)?;
+    let used = memory_bytes();
+    let left = WASM_MEMORY_BYTES.saturating_sub(used);
+    if need > left {
+        return Err(format!(
+            "Training {} in batches of {batch} needs about {} MiB, more than the {} MiB this page's WebAssembly memory can still grow to (4 GiB in all): choose a smaller model or batch.",
+            spec.describe(),
+            need >> 20,
+            left >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// The WebAssembly memory in use now, in bytes (0 off wasm32).
+fn memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) as u64 * 65_536
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}
+
 /// The device a run trains on, and why when it is not the one asked for.
 struct Opened {
     backend: Box<dyn Backend>,
@@ -342,8 +397,10 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         .batch_size
         .or(recipe_batch)
         .unwrap_or(if spec.is_mlp() { 128 } else { 64 });
-    // A model or batch too large is refused before anything is allocated, as on the command line.
+    // A model or batch too large is refused before anything is allocated, as on the command line,
+    // and one too large for what the WebAssembly memory can still grow to.
     spec.check_size(batch_size).map_err(|e| e.to_string())?;
+    check_wasm_memory(&spec, batch_size)?;
     let optimizer = opts.optimizer(opts.epochs * train.len().div_ceil(batch_size))?;
     let cfg = TrainConfig {
         spec: spec.clone(),

@@ -345,6 +345,7 @@ async function main() {
   await withoutWebGpu();
   await fastPresetOnTheCpuPath();
   await accuratePresetAndNewLayers();
+  await tooLargeForWasmMemory();
   log('all checks passed');
 }
 
@@ -403,6 +404,37 @@ async function accuratePresetAndNewLayers() {
     const layers = JSON.parse((await page.textContent('#result')).trim());
     if (!(layers.test_accuracy >= 0.3)) fail(`${spec} reached ${layers.test_accuracy}: ${await pageSays(page)}`);
     log(`${spec}, 6 epochs of 3,000 images on the CPU path: ${layers.test_accuracy}`);
+  } finally {
+    await browser.close();
+  }
+}
+
+/**
+ * A crafted link asks for a model that cannot fit in WebAssembly's 4 GiB (dense:250000 is 200
+ * million parameters): the page refuses it in one sentence before anything is allocated, and then
+ * trains the default model to its usual accuracy without a reload.
+ */
+async function tooLargeForWasmMemory() {
+  const browser = await launch(NO_WEBGPU);
+  try {
+    const page = await browser.newPage();
+    await page.goto(new URL('?model=dense:250000,dense:10&train_limit=2000&test_limit=500&epochs=1&batch_size=16&device=cpu&autostart=1', base).href);
+    await waitFor(
+      page,
+      'a refusal naming the WebAssembly memory',
+      () => /WebAssembly memory can still grow to/.test(document.getElementById('message').textContent || ''),
+      undefined,
+      60_000,
+    );
+    log(`a model too large for wasm memory refused: "${(await message(page)).text}"`);
+    await page.selectOption('#model', 'mlp');
+    await page.fill('#epochs', '1');
+    await page.click('#train');
+    await waitForResult(page, 'a result after the refused run', 5 * 60_000);
+    const line = (await page.textContent('#result')).trim();
+    const result = line ? JSON.parse(line) : null;
+    if (!result || !(result.test_accuracy >= MIN_ACCURACY)) fail(`after the refused run the page reached ${line}: ${await pageSays(page)}`);
+    log(`then trained without a reload: ${result.test_accuracy}`);
   } finally {
     await browser.close();
   }
