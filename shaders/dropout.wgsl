@@ -1,7 +1,6 @@
 // dropout.wgsl: dropout's forward and backward passes, one invocation per value. Value i of a
-// step is kept when mix(step_key ^ mix(i)) >= threshold, where step_key = mix(key ^ mix(step))
-// and mix is lowbias32: the same integer operations as `ops::dropout` on the host, so every
-// device drops the same values (u32 arithmetic wraps the same everywhere). A kept value is
+// step is kept when mask_bits(step_key(key, step), i) >= threshold (hash.wgsl, the same integer
+// operations as `ops::dropout` on the host), so every device drops the same values. A kept value is
 // multiplied by `scale` (one f32 product, as the CPU's).
 //
 // Bindings (group 0):
@@ -37,15 +36,7 @@ struct Params {
 const TRAIN: u32 = 1024u;
 const RELU_MASK: u32 = 2048u;
 
-fn mix(x_in: u32) -> u32 {
-    var x = x_in;
-    x = x ^ (x >> 16u);
-    x = x * 0x7feb352du;
-    x = x ^ (x >> 15u);
-    x = x * 0x846ca68bu;
-    x = x ^ (x >> 16u);
-    return x;
-}
+//!include hash.wgsl
 
 @compute @workgroup_size(64)
 fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
@@ -57,8 +48,7 @@ fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         out[i] = inp[i];
         return;
     }
-    let step_key = mix(params.key ^ mix(step_base[0] + params.slot));
-    var keep = mix(step_key ^ mix(i)) >= params.threshold;
+    var keep = mask_bits(step_key(params.key, step_base[0] + params.slot), i) >= params.threshold;
     if ((params.flags & RELU_MASK) != 0u && !(relu_mask[i] > 0.0)) {
         keep = false;
     }

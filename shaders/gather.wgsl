@@ -14,7 +14,7 @@
 //                     order[start + r] at image r's inverse transform of pixel (ox, oy), / 255;
 //                     one invocation per pixel of the batch (rows * 784). The transform draws
 //                     its four numbers from the step (step_base[0] + slot) and the row with
-//                     dropout's hash and computes sine and cosine by a polynomial: the same f32
+//                     hash.wgsl and computes sine and cosine by a polynomial: the same f32
 //                     operations as `ops::augment::transform` and `sample` on the host.
 // Dispatch: 64 per workgroup, on a 2-D grid (x fastest) so that large batches stay under 65535
 // groups a dimension.
@@ -55,15 +55,7 @@ fn gather_batch(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     x[base + 3u] = f32((word >> 24u) & 0xffu) * scale;
 }
 
-fn mix(x_in: u32) -> u32 {
-    var v = x_in;
-    v = v ^ (v >> 16u);
-    v = v * 0x7feb352du;
-    v = v ^ (v >> 15u);
-    v = v * 0x846ca68bu;
-    v = v ^ (v >> 16u);
-    return v;
-}
+//!include hash.wgsl
 
 // A uniform number in [-1, 1) from a random word (its top 24 bits).
 fn signed_unit(bits: u32) -> f32 {
@@ -90,11 +82,11 @@ fn gather_augmented(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     let ox = (i % 784u) % 28u;
     let oy = (i % 784u) / 28u;
     // The image's transform (ops::augment::transform).
-    let key = mix(params.key ^ mix(step_base[0] + params.slot));
-    let tx = params.shift * signed_unit(mix(key ^ mix(4u * r)));
-    let ty = params.shift * signed_unit(mix(key ^ mix(4u * r + 1u)));
-    let angle = params.rotate * signed_unit(mix(key ^ mix(4u * r + 2u)));
-    let inv = 1.0 / (1.0 + params.scale * signed_unit(mix(key ^ mix(4u * r + 3u))));
+    let key = step_key(params.key, step_base[0] + params.slot);
+    let tx = params.shift * signed_unit(mask_bits(key, 4u * r));
+    let ty = params.shift * signed_unit(mask_bits(key, 4u * r + 1u));
+    let angle = params.rotate * signed_unit(mask_bits(key, 4u * r + 2u));
+    let inv = 1.0 / (1.0 + params.scale * signed_unit(mask_bits(key, 4u * r + 3u)));
     let x2 = angle * angle;
     let sin_a = angle * (1.0 + x2 * (-1.0 / 6.0 + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362880.0)))));
     let cos_a = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24.0 + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40320.0 + x2 * (-1.0 / 3628800.0)))));

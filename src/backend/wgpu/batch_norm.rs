@@ -92,11 +92,8 @@ impl WgpuBackend {
                 self.tensor(op, inp, n)?;
                 self.tensor(op, dout, n)?;
                 self.tensor(op, stats, 2 * c)?;
-                self.tensor(op, gamma, c)?;
-                let [dg, db] = self.packed_pair(op, dgamma, dbeta, 0, c)?;
-                self.tensor(op, dgamma, c)?;
-                (params.dgamma, params.dbeta) = (dg, db);
-                params.gamma = self.word_of(op, gamma)?;
+                [params.gamma] = self.shared_words(op, [gamma], c, "gamma")?;
+                [params.dgamma, params.dbeta] = self.shared_words(op, [dgamma, dbeta], c, "dgamma and dbeta")?;
                 self.distinct(op, &[dgamma, inp, dout, stats])?;
                 let grads = Bound::BufferOf(dgamma);
                 let sums = [
@@ -124,18 +121,30 @@ impl WgpuBackend {
 
     /// The word offsets of gamma, beta and the moving averages, which must share one buffer.
     fn norm_offsets(&self, op: &'static str, p: NormParams, c: usize, params: &mut BatchNormParams) -> Result<()> {
-        let [gamma, beta] = self.packed_pair(op, p.gamma, p.beta, 0, c)?;
-        self.tensor(op, p.gamma, c)?;
-        let [mean, variance] = self.packed_pair(op, p.moving_mean, p.moving_variance, 0, c)?;
-        self.tensor(op, p.moving_mean, c)?;
-        if self.tensors[p.gamma.0].buf.id != self.tensors[p.moving_mean.0].buf.id {
-            return Err(Error::shape(
-                op,
-                "gamma, beta and the moving averages must share a packed buffer".to_string(),
-            ));
-        }
-        (params.gamma, params.beta, params.moving_mean, params.moving_variance) = (gamma, beta, mean, variance);
+        let four = [p.gamma, p.beta, p.moving_mean, p.moving_variance];
+        [params.gamma, params.beta, params.moving_mean, params.moving_variance] =
+            self.shared_words(op, four, c, "gamma, beta and the moving averages")?;
         Ok(())
+    }
+
+    /// The word offsets of tensors that a kernel indexes in one binding of their packed buffer:
+    /// each checked to hold `len` values, all to share the first's buffer (`what` names them).
+    pub(super) fn shared_words<const N: usize>(
+        &self,
+        op: &'static str,
+        tensors: [TensorId; N],
+        len: usize,
+        what: &str,
+    ) -> Result<[u32; N]> {
+        let mut words = [0u32; N];
+        for (word, &t) in words.iter_mut().zip(&tensors) {
+            self.tensor(op, t, len)?;
+            if self.tensors[t.0].buf.id != self.tensors[tensors[0].0].buf.id {
+                return Err(Error::shape(op, format!("{what} must share a packed buffer")));
+            }
+            *word = self.word_of(op, t)?;
+        }
+        Ok(words)
     }
 
     /// The word offset of a tensor in its buffer.

@@ -65,7 +65,7 @@ fn same_every_step(opt: &Optimizer) -> bool {
 }
 
 /// optimizer.wgsl's flag for `opt`.
-fn flag_of(opt: &Optimizer) -> u32 {
+pub(super) fn flag_of(opt: &Optimizer) -> u32 {
     match opt.kind {
         OptimizerKind::RmsProp => optimizer_flags::RMSPROP,
         OptimizerKind::Sgd if opt.momentum == 0.0 => optimizer_flags::SGD,

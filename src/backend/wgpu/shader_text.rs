@@ -13,6 +13,7 @@ const SHADERS: &[(&str, &str)] = &[
     ("batch_norm.wgsl", include_str!("../../../shaders/batch_norm.wgsl")),
     ("dropout.wgsl", include_str!("../../../shaders/dropout.wgsl")),
     ("gather.wgsl", include_str!("../../../shaders/gather.wgsl")),
+    ("hash.wgsl", include_str!("../../../shaders/hash.wgsl")),
     ("matmul.wgsl", include_str!("../../../shaders/matmul.wgsl")),
     ("optimizer.wgsl", include_str!("../../../shaders/optimizer.wgsl")),
     ("output_layer.wgsl", include_str!("../../../shaders/output_layer.wgsl")),

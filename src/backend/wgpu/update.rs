@@ -5,6 +5,7 @@
 //! buffer (bound whole, indexed by word offsets) and that no two share one, makes the step table
 //! hold the step's scalars (`optimizer::select_step`), and records one invocation per value.
 
+use super::optimizer::flag_of;
 use super::params::{KernelParams, UpdateParams};
 use super::pipelines::{grid_1d, Kernel};
 use super::{Bound, WgpuBackend};
@@ -21,22 +22,22 @@ impl WgpuBackend {
         self.distinct(op, &[p.value, p.grad, p.velocity, p.momentum])?;
         self.distinct(op, &[p.velocity, p.grad, p.momentum])?;
         self.distinct(op, &[p.momentum, p.grad])?;
-        let words = self.step_words(op, p.state(), p.state(), (0, u.len), &u.opt)?;
         self.select_step(op, &u.opt, at)?;
+        let opt = &u.opt;
         let params = UpdateParams {
             count: Self::u32_of(op, "the values", u.len)?,
-            flags: words.flags,
+            flags: flag_of(opt),
             slot: Self::u32_of(op, "the statistics slot", at.slot)?,
             value: self.word_of(op, p.value)?,
             grad: self.word_of(op, p.grad)?,
             velocity: self.word_of(op, p.velocity)?,
             moment: self.word_of(op, p.momentum)?,
-            rho: words.rho,
-            eps: words.eps,
-            beta1: words.beta1,
-            beta2: words.beta2,
-            momentum: words.momentum,
-            l2: words.l2,
+            rho: opt.rho,
+            eps: opt.eps,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            momentum: opt.momentum,
+            l2: opt.l2(),
             ..UpdateParams::default()
         };
         let bind = [
