@@ -1,10 +1,12 @@
-// gpu-mnist in the browser: the page's logic, over the WebAssembly build in pkg/.
+// gpu-mnist in the browser: the page's logic, over the WebAssembly build (pkg-simd/ where the
+// browser runs WebAssembly SIMD, else pkg/) running in a worker (engine.js, worker.js).
 //
 // Contract. The page loads the four MNIST files, trains with the library's `train` (WebGPU, or
 // the CPU path compiled to wasm), draws the training curves, and reads the digit drawn on #draw
 // with the latest trained or loaded model. Nothing here trains, checks a file or converts a
 // picture itself: every such step is one call into the wasm module, and every error it throws is
-// shown in #message; the page keeps working after any of them.
+// shown in #message; the page keeps working after any of them, a trap inside the module
+// included (the engine restarts it with the data and model it had).
 //
 // What a harness can rely on:
 // - body[data-state] is "loading" (fetching or checking the data), "ready" (data loaded, nothing
@@ -25,11 +27,17 @@
 //   press, first chunk and epoch seconds (ms since navigation; read by tests/measure.mjs).
 // - window.gpuMnistKernelCheck() resolves to JSON: this browser's WebGPU kernels against the
 //   library's CPU reference (whole training steps at awkward shapes), with `ok` over all cases.
+// - window.gpuMnistBuild: the module build in use, "simd128" or "plain".
+// - window.gpuMnistFaultNextRun(kind): the next run traps inside the module after its first
+//   chunk of steps, kind "panic" or "out-of-memory" (for tests of the page's recovery).
 //
 // Query parameters (all optional) prefill the controls: model (mlp | convnet | fast | accurate,
 // or a --layers spec such as conv:8:3,batchnorm,pool:2,dropout:0.25,flatten,dense:10), epochs,
 // batch_size, lr, seed, train_limit, test_limit, device (auto | webgpu | cpu); autostart=1 starts
-// a run as soon as the data is loaded. Example: ?train_limit=2000&test_limit=500&epochs=1&autostart=1
+// a run as soon as the data is loaded; build=plain loads the module without WebAssembly SIMD
+// (build=simd128 insists on it). Example: ?train_limit=2000&test_limit=500&epochs=1&autostart=1
+
+import { bestBuild, Engine } from './engine.js';
 
 /** The four MNIST files, in the order `load_data` takes them. */
 const DATA_FILES = [
@@ -47,8 +55,11 @@ const BRUSH_WIDTH = 18;
 
 const $ = (id) => document.getElementById(id);
 
-/** The wasm module's exports, once `init` has run. */
-let wasm = null;
+/** The training module (an `Engine`), once its worker is ready. */
+let engine = null;
+
+/** A trap to provoke in the next run (`window.gpuMnistFaultNextRun`), or null. */
+let nextFault = null;
 
 /** Whether data has been loaded successfully at least once. */
 let dataLoaded = false;
@@ -177,7 +188,7 @@ async function checkData(bytes) {
   $('data-status').textContent = 'Checking the four files (size and SHA-256)…';
   await nextPaint();
   try {
-    const summary = wasm.load_data(bytes[0], bytes[1], bytes[2], bytes[3]);
+    const summary = await engine.loadData(bytes);
     dataLoaded = true;
     $('data-status').textContent = summary;
     $('data-section').classList.remove('attention');
@@ -225,7 +236,7 @@ async function loadPickedData(fileList) {
     return false;
   }
   // Each file checked by its size before it is read: a larger one is not MNIST's.
-  const limits = wasm.data_file_limits();
+  const limits = engine.limits.data;
   const tooLarge = picked.findIndex((file, i) => file.size > limits[i]);
   if (tooLarge >= 0) {
     const file = picked[tooLarge];
@@ -253,14 +264,14 @@ function setRunning(running) {
 
 /** The Train button: start a run, or (when one is running) let the library say so. */
 async function onTrain() {
-  if (!wasm) {
+  if (!engine) {
     showMessage('The page is still loading its WebAssembly module; try again in a moment.');
     return;
   }
   if (run) {
     // A run is on: ask anyway, so the library's own sentence ("already running") is shown.
     try {
-      await wasm.train(JSON.stringify(readOptions()), () => {});
+      await engine.train(readOptions(), () => {});
     } catch (error) {
       showMessage(errorText(error));
     }
@@ -307,7 +318,9 @@ async function startRun() {
     // The browser's own words for its WebGPU adapter (wgpu passes on only the description,
     // which browsers mostly leave empty).
     if (options.device !== 'cpu') options.adapter_info = await webGpuAdapterInfo();
-    const line = await wasm.train(JSON.stringify(options), onTrainEvent);
+    if (nextFault) options.fault = nextFault;
+    nextFault = null;
+    const line = await engine.train(options, onTrainEvent);
     const result = JSON.parse(line);
     $('result').textContent = line;
     window.gpuMnistResult = result;
@@ -329,9 +342,9 @@ async function startRun() {
 }
 
 function onStop() {
-  if (!wasm || !run) return;
+  if (!engine || !run) return;
   run.stopRequested = true;
-  wasm.stop();
+  engine.stop();
   $('status').textContent = 'Stopping after the current chunk of steps…';
 }
 
@@ -654,9 +667,31 @@ function canvasGray() {
   return gray;
 }
 
-function predictDrawing() {
-  if (!wasm) return;
-  if (!wasm.has_model()) {
+/** Whether a prediction is on its way from the module, and whether the drawing changed since. */
+let predicting = false;
+let predictAgain = false;
+
+/** Read the drawing with the model (one call at a time; the latest drawing wins). */
+async function predictDrawing() {
+  if (!engine) return;
+  if (predicting) {
+    predictAgain = true;
+    return;
+  }
+  predicting = true;
+  try {
+    await predictOnce();
+  } finally {
+    predicting = false;
+  }
+  if (predictAgain) {
+    predictAgain = false;
+    predictDrawing();
+  }
+}
+
+async function predictOnce() {
+  if (!engine.hasModel) {
     showBars(null);
     $('predict-hint').textContent = 'Train or load a model to read your digit';
     return;
@@ -668,7 +703,7 @@ function predictDrawing() {
   }
   let probs;
   try {
-    probs = wasm.predict(canvasGray(), drawCanvas.width, drawCanvas.height);
+    probs = await engine.predict(canvasGray(), drawCanvas.width, drawCanvas.height);
   } catch (error) {
     showBars(null);
     showMessage(errorText(error));
@@ -736,17 +771,15 @@ function showBars(probs) {
 
 /** Enable the download when there is a model, and read the drawing again with it. */
 function refreshModel() {
-  const has = Boolean(wasm && wasm.has_model());
+  const has = Boolean(engine && engine.hasModel);
   $('download').disabled = !has;
   predictDrawing();
 }
 
 function downloadModel() {
-  let bytes;
-  try {
-    bytes = wasm.save_model();
-  } catch (error) {
-    showMessage(errorText(error));
+  const bytes = engine && engine.modelBytes;
+  if (!bytes) {
+    showMessage('No model yet: train or load one.');
     return;
   }
   const url = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
@@ -761,7 +794,7 @@ function downloadModel() {
 
 async function loadModelFile(file) {
   // Checked by its size before it is read, so that a huge file is refused in one sentence.
-  const limit = wasm.model_file_limit();
+  const limit = engine.limits.model;
   if (file.size > limit) {
     showMessage(`${file.name} is ${file.size.toLocaleString('en')} bytes, more than the ${limit / 2 ** 20} MiB model files this page reads.`);
     return;
@@ -774,7 +807,7 @@ async function loadModelFile(file) {
     return;
   }
   try {
-    const description = wasm.load_model(bytes, file.name);
+    const description = await engine.loadModel(bytes, file.name);
     $('model-status').textContent = description;
     showMessage(description, 'info');
   } catch (error) {
@@ -804,7 +837,7 @@ function wireControls() {
     const file = input.files && input.files[0];
     input.value = ''; // the same file can be picked again
     if (!file) return;
-    if (wasm) await loadModelFile(file);
+    if (engine) await loadModelFile(file);
     else queuePick('model', [file]);
   });
   $('data-files').addEventListener('change', async (event) => {
@@ -812,7 +845,7 @@ function wireControls() {
     const files = input.files ? [...input.files] : [];
     input.value = '';
     if (files.length === 0) return;
-    if (wasm) await loadPickedData(files);
+    if (engine) await loadPickedData(files);
     else queuePick('data', files);
   });
   if (typeof ResizeObserver === 'function') {
@@ -850,19 +883,31 @@ async function main() {
   drawChart();
 
   try {
-    // `wasm` is set only once the module is ready: until then picked files wait (`queuePick`).
-    const module = await import('./pkg/gpu_mnist_web.js');
-    await module.default();
-    wasm = module;
+    // `engine` is set only once the module is ready: until then picked files wait (`queuePick`).
+    const build = ['plain', 'simd128'].includes(params.get('build')) ? params.get('build') : bestBuild();
+    engine = await Engine.start(build);
   } catch (error) {
-    wasm = null;
-    showMessage(`Could not start the WebAssembly module pkg/gpu_mnist_web.js (${errorText(error)}).`);
+    engine = null;
+    showMessage(errorText(error));
     $('status').textContent = 'The page cannot train without its WebAssembly module.';
     setState('error');
     return;
   }
-  window.gpuMnistSaveModel = () => Array.from(wasm.save_model());
-  window.gpuMnistKernelCheck = () => wasm.kernel_check();
+  // A trap inside the module: the run (if any) fails with the same sentence, and the module is
+  // already being restarted with the data and model it had.
+  engine.onFault = (sentence) => {
+    showMessage(sentence);
+    refreshModel();
+  };
+  window.gpuMnistBuild = engine.build;
+  window.gpuMnistSaveModel = () => {
+    if (!engine.modelBytes) throw new Error('No model yet: train or load one.');
+    return Array.from(engine.modelBytes);
+  };
+  window.gpuMnistKernelCheck = () => engine.kernelCheck();
+  window.gpuMnistFaultNextRun = (kind) => {
+    nextFault = kind;
+  };
   refreshModel();
 
   const picked = await takePendingPicks();

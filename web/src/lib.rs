@@ -1,13 +1,16 @@
-//! gpu-mnist in a web page: the functions `web/app.js` calls, over the same library as the
+//! gpu-mnist in a web page: the functions `web/worker.js` calls, over the same library as the
 //! native binary (layer graph, training loop, WGSL kernels, IDX reader, checksums, model files).
 //!
 //! Contract: nothing here implements training, a kernel, a file format or a check of its own;
-//! each export wires a library call to JavaScript values. The page's state lives in this module
-//! (one page, one thread): the checked data set, the latest trained or loaded model, and a stop
-//! flag. `train` runs on WebGPU when the browser offers an adapter that meets the kernels' limits,
-//! and otherwise on the CPU path compiled to wasm (one thread), saying why. Training yields to the
-//! browser after every chunk of steps (`yielding::Yielding`), so the page stays responsive on
-//! either device. Errors reach JavaScript as `Error`s whose message is one sentence for the page.
+//! each export wires a library call to JavaScript values. The module runs in a dedicated worker
+//! (one instance, one thread), which the page ends and starts afresh whenever the module traps (a
+//! panic, an out-of-memory abort): its state here, the checked data set, the latest trained or
+//! loaded model and a stop flag, is therefore never trusted after a trap. `train` runs on WebGPU
+//! when the browser offers an adapter that meets the kernels' limits, and otherwise on the CPU
+//! path compiled to wasm (one thread; with WebAssembly SIMD where the page loaded that build),
+//! saying why. Training yields to the event loop after every chunk of steps
+//! (`yielding::Yielding`), so that Stop and predictions reach the worker on either device.
+//! Errors reach JavaScript as `Error`s whose message is one sentence for the page.
 
 mod yielding;
 
@@ -43,12 +46,28 @@ thread_local! {
     static BROKEN: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs when the module loads: a panic (a bug) is reported on the console and marks the page's
-/// state as broken, so that the next `train` says to reload instead of "already running".
+/// Runs when the module loads: a panic (a bug) is reported on the console, marks this instance
+/// as broken (so that no later call trusts its state), and leaves its message in the global
+/// `gpuMnistPanic`, where the worker reads it when the trap that follows reaches JavaScript.
 #[wasm_bindgen(start)]
 pub fn start() {
     std::panic::set_hook(Box::new(|info| {
         BROKEN.set(true);
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic");
+        let message = match info.location() {
+            Some(at) => format!("{what}, at {}:{}", at.file(), at.line()),
+            None => what.to_string(),
+        };
+        let _ = js_sys::Reflect::set(
+            &js_sys::global(),
+            &JsValue::from_str("gpuMnistPanic"),
+            &JsValue::from_str(&message),
+        );
         web_console_error(&format!("gpu-mnist: internal error: {info}"));
     }));
 }
@@ -94,7 +113,6 @@ pub fn load_data(
     Ok(summary)
 }
 
-/// Ask a running `train` to stop after its current chunk of steps.
 /// The most bytes each of the four MNIST files may have, in `load_data`'s order (its size
 /// decompressed: a gzip of it is smaller), so that the page refuses a larger file before reading
 /// it.
@@ -114,6 +132,7 @@ pub fn model_file_limit() -> f64 {
     (256u64 << 20) as f64
 }
 
+/// Ask a running `train` to stop after its current chunk of steps.
 #[wasm_bindgen]
 pub fn stop() {
     STOP.set(true);
@@ -139,6 +158,41 @@ struct TrainOptions {
     /// The browser's words for its WebGPU adapter (vendor, architecture, description), read by
     /// the page: wgpu passes on only the description, which browsers mostly leave empty.
     adapter_info: String,
+    /// A failure to provoke after the first chunk ("panic" or "out-of-memory"): the page's test
+    /// of its recovery from a trap inside the module.
+    fault: Option<Fault>,
+}
+
+/// A deliberate trap inside the module, for the page's test.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// A Rust panic (with a message, which the panic hook records).
+    Panic,
+    /// Allocate until WebAssembly's memory cannot grow: an abort that no panic hook sees.
+    OutOfMemory,
+}
+
+impl Fault {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "panic" => Ok(Fault::Panic),
+            "out-of-memory" => Ok(Fault::OutOfMemory),
+            other => Err(format!("unknown fault '{other}' (panic or out-of-memory)")),
+        }
+    }
+
+    fn provoke(self) -> ! {
+        match self {
+            Fault::Panic => panic!("a panic the page's test asked for"),
+            Fault::OutOfMemory => {
+                // Blocks that are never written take no time to allocate; black_box keeps them.
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(std::hint::black_box(Vec::with_capacity(64 << 20)));
+                }
+            }
+        }
+    }
 }
 
 impl TrainOptions {
@@ -171,6 +225,7 @@ impl TrainOptions {
             test_limit: count("test_limit")?,
             device: text_of("device", "auto"),
             adapter_info: text_of("adapter_info", ""),
+            fault: v.get("fault").and_then(Value::as_str).map(Fault::parse).transpose()?,
         })
     }
 
@@ -264,6 +319,16 @@ fn memory_bytes() -> u64 {
     }
 }
 
+/// Whether this build of the module uses WebAssembly SIMD (`web/build.sh` builds the module twice,
+/// with and without it, and the page loads the one the browser runs).
+const SIMD128: bool = cfg!(target_feature = "simd128");
+
+/// "simd128" or "plain": which of the two builds this module is.
+#[wasm_bindgen]
+pub fn build() -> String {
+    if SIMD128 { "simd128" } else { "plain" }.to_string()
+}
+
 /// The device a run trains on, and why when it is not the one asked for.
 struct Opened {
     backend: Box<dyn Backend>,
@@ -276,7 +341,7 @@ async fn open_device(device: &str, adapter_info: &str) -> Result<Opened, String>
     let cpu = |note: Option<String>| Opened {
         backend: Box::new(CpuBackend::fast(&CpuSettings::default())),
         kind: "cpu",
-        adapter: "cpu (wasm, 1 thread)".to_string(),
+        adapter: format!("cpu (wasm{}, 1 thread)", if SIMD128 { " simd128" } else { "" }),
         note,
     };
     match device {
@@ -311,6 +376,8 @@ async fn open_device(device: &str, adapter_info: &str) -> Result<Opened, String>
 struct PageObserver<'a> {
     on_event: &'a js_sys::Function,
     started: f64,
+    /// Provoked after the first chunk (the page's test).
+    fault: Option<Fault>,
 }
 
 impl PageObserver<'_> {
@@ -331,6 +398,9 @@ impl Observer for PageObserver<'_> {
             "examples_done": p.examples_done, "loss": p.loss, "accuracy": p.accuracy,
             "seconds": (js_sys::Date::now() - self.started) / 1000.0,
         }));
+        if let Some(fault) = self.fault {
+            fault.provoke();
+        }
     }
     fn epoch_done(
         &mut self,
@@ -425,7 +495,11 @@ async fn train_inner(options: &str, on_event: &js_sys::Function) -> Result<Strin
         best: None,
     };
     let started = js_sys::Date::now();
-    let mut observer = PageObserver { on_event, started };
+    let mut observer = PageObserver {
+        on_event,
+        started,
+        fault: opts.fault,
+    };
     let data = FitData {
         train: &train,
         val: None,
@@ -462,10 +536,11 @@ pub fn predict(gray: &[u8], width: usize, height: usize) -> Result<Vec<f32>, JsE
     let Ok(pixels) = to_mnist(&img) else {
         return Ok(Vec::new());
     };
-    MODEL.with_borrow(|m| match m {
-        Some(model) => predict_pixels(model, pixels).map_err(js_error),
-        None => Err(js_error("No model yet: train or load one.")),
-    })
+    // A copy, so that no borrow of the page's model is held while the prediction runs.
+    let model = MODEL
+        .with_borrow(|m| m.clone())
+        .ok_or_else(|| js_error("No model yet: train or load one."))?;
+    predict_pixels(&model, pixels).map_err(js_error)
 }
 
 /// Run the prediction plan on the CPU path for one MNIST image.

@@ -14,7 +14,10 @@
 // truncated model file and a corrupt data file are each refused with a message naming the file,
 // after which the previous model still reads the drawing; a model file from `gpu-mnist train
 // --save` ($NATIVE_MODEL) loads and reads a drawing; and, in a second browser without WebGPU, the
-// page says so in one sentence and trains on the CPU path. The page's model file is written to
+// page says so in one sentence and trains on the CPU path (its WebAssembly SIMD build); the
+// presets train there; a run too large for wasm memory is refused; and a panic and an
+// out-of-memory abort inside the module (on the build without SIMD) are each reported in one
+// sentence, after which the page still has its model and trains again without a reload. The page's model file is written to
 // $PAGE_MODEL_OUT for `gpu-mnist evaluate`. A full-page screenshot is taken after the drawing,
 // before the bad inputs.
 
@@ -346,6 +349,7 @@ async function main() {
   await fastPresetOnTheCpuPath();
   await accuratePresetAndNewLayers();
   await tooLargeForWasmMemory();
+  await recoversFromTraps();
   log('all checks passed');
 }
 
@@ -440,6 +444,59 @@ async function tooLargeForWasmMemory() {
   }
 }
 
+/**
+ * Traps inside the module, each provoked after the first chunk of a run: a panic, and an
+ * out-of-memory abort (allocating until WebAssembly's memory cannot grow, which no panic hook
+ * sees). After each the page says what happened in one sentence, keeps its model byte for byte
+ * (it still reads a drawing), and trains again to its usual accuracy without a reload. The page
+ * runs the build without WebAssembly SIMD here (build=plain), the fallback for browsers without
+ * it.
+ */
+async function recoversFromTraps() {
+  const browser = await launch(NO_WEBGPU);
+  try {
+    const page = await browser.newPage();
+    await page.goto(new URL('?build=plain&train_limit=2000&test_limit=500&epochs=1&batch_size=16&device=cpu&autostart=1', base).href);
+    await waitFor(page, 'a first run on the build without SIMD', () => document.body.dataset.state === 'done', undefined, 5 * 60_000);
+    const build = await page.evaluate(() => window.gpuMnistBuild);
+    const first = JSON.parse((await page.textContent('#result')).trim());
+    if (build !== 'plain' || first.adapter !== 'cpu (wasm, 1 thread)') {
+      fail(`build=plain loaded the "${build}" build and trained on "${first.adapter}"`);
+    }
+    log(`the build without SIMD trains: ${first.test_accuracy} (${first.adapter})`);
+    const traps = [
+      ['panic', /stopped on an internal error \(a panic the page's test asked for, at src\/lib\.rs:\d+\)/],
+      ['out-of-memory', /aborted \(.*\) with [0-9,]+ MiB of memory in use, most likely out of memory/],
+    ];
+    for (const [kind, expected] of traps) {
+      const before = await page.evaluate(() => window.gpuMnistSaveModel());
+      await page.evaluate((k) => window.gpuMnistFaultNextRun(k), kind);
+      await page.click('#train');
+      await waitFor(page, `the ${kind} reported`, () => document.body.dataset.state === 'error', undefined, 2 * 60_000);
+      const said = (await message(page)).text;
+      if (!expected.test(said) || !/; the page restarted the module with the data and the model it had, so it can train again\.$/.test(said)) {
+        fail(`the ${kind} was reported as "${said}"`);
+      }
+      log(`${kind}: "${said}"`);
+      const kept = await page.evaluate(() => window.gpuMnistSaveModel());
+      if (!Buffer.from(kept).equals(Buffer.from(before))) fail(`the model changed across the ${kind}`);
+      await page.click('#clear');
+      await drawStroke(page, [[0.5, 0.15], [0.5, 0.85]]);
+      await readProbabilities(page, `a drawn 1 after the ${kind}`);
+      await page.click('#train');
+      await waitFor(page, `a run after the ${kind}`, () => ['done', 'error'].includes(document.body.dataset.state), undefined, 5 * 60_000);
+      const line = (await page.textContent('#result')).trim();
+      const result = JSON.parse(line);
+      if ((await page.evaluate(() => document.body.dataset.state)) !== 'done' || !(result.test_accuracy >= MIN_ACCURACY)) {
+        fail(`after the ${kind} the page reached ${line}: ${await pageSays(page)}`);
+      }
+      log(`after the ${kind}, the model kept byte for byte read a drawing, and the page trained again: ${result.test_accuracy}`);
+    }
+  } finally {
+    await browser.close();
+  }
+}
+
 /** A browser without WebGPU: the page says so in one sentence and trains on the CPU path. */
 async function withoutWebGpu() {
   const browser = await launch(NO_WEBGPU);
@@ -458,6 +515,8 @@ async function withoutWebGpu() {
     const note = (await page.textContent('#device-note')).trim();
     const noteShown = await page.isVisible('#device-note');
     if (result.device !== 'cpu') fail(`without WebGPU the page trained on "${result.device}"`);
+    // Chromium runs WebAssembly SIMD, so the page loads that build.
+    if (result.adapter !== 'cpu (wasm simd128, 1 thread)') fail(`without WebGPU the page trained on "${result.adapter}", not the SIMD build`);
     if (!noteShown || !/WebGPU/.test(note)) fail(`without WebGPU the page did not say so (#device-note "${note}")`);
     // Written so that a missing or NaN accuracy (null in JSON) fails too.
     if (!(result.test_accuracy >= MIN_ACCURACY)) {

@@ -1,0 +1,102 @@
+// gpu-mnist's training module in a dedicated worker: one instance of the WebAssembly build,
+// answering the page's calls (engine.js sends them).
+//
+// Contract. The first message is {id, call: 'init', args: [build]}: it loads pkg-simd/ (build
+// "simd128", WebAssembly SIMD) or pkg/ ("plain") and replies with the build and the module's file
+// size limits. Then {id, call, args} runs the export of that name (load_data, train, predict,
+// load_model, save_model, kernel_check) and replies {id, ok: value} or {id, error: sentence};
+// train's progress events go out as {id, event: text} before its reply. {call: 'stop'} asks a
+// running train to stop and gets no reply. A trap inside the module (a panic, or an abort such as
+// running out of memory) leaves the instance in an unknown state: the worker then posts one
+// {fault: sentence}, saying what happened, and answers nothing more; the page ends it and starts
+// a fresh one.
+
+/** The module's exports, once `init` has run. */
+let wasm = null;
+/** Its WebAssembly memory, to say how much was in use when it trapped. */
+let memory = null;
+/** Set once the module has trapped: no call is passed to it after that. */
+let faulted = false;
+
+function errorText(error) {
+  if (error instanceof Error) return error.message;
+  return String(error);
+}
+
+/** Say once what trapped, then stay silent: the page ends this worker. */
+function fault(error) {
+  if (faulted) return;
+  faulted = true;
+  const panic = self.gpuMnistPanic;
+  let why;
+  if (panic) {
+    why = `The WebAssembly module stopped on an internal error (${panic})`;
+  } else {
+    const mib = memory ? Math.round(memory.buffer.byteLength / 2 ** 20) : 0;
+    const what = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+    why = `The WebAssembly module aborted (${what}) with ${mib.toLocaleString('en')} MiB of memory in use, ` +
+      'most likely out of memory (WebAssembly has 4 GiB at most)';
+  }
+  postMessage({ fault: why });
+}
+
+/** Whether an error thrown by a call means the module trapped (not a refusal it returned). */
+function trapped(error) {
+  return error instanceof WebAssembly.RuntimeError || Boolean(self.gpuMnistPanic);
+}
+
+// A trap inside an asynchronous export (train's chunks run from the event loop) surfaces here.
+self.addEventListener('error', (event) => {
+  event.preventDefault();
+  fault(event.error || event.message);
+});
+self.addEventListener('unhandledrejection', (event) => {
+  event.preventDefault();
+  fault(event.reason);
+});
+
+async function init(build) {
+  const path = build === 'simd128' ? './pkg-simd/gpu_mnist_web.js' : './pkg/gpu_mnist_web.js';
+  let module;
+  try {
+    module = await import(path);
+    const exports = await module.default();
+    memory = exports.memory;
+  } catch (error) {
+    throw new Error(`Could not start the WebAssembly module ${path.slice(2)} (${errorText(error)}).`);
+  }
+  wasm = module;
+  return {
+    build: wasm.build(),
+    limits: { data: Array.from(wasm.data_file_limits()), model: wasm.model_file_limit() },
+  };
+}
+
+async function run(id, call, args) {
+  switch (call) {
+    case 'init': return init(args[0]);
+    case 'load_data': return wasm.load_data(args[0], args[1], args[2], args[3]);
+    case 'train': return wasm.train(args[0], (text) => postMessage({ id, event: text }));
+    case 'predict': return wasm.predict(args[0], args[1], args[2]);
+    case 'load_model': return wasm.load_model(args[0], args[1]);
+    case 'save_model': return wasm.save_model();
+    case 'kernel_check': return wasm.kernel_check();
+    default: throw new Error(`unknown call '${call}'`);
+  }
+}
+
+self.addEventListener('message', async (event) => {
+  const { id, call, args = [] } = event.data;
+  if (faulted) return;
+  if (call === 'stop') {
+    if (wasm) wasm.stop();
+    return;
+  }
+  try {
+    const value = await run(id, call, args);
+    if (!faulted) postMessage({ id, ok: value });
+  } catch (error) {
+    if (call !== 'init' && trapped(error)) fault(error);
+    else if (!faulted) postMessage({ id, error: errorText(error) });
+  }
+});
