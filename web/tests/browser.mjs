@@ -178,10 +178,14 @@ async function main() {
     // The kernels on this browser's WebGPU against the library's CPU reference.
     const check = JSON.parse(await page.evaluate(() => window.gpuMnistKernelCheck()));
     for (const c of check.cases) {
+      // A NaN difference reaches JSON as null, and fails.
+      const diff = typeof c.max_diff === 'number' ? c.max_diff.toExponential(2) : `${c.max_diff} (NaN)`;
+      const ok = c.ok === true && typeof c.max_diff === 'number' && c.max_diff <= c.tolerance;
       log(`kernel check ${c.model} batch ${c.batch} ${c.optimizer} x${c.steps}: max |webgpu - reference| ` +
-        `of the ${c.compared} ${c.max_diff.toExponential(2)} (tolerance ${c.tolerance}) ${c.ok ? 'ok' : 'FAILED'}`);
+        `of the ${c.compared} ${diff} (tolerance ${c.tolerance}) ${ok ? 'ok' : 'FAILED'}`);
+      if (!ok) check.ok = false;
     }
-    if (!check.ok) fail(`the WebGPU kernels differ from the reference on ${check.adapter}`);
+    if (!check.ok) fail(`the WebGPU kernels differ from the reference on ${check.adapter || result.adapter}`);
     if (!(result.test_accuracy >= MIN_ACCURACY)) {
       fail(`test accuracy ${result.test_accuracy} is under ${MIN_ACCURACY}: ${line}`);
     }

@@ -1,6 +1,7 @@
-// The page's figures in headless Chromium (on WebGPU unless the query names a device): page load (navigation to the data checked
-// and the page ready), the first chunk after pressing Train, seconds an epoch, and the test
-// accuracy; then a drawn digit and a screenshot of the page.
+// The page's figures in headless Chromium (on WebGPU unless the query names a device): page load
+// (navigation to the data checked and the page ready), the first chunk after pressing Train,
+// seconds an epoch, the module build (build=plain in the query: the one without WebAssembly
+// SIMD) and the test accuracy; then a drawn digit and a screenshot of the page.
 //
 // Usage: node web/tests/measure.mjs <base-url> <screenshot-path> [query]
 //   e.g. node web/tests/measure.mjs http://127.0.0.1:8000/ web/screenshot.png "epochs=2"
@@ -42,12 +43,15 @@ try {
   await page.mouse.up();
   await page.waitForTimeout(500);
   await page.screenshot({ path: screenshotPath, fullPage: true });
-  const wasm = await page.evaluate(async () => (await fetch('pkg/gpu_mnist_web_bg.wasm')).headers.get('content-length'));
+  const build = await page.evaluate(() => window.gpuMnistBuild);
+  const wasm = await page.evaluate(async (dir) => (await fetch(`${dir}/gpu_mnist_web_bg.wasm`)).headers.get('content-length'),
+    build === 'simd128' ? 'pkg-simd' : 'pkg');
   console.log('MEASURED ' + JSON.stringify({
     chromium: browser.version(),
     page_ready_s: +(t.states.ready / 1000).toFixed(2),
     first_chunk_after_train_s: +((t.run.firstChunk - t.run.pressed) / 1000).toFixed(2),
     epoch_s: epochs,
+    build,
     wasm_bytes: Number(wasm),
     result,
   }));
