@@ -572,10 +572,11 @@ fn now<T>(future: impl Future<Output = T>) -> Result<T, String> {
 /// The page's model as a safetensors file, the same bytes `gpu-mnist train --save` writes.
 #[wasm_bindgen]
 pub fn save_model() -> Result<Vec<u8>, JsError> {
-    MODEL
-        .with_borrow(|m| m.as_ref().map(checkpoint::to_bytes))
-        .ok_or_else(|| js_error("No model yet: train or load one."))?
-        .map_err(js_error)
+    // A copy, so that no borrow of the page's model is held while the file is written.
+    let model = MODEL
+        .with_borrow(|m| m.clone())
+        .ok_or_else(|| js_error("No model yet: train or load one."))?;
+    checkpoint::to_bytes(&model).map_err(js_error)
 }
 
 /// Make a model file (`--save`, or a checkpoint of `--checkpoint-dir`) the page's model, after
