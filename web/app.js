@@ -22,7 +22,8 @@
 // - #probs holds ten .bar elements (digits 0-9 in order) whose data-p is the probability the
 //   model gives that digit for the drawing (all "0" while there is no ink or no model).
 // - #device-note shows the library's note when it trains somewhere other than WebGPU.
-// - window.gpuMnistSaveModel() returns the page model's file as an array of byte values.
+// - window.gpuMnistSaveModel() returns the page model's file as an array of byte values (the copy
+//   the page keeps); window.gpuMnistModuleModel() resolves to the module's own (empty without).
 // - window.gpuMnistTimings: when each body state was first reached, and the last run's Train
 //   press, first chunk and epoch seconds (ms since navigation; read by tests/measure.mjs).
 // - window.gpuMnistKernelCheck() resolves to JSON: this browser's WebGPU kernels against the
@@ -320,6 +321,8 @@ async function startRun() {
     if (options.device !== 'cpu') options.adapter_info = await webGpuAdapterInfo();
     if (nextFault) options.fault = nextFault;
     nextFault = null;
+    // Stop pressed while the adapter was asked about: no run at all.
+    if (run.stopRequested) throw new Error('Stopped before the first step; the previous model (if any) is kept.');
     const line = await engine.train(options, onTrainEvent);
     const result = JSON.parse(line);
     $('result').textContent = line;
@@ -588,6 +591,7 @@ function clearDrawing() {
   drawContext.fillStyle = '#ffffff';
   drawContext.fillRect(0, 0, drawCanvas.width, drawCanvas.height);
   hasInk = false;
+  drawingVersion += 1;
 }
 
 /** A pointer event's position in canvas pixels (the canvas may be shown smaller). */
@@ -609,6 +613,7 @@ function inkLine(from, to) {
   drawContext.lineTo(to.x, to.y);
   drawContext.stroke();
   hasInk = true;
+  drawingVersion += 1;
 }
 
 drawCanvas.addEventListener('pointerdown', (event) => {
@@ -670,6 +675,8 @@ function canvasGray() {
 /** Whether a prediction is on its way from the module, and whether the drawing changed since. */
 let predicting = false;
 let predictAgain = false;
+/** Counts changes of the drawing and the model: a prediction of an older one is not shown. */
+let drawingVersion = 0;
 
 /** Read the drawing with the model (one call at a time; the latest drawing wins). */
 async function predictDrawing() {
@@ -691,6 +698,7 @@ async function predictDrawing() {
 }
 
 async function predictOnce() {
+  const version = drawingVersion;
   if (!engine.hasModel) {
     showBars(null);
     $('predict-hint').textContent = 'Train or load a model to read your digit';
@@ -709,6 +717,8 @@ async function predictOnce() {
     showMessage(errorText(error));
     return;
   }
+  // The drawing (or the model) changed while the module worked: `predictAgain` reads it anew.
+  if (version !== drawingVersion) return;
   if (probs.length === 0) {
     showBars(null);
     $('predict-hint').textContent = 'Draw a digit in the box.';
@@ -771,6 +781,7 @@ function showBars(probs) {
 
 /** Enable the download when there is a model, and read the drawing again with it. */
 function refreshModel() {
+  drawingVersion += 1;
   const has = Boolean(engine && engine.hasModel);
   $('download').disabled = !has;
   predictDrawing();
@@ -828,6 +839,7 @@ function wireControls() {
   $('model').addEventListener('change', applyModelDefaults);
   $('clear').addEventListener('click', () => {
     clearDrawing();
+    showBars(null);
     predictDrawing();
   });
   $('download').addEventListener('click', downloadModel);
@@ -905,6 +917,7 @@ async function main() {
     return Array.from(engine.modelBytes);
   };
   window.gpuMnistKernelCheck = () => engine.kernelCheck();
+  window.gpuMnistModuleModel = async () => Array.from((await engine.moduleModelBytes()) ?? []);
   window.gpuMnistFaultNextRun = (kind) => {
     nextFault = kind;
   };

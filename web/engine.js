@@ -8,8 +8,11 @@
 // restarted. A restart starts a fresh worker and hands it the data and the model the old one
 // had (the last data files `loadData` accepted and the file bytes of the latest trained or
 // loaded model, both kept here), so that the page goes on as before the trap; `onFault` is told
-// the same sentence. The build is "simd128" (WebAssembly SIMD, where the browser validates it)
-// or "plain".
+// the same sentence. A second trap before any call has succeeded since the first (a fault that
+// repeats by itself), or a restart that cannot load the module, ends the restarts: the sentence
+// then says to reload the page. One run at a time: `train` refuses a second while one is in
+// flight, and a `stop` asked before the run reaches the module is passed on after it. The build
+// is "simd128" (WebAssembly SIMD, where the browser validates it) or "plain".
 
 /**
  * The smallest module with a SIMD instruction (i8x16.popcnt of a splat): browsers that validate
@@ -29,19 +32,24 @@ export function bestBuild() {
 }
 
 export class Engine {
-  /** The worker, null between a trap and its replacement. */
+  /** The worker, null between a trap and its replacement (or for good, after the restarts end). */
   #worker = null;
   /** Settles once the current worker is ready (module loaded, data and model handed over). */
   #ready = null;
-  /** Calls awaiting a reply, by id: { resolve, reject, onEvent }. */
+  /** Calls awaiting a reply, by id: { resolve, reject, onEvent, counts }. */
   #pending = new Map();
   #nextId = 1;
   /** Whether `#open` is under way (a trap then is not answered with yet another restart). */
   #opening = false;
+  /** Traps since a call last succeeded: a second one in a row ends the restarts. */
+  #faultsInARow = 0;
   /** The four data files the module last accepted, handed to a restarted module. */
   #data = null;
   /** The file bytes of the latest trained or loaded model (null before one). */
   #model = null;
+  /** Whether a `train` is in flight, and whether Stop was pressed during it. */
+  #training = false;
+  #stopAsked = false;
 
   /** Called with the sentence of each trap, after the restart has begun. */
   onFault = () => {};
@@ -87,12 +95,13 @@ export class Engine {
     if (this.#model) await this.#send('load_model', [this.#model, 'the model kept from before the restart']);
   }
 
-  #send(call, args, onEvent = null) {
+  /** Post a call; `counts`: its success shows the module works (not a restart's own calls). */
+  #send(call, args, onEvent = null, counts = false) {
     const worker = this.#worker;
-    if (!worker) return Promise.reject(new Error('The training module is restarting; try again in a moment.'));
+    if (!worker) return Promise.reject(new Error('The training module is not running: reload the page.'));
     return new Promise((resolve, reject) => {
       const id = this.#nextId++;
-      this.#pending.set(id, { resolve, reject, onEvent });
+      this.#pending.set(id, { resolve, reject, onEvent, counts });
       worker.postMessage({ id, call, args });
     });
   }
@@ -110,8 +119,12 @@ export class Engine {
       return;
     }
     this.#pending.delete(message.id);
-    if ('error' in message) pending.reject(new Error(message.error));
-    else pending.resolve(message.ok);
+    if ('error' in message) {
+      pending.reject(new Error(message.error));
+      return;
+    }
+    if (pending.counts) this.#faultsInARow = 0;
+    pending.resolve(message.ok);
   }
 
   /** End a worker whose module trapped, fail its calls, and start a fresh one. */
@@ -119,30 +132,34 @@ export class Engine {
     if (worker !== this.#worker) return;
     worker.terminate();
     this.#worker = null;
+    this.#faultsInARow += 1;
     const calls = [...this.#pending.values()];
     this.#pending.clear();
-    const fail = (sentence) => {
+    const tell = (sentence) => {
       for (const call of calls) call.reject(new Error(sentence));
       this.onFault(sentence);
     };
-    if (this.#opening) {
-      // The fresh module trapped on the data or model it was handed: no loop of restarts.
-      fail(`${why}, while the module was starting; reload the page.`);
+    if (this.#opening || this.#faultsInARow > 1) {
+      // The fresh module trapped on what it was handed, or traps again by itself: no loop of
+      // restarts.
+      tell(`${why}, again after a restart; reload the page.`);
       return;
     }
     this.restarts += 1;
-    const sentence = `${why}; the page restarted the module with the data and the model it had, so it can train again.`;
-    for (const call of calls) call.reject(new Error(sentence));
+    const kept = [this.#data && 'the data', this.#model && 'the model'].filter(Boolean).join(' and ');
+    tell(`${why}; the page restarted the module${kept ? ` with ${kept} it had` : ''}, so it can train again.`);
     this.#ready = this.#open();
-    // A restart that fails is reported by the next call, which awaits `#ready`.
-    this.#ready.catch(() => {});
-    this.onFault(sentence);
+    this.#ready.catch((error) => {
+      const text = error instanceof Error ? error.message : String(error);
+      // Already said when the restart itself trapped.
+      if (this.#worker) this.onFault(`${text.replace(/\.$/, '')}: reload the page.`);
+    });
   }
 
   /** A call once the module is ready. */
   async #call(call, args = [], onEvent = null) {
     await this.#ready;
-    return this.#send(call, args, onEvent);
+    return this.#send(call, args, onEvent, true);
   }
 
   /** Check the four MNIST files (Uint8Arrays); resolves to a one-line summary. */
@@ -152,15 +169,29 @@ export class Engine {
     return summary;
   }
 
-  /** Train with `options` (an object); `onEvent` gets each progress event's JSON text. */
+  /** Train with `options` (an object); `onEvent` gets each progress event's JSON text. Resolves
+   *  to the result line; the trained model's file bytes come back with it. */
   async train(options, onEvent) {
-    const line = await this.#call('train', [JSON.stringify(options)], onEvent);
-    this.#model = await this.#call('save_model');
-    return line;
+    if (this.#training) throw new Error('Training is already running; press Stop first.');
+    this.#training = true;
+    this.#stopAsked = false;
+    try {
+      await this.#ready;
+      const reply = this.#send('train', [JSON.stringify(options)], onEvent, true);
+      // A Stop pressed before the run reached the module: messages arrive in order, so the
+      // module's run is under way when this one is read.
+      if (this.#stopAsked) this.stop();
+      const { line, model } = await reply;
+      this.#model = model;
+      return line;
+    } finally {
+      this.#training = false;
+    }
   }
 
   /** Ask a running train to stop after its current chunk. */
   stop() {
+    if (this.#training) this.#stopAsked = true;
     if (this.#worker) this.#worker.postMessage({ call: 'stop' });
   }
 
@@ -171,8 +202,8 @@ export class Engine {
 
   /** Make a model file the module's model; resolves to a one-line description. */
   async loadModel(bytes, fileName) {
-    const description = await this.#call('load_model', [bytes, fileName]);
-    this.#model = await this.#call('save_model');
+    const { description, model } = await this.#call('load_model', [bytes, fileName]);
+    this.#model = model;
     return description;
   }
 
@@ -184,6 +215,15 @@ export class Engine {
   /** The model's file bytes (the same as `gpu-mnist train --save` writes), or null. */
   get modelBytes() {
     return this.#model;
+  }
+
+  /** The module's own model as file bytes (null without one), asked of the worker: for tests. */
+  async moduleModelBytes() {
+    try {
+      return await this.#call('save_model');
+    } catch {
+      return null;
+    }
   }
 
   /** The WebGPU kernels against the CPU reference (JSON text). */

@@ -5,7 +5,9 @@
 // "simd128", WebAssembly SIMD) or pkg/ ("plain") and replies with the build and the module's file
 // size limits. Then {id, call, args} runs the export of that name (load_data, train, predict,
 // load_model, save_model, kernel_check) and replies {id, ok: value} or {id, error: sentence};
-// train's progress events go out as {id, event: text} before its reply. {call: 'stop'} asks a
+// train replies {line, model} and load_model {description, model}, with the model's file bytes
+// written in the same turn (so the page's copy is always the module's model); train's progress
+// events go out as {id, event: text} before its reply. {call: 'stop'} asks a
 // running train to stop and gets no reply. A trap inside the module (a panic, or an abort such as
 // running out of memory) leaves the instance in an unknown state: the worker then posts one
 // {fault: sentence}, saying what happened, and answers nothing more; the page ends it and starts
@@ -27,22 +29,31 @@ function errorText(error) {
 function fault(error) {
   if (faulted) return;
   faulted = true;
+  // One line, without a closing full stop: it goes inside the page's one sentence.
+  const oneLine = (text) => String(text).split('\n')[0].trim().replace(/\.$/, '');
   const panic = self.gpuMnistPanic;
+  const what = oneLine(error instanceof Error ? `${error.name}: ${error.message}` : error);
   let why;
   if (panic) {
-    why = `The WebAssembly module stopped on an internal error (${panic})`;
-  } else {
+    why = `The WebAssembly module stopped on an internal error (${oneLine(panic)})`;
+  } else if (error instanceof WebAssembly.RuntimeError) {
+    // A trap that no panic announced: an abort, which on wasm32 is almost always an allocation
+    // the memory could not grow to.
     const mib = memory ? Math.round(memory.buffer.byteLength / 2 ** 20) : 0;
-    const what = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
     why = `The WebAssembly module aborted (${what}) with ${mib.toLocaleString('en')} MiB of memory in use, ` +
       'most likely out of memory (WebAssembly has 4 GiB at most)';
+  } else {
+    why = `The WebAssembly module failed (${what})`;
   }
   postMessage({ fault: why });
 }
 
-/** Whether an error thrown by a call means the module trapped (not a refusal it returned). */
+/**
+ * Whether an error thrown by a call means the module trapped, not a refusal it returned (those
+ * are plain Errors): a wasm trap, a stack overflow (RangeError), or anything after a panic.
+ */
 function trapped(error) {
-  return error instanceof WebAssembly.RuntimeError || Boolean(self.gpuMnistPanic);
+  return error instanceof WebAssembly.RuntimeError || error instanceof RangeError || Boolean(self.gpuMnistPanic);
 }
 
 // A trap inside an asynchronous export (train's chunks run from the event loop) surfaces here.
@@ -76,10 +87,16 @@ async function run(id, call, args) {
   switch (call) {
     case 'init': return init(args[0]);
     case 'load_data': return wasm.load_data(args[0], args[1], args[2], args[3]);
-    case 'train': return wasm.train(args[0], (text) => postMessage({ id, event: text }));
+    case 'train': {
+      const line = await wasm.train(args[0], (text) => postMessage({ id, event: text }));
+      return { line, model: wasm.save_model() };
+    }
     case 'predict': return wasm.predict(args[0], args[1], args[2]);
-    case 'load_model': return wasm.load_model(args[0], args[1]);
-    case 'save_model': return wasm.save_model();
+    case 'load_model': {
+      const description = wasm.load_model(args[0], args[1]);
+      return { description, model: wasm.save_model() };
+    }
+    case 'save_model': return wasm.has_model() ? wasm.save_model() : null;
     case 'kernel_check': return wasm.kernel_check();
     default: throw new Error(`unknown call '${call}'`);
   }

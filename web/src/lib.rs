@@ -42,17 +42,14 @@ thread_local! {
     static STOP: Cell<bool> = const { Cell::new(false) };
     /// Whether a `train` call is running.
     static BUSY: Cell<bool> = const { Cell::new(false) };
-    /// Set when a Rust panic (a bug) stopped a call half-way: the page's state may be stale.
-    static BROKEN: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs when the module loads: a panic (a bug) is reported on the console, marks this instance
-/// as broken (so that no later call trusts its state), and leaves its message in the global
-/// `gpuMnistPanic`, where the worker reads it when the trap that follows reaches JavaScript.
+/// Runs when the module loads: a panic (a bug) is reported on the console and leaves its message
+/// in the global `gpuMnistPanic`, where the worker reads it when the trap that follows (panics
+/// abort on wasm32) reaches JavaScript; the worker is then replaced.
 #[wasm_bindgen(start)]
 pub fn start() {
     std::panic::set_hook(Box::new(|info| {
-        BROKEN.set(true);
         let payload = info.payload();
         let what = payload
             .downcast_ref::<&str>()
@@ -439,11 +436,6 @@ impl Observer for PageObserver<'_> {
 /// images, seconds, adapter, device); the trained model becomes the page's model.
 #[wasm_bindgen]
 pub async fn train(options: String, on_event: js_sys::Function) -> Result<String, JsError> {
-    if BROKEN.get() {
-        return Err(js_error(
-            "The page hit an internal error (see the console); reload it to train again.",
-        ));
-    }
     if BUSY.get() {
         return Err(js_error("Training is already running; press Stop first."));
     }

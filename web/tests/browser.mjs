@@ -318,8 +318,11 @@ async function main() {
     const again = await readProbabilities(page, 'a drawn 1 after the bad inputs');
     log(`the previous model still reads a drawn 1: [${again.map((p) => p.toFixed(4)).join(', ')}]`);
     const kept = await page.evaluate(() => window.gpuMnistSaveModel());
-    if (!Buffer.from(kept).equals(Buffer.from(modelBytes))) {
-      fail(`the page's model changed while bad files were refused (${kept.length} bytes, was ${modelBytes.length})`);
+    const module = await page.evaluate(() => window.gpuMnistModuleModel());
+    for (const [whose, bytes] of [['page', kept], ['module', module]]) {
+      if (!Buffer.from(bytes).equals(Buffer.from(modelBytes))) {
+        fail(`the ${whose}'s model changed while bad files were refused (${bytes.length} bytes, was ${modelBytes.length})`);
+      }
     }
     log('the page kept its model byte for byte through the bad files');
 
@@ -482,9 +485,21 @@ async function recoversFromFaults() {
         fail(`the ${kind} was reported as "${said}"`);
       }
       log(`${kind}: "${said}"`);
+      // The page's copy, and the restarted module's own model, both unchanged.
       const kept = await page.evaluate(() => window.gpuMnistSaveModel());
-      if (!Buffer.from(kept).equals(Buffer.from(before))) fail(`the model changed across the ${kind}`);
+      const module = await page.evaluate(() => window.gpuMnistModuleModel());
+      if (!Buffer.from(kept).equals(Buffer.from(before))) fail(`the page's model changed across the ${kind}`);
+      if (!Buffer.from(module).equals(Buffer.from(before))) {
+        fail(`the restarted module holds another model after the ${kind} (${module.length} bytes, was ${before.length})`);
+      }
       await page.click('#clear');
+      await waitFor(
+        page,
+        `bars back at 0 after Clear, after the ${kind}`,
+        () => [...document.querySelectorAll('#probs .bar')].every((b) => Number(b.dataset.p) === 0),
+        undefined,
+        10_000,
+      );
       await drawStroke(page, [[0.5, 0.15], [0.5, 0.85]]);
       await readProbabilities(page, `a drawn 1 after the ${kind}`);
       await page.click('#train');
