@@ -7,7 +7,8 @@
 //! same folder, fsync, then rename, so an interrupted save never leaves a half-written model.
 //! A training checkpoint adds the optimizer's moments of each parameter, the second as
 //! `optimizer.dense_0.kernel.velocity` (RMSprop, Adam) and the first as
-//! `optimizer.dense_0.kernel.momentum` (SGD with momentum, Adam), and its training state as JSON
+//! `optimizer.dense_0.kernel.momentum` (SGD with momentum, Adam), with `--early-stop` the best
+//! epoch's weights as `best.dense_0.kernel`, and its training state as JSON
 //! in metadata key `training_state` (settings, position, the optimizer's step count). `load` validates the header
 //! (length, JSON, dtypes, shapes, offsets, finiteness) before it trusts any of it.
 
@@ -27,8 +28,9 @@ use crate::model::{HostTensor, ModelSpec, OptimizerState};
 
 /// The largest header we accept (a real one is under 1 KB).
 const MAX_HEADER: u64 = 1 << 20;
-/// The largest file we read: the parameters, both moments and header of the largest model allowed.
-const MAX_FILE: u64 = 3 * 4 * crate::model::MAX_PARAMS as u64 + MAX_HEADER + 8;
+/// The largest file we read: the parameters, both moments, the best epoch's weights and header of
+/// the largest model allowed.
+const MAX_FILE: u64 = 4 * 4 * crate::model::MAX_PARAMS as u64 + MAX_HEADER + 8;
 
 /// Why `path` can not be written as a regular file (a device, FIFO, socket or folder is never
 /// replaced), or None where it can: it does not exist, or it is a regular file, or a link to one.
@@ -118,6 +120,9 @@ pub struct Checkpoint {
     /// The optimizer's moments, each one per parameter, stored as `optimizer.{name}.velocity` and
     /// `optimizer.{name}.momentum`; empty for a plain model file.
     pub optimizer: OptimizerState,
+    /// With `--early-stop`, the weights of the best epoch so far, stored as `best.{name}`; empty
+    /// otherwise.
+    pub best: Vec<HostTensor>,
     /// The training state of a `--checkpoint-dir` checkpoint (JSON in metadata key `training_state`).
     pub state: Option<Value>,
     /// The dataset it was trained on (metadata key `dataset`); `None` for a file that does not
@@ -150,6 +155,7 @@ impl Checkpoint {
             spec: spec.clone(),
             params,
             optimizer: OptimizerState::default(),
+            best: Vec::new(),
             state: None,
             dataset: Some(dataset),
             data_hash: DataHash::Matched,
@@ -158,6 +164,7 @@ impl Checkpoint {
 }
 
 const OPTIMIZER_PREFIX: &str = "optimizer.";
+const BEST_PREFIX: &str = "best.";
 const VELOCITY_SUFFIX: &str = ".velocity";
 const MOMENTUM_SUFFIX: &str = ".momentum";
 
@@ -196,12 +203,17 @@ pub fn to_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
     };
     let velocities = ck.optimizer.velocities.iter().map(moment(VELOCITY_SUFFIX));
     let momenta = ck.optimizer.momenta.iter().map(moment(MOMENTUM_SUFFIX));
+    let best = ck.best.iter().map(|t| HostTensor {
+        name: format!("{BEST_PREFIX}{}", t.name),
+        ..t.clone()
+    });
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = ck
         .params
         .iter()
         .cloned()
         .chain(velocities)
         .chain(momenta)
+        .chain(best)
         .map(|t| (t.name, t.shape, t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
     // The order `serialize` writes them in (one dtype: by name), so that the hash below is the
@@ -366,6 +378,7 @@ fn parse(bytes: &[u8], given: Option<&ModelSpec>) -> std::result::Result<Checkpo
             spec,
             params,
             optimizer: OptimizerState::default(),
+            best: Vec::new(),
             state: None,
             dataset: None,
             data_hash: DataHash::Absent,
@@ -398,9 +411,16 @@ fn parse(bytes: &[u8], given: Option<&ModelSpec>) -> std::result::Result<Checkpo
             .any(|k| k.starts_with(OPTIMIZER_PREFIX) && k.ends_with(suffix))
     };
     let (has_velocities, has_momenta) = (has(VELOCITY_SUFFIX), has(MOMENTUM_SUFFIX));
+    let has_best = file.names().iter().any(|k| k.starts_with(BEST_PREFIX));
+    let mut best = Vec::new();
     let shapes = spec.param_shapes().map_err(|e| e.to_string())?;
     for (name, shape) in shapes {
         params.push(tensor(&file, &name, &shape)?);
+        if has_best {
+            let mut b = tensor(&file, &format!("{BEST_PREFIX}{name}"), &shape)?;
+            b.name = name.clone();
+            best.push(b);
+        }
         for (wanted, suffix, into) in [
             (has_velocities, VELOCITY_SUFFIX, &mut optimizer.velocities),
             (has_momenta, MOMENTUM_SUFFIX, &mut optimizer.momenta),
@@ -412,7 +432,7 @@ fn parse(bytes: &[u8], given: Option<&ModelSpec>) -> std::result::Result<Checkpo
             }
         }
     }
-    let expected = params.len() + optimizer.velocities.len() + optimizer.momenta.len();
+    let expected = params.len() + optimizer.velocities.len() + optimizer.momenta.len() + best.len();
     if file.len() != expected {
         return bad(format!(
             "holds {} tensors, a {} model has {expected}",
@@ -440,6 +460,7 @@ fn parse(bytes: &[u8], given: Option<&ModelSpec>) -> std::result::Result<Checkpo
         spec,
         params,
         optimizer,
+        best,
         state,
         dataset,
         data_hash,

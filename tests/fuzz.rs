@@ -217,6 +217,7 @@ fn checkpoint_loader() {
             velocities: glorot_init(&spec, 2),
             momenta: glorot_init(&spec, 3),
         },
+        best: glorot_init(&spec, 4),
         state: Some(serde_json::json!({"epochs_done": 1})),
         ..Checkpoint::model(&spec, glorot_init(&spec, 1), DatasetKind::Mnist)
     })

@@ -55,6 +55,7 @@ fn round_trip_and_rejections() -> std::result::Result<(), String> {
             velocities: glorot_init(&spec, 4),
             momenta: glorot_init(&spec, 5),
         },
+        best: glorot_init(&spec, 6),
         state: Some(serde_json::json!({"epochs_done": 2})),
         ..ck
     };

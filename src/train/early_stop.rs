@@ -26,6 +26,13 @@ impl Monitor {
         }
     }
 
+    /// The monitor `key` names.
+    pub fn from_key(key: &str) -> Option<Monitor> {
+        [Monitor::ValLoss, Monitor::ValAccuracy]
+            .into_iter()
+            .find(|m| m.key() == key)
+    }
+
     /// The figure of `r` as a number to minimise (accuracy negated).
     fn cost(self, r: &EpochRecord) -> Option<f64> {
         match self {

@@ -125,7 +125,12 @@ pub async fn fit(
     observer.started(&mut trainer)?;
     let steps = data.train.len().div_ceil(cfg.batch_size.max(1));
     let want_state = keep_host || observer.wants_state();
-    for epoch in at.epoch..cfg.epochs {
+    // A run that early stopping ended (a checkpoint resumed after it stopped) trains no further.
+    let last = match at.best.as_ref().is_some_and(|b| b.stopped) {
+        true => at.epoch,
+        false => cfg.epochs,
+    };
+    for epoch in at.epoch..last {
         observer.epoch_started(&EpochStart {
             epoch,
             steps,

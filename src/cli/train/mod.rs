@@ -105,7 +105,7 @@ pub struct TrainArgs {
     /// with the best epoch's weights, as Keras's EarlyStopping(restore_best_weights=True) (which
     /// restores them only when it stops early); needs --validation-split
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive,
-          requires = "validation_split", conflicts_with_all = ["checkpoint_dir", "resume"])]
+          requires = "validation_split")]
     pub early_stop: Option<usize>,
     /// What --early-stop watches [default: val-loss]
     #[arg(long, value_enum, requires = "early_stop")]
@@ -116,7 +116,8 @@ pub struct TrainArgs {
     /// Save the trained model to PATH (safetensors)
     #[arg(long, value_name = "PATH")]
     pub save: Option<PathBuf>,
-    /// Save model and optimizer state to DIR/checkpoint.safetensors after every epoch
+    /// Save model and optimizer state (and --early-stop's best epoch) to DIR/checkpoint.safetensors
+    /// after every epoch
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue the run checkpointed in DIR with its settings (--epochs may extend it), data
@@ -397,6 +398,9 @@ fn merged_settings(args: &TrainArgs, resumed: Option<&Resumed>, given: impl Fn(&
                 ("train_limit", "--train-limit"),
                 ("validation_split", "--validation-split"),
                 ("chunk_steps", "--chunk-steps"),
+                ("augment", "--augment"),
+                ("early_stop", "--early-stop"),
+                ("monitor", "--monitor"),
             ];
             let ignored: Vec<&str> = fixed
                 .iter()
@@ -520,6 +524,9 @@ fn start_position(
             "resuming after epoch {} of {}{within} from {from}",
             r.epochs_done, settings.epochs
         );
+        if r.best.as_ref().is_some_and(|b| b.stopped) {
+            println!("early stopping had ended this run: it trains no further, and is evaluated");
+        }
     }
     Position {
         epoch: r.epochs_done,
@@ -527,7 +534,7 @@ fn start_position(
         history: r.history,
         params: r.checkpoint.params,
         optimizer: Some(r.checkpoint.optimizer),
-        best: None,
+        best: r.best,
     }
 }
 

@@ -120,29 +120,18 @@ impl Reporter<'_> {
         }
     }
 
-    /// Save model, optimizer and progress (whole epochs, and how far into the next one).
-    fn save_checkpoint(
-        &self,
-        state: HostState<'_>,
-        epochs_done: usize,
-        partial: EpochProgress,
-        history: &[EpochRecord],
-    ) -> Result<()> {
+    /// Save model, optimizer, early stopping's best epoch and progress (whole epochs, `at.epoch`,
+    /// and how far into the next one, `partial`).
+    fn save_checkpoint(&self, state: HostState<'_>, at: &Position, partial: EpochProgress) -> Result<()> {
         let Some(dir) = self.checkpoint_dir else { return Ok(()) };
         let ck = Checkpoint {
             spec: self.spec.clone(),
             params: state.0.to_vec(),
             optimizer: state.1.clone(),
+            best: at.best.as_ref().map(|b| b.params.clone()).unwrap_or_default(),
             dataset: Some(self.settings.dataset),
             data_hash: gpu_mnist::checkpoint::DataHash::Matched,
-            state: Some(checkpoint_state(
-                self.settings,
-                self.place,
-                epochs_done,
-                partial,
-                history,
-                self.run_dir,
-            )),
+            state: Some(checkpoint_state(self.settings, self.place, at, partial, self.run_dir)),
         };
         checkpoint::save(&dir.join(CHECKPOINT_FILE), &ck)
     }
@@ -218,7 +207,7 @@ impl Observer for Reporter<'_> {
             folder.write_epochs(&at.history)?;
         }
         match state {
-            Some(state) => self.save_checkpoint(state, at.epoch, at.partial, &at.history),
+            Some(state) => self.save_checkpoint(state, at, at.partial),
             None => Ok(()),
         }
     }
@@ -236,7 +225,7 @@ impl Observer for Reporter<'_> {
             bar.finish_and_clear();
         }
         if let Some(state) = state {
-            if let Err(e) = self.save_checkpoint(state, at.epoch, stopped, &at.history) {
+            if let Err(e) = self.save_checkpoint(state, at, stopped) {
                 return e;
             }
         }

@@ -3,7 +3,9 @@
 //!
 //! Contract: `load_resume` refuses a checkpoint folder whose file is missing, a model file
 //! without training state, or a state that disagrees with the tensors, naming the file;
-//! `checkpoint_state` writes what `load_resume` reads.
+//! `checkpoint_state` writes what `load_resume` reads, early stopping's watch included (its best
+//! epoch, that epoch's figure, the epochs waited since, whether it stopped), whose best weights
+//! the checkpoint holds as `best.*` tensors.
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +17,8 @@ use gpu_mnist::model::ModelSpec;
 use gpu_mnist::optim::{Optimizer, OptimizerKind};
 use gpu_mnist::records::EpochRecord;
 use gpu_mnist::schedule::Schedule;
-use gpu_mnist::train::early_stop::{EarlyStop, Monitor};
-use gpu_mnist::train::EpochProgress;
+use gpu_mnist::train::early_stop::{EarlyStop, Monitor, Watch};
+use gpu_mnist::train::{BestEpoch, EpochProgress, Position};
 use gpu_mnist::{Error, Result};
 use serde_json::{json, Value};
 
@@ -194,7 +196,19 @@ impl RunSettings {
             train_limit: v["train_limit"].as_u64().map(|x| x as usize),
             validation_split,
             chunk_steps: usize_of("chunk_steps", 4096)?,
-            early_stop: None,
+            early_stop: match &v["early_stop"] {
+                Value::Null => None,
+                e => Some(EarlyStop {
+                    patience: e["patience"]
+                        .as_u64()
+                        .filter(|&p| p >= 1)
+                        .ok_or_else(|| bad("early_stop patience"))? as usize,
+                    monitor: e["monitor"]
+                        .as_str()
+                        .and_then(Monitor::from_key)
+                        .ok_or_else(|| bad("early_stop monitor"))?,
+                }),
+            },
             augment: match v["augment"].as_str() {
                 Some(text) => Some(Augment::parse(text).map_err(|_| bad("augment"))?),
                 None => None,
@@ -237,6 +251,8 @@ pub(super) struct Resumed {
     pub(super) settings: RunSettings,
     /// Where and on what the run ran; reused unless the command line says otherwise.
     pub(super) place: RunPlace,
+    /// With `--early-stop`: its watch and the best epoch's weights, once an epoch has finished.
+    pub(super) best: Option<BestEpoch>,
 }
 
 /// The data folder, test limit and device of a run: not part of its arithmetic (a resumed run may
@@ -332,6 +348,7 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
         .map(|a| a.iter().filter_map(record_from_json).collect())
         .unwrap_or_default();
     let run_dir = state["run_dir"].as_str().map(PathBuf::from);
+    let best = best_from_json(&state["early_stop"], &settings, &checkpoint, &path)?;
     let p = &state["partial_epoch"];
     let partial = EpochProgress {
         steps_done: p["steps_done"].as_u64().unwrap_or(0) as usize,
@@ -349,7 +366,56 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
         run_dir,
         settings,
         place: RunPlace::from_json(&state["place"]),
+        best,
     })
+}
+
+/// Early stopping's state as `checkpoint_state` writes it (null without `--early-stop`, or before
+/// its first epoch).
+fn best_to_json(best: Option<&BestEpoch>) -> Value {
+    match best {
+        Some(b) => json!({
+            "best_epoch": b.watch.best.map(|(epoch, _)| epoch),
+            "best_cost": b.watch.best.map(|(_, cost)| cost),
+            "waited": b.watch.waited,
+            "stopped": b.stopped,
+        }),
+        None => Value::Null,
+    }
+}
+
+/// Early stopping's state read back: the watch from the training state, the best weights from the
+/// checkpoint's `best.*` tensors, which must be there once a best epoch is named.
+fn best_from_json(
+    v: &Value,
+    settings: &RunSettings,
+    checkpoint: &Checkpoint,
+    path: &Path,
+) -> Result<Option<BestEpoch>> {
+    let bad = |what: &str| Error::bad_file(path, format!("its training state lacks a valid {what}"));
+    let (Some(rule), false) = (settings.early_stop, v.is_null()) else {
+        return Ok(None);
+    };
+    let best = match (v["best_epoch"].as_u64(), v["best_cost"].as_f64()) {
+        (Some(epoch), Some(cost)) => Some((epoch as usize, cost)),
+        _ if v["best_epoch"].is_null() => None,
+        _ => return Err(bad("early-stopping best epoch")),
+    };
+    if best.is_some() && checkpoint.best.is_empty() {
+        return Err(Error::bad_file(
+            path,
+            "names a best epoch for --early-stop but holds no best.* weights",
+        ));
+    }
+    Ok(Some(BestEpoch {
+        watch: Watch {
+            rule,
+            best,
+            waited: v["waited"].as_u64().ok_or_else(|| bad("early-stopping wait"))? as usize,
+        },
+        params: checkpoint.best.clone(),
+        stopped: v["stopped"].as_bool().ok_or_else(|| bad("early-stopping stop"))?,
+    }))
 }
 
 pub(super) fn record_to_json(r: &EpochRecord) -> Value {
@@ -377,20 +443,20 @@ fn record_from_json(v: &Value) -> Option<EpochRecord> {
 pub(super) fn checkpoint_state(
     settings: &RunSettings,
     place: &RunPlace,
-    epochs_done: usize,
+    at: &Position,
     partial: EpochProgress,
-    history: &[EpochRecord],
     run_dir: &Path,
 ) -> Value {
     json!({
-        "epochs_done": epochs_done,
+        "epochs_done": at.epoch,
+        "early_stop": best_to_json(at.best.as_ref()),
         "partial_epoch": {
             "steps_done": partial.steps_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
             "examples": partial.examples, "seconds": partial.seconds,
         },
         "settings": settings.to_json(),
         "place": place.to_json(),
-        "history": history.iter().map(record_to_json).collect::<Vec<_>>(),
+        "history": at.history.iter().map(record_to_json).collect::<Vec<_>>(),
         // Absolute, so that a resume from another working folder writes to the same place.
         "run_dir": std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_path_buf()).display().to_string(),
     })
