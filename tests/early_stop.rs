@@ -10,17 +10,15 @@ mod common;
 use common::*;
 use gpu_mnist::checkpoint;
 
-#[test]
-fn a_rising_validation_loss_stops_the_run_and_restores_the_best_epoch() {
-    let d = data_arg();
-    let dir = tempfile::tempdir().unwrap();
-    let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
-    let common = [
+/// `train` of a small model on 300 images, validated on 300 more: its validation loss rises
+/// after a dozen epochs.
+fn overfitting_run(data: &str) -> Vec<&str> {
+    vec![
         "train",
         "--device",
         "cpu",
         "--data",
-        &d,
+        data,
         "--hidden",
         "64",
         "--train-limit",
@@ -33,7 +31,15 @@ fn a_rising_validation_loss_stops_the_run_and_restores_the_best_epoch() {
         "0.005",
         "--seed",
         "4",
-    ];
+    ]
+}
+
+#[test]
+fn a_rising_validation_loss_stops_the_run_and_restores_the_best_epoch() {
+    let d = data_arg();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    let common = overfitting_run(&d);
     let out = run_ok(
         &[
             &common[..],
@@ -96,27 +102,7 @@ fn a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one_does(
     let d = data_arg();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_string_lossy().to_string();
-    let common = [
-        "train",
-        "--device",
-        "cpu",
-        "--data",
-        &d,
-        "--hidden",
-        "64",
-        "--train-limit",
-        "600",
-        "--validation-split",
-        "0.5",
-        "--test-limit",
-        "500",
-        "--lr",
-        "0.005",
-        "--seed",
-        "4",
-        "--early-stop",
-        "3",
-    ];
+    let common = [&overfitting_run(&d)[..], &["--early-stop", "3"]].concat();
     let result_of = |run: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join(run).join("result.json")).unwrap()).unwrap()
     };
@@ -160,15 +146,8 @@ fn a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one_does(
         "the checkpoint holds the best epoch's weights"
     );
     // Continued: it stops where the uninterrupted run stopped, with the same weights.
-    let out = run_ok(&[
-        "train",
-        "--resume",
-        &p("ck"),
-        "--epochs",
-        "60",
-        "--save",
-        &p("resumed.safetensors"),
-    ]);
+    let resume = |save: &str| run_ok(&["train", "--resume", &p("ck"), "--epochs", "60", "--save", &p(save)]);
+    let out = resume("resumed.safetensors");
     println!("{out}");
     let resumed = result_of("cut");
     assert_eq!(resumed["kept_epoch"], full["kept_epoch"], "{resumed}");
@@ -182,15 +161,7 @@ fn a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one_does(
     let metrics = |run: &str| std::fs::read_to_string(dir.path().join(run).join("metrics.csv")).unwrap();
     assert_eq!(metrics("cut").lines().count(), metrics("full").lines().count());
     // A run that stopped trains no further when resumed, and ends with the same weights.
-    let again = run_ok(&[
-        "train",
-        "--resume",
-        &p("ck"),
-        "--epochs",
-        "60",
-        "--save",
-        &p("again.safetensors"),
-    ]);
+    let again = resume("again.safetensors");
     assert!(again.contains("early stopping had ended this run"), "{again}");
     assert_eq!(load("again.safetensors").params, load("full.safetensors").params);
     assert_eq!(metrics("cut").lines().count(), metrics("full").lines().count());
