@@ -127,6 +127,11 @@ fn a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one_does(
     let full = result_of("full");
     let kept = full["kept_epoch"].as_u64().unwrap() as usize;
     assert_eq!(full["stopped_early"], true, "{full}");
+    let full_state = checkpoint::load(&dir.path().join("ck_full/checkpoint.safetensors"))
+        .unwrap()
+        .state
+        .unwrap();
+    assert_eq!(full_state["early_stop"]["stopped"], true, "{full_state}");
     // The same run cut one epoch after its best: its checkpoint holds that epoch's weights.
     let cut = (kept + 1).to_string();
     run_ok(
@@ -165,6 +170,30 @@ fn a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one_does(
     assert!(again.contains("early stopping had ended this run"), "{again}");
     assert_eq!(load("again.safetensors").params, load("full.safetensors").params);
     assert_eq!(metrics("cut").lines().count(), metrics("full").lines().count());
+    // Cut on the epoch where its patience runs out (its last, so it did not "stop early"):
+    // resumed with more epochs, it trains no further, as the uninterrupted run stopped there.
+    let at_stop = (kept + 3).to_string();
+    run_ok(
+        &[
+            &common[..],
+            &["--epochs", &at_stop, "--checkpoint-dir", &p("ck3"), "--out", &p("cut3")],
+        ]
+        .concat(),
+    );
+    assert_eq!(result_of("cut3")["stopped_early"], false);
+    let out = run_ok(&[
+        "train",
+        "--resume",
+        &p("ck3"),
+        "--epochs",
+        "60",
+        "--save",
+        &p("cut3.safetensors"),
+    ]);
+    assert!(out.contains("early stopping had ended this run"), "{out}");
+    assert_eq!(result_of("cut3")["stopped_early"], true);
+    assert_eq!(load("cut3.safetensors").params, load("full.safetensors").params);
+    assert_eq!(metrics("cut3").lines().count(), metrics("full").lines().count());
     // A checkpoint whose state names a best epoch but whose best weights are gone is refused,
     // naming the file.
     let path = dir.path().join("ck/checkpoint.safetensors");

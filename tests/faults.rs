@@ -75,6 +75,14 @@ fn ctrl_c_and_resume_with_batch_norm_and_dropout_end_with_the_same_weights() {
     ]);
 }
 
+/// The same with early stopping: the checkpoint taken mid-epoch holds the watch and the best
+/// epoch's weights, which the resumed run goes on from (at this rate the validation loss rises in
+/// the second epoch, so both runs stop after it and end with the first epoch's weights).
+#[test]
+fn ctrl_c_and_resume_with_early_stopping_end_with_the_same_weights() {
+    interrupt_and_resume(&["--validation-split", "0.1", "--early-stop", "1", "--lr", "0.01"]);
+}
+
 /// Train 3 epochs uninterrupted, and again interrupted by SIGINT in the second epoch and resumed:
 /// the weights and every epoch's loss and accuracy must be the same.
 fn interrupt_and_resume(optimizer: &[&str]) {

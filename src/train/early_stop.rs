@@ -100,6 +100,12 @@ impl Watch {
         }
     }
 
+    /// Whether `patience` epochs have passed without improvement: the run is over, however many
+    /// epochs it was given (a resumed run given more trains no further).
+    pub fn exhausted(&self) -> bool {
+        self.waited >= self.rule.patience
+    }
+
     /// The best epoch so far (1-based).
     pub fn best_epoch(&self) -> Option<usize> {
         self.best.map(|(epoch, _)| epoch)

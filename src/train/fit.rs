@@ -125,11 +125,14 @@ pub async fn fit(
     observer.started(&mut trainer)?;
     let steps = data.train.len().div_ceil(cfg.batch_size.max(1));
     let want_state = keep_host || observer.wants_state();
-    // A run that early stopping ended (a checkpoint resumed after it stopped) trains no further.
-    let last = match at.best.as_ref().is_some_and(|b| b.stopped) {
-        true => at.epoch,
-        false => cfg.epochs,
-    };
+    // A run that early stopping ended (a checkpoint resumed after it, even one whose patience ran
+    // out on what was then its last epoch) trains no further: it stopped early if it was given
+    // more epochs, as the uninterrupted run would have.
+    let mut last = cfg.epochs;
+    if let Some(b) = at.best.as_mut().filter(|b| b.watch.exhausted()) {
+        b.stopped |= at.epoch < cfg.epochs;
+        last = at.epoch;
+    }
     for epoch in at.epoch..last {
         observer.epoch_started(&EpochStart {
             epoch,

@@ -105,7 +105,7 @@ pub struct TrainArgs {
     /// with the best epoch's weights, as Keras's EarlyStopping(restore_best_weights=True) (which
     /// restores them only when it stops early); needs --validation-split
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = parse_positive,
-          requires = "validation_split")]
+)]
     pub early_stop: Option<usize>,
     /// What --early-stop watches [default: val-loss]
     #[arg(long, value_enum, requires = "early_stop")]
@@ -524,7 +524,7 @@ fn start_position(
             "resuming after epoch {} of {}{within} from {from}",
             r.epochs_done, settings.epochs
         );
-        if r.best.as_ref().is_some_and(|b| b.stopped) {
+        if r.best.as_ref().is_some_and(|b| b.watch.exhausted()) {
             println!("early stopping had ended this run: it trains no further, and is evaluated");
         }
     }

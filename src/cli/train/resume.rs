@@ -40,7 +40,7 @@ pub(super) struct RunSettings {
     pub(super) train_limit: Option<usize>,
     pub(super) validation_split: Option<f64>,
     pub(super) chunk_steps: usize,
-    /// `--early-stop` and `--monitor` (never with a checkpoint: its best weights live in memory).
+    /// `--early-stop` and `--monitor` (a checkpoint holds the watch and the best epoch's weights).
     pub(super) early_stop: Option<EarlyStop>,
     /// `--augment` (or the recipe's).
     pub(super) augment: Option<Augment>,
@@ -348,7 +348,7 @@ pub(super) fn load_resume(dir: &Path) -> Result<Resumed> {
         .map(|a| a.iter().filter_map(record_from_json).collect())
         .unwrap_or_default();
     let run_dir = state["run_dir"].as_str().map(PathBuf::from);
-    let best = best_from_json(&state["early_stop"], &settings, &checkpoint, &path)?;
+    let best = best_from_json(&state["early_stop"], &settings, &checkpoint, epochs_done, &path)?;
     let p = &state["partial_epoch"];
     let partial = EpochProgress {
         steps_done: p["steps_done"].as_u64().unwrap_or(0) as usize,
@@ -376,7 +376,9 @@ fn best_to_json(best: Option<&BestEpoch>) -> Value {
     match best {
         Some(b) => json!({
             "best_epoch": b.watch.best.map(|(epoch, _)| epoch),
+            // Readable, and exactly (a tie must stay a tie after a resume; NaN survives too).
             "best_cost": b.watch.best.map(|(_, cost)| cost),
+            "best_cost_bits": b.watch.best.map(|(_, cost)| cost.to_bits()),
             "waited": b.watch.waited,
             "stopped": b.stopped,
         }),
@@ -385,27 +387,48 @@ fn best_to_json(best: Option<&BestEpoch>) -> Value {
 }
 
 /// Early stopping's state read back: the watch from the training state, the best weights from the
-/// checkpoint's `best.*` tensors, which must be there once a best epoch is named.
+/// checkpoint's `best.*` tensors, which must be there exactly when a best epoch (one of the epochs
+/// done) is named, and only in a run with `--early-stop`.
 fn best_from_json(
     v: &Value,
     settings: &RunSettings,
     checkpoint: &Checkpoint,
+    epochs_done: usize,
     path: &Path,
 ) -> Result<Option<BestEpoch>> {
     let bad = |what: &str| Error::bad_file(path, format!("its training state lacks a valid {what}"));
-    let (Some(rule), false) = (settings.early_stop, v.is_null()) else {
+    let Some(rule) = settings.early_stop else {
+        if !checkpoint.best.is_empty() || !v.is_null() {
+            return Err(Error::bad_file(
+                path,
+                "holds early stopping's state, but its settings have no --early-stop",
+            ));
+        }
         return Ok(None);
     };
-    let best = match (v["best_epoch"].as_u64(), v["best_cost"].as_f64()) {
-        (Some(epoch), Some(cost)) => Some((epoch as usize, cost)),
-        _ if v["best_epoch"].is_null() => None,
+    // Interrupted before its first epoch ended: nothing watched yet.
+    if v.is_null() {
+        if !checkpoint.best.is_empty() {
+            return Err(Error::bad_file(
+                path,
+                "holds best.* weights but no early-stopping state",
+            ));
+        }
+        return Ok(None);
+    }
+    let best = match (v["best_epoch"].as_u64(), v["best_cost_bits"].as_u64()) {
+        (Some(epoch), Some(bits)) if (1..=epochs_done as u64).contains(&epoch) => {
+            Some((epoch as usize, f64::from_bits(bits)))
+        }
+        (None, None) if v["best_epoch"].is_null() => None,
         _ => return Err(bad("early-stopping best epoch")),
     };
-    if best.is_some() && checkpoint.best.is_empty() {
-        return Err(Error::bad_file(
-            path,
-            "names a best epoch for --early-stop but holds no best.* weights",
-        ));
+    if best.is_some() == checkpoint.best.is_empty() {
+        let why = match best {
+            Some(_) => "names a best epoch for --early-stop but holds no best.* weights",
+            None => "holds best.* weights but names no best epoch for --early-stop",
+        };
+        return Err(Error::bad_file(path, why));
     }
     Ok(Some(BestEpoch {
         watch: Watch {
