@@ -2,8 +2,9 @@
 //
 // Usage: node web/tests/browser.mjs <base-url> <screenshot-path>
 //   e.g. node web/tests/browser.mjs http://127.0.0.1:8765/ web/screenshot.png
-// The base URL serves web/dist (index.html, app.js, style.css, pkg/, and the four MNIST files
-// under data/). Chromium is $CHROMIUM, else /usr/bin/chromium; WebGPU runs on SwiftShader.
+// The base URL serves web/dist (index.html, app.js, engine.js, worker.js, style.css, pkg/,
+// pkg-simd/, and the four MNIST files under data/). Chromium is $CHROMIUM, else
+// /usr/bin/chromium; WebGPU runs on SwiftShader.
 //
 // Contract: prints one line "browser: ..." per check and "browser: all checks passed" at the
 // end (exit 0); on the first failure prints "browser: FAILED: <why>" and exits 1. It checks that:
