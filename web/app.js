@@ -28,6 +28,8 @@
 //   press, first chunk and epoch seconds (ms since navigation; read by tests/measure.mjs).
 // - window.gpuMnistKernelCheck() resolves to JSON: this browser's WebGPU kernels against the
 //   library's CPU reference (whole training steps at awkward shapes), with `ok` over all cases.
+// - window.gpuMnistCpuCheck() resolves to the same JSON for the page's CPU path as this build of
+//   the module compiles it (dense and convolutional models, batch norm, dropout).
 // - window.gpuMnistBuild: the module build in use, "simd128" or "plain".
 // - window.gpuMnistFaultNextRun(kind): the next run traps inside the module after its first
 //   chunk of steps, kind "panic" or "out-of-memory" (for tests of the page's recovery).
@@ -917,6 +919,7 @@ async function main() {
     return Array.from(engine.modelBytes);
   };
   window.gpuMnistKernelCheck = () => engine.kernelCheck();
+  window.gpuMnistCpuCheck = () => engine.cpuCheck();
   window.gpuMnistModuleModel = async () => Array.from((await engine.moduleModelBytes()) ?? []);
   window.gpuMnistFaultNextRun = (kind) => {
     nextFault = kind;

@@ -230,4 +230,9 @@ export class Engine {
   kernelCheck() {
     return this.#call('kernel_check');
   }
+
+  /** The CPU path, as this build compiles it, against the CPU reference (JSON text). */
+  cpuCheck() {
+    return this.#call('cpu_check');
+  }
 }

@@ -4,7 +4,7 @@
 // Contract. The first message is {id, call: 'init', args: [build]}: it loads pkg-simd/ (build
 // "simd128", WebAssembly SIMD) or pkg/ ("plain") and replies with the build and the module's file
 // size limits. Then {id, call, args} runs the export of that name (load_data, train, predict,
-// load_model, save_model, kernel_check) and replies {id, ok: value} or {id, error: sentence};
+// load_model, save_model, kernel_check, cpu_check) and replies {id, ok: value} or {id, error: sentence};
 // train replies {line, model} and load_model {description, model}, with the model's file bytes
 // written in the same turn (so the page's copy is always the module's model); train's progress
 // events go out as {id, event: text} before its reply. {call: 'stop'} asks a
@@ -98,6 +98,7 @@ async function run(id, call, args) {
     }
     case 'save_model': return wasm.has_model() ? wasm.save_model() : null;
     case 'kernel_check': return wasm.kernel_check();
+    case 'cpu_check': return wasm.cpu_check();
     default: throw new Error(`unknown call '${call}'`);
   }
 }

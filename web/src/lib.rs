@@ -615,25 +615,66 @@ pub async fn kernel_check() -> Result<String, JsError> {
     // (hidden widths, batch, optimizer, steps): SGD's weights are compared after the steps;
     // RMSprop and Adam divide by the root of tiny squared gradients, so their loss is compared
     // instead.
-    let cases: [(&[usize], usize, OptimizerKind, usize); 5] = [
-        (&[37], 13, OptimizerKind::Sgd, 2),
-        (&[64], 128, OptimizerKind::Sgd, 2),
-        (&[33, 17], 1, OptimizerKind::Sgd, 3),
-        (&[50], 61, OptimizerKind::RmsProp, 3),
-        (&[40], 29, OptimizerKind::Adam, 3),
+    let cases = [
+        (ModelSpec::mnist(&[37]), 13, OptimizerKind::Sgd, 2),
+        (ModelSpec::mnist(&[64]), 128, OptimizerKind::Sgd, 2),
+        (ModelSpec::mnist(&[33, 17]), 1, OptimizerKind::Sgd, 3),
+        (ModelSpec::mnist(&[50]), 61, OptimizerKind::RmsProp, 3),
+        (ModelSpec::mnist(&[40]), 29, OptimizerKind::Adam, 3),
     ];
+    compare_with_reference(&mut gpu, &adapter, &cases).await
+}
+
+/// The page's CPU path, as this build of the module compiles it (with or without WebAssembly
+/// SIMD), against the plain-loop reference: whole training steps of dense models and of
+/// convolutional ones with pooling, batch normalisation and dropout, at awkward shapes. The same
+/// JSON as `kernel_check`.
+#[wasm_bindgen]
+pub async fn cpu_check() -> Result<String, JsError> {
+    let mut cpu = CpuBackend::fast(&CpuSettings::default());
+    let spec = |layers: &str| ModelSpec::parse("layers", layers).map_err(js_error);
+    let cases = [
+        (ModelSpec::mnist(&[37]), 13, OptimizerKind::Sgd, 2),
+        (ModelSpec::mnist(&[33, 17]), 1, OptimizerKind::Sgd, 3),
+        (ModelSpec::mnist(&[50]), 61, OptimizerKind::RmsProp, 3),
+        (
+            spec("conv:7:3,pool:2,conv:5:3,flatten,dense:10")?,
+            5,
+            OptimizerKind::Sgd,
+            2,
+        ),
+        (spec(gpu_mnist::recipe::FAST_LAYERS)?, 3, OptimizerKind::Adam, 2),
+        (
+            spec("conv:6:5,pool:2,batchnorm,flatten,dense:19,dropout:0.25,dense:10")?,
+            9,
+            OptimizerKind::Adam,
+            3,
+        ),
+    ];
+    let name = format!("cpu (wasm{})", if SIMD128 { " simd128" } else { "" });
+    compare_with_reference(&mut cpu, &name, &cases).await
+}
+
+/// Train each case (spec, batch, optimizer, steps) on `be` and on the reference from the same
+/// weights and images; SGD's weights are compared after the steps (tolerance 1e-4), the other
+/// optimizers' last loss (relative, 1e-3). NaN fails.
+async fn compare_with_reference(
+    be: &mut dyn Backend,
+    name: &str,
+    cases: &[(ModelSpec, usize, OptimizerKind, usize)],
+) -> Result<String, JsError> {
     let mut results = Vec::new();
     let mut all_ok = true;
-    for (hidden, batch, kind, steps) in cases {
-        let spec = ModelSpec::mnist(hidden);
+    for (spec, batch, kind, steps) in cases {
+        let (batch, kind, steps) = (*batch, *kind, *steps);
         let mut reference = CpuBackend::reference();
-        let (gpu_loss, gpu_params) = run_steps(&mut gpu, &spec, batch, kind, steps).await.map_err(js_error)?;
-        let (ref_loss, ref_params) = run_steps(&mut reference, &spec, batch, kind, steps)
+        let (loss, params) = run_steps(be, spec, batch, kind, steps).await.map_err(js_error)?;
+        let (ref_loss, ref_params) = run_steps(&mut reference, spec, batch, kind, steps)
             .await
             .map_err(js_error)?;
         let (what, diff, tolerance) = match kind {
             OptimizerKind::Sgd => {
-                let diff = gpu_params
+                let diff = params
                     .iter()
                     .zip(&ref_params)
                     .flat_map(|(g, r)| g.data.iter().zip(&r.data).map(|(a, b)| (a - b).abs()))
@@ -644,7 +685,7 @@ pub async fn kernel_check() -> Result<String, JsError> {
                     );
                 ("weights", diff as f64, 1e-4)
             }
-            _ => ("loss", (gpu_loss - ref_loss).abs() / ref_loss.abs().max(1e-6), 1e-3),
+            _ => ("loss", (loss - ref_loss).abs() / ref_loss.abs().max(1e-6), 1e-3),
         };
         let ok = diff <= tolerance;
         all_ok &= ok;
@@ -653,7 +694,7 @@ pub async fn kernel_check() -> Result<String, JsError> {
             "compared": what, "max_diff": diff, "tolerance": tolerance, "ok": ok,
         }));
     }
-    Ok(json!({"adapter": adapter, "ok": all_ok, "cases": results}).to_string())
+    Ok(json!({"adapter": name, "ok": all_ok, "cases": results}).to_string())
 }
 
 /// Train `steps` steps of `spec` on synthetic images from fixed weights; the last step's mean

@@ -177,16 +177,7 @@ async function main() {
     log(`the WebGPU adapter, as the result names it: "${result.adapter}"`);
 
     // The kernels on this browser's WebGPU against the library's CPU reference.
-    const check = JSON.parse(await page.evaluate(() => window.gpuMnistKernelCheck()));
-    for (const c of check.cases) {
-      // A NaN difference reaches JSON as null, and fails.
-      const diff = typeof c.max_diff === 'number' ? c.max_diff.toExponential(2) : `${c.max_diff} (NaN)`;
-      const ok = c.ok === true && typeof c.max_diff === 'number' && c.max_diff <= c.tolerance;
-      log(`kernel check ${c.model} batch ${c.batch} ${c.optimizer} x${c.steps}: max |webgpu - reference| ` +
-        `of the ${c.compared} ${diff} (tolerance ${c.tolerance}) ${ok ? 'ok' : 'FAILED'}`);
-      if (!ok) check.ok = false;
-    }
-    if (!check.ok) fail(`the WebGPU kernels differ from the reference on ${check.adapter || result.adapter}`);
+    await compareWithReference(page, 'gpuMnistKernelCheck', 'webgpu', result.adapter);
     if (!(result.test_accuracy >= MIN_ACCURACY)) {
       fail(`test accuracy ${result.test_accuracy} is under ${MIN_ACCURACY}: ${line}`);
     }
@@ -472,6 +463,7 @@ async function recoversFromFaults() {
       fail(`build=plain loaded the "${build}" build and trained on "${first.adapter}"`);
     }
     log(`the build without SIMD trains: ${first.test_accuracy} (${first.adapter})`);
+    await compareWithReference(page, 'gpuMnistCpuCheck', 'wasm cpu', first.adapter);
     const traps = [
       ['panic', /stopped on an internal error \(a panic the page's test asked for, at src\/lib\.rs:\d+\)/],
       ['out-of-memory', /aborted \(.*\) with [0-9,]+ MiB of memory in use, most likely out of memory/],
@@ -542,6 +534,24 @@ async function recoversFromFaults() {
   }
 }
 
+/**
+ * Run one of the page's checks against the library's CPU reference (`window[check]()`, JSON with
+ * one case per model) and fail on any case out of its tolerance; a NaN difference reaches JSON as
+ * null, and fails too.
+ */
+async function compareWithReference(page, check, what, adapter) {
+  const report = JSON.parse(await page.evaluate((name) => window[name](), check));
+  let ok = report.ok === true;
+  for (const c of report.cases) {
+    const diff = typeof c.max_diff === 'number' ? c.max_diff.toExponential(2) : `${c.max_diff} (NaN)`;
+    const caseOk = c.ok === true && typeof c.max_diff === 'number' && c.max_diff <= c.tolerance;
+    log(`${what} check ${c.model} batch ${c.batch} ${c.optimizer} x${c.steps}: max |${what} - reference| ` +
+      `of the ${c.compared} ${diff} (tolerance ${c.tolerance}) ${caseOk ? 'ok' : 'FAILED'}`);
+    ok &&= caseOk;
+  }
+  if (!ok) fail(`the ${what} path differs from the reference on ${report.adapter || adapter}`);
+}
+
 /** A browser without WebGPU: the page says so in one sentence and trains on the CPU path. */
 async function withoutWebGpu() {
   const browser = await launch(NO_WEBGPU);
@@ -567,6 +577,8 @@ async function withoutWebGpu() {
     if (!(result.test_accuracy >= MIN_ACCURACY)) {
       fail(`the CPU path reached only ${result.test_accuracy} on 2,000 images`);
     }
+    // The CPU path of the SIMD build against the reference.
+    await compareWithReference(page, 'gpuMnistCpuCheck', 'wasm simd128 cpu', result.adapter);
     if (errors.length > 0) fail(`console errors without WebGPU:\n  ${errors.join('\n  ')}`);
     log(`without WebGPU: "${note}"`);
     log(`without WebGPU: result ${line}`);
