@@ -140,9 +140,10 @@ export class Engine {
       this.onFault(sentence);
     };
     if (this.#opening || this.#faultsInARow > 1) {
-      // The fresh module trapped on what it was handed, or traps again by itself: no loop of
-      // restarts.
-      tell(`${why}, again after a restart; reload the page.`);
+      // The module failed while starting, or trapped on what it was handed, or traps again by
+      // itself: no loop of restarts.
+      const again = this.restarts > 0 || !this.#opening ? ', again after a restart' : '';
+      tell(`${why}${again}; reload the page.`);
       return;
     }
     this.restarts += 1;
