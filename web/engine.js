@@ -148,8 +148,10 @@ export class Engine {
     }
     this.restarts += 1;
     const kept = [this.#data && 'the data', this.#model && 'the model'].filter(Boolean).join(' and ');
-    tell(`${why}; the page restarted the module${kept ? ` with ${kept} it had` : ''}, so it can train again.`);
+    // The restart begins before anyone is told, so that a call made on hearing of the trap (the
+    // page reads the drawing again) waits for the fresh module.
     this.#ready = this.#open();
+    tell(`${why}; the page restarted the module${kept ? ` with ${kept} it had` : ''}, so it can train again.`);
     this.#ready.catch((error) => {
       const text = error instanceof Error ? error.message : String(error);
       // Already said when the restart itself trapped.

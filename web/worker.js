@@ -3,18 +3,20 @@
 //
 // Contract. The first message is {id, call: 'init', args: [build]}: it loads pkg-simd/ (build
 // "simd128", WebAssembly SIMD) or pkg/ ("plain") and replies with the build and the module's file
-// size limits. Then {id, call, args} runs the export of that name (load_data, train, predict,
-// load_model, save_model, kernel_check, cpu_check) and replies {id, ok: value} or {id, error: sentence};
-// train replies {line, model} and load_model {description, model}, with the model's file bytes
-// written in the same turn (so the page's copy is always the module's model); train's progress
-// events go out as {id, event: text} before its reply. {call: 'stop'} asks a
-// running train to stop and gets no reply. A trap inside the module (a panic, or an abort such as
-// running out of memory) leaves the instance in an unknown state: the worker then posts one
-// {fault: sentence}, saying what happened, and answers nothing more; the page ends it and starts
-// a fresh one.
+// size limits; calls that arrive while it loads wait for it. Then {id, call, args} runs the
+// export of that name (load_data, train, predict, load_model, save_model, kernel_check,
+// cpu_check) and replies {id, ok: value} or {id, error: sentence}; train replies {line, model}
+// and load_model {description, model}, with the model's file bytes written in the same turn (so
+// the page's copy is always the module's model); train's progress events go out as
+// {id, event: text} before its reply. {call: 'stop'} asks a running (or queued) train to stop
+// and gets no reply. A trap inside the module (a panic, or an abort such as running out of
+// memory) leaves the instance in an unknown state: the worker then posts one {fault: sentence},
+// saying what happened, and answers nothing more; the page ends it and starts a fresh one.
 
 /** The module's exports, once `init` has run. */
 let wasm = null;
+/** Settles when `init` has: calls that arrive while the module loads wait for it. */
+let started = null;
 /** Its WebAssembly memory, to say how much was in use when it trapped. */
 let memory = null;
 /** Set once the module has trapped: no call is passed to it after that. */
@@ -85,7 +87,6 @@ async function init(build) {
 
 async function run(id, call, args) {
   switch (call) {
-    case 'init': return init(args[0]);
     case 'load_data': return wasm.load_data(args[0], args[1], args[2], args[3]);
     case 'train': {
       const line = await wasm.train(args[0], (text) => postMessage({ id, event: text }));
@@ -107,11 +108,16 @@ self.addEventListener('message', async (event) => {
   const { id, call, args = [] } = event.data;
   if (faulted) return;
   if (call === 'stop') {
+    // While the module loads, after it: a train queued behind the load has begun by then.
     if (wasm) wasm.stop();
+    else if (started) started.then(() => wasm && wasm.stop(), () => {});
     return;
   }
   try {
-    const value = await run(id, call, args);
+    if (call === 'init') started = init(args[0]);
+    await started;
+    if (!wasm) throw new Error('The WebAssembly module is not loaded.');
+    const value = call === 'init' ? await started : await run(id, call, args);
     if (!faulted) postMessage({ id, ok: value });
   } catch (error) {
     if (call !== 'init' && trapped(error)) fault(error);
