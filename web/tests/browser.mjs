@@ -129,6 +129,34 @@ async function readProbabilities(page, what) {
   return probs;
 }
 
+/** Press Clear and wait for the ten bars to fall back to 0. */
+async function clearDrawing(page, when) {
+  await page.click('#clear');
+  await waitFor(
+    page,
+    `bars back at 0 after Clear, ${when}`,
+    () => [...document.querySelectorAll('#probs .bar')].every((b) => Number(b.dataset.p) === 0),
+    undefined,
+    10_000,
+  );
+}
+
+/**
+ * Press Train and wait for the run to end: it must finish (state "done", Stop disabled again) at
+ * MIN_ACCURACY or better (a null accuracy fails). Returns the accuracy.
+ */
+async function trainAgain(page, when) {
+  await page.click('#train');
+  await waitFor(page, `a run ${when}`, () => ['done', 'error'].includes(document.body.dataset.state) &&
+    document.getElementById('stop').disabled, undefined, 5 * 60_000);
+  const line = (await page.textContent('#result')).trim();
+  const result = line ? JSON.parse(line) : null;
+  if ((await page.evaluate(() => document.body.dataset.state)) !== 'done' || !(result && result.test_accuracy >= MIN_ACCURACY)) {
+    fail(`${when} the page reached ${line}: ${await pageSays(page)}`);
+  }
+  return result.test_accuracy;
+}
+
 /** Upload a file to a model-file input and expect an error message naming it. */
 async function expectRefusedModel(page, name, buffer) {
   await page.setInputFiles('#model-file', { name, mimeType: 'application/octet-stream', buffer });
@@ -298,14 +326,7 @@ async function main() {
     );
     log(`an oversized data file refused: "${(await message(page)).text}"`);
 
-    await page.click('#clear');
-    await waitFor(
-      page,
-      'bars back at 0 after Clear',
-      () => [...document.querySelectorAll('#probs .bar')].every((b) => Number(b.dataset.p) === 0),
-      undefined,
-      10_000,
-    );
+    await clearDrawing(page, 'after the bad inputs');
     await drawStroke(page, [[0.5, 0.15], [0.5, 0.85]]);
     const again = await readProbabilities(page, 'a drawn 1 after the bad inputs');
     log(`the previous model still reads a drawn 1: [${again.map((p) => p.toFixed(4)).join(', ')}]`);
@@ -485,24 +506,11 @@ async function recoversFromFaults() {
       if (!Buffer.from(module).equals(Buffer.from(before))) {
         fail(`the restarted module holds another model after the ${kind} (${module.length} bytes, was ${before.length})`);
       }
-      await page.click('#clear');
-      await waitFor(
-        page,
-        `bars back at 0 after Clear, after the ${kind}`,
-        () => [...document.querySelectorAll('#probs .bar')].every((b) => Number(b.dataset.p) === 0),
-        undefined,
-        10_000,
-      );
+      await clearDrawing(page, `after the ${kind}`);
       await drawStroke(page, [[0.5, 0.15], [0.5, 0.85]]);
       await readProbabilities(page, `a drawn 1 after the ${kind}`);
-      await page.click('#train');
-      await waitFor(page, `a run after the ${kind}`, () => ['done', 'error'].includes(document.body.dataset.state), undefined, 5 * 60_000);
-      const line = (await page.textContent('#result')).trim();
-      const result = JSON.parse(line);
-      if ((await page.evaluate(() => document.body.dataset.state)) !== 'done' || !(result.test_accuracy >= MIN_ACCURACY)) {
-        fail(`after the ${kind} the page reached ${line}: ${await pageSays(page)}`);
-      }
-      log(`after the ${kind}, the model kept byte for byte read a drawing, and the page trained again: ${result.test_accuracy}`);
+      const accuracy = await trainAgain(page, `after the ${kind}`);
+      log(`after the ${kind}, the model kept byte for byte read a drawing, and the page trained again: ${accuracy}`);
     }
     // An upload larger than MNIST's file is refused by its size before it is read; the page then
     // trains on the data it had.
@@ -521,14 +529,7 @@ async function recoversFromFaults() {
       30_000,
     );
     log(`an oversized upload: "${(await message(page)).text}"`);
-    await page.click('#train');
-    await waitFor(page, 'a run after the oversized upload', () => ['done', 'error'].includes(document.body.dataset.state) &&
-      document.getElementById('stop').disabled, undefined, 5 * 60_000);
-    const after = JSON.parse((await page.textContent('#result')).trim());
-    if ((await page.evaluate(() => document.body.dataset.state)) !== 'done' || !(after.test_accuracy >= MIN_ACCURACY)) {
-      fail(`after the oversized upload the page reached ${JSON.stringify(after)}: ${await pageSays(page)}`);
-    }
-    log(`then trained on the data it had: ${after.test_accuracy}`);
+    log(`then trained on the data it had: ${await trainAgain(page, 'after the oversized upload')}`);
   } finally {
     await browser.close();
   }
